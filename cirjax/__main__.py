@@ -1,0 +1,5 @@
+import sys
+
+from cirjax.cli import main
+
+sys.exit(main())
