@@ -1,0 +1,1 @@
+"""Evaluation: exact benchmark metrics, on-device retrieval, dataset evaluators, submissions."""

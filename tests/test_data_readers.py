@@ -1,0 +1,259 @@
+"""Every reader on small files written in the exact published layouts, plus bad input."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cirjax.data import (DataError, read_circo, read_cirr, read_fashioniq, read_genecis,
+                         read_hpfashioniq)
+from cirjax.data import instructcir
+
+
+def _png(path: Path, color=(255, 0, 0), size=(8, 6)):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  Image.new("RGB", size, color).save(path)
+
+
+def _dump(path: Path, obj):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(obj))
+
+
+# ----------------------------------------------------------------------------- FashionIQ
+
+def _fashioniq(root: Path, with_images=True):
+  names = ["B001", "B002", "B003", "B004"]
+  _dump(root / "image_splits" / "split.dress.val.json", names)
+  _dump(root / "captions" / "cap.dress.val.json", [
+      {"target": "B002", "candidate": "B001", "captions": ["is red.", "has no sleeves?"]},
+      {"target": "B004", "candidate": "B003", "captions": ["  darker, ", "longer"]},
+  ])
+  if with_images:
+    for n in names:  # published names carry no extension; files are <name>.png
+      _png(root / "images" / f"{n}.png")
+  return names
+
+
+def test_fashioniq_reads_layout_and_joins_captions(tmp_path):
+  names = _fashioniq(tmp_path)
+  s = read_fashioniq(tmp_path, "dress", "val")
+  assert s.corpus == names
+  assert [q.reference for q in s.queries] == ["B001", "B003"]
+  assert [q.target for q in s.queries] == ["B002", "B004"]
+  # QuRe: c0.strip('.?, ').capitalize() + " and " + c1.strip('.?, ')
+  assert s.queries[0].text == "Is red and has no sleeves"
+  assert s.queries[1].text == "Darker and longer"
+  assert s.images["B001"].path == tmp_path / "images" / "B001.png"
+
+
+def test_fashioniq_bad_input(tmp_path):
+  _fashioniq(tmp_path)
+  (tmp_path / "images" / "B004.png").unlink()
+  with pytest.raises(DataError, match="B004"):
+    read_fashioniq(tmp_path, "dress", "val")
+  s = read_fashioniq(tmp_path, "dress", "val", on_missing="skip")
+  assert len(s.queries) == 1 and s.skipped["queries"] == 1 and s.skipped["missing_images"] == 1
+  assert "B004" not in s.corpus
+  # Target outside the corpus.
+  _dump(tmp_path / "captions" / "cap.dress.val.json",
+        [{"target": "B999", "candidate": "B001", "captions": ["a", "b"]}])
+  with pytest.raises(DataError, match="B999"):
+    read_fashioniq(tmp_path, "dress", "val", check_images=False)
+  # One caption only.
+  _dump(tmp_path / "captions" / "cap.dress.val.json",
+        [{"target": "B002", "candidate": "B001", "captions": ["a"]}])
+  with pytest.raises(DataError, match="entry 0.*two strings"):
+    read_fashioniq(tmp_path, "dress", "val")
+  # Malformed JSON names the file and the line.
+  (tmp_path / "captions" / "cap.dress.val.json").write_text('[{"target": "B002",\n oops}]')
+  with pytest.raises(DataError, match=r"cap\.dress\.val\.json at line 2"):
+    read_fashioniq(tmp_path, "dress", "val")
+  # Empty split.
+  _dump(tmp_path / "captions" / "cap.dress.val.json", [])
+  with pytest.raises(DataError, match="empty"):
+    read_fashioniq(tmp_path, "dress", "val")
+  # Duplicate image names in the corpus.
+  _dump(tmp_path / "captions" / "cap.dress.val.json",
+        [{"target": "B002", "candidate": "B001", "captions": ["a", "b"]}])
+  _dump(tmp_path / "image_splits" / "split.dress.val.json", ["B001", "B002", "B002"])
+  with pytest.raises(DataError, match="duplicate id 'B002'"):
+    read_fashioniq(tmp_path, "dress", "val")
+
+
+# ----------------------------------------------------------------------------- CIRR
+
+def _cirr(root: Path):
+  names = [f"dev-{i}-0-img{i % 2}" for i in range(8)]
+  _dump(root / "image_splits" / "split.rc2.val.json", {n: f"./dev/{n}.png" for n in names})
+  members = names[:6]
+  _dump(root / "captions" / "cap.rc2.val.json", [
+      {"pairid": 12063, "reference": names[0], "target_hard": names[3],
+       "target_soft": {names[3]: 1.0, names[4]: 0.5},
+       "caption": "make it blue", "img_set": {"id": 264, "members": members,
+                                              "reference_rank": 0, "target_rank": 3}},
+      {"pairid": 7, "reference": names[6], "target_hard": names[7],
+       "target_soft": {names[7]: 1.0}, "caption": "zoom out",
+       "img_set": {"id": 1, "members": names[2:8], "reference_rank": 4, "target_rank": 5}},
+  ])
+  _dump(root / "image_splits" / "split.rc2.test1.json", {n: f"./test1/{n}.png" for n in names})
+  _dump(root / "captions" / "cap.rc2.test1.json", [
+      {"pairid": 1, "reference": names[0], "caption": "x",
+       "img_set": {"id": 0, "members": members, "reference_rank": 0}}])
+  for n in names:
+    _png(root / "dev" / f"{n}.png")
+    _png(root / "test1" / f"{n}.png")
+  return names
+
+
+def test_cirr_reads_layout_subsets_and_soft_targets(tmp_path):
+  names = _cirr(tmp_path)
+  s = read_cirr(tmp_path, "val")
+  assert s.corpus == names
+  q = s.queries[0]
+  assert q.query_id == "12063" and q.target == names[3] and q.relevant == (names[3],)
+  assert q.subset == tuple(names[1:6])  # members minus the reference
+  assert q.extra["target_soft"] == {names[3]: 1.0, names[4]: 0.5}
+  assert s.images[names[0]].path == tmp_path / "dev" / f"{names[0]}.png"
+  t = read_cirr(tmp_path, "test1")
+  assert t.queries[0].target is None and not t.has_targets
+
+
+def test_cirr_bad_input(tmp_path):
+  names = _cirr(tmp_path)
+  caps = json.loads((tmp_path / "captions" / "cap.rc2.val.json").read_text())
+  caps[1]["target_hard"] = "nope"
+  _dump(tmp_path / "captions" / "cap.rc2.val.json", caps)
+  with pytest.raises(DataError, match=r"pairid 7.*target_hard 'nope'"):
+    read_cirr(tmp_path, "val")
+  caps[1]["target_hard"] = names[7]
+  caps[1]["pairid"] = 12063
+  _dump(tmp_path / "captions" / "cap.rc2.val.json", caps)
+  with pytest.raises(DataError, match="duplicate id '12063'"):
+    read_cirr(tmp_path, "val")
+  del caps[1]["img_set"]
+  _dump(tmp_path / "captions" / "cap.rc2.val.json", caps)
+  with pytest.raises(DataError, match="entry 1: missing key 'img_set'"):
+    read_cirr(tmp_path, "val")
+  _dump(tmp_path / "image_splits" / "split.rc2.val.json", {})
+  with pytest.raises(DataError, match="no images"):
+    read_cirr(tmp_path, "val")
+
+
+# ----------------------------------------------------------------------------- CIRCO
+
+def _circo(root: Path):
+  ids = [85932, 9761, 489535, 57541, 11]
+  info = {"images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i in ids]}
+  _dump(root / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json", info)
+  for i in ids:
+    _png(root / "COCO2017_unlabeled" / "unlabeled2017" / f"{i:012d}.jpg")
+  _dump(root / "annotations" / "val.json", [
+      {"reference_img_id": 85932, "target_img_id": 9761,
+       "relative_caption": "is held by a little girl", "shared_concept": "a teddy bear",
+       "gt_img_ids": [9761, 489535, 57541], "id": 0}])
+  _dump(root / "annotations" / "test.json", [
+      {"reference_img_id": 85932, "relative_caption": "is blue", "shared_concept": "x", "id": 0}])
+  return ids
+
+
+def test_circo_reads_multiple_ground_truths(tmp_path):
+  ids = _circo(tmp_path)
+  s = read_circo(tmp_path, "val")
+  assert s.corpus == [str(i) for i in ids]
+  q = s.queries[0]
+  assert q.target == "9761" and q.relevant == ("9761", "489535", "57541")
+  assert q.extra["blip2_text"] == "a photo of $ that is held by a little girl"
+  t = read_circo(tmp_path, "test")
+  assert t.queries[0].relevant == () and t.queries[0].target is None
+
+
+def test_circo_bad_input(tmp_path):
+  _circo(tmp_path)
+  ann = json.loads((tmp_path / "annotations" / "val.json").read_text())
+  ann[0]["gt_img_ids"] = [489535, 9761]
+  _dump(tmp_path / "annotations" / "val.json", ann)
+  with pytest.raises(DataError, match="not the first of gt_img_ids"):
+    read_circo(tmp_path, "val")
+  ann[0]["gt_img_ids"] = [9761, 424242]
+  _dump(tmp_path / "annotations" / "val.json", ann)
+  with pytest.raises(DataError, match="'424242'"):
+    read_circo(tmp_path, "val")
+
+
+# ----------------------------------------------------------------------------- GeneCIS
+
+def test_genecis_attribute_and_object_tasks(tmp_path):
+  vg = lambda i, b: {"image_id": i, "instance_bbox": b}
+  _dump(tmp_path / "genecis" / "change_attribute.json", [
+      {"reference": vg(1, [0, 0, 4, 4]), "target": vg(2, [1, 1, 3, 3]),
+       "gallery": [vg(3, [0, 0, 2, 2]), vg(1, [2, 2, 4, 3])], "condition": "color"}])
+  coco = lambda i: {"val_image_id": i}
+  _dump(tmp_path / "genecis" / "focus_object.json", [
+      {"reference": coco(139), "target": coco(285), "gallery": [coco(632), coco(724)],
+       "condition": "dog"}])
+  for i in (1, 2, 3):
+    _png(tmp_path / "VG_100K" / f"{i}.jpg")
+  for i in (139, 285, 632, 724):
+    _png(tmp_path / "val2017" / f"{i:012d}.jpg")
+  a = read_genecis(tmp_path, "change_attribute")
+  q = a.queries[0]
+  assert q.text == "color" and len(q.gallery) == 2
+  assert a.images[q.target].bbox == (1.0, 1.0, 3.0, 3.0)
+  assert q.reference != q.gallery[1]  # same VG image, different box: different crops
+  o = read_genecis(tmp_path, "focus_object")
+  assert o.queries[0].target == "285"
+  assert o.images["285"].path == tmp_path / "val2017" / "000000000285.jpg"
+  _dump(tmp_path / "genecis" / "focus_object.json", [
+      {"reference": coco(139), "target": coco(285), "gallery": [], "condition": "dog"}])
+  with pytest.raises(DataError, match="gallery must be a non-empty list"):
+    read_genecis(tmp_path, "focus_object")
+
+
+# ----------------------------------------------------------------------------- HP-FashionIQ
+
+def test_hpfashioniq(tmp_path):
+  names = [f"B{i:03d}" for i in range(11)]
+  for n in names:
+    _png(tmp_path / "fiq" / "images" / f"{n}.png")
+  recs = [{"id": "a", "candidate": names[0], "captions": ["is red", "is long"],
+           "set1": names[1:6], "set2": names[6:11], "preferred": 2},
+          {"id": "b", "candidate": names[0], "captions": ["x", "y"],
+           "set1": names[1:6], "set2": names[6:11], "preferred": 1, "valid": False}]
+  (tmp_path / "hp.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+  s = read_hpfashioniq(tmp_path / "hp.jsonl", tmp_path / "fiq")
+  assert len(s.queries) == 1 and s.skipped == {"invalid": 1}
+  assert s.queries[0].extra["preferred"] == 2 and s.queries[0].extra["set2"] == names[6:11]
+  recs[0]["preferred"] = 3
+  (tmp_path / "hp.jsonl").write_text(json.dumps(recs[0]))
+  with pytest.raises(DataError, match="preferred must be 1 or 2"):
+    read_hpfashioniq(tmp_path / "hp.jsonl", tmp_path / "fiq")
+
+
+# ----------------------------------------------------------------------------- InstructCIR
+
+def test_instructcir_jsonl(tmp_path):
+  _png(tmp_path / "img" / "a.jpg")
+  (tmp_path / "pairs.jsonl").write_text(
+      json.dumps({"image": "a.jpg", "caption": "a dog"}) + "\n\n" +
+      json.dumps({"image": "a.jpg", "conversations": [
+          {"from": "human", "value": "<image>\nDescribe"}, {"from": "gpt", "value": "a cat"}]}))
+  pairs, skipped = instructcir.read_caption_pairs(tmp_path / "pairs.jsonl", tmp_path / "img")
+  assert [p.caption for p in pairs] == ["a dog", "a cat"] and skipped == 0
+  trip = {"image": "a.jpg", "instruction": "make it run", "modified_caption": "a dog running",
+          "original_caption": "a dog"}
+  missing = dict(trip, image="b.jpg")
+  (tmp_path / "trip.jsonl").write_text(json.dumps(trip) + "\n" + json.dumps(missing))
+  with pytest.raises(DataError, match="b.jpg"):
+    instructcir.read_instruct_triplets(tmp_path / "trip.jsonl", tmp_path / "img")
+  t, skipped = instructcir.read_instruct_triplets(tmp_path / "trip.jsonl", tmp_path / "img",
+                                                  on_missing="skip")
+  assert len(t) == 1 and skipped == 1 and t[0].modified_caption == "a dog running"
+  (tmp_path / "trip.jsonl").write_text(json.dumps(trip) + "\n{bad json\n")
+  with pytest.raises(DataError, match="line 2"):
+    instructcir.read_instruct_triplets(tmp_path / "trip.jsonl", tmp_path / "img")
+  (tmp_path / "trip.jsonl").write_text(json.dumps({"image": "a.jpg", "instruction": "x"}))
+  with pytest.raises(DataError, match="record 1: missing key 'modified_caption'"):
+    instructcir.read_instruct_triplets(tmp_path / "trip.jsonl", tmp_path / "img")

@@ -1,0 +1,139 @@
+"""Metrics against hand-worked examples and against direct re-implementations of the
+reference formulas (CLIP4Cir/SPRC CIRR code, CIRCO's official evaluation.py) on random
+rankings."""
+
+import numpy as np
+import pytest
+
+from cirjax.eval import metrics
+
+
+def test_recall_hand_worked():
+  ranking = np.array([[3, 1, 2, 0], [0, 1, 2, 3], [2, 3, 0, 1]])
+  targets = np.array([1, 0, 1])
+  r = metrics.recall_at_k(ranking, targets, ks=(1, 2, 4))
+  assert r == {"R@1": pytest.approx(100 / 3), "R@2": pytest.approx(200 / 3), "R@4": 100.0}
+
+
+def test_recall_refuses_short_ranking_and_targetless_queries():
+  with pytest.raises(ValueError, match="fewer than K=50"):
+    metrics.recall_at_k(np.zeros((2, 10), int), np.zeros(2, int), ks=(1, 50))
+  with pytest.raises(ValueError, match="no target"):
+    metrics.recall_at_k(np.zeros((2, 5), int), np.array([0, -1]), ks=(1,))
+
+
+def test_circo_map_hand_worked():
+  # GT {7, 9, 4}; ranking 7, 1, 9, 2, 3 -> hits at ranks 1 and 3.
+  ranking = np.array([[7, 1, 9, 2, 3, 4]])
+  m = metrics.map_at_k(ranking, [[7, 9, 4]], ks=(1, 5, 6))
+  assert m["mAP@1"] == pytest.approx(100.0)  # 1/1 / min(3, 1)
+  assert m["mAP@5"] == pytest.approx(100 * (1 + 2 / 3) / 3)
+  assert m["mAP@6"] == pytest.approx(100 * (1 + 2 / 3 + 3 / 6) / 3)
+
+
+def test_cirr_subset_and_headline_hand_worked():
+  ranking = np.tile(np.arange(50), (2, 1))
+  targets = np.array([0, 7])
+  subset = np.array([[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]])
+  m = metrics.cirr_metrics(ranking, targets, subset)
+  assert m["R@1"] == 50.0 and m["R@5"] == 50.0 and m["R@10"] == 100.0
+  assert m["Rsubset@1"] == 50.0 and m["Rsubset@2"] == 50.0 and m["Rsubset@3"] == 100.0
+  assert m["avg"] == 50.0
+  with pytest.raises(ValueError, match="not among their img_set"):
+    metrics.cirr_metrics(ranking, targets, np.array([[1, 2], [5, 7]]))
+
+
+def test_genecis_ties_count_against_target():
+  r = metrics.genecis_recall(np.array([1.0, 0.5, 0.2]),
+                             [np.array([0.0, 0.1]), np.array([0.9, 0.5, 0.1]),
+                              np.array([0.3, 0.4, 0.5])])
+  # ranks: 0, 2 (0.9 and the tie 0.5 before it), 3
+  assert r == {"R@1": pytest.approx(100 / 3), "R@2": pytest.approx(100 / 3),
+               "R@3": pytest.approx(200 / 3)}
+  const = metrics.genecis_recall(np.zeros(4), [np.zeros(9)] * 4)
+  assert const["R@3"] == 0.0
+
+
+def test_preference_rate_hand_worked():
+  s1 = np.array([[1, 1, 1, 1, 1], [0, 0, 0, 0, 0], [2, 2, 2, 2, 2.]])
+  s2 = np.array([[0, 0, 0, 0, 0], [1, 1, 1, 1, 1], [2, 2, 2, 2, 2.]])
+  r = metrics.preference_rate(s1, s2, np.array([1, 1, 2]))
+  assert r == {"preference_rate": 50.0, "n_queries": 2, "n_ties": 1}
+
+
+def test_fashioniq_averages():
+  rk = np.tile(np.arange(60), (2, 1))
+  per = {"dress": (rk, np.array([0, 55])), "shirt": (rk, np.array([20, 30])),
+         "toptee": (rk, np.array([0, 1]))}
+  m = metrics.fashioniq_metrics(per)
+  assert m["dress/R@10"] == 50 and m["dress/R@50"] == 50
+  assert m["shirt/R@10"] == 0 and m["shirt/R@50"] == 100 and m["toptee/R@10"] == 100
+  assert m["avg/R@10"] == pytest.approx(50.0) and m["avg/R@50"] == pytest.approx(250 / 3)
+  assert m["avg"] == pytest.approx((50 + 250 / 3) / 2)
+
+
+# ---------------------------------------------------------------- reference re-implementations
+
+def _reference_cirr(full_sorted_names, reference_names, target_names, group_members):
+  """CLIP4Cir/SPRC `compute_cirr_val_metrics`, names-based, on a full sorted corpus."""
+  n_q, n = full_sorted_names.shape
+  ref_mask = full_sorted_names != np.repeat(np.array(reference_names), n).reshape(n_q, -1)
+  sorted_names = full_sorted_names[ref_mask].reshape(n_q, n - 1)
+  labels = sorted_names == np.repeat(np.array(target_names), n - 1).reshape(n_q, -1)
+  group_members = np.array(group_members)
+  group_mask = (sorted_names[..., None] == group_members[:, None, :]).sum(-1).astype(bool)
+  group_labels = labels[group_mask].reshape(labels.shape[0], -1)
+  out = {f"R@{k}": labels[:, :k].sum() / n_q * 100 for k in (1, 5, 10, 50)}
+  out.update({f"Rsubset@{k}": group_labels[:, :k].sum() / n_q * 100 for k in (1, 2, 3)})
+  return out
+
+
+def test_cirr_matches_reference_code_on_random_rankings():
+  rng = np.random.default_rng(0)
+  n, n_q = 120, 40
+  names = np.array([f"img{i}" for i in range(n)])
+  scores = rng.normal(size=(n_q, n))
+  full = np.argsort(-scores, axis=1, kind="stable")
+  refs = rng.integers(0, n, n_q)
+  members, targets = [], []
+  for q in range(n_q):
+    others = rng.choice(np.setdiff1d(np.arange(n), [refs[q]]), 5, replace=False)
+    members.append(np.concatenate([[refs[q]], others]))
+    targets.append(others[rng.integers(0, 5)])
+  targets = np.array(targets)
+  ref = _reference_cirr(names[full], names[refs], names[targets],
+                        [names[m] for m in members])
+  without_ref = np.array([[i for i in row if i != r] for row, r in zip(full, refs)])
+  subset = np.array([[i for i in row if i in set(m[1:])] for row, m in zip(without_ref, members)])
+  ours = metrics.cirr_metrics(without_ref[:, :50], targets, subset)
+  for k, v in ref.items():
+    assert ours[k] == pytest.approx(v), k
+
+
+def _reference_circo_ap(predictions, gt_img_ids, rank):
+  """CIRCO `evaluation.py` compute_metrics, one query."""
+  ap_labels = np.isin(predictions, gt_img_ids)
+  precisions = np.cumsum(ap_labels, axis=0) * ap_labels
+  precisions = precisions / np.arange(1, ap_labels.shape[0] + 1)
+  return float(np.sum(precisions[:rank]) / min(len(gt_img_ids), rank))
+
+
+def test_circo_map_matches_official_code_on_random_rankings():
+  rng = np.random.default_rng(1)
+  n, n_q = 300, 50
+  ranking = np.stack([rng.permutation(n)[:50] for _ in range(n_q)])
+  gts = [rng.choice(n, rng.integers(1, 23), replace=False) for _ in range(n_q)]
+  # Plant some hits so the numbers are not all zero.
+  for q in range(0, n_q, 3):
+    ranking[q, rng.integers(0, 50, 3)] = gts[q][0]
+  ranking = np.stack([np.array(list(dict.fromkeys(r)) + [x for x in range(n) if x not in r])[:50]
+                      for r in ranking])
+  ours = metrics.map_at_k(ranking, gts)
+  for k in (5, 10, 25, 50):
+    ref = np.mean([_reference_circo_ap(ranking[q], gts[q], k) for q in range(n_q)]) * 100
+    assert ours[f"mAP@{k}"] == pytest.approx(ref)
+
+
+def test_relevant_share():
+  r = metrics.relevant_share_at_k(np.array([[1, 2, 3, 4, 5, 6]]), [[2, 5, 6]], k=5)
+  assert r == pytest.approx(40.0)
