@@ -13,6 +13,7 @@ as `text_fn` to the loader/evaluator (see `cirjax.data.loader`), nothing here bu
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Sequence
@@ -64,11 +65,15 @@ def load_bert_tokenizer(path: str | os.PathLike, add_dec_token: bool = True):
   else:
     vocab = find_vocab(p)
     with open(vocab, encoding="utf-8") as f:
-      words = {w.rstrip("\n") for w in f}
+      words = [w.rstrip("\n") for w in f]
     missing = [t for t in SPECIAL_TOKENS if t not in words]
     if missing:
       raise ValueError(f"{vocab}: BERT vocab lacks the special tokens {missing}")
-    tok = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters:
+      # transformers 5 takes the vocabulary itself (line order = token id).
+      tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
+    else:
+      tok = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
   if add_dec_token and "[DEC]" not in tok.get_vocab():
     tok.add_special_tokens({"bos_token": "[DEC]"})
   return tok
