@@ -1,0 +1,486 @@
+"""One vision transformer for both towers BLIP-2 and LLaVA checkpoints use.
+
+`variant='eva'` reproduces HF `Blip2VisionModel` (the EVA ViT-g of BLIP-2): patch conv with
+bias, class token, learned positions, no pre-LN, pre-LN blocks with a fused `qkv` projection,
+exact GELU, and `post_layernorm` over the whole sequence.
+
+`variant='clip'` reproduces HF `CLIPVisionModel` (CLIP ViT-L, also LAVIS `clip_L` and LLaVA's
+tower): patch conv without bias, `pre_layrnorm`, separate q/k/v/out projections with bias,
+fp32 softmax, quick_gelu MLP, and `post_layernorm` which HF applies to the pooled CLS token only.
+
+Pixels are NHWC (`[B, H, W, 3]`), float, already normalised. The parameter tree is
+independent of the `remat` switch, so checkpoints load either way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+VARIANTS = ("eva", "clip")
+ACTIVATIONS = ("gelu", "quick_gelu")
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  """Shape and numerics of a vision transformer.
+
+  Attributes:
+    image_size: input height = width in pixels.
+    patch_size: square patch side; image_size must be a multiple of it.
+    num_channels: input channels (3).
+    hidden_size: model width (EVA-g 1408, CLIP-L 1024).
+    intermediate_size: MLP width (EVA-g 6144, CLIP-L 4096).
+    num_layers: number of transformer blocks in the checkpoint.
+    num_heads: attention heads (16 for both).
+    layer_norm_eps: eps of every LayerNorm inside the tower (EVA 1e-6, CLIP 1e-5).
+    hidden_act: 'gelu' (exact erf form) or 'quick_gelu' (x * sigmoid(1.702 x)).
+    variant: 'eva' (HF Blip2VisionModel) or 'clip' (HF CLIPVisionModel).
+    post_layernorm: whether the tower has a final LayerNorm (`post_layernorm`). LAVIS towers
+      have none of their own: BLIP-2's `ln_vision` lives outside the ViT.
+    post_layernorm_eps: eps of that final LayerNorm; None means `layer_norm_eps`.
+  """
+  image_size: int = 224
+  patch_size: int = 14
+  num_channels: int = 3
+  hidden_size: int = 1408
+  intermediate_size: int = 6144
+  num_layers: int = 39
+  num_heads: int = 16
+  layer_norm_eps: float = 1e-6
+  hidden_act: str = "gelu"
+  variant: str = "eva"
+  post_layernorm: bool = True
+  post_layernorm_eps: Optional[float] = None
+
+  def __post_init__(self):
+    if self.variant not in VARIANTS:
+      raise ValueError(f"ViTConfig.variant must be one of {VARIANTS}, got {self.variant!r}")
+    if self.hidden_act not in ACTIVATIONS:
+      raise ValueError(f"ViTConfig.hidden_act must be one of {ACTIVATIONS}, got {self.hidden_act!r}")
+    if self.image_size % self.patch_size:
+      raise ValueError(f"ViTConfig.image_size {self.image_size} is not a multiple of "
+                       f"patch_size {self.patch_size}")
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"ViTConfig.hidden_size {self.hidden_size} is not divisible by "
+                       f"num_heads {self.num_heads}")
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+  @property
+  def num_positions(self) -> int:
+    """Sequence length: patches plus the class token."""
+    return self.num_patches + 1
+
+  @property
+  def final_eps(self) -> float:
+    return self.layer_norm_eps if self.post_layernorm_eps is None else self.post_layernorm_eps
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "ViTConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f"unknown ViTConfig field(s): {unknown}")
+    return cls(**dict(d))
+
+
+class ViTOutput(NamedTuple):
+  """What `VisionTransformer` returns.
+
+  last_hidden_state: `[B, T, D]` output of the last layer run. For 'eva' with
+    `post_layernorm`, post-normed (as HF Blip2VisionModel's `last_hidden_state`); for 'clip'
+    not post-normed (as HF CLIPVisionModel's `last_hidden_state`).
+  pooled: `[B, D]` post-normed CLS token (HF `pooler_output`); for 'eva' it is the CLS of the
+    already post-normed sequence normed a second time, exactly as HF does. Without a
+    `post_layernorm`, the raw CLS token.
+  hidden_states: None unless requested; else HF's `hidden_states` tuple: [0] = the encoder
+    input (embeddings, after `pre_layrnorm` for 'clip'), [i] = output of layer i, never
+    post-normed. LLaVA takes `hidden_states[-2]`.
+  """
+  last_hidden_state: jax.Array
+  pooled: jax.Array
+  hidden_states: Optional[tuple]
+
+
+def activation(name: str, x: jax.Array) -> jax.Array:
+  if name == "gelu":
+    return jax.nn.gelu(x, approximate=False)  # HF "gelu" is the exact erf form
+  if name == "quick_gelu":
+    return x * jax.nn.sigmoid(1.702 * x)
+  raise ValueError(f"unknown activation {name!r}")
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm computed in fp32 (params `scale`, `bias`), output cast to `dtype`."""
+  eps: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (d,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * scale + bias).astype(self.dtype)
+
+
+def _dense(features, name, dtype, use_bias=True):
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                  kernel_init=nn.initializers.normal(0.02), name=name)
+
+
+def attention(q, k, v, *, num_heads, mask=None, softmax_fp32=True):
+  """Multi-head attention on `[B, T, D]` projections. `mask` is additive, `[B, 1|H, Tq, Tk]`."""
+  b, tq, d = q.shape
+  tk = k.shape[1]
+  hd = d // num_heads
+  q = q.reshape(b, tq, num_heads, hd)
+  k = k.reshape(b, tk, num_heads, hd)
+  v = v.reshape(b, tk, num_heads, hd)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (hd ** -0.5)
+  if mask is not None:
+    logits = logits + mask.astype(logits.dtype)
+  if softmax_fp32:
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+  else:
+    probs = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+  return out.reshape(b, tq, d)
+
+
+class ViTAttention(nn.Module):
+  config: ViTConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    d = cfg.hidden_size
+    if cfg.variant == "eva":
+      # One fused projection; its bias is a full [3D] vector (HF trains the k part too).
+      qkv = _dense(3 * d, "qkv", self.dtype)(x)
+      q, k, v = jnp.split(qkv, 3, axis=-1)
+      # HF BLIP-2 keeps the softmax in the compute dtype (no fp32 upcast).
+      out = attention(q, k, v, num_heads=cfg.num_heads, softmax_fp32=False)
+      return _dense(d, "projection", self.dtype)(out)
+    q = _dense(d, "q_proj", self.dtype)(x)
+    k = _dense(d, "k_proj", self.dtype)(x)
+    v = _dense(d, "v_proj", self.dtype)(x)
+    out = attention(q, k, v, num_heads=cfg.num_heads, softmax_fp32=True)
+    return _dense(d, "out_proj", self.dtype)(out)
+
+
+class ViTLayer(nn.Module):
+  """Pre-LN block: x + attn(ln1(x)); x + mlp(ln2(x))."""
+  config: ViTConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    h = LayerNorm(cfg.layer_norm_eps, self.dtype, name="layer_norm1")(x)
+    x = x + ViTAttention(cfg, self.dtype, name="self_attn")(h)
+    h = LayerNorm(cfg.layer_norm_eps, self.dtype, name="layer_norm2")(x)
+    h = _dense(cfg.intermediate_size, "fc1", self.dtype)(h)
+    h = activation(cfg.hidden_act, h)
+    h = _dense(cfg.hidden_size, "fc2", self.dtype)(h)
+    return x + h
+
+
+def check_pixels(pixels: Any, config: ViTConfig) -> None:
+  """Raises a ValueError naming the offending value unless pixels are [B, S, S, C] float."""
+  shape = tuple(getattr(pixels, "shape", ()))
+  dtype = getattr(pixels, "dtype", None)
+  if len(shape) != 4:
+    raise ValueError(f"pixels must be rank 4 NHWC [batch, {config.image_size}, "
+                     f"{config.image_size}, {config.num_channels}], got shape {shape}")
+  _, h, w, c = shape
+  if c != config.num_channels:
+    hint = " (channels-first NCHW? cirjax takes NHWC)" if h == config.num_channels else ""
+    raise ValueError(f"pixels must have {config.num_channels} channels last (NHWC), got shape "
+                     f"{shape}{hint}")
+  if (h, w) != (config.image_size, config.image_size):
+    raise ValueError(f"pixels must be {config.image_size}x{config.image_size}, got {h}x{w} "
+                     f"(shape {shape})")
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"pixels must be a floating dtype (normalised images), got dtype {dtype}")
+
+
+class VisionTransformer(nn.Module):
+  """EVA / CLIP vision transformer (see module docstring).
+
+  Attributes:
+    config: the ViTConfig.
+    dtype: compute dtype (params stay fp32; LayerNorms and CLIP's softmax run in fp32).
+    remat: rematerialise each block in the backward pass (saves activation memory).
+  """
+  config: ViTConfig
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, pixels, *, output_hidden_states: bool = False,
+               num_layers: Optional[int] = None) -> ViTOutput:
+    """Runs the tower.
+
+    Args:
+      pixels: `[B, S, S, C]` float, normalised.
+      output_hidden_states: also return HF's `hidden_states` tuple.
+      num_layers: run only the first `num_layers` blocks (e.g. LLaVA, which reads the
+        second-to-last layer, need not compute the last). Default: all. With fewer layers,
+        `last_hidden_state`/`pooled` are taken after the last block run.
+    """
+    cfg = self.config
+    check_pixels(pixels, cfg)
+    n = cfg.num_layers if num_layers is None else num_layers
+    if not 0 <= n <= cfg.num_layers:
+      raise ValueError(f"num_layers must be in [0, {cfg.num_layers}], got {num_layers}")
+    b = pixels.shape[0]
+    p = cfg.patch_size
+    g = cfg.image_size // p
+    d = cfg.hidden_size
+
+    # Patch embedding as a matmul over flattened (p, p, C) patches: the same numbers as a
+    # stride-p conv, row-major patch order as HF's flatten(2).
+    kernel = self.param("patch_embedding", nn.initializers.normal(0.02),
+                        (p, p, cfg.num_channels, d), jnp.float32)
+    x = pixels.astype(self.dtype).reshape(b, g, p, g, p, cfg.num_channels)
+    x = jnp.einsum("bhpwqc,pqcd->bhwd", x, kernel.astype(self.dtype)).reshape(b, g * g, d)
+    if cfg.variant == "eva":
+      x = x + self.param("patch_bias", nn.initializers.zeros, (d,), jnp.float32).astype(self.dtype)
+    cls = self.param("class_embedding", nn.initializers.normal(0.02), (d,), jnp.float32)
+    x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, d)), x], axis=1)
+    pos = self.param("position_embedding", nn.initializers.normal(0.02),
+                     (cfg.num_positions, d), jnp.float32)
+    x = x + pos.astype(self.dtype)[None]
+    if cfg.variant == "clip":
+      x = LayerNorm(cfg.layer_norm_eps, self.dtype, name="pre_layrnorm")(x)
+
+    layer_cls = nn.remat(ViTLayer) if self.remat else ViTLayer
+    hidden = [x] if output_hidden_states else None
+    for i in range(n):
+      x = layer_cls(cfg, self.dtype, name=f"layers_{i}")(x)
+      if hidden is not None:
+        hidden.append(x)
+
+    if cfg.post_layernorm:
+      post = LayerNorm(cfg.final_eps, self.dtype, name="post_layernorm")
+      if cfg.variant == "eva":
+        last = post(x)
+        pooled = post(last[:, 0])
+      else:
+        last = x
+        pooled = post(x[:, 0])
+    else:
+      last, pooled = x, x[:, 0]
+    return ViTOutput(last, pooled, tuple(hidden) if hidden is not None else None)
+
+
+def init_vit_params(config: ViTConfig, rng: Optional[jax.Array] = None) -> dict:
+  """Random params (for tests and shape checks); use the converters for real weights."""
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  x = jnp.zeros((1, config.image_size, config.image_size, config.num_channels), jnp.float32)
+  return jax.jit(lambda r, x: VisionTransformer(config).init(r, x)["params"])(rng, x)
+
+
+def abstract_vit_params(config: ViTConfig) -> dict:
+  """Shapes/dtypes of the param tree, without allocating it."""
+  x = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, config.num_channels),
+                           jnp.float32)
+  return jax.eval_shape(lambda r, x: VisionTransformer(config).init(r, x)["params"],
+                        jax.random.PRNGKey(0), x)
+
+
+# ---------------------------------------------------------------------------------------------
+# HF <-> cirjax weight tables.
+#
+# A table row is (cirjax path, HF key, transform). Transforms map the HF tensor to the cirjax
+# one; `_INVERSE` maps back. The HF key is relative to a prefix (e.g. 'vision_model.' in a
+# Blip2ForImageTextRetrieval checkpoint, 'vision_tower.vision_model.' in LLaVA).
+
+def _t_linear(w):  # torch Linear weight [out, in] -> flax kernel [in, out]
+  return np.ascontiguousarray(np.asarray(w).T)
+
+
+def _t_conv(w):  # torch Conv2d [D, C, p, p] -> [p, p, C, D]
+  return np.ascontiguousarray(np.transpose(np.asarray(w), (2, 3, 1, 0)))
+
+
+def _t_flat(w):  # [1, 1, D] or [1, N, D] -> drop leading singleton dims
+  w = np.asarray(w)
+  while w.ndim > 1 and w.shape[0] == 1:
+    w = w[0]
+  return w
+
+
+def _t_id(w):
+  return np.asarray(w)
+
+
+_INVERSE = {
+    "linear": lambda w: np.ascontiguousarray(np.asarray(w).T),
+    "conv": lambda w: np.ascontiguousarray(np.transpose(np.asarray(w), (3, 2, 0, 1))),
+    "id": lambda w: np.asarray(w),
+}
+_FORWARD = {"linear": _t_linear, "conv": _t_conv, "id": _t_id}
+
+
+def _ln_rows(dst, src):
+  return [(dst + ("scale",), src + ".weight", "id"), (dst + ("bias",), src + ".bias", "id")]
+
+
+def _dense_rows(dst, src, bias=True):
+  rows = [(dst + ("kernel",), src + ".weight", "linear")]
+  if bias:
+    rows.append((dst + ("bias",), src + ".bias", "id"))
+  return rows
+
+
+def vit_hf_table(config: ViTConfig) -> list[tuple[tuple, str, str]]:
+  """Rows (cirjax param path, HF key relative to the tower prefix, transform name).
+
+  Class/position embeddings are listed separately (see `vit_params_from_hf`) because HF
+  stores them with variant-specific leading dims.
+  """
+  rows = [(("patch_embedding",), "embeddings.patch_embedding.weight", "conv")]
+  if config.variant == "eva":
+    rows.append((("patch_bias",), "embeddings.patch_embedding.bias", "id"))
+  else:
+    rows += _ln_rows(("pre_layrnorm",), "pre_layrnorm")
+  for i in range(config.num_layers):
+    dst, src = (f"layers_{i}",), f"encoder.layers.{i}"
+    rows += _ln_rows(dst + ("layer_norm1",), src + ".layer_norm1")
+    rows += _ln_rows(dst + ("layer_norm2",), src + ".layer_norm2")
+    if config.variant == "eva":
+      rows += _dense_rows(dst + ("self_attn", "qkv"), src + ".self_attn.qkv")
+      rows += _dense_rows(dst + ("self_attn", "projection"), src + ".self_attn.projection")
+    else:
+      for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        rows += _dense_rows(dst + ("self_attn", name), f"{src}.self_attn.{name}")
+    rows += _dense_rows(dst + ("fc1",), src + ".mlp.fc1")
+    rows += _dense_rows(dst + ("fc2",), src + ".mlp.fc2")
+  if config.post_layernorm:
+    rows += _ln_rows(("post_layernorm",), "post_layernorm")
+  return rows
+
+
+def _set(tree: dict, path: Sequence[str], value) -> None:
+  for k in path[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[path[-1]] = value
+
+
+def _get(tree, path: Sequence[str]):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def _leaf_shapes(config: ViTConfig) -> dict:
+  shapes = abstract_vit_params(config)
+  return {tuple(getattr(k, "key", k) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+
+
+def _hf_shape(transform: str, shape: tuple) -> tuple:
+  if transform == "linear":
+    return tuple(reversed(shape))
+  if transform == "conv":
+    return (shape[3], shape[2], shape[0], shape[1])
+  return shape
+
+
+def vit_params_from_hf(reader, prefix: str, config: ViTConfig) -> dict:
+  """Builds the ViT param tree from HF `Blip2VisionModel` / `CLIPVisionModel` tensors.
+
+  Args:
+    reader: a `cirjax.weights.StateDictReader` (records used keys, checks shapes); a plain
+      dict is wrapped in one and checked strictly on return.
+    prefix: key prefix of the tower, e.g. 'vision_model.' or 'vision_tower.vision_model.'.
+    config: the tower's ViTConfig.
+  """
+  from cirjax.weights import StateDictReader  # pylint: disable=g-import-not-at-top
+  own = not isinstance(reader, StateDictReader)
+  if own:
+    reader = StateDictReader(reader, source="state dict")
+  shapes = _leaf_shapes(config)
+  params: dict = {}
+  d, n = config.hidden_size, config.num_positions
+  if config.variant == "eva":
+    cls = reader.take(prefix + "embeddings.class_embedding", (1, 1, d))
+    pos = reader.take(prefix + "embeddings.position_embedding", (1, n, d))
+  else:
+    cls = reader.take(prefix + "embeddings.class_embedding", (d,))
+    pos = reader.take(prefix + "embeddings.position_embedding.weight", (n, d))
+  params["class_embedding"] = _t_flat(cls).reshape(d)
+  params["position_embedding"] = _t_flat(pos).reshape(n, d)
+  for dst, src, tr in vit_hf_table(config):
+    w = reader.take(prefix + src, _hf_shape(tr, shapes[dst]))
+    _set(params, dst, np.asarray(_FORWARD[tr](w), np.float32))
+  if own:
+    reader.finish()
+  return params
+
+
+def vit_params_to_hf(params: Mapping, prefix: str, config: ViTConfig) -> dict[str, np.ndarray]:
+  """The inverse of `vit_params_from_hf`: HF state dict entries (fp32 numpy) for the tower."""
+  out: dict[str, np.ndarray] = {}
+  d, n = config.hidden_size, config.num_positions
+  cls = np.asarray(params["class_embedding"], np.float32)
+  pos = np.asarray(params["position_embedding"], np.float32)
+  if config.variant == "eva":
+    out[prefix + "embeddings.class_embedding"] = cls.reshape(1, 1, d)
+    out[prefix + "embeddings.position_embedding"] = pos.reshape(1, n, d)
+  else:
+    out[prefix + "embeddings.class_embedding"] = cls.reshape(d)
+    out[prefix + "embeddings.position_embedding.weight"] = pos.reshape(n, d)
+  for dst, src, tr in vit_hf_table(config):
+    out[prefix + src] = _INVERSE[tr](np.asarray(_get(params, dst), np.float32))
+  return out
+
+
+def vit_config_from_hf(hf: Mapping[str, Any], variant: str) -> ViTConfig:
+  """ViTConfig from an HF vision config dict (`Blip2VisionConfig` / `CLIPVisionConfig`)."""
+  defaults = {"eva": dict(hidden_act="gelu", layer_norm_eps=1e-6),
+              "clip": dict(hidden_act="quick_gelu", layer_norm_eps=1e-5)}[variant]
+  act = hf.get("hidden_act", defaults["hidden_act"])
+  if variant == "eva" and not hf.get("qkv_bias", True):
+    raise ValueError("Blip2VisionConfig.qkv_bias=False is not supported (every BLIP-2 "
+                     "checkpoint has q/v biases)")
+  if act not in ACTIVATIONS:
+    raise ValueError(f"vision hidden_act {act!r} is not supported (expected one of {ACTIVATIONS})")
+  return ViTConfig(
+      image_size=int(hf.get("image_size", 224)),
+      patch_size=int(hf.get("patch_size", 14)),
+      num_channels=int(hf.get("num_channels", 3)),
+      hidden_size=int(hf["hidden_size"]),
+      intermediate_size=int(hf["intermediate_size"]),
+      num_layers=int(hf["num_hidden_layers"]),
+      num_heads=int(hf["num_attention_heads"]),
+      layer_norm_eps=float(hf.get("layer_norm_eps", defaults["layer_norm_eps"])),
+      hidden_act=act,
+      variant=variant,
+  )
+
+
+def vit_config_to_hf(config: ViTConfig) -> dict:
+  """HF vision config fields for this tower."""
+  return dict(image_size=config.image_size, patch_size=config.patch_size,
+              num_channels=config.num_channels, hidden_size=config.hidden_size,
+              intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
+              num_attention_heads=config.num_heads, layer_norm_eps=config.layer_norm_eps,
+              hidden_act=config.hidden_act)

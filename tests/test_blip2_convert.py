@@ -1,0 +1,230 @@
+"""Weight files, key accounting, cirjax model dirs, and BLIP-2 conversion (HF and LAVIS)."""
+
+import json
+import os
+import pickle
+import struct
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+from cirjax import model_io, weights
+from cirjax.weights import KeyAccountingError, StateDictReader, WeightFileError
+
+
+# ------------------------------------------------------------------------- weight files
+
+def _state():
+  rng = np.random.default_rng(0)
+  return {
+      "a.weight": rng.standard_normal((3, 4)).astype(np.float32),
+      "a.bias": rng.standard_normal((3,)).astype(np.float16),
+      "b": rng.standard_normal((2, 2)).astype(ml_dtypes.bfloat16),
+      "ids": np.arange(5, dtype=np.int64),
+  }
+
+
+def test_safetensors_round_trip_and_torch_compatible(tmp_path):
+  state = _state()
+  weights.write_safetensors(state, tmp_path / "model.safetensors")
+  back = weights.read_state_dict(tmp_path)
+  assert set(back) == set(state)
+  for k in state:
+    assert back[k].dtype == state[k].dtype, k
+    np.testing.assert_array_equal(back[k].astype(np.float32), state[k].astype(np.float32))
+  # the official reader (used by transformers) agrees, bf16 included
+  from safetensors.torch import load_file
+  ref = load_file(tmp_path / "model.safetensors")
+  assert ref["b"].dtype == torch.bfloat16
+  np.testing.assert_array_equal(ref["b"].float().numpy(), state["b"].astype(np.float32))
+
+
+def test_reads_official_safetensors_bf16(tmp_path):
+  from safetensors.torch import save_file
+  t = {"x": torch.randn(3, 5).to(torch.bfloat16), "y": torch.randn(2)}
+  save_file(t, tmp_path / "w.safetensors")
+  back = weights.read_state_dict(tmp_path / "w.safetensors")
+  assert back["x"].dtype == ml_dtypes.bfloat16
+  np.testing.assert_array_equal(back["x"].astype(np.float32), t["x"].float().numpy())
+  np.testing.assert_array_equal(back["y"], t["y"].numpy())
+
+
+def test_sharded_safetensors(tmp_path):
+  state = {f"w{i}": np.full((64,), i, np.float32) for i in range(6)}
+  names = weights.write_safetensors_sharded(state, tmp_path, max_shard_bytes=600)
+  assert "model.safetensors.index.json" in names and len(names) > 2
+  index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+  assert set(index["weight_map"]) == set(state)
+  back = weights.read_state_dict(tmp_path)
+  for k in state:
+    np.testing.assert_array_equal(back[k], state[k])
+
+
+def test_torch_bin_and_sharded_bin_and_wrapped_pth(tmp_path):
+  t = {"x": torch.randn(2, 3), "h": torch.randn(4).to(torch.bfloat16)}
+  torch.save(t, tmp_path / "pytorch_model.bin")
+  back = weights.read_state_dict(tmp_path)
+  np.testing.assert_array_equal(back["x"], t["x"].numpy())
+  assert back["h"].dtype == ml_dtypes.bfloat16
+  shard_dir = tmp_path / "sharded"
+  shard_dir.mkdir()
+  torch.save({"x": t["x"]}, shard_dir / "pytorch_model-00001-of-00002.bin")
+  torch.save({"y": torch.ones(1)}, shard_dir / "pytorch_model-00002-of-00002.bin")
+  (shard_dir / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {
+      "x": "pytorch_model-00001-of-00002.bin", "y": "pytorch_model-00002-of-00002.bin"}}))
+  assert set(weights.read_state_dict(shard_dir)) == {"x", "y"}
+  torch.save({"model": t, "epoch": 3}, tmp_path / "model.pth")
+  assert set(weights.read_state_dict(tmp_path / "model.pth")) == {"x", "h"}
+
+
+class _Evil:
+  marker = ""
+
+  def __reduce__(self):
+    return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_refused_never_executed(tmp_path):
+  marker = tmp_path / "PWNED"
+  evil = _Evil()
+  evil.marker = str(marker)
+  with open(tmp_path / "pytorch_model.bin", "wb") as f:
+    pickle.dump({"x": evil}, f)  # torch.load reads legacy plain pickles too
+  torch.save({"w": torch.ones(2), "x": evil}, tmp_path / "evil.pt")
+  for path in (tmp_path / "pytorch_model.bin", tmp_path / "evil.pt"):
+    with pytest.raises(WeightFileError, match=rf"{path.name}.*refused"):
+      weights.read_state_dict(path)
+  assert not marker.exists()
+
+
+def test_truncated_and_corrupt_safetensors(tmp_path):
+  weights.write_safetensors(_state(), tmp_path / "model.safetensors")
+  raw = (tmp_path / "model.safetensors").read_bytes()
+  (tmp_path / "cut.safetensors").write_bytes(raw[:-7])
+  with pytest.raises(WeightFileError, match=r"cut\.safetensors.*truncated"):
+    weights.read_state_dict(tmp_path / "cut.safetensors")
+  (tmp_path / "junk.safetensors").write_bytes(struct.pack("<Q", 20) + b"{not json at all!!!}")
+  with pytest.raises(WeightFileError, match=r"junk\.safetensors.*corrupt"):
+    weights.read_state_dict(tmp_path / "junk.safetensors")
+  (tmp_path / "tiny.safetensors").write_bytes(b"abc")
+  with pytest.raises(WeightFileError, match=r"tiny\.safetensors"):
+    weights.read_state_dict(tmp_path / "tiny.safetensors")
+  (tmp_path / "huge.safetensors").write_bytes(struct.pack("<Q", 10 ** 12) + b"{}")
+  with pytest.raises(WeightFileError, match=r"huge\.safetensors.*header length"):
+    weights.read_state_dict(tmp_path / "huge.safetensors")
+  (tmp_path / "cut.bin").write_bytes(b"PK\x03\x04garbage")
+  with pytest.raises(WeightFileError, match=r"cut\.bin"):
+    weights.read_state_dict(tmp_path / "cut.bin")
+
+
+def test_missing_weights_and_shards(tmp_path):
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    weights.read_state_dict(tmp_path / "nowhere")
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(WeightFileError, match="no weights found"):
+    weights.read_state_dict(tmp_path / "empty")
+  d = tmp_path / "broken"
+  d.mkdir()
+  (d / "model.safetensors.index.json").write_text(json.dumps(
+      {"weight_map": {"x": "model-00001-of-00002.safetensors"}}))
+  with pytest.raises(WeightFileError, match="model-00001-of-00002.safetensors"):
+    weights.read_state_dict(d)
+
+
+def test_state_dict_reader_accounting():
+  state = {"a": np.zeros((2, 3)), "b": np.zeros(4), "c": np.zeros(1),
+           "Qformer.cls.predictions.bias": np.zeros(7)}
+  r = StateDictReader(state, source="ckpt.pth", ignore=[r"^Qformer\.cls\."])
+  assert r.take("a", (2, 3)).shape == (2, 3)
+  assert r.take("b", (5,)).shape == (5,)  # recorded as mismatch, placeholder returned
+  assert r.take("zzz", (1,)).shape == (1,)  # recorded as missing
+  with pytest.raises(KeyAccountingError) as e:
+    r.finish()
+  msg = str(e.value)
+  assert "ckpt.pth" in msg and "missing key(s): zzz" in msg
+  assert "unexpected key(s) (not used by any parameter): c" in msg
+  assert "b has shape (4,), expected (5,)" in msg
+  assert "Qformer.cls" not in msg and r.ignored == ["Qformer.cls.predictions.bias"]
+  with pytest.raises(ValueError, match="taken twice"):
+    r.take("a")
+  ok = StateDictReader({"a": np.ones(2)})
+  ok.take("a", (2,))
+  ok.finish()
+
+
+# ---------------------------------------------------------------------------- model dirs
+
+def _params():
+  return {"enc": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)},
+          "temp": np.asarray(0.07, np.float32)}
+
+
+def test_model_dir_round_trip(tmp_path):
+  dst = tmp_path / "m"
+  model_io.save_model_dir(dst, _params(), {"hidden": 3}, "blip2")
+  assert model_io.is_cirjax_dir(dst) and not model_io.is_cirjax_dir(tmp_path)
+  model_type, config, params = model_io.load_model_dir(dst)
+  assert model_type == "blip2" and config == {"hidden": 3}
+  np.testing.assert_array_equal(params["enc"]["kernel"], _params()["enc"]["kernel"])
+  assert float(params["temp"]) == pytest.approx(0.07)
+  assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temp dirs left behind
+
+
+def test_model_dir_restore_into_sharded_target(tmp_path):
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  dst = tmp_path / "m"
+  params = {"w": np.arange(32, dtype=np.float32).reshape(4, 8)}
+  model_io.save_model_dir(dst, params, {}, "blip2")
+  mesh = jax.make_mesh((4,), ("data",), devices=jax.devices())
+  target = {"w": jax.ShapeDtypeStruct((4, 8), np.float32,
+                                      sharding=NamedSharding(mesh, P("data")))}
+  _, _, back = model_io.load_model_dir(dst, target=target)
+  assert back["w"].sharding.spec == P("data")
+  np.testing.assert_array_equal(np.asarray(back["w"]), params["w"])
+
+
+def test_model_dir_refuses_overwrite_and_survives_failure(tmp_path):
+  dst = tmp_path / "m"
+  model_io.save_model_dir(dst, _params(), {"v": 1}, "blip2")
+  with pytest.raises(FileExistsError, match="overwrite"):
+    model_io.save_model_dir(dst, _params(), {"v": 2}, "blip2")
+  # a config that cannot be serialised fails before anything is written
+  with pytest.raises(TypeError):
+    model_io.save_model_dir(dst, _params(), {"v": object()}, "blip2", overwrite=True)
+
+  # a failure mid-write leaves the old directory intact and no temp dirs
+  class Boom(Exception):
+    pass
+
+  orig = model_io.write_params
+
+  def failing(directory, params):
+    orig(directory, params)
+    raise Boom("disk full")
+
+  model_io.write_params = failing
+  try:
+    with pytest.raises(Boom):
+      model_io.save_model_dir(dst, _params(), {"v": 3}, "blip2", overwrite=True)
+  finally:
+    model_io.write_params = orig
+  assert model_io.load_model_dir(dst)[1] == {"v": 1}
+  assert [p.name for p in tmp_path.iterdir()] == ["m"]
+  model_io.save_model_dir(dst, _params(), {"v": 4}, "blip2", overwrite=True)
+  assert model_io.load_model_dir(dst)[1] == {"v": 4}
+  assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+def test_load_model_dir_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="cirjax_config.json"):
+    model_io.load_model_dir(tmp_path)
+  (tmp_path / "cirjax_config.json").write_text("{oops")
+  with pytest.raises(ValueError, match="cirjax_config.json.*JSON"):
+    model_io.load_model_dir(tmp_path)
+  (tmp_path / "cirjax_config.json").write_text(json.dumps({"model_type": "blip2"}))
+  with pytest.raises(ValueError, match="'config'"):
+    model_io.load_model_dir(tmp_path)
