@@ -1,0 +1,411 @@
+"""HF LLaVA(-Phi) checkpoints <-> cirjax params.
+
+Conversion is a table (cirjax param path, HF key, transform) per component; transforms are
+named ('linear' = transpose `[out, in]` -> `[in, out]`, 'conv', 'id') and work on arrays and
+on `jax.ShapeDtypeStruct`s alike, so the full-size Phi-3.5-mini + CLIP-L tree can be checked
+without allocating it (`convert_abstract`).
+
+Key layouts accepted (detected per component from the keys present):
+
+  component        | transformers 4.x (hub)        | transformers 5.x
+  -----------------|-------------------------------|------------------------------------
+  language model   | language_model.model.*        | model.language_model.*
+  LM head          | language_model.lm_head.weight | lm_head.weight
+  vision tower     | vision_tower.vision_model.*   | model.vision_tower.vision_model.*
+  projector        | multi_modal_projector.*       | model.multi_modal_projector.*
+
+plus the variants 5.x itself writes (`vision_tower.*` / `model.vision_tower.*` without
+`vision_model.`, since its CLIPVisionModel lost that wrapper). The language model may be
+Phi-3 (fused `qkv_proj`, `gate_up_proj`) or Llama layout (separate q/k/v, gate/up).
+
+The LM head is not used by the embedder: it is skipped explicitly (listed in the conversion
+report, never an "unexpected key"), and `to_hf` exports no `lm_head.weight` (transformers
+then initialises one and warns; embeddings do not depend on it). CLIP's `post_layernorm`
+(unused by LLaVA, which reads hidden_states[-2]) is kept so the export round-trips.
+
+Strict key accounting: every other source key must be consumed and every parameter filled;
+one error lists all missing, unexpected and mis-shaped keys by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import numpy as np
+
+from cirjax.models import vit as vit_lib
+from cirjax.models.llava import LlavaConfig, abstract_params
+from cirjax.models.phi3 import Phi3Config
+
+KEY_FORMATS = ("hf4", "hf5")
+# Where each component lives, by key format (LM prefix, LM head, vision, projector).
+PREFIXES = {
+    "hf4": dict(lm="language_model.model.", head="language_model.lm_head.weight",
+                vision="vision_tower.vision_model.", proj="multi_modal_projector."),
+    "hf5": dict(lm="model.language_model.", head="lm_head.weight",
+                vision="model.vision_tower.vision_model.", proj="model.multi_modal_projector."),
+}
+_VISION_PREFIXES = ("vision_tower.vision_model.", "model.vision_tower.vision_model.",
+                    "vision_tower.", "model.vision_tower.")
+_LM_PREFIXES = ("language_model.model.", "model.language_model.")
+_PROJ_PREFIXES = ("multi_modal_projector.", "model.multi_modal_projector.")
+_HEAD_KEYS = ("language_model.lm_head.weight", "lm_head.weight")
+# Buffers some transformers versions saved; not parameters.
+_IGNORED = (r"(^|\.)position_ids$", r"rotary_emb\.inv_freq$")
+
+
+class Abstract:
+  """Shape-only stand-in for a tensor (what `jax.ShapeDtypeStruct` is for arrays)."""
+
+  def __init__(self, shape, dtype=np.float32):
+    self.shape = tuple(shape)
+    self.dtype = np.dtype(dtype)
+
+
+def _transform(name: str, w: Any) -> Any:
+  """HF tensor -> cirjax leaf (arrays, or shapes for `Abstract`/ShapeDtypeStruct)."""
+  abstract = not isinstance(w, np.ndarray) and not hasattr(w, "__array__")
+  if name == "linear":
+    if abstract:
+      return Abstract(tuple(reversed(w.shape)), w.dtype)
+    return np.ascontiguousarray(np.asarray(w).T)
+  if name == "conv":
+    if abstract:
+      s = w.shape
+      return Abstract((s[2], s[3], s[1], s[0]), w.dtype)
+    return np.ascontiguousarray(np.transpose(np.asarray(w), (2, 3, 1, 0)))
+  if name == "flat":
+    if abstract:
+      return Abstract(tuple(s for s in w.shape if s != 1) or (1,), w.dtype)
+    a = np.asarray(w)
+    while a.ndim > 1 and a.shape[0] == 1:
+      a = a[0]
+    return a
+  return w if abstract else np.asarray(w)
+
+
+def _inverse(name: str, w: np.ndarray) -> np.ndarray:
+  w = np.asarray(w)
+  if name == "linear":
+    return np.ascontiguousarray(w.T)
+  if name == "conv":
+    return np.ascontiguousarray(np.transpose(w, (3, 2, 0, 1)))
+  return w
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _linear_rows(dst: tuple, src: str, bias: bool) -> list:
+  rows = [(dst + ("kernel",), src + ".weight", "linear")]
+  if bias:
+    rows.append((dst + ("bias",), src + ".bias", "id"))
+  return rows
+
+
+def decoder_hf_table(c: Phi3Config) -> list[tuple[tuple, str, str]]:
+  """Rows (param path under `language_model`, HF key under the LM prefix, transform)."""
+  rows = [(("embed_tokens", "embedding"), "embed_tokens.weight", "id")]
+  for i in range(c.num_layers):
+    d, s = (f"layers_{i}",), f"layers.{i}"
+    rows.append((d + ("input_layernorm", "weight"), s + ".input_layernorm.weight", "id"))
+    rows.append((d + ("post_attention_layernorm", "weight"),
+                 s + ".post_attention_layernorm.weight", "id"))
+    if c.layout == "fused":
+      rows += _linear_rows(d + ("self_attn", "qkv_proj"), s + ".self_attn.qkv_proj", False)
+      rows += _linear_rows(d + ("self_attn", "o_proj"), s + ".self_attn.o_proj", False)
+      rows += _linear_rows(d + ("mlp", "gate_up_proj"), s + ".mlp.gate_up_proj", False)
+      rows += _linear_rows(d + ("mlp", "down_proj"), s + ".mlp.down_proj", False)
+    else:
+      for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        rows += _linear_rows(d + ("self_attn", n), f"{s}.self_attn.{n}", c.attention_bias)
+      for n in ("gate_proj", "up_proj", "down_proj"):
+        rows += _linear_rows(d + ("mlp", n), f"{s}.mlp.{n}", c.mlp_bias)
+  rows.append((("norm", "weight"), "norm.weight", "id"))
+  return rows
+
+
+def projector_hf_table(config: LlavaConfig) -> list[tuple[tuple, str, str]]:
+  rows = []
+  for n in ("linear_1", "linear_2"):
+    rows += _linear_rows((n,), n, config.projector_bias)
+  return rows
+
+
+def vision_hf_table(config: LlavaConfig) -> list[tuple[tuple, str, str]]:
+  """The shared ViT table plus CLIP's class/position embeddings."""
+  rows = [(("class_embedding",), "embeddings.class_embedding", "id"),
+          (("position_embedding",), "embeddings.position_embedding.weight", "id")]
+  return rows + list(vit_lib.vit_hf_table(config.vision))
+
+
+def full_table(config: LlavaConfig, prefixes: Mapping[str, str]) -> list[tuple[tuple, str, str]]:
+  """(param path, full HF key, transform) for the whole model under the given prefixes."""
+  out = [(("vision_tower",) + d, prefixes["vision"] + s, t) for d, s, t in vision_hf_table(config)]
+  out += [(("multi_modal_projector",) + d, prefixes["proj"] + s, t)
+          for d, s, t in projector_hf_table(config)]
+  out += [(("language_model",) + d, prefixes["lm"] + s, t)
+          for d, s, t in decoder_hf_table(config.text)]
+  return out
+
+
+# ----------------------------------------------------------------------------- key formats
+
+
+def detect_prefixes(keys: Iterable[str], source: str = "checkpoint") -> dict[str, str]:
+  """Finds each component's prefix in a LLaVA state dict (any 4.x/5.x variant)."""
+  keys = set(keys)
+  def find(cands, probe, what):
+    for p in cands:
+      if p + probe in keys:
+        return p
+    sample = sorted(keys)[:6]
+    raise ValueError(f"{source}: cannot find the {what} (looked for "
+                     f"{[p + probe for p in cands]}); is this an HF LLaVA checkpoint? "
+                     f"first keys: {sample}")
+  return dict(lm=find(_LM_PREFIXES, "embed_tokens.weight", "language model"),
+              vision=find(_VISION_PREFIXES, "embeddings.patch_embedding.weight", "vision tower"),
+              proj=find(_PROJ_PREFIXES, "linear_1.weight", "multi-modal projector"),
+              head=next((k for k in _HEAD_KEYS if k in keys), None))
+
+
+def key_format_of(keys: Iterable[str]) -> str:
+  """'hf5' if the language model is under `model.language_model.`, else 'hf4'."""
+  return "hf5" if any(k.startswith("model.language_model.") for k in keys) else "hf4"
+
+
+def hf_module_name(path: tuple[str, ...] | str, key_format: str = "hf5") -> str:
+  """HF module name (as PEFT sees it) of a cirjax module path, e.g.
+  ('language_model', 'layers_3', 'self_attn', 'qkv_proj') ->
+  'model.language_model.layers.3.self_attn.qkv_proj' (hf5) or
+  'language_model.model.layers.3.self_attn.qkv_proj' (hf4)."""
+  if key_format not in KEY_FORMATS:
+    raise ValueError(f"key_format must be one of {KEY_FORMATS}, got {key_format!r}")
+  parts = path.split("/") if isinstance(path, str) else list(path)
+  comp, rest = parts[0], [re.sub(r"^layers_(\d+)$", r"layers.\1", p) for p in parts[1:]]
+  pre = PREFIXES[key_format]
+  if comp == "language_model":
+    return pre["lm"] + ".".join(rest)
+  if comp == "multi_modal_projector":
+    return pre["proj"] + ".".join(rest)
+  if comp == "vision_tower":
+    rest = [re.sub(r"^layers\.(\d+)$", r"encoder.layers.\1", p) for p in rest]
+    return pre["vision"] + ".".join(rest)
+  raise ValueError(f"not a LLaVA module path: {'/'.join(parts)}")
+
+
+def module_path_from_hf(name: str) -> tuple[str, ...]:
+  """Inverse of `hf_module_name` for language-model and projector modules (any format)."""
+  for comp, cands in (("language_model", _LM_PREFIXES), ("multi_modal_projector", _PROJ_PREFIXES)):
+    for p in cands:
+      if name.startswith(p):
+        rest = name[len(p):].split(".")
+        out, i = [], 0
+        while i < len(rest):
+          if rest[i] == "layers" and i + 1 < len(rest) and rest[i + 1].isdigit():
+            out.append(f"layers_{rest[i + 1]}")
+            i += 2
+          else:
+            out.append(rest[i])
+            i += 1
+        return (comp,) + tuple(out)
+  raise ValueError(f"{name!r} is not a language-model or projector module of a LLaVA model "
+                   f"(expected a prefix among {_LM_PREFIXES + _PROJ_PREFIXES})")
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def llava_config_from_hf(hf: Any, *, dtype: str = "float32",
+                         param_dtype: str = "float32") -> LlavaConfig:
+  """LlavaConfig from an HF config (dict, `transformers.LlavaConfig`, or a directory).
+
+  Missing fields take the HF sub-config class defaults (saved configs omit them).
+  """
+  import transformers  # pylint: disable=g-import-not-at-top
+  if isinstance(hf, (str, os.PathLike)):
+    f = Path(hf) / "config.json" if Path(hf).is_dir() else Path(hf)
+    if not f.exists():
+      raise FileNotFoundError(f"{hf}: no config.json")
+    hf = json.loads(f.read_text())
+  if isinstance(hf, Mapping):
+    if hf.get("model_type") != "llava":
+      raise ValueError(f"expected an HF config with model_type 'llava', got "
+                       f"{hf.get('model_type')!r}")
+    hf = transformers.LlavaConfig.from_dict(dict(hf))
+  vc, tc = hf.vision_config, hf.text_config
+  if vc.model_type != "clip_vision_model":
+    raise ValueError(f"unsupported LLaVA vision tower {vc.model_type!r}: cirjax implements "
+                     "CLIP ('clip_vision_model')")
+  vision = vit_lib.vit_config_from_hf(vc.to_dict(), "clip")
+  text = Phi3Config.from_hf(tc.to_dict())
+  vfl = hf.vision_feature_layer
+  return LlavaConfig(
+      vision=vision, text=text,
+      image_token_id=int(getattr(hf, "image_token_id", None) or hf.image_token_index),
+      vision_feature_layer=tuple(vfl) if isinstance(vfl, (list, tuple)) else int(vfl),
+      vision_feature_select_strategy=hf.vision_feature_select_strategy,
+      projector_hidden_act=hf.projector_hidden_act,
+      projector_bias=bool(getattr(hf, "multimodal_projector_bias", True)),
+      dtype=dtype, param_dtype=param_dtype)
+
+
+def llava_config_to_hf(config: LlavaConfig) -> dict:
+  """config.json contents for `transformers.LlavaForConditionalGeneration`."""
+  vision = dict(vit_lib.vit_config_to_hf(config.vision), model_type="clip_vision_model")
+  vfl = config.vision_feature_layer
+  return dict(
+      architectures=["LlavaForConditionalGeneration"], model_type="llava",
+      vision_config=vision, text_config=config.text.to_hf(),
+      image_token_index=config.image_token_id,
+      image_seq_length=config.num_image_tokens,
+      vision_feature_layer=list(vfl) if isinstance(vfl, tuple) else vfl,
+      vision_feature_select_strategy=config.vision_feature_select_strategy,
+      projector_hidden_act=config.projector_hidden_act,
+      multimodal_projector_bias=config.projector_bias, tie_word_embeddings=False,
+      torch_dtype="float32")
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def _set(tree: dict, path, value):
+  for k in path[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[path[-1]] = value
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def _flat_shapes(tree) -> dict[tuple, tuple]:
+  return {tuple(getattr(k, "key", k) for k in p): tuple(l.shape)
+          for p, l in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def convert_state_dict(state: Mapping[str, Any], config: LlavaConfig, *,
+                       source: str = "state dict", dtype=np.float32,
+                       report: dict | None = None) -> dict:
+  """HF LLaVA state dict (numpy or `Abstract`/ShapeDtypeStruct values) -> cirjax params.
+
+  Raises `cirjax.weights.KeyAccountingError` listing every missing/unexpected/mis-shaped key.
+  `report`, if given, receives the detected prefixes and the keys skipped on purpose.
+  """
+  from cirjax.weights import KeyAccountingError  # pylint: disable=g-import-not-at-top
+  prefixes = detect_prefixes(state.keys(), source)
+  expected = _flat_shapes(abstract_params(config))
+  params: dict = {}
+  used, missing, mismatched = set(), [], []
+  for dst, key, tr in full_table(config, prefixes):
+    if key not in state:
+      missing.append(key)
+      continue
+    used.add(key)
+    leaf = _transform(tr, state[key])
+    want = expected.get(dst)
+    if want is None:
+      raise AssertionError(f"conversion table names unknown parameter {'/'.join(dst)}")
+    if tuple(leaf.shape) != want:
+      hf_want = tuple(reversed(want)) if tr == "linear" else want
+      mismatched.append((key, tuple(np.shape(state[key]) if hasattr(state[key], "shape") else ()),
+                         hf_want))
+      continue
+    if isinstance(leaf, np.ndarray):
+      leaf = leaf.astype(dtype)
+    else:
+      leaf = jax.ShapeDtypeStruct(leaf.shape, dtype)
+    _set(params, dst, leaf)
+  skipped = []
+  if prefixes["head"] is not None:
+    skipped.append(prefixes["head"])  # unused by the embedder (see module docstring)
+  ignored = [k for k in state if any(re.search(p, k) for p in _IGNORED)]
+  unexpected = sorted(set(state) - used - set(skipped) - set(ignored))
+  untabled = set(expected) - {d for d, _, _ in full_table(config, prefixes)}
+  if untabled:  # a bug in the tables, not in the checkpoint
+    raise AssertionError(f"parameters without a conversion row: {sorted(untabled)}")
+  if missing or unexpected or mismatched:
+    raise KeyAccountingError(source, missing, unexpected, mismatched)
+  if report is not None:
+    report.update(prefixes=prefixes, skipped=skipped, ignored=ignored,
+                  key_format=key_format_of(state.keys()))
+  return params
+
+
+def convert_abstract(hf_shapes: Mapping[str, tuple], config: LlavaConfig) -> dict:
+  """Runs the converter on shapes only: {HF key: shape} -> tree of ShapeDtypeStruct."""
+  return convert_state_dict({k: Abstract(s) for k, s in hf_shapes.items()}, config,
+                            source="abstract state dict")
+
+
+def decoder_params_from_hf(state: Mapping[str, Any], config: Phi3Config, prefix: str = "",
+                           *, dtype=np.float32) -> dict:
+  """Just the language model (HF `Phi3Model`/`LlamaModel` keys under `prefix`), strictly."""
+  from cirjax.weights import StateDictReader  # pylint: disable=g-import-not-at-top
+  reader = StateDictReader(state, source="decoder state dict", ignore=_IGNORED)
+  params: dict = {}
+  for dst, key, tr in decoder_hf_table(config):
+    w = reader.take(prefix + key)
+    _set(params, dst, _transform(tr, w).astype(dtype))
+  reader.finish()
+  return params
+
+
+def from_hf(src_dir: str | os.PathLike, *, dtype: str = "float32",
+            param_dtype: str = "float32", report: dict | None = None) -> tuple[LlavaConfig, dict]:
+  """Reads an HF LLaVA directory (config.json + safetensors/.bin, sharded or not).
+
+  fp16/bf16 weights are upcast to fp32 (then `param_dtype` for the LM/projector when the
+  model is loaded). Returns (LlavaConfig, params as numpy fp32).
+  """
+  from cirjax.weights import read_state_dict  # pylint: disable=g-import-not-at-top
+  src = Path(src_dir)
+  if not (src / "config.json").exists():
+    raise FileNotFoundError(f"{src}: not an HF model directory (no config.json)")
+  config = llava_config_from_hf(src, dtype=dtype, param_dtype=param_dtype)
+  state = read_state_dict(src)
+  params = convert_state_dict(state, config, source=str(src), report=report)
+  return config, params
+
+
+def params_to_hf(config: LlavaConfig, params: Any, key_format: str = "hf4") -> dict[str, np.ndarray]:
+  """cirjax params -> HF state dict (fp32 numpy) in the given key format (no lm_head)."""
+  if key_format not in KEY_FORMATS:
+    raise ValueError(f"key_format must be one of {KEY_FORMATS}, got {key_format!r}")
+  out = {}
+  for dst, key, tr in full_table(config, PREFIXES[key_format]):
+    w = np.asarray(jax.device_get(_get(params, dst)), np.float32)
+    if tr == "flat":
+      w = w.reshape(-1)
+    out[key] = _inverse(tr, w)
+  return out
+
+
+def to_hf(config: LlavaConfig, params: Any, dst_dir: str | os.PathLike, *,
+          key_format: str = "hf4", tokenizer_dir: str | os.PathLike | None = None,
+          max_shard_bytes: int = 5 * 1024 ** 3) -> Path:
+  """Writes an HF LLaVA directory loadable by `LlavaForConditionalGeneration.from_pretrained`.
+
+  `key_format='hf4'` (default) is the hub layout that transformers 4.x and 5.x both load.
+  Tokenizer files found in `tokenizer_dir` are copied along.
+  """
+  from cirjax.weights import write_safetensors_sharded  # pylint: disable=g-import-not-at-top
+  dst = Path(dst_dir)
+  dst.mkdir(parents=True, exist_ok=True)
+  state = params_to_hf(config, params, key_format)
+  write_safetensors_sharded(state, dst, max_shard_bytes=max_shard_bytes)
+  (dst / "config.json").write_text(json.dumps(llava_config_to_hf(config), indent=2) + "\n")
+  if tokenizer_dir is not None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "tokenizer.model", "chat_template.jinja", "added_tokens.json"):
+      if (Path(tokenizer_dir) / name).exists():
+        shutil.copy(Path(tokenizer_dir) / name, dst / name)
+  return dst
