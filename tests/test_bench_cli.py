@@ -1,0 +1,87 @@
+"""`cirjax bench`: suite discovery, derived columns and ratios, JSON + table, README section."""
+
+import json
+import textwrap
+
+import pytest
+
+from cirjax import cli
+from cirjax.commands import bench
+
+FAKE_SUITE = textwrap.dedent("""
+    import jax, jax.numpy as jnp
+    from cirjax import benchmarking
+
+    def run(device="cpu", quick=False):
+      x = jnp.ones((64, 64))
+      f = jax.jit(lambda a: a @ a)
+      compiled = f.lower(x).compile()
+      t = benchmarking.time_fn(lambda: f(x), warmup=1, iters=3)
+      jax_row = {"name": "matmul", "impl": "jax", "step_time_s": t["median_s"],
+                 "samples_per_s": 64 / t["median_s"], "flops": 2 * 64 ** 3,
+                 **{k: v for k, v in benchmarking.compiled_cost(compiled).items()
+                    if k == "peak_memory_bytes"}}
+      ref = {"name": "matmul", "impl": "torch_eager", "step_time_s": 2 * t["median_s"],
+             "samples_per_s": 32 / t["median_s"]}
+      return {"rows": [jax_row, ref], "note": "fake"}
+    """)
+
+
+def test_parse_suites():
+  assert bench.parse_suites("all") == list(bench.SUITES)
+  assert bench.parse_suites("mining, eval") == ["mining", "eval"]
+  with pytest.raises(ValueError, match="unknown --suite nope"):
+    bench.parse_suites("mining,nope")
+
+
+def test_ratios_pick_fastest_reference():
+  rows = bench.normalise_rows("s", [
+      {"name": "a", "impl": "jax", "step_time_s": 0.5, "samples_per_s": 100.0, "flops": 1e12},
+      {"name": "a", "impl": "torch_eager", "samples_per_s": 50.0},
+      {"name": "a", "impl": "torch_compile", "samples_per_s": 80.0},
+      {"name": "b", "impl": "jax", "samples_per_s": 10.0},
+  ], peak_flops=4e12)
+  a = rows[0]
+  assert a["speedup_vs_torch"] == pytest.approx(100 / 80)
+  assert a["speedup_vs"] == "torch_compile"
+  assert a["vs_torch_eager"] == pytest.approx(2.0)
+  assert a["tflops_per_s"] == pytest.approx(2.0)
+  assert a["mfu"] == pytest.approx(0.5)
+  assert a["step_time_ms"] == pytest.approx(500.0)
+  assert "speedup_vs_torch" not in rows[3]  # no reference for b
+
+
+def test_run_writes_json_table_and_readme(tmp_path, capsys):
+  bdir = tmp_path / "benchmarks"
+  bdir.mkdir()
+  (bdir / "bench_mining.py").write_text(FAKE_SUITE)
+  out = tmp_path / "results"
+  readme = tmp_path / "README.md"
+  readme.write_text(f"# x\n\n## Results\n{bench.README_START}\nold table\n{bench.README_END}\n\nafter\n")
+  rc = cli.main(["bench", "--suite", "mining", "--benchmarks-dir", str(bdir), "--out", str(out),
+                 "--update-readme", "--readme", str(readme)])
+  assert rc == 0
+  payload = json.loads((out / "bench_cpu.json").read_text())
+  assert payload["machine"]["jax_backend"] == "cpu"
+  assert payload["mining_note"] == "fake"
+  jax_row = [r for r in payload["rows"] if r["impl"] == "jax"][0]
+  assert jax_row["speedup_vs_torch"] == pytest.approx(2.0)
+  assert jax_row["mfu"] > 0
+  assert (out / "mining_cpu.json").is_file()
+  text = readme.read_text()
+  assert "old table" not in text and "after" in text
+  assert "| mining | matmul | jax |" in text
+  assert "matmul" in capsys.readouterr().out
+
+
+def test_missing_script_and_markers_are_clear_errors(tmp_path, capsys):
+  rc = cli.main(["bench", "--suite", "eval", "--benchmarks-dir", str(tmp_path),
+                 "--out", str(tmp_path / "r")])
+  assert rc == 2
+  assert "bench_eval.py not found" in capsys.readouterr().err
+  readme = tmp_path / "README.md"
+  readme.write_text("no markers\n")
+  rc = cli.main(["bench", "--readme-only", "--readme", str(readme), "--out", str(tmp_path)])
+  assert rc == 2
+  assert "markers not found" in capsys.readouterr().err
+  assert readme.read_text() == "no markers\n"
