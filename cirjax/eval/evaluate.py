@@ -1,0 +1,216 @@
+"""Dataset evaluators: encode (or take a baseline scorer), retrieve on device, score.
+
+`evaluate_split(split, scorer)` dispatches on `split.dataset`:
+
+* cirr / synthetic — the reference image is excluded from the candidates; R@{1,5,10,50},
+  Recall_subset@{1,2,3} over `img_set` members, avg = (R@5 + Rsubset@1)/2. The synthetic set
+  adds mAP@{5,10,25,50} against the full relevant sets (CIRCO formula, same reference-free
+  ranking), the share of relevant images in the top 5 (`rel@5`) and the recall of *any*
+  relevant image (`Rrel@K`, what a false-negative-free benchmark would count).
+* circo — no exclusion (official code); mAP@{5,10,25,50} and the target's R@{5,10,25,50}.
+* fashioniq — one category: R@10, R@50 (no exclusion, as the reference code);
+  `evaluate_fashioniq` combines categories with the averages of QuRe Table 2.
+* genecis — each query ranks [target] + its gallery: R@{1,2,3}.
+* hpfashioniq — preference rate (QuRe Eqs. 8-9) from the scores of the two sets.
+
+Splits without targets (CIRR test1, CIRCO test) only produce rankings for submissions.
+Any count of skipped queries/images is returned with the metrics (`skipped/...`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from cirjax.data.records import CIRSplit, DataError, Query
+from cirjax.eval import metrics, retrieval
+
+
+@dataclasses.dataclass
+class EvalResult:
+  split: CIRSplit
+  metrics: dict[str, float]
+  ranking: np.ndarray | None = None          # [Nq, K] corpus indices, best first
+  scores: np.ndarray | None = None           # [Nq, K]
+  subset_ranking: np.ndarray | None = None   # CIRR: [Nq, S]
+  chance: dict[str, float] = dataclasses.field(default_factory=dict)
+  timings: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- scorers
+
+def baseline_scorer(kind: str, split: CIRSplit, seed: int = 0) -> retrieval.Scorer:
+  """'random' (chance) or 'oracle' (ranks the target first, then the other relevant images)."""
+  idx = split.corpus_index()
+  nq, nc = len(split.queries), len(split.corpus)
+  if kind == "random":
+    return retrieval.RandomScorer(nq, nc, seed)
+  if kind == "oracle":
+    if not split.has_targets:
+      raise DataError(f"{split.name}: the oracle needs ground truth, this split has none")
+    targets = np.array([idx[q.target] for q in split.queries])
+    relevant = [np.array([idx[n] for n in q.relevant if n in idx]) for q in split.queries]
+    return retrieval.OracleScorer(targets, relevant, nc, seed)
+  raise ValueError(f"unknown baseline {kind!r}: use 'random' or 'oracle'")
+
+
+def encode_split(encoder: Any, split: CIRSplit, transform: Callable, tokenize_fn: Callable,
+                 batch_size: int = 64, text_fn: Callable[[Query], str] | None = None,
+                 mesh=None, num_threads: int = 4, log: Callable[[str], None] | None = print
+                 ) -> tuple[retrieval.FeatureScorer, dict[str, float]]:
+  """Encodes the corpus (`encoder.encode_image`) and the queries (`encoder.compose`).
+
+  `encoder` follows the protocol of `cirjax.load_blip2(...)`: `encode_image(pixels NHWC)` ->
+  [B, Q, D] (or [B, D]) and `compose(pixels, input_ids, attention_mask)` -> [B, D], both
+  L2-normalised. Returns the scorer and timings (images/s, queries/s).
+  """
+  from cirjax.data import loader  # pylint: disable=g-import-not-at-top
+  mesh = mesh or retrieval.make_mesh()
+  text_fn = text_fn or loader.default_text
+  log = log or (lambda s: None)
+  n_img, n_q = len(split.corpus), len(split.queries)
+  step = max(1, (n_img // batch_size) // 5) * batch_size
+
+  def prog(what, total):
+    def f(done):
+      if done % step < batch_size or done == total:
+        log(f"[eval] {split.name}: encoded {done}/{total} {what}")
+    return f
+
+  t0 = time.perf_counter()
+  corpus = retrieval.encode_batches(
+      encoder.encode_image,
+      loader.image_batches(split, split.corpus, transform, batch_size, num_threads),
+      mesh, batch_size, prog("corpus images", n_img))
+  t1 = time.perf_counter()
+  queries = retrieval.encode_batches(
+      encoder.compose,
+      loader.query_batches(split, transform, tokenize_fn, batch_size, text_fn, num_threads),
+      mesh, batch_size, prog("queries", n_q))
+  t2 = time.perf_counter()
+  timings = {"corpus_images_per_s": n_img / (t1 - t0), "queries_encoded_per_s": n_q / (t2 - t1)}
+  return retrieval.FeatureScorer(queries, corpus), timings
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def _indices(split: CIRSplit, names: Sequence[str], what: str) -> np.ndarray:
+  idx = split.corpus_index()
+  try:
+    return np.array([idx[n] for n in names], np.int64)
+  except KeyError as e:
+    raise DataError(f"{split.name}: {what} {e} is not in the corpus") from None
+
+
+def evaluate_split(split: CIRSplit, scorer: retrieval.Scorer, mesh=None, k: int = 50,
+                   log: Callable[[str], None] | None = None) -> EvalResult:
+  """Ranks and scores one split (see the module docstring for each dataset's protocol)."""
+  nq, nc = len(split.queries), len(split.corpus)
+  if (scorer.num_queries, scorer.num_corpus) != (nq, nc):
+    raise ValueError(f"scorer covers {scorer.num_queries} queries x {scorer.num_corpus} images, "
+                     f"split {split.name} has {nq} x {nc}")
+  ds = split.dataset
+  skipped = {f"skipped/{k_}": float(v) for k_, v in split.skipped.items()}
+  t0 = time.perf_counter()
+  if ds in ("genecis", "hpfashioniq"):
+    res = _evaluate_pairs(split, scorer)
+    res.metrics.update(skipped)
+    res.timings["rank_s"] = time.perf_counter() - t0
+    return res
+  exclude = None
+  if ds in ("cirr", "synthetic"):
+    exclude = _indices(split, [q.reference for q in split.queries], "reference")
+  k = min(max(k, 50), nc - (1 if exclude is not None else 0))
+  scores, ranking = retrieval.top_k(scorer, k, exclude, mesh)
+  t_rank = time.perf_counter() - t0
+  res = EvalResult(split, {}, ranking, scores, timings={"rank_s": t_rank,
+                                                         "queries_ranked_per_s": nq / t_rank})
+  if ds in ("cirr", "synthetic"):
+    members = [list(q.subset) for q in split.queries]
+    if members and all(members) and len({len(m) for m in members}) == 1:
+      res.subset_ranking = retrieval.rank_subsets(
+          scorer, np.arange(nq), np.stack([_indices(split, m, "img_set member") for m in members]))
+  if not split.has_targets:
+    res.metrics.update(skipped)
+    return res  # test split: rankings for the submission files only
+  targets = _indices(split, [q.target for q in split.queries], "target")
+  n_cand = nc - (1 if exclude is not None else 0)
+  if ds in ("cirr", "synthetic"):
+    res.metrics.update(metrics.cirr_metrics(ranking, targets, res.subset_ranking))
+    res.chance = metrics.chance_recall(n_cand, metrics.CIRR_KS)
+    if res.subset_ranking is not None:
+      s = res.subset_ranking.shape[1]
+      res.chance.update({f"Rsubset@{k_}": 100.0 * k_ / s for k_ in metrics.CIRR_SUBSET_KS})
+    if ds == "synthetic":
+      rel = [_indices(split, q.relevant, "relevant image") for q in split.queries]
+      res.metrics.update(metrics.map_at_k(ranking, rel, metrics.CIRCO_KS))
+      res.metrics["rel@5"] = metrics.relevant_share_at_k(ranking, rel, 5)
+      for k_ in metrics.CIRR_KS:
+        res.metrics[f"Rrel@{k_}"] = float(np.mean(
+            [np.isin(ranking[i, :k_], r).any() for i, r in enumerate(rel)]) * 100.0)
+      mean_rel = float(np.mean([len(r) for r in rel]))
+      res.chance["rel@5"] = 100.0 * mean_rel / n_cand
+  elif ds == "circo":
+    rel = [_indices(split, q.relevant, "ground truth") for q in split.queries]
+    res.metrics.update(metrics.map_at_k(ranking, rel, metrics.CIRCO_KS))
+    res.metrics.update(metrics.recall_at_k(ranking, targets, metrics.CIRCO_KS))
+    res.chance = metrics.chance_recall(n_cand, metrics.CIRCO_KS)
+  elif ds == "fashioniq":
+    res.metrics.update(metrics.recall_at_k(ranking, targets, metrics.FASHIONIQ_KS))
+    res.chance = metrics.chance_recall(n_cand, metrics.FASHIONIQ_KS)
+  else:
+    raise ValueError(f"no evaluation protocol for dataset {ds!r}")
+  res.metrics.update(skipped)
+  res.metrics["n_queries"] = float(nq)
+  res.metrics["n_corpus"] = float(nc)
+  return res
+
+
+def _evaluate_pairs(split: CIRSplit, scorer: retrieval.Scorer) -> EvalResult:
+  nq = len(split.queries)
+  qidx = np.arange(nq)
+  if split.dataset == "genecis":
+    tgt = _indices(split, [q.target for q in split.queries], "target")
+    ts = scorer.pairs(qidx, tgt[:, None])[:, 0]
+    gal = [scorer.pairs(np.array([i]), _indices(split, q.gallery, "gallery image")[None])[0]
+           for i, q in enumerate(split.queries)]
+    m = metrics.genecis_recall(ts, gal)
+    sizes = np.array([len(q.gallery) + 1 for q in split.queries])
+    chance = {f"R@{k}": float(np.mean(np.minimum(k, sizes) / sizes) * 100)
+              for k in metrics.GENECIS_KS}
+    return EvalResult(split, {**m, "n_queries": float(nq)}, chance=chance)
+  s1 = scorer.pairs(qidx, np.stack([_indices(split, q.extra["set1"], "set1 image")
+                                    for q in split.queries]))
+  s2 = scorer.pairs(qidx, np.stack([_indices(split, q.extra["set2"], "set2 image")
+                                    for q in split.queries]))
+  pref = np.array([q.extra["preferred"] for q in split.queries])
+  m = metrics.preference_rate(s1, s2, pref)
+  return EvalResult(split, {k: float(v) for k, v in m.items()}, chance={"preference_rate": 50.0})
+
+
+def evaluate_fashioniq(results: dict[str, EvalResult]) -> dict[str, float]:
+  """Combines per-category FashionIQ results (keys: dress, shirt, toptee)."""
+  per = {}
+  for cat, r in results.items():
+    targets = _indices(r.split, [q.target for q in r.split.queries], "target")
+    per[cat] = (r.ranking, targets)
+  return metrics.fashioniq_metrics(per)
+
+
+def format_table(result: EvalResult, title: str | None = None) -> str:
+  """A plain-text metrics table with the chance level beside each metric where known."""
+  lines = [title or f"{result.split.name}: {len(result.split.queries)} queries, "
+           f"{len(result.split.corpus)} corpus images"]
+  w = max([len(k) for k in result.metrics] + [6])
+  lines.append(f"  {'metric':<{w}}  {'value':>8}  {'chance':>8}")
+  for k, v in result.metrics.items():
+    if k in ("n_queries", "n_corpus"):
+      continue
+    c = result.chance.get(k)
+    cs = f"{c:8.2f}" if c is not None else f"{'':>8}"
+    vs = f"{v:8.2f}" if not k.startswith(("skipped/", "n_")) else f"{int(v):8d}"
+    lines.append(f"  {k:<{w}}  {vs}  {cs}")
+  return "\n".join(lines)

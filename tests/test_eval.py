@@ -1,0 +1,237 @@
+"""Evaluation: blocked on-device top-k against a brute-force ranking, sharded encoding, the
+dataset protocols (oracle = 100, random = chance), bad input, and submission files."""
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cirjax.data import synth
+from cirjax.data.records import CIRSplit, DataError, ImageRef, Query
+from cirjax.eval import evaluate, retrieval, submission
+
+TINY = synth.SynthConfig(seed=5, resolution=16, num_images=(60, 150, 80),
+                         num_queries=(20, 120, 30))
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  return retrieval.make_mesh()
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+  out = tmp_path_factory.mktemp("synth_eval")
+  synth.generate(out, TINY, progress=None)
+  return out
+
+
+def _brute(q, c, exclude, k):
+  """Reference ranking: full score matrix, stable sort of -score (ties by index)."""
+  s = np.einsum("qd,ntd->qnt", q.astype(np.float64), c.astype(np.float64)).max(-1)
+  for i, e in enumerate(exclude):
+    if e >= 0:
+      s[i, e] = -np.inf
+  order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+  return np.take_along_axis(s, order, 1), order
+
+
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_blocked_top_k_matches_brute_force(mesh, tokens):
+  rng = np.random.default_rng(0)
+  nq, nc, d, k = 37, 203, 16, 11  # nothing divides evenly: padding of queries and corpus
+  q = rng.standard_normal((nq, d)).astype(np.float32)
+  c = rng.standard_normal((nc, tokens, d)).astype(np.float32)
+  exclude = rng.integers(-1, nc, nq)
+  scorer = retrieval.FeatureScorer(q, c if tokens > 1 else c[:, 0])
+  s, i = retrieval.top_k(scorer, k, exclude, mesh, query_block=8, corpus_block=50)
+  bs, bi = _brute(q, c, exclude, k)
+  np.testing.assert_array_equal(i, bi)
+  np.testing.assert_allclose(s, bs, rtol=1e-5)
+  assert not (i == exclude[:, None]).any()
+
+
+def test_top_k_ties_by_corpus_index_and_host_scorer(mesh):
+  class Const(retrieval.Scorer):
+    num_queries, num_corpus = 5, 30
+
+    def block(self, q0, q1, c0, c1):
+      return np.zeros((q1 - q0, c1 - c0))
+
+  _, i = retrieval.top_k(Const(), 7, np.array([0, -1, 3, 29, 2]), mesh, corpus_block=8)
+  np.testing.assert_array_equal(i[1], np.arange(7))
+  np.testing.assert_array_equal(i[0], np.arange(1, 8))
+  np.testing.assert_array_equal(i[2], [0, 1, 2, 4, 5, 6, 7])
+  with pytest.raises(ValueError, match="only 29 candidates"):
+    retrieval.top_k(Const(), 30, np.zeros(5, int), mesh)
+
+
+def test_encode_batches_pads_and_shards(mesh):
+  w = jnp.asarray(np.random.default_rng(1).standard_normal((3, 4)), jnp.float32)
+  fn = lambda x, y: x @ w + y[:, None]
+  xs = np.random.default_rng(2).standard_normal((11, 3)).astype(np.float32)
+  ys = np.arange(11, dtype=np.float32)
+  batches = [(xs[i:i + 4], ys[i:i + 4]) for i in range(0, 11, 4)]
+  seen = []
+  out = retrieval.encode_batches(fn, iter(batches), mesh, 4, seen.append)
+  np.testing.assert_allclose(out, xs @ np.asarray(w) + ys[:, None], rtol=1e-6)
+  assert seen == [4, 8, 11]
+  with pytest.raises(ValueError, match="no batches"):
+    retrieval.encode_batches(fn, iter([]), mesh, 4)
+
+
+def test_non_finite_features_refused():
+  q = np.ones((2, 4), np.float32)
+  c = np.ones((3, 4), np.float32)
+  c[1, 2] = np.nan
+  with pytest.raises(ValueError, match="non-finite"):
+    retrieval.FeatureScorer(q, c)
+  with pytest.raises(ValueError, match="do not match"):
+    retrieval.FeatureScorer(q, np.ones((3, 5), np.float32))
+
+
+def test_synthetic_oracle_scores_100_random_near_chance(root, mesh):
+  s = synth.read_synthetic(root, "val")
+  o = evaluate.evaluate_split(s, evaluate.baseline_scorer("oracle", s), mesh)
+  for k in ("R@1", "R@5", "R@10", "R@50", "Rsubset@1", "avg", "mAP@5", "mAP@50", "Rrel@1"):
+    assert o.metrics[k] == pytest.approx(100.0), k
+  # The oracle fills the top 5 with every relevant image there is.
+  rel = np.array([min(5, len(q.relevant)) for q in s.queries])
+  assert o.metrics["rel@5"] == pytest.approx(rel.mean() / 5 * 100)
+  # The reference image is never retrieved.
+  idx = s.corpus_index()
+  refs = np.array([idx[q.reference] for q in s.queries])
+  assert not (o.ranking == refs[:, None]).any()
+  r = evaluate.evaluate_split(s, evaluate.baseline_scorer("random", s, seed=1), mesh)
+  nq = len(s.queries)
+  for k in ("R@10", "R@50", "Rsubset@1", "Rsubset@2"):
+    p = r.chance[k] / 100
+    assert abs(r.metrics[k] / 100 - p) < 4 * np.sqrt(p * (1 - p) / nq) + 1e-9, (k, r.metrics[k])
+  assert r.metrics["n_queries"] == nq and r.metrics["n_corpus"] == len(s.corpus)
+  table = evaluate.format_table(r)
+  assert "R@10" in table and "chance" in table
+
+
+def test_encode_split_with_an_encoder(root, mesh):
+  """A model-shaped encoder (encode_image / compose) through the loader and sharded encoding."""
+  from cirjax.data import images, text
+  s = synth.read_synthetic(root, "val")
+  tok = text.load_bert_tokenizer(root / "vocab.txt")
+  rng = np.random.default_rng(0)
+  pw = jnp.asarray(rng.standard_normal((3, 2, 8)), jnp.float32)
+  tw = jnp.asarray(rng.standard_normal((len(tok), 8)), jnp.float32)
+
+  class Enc:
+    @staticmethod
+    def encode_image(px):
+      f = jnp.einsum("bhwc,ctd->btd", px, pw)
+      return f / jnp.linalg.norm(f, axis=-1, keepdims=True)
+
+    @staticmethod
+    def compose(px, ids, mask):
+      f = Enc.encode_image(px).mean(1) + (tw[ids] * mask[..., None]).sum(1)
+      return f / jnp.linalg.norm(f, axis=-1, keepdims=True)
+
+  tf = images.make_transform("clip", 16)
+  from cirjax.data import loader
+  scorer, timings = evaluate.encode_split(Enc, s, tf, loader.bert_tokenize_fn(tok, 16),
+                                          batch_size=24, mesh=mesh, log=None)
+  assert scorer.corpus.shape == (len(s.corpus), 2, 8)
+  assert scorer.query.shape == (len(s.queries), 8)
+  assert timings["corpus_images_per_s"] > 0 and timings["queries_encoded_per_s"] > 0
+  # Same features as encoding each image alone, in corpus order.
+  one = np.asarray(Enc.encode_image(tf(images.load_image(s.images[s.corpus[7]]))[None]))
+  np.testing.assert_allclose(scorer.corpus[7], one[0], rtol=1e-5, atol=1e-6)
+  res = evaluate.evaluate_split(s, scorer, mesh)
+  assert set(res.metrics) >= {"R@1", "R@50", "Rsubset@1", "mAP@10", "rel@5"}
+
+
+def test_scorer_size_mismatch_is_an_error(root, mesh):
+  s = synth.read_synthetic(root, "val")
+  with pytest.raises(ValueError, match="scorer covers"):
+    evaluate.evaluate_split(s, retrieval.RandomScorer(3, len(s.corpus)), mesh)
+  with pytest.raises(ValueError, match="unknown baseline"):
+    evaluate.baseline_scorer("psychic", s)
+
+
+def _split(dataset, queries, corpus, split="val"):
+  return CIRSplit(dataset, split, queries, corpus, {n: ImageRef(Path(f"/x/{n}.png")) for n in corpus})
+
+
+def test_circo_and_fashioniq_protocols(mesh):
+  corpus = [str(i) for i in range(60)]
+  qs = [Query(str(i), corpus[i], "t", target=corpus[i + 1],
+              relevant=(corpus[i + 1], corpus[i + 2], corpus[i + 3])) for i in range(10)]
+  s = _split("circo", qs, corpus)
+  o = evaluate.evaluate_split(s, evaluate.baseline_scorer("oracle", s), mesh)
+  assert o.metrics["mAP@5"] == pytest.approx(100.0) and o.metrics["mAP@50"] == pytest.approx(100.0)
+  # CIRCO keeps the reference among the candidates (official code): ranking covers 50.
+  assert o.ranking.shape == (10, 50)
+  per = {}
+  for cat in ("dress", "shirt", "toptee"):
+    f = _split("fashioniq", [dataclass_replace(q, relevant=(q.target,)) for q in qs], corpus,
+               f"{cat}.val")
+    per[cat] = evaluate.evaluate_split(f, evaluate.baseline_scorer("oracle", f), mesh)
+    assert per[cat].metrics["R@10"] == 100.0
+  m = evaluate.evaluate_fashioniq(per)
+  assert m["avg"] == 100.0 and m["shirt/R@50"] == 100.0
+
+
+def dataclass_replace(q, **kw):
+  import dataclasses
+  return dataclasses.replace(q, **kw)
+
+
+def test_genecis_and_hpfashioniq_protocols(mesh):
+  corpus = [f"g{i}" for i in range(20)]
+  qs = [Query(str(i), corpus[i], "t", target=corpus[i + 1], gallery=tuple(corpus[i + 2:i + 6]))
+        for i in range(8)]
+  s = _split("genecis", qs, corpus)
+  o = evaluate.evaluate_split(s, evaluate.baseline_scorer("oracle", s), mesh)
+  assert o.metrics["R@1"] == 100.0
+  assert o.chance["R@1"] == pytest.approx(20.0)
+  hq = [Query(str(i), corpus[i], "t", target=corpus[i + 1],
+              extra={"set1": list(corpus[i + 1:i + 6]), "set2": list(corpus[i + 6:i + 11]),
+                     "preferred": 1 if i % 2 else 2}) for i in range(8)]
+  h = _split("hpfashioniq", hq, corpus)
+  # The oracle gives set1 (which holds the target) the higher mean score every time.
+  r = evaluate.evaluate_split(h, evaluate.baseline_scorer("oracle", h), mesh)
+  assert r.metrics["preference_rate"] == pytest.approx(50.0) and r.metrics["n_queries"] == 8
+
+
+def test_cirr_submission_layout(root, mesh, tmp_path):
+  s = synth.read_synthetic(root, "test1")
+  res = evaluate.evaluate_split(s, evaluate.baseline_scorer("random", s), mesh)
+  p1, p2 = submission.write_cirr_submission(res, tmp_path, "run")
+  a, b = json.loads(p1.read_text()), json.loads(p2.read_text())
+  assert a["version"] == "rc2" and a["metric"] == "recall"
+  assert b["version"] == "rc2" and b["metric"] == "recall_subset"
+  assert len(a) == len(s.queries) + 2 and len(b) == len(s.queries) + 2
+  for q in s.queries:
+    top = a[q.query_id]
+    assert len(top) == 50 and len(set(top)) == 50 and q.reference not in top
+    assert set(top) <= set(s.corpus)
+    sub = b[q.query_id]
+    assert len(sub) == 3 and set(sub) <= set(q.subset)
+  # The files list exactly the ranking.
+  q0 = s.queries[0]
+  assert a[q0.query_id] == [s.corpus[j] for j in res.ranking[0, :50]]
+
+
+def test_circo_submission_layout(mesh, tmp_path):
+  corpus = [str(100 + i) for i in range(70)]
+  qs = [Query(str(i), corpus[i], "t") for i in range(6)]
+  s = _split("circo", qs, corpus, "test")
+  res = evaluate.evaluate_split(s, evaluate.baseline_scorer("random", s), mesh)
+  assert res.metrics == {} or all(k.startswith("skipped/") for k in res.metrics)
+  p = submission.write_circo_submission(res, tmp_path / "circo.json")
+  sub = json.loads(p.read_text())
+  assert sorted(sub) == sorted(q.query_id for q in qs)
+  assert all(len(v) == 50 and all(isinstance(x, int) for x in v) for v in sub.values())
+  with pytest.raises(ValueError, match="CIRR submissions"):
+    submission.write_cirr_submission(res, tmp_path, "x")
+  with pytest.raises(DataError, match="oracle needs ground truth"):
+    evaluate.baseline_scorer("oracle", s)
