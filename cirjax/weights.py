@@ -369,3 +369,67 @@ class StateDictReader:
     """Raises KeyAccountingError unless every parameter was filled and every key used."""
     if self.missing or self.mismatched or self.unexpected:
       raise KeyAccountingError(self.source, self.missing, self.unexpected, self.mismatched)
+
+
+# ------------------------------------------------------------------------ conversion tables
+#
+# A conversion table is data: rows (target param path, source key, transform name). The
+# transforms below map a source (PyTorch) tensor to the target (Flax) layout; INVERSE maps back.
+
+TRANSFORMS = {
+    "id": lambda w: np.asarray(w),
+    "linear": lambda w: np.ascontiguousarray(np.asarray(w).T),  # [out, in] -> [in, out]
+    "conv": lambda w: np.ascontiguousarray(np.transpose(np.asarray(w), (2, 3, 1, 0))),
+}
+INVERSE = {
+    "id": lambda w: np.asarray(w),
+    "linear": lambda w: np.ascontiguousarray(np.asarray(w).T),
+    "conv": lambda w: np.ascontiguousarray(np.transpose(np.asarray(w), (3, 2, 0, 1))),
+}
+
+
+def source_shape(transform: str, target_shape: Sequence[int]) -> tuple:
+  """The source tensor shape a transform expects, given the target shape."""
+  s = tuple(target_shape)
+  if transform == "linear":
+    return tuple(reversed(s))
+  if transform == "conv":
+    return (s[3], s[2], s[0], s[1])
+  return s
+
+
+def flat_shapes(tree) -> dict[tuple, tuple]:
+  """{path tuple: shape} of a (possibly abstract) nested-dict pytree."""
+  import jax  # pylint: disable=g-import-not-at-top
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    out[tuple(getattr(k, "key", k) for k in path)] = tuple(leaf.shape)
+  return out
+
+
+def set_path(tree: dict, path: Sequence[str], value) -> None:
+  for k in path[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[path[-1]] = value
+
+
+def get_path(tree, path: Sequence[str]):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def fill_from_table(reader: StateDictReader, rows, prefix: str, shapes: Mapping[tuple, tuple],
+                    params: Optional[dict] = None) -> dict:
+  """Takes each row's source tensor (asserting its shape) and stores it transformed, as fp32."""
+  params = {} if params is None else params
+  for dst, src, tr in rows:
+    w = reader.take(prefix + src, source_shape(tr, shapes[dst]))
+    set_path(params, dst, np.asarray(TRANSFORMS[tr](w), np.float32))
+  return params
+
+
+def export_table(params, rows, prefix: str) -> dict[str, np.ndarray]:
+  """The inverse of `fill_from_table`: {source key: tensor (fp32)}."""
+  return {prefix + src: INVERSE[tr](np.asarray(get_path(params, dst), np.float32))
+          for dst, src, tr in rows}

@@ -1,0 +1,274 @@
+"""The BLIP-2 Q-Former (HF `Blip2QFormerModel` numerics) and its text embeddings.
+
+A BERT-base encoder with post-LN layers that runs learned query tokens, optionally followed
+by text tokens, through shared self-attention. On layers with
+`idx % cross_attention_frequency == 0`, the first `query_length` positions (the queries)
+also cross-attend to the image features. Query positions and text positions have separate
+feed-forward blocks (`intermediate_query`/`output_query` vs `intermediate`/`output`).
+
+The input LayerNorm (HF `qformer.layernorm`, LAVIS `Qformer.bert.embeddings.LayerNorm`) is
+part of `QFormer`; `TextEmbeddings` is word + absolute position only, as in HF.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from cirjax.models.vit import LayerNorm, activation, attention
+
+# Added to the attention logits of padded keys. Finite (no -inf in anything gradients touch)
+# and large enough that exp() underflows to exactly 0 in fp32 and bf16, as HF's finfo.min does.
+MASK_VALUE = -1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class QFormerConfig:
+  """Shape and numerics of the Q-Former (defaults: BLIP-2's BERT-base Q-Former).
+
+  Attributes:
+    use_text_input: whether text FFNs (`intermediate`/`output`) exist; required for text
+      features and the composed query. HF's `use_qformer_text_input` (old spelling
+      `qformer_text_input`).
+    encoder_hidden_size: width of the image features cross-attended to (ViT width).
+  """
+  hidden_size: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  intermediate_size: int = 3072
+  cross_attention_frequency: int = 2
+  encoder_hidden_size: int = 1408
+  vocab_size: int = 30523
+  max_position_embeddings: int = 512
+  layer_norm_eps: float = 1e-12
+  hidden_act: str = "gelu"
+  use_text_input: bool = True
+  pad_token_id: int = 0
+
+  def __post_init__(self):
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"QFormerConfig.hidden_size {self.hidden_size} is not divisible by "
+                       f"num_heads {self.num_heads}")
+    if self.cross_attention_frequency < 1:
+      raise ValueError("QFormerConfig.cross_attention_frequency must be >= 1, got "
+                       f"{self.cross_attention_frequency}")
+
+  def has_cross_attention(self, layer: int) -> bool:
+    return layer % self.cross_attention_frequency == 0
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "QFormerConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f"unknown QFormerConfig field(s): {unknown}")
+    return cls(**dict(d))
+
+
+def _dense(features, name, dtype):
+  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32,
+                  kernel_init=nn.initializers.normal(0.02), name=name)
+
+
+def additive_mask(mask: Optional[jax.Array], dtype=jnp.float32) -> Optional[jax.Array]:
+  """[B, T] 1/0 key mask -> [B, 1, 1, T] additive mask (0 keep, MASK_VALUE drop)."""
+  if mask is None:
+    return None
+  return jnp.where(mask[:, None, None, :] > 0, 0.0, MASK_VALUE).astype(dtype)
+
+
+class QFormerAttention(nn.Module):
+  """(Cross-)attention + output dense + post-LN residual (BERT `attention` block)."""
+  config: QFormerConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, context=None, mask=None):
+    cfg = self.config
+    kv = x if context is None else context.astype(self.dtype)
+    q = _dense(cfg.hidden_size, "query", self.dtype)(x)
+    k = _dense(cfg.hidden_size, "key", self.dtype)(kv)
+    v = _dense(cfg.hidden_size, "value", self.dtype)(kv)
+    # The Q-Former is fp16-unstable: softmax always in fp32 (identical in fp32).
+    out = attention(q, k, v, num_heads=cfg.num_heads, mask=mask, softmax_fp32=True)
+    out = _dense(cfg.hidden_size, "dense", self.dtype)(out)
+    return LayerNorm(cfg.layer_norm_eps, self.dtype, name="LayerNorm")(out + x)
+
+
+class FeedForward(nn.Module):
+  """BERT intermediate + output: LN(x + W2 act(W1 x))."""
+  config: QFormerConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    h = _dense(cfg.intermediate_size, "intermediate", self.dtype)(x)
+    h = activation(cfg.hidden_act, h)
+    h = _dense(cfg.hidden_size, "output", self.dtype)(h)
+    return LayerNorm(cfg.layer_norm_eps, self.dtype, name="LayerNorm")(h + x)
+
+
+class QFormerLayer(nn.Module):
+  config: QFormerConfig
+  layer_idx: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask, encoder_hidden_states, query_length: int):
+    cfg = self.config
+    x = QFormerAttention(cfg, self.dtype, name="attention")(x, mask=mask)
+    cross = (QFormerAttention(cfg, self.dtype, name="crossattention")
+             if cfg.has_cross_attention(self.layer_idx) else None)
+    ffn_query = FeedForward(cfg, self.dtype, name="ffn_query")
+    ffn_text = FeedForward(cfg, self.dtype, name="ffn") if cfg.use_text_input else None
+    if self.is_initializing():
+      # Create every parameter the checkpoint has, whichever path init takes.
+      if cross is not None and encoder_hidden_states is not None:
+        cross(x[:, :1], context=encoder_hidden_states)
+      ffn_query(x[:, :1])
+      if ffn_text is not None:
+        ffn_text(x[:, :1])
+    no_text = ("this Q-Former has no text feed-forward blocks (use_qformer_text_input=False): "
+               "it cannot run text tokens")
+    if query_length == 0:
+      if ffn_text is None:
+        raise ValueError(no_text)
+      return ffn_text(x)
+    q = x[:, :query_length]
+    if cross is not None:
+      if encoder_hidden_states is None:
+        raise ValueError(f"Q-Former layer {self.layer_idx} cross-attends: image features "
+                         "(encoder_hidden_states) are required when queries are present")
+      q = cross(q, context=encoder_hidden_states)
+    out = ffn_query(q)
+    if x.shape[1] > query_length:
+      if ffn_text is None:
+        raise ValueError(no_text)
+      out = jnp.concatenate([out, ffn_text(x[:, query_length:])], axis=1)
+    return out
+
+
+class QFormer(nn.Module):
+  """HF `Blip2QFormerModel`: input LayerNorm, then the layers.
+
+  `__call__(embeds, attention_mask, encoder_hidden_states, query_length)`:
+    embeds: `[B, T, D]` (query tokens, optionally followed by text embeddings).
+    attention_mask: `[B, T]` 1 = attend, 0 = padding; None = all ones.
+    encoder_hidden_states: `[B, S, E]` image features (needed when query_length > 0).
+    query_length: how many leading positions are queries (0 = text only). Static.
+  Returns the last hidden state `[B, T, D]`.
+  """
+  config: QFormerConfig
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, embeds, attention_mask=None, encoder_hidden_states=None,
+               query_length: int = 0):
+    cfg = self.config
+    x = LayerNorm(cfg.layer_norm_eps, self.dtype, name="layernorm")(embeds)
+    mask = additive_mask(attention_mask)
+    layer_cls = nn.remat(QFormerLayer, static_argnums=(4,)) if self.remat else QFormerLayer
+    for i in range(cfg.num_layers):
+      x = layer_cls(cfg, i, self.dtype, name=f"layer_{i}")(x, mask, encoder_hidden_states,
+                                                            query_length)
+    return x
+
+
+class TextEmbeddings(nn.Module):
+  """Word + absolute position embeddings (no LayerNorm: that is `QFormer.layernorm`)."""
+  config: QFormerConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, input_ids):
+    cfg = self.config
+    words = self.param("word_embeddings", nn.initializers.normal(0.02),
+                       (cfg.vocab_size, cfg.hidden_size), jnp.float32)
+    pos = self.param("position_embeddings", nn.initializers.normal(0.02),
+                     (cfg.max_position_embeddings, cfg.hidden_size), jnp.float32)
+    t = input_ids.shape[1]
+    return (jnp.take(words, input_ids, axis=0) + pos[None, :t]).astype(self.dtype)
+
+
+def check_text(input_ids, mask, config: QFormerConfig) -> None:
+  """Shape checks always; value checks when the ids are concrete (outside jit).
+
+  Raises ValueError naming the offending value.
+  """
+  shape = tuple(getattr(input_ids, "shape", ()))
+  if len(shape) != 2:
+    raise ValueError(f"input_ids must be [batch, length], got shape {shape}")
+  if shape[1] < 1:
+    raise ValueError("input_ids must hold at least one token (the CLS position)")
+  if shape[1] > config.max_position_embeddings:
+    raise ValueError(f"text length {shape[1]} exceeds the position table "
+                     f"(max_position_embeddings={config.max_position_embeddings})")
+  dtype = getattr(input_ids, "dtype", None)
+  if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+    raise ValueError(f"input_ids must be integers, got dtype {dtype}")
+  if mask is not None and tuple(getattr(mask, "shape", ())) != shape:
+    raise ValueError(f"attention mask shape {tuple(getattr(mask, 'shape', ()))} does not "
+                     f"match input_ids shape {shape}")
+  if not isinstance(input_ids, jax.core.Tracer):
+    ids = np.asarray(input_ids)
+    if ids.size and (ids.max() >= config.vocab_size or ids.min() < 0):
+      bad = int(ids.max()) if ids.max() >= config.vocab_size else int(ids.min())
+      raise ValueError(f"token id {bad} is outside the vocabulary [0, {config.vocab_size})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight tables. Rows are (cirjax path inside the QFormer params, source key, transform) with
+# transforms named as in `cirjax.models.vit` ('linear' = torch [out, in] -> flax [in, out]).
+# HF (`Blip2QFormerModel`, prefix 'qformer.') and LAVIS (`Qformer.bert.`) differ only in the
+# attention sub-module name ('attention' vs 'self') and where the input LayerNorm lives.
+
+def _ln(dst, src):
+  return [(dst + ("scale",), src + ".weight", "id"), (dst + ("bias",), src + ".bias", "id")]
+
+
+def _lin(dst, src):
+  return [(dst + ("kernel",), src + ".weight", "linear"), (dst + ("bias",), src + ".bias", "id")]
+
+
+def qformer_table(config: QFormerConfig, *, style: str = "hf") -> list[tuple[tuple, str, str]]:
+  """Rows for the Q-Former encoder. style 'hf': keys relative to HF's `qformer.`; 'lavis':
+  relative to LAVIS's `Qformer.bert.`."""
+  if style not in ("hf", "lavis"):
+    raise ValueError(f"unknown Q-Former key style {style!r}")
+  att = "attention" if style == "hf" else "self"
+  rows = _ln(("layernorm",), "layernorm" if style == "hf" else "embeddings.LayerNorm")
+  for i in range(config.num_layers):
+    dst, src = (f"layer_{i}",), f"encoder.layer.{i}"
+    blocks = ["attention"] + (["crossattention"] if config.has_cross_attention(i) else [])
+    for blk in blocks:
+      for n in ("query", "key", "value"):
+        rows += _lin(dst + (blk, n), f"{src}.{blk}.{att}.{n}")
+      rows += _lin(dst + (blk, "dense"), f"{src}.{blk}.output.dense")
+      rows += _ln(dst + (blk, "LayerNorm"), f"{src}.{blk}.output.LayerNorm")
+    ffns = [("ffn_query", "_query")] + ([("ffn", "")] if config.use_text_input else [])
+    for name, suffix in ffns:
+      rows += _lin(dst + (name, "intermediate"), f"{src}.intermediate{suffix}.dense")
+      rows += _lin(dst + (name, "output"), f"{src}.output{suffix}.dense")
+      rows += _ln(dst + (name, "LayerNorm"), f"{src}.output{suffix}.LayerNorm")
+  return rows
+
+
+def abstract_qformer_params(config: QFormerConfig) -> dict:
+  """Shapes of the QFormer param tree (with every cross-attention and FFN block)."""
+  def init(rng):
+    # One query position only: init still creates the text FFNs (see QFormerLayer), and a
+    # Q-Former without them must not be asked to run a text position.
+    x = jnp.zeros((1, 1, config.hidden_size), jnp.float32)
+    enc = jnp.zeros((1, 1, config.encoder_hidden_size), jnp.float32)
+    return QFormer(config).init(rng, x, None, enc, 1)["params"]
+  return jax.eval_shape(init, jax.random.PRNGKey(0))
