@@ -235,3 +235,40 @@ def test_circo_submission_layout(mesh, tmp_path):
     submission.write_cirr_submission(res, tmp_path, "x")
   with pytest.raises(DataError, match="oracle needs ground truth"):
     evaluate.baseline_scorer("oracle", s)
+
+
+def test_cli_eval_baselines_and_submission(root, tmp_path, capsys):
+  from cirjax import cli
+  out = tmp_path / "m.json"
+  assert cli.main(["eval", "--dataset", "synthetic", "--root", str(root), "--baseline", "oracle",
+                   "--out", str(out)]) == 0
+  printed = capsys.readouterr().out
+  assert "R@10" in printed and "chance" in printed
+  rep = json.loads(out.read_text())
+  m = rep["splits"]["synthetic/val"]["metrics"]
+  assert m["R@1"] == 100.0 and m["mAP@10"] == pytest.approx(100.0)
+  assert cli.main(["eval", "--dataset", "synthetic", "--root", str(root), "--split", "test1",
+                   "--baseline", "random", "--submission-dir", str(tmp_path / "sub"),
+                   "--name", "t"]) == 0
+  assert (tmp_path / "sub" / "recall_submission_t_test1.json").is_file()
+  assert (tmp_path / "sub" / "recall_subset_submission_t_test1.json").is_file()
+  # Bad input is a one-line error naming what is wrong, not a traceback.
+  assert cli.main(["eval", "--dataset", "cirr", "--root", str(tmp_path / "nope"),
+                   "--baseline", "random"]) == 1
+  assert "nope" in capsys.readouterr().err
+
+
+def test_checkpoint_resolution(tmp_path):
+  from cirjax.eval import encoders
+  wd = tmp_path / "workdir"
+  (wd / "checkpoints").mkdir(parents=True)
+  with pytest.raises(FileNotFoundError, match="export the trained model"):
+    encoders.resolve_model_dir(wd)
+  (wd / "export").mkdir()
+  (wd / "export" / "cirjax_config.json").write_text(json.dumps({"model_type": "llava",
+                                                                "config": {}}))
+  assert encoders.resolve_model_dir(wd) == wd / "export"
+  with pytest.raises(ValueError, match="'llava' checkpoint"):
+    encoders.load_encoder(wd)
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    encoders.resolve_model_dir(tmp_path / "missing")

@@ -144,6 +144,7 @@ def evaluate_split(split: CIRSplit, scorer: retrieval.Scorer, mesh=None, k: int 
     if res.subset_ranking is not None:
       s = res.subset_ranking.shape[1]
       res.chance.update({f"Rsubset@{k_}": 100.0 * k_ / s for k_ in metrics.CIRR_SUBSET_KS})
+      res.chance["avg"] = (res.chance["R@5"] + res.chance["Rsubset@1"]) / 2.0
     if ds == "synthetic":
       rel = [_indices(split, q.relevant, "relevant image") for q in split.queries]
       res.metrics.update(metrics.map_at_k(ranking, rel, metrics.CIRCO_KS))
@@ -153,6 +154,11 @@ def evaluate_split(split: CIRSplit, scorer: retrieval.Scorer, mesh=None, k: int 
             [np.isin(ranking[i, :k_], r).any() for i, r in enumerate(rel)]) * 100.0)
       mean_rel = float(np.mean([len(r) for r in rel]))
       res.chance["rel@5"] = 100.0 * mean_rel / n_cand
+      sizes = np.array([len(r) for r in rel])
+      for k_ in metrics.CIRR_KS:  # P(a random top-K misses all r relevant) = prod (n-r-j)/(n-j)
+        j = np.arange(k_)[None, :]
+        miss = np.clip((n_cand - sizes[:, None] - j) / (n_cand - j), 0.0, 1.0).prod(axis=1)
+        res.chance[f"Rrel@{k_}"] = float((1.0 - miss).mean() * 100.0)
   elif ds == "circo":
     rel = [_indices(split, q.relevant, "ground truth") for q in split.queries]
     res.metrics.update(metrics.map_at_k(ranking, rel, metrics.CIRCO_KS))
