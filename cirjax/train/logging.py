@@ -1,0 +1,179 @@
+"""Training observability: progress bar, JSON lines, TensorBoard events, end-of-run plots.
+
+Only process 0 writes files and draws the bar; every process may call these methods.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+
+class NonFiniteLossError(RuntimeError):
+  """Raised when a step produced a NaN or infinite loss."""
+
+  def __init__(self, step: int, value: float, epoch: int | None = None):
+    where = f"step {step}" + (f" (epoch {epoch})" if epoch is not None else "")
+    super().__init__(f"non-finite loss {value} at {where}: stopping. The last good checkpoint "
+                     "is kept in the workdir; lower config.train.lr or check the data.")
+    self.step = step
+    self.value = value
+
+
+def check_finite(step: int, loss: float, epoch: int | None = None) -> None:
+  if not math.isfinite(loss):
+    raise NonFiniteLossError(step, loss, epoch)
+
+
+class MetricLogger:
+  """Writes `metrics.jsonl` and TensorBoard events under `workdir` (process 0 only)."""
+
+  def __init__(self, workdir: str, *, tensorboard: bool = True):
+    self.workdir = workdir
+    self.active = jax.process_index() == 0
+    self.history: list[dict] = []
+    self._tb = None
+    if not self.active:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    # Resume: keep the records already written so plots cover the whole run.
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        for line in f:
+          line = line.strip()
+          if line:
+            try:
+              self.history.append(json.loads(line))
+            except json.JSONDecodeError:
+              pass  # a line cut by a kill
+    if tensorboard:
+      try:
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+      except ImportError:
+        print("[cirjax] tensorboardX not installed: no TensorBoard events", file=sys.stderr)
+
+  def truncate_after(self, step: int) -> None:
+    """Drops records beyond `step` (after resuming from an earlier checkpoint)."""
+    if not self.active:
+      return
+    self.history = [r for r in self.history if r.get("step", 0) <= step]
+    with open(self.path, "w") as f:
+      for r in self.history:
+        f.write(json.dumps(r) + "\n")
+
+  def write(self, step: int, metrics: dict[str, Any], kind: str = "train") -> None:
+    rec = {"step": int(step), "kind": kind, "time": time.time()}
+    for k, v in metrics.items():
+      if isinstance(v, (np.ndarray, jax.Array)):
+        v = np.asarray(v).item() if np.asarray(v).size == 1 else np.asarray(v).tolist()
+      rec[k] = v
+    self.history.append(rec)
+    if not self.active:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps(rec) + "\n")
+    if self._tb is not None:
+      for k, v in rec.items():
+        if k in ("step", "kind", "time") or not isinstance(v, (int, float)):
+          continue
+        self._tb.add_scalar(f"{kind}/{k}", v, step)
+
+  def flush(self) -> None:
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+  def plot(self, filename: str = "curves.png") -> str | None:
+    """PNG of the loss, evaluation recall/mAP and hard-negative set size curves."""
+    if not self.active or not self.history:
+      return None
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+    train = [r for r in self.history if r["kind"] == "train" and "loss" in r]
+    evals = [r for r in self.history if r["kind"] == "eval"]
+    mining = [r for r in self.history if r["kind"] == "mining"]
+    panels = [("loss", train, ["loss"])]
+    if evals:
+      keys = [k for k in evals[-1] if isinstance(evals[-1][k], (int, float))
+              and k not in ("step", "time", "epoch")][:8]
+      panels.append(("evaluation", evals, keys))
+    if mining:
+      keys = [k for k in ("set_size_mean", "set_size_median", "empty_fraction") if k in mining[-1]]
+      panels.append(("hard-negative sets", mining, keys))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, (title, recs, keys) in zip(axes[0], panels):
+      for k in keys:
+        xs = [r["step"] for r in recs if k in r]
+        ys = [r[k] for r in recs if k in r]
+        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, label=k)
+      ax.set_title(title)
+      ax.set_xlabel("step")
+      if len(keys) > 1:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = os.path.join(self.workdir, filename)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+class Progress:
+  """tqdm bar over the steps of the run with loss, samples/s and ETA."""
+
+  def __init__(self, total_steps: int, initial: int, batch_size: int, desc: str = "train"):
+    self.batch_size = batch_size
+    self.bar = None
+    self._t = None
+    self._n = 0
+    self._rate = None
+    if jax.process_index() == 0:
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      self.bar = tqdm(total=total_steps, initial=initial, desc=desc, unit="step",
+                      dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+
+  def update(self, loss: float, epoch: int, extra: dict | None = None) -> None:
+    now = time.perf_counter()
+    if self._t is not None:
+      dt = now - self._t
+      rate = self.batch_size / max(dt, 1e-9)
+      self._rate = rate if self._rate is None else 0.9 * self._rate + 0.1 * rate
+    self._t = now
+    if self.bar is not None:
+      post = {"epoch": epoch, "loss": f"{loss:.4f}"}
+      if self._rate is not None:
+        post["samples/s"] = f"{self._rate:.1f}"
+      if extra:
+        post.update(extra)
+      self.bar.set_postfix(post, refresh=False)
+      self.bar.update(1)
+
+  def pause(self) -> None:
+    """Forget the last timestamp (evaluation/mining in between is not step time)."""
+    self._t = None
+
+  @property
+  def samples_per_s(self) -> float | None:
+    return self._rate
+
+  def write(self, text: str) -> None:
+    if self.bar is not None:
+      self.bar.write(text, file=sys.stderr)
+    elif jax.process_index() == 0:
+      print(text, file=sys.stderr)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()

@@ -1,0 +1,87 @@
+"""What a training method supplies to the generic trainer, and the registry of methods."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from cirjax.train.config_utils import load_module
+
+# config.task -> "module:factory". A config may also name "path/to/file.py:factory".
+TASKS = {
+    "qure": "cirjax.train.qure:QuReTask",
+    "instructcir": "cirjax.train.instructcir:InstructCIRTask",
+}
+
+
+class Task:
+  """Base class: override what your method needs. All batch arrays have the global batch
+  as leading dimension in `batch_spec`; `batch` returns only this process's rows."""
+
+  name = "task"
+  global_batch: int = 0
+  steps_per_epoch: int = 0
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdir: str):
+    self.config = config
+    self.mesh = mesh
+    self.workdir = workdir
+
+  # --- model
+  def init_params(self, rng: jax.Array) -> Any:
+    raise NotImplementedError
+
+  def initial_params(self, abstract_params: Any) -> Any | None:
+    """Parameters to start from instead of `init_params` (pretrained, previous stage)."""
+    return None
+
+  def loss_fn(self, params: Any, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+    raise NotImplementedError
+
+  # --- data
+  def batch_spec(self) -> dict[str, jax.ShapeDtypeStruct]:
+    raise NotImplementedError
+
+  def begin_epoch(self, epoch: int, params: Any, first_step_in_epoch: int = 0) -> dict | None:
+    """Called before the first step run in `epoch` (also when resuming mid-epoch)."""
+    return None
+
+  def batch(self, epoch: int, index: int) -> dict[str, np.ndarray]:
+    raise NotImplementedError
+
+  # --- checkpointed host state (sampler, mining sets)
+  def host_state(self) -> tuple[dict, dict[str, np.ndarray]]:
+    return {}, {}
+
+  def load_host_state(self, host: dict, arrays: dict[str, np.ndarray]) -> None:
+    pass
+
+  # --- evaluation and the end of the run
+  def evaluate(self, params: Any) -> dict[str, float] | None:
+    return None
+
+  def chance_metrics(self) -> dict[str, float]:
+    return {}
+
+  def finish(self, params: Any) -> None:
+    """End of a completed run (e.g. export to HF format)."""
+
+
+def build_task(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdir: str) -> Task:
+  """Instantiates `config.task` (a registered name, `module:attr` or `file.py:attr`)."""
+  name = config.get("task")
+  if not name:
+    raise ValueError("config.task is not set (one of " + ", ".join(TASKS) + ")")
+  target = TASKS.get(name, name)
+  if ":" not in target:
+    raise ValueError(f"config.task={name!r}: unknown task; use one of {sorted(TASKS)} "
+                     "or 'module:Class' / 'file.py:Class'")
+  mod_name, attr = target.rsplit(":", 1)
+  module = load_module(mod_name) if mod_name.endswith(".py") else importlib.import_module(mod_name)
+  if not hasattr(module, attr):
+    raise ValueError(f"config.task={name!r}: {mod_name} has no {attr!r}")
+  return getattr(module, attr)(config, mesh, workdir)
