@@ -1,0 +1,115 @@
+"""`cirjax search`: top-k images for one (reference image, text) query, printed and as HTML."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HELP = "search a corpus with a reference image + text; print the top k and write an HTML page"
+DESCRIPTION = """\
+Composed image search with a BLIP-2 (QuRe) checkpoint.
+
+  cirjax search --checkpoint MODEL --corpus IMAGES_DIR --reference ref.png --text "make it red"
+  cirjax search --checkpoint MODEL --dataset synthetic --root DATA --split val --query-id 5040
+  cirjax search --checkpoint MODEL --dataset cirr --root CIRR --reference dev-1-0-img0 --text "..."
+
+With --dataset/--root the corpus is that split's evaluation corpus and --reference may be an
+image name of the split; --query-id takes reference, text and the known relevant images from
+the annotations, so the page frames relevant results in green. The reference is never
+returned as a result when it is part of the corpus. --features-cache FILE.npz keeps the corpus
+features between runs (re-encoded when the model, preprocessing or file list changes).
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--checkpoint", required=True, help="model directory or training workdir")
+  parser.add_argument("--corpus", default=None, help="directory of corpus images")
+  parser.add_argument("--dataset", default=None,
+                      choices=("synthetic", "cirr", "fashioniq", "circo"),
+                      help="use a dataset split as the corpus instead of --corpus")
+  parser.add_argument("--root", default=None, help="dataset root (with --dataset)")
+  parser.add_argument("--split", default=None, help="dataset split (default val)")
+  parser.add_argument("--query-id", default=None, help="a query of the split (with --dataset)")
+  parser.add_argument("--reference", default=None, help="reference image file (or split name)")
+  parser.add_argument("--text", default=None, help="modification text")
+  parser.add_argument("--relevant", default="",
+                      help="comma-separated corpus names known to be relevant (marked on the page)")
+  parser.add_argument("--k", type=int, default=10, help="results to show (default 10)")
+  parser.add_argument("--html", default="search.html", help="HTML page to write")
+  parser.add_argument("--features-cache", default=None, help=".npz file for corpus features")
+  parser.add_argument("--tokenizer", default=None, help="vocab.txt or tokenizer dir")
+  parser.add_argument("--transform", default="targetpad", choices=("targetpad", "squarepad", "clip"))
+  parser.add_argument("--image-size", type=int, default=None)
+  parser.add_argument("--max-length", type=int, default=32)
+  parser.add_argument("--batch-size", type=int, default=64)
+
+
+def run(args: argparse.Namespace) -> int:
+  from cirjax.data.records import DataError  # pylint: disable=g-import-not-at-top
+  try:
+    return _run(args)
+  except (DataError, FileNotFoundError, NotADirectoryError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+
+
+def _query(args, split):
+  """(reference path, text, relevant names, target name) from the arguments."""
+  from cirjax.data import loader  # pylint: disable=g-import-not-at-top
+  from cirjax.data.records import DataError  # pylint: disable=g-import-not-at-top
+  relevant = [r for r in args.relevant.split(",") if r]
+  if args.query_id is not None:
+    if split is None:
+      raise ValueError("--query-id needs --dataset and --root")
+    q = next((q for q in split.queries if q.query_id == str(args.query_id)), None)
+    if q is None:
+      raise DataError(f"{split.name}: no query with id {args.query_id!r} "
+                      f"(ids run like {split.queries[0].query_id!r})")
+    text = args.text or loader.default_text(q)
+    return split.images[q.reference].path, text, list(q.relevant) + relevant, q.target
+  if args.reference is None or args.text is None:
+    raise ValueError("give --reference and --text (or --query-id with --dataset)")
+  ref = Path(args.reference)
+  if not ref.is_file():
+    if split is not None and args.reference in split.images:
+      ref = split.images[args.reference].path
+    else:
+      raise FileNotFoundError(f"reference image not found: {args.reference}")
+  return ref, args.text, relevant, None
+
+
+def _run(args) -> int:
+  from cirjax import search as search_lib  # pylint: disable=g-import-not-at-top
+  from cirjax.data import images, loader, text  # pylint: disable=g-import-not-at-top
+  from cirjax.eval import encoders, retrieval  # pylint: disable=g-import-not-at-top
+  if (args.corpus is None) == (args.dataset is None):
+    raise ValueError("give exactly one of --corpus DIR or --dataset NAME --root DIR")
+  split = None
+  if args.dataset is not None:
+    if args.root is None:
+      raise ValueError("--dataset needs --root")
+    from cirjax.commands.data import read_split  # pylint: disable=g-import-not-at-top
+    split = read_split(args.dataset, args.root, args.split)
+    corpus = search_lib.corpus_from_split(split)
+  else:
+    corpus = search_lib.corpus_from_dir(args.corpus)
+  reference, query_text, relevant, target = _query(args, split)
+  encoder, model_dir = encoders.load_encoder(args.checkpoint)
+  tok_src = args.tokenizer or encoders.find_tokenizer_source(model_dir, args.root)
+  tokenize_fn = loader.bert_tokenize_fn(text.load_bert_tokenizer(tok_src), args.max_length)
+  transform = images.make_transform(args.transform,
+                                    args.image_size or encoders.model_image_size(encoder))
+  mesh = retrieval.make_mesh()
+  print(f"[search] {len(corpus.names)} corpus images, model {model_dir}", flush=True)
+  feats = search_lib.encode_corpus(encoder, corpus, transform, args.batch_size, mesh,
+                                   args.features_cache, str(Path(model_dir).resolve()))
+  hits = search_lib.search(encoder, corpus, feats, reference, query_text, transform,
+                           tokenize_fn, args.k, relevant=relevant, target=target, mesh=mesh)
+  print(f"query: {reference} + \"{query_text}\"")
+  print(search_lib.format_hits(hits))
+  known = len(set(relevant) | ({target} if target else set())) if (relevant or target) else None
+  page = search_lib.write_html(args.html, reference, query_text, hits,
+                               title=f"cirjax search: {Path(model_dir).name}", num_relevant=known)
+  print(f"[search] wrote {page}")
+  return 0
