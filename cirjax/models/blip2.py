@@ -1,0 +1,442 @@
+"""BLIP-2 for composed image retrieval (QuRe): the vision tower, the Q-Former and the heads.
+
+The numerics are those of HF `Blip2ForImageTextRetrieval` (EVA tower) and of LAVIS
+`Blip2Qformer` / `blip2_qure` (EVA or CLIP-L tower); see SPEC.md §3 and QURE_REFERENCE.md.
+
+Pure functions of `(params, cfg, inputs)` (all `jax.jit`-able with `cfg` static):
+
+    vision_features(params, cfg, pixels)              -> [B, S, E] raw ViT output (frozen part)
+    encode_target_from_features(params, cfg, feats)   -> [B, Q, D] target features
+    encode_image(params, cfg, pixels)                 -> [B, Q, D] target features
+    encode_text(params, cfg, ids, mask)               -> [B, D]    ITC text feature (CLS)
+    compose_from_features(params, cfg, feats, ids, mask) -> [B, D] composed query
+    compose(params, cfg, pixels, ids, mask)           -> [B, D]    composed query
+    joint_hidden_states(params, cfg, feats, ids, mask) -> [B, Q+L, H] the joint Q-Former pass
+    score(query, targets)                             -> [Bq, Bt]  max over the Q tokens
+    logits(params, query, targets)                    -> score / temp (QuRe's training logits)
+    init_blip2(rng, cfg)                              -> random params of the full tree
+
+All outputs of the encoders are L2-normalised. `vision_features` stops *before* the final
+vision LayerNorm (`ln_vision`, HF's `post_layernorm`), which QuRe trains: a trainer caches
+the frozen ViT output once and runs `*_from_features` in its step.
+
+`Blip2Model` (returned by `load_blip2`) wraps these with jitted methods and input checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from cirjax.models import qformer as qf
+from cirjax.models import vit as vit_lib
+from cirjax.models.vit import LayerNorm
+
+# L2 normalisation floor, as torch.nn.functional.normalize (eps=1e-12 on the norm).
+_NORM_EPS = 1e-12
+
+
+@dataclasses.dataclass(frozen=True)
+class Blip2Config:
+  """A BLIP-2 retrieval model.
+
+  Attributes:
+    vision: the ViT (its own `post_layernorm` must be off: the final full-sequence LayerNorm
+      is `ln_vision` here, so that frozen ViT features can be cached before it).
+    qformer: the Q-Former; `encoder_hidden_size` must equal the ViT width.
+    num_query_tokens: learned query tokens (32).
+    embed_dim: width of the projected features (HF `image_text_hidden_size`, 256).
+    ln_vision_eps: eps of `ln_vision` (HF: the vision `layer_norm_eps`, 1e-6; LAVIS: 1e-5).
+    temperature_init: initial value of the learned temperature `temp` (0.07).
+    itm_head: whether the image-text matching head exists (kept for round trips).
+  """
+  vision: vit_lib.ViTConfig = dataclasses.field(
+      default_factory=lambda: vit_lib.ViTConfig(post_layernorm=False))
+  qformer: qf.QFormerConfig = dataclasses.field(default_factory=qf.QFormerConfig)
+  num_query_tokens: int = 32
+  embed_dim: int = 256
+  ln_vision_eps: float = 1e-6
+  temperature_init: float = 0.07
+  itm_head: bool = True
+
+  def __post_init__(self):
+    if self.vision.post_layernorm:
+      raise ValueError("Blip2Config.vision.post_layernorm must be False: BLIP-2's final vision "
+                       "LayerNorm is Blip2Config's ln_vision")
+    if self.qformer.encoder_hidden_size != self.vision.hidden_size:
+      raise ValueError(f"Q-Former encoder_hidden_size {self.qformer.encoder_hidden_size} != "
+                       f"vision hidden_size {self.vision.hidden_size}")
+    if self.num_query_tokens < 1:
+      raise ValueError(f"num_query_tokens must be >= 1, got {self.num_query_tokens}")
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["vision"] = self.vision.to_dict()
+    d["qformer"] = self.qformer.to_dict()
+    return d
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "Blip2Config":
+    d = dict(d)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f"unknown Blip2Config field(s): {unknown}")
+    if "vision" in d and not isinstance(d["vision"], vit_lib.ViTConfig):
+      d["vision"] = vit_lib.ViTConfig.from_dict(d["vision"])
+    if "qformer" in d and not isinstance(d["qformer"], qf.QFormerConfig):
+      d["qformer"] = qf.QFormerConfig.from_dict(d["qformer"])
+    return cls(**d)
+
+  def replace(self, **kw) -> "Blip2Config":
+    return dataclasses.replace(self, **kw)
+
+
+def tiny_config(*, vision_variant: str = "eva", cross_attention_frequency: int = 2,
+                num_layers: int = 2) -> Blip2Config:
+  """A few-kilobyte BLIP-2 with every component (tests, smoke runs, synthetic training)."""
+  clip = vision_variant == "clip"
+  vision = vit_lib.ViTConfig(
+      image_size=28, patch_size=14, hidden_size=32, intermediate_size=64, num_layers=num_layers,
+      num_heads=4, layer_norm_eps=1e-5 if clip else 1e-6,
+      hidden_act="quick_gelu" if clip else "gelu", variant=vision_variant, post_layernorm=False)
+  qformer = qf.QFormerConfig(
+      hidden_size=32, num_layers=num_layers, num_heads=4, intermediate_size=64,
+      cross_attention_frequency=cross_attention_frequency, encoder_hidden_size=32,
+      vocab_size=100, max_position_embeddings=40)
+  return Blip2Config(vision=vision, qformer=qformer, num_query_tokens=8, embed_dim=16,
+                     ln_vision_eps=1e-5 if clip else 1e-6)
+
+
+def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
+  """x / max(||x||, 1e-12), in fp32 (torch.nn.functional.normalize)."""
+  x = x.astype(jnp.float32)
+  n = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
+  return x / jnp.maximum(n, _NORM_EPS)
+
+
+def _proj(features, name):
+  return nn.Dense(features, dtype=jnp.float32, param_dtype=jnp.float32,
+                  kernel_init=nn.initializers.normal(0.02), name=name)
+
+
+class Blip2(nn.Module):
+  """The BLIP-2 retrieval model as one linen module; call its methods via `apply(method=)`.
+
+  Attributes:
+    config: the Blip2Config.
+    vision_dtype: compute dtype of the ViT (QuRe runs it frozen in fp16; parity needs fp32).
+    dtype: compute dtype of the Q-Former (softmax and norms stay fp32 either way).
+    remat: rematerialise ViT and Q-Former layers in the backward pass.
+  """
+  config: Blip2Config
+  vision_dtype: Any = jnp.float32
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  def setup(self):
+    cfg = self.config
+    self.vision = vit_lib.VisionTransformer(cfg.vision, self.vision_dtype, self.remat)
+    self.ln_vision = LayerNorm(cfg.ln_vision_eps, jnp.float32)
+    self.query_tokens = self.param(
+        "query_tokens", nn.initializers.normal(0.02),
+        (1, cfg.num_query_tokens, cfg.qformer.hidden_size), jnp.float32)
+    self.embeddings = qf.TextEmbeddings(cfg.qformer, self.dtype)
+    self.qformer = qf.QFormer(cfg.qformer, self.dtype, self.remat)
+    self.vision_projection = _proj(cfg.embed_dim, "vision_projection")
+    self.text_projection = _proj(cfg.embed_dim, "text_projection")
+    if cfg.itm_head:
+      self.itm_head = _proj(2, "itm_head")
+    self.temp = self.param("temp", lambda _: jnp.asarray(cfg.temperature_init, jnp.float32))
+
+  # -- pieces ------------------------------------------------------------------------------
+
+  def vision_features(self, pixels):
+    """[B, S, E]: the ViT output before `ln_vision` (fp32)."""
+    return self.vision(pixels).last_hidden_state.astype(jnp.float32)
+
+  def _image_context(self, feats):
+    return self.ln_vision(feats.astype(jnp.float32)).astype(self.dtype)
+
+  def _queries(self, batch):
+    return jnp.broadcast_to(self.query_tokens, (batch,) + self.query_tokens.shape[1:])
+
+  def query_hidden_states(self, feats):
+    """[B, Q, H]: Q-Former over the query tokens alone, cross-attending to the image."""
+    ctx = self._image_context(feats)
+    q = self._queries(feats.shape[0]).astype(self.dtype)
+    return self.qformer(q, None, ctx, self.config.num_query_tokens)
+
+  def text_hidden_states(self, input_ids, attention_mask):
+    """[B, L, H]: Q-Former over the text alone (no image, text FFNs)."""
+    return self.qformer(self.embeddings(input_ids), attention_mask, None, 0)
+
+  def joint_hidden_states(self, feats, input_ids, attention_mask):
+    """[B, Q+L, H]: queries and text jointly, queries cross-attending (HF's ITM pass)."""
+    b = feats.shape[0]
+    nq = self.config.num_query_tokens
+    ctx = self._image_context(feats)
+    embeds = jnp.concatenate([self._queries(b).astype(self.dtype),
+                              self.embeddings(input_ids)], axis=1)
+    if attention_mask is None:
+      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    mask = jnp.concatenate([jnp.ones((b, nq), attention_mask.dtype), attention_mask], axis=1)
+    return self.qformer(embeds, mask, ctx, nq)
+
+  # -- heads -------------------------------------------------------------------------------
+
+  def target_from_features(self, feats):
+    h = self.query_hidden_states(feats).astype(jnp.float32)
+    return l2_normalize(self.vision_projection(h))
+
+  def text_feature(self, input_ids, attention_mask):
+    h = self.text_hidden_states(input_ids, attention_mask).astype(jnp.float32)
+    return l2_normalize(self.text_projection(h[:, 0]))
+
+  def compose_from_features(self, feats, input_ids, attention_mask):
+    h = self.joint_hidden_states(feats, input_ids, attention_mask).astype(jnp.float32)
+    q = self.text_projection(h[:, :self.config.num_query_tokens])
+    return l2_normalize(q.mean(axis=1))
+
+  def itm_logits(self, feats, input_ids, attention_mask):
+    """[B, 2]: HF's ITM logits (itm_head on the query positions, averaged)."""
+    h = self.joint_hidden_states(feats, input_ids, attention_mask).astype(jnp.float32)
+    return self.itm_head(h[:, :self.config.num_query_tokens]).mean(axis=1)
+
+  def __call__(self, pixels, input_ids, attention_mask):
+    """Touches every parameter (used by init): (target feats, text feat, composed query)."""
+    feats = self.vision_features(pixels)
+    out = (self.target_from_features(feats), self.text_feature(input_ids, attention_mask),
+           self.compose_from_features(feats, input_ids, attention_mask))
+    if self.config.itm_head:
+      out = out + (self.itm_logits(feats, input_ids, attention_mask),)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions. `cfg` is hashable (frozen dataclasses) so it can be a static jit argument.
+
+def _module(cfg: Blip2Config, vision_dtype=jnp.float32, dtype=jnp.float32,
+            remat: bool = False) -> Blip2:
+  return Blip2(cfg, vision_dtype, dtype, remat)
+
+
+def _dummy_inputs(cfg: Blip2Config):
+  v = cfg.vision
+  pixels = jnp.zeros((1, v.image_size, v.image_size, v.num_channels), jnp.float32)
+  ids = jnp.zeros((1, 2), jnp.int32)
+  return pixels, ids, jnp.ones((1, 2), jnp.int32)
+
+
+def init_blip2(rng: jax.Array, cfg: Blip2Config) -> dict:
+  """Randomly initialised params of the full model (every tensor a checkpoint has).
+
+  Initialisers are BERT/ViT-like (normal 0.02, LayerNorms 1/0, temp = temperature_init);
+  good for training from scratch on synthetic data, not a pretrained model.
+  """
+  return jax.jit(lambda r: _module(cfg).init(r, *_dummy_inputs(cfg))["params"])(rng)
+
+
+def abstract_params(cfg: Blip2Config) -> dict:
+  """Shapes and dtypes of the param tree, without allocating it."""
+  return jax.eval_shape(lambda r: _module(cfg).init(r, *_dummy_inputs(cfg))["params"],
+                        jax.random.PRNGKey(0))
+
+
+def _apply(params, cfg, method, *args, vision_dtype=jnp.float32, dtype=jnp.float32,
+           remat=False):
+  return _module(cfg, vision_dtype, dtype, remat).apply({"params": params}, *args,
+                                                        method=method)
+
+
+def vision_features(params: Mapping, cfg: Blip2Config, pixels: jax.Array, **kw) -> jax.Array:
+  """[B, S, E] fp32 ViT output before `ln_vision` (what a trainer caches for a frozen ViT)."""
+  return _apply(params, cfg, Blip2.vision_features, pixels, **kw)
+
+
+def encode_target_from_features(params: Mapping, cfg: Blip2Config, feats: jax.Array,
+                                **kw) -> jax.Array:
+  """[B, Q, D] L2-normalised target features from cached `vision_features`."""
+  return _apply(params, cfg, Blip2.target_from_features, feats, **kw)
+
+
+def encode_image(params: Mapping, cfg: Blip2Config, pixels: jax.Array, **kw) -> jax.Array:
+  """[B, Q, D] L2-normalised target features: vision_projection of the query outputs."""
+  return encode_target_from_features(params, cfg, vision_features(params, cfg, pixels, **kw),
+                                     **kw)
+
+
+def encode_text(params: Mapping, cfg: Blip2Config, input_ids: jax.Array,
+                attention_mask: Optional[jax.Array] = None, **kw) -> jax.Array:
+  """[B, D] L2-normalised ITC text feature: text_projection of the CLS output."""
+  return _apply(params, cfg, Blip2.text_feature, input_ids, attention_mask, **kw)
+
+
+def compose_from_features(params: Mapping, cfg: Blip2Config, feats: jax.Array,
+                          input_ids: jax.Array, attention_mask: Optional[jax.Array] = None,
+                          **kw) -> jax.Array:
+  """[B, D] QuRe composed query from cached reference-image `vision_features`."""
+  return _apply(params, cfg, Blip2.compose_from_features, feats, input_ids, attention_mask,
+                **kw)
+
+
+def compose(params: Mapping, cfg: Blip2Config, pixels: jax.Array, input_ids: jax.Array,
+            attention_mask: Optional[jax.Array] = None, **kw) -> jax.Array:
+  """[B, D] QuRe composed query: text_projection of the joint pass's query outputs, mean,
+  L2-normalised."""
+  return compose_from_features(params, cfg, vision_features(params, cfg, pixels, **kw),
+                               input_ids, attention_mask, **kw)
+
+
+def joint_hidden_states(params: Mapping, cfg: Blip2Config, feats: jax.Array,
+                        input_ids: jax.Array, attention_mask: Optional[jax.Array] = None,
+                        **kw) -> jax.Array:
+  """[B, Q+L, H] last hidden state of the joint query+text Q-Former pass (all positions)."""
+  return _apply(params, cfg, Blip2.joint_hidden_states, feats, input_ids, attention_mask, **kw)
+
+
+def query_hidden_states(params: Mapping, cfg: Blip2Config, feats: jax.Array, **kw) -> jax.Array:
+  """[B, Q, H] last hidden state of the query-only Q-Former pass."""
+  return _apply(params, cfg, Blip2.query_hidden_states, feats, **kw)
+
+
+def itm_logits(params: Mapping, cfg: Blip2Config, feats: jax.Array, input_ids: jax.Array,
+               attention_mask: Optional[jax.Array] = None, **kw) -> jax.Array:
+  """[B, 2] image-text matching logits (HF `use_image_text_matching_head=True`)."""
+  return _apply(params, cfg, Blip2.itm_logits, feats, input_ids, attention_mask, **kw)
+
+
+def score(query: jax.Array, targets: jax.Array) -> jax.Array:
+  """[Bq, Bt]: for each query [D] and target [Q, D], max over the Q tokens of the dot product.
+
+  A single query `[D]` or target `[Q, D]` is accepted too (the batch dim is then dropped).
+  """
+  q = jnp.asarray(query, jnp.float32)
+  t = jnp.asarray(targets, jnp.float32)
+  squeeze_q, squeeze_t = q.ndim == 1, t.ndim == 2
+  q = q[None] if squeeze_q else q
+  t = t[None] if squeeze_t else t
+  if q.ndim != 2 or t.ndim != 3 or q.shape[-1] != t.shape[-1]:
+    raise ValueError(f"score expects query [Bq, D] and targets [Bt, Q, D], got "
+                     f"{tuple(jnp.shape(query))} and {tuple(jnp.shape(targets))}")
+  s = jnp.einsum("bd,tkd->btk", q, t, precision=jax.lax.Precision.HIGHEST).max(-1)
+  if squeeze_t:
+    s = s[:, 0]
+  if squeeze_q:
+    s = s[0]
+  return s
+
+
+def logits(params: Mapping, query: jax.Array, targets: jax.Array) -> jax.Array:
+  """QuRe's training logits: `score / temp` (the learned temperature, unclamped as in QuRe)."""
+  return score(query, targets) / params["temp"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The convenience object.
+
+def check_pixels(pixels: Any, cfg: Blip2Config) -> None:
+  """ValueError naming the value unless pixels are [B, S, S, 3] float (NHWC)."""
+  vit_lib.check_pixels(pixels, cfg.vision)
+
+
+def check_text(input_ids: Any, attention_mask: Any, cfg: Blip2Config) -> None:
+  """ValueError naming the value for bad token ids / masks (see `qformer.check_text`)."""
+  qf.check_text(input_ids, attention_mask, cfg.qformer)
+
+
+class Blip2Model:
+  """A loaded BLIP-2 CIR model: `params`, `config`, and jitted, input-checked methods.
+
+  Returned by `load_blip2`. Each method validates its inputs (naming the bad value) and
+  runs the corresponding pure function under `jax.jit`.
+  """
+
+  def __init__(self, params: Any, config: Blip2Config, *, source: str = "",
+               vision_dtype=jnp.float32, dtype=jnp.float32):
+    self.params = params
+    self.config = config
+    self.source = source
+    kw = dict(vision_dtype=vision_dtype, dtype=dtype)
+    self._encode_image = jax.jit(functools.partial(encode_image, cfg=config, **kw))
+    self._encode_text = jax.jit(functools.partial(encode_text, cfg=config, **kw))
+    self._compose = jax.jit(functools.partial(compose, cfg=config, **kw))
+    self._vision_features = jax.jit(functools.partial(vision_features, cfg=config, **kw))
+    self._score = jax.jit(score)
+
+  def __repr__(self):
+    v, q = self.config.vision, self.config.qformer
+    return (f"Blip2Model({self.source or 'random'}: {v.variant} ViT {v.hidden_size}x"
+            f"{v.num_layers}, Q-Former {q.hidden_size}x{q.num_layers}, "
+            f"{self.config.num_query_tokens} queries, {self.config.embed_dim}-d)")
+
+  @staticmethod
+  def _ids(input_ids, attention_mask):
+    ids = np.asarray(input_ids)
+    mask = None if attention_mask is None else np.asarray(attention_mask)
+    return ids, mask
+
+  def vision_features(self, pixels) -> jax.Array:
+    check_pixels(pixels, self.config)
+    return self._vision_features(self.params, pixels=pixels)
+
+  def encode_image(self, pixels) -> jax.Array:
+    """[B, Q, D] L2-normalised target features; pixels NHWC float32, already normalised."""
+    check_pixels(pixels, self.config)
+    return self._encode_image(self.params, pixels=pixels)
+
+  def encode_text(self, input_ids, attention_mask=None) -> jax.Array:
+    """[B, D] L2-normalised ITC text feature (CLS position)."""
+    ids, mask = self._ids(input_ids, attention_mask)
+    check_text(ids, mask, self.config)
+    mask = np.ones(ids.shape, np.int32) if mask is None else mask.astype(np.int32)
+    return self._encode_text(self.params, input_ids=ids.astype(np.int32), attention_mask=mask)
+
+  def compose(self, pixels, input_ids, attention_mask=None) -> jax.Array:
+    """[B, D] L2-normalised composed query (QuRe)."""
+    check_pixels(pixels, self.config)
+    ids, mask = self._ids(input_ids, attention_mask)
+    check_text(ids, mask, self.config)
+    if ids.shape[0] != pixels.shape[0]:
+      raise ValueError(f"compose: {pixels.shape[0]} images but {ids.shape[0]} texts")
+    mask = np.ones(ids.shape, np.int32) if mask is None else mask.astype(np.int32)
+    return self._compose(self.params, pixels=pixels, input_ids=ids.astype(np.int32),
+                         attention_mask=mask)
+
+  def score(self, query, target_feats) -> jax.Array:
+    """[Bq, Bt] max over the Q target tokens of dot products (no temperature)."""
+    return self._score(query, target_feats)
+
+  def logits(self, query, target_feats) -> jax.Array:
+    """score / the learned temperature (QuRe's training logits)."""
+    return logits(self.params, query, target_feats)
+
+
+def load_blip2(path: str | os.PathLike, *, vision_dtype=jnp.float32,
+               dtype=jnp.float32) -> Blip2Model:
+  """Loads a BLIP-2 CIR model.
+
+  `path`: an HF `Blip2ForImageTextRetrieval` directory (config.json + safetensors or .bin,
+  sharded or not), a cirjax model directory (`cirjax convert` output), or a LAVIS BLIP-2
+  checkpoint file (`model.pth`, QuRe/SPRC layout).
+  """
+  from cirjax import model_io  # pylint: disable=g-import-not-at-top
+  from cirjax.models import blip2_convert  # pylint: disable=g-import-not-at-top
+  p = os.fspath(path)
+  if model_io.is_cirjax_dir(p):
+    model_type, cfg_dict, params = model_io.load_model_dir(p)
+    if model_type != "blip2":
+      raise ValueError(f"{p}: a cirjax '{model_type}' model, not 'blip2' (use "
+                       f"cirjax.load_{model_type})")
+    cfg = Blip2Config.from_dict(cfg_dict)
+  else:
+    cfg, params = blip2_convert.load_any(p)
+  params = jax.tree.map(jnp.asarray, params)
+  return Blip2Model(params, cfg, source=p, vision_dtype=vision_dtype, dtype=dtype)

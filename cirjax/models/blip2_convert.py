@@ -1,0 +1,464 @@
+"""BLIP-2 weights in and out: HF `Blip2ForImageTextRetrieval` and LAVIS state dicts.
+
+* `from_hf(dir)`: an HF directory (config.json + safetensors or `.bin`, sharded or not) of
+  `Blip2ForImageTextRetrieval` (EVA tower, e.g. `Salesforce/blip2-itm-vit-g`).
+* `from_lavis(file)`: a LAVIS `Blip2Qformer`-layout state dict (`model.pth` of QuRe, SPRC,
+  `blip2_feature_extractor`), EVA (`eva_clip_g`) or CLIP-L (`clip_L`, `pretrain_vitL`) tower.
+  Widths, depths, patch size, cross-attention frequency and the number of kept ViT blocks
+  are read from the tensors (LAVIS versions kept 21-23 CLIP-L blocks, 39 EVA blocks).
+* `to_hf(params, cfg, dir)`: safetensors + config.json that
+  `Blip2ForImageTextRetrieval.from_pretrained` loads (EVA towers only: HF has no CLIP-tower
+  BLIP-2). HF has no learned temperature; it travels in config.json as `cirjax_temp`.
+
+Key accounting is strict: every source tensor is used exactly once (or skipped by an
+explicit rule: LAVIS's `Qformer.cls.*` LM head and its `position_ids` buffer), every
+parameter is filled, and one `KeyAccountingError` lists every missing, unexpected and
+mis-shaped key by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+from cirjax import weights
+from cirjax.models import qformer as qf
+from cirjax.models import vit as vit_lib
+from cirjax.models.blip2 import Blip2Config, abstract_params
+
+HF_ARCH = "Blip2ForImageTextRetrieval"
+DEFAULT_TEMP = 0.07
+
+
+class ConfigError(ValueError):
+  """A config file or value cannot describe a BLIP-2 retrieval model (names file and key)."""
+
+
+# --------------------------------------------------------------------------------- configs
+
+def _text_input_flag(qcfg: Mapping[str, Any], source: str) -> bool:
+  """`use_qformer_text_input`, or the older `qformer_text_input` spelling (which transformers
+  5 silently ignores). Retrieval checkpoints always have text FFNs, so absent means True
+  when the weights have them: the caller re-checks against the tensors."""
+  new, old = qcfg.get("use_qformer_text_input"), qcfg.get("qformer_text_input")
+  if new is not None and old is not None and bool(new) != bool(old):
+    raise ConfigError(f"{source}: qformer_config sets use_qformer_text_input={new} but the old "
+                      f"spelling qformer_text_input={old}; remove one")
+  val = new if new is not None else old
+  return True if val is None else bool(val)
+
+
+def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> Blip2Config:
+  """Blip2Config from an HF `Blip2Config` dict (config.json of a BLIP-2 ITM checkpoint)."""
+  mt = hf.get("model_type")
+  if mt not in ("blip-2", "blip_2"):
+    raise ConfigError(f"{source}: model_type is {mt!r}, expected 'blip-2' "
+                      f"({HF_ARCH}); for LLaVA use the llava converter")
+  for key in ("vision_config", "qformer_config"):
+    if not isinstance(hf.get(key), Mapping):
+      raise ConfigError(f"{source}: missing {key!r}")
+  vc, qc = hf["vision_config"], hf["qformer_config"]
+  try:
+    vision = vit_lib.vit_config_from_hf(vc, "eva")
+  except (KeyError, ValueError) as e:
+    raise ConfigError(f"{source}: vision_config: {e}") from None
+  vision = vision.__class__(**{**vision.to_dict(), "post_layernorm": False})
+  try:
+    qformer = qf.QFormerConfig(
+        hidden_size=int(qc.get("hidden_size", 768)),
+        num_layers=int(qc.get("num_hidden_layers", 12)),
+        num_heads=int(qc.get("num_attention_heads", 12)),
+        intermediate_size=int(qc.get("intermediate_size", 3072)),
+        cross_attention_frequency=int(qc.get("cross_attention_frequency", 2)),
+        encoder_hidden_size=int(qc.get("encoder_hidden_size", vision.hidden_size)),
+        vocab_size=int(qc.get("vocab_size", 30522)),
+        max_position_embeddings=int(qc.get("max_position_embeddings", 512)),
+        layer_norm_eps=float(qc.get("layer_norm_eps", 1e-12)),
+        hidden_act=str(qc.get("hidden_act", "gelu")),
+        use_text_input=_text_input_flag(qc, source),
+        pad_token_id=int(qc.get("pad_token_id", 0) or 0))
+    if qformer.hidden_act not in vit_lib.ACTIVATIONS:
+      raise ValueError(f"qformer hidden_act {qformer.hidden_act!r} is not supported")
+    return Blip2Config(vision=vision, qformer=qformer,
+                       num_query_tokens=int(hf.get("num_query_tokens", 32)),
+                       embed_dim=int(hf.get("image_text_hidden_size", 256)),
+                       ln_vision_eps=vision.layer_norm_eps,
+                       temperature_init=float(hf.get("cirjax_temp", DEFAULT_TEMP)))
+  except ValueError as e:
+    raise ConfigError(f"{source}: {e}") from None
+
+
+def config_to_hf(cfg: Blip2Config) -> dict:
+  """config.json for `Blip2ForImageTextRetrieval` (no transformers import needed)."""
+  v, q = cfg.vision, cfg.qformer
+  if v.variant != "eva":
+    raise ConfigError("HF BLIP-2 has only the EVA vision tower (Blip2VisionModel); a model "
+                      f"with a {v.variant!r} tower cannot be exported to {HF_ARCH}. Keep it as "
+                      "a cirjax directory")
+  if abs(cfg.ln_vision_eps - v.layer_norm_eps) > 0:
+    raise ConfigError(f"HF BLIP-2 uses the vision layer_norm_eps ({v.layer_norm_eps}) for its "
+                      f"final LayerNorm but this model's ln_vision eps is {cfg.ln_vision_eps} "
+                      "(a LAVIS checkpoint): exporting would change its outputs")
+  vision = vit_lib.vit_config_to_hf(v)
+  vision.update(model_type="blip_2_vision_model", qkv_bias=True)
+  qformer = dict(model_type="blip_2_qformer", hidden_size=q.hidden_size,
+                 num_hidden_layers=q.num_layers, num_attention_heads=q.num_heads,
+                 intermediate_size=q.intermediate_size, hidden_act=q.hidden_act,
+                 max_position_embeddings=q.max_position_embeddings,
+                 layer_norm_eps=q.layer_norm_eps, pad_token_id=q.pad_token_id,
+                 cross_attention_frequency=q.cross_attention_frequency,
+                 encoder_hidden_size=q.encoder_hidden_size, vocab_size=q.vocab_size,
+                 use_qformer_text_input=q.use_text_input)
+  return {"architectures": [HF_ARCH], "model_type": "blip-2", "vision_config": vision,
+          "qformer_config": qformer, "num_query_tokens": cfg.num_query_tokens,
+          "image_text_hidden_size": cfg.embed_dim, "image_token_index": None,
+          "cirjax_temp": cfg.temperature_init}
+
+
+# ----------------------------------------------------------------------------- HF tensors
+
+def _lin(dst, src, bias=True):
+  rows = [(dst + ("kernel",), src + ".weight", "linear")]
+  return rows + ([(dst + ("bias",), src + ".bias", "id")] if bias else [])
+
+
+def hf_table(cfg: Blip2Config) -> list[tuple[tuple, str, str]]:
+  """Rows (cirjax path, HF key, transform) of everything except the ViT's embeddings."""
+  rows = [(("vision",) + d, "vision_model." + s, t) for d, s, t in vit_lib.vit_hf_table(cfg.vision)]
+  rows += [(("ln_vision", "scale"), "vision_model.post_layernorm.weight", "id"),
+           (("ln_vision", "bias"), "vision_model.post_layernorm.bias", "id"),
+           (("embeddings", "word_embeddings"), "embeddings.word_embeddings.weight", "id"),
+           (("embeddings", "position_embeddings"), "embeddings.position_embeddings.weight", "id")]
+  rows += [(("qformer",) + d, "qformer." + s, t) for d, s, t in qf.qformer_table(cfg.qformer)]
+  rows += _lin(("vision_projection",), "vision_projection")
+  rows += _lin(("text_projection",), "text_projection")
+  if cfg.itm_head:
+    rows += _lin(("itm_head",), "itm_head")
+  return rows
+
+
+def params_from_hf_state(state: Mapping[str, np.ndarray], cfg: Blip2Config, *,
+                         source: str = "state dict") -> dict:
+  """HF `Blip2ForImageTextRetrieval` state dict -> cirjax params (fp32 numpy)."""
+  reader = weights.StateDictReader(state, source=source)
+  shapes = weights.flat_shapes(abstract_params(cfg))
+  params: dict = {}
+  v = cfg.vision
+  d, n = v.hidden_size, v.num_positions
+  cls = reader.take("vision_model.embeddings.class_embedding", (1, 1, d))
+  pos = reader.take("vision_model.embeddings.position_embedding", (1, n, d))
+  params["vision"] = {"class_embedding": np.asarray(cls, np.float32).reshape(d),
+                      "position_embedding": np.asarray(pos, np.float32).reshape(n, d)}
+  params["query_tokens"] = np.asarray(reader.take(
+      "query_tokens", shapes[("query_tokens",)]), np.float32)
+  weights.fill_from_table(reader, hf_table(cfg), "", shapes, params)
+  params["temp"] = np.asarray(cfg.temperature_init, np.float32)
+  reader.finish()
+  return params
+
+
+def params_to_hf_state(params: Any, cfg: Blip2Config) -> dict[str, np.ndarray]:
+  """cirjax params -> HF `Blip2ForImageTextRetrieval` state dict (fp32 numpy)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
+  v = cfg.vision
+  out = weights.export_table(params, hf_table(cfg), "")
+  out["vision_model.embeddings.class_embedding"] = params["vision"]["class_embedding"].reshape(
+      1, 1, v.hidden_size)
+  out["vision_model.embeddings.position_embedding"] = params["vision"][
+      "position_embedding"].reshape(1, v.num_positions, v.hidden_size)
+  out["query_tokens"] = params["query_tokens"]
+  return out
+
+
+def _check_text_ffn_flag(cfg: Blip2Config, keys, source: str) -> Blip2Config:
+  """Trusts the tensors over a config that omits or misstates the text-input flag."""
+  has = any(re.search(r"encoder\.layer\.\d+\.intermediate\.dense\.weight$", k) for k in keys)
+  if has != cfg.qformer.use_text_input:
+    print(f"note: {source}: the weights {'have' if has else 'lack'} Q-Former text "
+          f"feed-forward blocks; using use_qformer_text_input={has}", file=sys.stderr)
+    q = qf.QFormerConfig(**{**cfg.qformer.to_dict(), "use_text_input": has})
+    cfg = cfg.replace(qformer=q)
+  return cfg
+
+
+def read_hf_config(src: str | os.PathLike) -> dict:
+  f = Path(src) / "config.json"
+  if not f.is_file():
+    raise FileNotFoundError(f"{src}: no config.json (not an HF model directory)")
+  try:
+    return json.loads(f.read_text())
+  except ValueError as e:
+    raise ConfigError(f"{f}: not valid JSON ({e})") from None
+
+
+def from_hf(src: str | os.PathLike) -> tuple[Blip2Config, dict]:
+  """Reads an HF BLIP-2 ITM directory: returns (Blip2Config, params as fp32 numpy)."""
+  src = Path(src)
+  hf = read_hf_config(src)
+  cfg = config_from_hf(hf, source=str(src / "config.json"))
+  state = weights.read_state_dict(src)
+  cfg = _check_text_ffn_flag(cfg, state.keys(), str(src))
+  if "itm_head.weight" not in state:
+    cfg = cfg.replace(itm_head=False)
+  return cfg, params_from_hf_state(state, cfg, source=str(src))
+
+
+def to_hf(params: Any, cfg: Blip2Config, dst: str | os.PathLike, *,
+          max_shard_bytes: int = 5 * 1024 ** 3) -> Path:
+  """Writes config.json + safetensors into `dst` (an existing, empty directory or a new one)."""
+  hf = config_to_hf(cfg)
+  if not cfg.itm_head:
+    raise ConfigError(f"{HF_ARCH} needs an itm_head; this model has none")
+  state = params_to_hf_state(params, cfg)
+  dst = Path(dst)
+  dst.mkdir(parents=True, exist_ok=True)
+  weights.write_safetensors_sharded(state, dst, max_shard_bytes=max_shard_bytes)
+  (dst / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+  return dst
+
+
+# -------------------------------------------------------------------------------- LAVIS
+
+LAVIS_IGNORE = (r"^Qformer\.cls\.",)  # the BERT LM head: unused for retrieval
+_VE = "visual_encoder."
+_QB = "Qformer.bert."
+
+
+def lavis_tower(keys) -> str:
+  """'eva' or 'clip' from the visual_encoder keys of a LAVIS state dict."""
+  keys = list(keys)
+  if any(k.startswith(_VE + "blocks.") for k in keys):
+    return "eva"
+  if any(k.startswith(_VE + "transformer.resblocks.") for k in keys):
+    return "clip"
+  raise ConfigError("not a LAVIS BLIP-2 state dict: no visual_encoder.blocks.* (EVA) or "
+                    "visual_encoder.transformer.resblocks.* (CLIP-L) keys; first keys: "
+                    f"{sorted(keys)[:8]}")
+
+
+def _layer_count(keys, pattern: str) -> int:
+  idx = {int(m.group(1)) for k in keys for m in [re.match(pattern, k)] if m}
+  if not idx:
+    return 0
+  if idx != set(range(max(idx) + 1)):
+    raise ConfigError(f"layer indices matching {pattern!r} are not contiguous: {sorted(idx)}")
+  return max(idx) + 1
+
+
+def _shape(state, key, source):
+  if key not in state:
+    raise ConfigError(f"{source}: key {key!r} is missing (needed to infer the model shape)")
+  return tuple(np.shape(state[key]))
+
+
+def config_from_lavis(state: Mapping[str, np.ndarray], *, source: str = "state dict",
+                      vision_heads: Optional[int] = None, qformer_heads: Optional[int] = None,
+                      temperature: Optional[float] = None) -> Blip2Config:
+  """Infers the Blip2Config of a LAVIS state dict from its tensors.
+
+  Head counts are not visible in the weights: ViT heads default to 16 (EVA-g and CLIP-L),
+  Q-Former heads to hidden/64 (12 for BERT-base).
+  """
+  keys = list(state)
+  tower = lavis_tower(keys)
+  if tower == "eva":
+    d, c, p, _ = _shape(state, _VE + "patch_embed.proj.weight", source)
+    n = _shape(state, _VE + "pos_embed", source)[1]
+    inter = _shape(state, _VE + "blocks.0.mlp.fc1.weight", source)[0]
+    layers = _layer_count(keys, re.escape(_VE) + r"blocks\.(\d+)\.")
+    eps, act = 1e-6, "gelu"
+  else:
+    d, c, p, _ = _shape(state, _VE + "conv1.weight", source)
+    n = _shape(state, _VE + "positional_embedding", source)[0]
+    inter = _shape(state, _VE + "transformer.resblocks.0.mlp.c_fc.weight", source)[0]
+    layers = _layer_count(keys, re.escape(_VE) + r"transformer\.resblocks\.(\d+)\.")
+    eps, act = 1e-5, "quick_gelu"
+  grid = int(round((n - 1) ** 0.5))
+  if grid * grid != n - 1:
+    raise ConfigError(f"{source}: {n} vision positions is not a square grid plus a class token")
+  vheads = vision_heads or 16
+  vision = vit_lib.ViTConfig(image_size=grid * p, patch_size=p, num_channels=c, hidden_size=d,
+                             intermediate_size=inter, num_layers=layers, num_heads=vheads,
+                             layer_norm_eps=eps, hidden_act=act, variant=tower,
+                             post_layernorm=False)
+  vocab, hidden = _shape(state, _QB + "embeddings.word_embeddings.weight", source)
+  max_pos = _shape(state, _QB + "embeddings.position_embeddings.weight", source)[0]
+  q_layers = _layer_count(keys, re.escape(_QB) + r"encoder\.layer\.(\d+)\.")
+  cross = [i for i in range(q_layers)
+           if _QB + f"encoder.layer.{i}.crossattention.self.query.weight" in state]
+  if not cross or cross[0] != 0:
+    raise ConfigError(f"{source}: Q-Former layer 0 has no cross-attention (layers with it: "
+                      f"{cross})")
+  freq = cross[1] - cross[0] if len(cross) > 1 else q_layers
+  if cross != list(range(0, q_layers, freq)):
+    raise ConfigError(f"{source}: Q-Former cross-attention layers {cross} are not every "
+                      f"k-th layer")
+  enc = _shape(state, _QB + "encoder.layer.0.crossattention.self.key.weight", source)[1]
+  q_inter = _shape(state, _QB + "encoder.layer.0.intermediate_query.dense.weight", source)[0]
+  has_text = _QB + "encoder.layer.0.intermediate.dense.weight" in state
+  qformer = qf.QFormerConfig(hidden_size=hidden, num_layers=q_layers,
+                             num_heads=qformer_heads or max(1, hidden // 64),
+                             intermediate_size=q_inter, cross_attention_frequency=freq,
+                             encoder_hidden_size=enc, vocab_size=vocab,
+                             max_position_embeddings=max_pos, use_text_input=has_text)
+  nq = _shape(state, "query_tokens", source)[1]
+  embed = _shape(state, "vision_proj.weight", source)[0]
+  if temperature is None:
+    temperature = float(np.asarray(state["temp"], np.float32)) if "temp" in state else DEFAULT_TEMP
+  return Blip2Config(vision=vision, qformer=qformer, num_query_tokens=nq, embed_dim=embed,
+                     ln_vision_eps=1e-5, temperature_init=temperature,
+                     itm_head="itm_head.weight" in state)
+
+
+def _lavis_vit(reader: weights.StateDictReader, v: vit_lib.ViTConfig, shapes) -> dict:
+  """The LAVIS visual_encoder -> the `vision` subtree."""
+  d, inter = v.hidden_size, v.intermediate_size
+  out: dict = {}
+  sh = lambda *path: shapes[("vision",) + path]  # noqa: E731
+  if v.variant == "eva":
+    out["class_embedding"] = reader.take(_VE + "cls_token", (1, 1, d)).reshape(d)
+    out["position_embedding"] = reader.take(_VE + "pos_embed", (1, v.num_positions, d)).reshape(
+        v.num_positions, d)
+    out["patch_embedding"] = weights.TRANSFORMS["conv"](reader.take(
+        _VE + "patch_embed.proj.weight", weights.source_shape("conv", sh("patch_embedding"))))
+    out["patch_bias"] = reader.take(_VE + "patch_embed.proj.bias", (d,))
+  else:
+    out["class_embedding"] = reader.take(_VE + "class_embedding", (d,))
+    out["position_embedding"] = reader.take(_VE + "positional_embedding", (v.num_positions, d))
+    out["patch_embedding"] = weights.TRANSFORMS["conv"](reader.take(
+        _VE + "conv1.weight", weights.source_shape("conv", sh("patch_embedding"))))
+    out["pre_layrnorm"] = {"scale": reader.take(_VE + "ln_pre.weight", (d,)),
+                           "bias": reader.take(_VE + "ln_pre.bias", (d,))}
+
+  def ln(src):
+    return {"scale": reader.take(src + ".weight", (d,)), "bias": reader.take(src + ".bias", (d,))}
+
+  def lin(src, n_out, n_in, bias=True):
+    r = {"kernel": reader.take(src + ".weight", (n_out, n_in)).T}
+    if bias:
+      r["bias"] = reader.take(src + ".bias", (n_out,))
+    return r
+
+  for i in range(v.num_layers):
+    if v.variant == "eva":
+      s = f"{_VE}blocks.{i}"
+      qkv_w = reader.take(s + ".attn.qkv.weight", (3 * d, d))
+      q_b = reader.take(s + ".attn.q_bias", (d,))
+      v_b = reader.take(s + ".attn.v_bias", (d,))
+      attn = {"qkv": {"kernel": qkv_w.T, "bias": np.concatenate([q_b, np.zeros_like(q_b), v_b])},
+              "projection": lin(s + ".attn.proj", d, d)}
+      layer = {"layer_norm1": ln(s + ".norm1"), "layer_norm2": ln(s + ".norm2"),
+               "fc1": lin(s + ".mlp.fc1", inter, d), "fc2": lin(s + ".mlp.fc2", d, inter)}
+    else:
+      s = f"{_VE}transformer.resblocks.{i}"
+      w = reader.take(s + ".attn.in_proj_weight", (3 * d, d))
+      b = reader.take(s + ".attn.in_proj_bias", (3 * d,))
+      attn = {name: {"kernel": w[j * d:(j + 1) * d].T, "bias": b[j * d:(j + 1) * d]}
+              for j, name in enumerate(("q_proj", "k_proj", "v_proj"))}
+      attn["out_proj"] = lin(s + ".attn.out_proj", d, d)
+      layer = {"layer_norm1": ln(s + ".ln_1"), "layer_norm2": ln(s + ".ln_2"),
+               "fc1": lin(s + ".mlp.c_fc", inter, d), "fc2": lin(s + ".mlp.c_proj", d, inter)}
+    layer["self_attn"] = attn
+    out[f"layers_{i}"] = layer
+  return out
+
+
+def params_from_lavis_state(state: Mapping[str, np.ndarray], cfg: Blip2Config, *,
+                            source: str = "state dict") -> dict:
+  """LAVIS BLIP-2 state dict -> cirjax params (fp32 numpy), strictly accounted."""
+  import jax  # pylint: disable=g-import-not-at-top
+  reader = weights.StateDictReader(state, source=source, ignore=LAVIS_IGNORE)
+  shapes = weights.flat_shapes(abstract_params(cfg))
+  q = cfg.qformer
+  params: dict = {"vision": _lavis_vit(reader, cfg.vision, shapes)}
+  e = cfg.vision.hidden_size
+  params["ln_vision"] = {"scale": reader.take("ln_vision.weight", (e,)),
+                         "bias": reader.take("ln_vision.bias", (e,))}
+  params["query_tokens"] = reader.take("query_tokens", shapes[("query_tokens",)])
+  params["embeddings"] = {
+      "word_embeddings": reader.take(_QB + "embeddings.word_embeddings.weight",
+                                     (q.vocab_size, q.hidden_size)),
+      "position_embeddings": reader.take(_QB + "embeddings.position_embeddings.weight",
+                                         (q.max_position_embeddings, q.hidden_size))}
+  pos_ids = _QB + "embeddings.position_ids"
+  if pos_ids in reader:  # a persistent buffer in LAVIS's BERT: must be arange, else refuse
+    ids = np.asarray(reader.take(pos_ids)).reshape(-1)
+    if not np.array_equal(ids, np.arange(ids.size)):
+      raise ConfigError(f"{source}: {pos_ids} is not 0..N-1; custom position ids are not "
+                        "supported")
+  sub: dict = {}
+  weights.fill_from_table(reader, qf.qformer_table(q, style="lavis"), _QB,
+                          {k[1:]: s for k, s in shapes.items() if k[0] == "qformer"}, sub)
+  params["qformer"] = sub
+  for dst, src in (("vision_projection", "vision_proj"), ("text_projection", "text_proj")) + (
+      (("itm_head", "itm_head"),) if cfg.itm_head else ()):
+    n_out = shapes[(dst, "bias")][0]
+    params[dst] = {"kernel": reader.take(src + ".weight", (n_out, q.hidden_size)).T,
+                   "bias": reader.take(src + ".bias", (n_out,))}
+  if "temp" in reader:
+    params["temp"] = np.asarray(reader.take("temp"), np.float32).reshape(())
+  else:
+    params["temp"] = np.asarray(cfg.temperature_init, np.float32)
+  reader.finish()
+  if reader.ignored:
+    print(f"note: {source}: skipped {len(reader.ignored)} tensor(s) unused for retrieval "
+          f"(Qformer.cls.* language-model head)", file=sys.stderr)
+  params = jax.tree.map(lambda x: np.ascontiguousarray(np.asarray(x, np.float32)), params)
+  _check_tree(params, shapes, source)
+  return params
+
+
+def _check_tree(params, shapes, source):
+  got = weights.flat_shapes(params)
+  if got != shapes:
+    missing = sorted("/".join(k) for k in set(shapes) - set(got))
+    extra = sorted("/".join(k) for k in set(got) - set(shapes))
+    bad = sorted("/".join(k) for k in set(got) & set(shapes) if got[k] != shapes[k])
+    raise AssertionError(f"{source}: converter bug: param tree differs (missing {missing}, "
+                         f"extra {extra}, mis-shaped {bad})")
+
+
+def from_lavis(path: str | os.PathLike, **kw) -> tuple[Blip2Config, dict]:
+  """Reads a LAVIS BLIP-2 checkpoint (`model.pth` / `.pt` / `.bin` / `.safetensors`)."""
+  state = weights.read_state_dict(path)
+  cfg = config_from_lavis(state, source=str(path), **kw)
+  return cfg, params_from_lavis_state(state, cfg, source=str(path))
+
+
+# -------------------------------------------------------------------------------- dispatch
+
+def source_format(path: str | os.PathLike) -> str:
+  """'cirjax', 'hf' (a directory with config.json) or 'lavis' (a state-dict file, or a
+  directory holding one without config.json). Raises with the reason otherwise."""
+  from cirjax import model_io  # pylint: disable=g-import-not-at-top
+  p = Path(path)
+  if not p.exists():
+    raise FileNotFoundError(f"{p}: no such file or directory")
+  if model_io.is_cirjax_dir(p):
+    return "cirjax"
+  if p.is_dir() and (p / "config.json").is_file():
+    return "hf"
+  if p.is_file() and p.suffix in (".pth", ".pt", ".bin", ".ckpt", ".safetensors"):
+    return "lavis"
+  if p.is_dir():
+    raise FileNotFoundError(f"{p}: no config.json (an HF model directory needs one) and no "
+                            f"cirjax_config.json; for a LAVIS checkpoint pass the .pth file")
+  raise ConfigError(f"{p}: unknown checkpoint type (expected an HF or cirjax directory or a "
+                    f".pth/.pt/.bin/.safetensors LAVIS state dict)")
+
+
+def load_any(path: str | os.PathLike) -> tuple[Blip2Config, dict]:
+  """(config, params) from an HF directory or a LAVIS file (cirjax dirs: `load_blip2`)."""
+  fmt = source_format(path)
+  if fmt == "hf":
+    return from_hf(path)
+  if fmt == "lavis":
+    return from_lavis(path)
+  raise ConfigError(f"{path}: a cirjax directory; load it with cirjax.load_blip2")
