@@ -1,0 +1,732 @@
+"""QuRe hard-negative mining, vectorised and exact to the reference code.
+
+For every training query, QuRe ranks its mining corpus by score and takes as hard negatives
+the images lying between the two steepest score drops *below the target* (paper §3.2,
+Eqs. 4-7). The exact algorithm (QURE_REFERENCE.md, "Hard-negative set") is, per query:
+
+1. Rank the corpus by score, descending; ties by corpus position, ascending (a stable sort).
+2. `p` = the target's position in that order. The *after-target list* is positions
+   `p+1 .. N-1` (positional: entries tied with the target but sorted after it are included).
+   With `strict_below=True` (the paper's Eq. 5) it is every entry scoring strictly below the
+   target instead.
+3. Drops `d_j = a_{j+1} - a_j` along the after-target list; rank the `j` by `d_j` ascending
+   (steepest first), ties by `j` ascending.
+4. Walk that ranking in adjacent pairs `(r, r+1)`, r = 0, 1, ...; with `i1 < i2` the pair's
+   drops, accept the first pair with `i2 - i1 > consecutive_threshold`.
+5. The set is after-target positions `i1+1 .. i2` inclusive, in descending score order.
+6. With `image_ids` (corpus entries may repeat an image), the set becomes the unique image ids
+   in order of first occurrence, without the target's id.
+7. Fewer than 3 after-target entries, or no acceptable pair: an empty set (counted in the
+   statistics; the sampler falls back to the warm-up pool).
+8. NaN or +-inf scores are a `ValueError` naming the query row and the column: with an
+   infinite score the drops are undefined (inf - inf = NaN), so no rule would be faithful.
+
+How it runs: the query axis is cut into blocks sized to a memory budget; each block is one
+`jax.jit` call (optionally sharded over a mesh's devices along the query axis) that
+
+* sorts every row once, as a single 64-bit integer key per entry: the order-preserving bit
+  pattern of the (negated) score in the high word and the corpus position in the low word,
+  so one single-operand sort yields both the descending scores and the stable order (a
+  single-operand integer sort is the fast path on CPU and GPU, several times faster than a
+  key/value float sort);
+* computes the drop vector and ranks it with `lax.top_k` over the steepest `top_drops`
+  drops, walking the pairs as a vectorised argmax; rows where the walk does not finish inside
+  those ranks (many near-equal drops) get the full ranking from a second packed sort,
+  under a `lax.cond` so blocks that never need it never pay for it;
+* gathers the selected corpus positions into a flat buffer on device, so only the ragged
+  result (not the `[Q, N]` order) comes back to the host.
+
+Results are numpy arrays on the host (SPEC §4): `indices[offsets[i]:offsets[i+1]]` is query
+`i`'s set. They do not depend on the block size or the number of devices (tested).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import sys
+import time
+from typing import Any, Callable, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+# `MiningStats.status` codes.
+STATUS_OK = 0
+STATUS_FEW_AFTER = 1      # fewer than 3 entries after the target
+STATUS_NO_PAIR = 2        # every pair of steepest drops lies too close together
+STATUS_EMPTY_AFTER_DEDUP = 3  # the set held only copies of the target's image id
+STATUS_NAMES = {STATUS_OK: "ok", STATUS_FEW_AFTER: "fewer than 3 after target",
+                STATUS_NO_PAIR: "no acceptable pair of drops",
+                STATUS_EMPTY_AFTER_DEDUP: "only the target's image id"}
+
+STRATEGIES = ("qure", "topk", "after_target_topk")
+
+# Bytes of device memory one score entry costs inside a block (the scores, two 64-bit sort
+# keys, order, sorted values, drops and the fallback's keys) -- a deliberate over-estimate.
+_BYTES_PER_ENTRY = 48
+DEFAULT_MEMORY_BUDGET = 1 << 30
+
+ScoresOrBlockFn = Union[np.ndarray, jax.Array, Callable[[int, int], Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class HardNegativeSets:
+  """Ragged per-query sets (SPEC §4): query i's set is `indices[offsets[i]:offsets[i+1]]`.
+
+  `indices` are image ids when mining was given `image_ids`, else corpus positions; each set
+  is in descending score order.
+  """
+  offsets: np.ndarray  # int64 [Q+1]
+  indices: np.ndarray  # int32 [offsets[-1]]
+
+  @property
+  def num_queries(self) -> int:
+    return len(self.offsets) - 1
+
+  @property
+  def sizes(self) -> np.ndarray:
+    return np.diff(self.offsets)
+
+  def __getitem__(self, i: int) -> np.ndarray:
+    return self.indices[self.offsets[i]:self.offsets[i + 1]]
+
+  def to_list(self) -> list[np.ndarray]:
+    return [self[i] for i in range(self.num_queries)]
+
+
+@dataclasses.dataclass(frozen=True)
+class MiningStats:
+  """Per-query diagnostics of one mining (numpy arrays of length Q).
+
+  Positions are in the query's full descending ranking (0 = best score). For QuRe, the first
+  accepted drop lies between positions `gap1` and `gap1 + 1`, the second between `gap2` and
+  `gap2 + 1`, and the set (before de-duplication) is positions `gap1+1 .. gap2`; `gap*_size`
+  are the drops' magnitudes (>= 0). They are -1 / NaN where no pair was accepted and for the
+  top-k strategies.
+  """
+  set_size: np.ndarray     # final set size (after de-duplication by image id)
+  span: np.ndarray         # corpus entries selected before de-duplication
+  target_rank: np.ndarray  # the target's position in the stable descending ranking
+  num_after: np.ndarray    # length of the after-target list
+  gap1: np.ndarray
+  gap2: np.ndarray
+  gap1_size: np.ndarray
+  gap2_size: np.ndarray
+  status: np.ndarray       # STATUS_* codes
+
+  def summary(self) -> dict:
+    """Aggregate numbers for logs: mean/median size, empties by reason."""
+    q = len(self.set_size)
+    out = {"num_queries": q,
+           "mean_set_size": float(self.set_size.mean()) if q else 0.0,
+           "median_set_size": float(np.median(self.set_size)) if q else 0.0,
+           "max_set_size": int(self.set_size.max()) if q else 0,
+           "empty": int((self.set_size == 0).sum())}
+    for code, name in STATUS_NAMES.items():
+      if code != STATUS_OK:
+        out[f"empty: {name}"] = int((self.status == code).sum())
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Order-preserving keys. XLA on CPU (and on GPU with flush-to-zero) treats subnormal
+# float32 values as zero in comparisons and arithmetic, while the reference (NumPy, PyTorch)
+# orders and subtracts them exactly. Every comparison here therefore goes through integer
+# keys built from the bit patterns, and drops that could involve subnormals are recomputed
+# exactly (`_exact_drop_bits`), so the selected indices are the reference's on any backend.
+
+_SIGN = 0x80000000
+_MIN_NORMAL = 2.0 ** -126
+
+
+def _canonical_bits(s: jax.Array) -> jax.Array:
+  """uint32 bits of float32 `s` with -0.0 mapped to +0.0 (they compare equal)."""
+  bits = lax.bitcast_convert_type(s.astype(jnp.float32), jnp.uint32)
+  return jnp.where(bits == jnp.uint32(_SIGN), jnp.uint32(0), bits)
+
+
+def _asc_bits(bits: jax.Array) -> jax.Array:
+  """uint32 whose ascending order is the float order of the canonical float32 `bits`."""
+  neg = (bits >> 31) == 1
+  return jnp.where(neg, ~bits, bits | jnp.uint32(_SIGN))
+
+
+def _desc_bits(bits: jax.Array) -> jax.Array:
+  return ~_asc_bits(bits)
+
+
+def _bits_from_desc(hi: jax.Array) -> jax.Array:
+  asc = ~hi
+  return jnp.where((asc >> 31) == 1, asc ^ jnp.uint32(_SIGN), ~asc)
+
+
+def _signed_asc_key(bits: jax.Array) -> jax.Array:
+  """int32 whose (signed) order is the float order of the canonical float32 `bits`."""
+  return lax.bitcast_convert_type(_asc_bits(bits) ^ jnp.uint32(_SIGN), jnp.int32)
+
+
+def _pack(hi: jax.Array, lo: jax.Array) -> jax.Array:
+  return (hi.astype(jnp.uint64) << jnp.uint64(32)) | lo.astype(jnp.uint32).astype(jnp.uint64)
+
+
+def _low_word(key: jax.Array) -> jax.Array:
+  return (key & jnp.uint64(0xFFFFFFFF)).astype(jnp.int32)
+
+
+def _high_word(key: jax.Array) -> jax.Array:
+  return (key >> jnp.uint64(32)).astype(jnp.uint32)
+
+
+def _f64_from_bits(bits: jax.Array) -> jax.Array:
+  """The exact float64 value of float32 `bits`, built with integer arithmetic only (a
+  float conversion would flush subnormal inputs to zero under XLA's denormals-are-zero)."""
+  exp = ((bits >> 23) & jnp.uint32(0xFF)).astype(jnp.int64)
+  man = (bits & jnp.uint32(0x7FFFFF)).astype(jnp.int64)
+  man = jnp.where(exp > 0, man | (1 << 23), man)
+  e2 = jnp.where(exp > 0, exp, 1) - 150          # value = man * 2**e2, e2 in [-149, 104]
+  scale = lax.bitcast_convert_type((e2 + 1023) << 52, jnp.float64)
+  mag = man.astype(jnp.float64) * scale            # exact: man < 2**24, scale a power of two
+  return jnp.where((bits >> 31) == 1, -mag, mag)
+
+
+def _exact_drop_bits(hi_bits: jax.Array, lo_bits: jax.Array) -> jax.Array:
+  """float32 bits of `lo - hi` rounded as IEEE float32 with gradual underflow.
+
+  In float64 the difference of two float32 values is never subnormal, and rounding the
+  float64 difference to float32 gives the correctly rounded float32 result (53 >= 2*24+2)
+  whenever that result is normal. When it is subnormal (|d| < 2**-126) the difference is an
+  exact multiple of 2**-149 below 2**23 * 2**-149, so it is written out bit by bit.
+  """
+  d = _f64_from_bits(lo_bits) - _f64_from_bits(hi_bits)
+  normal = lax.bitcast_convert_type(d.astype(jnp.float32), jnp.uint32)
+  units = jnp.round(jnp.abs(d) * 2.0 ** 149).astype(jnp.uint32)
+  sub = jnp.where(d < 0, units | jnp.uint32(_SIGN), units)
+  return jnp.where(jnp.abs(d) >= _MIN_NORMAL, normal, sub)
+
+
+def _drop_bits(a_bits: jax.Array) -> jax.Array:
+  """Canonical float32 bits of the drops `a[k+1] - a[k]` along each row, exactly as IEEE
+  float32 computes them; the exact path runs only for blocks where flushing could matter."""
+  hi, lo = a_bits[:, :-1], a_bits[:, 1:]
+  fast = lax.bitcast_convert_type(
+      lax.bitcast_convert_type(lo, jnp.float32) - lax.bitcast_convert_type(hi, jnp.float32),
+      jnp.uint32)
+
+  def is_tiny(b):  # zero or subnormal
+    return (b & jnp.uint32(0x7F800000)) == 0
+
+  hazard = jnp.any((is_tiny(hi) & (hi != 0)) | (is_tiny(lo) & (lo != 0))
+                   | (is_tiny(fast) & (hi != lo)))
+  out = lax.cond(hazard, lambda: _exact_drop_bits(hi, lo), lambda: fast)
+  return jnp.where(out == jnp.uint32(_SIGN), jnp.uint32(0), out)
+
+
+# ---------------------------------------------------------------------------------------
+# Per-block kernels (run under jax.enable_x64 for the 64-bit keys; every dtype is explicit).
+
+def _prepare(scores: jax.Array, target: jax.Array):
+  """Canonical bits, descending keys, finiteness flags and the target's rank and key."""
+  s = scores.astype(jnp.float32)
+  finite = jnp.all(jnp.isfinite(s), axis=1)
+  # Non-finite rows are reported as errors by the host; keep the arithmetic tame meanwhile.
+  bits = jnp.where(jnp.isfinite(s), _canonical_bits(s), jnp.uint32(0))
+  hi = _desc_bits(bits)                          # ascending hi = descending score
+  col = lax.broadcasted_iota(jnp.int32, s.shape, 1)
+  ht = jnp.take_along_axis(hi, target[:, None], axis=1)
+  above = jnp.sum(hi < ht, axis=1, dtype=jnp.int32)
+  tie_before = jnp.sum((hi == ht) & (col < target[:, None]), axis=1, dtype=jnp.int32)
+  return bits, hi, finite, col, ht, above + tie_before
+
+
+def _after_start(hi, ht, rank, strict_below: jax.Array):
+  """First position of the after-target list (`strict_below` is traced: one compile)."""
+  return jnp.where(strict_below, jnp.sum(hi <= ht, axis=1, dtype=jnp.int32), rank + 1)
+
+
+def _walk(ks: jax.Array, nvalid: jax.Array, threshold: int):
+  """First acceptable adjacent pair of ranked drop positions `ks` [B, R] (R >= 2)."""
+  r = ks.shape[1]
+  a, b = ks[:, :-1], ks[:, 1:]
+  in_range = (jnp.arange(1, r, dtype=jnp.int32)[None, :] < nvalid[:, None])
+  ok = (jnp.abs(a - b) > threshold) & in_range
+  found = jnp.any(ok, axis=1)
+  first = jnp.argmax(ok, axis=1)
+  ka = jnp.take_along_axis(a, first[:, None], axis=1)[:, 0]
+  kb = jnp.take_along_axis(b, first[:, None], axis=1)[:, 0]
+  return found, jnp.minimum(ka, kb), jnp.maximum(ka, kb)
+
+
+def _drop_size(dbits, k):
+  """|drop k| as float32 (for the statistics only)."""
+  b = jnp.take_along_axis(dbits, k[:, None], axis=1)[:, 0] & jnp.uint32(0x7FFFFFFF)
+  return lax.bitcast_convert_type(b, jnp.float32)
+
+
+def _qure_kernel(scores, target, threshold, strict_below, *, top_drops: int):
+  _, hi, finite, col, ht, rank = _prepare(scores, target)
+  bsz, n = hi.shape
+  start = _after_start(hi, ht, rank, strict_below)
+  num_after = n - start
+  key = jnp.sort(_pack(hi, col), axis=1)
+  order = _low_word(key)
+  if n < 4:  # an after-target list of 3 needs N >= 4: every set is empty.
+    zeros = jnp.zeros((bsz,), jnp.int32)
+    stats = dict(rank=rank, num_after=num_after, gap1=zeros - 1, gap2=zeros - 1,
+                 gap1_size=jnp.full((bsz,), jnp.nan, jnp.float32),
+                 gap2_size=jnp.full((bsz,), jnp.nan, jnp.float32),
+                 status=jnp.full((bsz,), STATUS_FEW_AFTER, jnp.int32))
+    return order, zeros, zeros, finite, stats
+  a_bits = _bits_from_desc(_high_word(key))
+  dbits = _drop_bits(a_bits)                   # [B, N-1], <= 0; drop k lies between k, k+1
+  kpos = lax.broadcasted_iota(jnp.int32, dbits.shape, 1)
+  valid = kpos >= start[:, None]
+  nvalid = jnp.maximum(num_after - 1, 0)
+  # Steepest first = smallest drop = largest ~key; top_k breaks ties by lower position, as
+  # required. Positions before the after-target list get the minimum and rank last.
+  steep = jnp.where(valid, ~_signed_asc_key(dbits), jnp.iinfo(jnp.int32).min)
+  rk = min(top_drops, n - 1)
+  _, ks = lax.top_k(steep, rk)
+  found, k1, k2 = _walk(ks, nvalid, threshold)
+  if rk < n - 1:
+    need_full = (~found) & (nvalid > rk) & (num_after >= 3)
+
+    def full_ranking():
+      # Ascending drops, ties by position: one packed single-operand sort; invalid last.
+      dk = jnp.where(valid, _asc_bits(dbits), jnp.uint32(0xFFFFFFFF))
+      ranked = _low_word(jnp.sort(_pack(dk, kpos), axis=1))
+      return _walk(ranked, nvalid, threshold)
+
+    f2, k1b, k2b = lax.cond(jnp.any(need_full), full_ranking, lambda: (found, k1, k2))
+    found = jnp.where(need_full, f2, found)
+    k1 = jnp.where(need_full, k1b, k1)
+    k2 = jnp.where(need_full, k2b, k2)
+  found = found & (num_after >= 3)
+  lo = jnp.where(found, k1 + 1, 0)
+  size = jnp.where(found, k2 - k1, 0)
+  g1 = jnp.where(found, k1, -1)
+  g2 = jnp.where(found, k2, -1)
+  gs1 = jnp.where(found, _drop_size(dbits, k1), jnp.nan)
+  gs2 = jnp.where(found, _drop_size(dbits, k2), jnp.nan)
+  status = jnp.where(num_after < 3, STATUS_FEW_AFTER,
+                     jnp.where(found, STATUS_OK, STATUS_NO_PAIR)).astype(jnp.int32)
+  stats = dict(rank=rank, num_after=num_after, gap1=g1, gap2=g2, gap1_size=gs1,
+               gap2_size=gs2, status=status)
+  return order, lo, size, finite, stats
+
+
+def _topk_kernel(scores, target, *, k: int):
+  """The k best-scoring entries other than the target (ties by position)."""
+  bits, _, finite, _, _, rank = _prepare(scores, target)
+  bsz, n = bits.shape
+  kk = min(k + 1, n)
+  _, cand = lax.top_k(_signed_asc_key(bits), kk)
+  is_t = cand == target[:, None]
+  # Drop the target if it is among the candidates, else the (k+1)-th candidate.
+  tpos = jnp.where(jnp.any(is_t, axis=1), jnp.argmax(is_t, axis=1), kk - 1)
+  j = jnp.arange(kk - 1, dtype=jnp.int32)[None, :]
+  shifted = jnp.where(j >= tpos[:, None], cand[:, 1:], cand[:, :-1])
+  size = jnp.full((bsz,), min(k, n - 1), jnp.int32)
+  zeros = jnp.zeros((bsz,), jnp.int32)
+  stats = _plain_stats(rank, n - rank - 1, size)
+  return shifted.astype(jnp.int32), zeros, size, finite, stats
+
+
+def _after_topk_kernel(scores, target, strict_below, *, k: int):
+  """The k entries ranked right after the target (or strictly below it)."""
+  bits, hi, finite, col, ht, rank = _prepare(scores, target)
+  bsz, n = bits.shape
+  start = _after_start(hi, ht, rank, strict_below)
+  after = (hi > ht) | (~strict_below & (hi == ht) & (col > target[:, None]))
+  masked = jnp.where(after, _signed_asc_key(bits), jnp.iinfo(jnp.int32).min)
+  kk = min(k, n)
+  _, cand = lax.top_k(masked, kk)
+  num_after = n - start
+  size = jnp.minimum(num_after, kk).astype(jnp.int32)
+  zeros = jnp.zeros((bsz,), jnp.int32)
+  stats = _plain_stats(rank, num_after, size)
+  return cand.astype(jnp.int32), zeros, size, finite, stats
+
+
+def _plain_stats(rank, num_after, size):
+  bsz = rank.shape[0]
+  minus = jnp.full((bsz,), -1, jnp.int32)
+  nan = jnp.full((bsz,), jnp.nan, jnp.float32)
+  status = jnp.where(size > 0, STATUS_OK, STATUS_FEW_AFTER).astype(jnp.int32)
+  return dict(rank=rank, num_after=num_after.astype(jnp.int32), gap1=minus, gap2=minus,
+              gap1_size=nan, gap2_size=nan, status=status)
+
+
+def _gather_kernel(cand, lo, starts, *, total_pad: int):
+  """Flat `cand[row, lo[row] + t - starts[row]]` for t < total_pad (ragged compaction)."""
+  t = jnp.arange(total_pad, dtype=jnp.int32)
+  row = jnp.searchsorted(starts, t, side="right").astype(jnp.int32) - 1
+  row = jnp.clip(row, 0, cand.shape[0] - 1)
+  pos = jnp.clip(lo[row] + t - starts[row], 0, cand.shape[1] - 1)
+  return cand[row, pos]
+
+
+# ---------------------------------------------------------------------------------------
+# Host driver.
+
+@functools.lru_cache(maxsize=64)
+def _compiled(kind: str, params: tuple, mesh, axes):
+  """A jitted kernel with explicit shardings for `mesh` (None: default device)."""
+  if kind == "qure":
+    fn = functools.partial(_qure_kernel, **dict(params))
+  elif kind == "topk":
+    fn = functools.partial(_topk_kernel, **dict(params))
+  elif kind == "after_target_topk":
+    fn = functools.partial(_after_topk_kernel, **dict(params))
+  else:
+    raise AssertionError(kind)
+  if mesh is None:
+    return jax.jit(fn)
+  rows2 = NamedSharding(mesh, P(axes, None))
+  rows1 = NamedSharding(mesh, P(axes))
+  scalar = NamedSharding(mesh, P())
+  num_dynamic = {"qure": 2, "topk": 0, "after_target_topk": 1}[kind]
+  stats_sh = {k: rows1 for k in ("rank", "num_after", "gap1", "gap2", "gap1_size",
+                                 "gap2_size", "status")}
+  return jax.jit(fn, in_shardings=(rows2, rows1) + (scalar,) * num_dynamic,
+                 out_shardings=(rows2, rows1, rows1, rows1, stats_sh))
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_gather(total_pad: int):
+  return jax.jit(functools.partial(_gather_kernel, total_pad=total_pad))
+
+
+def block_rows_for_budget(corpus_size: int, memory_budget_bytes: int, multiple: int = 1) -> int:
+  """Query rows per block so one block's working set stays within the budget."""
+  rows = max(1, int(memory_budget_bytes) // (_BYTES_PER_ENTRY * max(1, corpus_size)))
+  rows = max(multiple, rows // multiple * multiple)
+  return rows
+
+
+def _as_block_fn(scores, num_queries, corpus_size):
+  """(block_fn, Q, N) from a score matrix or a block function."""
+  if callable(scores):
+    if num_queries is None or corpus_size is None:
+      raise ValueError("scores is a block function: pass num_queries= and corpus_size= too")
+    return scores, int(num_queries), int(corpus_size)
+  shape = getattr(scores, "shape", None)
+  if shape is None:
+    scores = np.asarray(scores)
+    shape = scores.shape
+  if len(shape) != 2:
+    raise ValueError(f"scores must be a [num_queries, corpus_size] matrix, got shape {shape}")
+  q, n = int(shape[0]), int(shape[1])
+  if num_queries is not None and int(num_queries) != q:
+    raise ValueError(f"num_queries={num_queries} disagrees with scores.shape[0]={q}")
+  if corpus_size is not None and int(corpus_size) != n:
+    raise ValueError(f"corpus_size={corpus_size} disagrees with scores.shape[1]={n}")
+  return (lambda a, b: scores[a:b]), q, n
+
+
+def _check_targets(target_index, q: int, n: int) -> np.ndarray:
+  t = np.asarray(target_index)
+  if t.shape != (q,):
+    raise ValueError(f"target_index must have shape ({q},) (one per query), got {t.shape}")
+  if q and not np.issubdtype(t.dtype, np.integer):
+    raise ValueError(f"target_index must be integers, got dtype {t.dtype}")
+  bad = np.nonzero((t < 0) | (t >= n))[0]
+  if bad.size:
+    i = int(bad[0])
+    raise ValueError(f"target_index[{i}] = {int(t[i])} is out of range for a corpus of "
+                     f"{n} entries ({bad.size} queries out of range)")
+  return t.astype(np.int32)
+
+
+def _check_image_ids(image_ids, n: int) -> Optional[np.ndarray]:
+  if image_ids is None:
+    return None
+  ids = np.asarray(image_ids)
+  if ids.shape != (n,):
+    raise ValueError(f"image_ids must have shape ({n},) (one per corpus entry), got {ids.shape}")
+  if n and not np.issubdtype(ids.dtype, np.integer):
+    raise ValueError("image_ids must be integers (map names with "
+                     f"np.unique(names, return_inverse=True)), got dtype {ids.dtype}")
+  if n and (ids.min() < 0 or ids.max() > np.iinfo(np.int32).max):
+    raise ValueError("image_ids must lie in [0, 2**31)")
+  return ids.astype(np.int32)
+
+
+def _dedup_minus_target(offsets, flat, target_ids):
+  """Per segment: unique values in order of first occurrence, minus the target's id."""
+  q = len(offsets) - 1
+  seg = np.repeat(np.arange(q, dtype=np.int64), np.diff(offsets))
+  keep = flat != target_ids[seg]
+  if flat.size:
+    # First occurrence of each (segment, id): stable sort by the pair, then compare neighbours.
+    key = seg * (np.int64(flat.max()) + 1) + flat.astype(np.int64)
+    order = np.argsort(key, kind="stable")
+    ks = key[order]
+    first = np.ones(ks.size, bool)
+    first[1:] = ks[1:] != ks[:-1]
+    is_first = np.empty_like(first)
+    is_first[order] = first
+    keep &= is_first
+  sizes = np.bincount(seg[keep], minlength=q) if q else np.zeros(0, np.int64)
+  new_offsets = np.zeros(q + 1, np.int64)
+  np.cumsum(sizes, out=new_offsets[1:])
+  return new_offsets, flat[keep]
+
+
+def _progress(enabled, done, total, t0):
+  if enabled:
+    rate = done / max(time.perf_counter() - t0, 1e-9)
+    print(f"\rmining: {done}/{total} queries ({rate:,.0f} queries/s)", end="",
+          file=sys.stderr, flush=True)
+    if done >= total:
+      print(file=sys.stderr)
+
+
+def hard_negative_sets(
+    scores: ScoresOrBlockFn,
+    target_index,
+    *,
+    strategy: str = "qure",
+    image_ids=None,
+    consecutive_threshold: int = 1,
+    strict_below: bool = False,
+    k: int = 100,
+    block_size: Optional[int] = None,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    mesh_axes: Optional[Union[str, tuple]] = None,
+    num_queries: Optional[int] = None,
+    corpus_size: Optional[int] = None,
+    top_drops: int = 32,
+    progress: bool = False,
+) -> tuple[HardNegativeSets, MiningStats]:
+  """Mines each query's negative set over its corpus (QuRe by default).
+
+  Args:
+    scores: a `[Q, N]` score matrix (numpy or jax), or a block function
+      `(start, stop) -> scores[start:stop]` of shape `[stop-start, N]` (numpy or jax; e.g.
+      query-block x corpus on device) so the full matrix never has to exist. A block
+      function needs `num_queries` and `corpus_size`.
+    target_index: `[Q]` ints, the corpus position of each query's target (as given; with a
+      repeating corpus, the position you pass decides which copy is "the target").
+    strategy: `"qure"` (default), `"topk"` (k best other than the target) or
+      `"after_target_topk"` (the k entries right after the target). The whole-corpus
+      strategy is `whole_corpus_sets`.
+    image_ids: optional `[N]` ints, the image id of each corpus entry (entries may repeat).
+      Sets are then unique image ids, first occurrence kept, the target's id removed.
+    consecutive_threshold: minimum distance between the two drops is this + 1 (reference: 1;
+      0 gives the paper's plain top-2).
+    strict_below: the after-target list is the entries scoring strictly below the target
+      (paper Eq. 5) instead of the positions after it (reference code).
+    k: set size for the top-k strategies.
+    block_size: query rows per device call; default from `memory_budget_bytes`.
+    memory_budget_bytes: device memory one block may use (default 1 GiB).
+    mesh: shard each block's query axis over this mesh (block rows rounded to its size).
+    mesh_axes: mesh axes for the query axis (default: all of them).
+    top_drops: steepest drops ranked with `top_k` before falling back to a full ranking of
+      the drops; a speed knob only, results never depend on it.
+    progress: print queries/s to stderr.
+
+  Returns:
+    `(HardNegativeSets, MiningStats)`, numpy on the host.
+
+  Raises:
+    ValueError: on NaN/inf scores (naming the query row and column), out-of-range or
+      mis-shaped targets, an empty corpus, `k` larger than the corpus, bad options.
+  """
+  if strategy not in STRATEGIES:
+    raise ValueError(f"strategy={strategy!r}; expected one of {STRATEGIES} "
+                     "(the whole-corpus strategy is whole_corpus_sets)")
+  block_fn, q, n = _as_block_fn(scores, num_queries, corpus_size)
+  if n == 0:
+    raise ValueError("scores: the corpus is empty (corpus_size 0); nothing to mine")
+  if n >= 2 ** 31 - 1:
+    raise ValueError(f"corpus_size={n} does not fit 32-bit positions")
+  targets = _check_targets(target_index, q, n)
+  ids = _check_image_ids(image_ids, n)
+  if int(consecutive_threshold) != consecutive_threshold or consecutive_threshold < 0:
+    raise ValueError(f"consecutive_threshold must be an integer >= 0, got {consecutive_threshold}")
+  if strategy != "qure" and not 1 <= k <= n:
+    raise ValueError(f"k={k} must lie in [1, corpus_size={n}]")
+  if top_drops < 2:
+    raise ValueError(f"top_drops must be >= 2, got {top_drops}")
+
+  ndev = 1
+  axes = None
+  if mesh is not None:
+    axes = tuple(mesh.axis_names) if mesh_axes is None else mesh_axes
+    axes_t = (axes,) if isinstance(axes, str) else tuple(axes)
+    ndev = int(np.prod([mesh.shape[a] for a in axes_t]))
+  rows = int(block_size) if block_size else block_rows_for_budget(n, memory_budget_bytes, ndev)
+  if rows < 1:
+    raise ValueError(f"block_size must be >= 1, got {block_size}")
+  rows = -(-rows // ndev) * ndev
+  rows = min(rows, -(-max(q, 1) // ndev) * ndev)
+
+  # Static options change the compiled shapes; the others are traced (one compile for all).
+  if strategy == "qure":
+    params = (("top_drops", int(top_drops)),)
+    # A threshold >= N - 2 accepts no pair, so clipping it to N keeps int32 safe.
+    dynamic = (np.int32(min(int(consecutive_threshold), n)), np.bool_(strict_below))
+  elif strategy == "topk":
+    params = (("k", int(k)),)
+    dynamic = ()
+  else:
+    params = (("k", int(k)),)
+    dynamic = (np.bool_(strict_below),)
+  kernel = _compiled(strategy, params, mesh, axes)
+
+  pieces, stat_pieces, offs = [], [], [0]
+  t0 = time.perf_counter()
+  with jax.enable_x64(True):
+    pending = None
+    for start in range(0, q, rows):
+      stop = min(start + rows, q)
+      blk = block_fn(start, stop)
+      if tuple(blk.shape) != (stop - start, n):
+        raise ValueError(f"scores block [{start}:{stop}] has shape {tuple(blk.shape)}, "
+                         f"expected {(stop - start, n)}")
+      pad = rows - (stop - start)
+      tb = targets[start:stop]
+      if pad:
+        xp = jnp if isinstance(blk, jax.Array) else np
+        blk = xp.concatenate([blk, xp.zeros((pad, n), blk.dtype)], axis=0)
+        tb = np.concatenate([tb, np.zeros(pad, np.int32)])
+      if mesh is not None:
+        blk = jax.device_put(blk, NamedSharding(mesh, P(axes, None)))
+        tb = jax.device_put(tb, NamedSharding(mesh, P(axes)))
+      out = kernel(blk, tb, *dynamic)
+      # Finish the previous block while this one runs (asynchronous dispatch).
+      if pending is not None:
+        _finish_block(pending, pieces, stat_pieces, offs)
+        _progress(progress, pending[1], q, t0)
+      pending = (start, stop, blk, out)
+    if pending is not None:
+      _finish_block(pending, pieces, stat_pieces, offs)
+      _progress(progress, pending[1], q, t0)
+
+  offsets = np.asarray(offs, np.int64)
+  flat = np.concatenate(pieces).astype(np.int32) if pieces else np.zeros(0, np.int32)
+  st = {key: (np.concatenate([p[key] for p in stat_pieces]) if stat_pieces
+              else np.zeros(0, np.float32 if "size" in key else np.int32))
+        for key in ("rank", "num_after", "gap1", "gap2", "gap1_size", "gap2_size", "status")}
+  span = np.diff(offsets)
+  if ids is not None:
+    offsets, flat = _dedup_minus_target(offsets, ids[flat], ids[targets])
+    emptied = (np.diff(offsets) == 0) & (span > 0)
+    st["status"] = np.where(emptied, STATUS_EMPTY_AFTER_DEDUP, st["status"]).astype(np.int32)
+  sets = HardNegativeSets(offsets=offsets, indices=flat)
+  stats = MiningStats(set_size=np.diff(offsets), span=span, target_rank=st["rank"],
+                      num_after=st["num_after"], gap1=st["gap1"], gap2=st["gap2"],
+                      gap1_size=st["gap1_size"], gap2_size=st["gap2_size"],
+                      status=st["status"])
+  return sets, stats
+
+
+def _finish_block(pending, pieces, stat_pieces, offs):
+  start, stop, blk, (cand, lo, size, finite, stats) = pending
+  nrow = stop - start
+  finite = np.asarray(finite)[:nrow]
+  if not finite.all():
+    r = int(np.argmin(finite))
+    row = np.asarray(blk[r])
+    c = int(np.nonzero(~np.isfinite(row))[0][0])
+    raise ValueError(f"scores row {start + r} (query {start + r}) has a non-finite value "
+                     f"{row[c]} at column {c}: NaN/inf scores cannot be mined (check the "
+                     "model's outputs; an infinite score makes the drops undefined)")
+  size_h = np.asarray(size)[:nrow].astype(np.int64)
+  total = int(size_h.sum())
+  if total:
+    starts = np.full(len(np.asarray(size)), total, np.int32)  # padded rows own nothing
+    starts[:nrow] = np.concatenate([[0], np.cumsum(size_h)[:-1]])
+    # Powers of two (at least 4096) bound the number of gather shapes ever compiled.
+    total_pad = max(4096, 1 << max(0, (total - 1).bit_length()))
+    mesh = getattr(getattr(cand, "sharding", None), "mesh", None)
+    if mesh is not None and getattr(mesh, "size", 1) > 1:
+      # The compaction indexes rows across shards: replicate the block's order on device
+      # (an all-gather, never a trip through the host) and gather everywhere.
+      rep = NamedSharding(mesh, P())
+      cand, lo = jax.device_put(cand, rep), jax.device_put(lo, rep)
+      flat = _compiled_gather(total_pad)(cand, lo, jax.device_put(starts, rep))
+    else:
+      flat = _compiled_gather(total_pad)(cand, lo, jnp.asarray(starts))
+    pieces.append(np.asarray(flat)[:total])
+  for s_ in size_h:
+    offs.append(offs[-1] + int(s_))
+  stat_pieces.append({k_: np.asarray(v)[:nrow] for k_, v in stats.items()})
+
+
+# ---------------------------------------------------------------------------------------
+# The whole-corpus set (warm-up and the "All corpus" ablation), kept implicit.
+
+@dataclasses.dataclass(frozen=True)
+class WholeCorpusSets:
+  """Every corpus entry whose image id differs from the target's, for every query.
+
+  Kept implicit (Q x N indices would be huge); the sampler draws from it directly.
+  `pool_ids[j]` is corpus entry j's image id (its position when mining had no image ids);
+  `target_ids[i]` is query i's target id.
+  """
+  pool_ids: np.ndarray
+  target_ids: np.ndarray
+
+  @property
+  def num_queries(self) -> int:
+    return len(self.target_ids)
+
+  def materialize(self) -> HardNegativeSets:
+    """Explicit ragged sets of unique ids minus the target (only for small problems)."""
+    uniq = np.unique(self.pool_ids)
+    sets = [uniq[uniq != t] for t in self.target_ids]
+    sizes = np.array([len(s) for s in sets], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    flat = np.concatenate(sets).astype(np.int32) if sets else np.zeros(0, np.int32)
+    return HardNegativeSets(offsets=offsets, indices=flat)
+
+
+def whole_corpus_sets(target_index, *, corpus_size: Optional[int] = None,
+                      image_ids=None) -> WholeCorpusSets:
+  """The warm-up / "All corpus" set: the corpus minus the target's image id, per query."""
+  ids = None
+  if image_ids is not None:
+    ids = np.asarray(image_ids)
+    n = len(ids)
+    if corpus_size is not None and corpus_size != n:
+      raise ValueError(f"corpus_size={corpus_size} disagrees with len(image_ids)={n}")
+  elif corpus_size is None:
+    raise ValueError("whole_corpus_sets needs corpus_size= or image_ids=")
+  else:
+    n = int(corpus_size)
+  if n == 0:
+    raise ValueError("the corpus is empty (corpus_size 0)")
+  t = np.asarray(target_index)
+  targets = _check_targets(t, t.shape[0] if t.ndim == 1 else -1, n)
+  ids = _check_image_ids(ids, n) if ids is not None else np.arange(n, dtype=np.int32)
+  tid = ids[targets]
+  if len(np.unique(ids)) < 2:
+    raise ValueError("the corpus holds a single image id: no negative can differ from the target")
+  return WholeCorpusSets(pool_ids=ids, target_ids=tid)
+
+
+def first_positions(image_ids, query_target_ids) -> np.ndarray:
+  """Corpus position of the first entry of each query's target image id (helper for
+  callers that know target *ids*). Raises if an id is absent from the corpus."""
+  ids = np.asarray(image_ids)
+  want = np.asarray(query_target_ids)
+  order = np.argsort(ids, kind="stable")
+  pos = np.searchsorted(ids[order], want)
+  pos = np.clip(pos, 0, len(ids) - 1)
+  found = ids[order][pos] == want
+  if not found.all():
+    i = int(np.argmin(found))
+    raise ValueError(f"query_target_ids[{i}] = {want[i]} is not in image_ids")
+  return order[pos].astype(np.int32)
+
+
+__all__ = ["HardNegativeSets", "MiningStats", "WholeCorpusSets", "hard_negative_sets",
+           "whole_corpus_sets", "first_positions", "block_rows_for_budget", "STRATEGIES",
+           "STATUS_OK", "STATUS_FEW_AFTER", "STATUS_NO_PAIR", "STATUS_EMPTY_AFTER_DEDUP"]
