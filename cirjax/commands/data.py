@@ -99,8 +99,13 @@ def run(args: argparse.Namespace) -> int:
       return 0
     if args.data_command == "tfds":
       from cirjax.data import tfds_builders  # pylint: disable=g-import-not-at-top
-      path = tfds_builders.build(args.dataset, args.root, args.data_dir)
-      print(f"wrote {path}")
+      splits = tfds_builders.available_splits(args.dataset, args.root)
+      print(f"[tfds] building {tfds_builders.BUILDERS[args.dataset]} (queries + images) for "
+            f"splits {', '.join(splits)} into {args.data_dir}", flush=True)
+      path = tfds_builders.build(args.dataset, args.root, args.data_dir,
+                                 fashioniq_root=args.fashioniq_root)
+      print(f"wrote {path}; read it with cirjax.data.tfds_builders.load_split"
+            f"(data_dir, {args.dataset!r}, SPLIT) or tfds.data_source")
       return 0
   except DataError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -31,9 +31,22 @@ import grain
 import numpy as np
 
 from cirjax.data import images as images_lib
-from cirjax.data.records import CIRSplit, DataError, ImageRef, Query
+from cirjax.data.records import CIRSplit, DataError, Query
 
 TokenizeFn = Callable[[Sequence[str]], tuple[np.ndarray, np.ndarray]]
+# name -> PIL image; the default reads `split.images[name]` from disk. TFDS builds supply
+# their own (`cirjax.data.tfds_builders.load_split`).
+ImageSource = Callable[[str], "images_lib.Image.Image"]
+
+
+def file_image_source(split: CIRSplit) -> ImageSource:
+  """Reads a split's images from their files (GeneCIS boxes cropped)."""
+  def load(name: str):
+    ref = split.images.get(name)
+    if ref is None:
+      raise DataError(f"{split.name}: unknown image {name!r}")
+    return images_lib.load_image(ref)
+  return load
 
 
 def default_text(query: Query) -> str:
@@ -43,8 +56,10 @@ def default_text(query: Query) -> str:
 class ImageCache:
   """Preprocessed images by name, shared by worker threads (only for small datasets)."""
 
-  def __init__(self, split: CIRSplit, transform: Callable, enabled: bool = True):
+  def __init__(self, split: CIRSplit, transform: Callable, enabled: bool = True,
+               image_source: ImageSource | None = None):
     self.split, self.transform, self.enabled = split, transform, enabled
+    self.source = image_source or file_image_source(split)
     self._cache: dict[str, np.ndarray] = {}
     self._lock = threading.Lock()
 
@@ -53,10 +68,7 @@ class ImageCache:
       x = self._cache.get(name)
       if x is not None:
         return x
-    ref = self.split.images.get(name)
-    if ref is None:
-      raise DataError(f"{self.split.name}: unknown image {name!r}")
-    x = self.transform(images_lib.load_image(ref))
+    x = self.transform(self.source(name))
     if self.enabled:
       with self._lock:
         self._cache[name] = x
@@ -74,7 +86,8 @@ class TripletLoader:
   def __init__(self, split: CIRSplit, transform: Callable, tokenize_fn: TokenizeFn,
                batch_size: int, seed: int = 0, drop_remainder: bool = True,
                num_threads: int = 4, prefetch: int = 4, text_fn: Callable[[Query], str] = default_text,
-               cache_images: bool = False, process_index: int = 0, process_count: int = 1):
+               cache_images: bool = False, process_index: int = 0, process_count: int = 1,
+               image_source: ImageSource | None = None):
     if batch_size % process_count:
       raise ValueError(f"global batch {batch_size} does not split over {process_count} processes")
     self.queries = [q for q in split.queries]
@@ -90,7 +103,7 @@ class TripletLoader:
     self.batch_size, self.seed, self.drop_remainder = batch_size, seed, drop_remainder
     self.num_threads, self.prefetch = num_threads, prefetch
     self.process_index, self.process_count = process_index, process_count
-    self.images = ImageCache(split, transform, cache_images)
+    self.images = ImageCache(split, transform, cache_images, image_source)
     n = len(self.queries)
     self.steps_per_epoch = n // batch_size if drop_remainder else -(-n // batch_size)
     if self.steps_per_epoch == 0:
@@ -130,15 +143,17 @@ class TripletLoader:
 
 
 def image_batches(split: CIRSplit, names: Sequence[str], transform: Callable, batch_size: int,
-                  num_threads: int = 4) -> Iterator[np.ndarray]:
+                  num_threads: int = 4, image_source: ImageSource | None = None
+                  ) -> Iterator[np.ndarray]:
   """Preprocessed [B, H, W, 3] batches of the named images, in order (corpus encoding)."""
   names = list(names)
+  source = image_source or file_image_source(split)
   if not names:
     raise DataError(f"{split.name}: no images to load")
 
   def load(i):
     chunk = names[i * batch_size:(i + 1) * batch_size]
-    return np.stack([transform(images_lib.load_image(split.images[n])) for n in chunk])
+    return np.stack([transform(source(n)) for n in chunk])
 
   n_batches = -(-len(names) // batch_size)
   ds = grain.MapDataset.range(n_batches).map(lambda i: load(int(i)))
@@ -146,17 +161,19 @@ def image_batches(split: CIRSplit, names: Sequence[str], transform: Callable, ba
 
 
 def query_batches(split: CIRSplit, transform: Callable, tokenize_fn: TokenizeFn, batch_size: int,
-                  text_fn: Callable[[Query], str] = default_text, num_threads: int = 4
+                  text_fn: Callable[[Query], str] = default_text, num_threads: int = 4,
+                  image_source: ImageSource | None = None
                   ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
   """(reference pixels, input_ids, attention_mask) batches of every query, in order."""
   qs = split.queries
+  source = image_source or file_image_source(split)
   if not qs:
     raise DataError(f"{split.name}: no queries")
 
   def load(i):
     chunk = qs[i * batch_size:(i + 1) * batch_size]
     ids, mask = tokenize_fn([text_fn(q) for q in chunk])
-    pix = np.stack([transform(images_lib.load_image(split.images[q.reference])) for q in chunk])
+    pix = np.stack([transform(source(q.reference)) for q in chunk])
     return pix, ids, mask
 
   n_batches = -(-len(qs) // batch_size)

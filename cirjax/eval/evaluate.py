@@ -59,13 +59,15 @@ def baseline_scorer(kind: str, split: CIRSplit, seed: int = 0) -> retrieval.Scor
 
 def encode_split(encoder: Any, split: CIRSplit, transform: Callable, tokenize_fn: Callable,
                  batch_size: int = 64, text_fn: Callable[[Query], str] | None = None,
-                 mesh=None, num_threads: int = 4, log: Callable[[str], None] | None = print
+                 mesh=None, num_threads: int = 4, log: Callable[[str], None] | None = print,
+                 image_source: Callable | None = None
                  ) -> tuple[retrieval.FeatureScorer, dict[str, float]]:
   """Encodes the corpus (`encoder.encode_image`) and the queries (`encoder.compose`).
 
   `encoder` follows the protocol of `cirjax.load_blip2(...)`: `encode_image(pixels NHWC)` ->
   [B, Q, D] (or [B, D]) and `compose(pixels, input_ids, attention_mask)` -> [B, D], both
-  L2-normalised. Returns the scorer and timings (images/s, queries/s).
+  L2-normalised. Returns the scorer and timings (images/s, queries/s). `image_source`
+  (name -> PIL image) replaces reading the split's image files (TFDS builds).
   """
   from cirjax.data import loader  # pylint: disable=g-import-not-at-top
   mesh = mesh or retrieval.make_mesh()
@@ -83,12 +85,13 @@ def encode_split(encoder: Any, split: CIRSplit, transform: Callable, tokenize_fn
   t0 = time.perf_counter()
   corpus = retrieval.encode_batches(
       encoder.encode_image,
-      loader.image_batches(split, split.corpus, transform, batch_size, num_threads),
+      loader.image_batches(split, split.corpus, transform, batch_size, num_threads, image_source),
       mesh, batch_size, prog("corpus images", n_img))
   t1 = time.perf_counter()
   queries = retrieval.encode_batches(
       encoder.compose,
-      loader.query_batches(split, transform, tokenize_fn, batch_size, text_fn, num_threads),
+      loader.query_batches(split, transform, tokenize_fn, batch_size, text_fn, num_threads,
+                           image_source),
       mesh, batch_size, prog("queries", n_q))
   t2 = time.perf_counter()
   timings = {"corpus_images_per_s": n_img / (t1 - t0), "queries_encoded_per_s": n_q / (t2 - t1)}
