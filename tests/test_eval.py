@@ -272,3 +272,36 @@ def test_checkpoint_resolution(tmp_path):
     encoders.load_encoder(wd)
   with pytest.raises(FileNotFoundError, match="does not exist"):
     encoders.resolve_model_dir(tmp_path / "missing")
+
+
+def test_cirr_pipeline_matches_reference_code_on_random_features(mesh):
+  """End to end: features -> blocked top-k (reference excluded) -> metrics equals the
+  CLIP4Cir/SPRC names-based computation on the full host score matrix."""
+  rng = np.random.default_rng(4)
+  n, nq, d = 90, 30, 8
+  corpus = [f"dev-{i}" for i in range(n)]
+  qs = []
+  for i in range(nq):
+    ref = int(rng.integers(n))
+    others = rng.choice(np.setdiff1d(np.arange(n), [ref]), 5, replace=False)
+    members = [corpus[ref]] + [corpus[j] for j in others]
+    tgt = corpus[others[rng.integers(5)]]
+    qs.append(Query(str(i), corpus[ref], "t", target=tgt, relevant=(tgt,),
+                    subset=tuple(members[1:])))
+  s = _split("cirr", qs, corpus)
+  qf = rng.standard_normal((nq, d)).astype(np.float32)
+  cf = rng.standard_normal((n, 3, d)).astype(np.float32)
+  res = evaluate.evaluate_split(s, retrieval.FeatureScorer(qf, cf), mesh)
+  full_scores = np.einsum("qd,ntd->qnt", qf.astype(np.float64), cf.astype(np.float64)).max(-1)
+  names = np.array(corpus)
+  full_sorted = names[np.argsort(-full_scores, axis=1, kind="stable")]
+  ref_mask = full_sorted != np.array([q.reference for q in qs])[:, None]
+  sorted_names = full_sorted[ref_mask].reshape(nq, n - 1)
+  labels = sorted_names == np.array([q.target for q in qs])[:, None]
+  members = np.array([[q.reference, *q.subset] for q in qs])
+  group_mask = (sorted_names[..., None] == members[:, None, :]).sum(-1).astype(bool)
+  group_labels = labels[group_mask].reshape(nq, -1)
+  for k in (1, 5, 10, 50):
+    assert res.metrics[f"R@{k}"] == pytest.approx(labels[:, :k].sum() / nq * 100), k
+  for k in (1, 2, 3):
+    assert res.metrics[f"Rsubset@{k}"] == pytest.approx(group_labels[:, :k].sum() / nq * 100), k

@@ -137,3 +137,34 @@ def test_circo_map_matches_official_code_on_random_rankings():
 def test_relevant_share():
   r = metrics.relevant_share_at_k(np.array([[1, 2, 3, 4, 5, 6]]), [[2, 5, 6]], k=5)
   assert r == pytest.approx(40.0)
+
+
+def test_fashioniq_matches_reference_code_on_random_rankings():
+  """CLIP4Cir/SPRC `compute_fiq_val_metrics`: labels = sorted names == target; R@K = mean."""
+  rng = np.random.default_rng(2)
+  n, n_q = 200, 60
+  names = np.array([f"B{i:04d}" for i in range(n)])
+  full = np.stack([rng.permutation(n) for _ in range(n_q)])
+  targets = np.where(rng.random(n_q) < 0.5, full[np.arange(n_q), rng.integers(0, 60, n_q)],
+                     rng.integers(0, n, n_q))
+  labels = names[full] == np.repeat(names[targets], n).reshape(n_q, n)
+  ours = metrics.recall_at_k(full[:, :50], targets, metrics.FASHIONIQ_KS)
+  for k in (10, 50):
+    assert ours[f"R@{k}"] == pytest.approx(np.sum(labels[:, :k]) / n_q * 100)
+
+
+def test_genecis_and_preference_rate_match_direct_formulas_on_random_scores():
+  rng = np.random.default_rng(3)
+  n_q = 80
+  ts = rng.random(n_q)
+  gal = [rng.random(rng.integers(5, 15)) for _ in range(n_q)]
+  # GeneCIS eval: sort [target] + gallery by descending score, the target's position is its rank.
+  ranks = [int(np.flatnonzero(np.argsort(-np.concatenate([[t], g]), kind="stable") == 0)[0])
+           for t, g in zip(ts, gal)]
+  r = metrics.genecis_recall(ts, gal)
+  for k in (1, 2, 3):
+    assert r[f"R@{k}"] == pytest.approx(np.mean(np.array(ranks) < k) * 100)
+  s1, s2 = rng.random((n_q, 5)), rng.random((n_q, 5))
+  pref = rng.integers(1, 3, n_q)
+  want = np.mean([(1 if a.mean() > b.mean() else 2) == p for a, b, p in zip(s1, s2, pref)]) * 100
+  assert metrics.preference_rate(s1, s2, pref)["preference_rate"] == pytest.approx(want)
