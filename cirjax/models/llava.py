@@ -430,16 +430,9 @@ def load_llava(path: str | os.PathLike, *, dtype: str | None = None,
     dtype: compute dtype override ('float32' | 'bfloat16' | 'float16').
     param_dtype: stored dtype of the language model/projector params.
   """
-  from cirjax import model_io  # pylint: disable=g-import-not-at-top
   from cirjax.models import llava_convert  # pylint: disable=g-import-not-at-top
   path = Path(path)
-  if model_io.is_cirjax_dir(path):
-    model_type, cfg, params = model_io.load_model_dir(path)
-    if model_type != "llava":
-      raise ValueError(f"{path}: a cirjax '{model_type}' checkpoint, not 'llava'")
-    config = LlavaConfig.from_dict(cfg)
-  else:
-    config, params = llava_convert.from_hf(path)
+  params, config = llava_convert.load_any(path)
   overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v}
   if overrides:
     config = config.replace(**overrides)

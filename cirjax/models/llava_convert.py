@@ -360,11 +360,11 @@ def decoder_params_from_hf(state: Mapping[str, Any], config: Phi3Config, prefix:
 
 
 def from_hf(src_dir: str | os.PathLike, *, dtype: str = "float32",
-            param_dtype: str = "float32", report: dict | None = None) -> tuple[LlavaConfig, dict]:
+            param_dtype: str = "float32", report: dict | None = None) -> tuple[dict, LlavaConfig]:
   """Reads an HF LLaVA directory (config.json + safetensors/.bin, sharded or not).
 
   fp16/bf16 weights are upcast to fp32 (then `param_dtype` for the LM/projector when the
-  model is loaded). Returns (LlavaConfig, params as numpy fp32).
+  model is loaded). Returns (params as numpy fp32, LlavaConfig).
   """
   from cirjax.weights import read_state_dict  # pylint: disable=g-import-not-at-top
   src = Path(src_dir)
@@ -373,7 +373,7 @@ def from_hf(src_dir: str | os.PathLike, *, dtype: str = "float32",
   config = llava_config_from_hf(src, dtype=dtype, param_dtype=param_dtype)
   state = read_state_dict(src)
   params = convert_state_dict(state, config, source=str(src), report=report)
-  return config, params
+  return params, config
 
 
 def params_to_hf(config: LlavaConfig, params: Any, key_format: str = "hf4") -> dict[str, np.ndarray]:
@@ -389,7 +389,7 @@ def params_to_hf(config: LlavaConfig, params: Any, key_format: str = "hf4") -> d
   return out
 
 
-def to_hf(config: LlavaConfig, params: Any, dst_dir: str | os.PathLike, *,
+def to_hf(params: Any, config: LlavaConfig, dst_dir: str | os.PathLike, *,
           key_format: str = "hf4", tokenizer_dir: str | os.PathLike | None = None,
           max_shard_bytes: int = 5 * 1024 ** 3) -> Path:
   """Writes an HF LLaVA directory loadable by `LlavaForConditionalGeneration.from_pretrained`.
@@ -398,14 +398,46 @@ def to_hf(config: LlavaConfig, params: Any, dst_dir: str | os.PathLike, *,
   Tokenizer files found in `tokenizer_dir` are copied along.
   """
   from cirjax.weights import write_safetensors_sharded  # pylint: disable=g-import-not-at-top
+  if isinstance(params, LlavaConfig):  # tolerate (config, params) argument order
+    params, config = config, params
   dst = Path(dst_dir)
   dst.mkdir(parents=True, exist_ok=True)
   state = params_to_hf(config, params, key_format)
   write_safetensors_sharded(state, dst, max_shard_bytes=max_shard_bytes)
   (dst / "config.json").write_text(json.dumps(llava_config_to_hf(config), indent=2) + "\n")
   if tokenizer_dir is not None:
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "tokenizer.model", "chat_template.jinja", "added_tokens.json"):
+    for name in _TOKENIZER_FILES:
       if (Path(tokenizer_dir) / name).exists():
         shutil.copy(Path(tokenizer_dir) / name, dst / name)
   return dst
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "tokenizer.model", "chat_template.jinja", "added_tokens.json")
+
+
+def save_cirjax(params: Any, config: LlavaConfig, dst_dir: str | os.PathLike, *,
+                overwrite: bool = False, source: str | None = None,
+                tokenizer_dir: str | os.PathLike | None = None) -> Path:
+  """Writes a cirjax model directory (Orbax params + cirjax_config.json, model_type 'llava')
+  that `cirjax.load_llava` reads back; tokenizer files in `tokenizer_dir` are copied along."""
+  from cirjax import model_io  # pylint: disable=g-import-not-at-top
+  extra = {"source": source} if source else None
+  out = model_io.save_model_dir(dst_dir, params, config.to_dict(), "llava",
+                                overwrite=overwrite, extra=extra)
+  if tokenizer_dir is not None:
+    for name in _TOKENIZER_FILES:
+      if (Path(tokenizer_dir) / name).exists():
+        shutil.copy(Path(tokenizer_dir) / name, out / name)
+  return out
+
+
+def load_any(path: str | os.PathLike) -> tuple[dict, LlavaConfig]:
+  """(params, config) from an HF LLaVA directory or a cirjax 'llava' directory."""
+  from cirjax import model_io  # pylint: disable=g-import-not-at-top
+  if model_io.is_cirjax_dir(path):
+    model_type, cfg, params = model_io.load_model_dir(path)
+    if model_type != "llava":
+      raise ValueError(f"{path}: a cirjax '{model_type}' checkpoint, not 'llava'")
+    return params, LlavaConfig.from_dict(cfg)
+  return from_hf(path)

@@ -1,0 +1,200 @@
+"""Stage-by-stage numerical parity of the cirjax LLaVA embedder against transformers.
+
+The reference is `transformers.LlavaForConditionalGeneration.from_pretrained(path)` itself
+(eager attention, fp32): its CLIP hidden states, projector output (`image_hidden_states`),
+per-layer hidden states and the normalised last-token state. cirjax runs either its own
+conversion of the same directory (done in memory) or a converted cirjax directory.
+
+Both get the same random inputs: a batch of left-padded prompts of different lengths, every
+other row carrying one image (so image and text-only rows are mixed, and images are consumed
+in batch order as HF does). Each stage's max abs and max relative error
+(max |a - b| / max |b|) is compared with SPEC.md §3's whole-model tolerance (1e-4, fp32,
+matmul precision highest).
+
+Stages: vision features (the selected CLIP layer, CLS dropped), projector output, input
+embeddings (image features merged), decoder layer 1..N, final norm, embedding.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, NamedTuple, Optional, Sequence
+
+import numpy as np
+
+TOLERANCE = 1e-4  # SPEC.md §3, whole models in fp32; never loosened.
+
+
+class ParityRow(NamedTuple):
+  name: str
+  max_abs_err: float
+  max_rel_err: float
+  tolerance: float
+  ok: bool
+
+
+def compare(name: str, got: Any, want: Any, tol: float = TOLERANCE) -> ParityRow:
+  """One row: max abs error and max abs error over the reference's max magnitude."""
+  got = np.asarray(got, np.float64)
+  want = np.asarray(want, np.float64)
+  if got.shape != want.shape:
+    return ParityRow(f"{name} (shape {got.shape} vs {want.shape})", float("inf"),
+                     float("inf"), tol, False)
+  abs_err = float(np.max(np.abs(got - want))) if got.size else 0.0
+  rel = abs_err / max(float(np.max(np.abs(want))) if want.size else 0.0, 1e-30)
+  ok = bool(np.isfinite(got).all()) and rel <= tol
+  return ParityRow(name, abs_err, rel, tol, ok)
+
+
+def format_table(rows: Sequence[ParityRow]) -> str:
+  w = max([len(r.name) for r in rows] + [5])
+  lines = [f"{'stage':<{w}}  {'max abs err':>12}  {'max rel err':>12}  {'tol':>8}  ok",
+           "-" * (w + 44)]
+  for r in rows:
+    lines.append(f"{r.name:<{w}}  {r.max_abs_err:12.3e}  {r.max_rel_err:12.3e}  "
+                 f"{r.tolerance:8.0e}  {'yes' if r.ok else 'NO'}")
+  return "\n".join(lines)
+
+
+def random_inputs(config: Any, batch: int = 2, text_len: int = 16, seed: int = 0,
+                  images: bool = True) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+  """Left-padded ids/mask [B, T] (row b is 3b tokens shorter; even rows hold one image of
+  `num_image_tokens` tokens after a first token) and NHWC pixels for the image rows."""
+  rng = np.random.default_rng(seed)
+  p = config.num_image_tokens if images else 0
+  img_rows = [b for b in range(batch) if images and b % 2 == 0]
+  seq = text_len + p
+  if seq > config.text.max_position_embeddings:
+    raise ValueError(f"parity inputs need {seq} positions but the model allows "
+                     f"{config.text.max_position_embeddings}; lower text_len")
+  vocab = config.text.vocab_size
+  special = {config.image_token_id}
+  if config.text.pad_token_id is not None:
+    special.add(config.text.pad_token_id)
+  ids = np.zeros((batch, seq), np.int32)
+  mask = np.zeros((batch, seq), np.int32)
+  for b in range(batch):
+    n_text = max(2, text_len - 3 * b)
+    row = rng.integers(0, vocab, n_text + (p if b in img_rows else 0))
+    while any(int(x) in special for x in row):  # keep ids clear of the image/pad token
+      bad = np.isin(row, list(special))
+      row[bad] = rng.integers(0, vocab, int(bad.sum()))
+    if b in img_rows:
+      row[1:1 + p] = config.image_token_id
+    ids[b, seq - len(row):] = row
+    mask[b, seq - len(row):] = 1
+  pad = config.text.pad_token_id if config.text.pad_token_id is not None else 0
+  ids[mask == 0] = pad
+  pixels = None
+  if img_rows:
+    v = config.vision
+    pixels = rng.standard_normal((len(img_rows), v.image_size, v.image_size,
+                                  v.num_channels)).astype(np.float32)
+  return ids, mask, pixels
+
+
+def torch_stages(model: Any, config: Any, ids: np.ndarray, mask: np.ndarray,
+                 pixels: Optional[np.ndarray]) -> dict[str, np.ndarray]:
+  """The reference stages from an HF LlavaForConditionalGeneration (fp32, eager)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  pix = None if pixels is None else torch.from_numpy(np.ascontiguousarray(
+      pixels.transpose(0, 3, 1, 2)))
+  out: dict[str, np.ndarray] = {}
+  with torch.no_grad():
+    res = model(input_ids=torch.from_numpy(ids.astype(np.int64)),
+                attention_mask=torch.from_numpy(mask.astype(np.int64)), pixel_values=pix,
+                output_hidden_states=True)
+    if pix is not None:
+      vt = model.model.vision_tower if hasattr(model, "model") else model.vision_tower
+      vh = vt(pix, output_hidden_states=True).hidden_states
+      feats = [vh[l] for l in config.feature_layers]
+      if config.vision_feature_select_strategy == "default":
+        feats = [f[:, 1:] for f in feats]
+      out["vision features"] = torch.cat(feats, dim=-1).numpy()
+      out["projector output"] = res.image_hidden_states.reshape(
+          pix.shape[0], -1, res.image_hidden_states.shape[-1]).numpy()
+    hs = res.hidden_states
+    out.update(_layer_stages([h.numpy() for h in hs]))
+    out["embedding"] = F.normalize(hs[-1][:, -1], dim=-1).numpy()
+  return out
+
+
+def _layer_stages(hs: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+  n = len(hs) - 1
+  out = {"input embeddings": np.asarray(hs[0])}
+  for i in range(1, n):
+    out[f"decoder layer {i}"] = np.asarray(hs[i])
+  out[f"decoder layer {n} + final norm"] = np.asarray(hs[n])
+  return out
+
+
+def jax_stages(params: Any, config: Any, ids: np.ndarray, mask: np.ndarray,
+               pixels: Optional[np.ndarray]) -> dict[str, np.ndarray]:
+  """The same stages from cirjax (jitted)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from cirjax.models import llava  # pylint: disable=g-import-not-at-top
+  out: dict[str, np.ndarray] = {}
+  fwd = jax.jit(llava.forward, static_argnames=("config", "output_hidden_states"))
+  pix = None if pixels is None else jnp.asarray(pixels)
+  llava.check_inputs(ids, mask, pixels, config, require_left_padding=True)
+  res = fwd(params, jnp.asarray(ids), jnp.asarray(mask), pix, config=config,
+            output_hidden_states=True)
+  if pix is not None:
+    out["vision features"] = np.asarray(jax.jit(llava.vision_features,
+                                                static_argnames=("config",))(
+        params, pix, config=config))
+    out["projector output"] = np.asarray(res.image_features)
+  out.update(_layer_stages([np.asarray(h) for h in res.hidden_states]))
+  out["embedding"] = np.asarray(llava.l2_normalize(res.last_hidden_state[:, -1]))
+  return out
+
+
+def load_reference(path: str | os.PathLike) -> Any:
+  """HF LlavaForConditionalGeneration from `path` in fp32 with eager attention."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  model = transformers.LlavaForConditionalGeneration.from_pretrained(
+      os.fspath(path), dtype=torch.float32, attn_implementation="eager")
+  return model.eval()
+
+
+def run_parity(path: str | os.PathLike, *, converted: Optional[str | os.PathLike] = None,
+               batch: int = 2, text_len: int = 16, seed: int = 0, images: bool = True,
+               tolerance: float = TOLERANCE) -> list[ParityRow]:
+  """Compares the HF LLaVA checkpoint at `path` with cirjax, stage by stage.
+
+  Args:
+    path: HF LLaVA directory (config.json + weights), the PyTorch reference.
+    converted: a cirjax 'llava' directory to test (default: convert `path` in memory now).
+    batch, text_len, seed: the random inputs (see `random_inputs`).
+    images: include image rows (else text-only prompts).
+    tolerance: SPEC's 1e-4 whole-model tolerance by default.
+  Returns:
+    One ParityRow (name, max_abs_err, max_rel_err, tolerance, ok) per stage.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from cirjax.models import llava_convert  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_default_matmul_precision", "highest")
+  from cirjax import model_io  # pylint: disable=g-import-not-at-top
+  if model_io.is_cirjax_dir(path):
+    raise ValueError(f"{path}: parity needs the HF (PyTorch) checkpoint; pass the cirjax "
+                     f"directory as `converted`")
+  if converted is None:
+    params, config = llava_convert.from_hf(path)
+  else:
+    params, config = llava_convert.load_any(converted)
+    if not model_io.is_cirjax_dir(converted):
+      raise ValueError(f"{converted}: not a cirjax model directory (no cirjax_config.json)")
+  ref_config = llava_convert.llava_config_from_hf(path)
+  if ref_config.replace(dtype=config.dtype, param_dtype=config.param_dtype) != config:
+    raise ValueError(f"{converted}: its config differs from {path}/config.json; was it "
+                     f"converted from this checkpoint?")
+  config = config.replace(dtype="float32", param_dtype="float32")
+  ids, mask, pixels = random_inputs(config, batch, text_len, seed, images)
+  want = torch_stages(load_reference(path), config, ids, mask, pixels)
+  got = jax_stages(params, config, ids, mask, pixels)
+  return [compare(name, got.get(name, np.full((0,), np.nan)), want[name], tolerance)
+          for name in want]

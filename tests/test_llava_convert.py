@@ -1,0 +1,208 @@
+"""LLaVA conversion: HF directory round trips (4.x/5.x keys, sharded, fp16, .bin), strict key
+accounting, cirjax directories, `run_parity`, and the full-size tree checked by shape only."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import cirjax
+from cirjax import weights
+from cirjax.models import llava, llava_convert, llava_parity
+from tests import llava_fixtures as fx
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+  """A tiny Phi-3 LLaVA saved with save_pretrained, plus the test tokenizer."""
+  d = tmp_path_factory.mktemp("hf_llava")
+  model = fx.llava_model(fx.phi3_config(num_key_value_heads=2), seed=11)
+  model.save_pretrained(str(d))
+  fx.make_tokenizer(d)
+  return d, model
+
+
+def _inputs(config, seed=0):
+  return llava_parity.random_inputs(config, batch=3, text_len=9, seed=seed)
+
+
+def _emb(params, config, inputs):
+  ids, mask, pix = inputs
+  return np.asarray(llava.embed(params, ids, mask, pix, config=config))
+
+
+def test_from_hf_dir_and_run_parity(hf_dir):
+  d, _ = hf_dir
+  report = {}
+  params, config = llava_convert.from_hf(d, report=report)
+  assert report["skipped"] == ["language_model.lm_head.weight"]
+  rows = llava_parity.run_parity(d, batch=3, text_len=9)
+  names = [r.name for r in rows]
+  assert names[:3] == ["vision features", "projector output", "input embeddings"]
+  assert "decoder layer 1" in names and names[-1] == "embedding"
+  assert all(r.ok for r in rows), llava_parity.format_table(rows)
+  assert all(r.tolerance == 1e-4 for r in rows)
+  text_rows = llava_parity.run_parity(d, images=False, batch=2, text_len=7)
+  assert all(r.ok for r in text_rows) and "vision features" not in [r.name for r in text_rows]
+
+
+def test_parity_catches_a_wrong_weight(hf_dir, tmp_path):
+  d, _ = hf_dir
+  params, config = llava_convert.from_hf(d)
+  bad = jax.tree.map(lambda x: x, params)
+  w = np.array(bad["language_model"]["layers_1"]["mlp"]["down_proj"]["kernel"])
+  bad["language_model"]["layers_1"]["mlp"]["down_proj"]["kernel"] = w * 1.01
+  llava_convert.save_cirjax(bad, config, tmp_path / "bad")
+  rows = {r.name: r for r in llava_parity.run_parity(d, converted=tmp_path / "bad")}
+  assert rows["decoder layer 1"].ok and not rows["decoder layer 2 + final norm"].ok
+  assert not rows["embedding"].ok
+
+
+@pytest.mark.parametrize("key_format", ["hf4", "hf5"])
+def test_export_round_trip(hf_dir, tmp_path, key_format):
+  d, model = hf_dir
+  params, config = llava_convert.from_hf(d)
+  out = llava_convert.to_hf(params, config, tmp_path / key_format, key_format=key_format,
+                            tokenizer_dir=d)
+  keys = weights.read_state_dict(out)
+  prefix = "language_model.model." if key_format == "hf4" else "model.language_model."
+  assert any(k.startswith(prefix) for k in keys)
+  back = transformers.LlavaForConditionalGeneration.from_pretrained(
+      str(out), dtype=torch.float32, attn_implementation="eager")
+  # every exported weight loaded (only the unused LM head is left to initialise)
+  ref = model.state_dict()
+  got = back.state_dict()
+  for k, v in ref.items():
+    if "lm_head" not in k:
+      np.testing.assert_array_equal(got[k].numpy(), v.numpy(), err_msg=k)
+  params2, config2 = llava_convert.from_hf(out)
+  assert config2 == config
+  for a, b in zip(jax.tree.leaves(params2), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
+  assert (out / "tokenizer.json").exists()
+
+
+def test_sharded_fp16_and_bin(hf_dir, tmp_path):
+  d, model = hf_dir
+  params, config = llava_convert.from_hf(d)
+  state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+  # sharded safetensors + index, fp16
+  sh = tmp_path / "sharded"
+  weights.write_safetensors_sharded({k: v.numpy() for k, v in state.items()}, sh,
+                                    max_shard_bytes=20_000)
+  (sh / "config.json").write_text((d / "config.json").read_text())
+  assert (sh / "model.safetensors.index.json").exists()
+  p16, _ = llava_convert.from_hf(sh)
+  # .bin shards (torch.save), read through torch.load(weights_only=True)
+  bn = tmp_path / "bin"
+  bn.mkdir()
+  keys = sorted(state)
+  half = len(keys) // 2
+  index = {}
+  for i, part in enumerate((keys[:half], keys[half:])):
+    name = f"pytorch_model-0000{i + 1}-of-00002.bin"
+    torch.save({k: state[k] for k in part}, bn / name)
+    index.update({k: name for k in part})
+  (bn / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": index}))
+  (bn / "config.json").write_text((d / "config.json").read_text())
+  pbin, _ = llava_convert.from_hf(bn)
+  for a, b, c in zip(jax.tree.leaves(p16), jax.tree.leaves(pbin), jax.tree.leaves(params)):
+    assert a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, np.asarray(c).astype(np.float16).astype(np.float32))
+
+
+def test_key_formats_equivalent(hf_dir):
+  d, _ = hf_dir
+  state = weights.read_state_dict(d)
+  params, config = llava_convert.from_hf(d)
+  hf5 = {}
+  for k, v in state.items():
+    for old, new in (("language_model.model.", "model.language_model."),
+                     ("language_model.lm_head.", "lm_head."),
+                     ("vision_tower.", "model.vision_tower.vision_model."),
+                     ("multi_modal_projector.", "model.multi_modal_projector.")):
+      if k.startswith(old):
+        k = new + k[len(old):]
+        break
+    hf5[k] = v
+  rep = {}
+  p5 = llava_convert.convert_state_dict(hf5, config, report=rep)
+  assert rep["key_format"] == "hf5"
+  for a, b in zip(jax.tree.leaves(p5), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_strict_key_accounting(hf_dir):
+  d, _ = hf_dir
+  state = weights.read_state_dict(d)
+  _, config = llava_convert.from_hf(d)
+  s = dict(state)
+  del s["language_model.model.layers.1.mlp.down_proj.weight"]
+  s["language_model.model.layers.1.mlp.extra.weight"] = np.zeros(3, np.float32)
+  s["multi_modal_projector.linear_1.bias"] = np.zeros(7, np.float32)
+  with pytest.raises(weights.KeyAccountingError) as e:
+    llava_convert.convert_state_dict(s, config, source="broken")
+  msg = str(e.value)
+  for k in ("layers.1.mlp.down_proj.weight", "layers.1.mlp.extra.weight",
+            "multi_modal_projector.linear_1.bias"):
+    assert k in msg
+  with pytest.raises(ValueError, match="cannot find the language model"):
+    llava_convert.convert_state_dict({"foo": np.zeros(1)}, config)
+
+
+def test_load_llava_hf_and_cirjax_dirs(hf_dir, tmp_path):
+  d, model = hf_dir
+  m = cirjax.load_llava(d)
+  assert m.tokenizer is not None and m.tokenizer.padding_side == "left"
+  inputs = _inputs(m.config)
+  e1 = np.asarray(m.embed(*inputs))
+  params, config = llava_convert.from_hf(d)
+  llava_convert.save_cirjax(params, config, tmp_path / "cj", tokenizer_dir=d, source=str(d))
+  m2 = cirjax.load_llava(tmp_path / "cj")
+  assert m2.tokenizer is not None and m2.config == m.config
+  np.testing.assert_array_equal(np.asarray(m2.embed(*inputs)), e1)
+  hs = m2.hidden_states(*inputs)
+  assert len(hs) == config.text.num_layers + 1
+  # against HF on the same inputs
+  want = llava_parity.torch_stages(model, config, *inputs)["embedding"]
+  fx.assert_close(e1, want, fx.TOL_MODEL, "load_llava embedding")
+  # bf16 compute option
+  m16 = cirjax.load_llava(tmp_path / "cj", dtype="bfloat16", param_dtype="bfloat16")
+  assert np.all(np.sum(np.asarray(m16.embed(*inputs)) * e1, -1) > 0.99)
+  with pytest.raises(FileNotFoundError, match="no config.json"):
+    cirjax.load_llava(tmp_path)
+
+
+def test_full_size_tree_by_shape_only():
+  """Phi-3.5-mini + CLIP-L/14 at 224 px: the HF tree (built on the meta device) converts to
+  exactly cirjax's abstract tree, ~4.1 B parameters, nothing allocated."""
+  short, long = fx.longrope_factors(48)
+  tc = transformers.Phi3Config(
+      vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=131072,
+      original_max_position_embeddings=4096, pad_token_id=32000,
+      rope_scaling={"type": "longrope", "short_factor": short, "long_factor": long})
+  vc = transformers.CLIPVisionConfig(hidden_size=1024, intermediate_size=4096,
+                                     num_hidden_layers=24, num_attention_heads=16,
+                                     image_size=224, patch_size=14, projection_dim=768)
+  hf_cfg = transformers.LlavaConfig(vision_config=vc, text_config=tc, image_token_index=32044)
+  with torch.device("meta"):
+    model = transformers.LlavaForConditionalGeneration(hf_cfg)
+  shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+  config = llava_convert.llava_config_from_hf(hf_cfg.to_dict())
+  assert config.num_image_tokens == 256
+  got = llava_convert.convert_abstract(shapes, config)
+  want = llava.abstract_params(config)
+  flat = lambda t: {jax.tree_util.keystr(p): tuple(l.shape)
+                    for p, l in jax.tree_util.tree_flatten_with_path(t)[0]}
+  assert flat(got) == flat(want)
+  n = sum(int(np.prod(s)) for s in flat(want).values())
+  n_head = 32064 * 3072  # the LM head, skipped
+  assert 4.0e9 < n + n_head < 4.2e9, n
+  qkv = want["language_model"]["layers_0"]["self_attn"]["qkv_proj"]["kernel"]
+  assert qkv.shape == (3072, 9216)
