@@ -86,12 +86,14 @@ def encode_corpus(encoder: Any, corpus: Corpus, transform: Callable, batch_size:
     for i in range(0, len(corpus.paths), batch_size):
       yield np.stack([transform(images_lib.open_rgb(p)) for p in corpus.paths[i:i + batch_size]])
 
+  from cirjax.eval import encoders  # pylint: disable=g-import-not-at-top
+  fn, params = encoders.jit_parts(encoders.pure(encoder), "image")
   n = len(corpus.names)
   every = max(batch_size, (n // 5) // batch_size * batch_size)
   feats = retrieval.encode_batches(
-      encoder.encode_image, batches(), mesh, batch_size,
+      fn, batches(), mesh, batch_size,
       lambda done: log(f"[search] encoded {done}/{n} corpus images")
-      if done % every < batch_size or done == n else None)
+      if done % every < batch_size or done == n else None, params=params)
   if cache is not None:
     Path(cache).parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, key=np.array(key), features=feats)
@@ -112,7 +114,9 @@ def search(encoder: Any, corpus: Corpus, corpus_feats: np.ndarray, reference: st
   ref_path = Path(reference)
   pix = transform(images_lib.open_rgb(ref_path))[None]
   ids, mask = tokenize_fn([text])
-  q = retrieval.encode_batches(encoder.compose, iter([(pix, ids, mask)]), mesh, None)
+  from cirjax.eval import encoders  # pylint: disable=g-import-not-at-top
+  fn, params = encoders.jit_parts(encoders.pure(encoder), "compose")
+  q = retrieval.encode_batches(fn, iter([(pix, ids, mask)]), mesh, None, params=params)
   ex = -1
   if exclude_reference:
     resolved = ref_path.resolve()

@@ -305,3 +305,41 @@ def test_cirr_pipeline_matches_reference_code_on_random_features(mesh):
     assert res.metrics[f"R@{k}"] == pytest.approx(labels[:, :k].sum() / nq * 100), k
   for k in (1, 2, 3):
     assert res.metrics[f"Rsubset@{k}"] == pytest.approx(group_labels[:, :k].sum() / nq * 100), k
+
+
+@pytest.mark.slow  # ~90 s on 2 shared cores: six compilations of a (tiny) BLIP-2
+def test_cli_eval_and_search_with_a_blip2_checkpoint(root, tmp_path, capsys):
+  """A real (tiny, random) cirjax BLIP-2 model dir inside a training workdir: `cirjax eval`
+  and `cirjax search` through the pure-function path agree with the model object's methods."""
+  import dataclasses
+  blip2 = pytest.importorskip("cirjax.models.blip2")
+  from cirjax import cli, model_io
+  from cirjax.data import images, loader, text
+  tok = text.load_bert_tokenizer(root / "vocab.txt")
+  cfg = blip2.tiny_config()
+  cfg = cfg.replace(qformer=dataclasses.replace(cfg.qformer, vocab_size=len(tok)))
+  params = blip2.init_blip2(jax.random.PRNGKey(0), cfg)
+  model_dir = tmp_path / "workdir" / "model"
+  model_io.save_model_dir(model_dir, jax.tree.map(np.asarray, params), cfg.to_dict(), "blip2")
+  (model_dir / "vocab.txt").write_text((root / "vocab.txt").read_text())
+  out = tmp_path / "m.json"
+  assert cli.main(["eval", "--dataset", "synthetic", "--root", str(root), "--checkpoint",
+                   str(tmp_path / "workdir"), "--transform", "clip", "--batch-size", "16",
+                   "--out", str(out)]) == 0
+  assert "images clip 28px" in capsys.readouterr().out
+  got = json.loads(out.read_text())["splits"]["synthetic/val"]["metrics"]
+  # The same numbers from the model object's own (eager, input-checked) methods.
+  model = blip2.load_blip2(model_dir)
+  s = synth.read_synthetic(root, "val")
+  tf = images.make_transform("clip", 28)
+  px = lambda names: np.stack([tf(images.load_image(s.images[n])) for n in names])
+  cf = np.asarray(model.encode_image(px(s.corpus)))
+  ids, mask = text.tokenize(tok, [loader.default_text(q) for q in s.queries], 32)
+  qf = np.asarray(model.compose(px([q.reference for q in s.queries]), ids, mask))
+  want = evaluate.evaluate_split(s, retrieval.FeatureScorer(qf, cf), retrieval.make_mesh()).metrics
+  for k in ("R@1", "R@10", "R@50", "Rsubset@1", "mAP@10", "rel@5"):
+    assert got[k] == pytest.approx(want[k], abs=1e-6), k
+  assert cli.main(["search", "--checkpoint", str(tmp_path / "workdir"), "--dataset", "synthetic",
+                   "--root", str(root), "--query-id", s.queries[0].query_id, "--k", "4",
+                   "--transform", "clip", "--html", str(tmp_path / "s.html")]) == 0
+  assert (tmp_path / "s.html").is_file()

@@ -64,7 +64,46 @@ def load_encoder(path: str | os.PathLike) -> tuple[Any, Path]:
   for m in ("encode_image", "compose"):
     if not callable(getattr(model, m, None)):
       raise TypeError(f"model loaded from {d} has no {m}() method")
-  return model, d
+  return pure(model), d
+
+
+class PureEncoder:
+  """An encoder as pure functions of explicit params, so the evaluator jits each once and
+  passes the (replicated) params as an argument.
+
+  `encode_image_fn(params, pixels) -> [B, Q, D]`, `compose_fn(params, pixels, ids, mask) ->
+  [B, D]`. `encode_image` / `compose` call them eagerly (e.g. for a single search query).
+  """
+
+  def __init__(self, params: Any, encode_image_fn, compose_fn, config: Any = None):
+    self.params, self.config = params, config
+    self.encode_image_fn, self.compose_fn = encode_image_fn, compose_fn
+
+  def encode_image(self, pixels):
+    return self.encode_image_fn(self.params, pixels)
+
+  def compose(self, pixels, input_ids, attention_mask):
+    return self.compose_fn(self.params, pixels, input_ids, attention_mask)
+
+
+def pure(encoder: Any) -> PureEncoder | Any:
+  """A cirjax BLIP-2 model as a `PureEncoder` (its object methods check inputs on the host,
+  which cannot run under the evaluator's jit); anything else unchanged."""
+  if isinstance(encoder, PureEncoder):
+    return encoder
+  if type(encoder).__module__ == "cirjax.models.blip2" and hasattr(encoder, "params"):
+    from cirjax.models import blip2  # pylint: disable=g-import-not-at-top
+    cfg = encoder.config
+    return PureEncoder(encoder.params, lambda p, px: blip2.encode_image(p, cfg, px),
+                       lambda p, px, ids, mask: blip2.compose(p, cfg, px, ids, mask), cfg)
+  return encoder
+
+
+def jit_parts(encoder: Any, which: str):
+  """(function, params) for `retrieval.encode_batches`: which = 'image' or 'compose'."""
+  if isinstance(encoder, PureEncoder):
+    return (encoder.encode_image_fn if which == "image" else encoder.compose_fn), encoder.params
+  return (encoder.encode_image if which == "image" else encoder.compose), None
 
 
 def model_image_size(model: Any, default: int = 224) -> int:

@@ -55,18 +55,23 @@ def _round_up(n: int, m: int) -> int:
 # ----------------------------------------------------------------------------- encoding
 
 def encode_batches(encode_fn: Callable, batches: Iterable, mesh: jax.sharding.Mesh | None = None,
-                   batch_size: int | None = None, progress: Callable[[int], None] | None = None
-                   ) -> np.ndarray:
+                   batch_size: int | None = None, progress: Callable[[int], None] | None = None,
+                   params=None) -> np.ndarray:
   """Runs a jitted `encode_fn` over host batches, sharded on the batch axis; returns host [N, ...].
 
   `batches` yields arrays (or tuples of arrays) with a leading batch axis. Every batch is
   padded to `batch_size` (a multiple of the device count) so one compiled program serves all
-  of them; padded rows are dropped from the result.
+  of them; padded rows are dropped from the result. With `params`, `encode_fn(params, *batch)`
+  is called with the params replicated over the mesh once and passed as an argument (never
+  baked into the program as constants).
   """
   mesh = mesh or make_mesh()
   ndev = mesh.devices.size
   sharding = NamedSharding(mesh, P("data"))
   fn = jax.jit(encode_fn)
+  if params is not None:
+    params = jax.device_put(params, NamedSharding(mesh, P()))
+    fn = functools.partial(fn, params)
   outs, done = [], 0
   for b in batches:
     parts = b if isinstance(b, tuple) else (b,)
