@@ -168,3 +168,16 @@ def test_genecis_and_preference_rate_match_direct_formulas_on_random_scores():
   pref = rng.integers(1, 3, n_q)
   want = np.mean([(1 if a.mean() > b.mean() else 2) == p for a, b, p in zip(s1, s2, pref)]) * 100
   assert metrics.preference_rate(s1, s2, pref)["preference_rate"] == pytest.approx(want)
+
+
+def test_chance_map_is_exact_by_enumeration():
+  import itertools
+  n = 6
+  for r in (1, 2, 4):
+    rel = list(range(r))
+    perms = np.array(list(itertools.permutations(range(n))))
+    aps = metrics.average_precision_at_k(perms, [rel] * len(perms), ks=(1, 3, 6))
+    want = {f"mAP@{k}": aps[f"AP@{k}"].mean() * 100 for k in (1, 3, 6)}
+    got = metrics.chance_map(n, [r], ks=(1, 3, 6))
+    for k in want:
+      assert got[k] == pytest.approx(want[k]), (r, k)

@@ -163,6 +163,7 @@ def evaluate_split(split: CIRSplit, scorer: retrieval.Scorer, mesh=None, k: int 
       mean_rel = float(np.mean([len(r) for r in rel]))
       res.chance["rel@5"] = 100.0 * mean_rel / n_cand
       sizes = np.array([len(r) for r in rel])
+      res.chance.update(metrics.chance_map(n_cand, sizes, metrics.CIRCO_KS))
       for k_ in metrics.CIRR_KS:  # P(a random top-K misses all r relevant) = prod (n-r-j)/(n-j)
         j = np.arange(k_)[None, :]
         miss = np.clip((n_cand - sizes[:, None] - j) / (n_cand - j), 0.0, 1.0).prod(axis=1)
@@ -172,6 +173,7 @@ def evaluate_split(split: CIRSplit, scorer: retrieval.Scorer, mesh=None, k: int 
     res.metrics.update(metrics.map_at_k(ranking, rel, metrics.CIRCO_KS))
     res.metrics.update(metrics.recall_at_k(ranking, targets, metrics.CIRCO_KS))
     res.chance = metrics.chance_recall(n_cand, metrics.CIRCO_KS)
+    res.chance.update(metrics.chance_map(n_cand, [len(r) for r in rel], metrics.CIRCO_KS))
   elif ds == "fashioniq":
     res.metrics.update(metrics.recall_at_k(ranking, targets, metrics.FASHIONIQ_KS))
     res.chance = metrics.chance_recall(n_cand, metrics.FASHIONIQ_KS)

@@ -206,3 +206,25 @@ def preference_rate(set1_scores: np.ndarray, set2_scores: np.ndarray,
 def chance_recall(num_candidates: int, ks: Sequence[int]) -> dict[str, float]:
   """Expected Recall@K (percent) of a uniformly random ranking of `num_candidates`."""
   return {f"R@{k}": 100.0 * min(k, num_candidates) / num_candidates for k in ks}
+
+
+def chance_map(num_candidates: int, relevant_sizes: Sequence[int],
+               ks: Sequence[int] = CIRCO_KS) -> dict[str, float]:
+  """Expected mAP@K (percent) of a uniformly random ranking, exactly.
+
+  By linearity: the item at rank i is relevant with probability r/n, and given that, the
+  expected precision at i is (1 + (i-1)(r-1)/(n-1)) / i. AP@K sums these over i <= K and
+  divides by min(r, K), as `average_precision_at_k` does.
+  """
+  n = int(num_candidates)
+  r = np.asarray(relevant_sizes, dtype=np.float64)
+  if n < 1 or r.size == 0 or (r < 1).any() or (r > n).any():
+    raise ValueError(f"chance_map: need 1 <= relevant sizes <= {n} candidates")
+  out = {}
+  for k in ks:
+    i = np.arange(1, min(k, n) + 1, dtype=np.float64)[None, :]
+    rr = r[:, None]
+    prec = (1.0 + (i - 1.0) * (rr - 1.0) / max(n - 1, 1)) / i
+    ap = (rr / n * prec).sum(axis=1) / np.minimum(r, k)
+    out[f"mAP@{k}"] = float(ap.mean() * 100.0)
+  return out
