@@ -343,3 +343,24 @@ def test_cli_eval_and_search_with_a_blip2_checkpoint(root, tmp_path, capsys):
                    "--root", str(root), "--query-id", s.queries[0].query_id, "--k", "4",
                    "--transform", "clip", "--html", str(tmp_path / "s.html")]) == 0
   assert (tmp_path / "s.html").is_file()
+
+
+def test_ragged_img_sets_and_too_small_corpus(mesh):
+  corpus = [f"c{i}" for i in range(70)]
+  qs = [Query(str(i), corpus[i], "t", target=corpus[i + 1], relevant=(corpus[i + 1],),
+              subset=tuple(corpus[i + 1:i + 1 + (2 + i % 4)])) for i in range(12)]
+  s = _split("cirr", qs, corpus)
+  o = evaluate.evaluate_split(s, evaluate.baseline_scorer("oracle", s), mesh)
+  assert o.metrics["Rsubset@1"] == 100.0
+  sizes = np.array([len(q.subset) for q in qs])
+  assert o.chance["Rsubset@1"] == pytest.approx(np.mean(1 / sizes) * 100)
+  assert ((o.subset_ranking >= 0).sum(1) == sizes).all()
+  small = _split("cirr", qs, corpus[:40])
+  with pytest.raises(DataError, match="only 39 candidate images"):
+    evaluate.evaluate_split(dataclass_replace_split(small, qs[:5]),
+                            retrieval.RandomScorer(5, 40), mesh)
+
+
+def dataclass_replace_split(s, queries):
+  import dataclasses
+  return dataclasses.replace(s, queries=queries)

@@ -131,16 +131,23 @@ def evaluate_split(split: CIRSplit, scorer: retrieval.Scorer, mesh=None, k: int 
   exclude = None
   if ds in ("cirr", "synthetic"):
     exclude = _indices(split, [q.reference for q in split.queries], "reference")
-  k = min(max(k, 50), nc - (1 if exclude is not None else 0))
+  n_cand = nc - (1 if exclude is not None else 0)
+  if n_cand < 50:
+    raise DataError(f"{split.name}: only {n_cand} candidate images per query, but the {ds} "
+                    "protocol reports ranks up to 50; use a larger corpus (e.g. more "
+                    "--num-val-images for the synthetic set)")
+  k = min(max(k, 50), n_cand)
   scores, ranking = retrieval.top_k(scorer, k, exclude, mesh)
   t_rank = time.perf_counter() - t0
   res = EvalResult(split, {}, ranking, scores, timings={"rank_s": t_rank,
                                                          "queries_ranked_per_s": nq / t_rank})
   if ds in ("cirr", "synthetic"):
     members = [list(q.subset) for q in split.queries]
-    if members and all(members) and len({len(m) for m in members}) == 1:
-      res.subset_ranking = retrieval.rank_subsets(
-          scorer, np.arange(nq), np.stack([_indices(split, m, "img_set member") for m in members]))
+    if any(members):
+      if not all(members):
+        raise DataError(f"{split.name}: {sum(not m for m in members)} queries have no img_set "
+                        "members; Recall_subset would be computed on a shrunken set")
+      res.subset_ranking = _rank_ragged_subsets(split, scorer, members)
   if not split.has_targets:
     res.metrics.update(skipped)
     return res  # test split: rankings for the submission files only
@@ -150,8 +157,9 @@ def evaluate_split(split: CIRSplit, scorer: retrieval.Scorer, mesh=None, k: int 
     res.metrics.update(metrics.cirr_metrics(ranking, targets, res.subset_ranking))
     res.chance = metrics.chance_recall(n_cand, metrics.CIRR_KS)
     if res.subset_ranking is not None:
-      s = res.subset_ranking.shape[1]
-      res.chance.update({f"Rsubset@{k_}": 100.0 * k_ / s for k_ in metrics.CIRR_SUBSET_KS})
+      sizes = (res.subset_ranking >= 0).sum(axis=1)
+      res.chance.update({f"Rsubset@{k_}": float(np.mean(np.minimum(k_, sizes) / sizes) * 100.0)
+                         for k_ in metrics.CIRR_SUBSET_KS})
       res.chance["avg"] = (res.chance["R@5"] + res.chance["Rsubset@1"]) / 2.0
     if ds == "synthetic":
       rel = [_indices(split, q.relevant, "relevant image") for q in split.queries]
@@ -183,6 +191,20 @@ def evaluate_split(split: CIRSplit, scorer: retrieval.Scorer, mesh=None, k: int 
   res.metrics["n_queries"] = float(nq)
   res.metrics["n_corpus"] = float(nc)
   return res
+
+
+def _rank_ragged_subsets(split: CIRSplit, scorer: retrieval.Scorer,
+                         members: list[list[str]]) -> np.ndarray:
+  """Subset rankings, [Nq, S] with -1 padding when sets differ in size (grouped by size)."""
+  nq = len(members)
+  width = max(len(m) for m in members)
+  out = np.full((nq, width), -1, np.int64)
+  sizes = np.array([len(m) for m in members])
+  for size in np.unique(sizes):
+    rows = np.flatnonzero(sizes == size)
+    idx = np.stack([_indices(split, members[i], "img_set member") for i in rows])
+    out[rows, :size] = retrieval.rank_subsets(scorer, rows, idx)
+  return out
 
 
 def _evaluate_pairs(split: CIRSplit, scorer: retrieval.Scorer) -> EvalResult:

@@ -33,7 +33,8 @@ def write_cirr_submission(result: EvalResult, out_dir: str | os.PathLike, name: 
   grp = {"version": "rc2", "metric": "recall_subset"}
   for i, q in enumerate(split.queries):
     sub[str(int(q.query_id))] = corpus[result.ranking[i, :50]].tolist()
-    grp[str(int(q.query_id))] = corpus[result.subset_ranking[i, :3]].tolist()
+    sub_row = result.subset_ranking[i]
+    grp[str(int(q.query_id))] = corpus[sub_row[sub_row >= 0][:3]].tolist()
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   p1, p2 = out / f"recall_submission_{name}.json", out / f"recall_subset_submission_{name}.json"
