@@ -258,13 +258,28 @@ def _shape(state, key, source):
   return tuple(np.shape(state[key]))
 
 
+# Head counts of the towers LAVIS ships (EVA-g: 1408 = 16 x 88; CLIP-L: 16 x 64; BERT-base).
+_KNOWN_HEADS = {1408: 16, 1024: 16, 768: 12}
+
+
+def _default_heads(width: int, what: str, source: str) -> int:
+  if width in _KNOWN_HEADS:
+    return _KNOWN_HEADS[width]
+  if width % 64 == 0:
+    return width // 64
+  raise ConfigError(f"{source}: cannot infer the number of {what} attention heads of a "
+                    f"{width}-wide layer from the weights; pass {what}_heads (CLI: "
+                    f"--{what}-heads)")
+
+
 def config_from_lavis(state: Mapping[str, np.ndarray], *, source: str = "state dict",
                       vision_heads: Optional[int] = None, qformer_heads: Optional[int] = None,
                       temperature: Optional[float] = None) -> Blip2Config:
   """Infers the Blip2Config of a LAVIS state dict from its tensors.
 
-  Head counts are not visible in the weights: ViT heads default to 16 (EVA-g and CLIP-L),
-  Q-Former heads to hidden/64 (12 for BERT-base).
+  Head counts are not visible in the weights: they default to those of the released towers
+  (EVA-g 1408 and CLIP-L 1024: 16; BERT-base 768: 12), else width/64; pass `vision_heads` /
+  `qformer_heads` for anything else.
   """
   keys = list(state)
   tower = lavis_tower(keys)
@@ -283,7 +298,7 @@ def config_from_lavis(state: Mapping[str, np.ndarray], *, source: str = "state d
   grid = int(round((n - 1) ** 0.5))
   if grid * grid != n - 1:
     raise ConfigError(f"{source}: {n} vision positions is not a square grid plus a class token")
-  vheads = vision_heads or 16
+  vheads = vision_heads or _default_heads(d, "vision", source)
   vision = vit_lib.ViTConfig(image_size=grid * p, patch_size=p, num_channels=c, hidden_size=d,
                              intermediate_size=inter, num_layers=layers, num_heads=vheads,
                              layer_norm_eps=eps, hidden_act=act, variant=tower,
@@ -304,7 +319,8 @@ def config_from_lavis(state: Mapping[str, np.ndarray], *, source: str = "state d
   q_inter = _shape(state, _QB + "encoder.layer.0.intermediate_query.dense.weight", source)[0]
   has_text = _QB + "encoder.layer.0.intermediate.dense.weight" in state
   qformer = qf.QFormerConfig(hidden_size=hidden, num_layers=q_layers,
-                             num_heads=qformer_heads or max(1, hidden // 64),
+                             num_heads=qformer_heads or _default_heads(hidden, "qformer",
+                                                                       source),
                              intermediate_size=q_inter, cross_attention_frequency=freq,
                              encoder_hidden_size=enc, vocab_size=vocab,
                              max_position_embeddings=max_pos, use_text_input=has_text)
@@ -410,7 +426,7 @@ def params_from_lavis_state(state: Mapping[str, np.ndarray], cfg: Blip2Config, *
   if reader.ignored:
     print(f"note: {source}: skipped {len(reader.ignored)} tensor(s) unused for retrieval "
           f"(Qformer.cls.* language-model head)", file=sys.stderr)
-  params = jax.tree.map(lambda x: np.ascontiguousarray(np.asarray(x, np.float32)), params)
+  params = jax.tree.map(lambda x: np.array(x, np.float32, order="C"), params)
   _check_tree(params, shapes, source)
   return params
 

@@ -1,0 +1,252 @@
+"""Whole-model parity of cirjax BLIP-2 against HF Blip2ForImageTextRetrieval and LAVIS layouts.
+
+Every stage QuRe uses is compared: vision features, the query-only Q-Former pass, target
+features, the ITC text feature, the joint query+text pass (all positions, HF's ITM path),
+the composed query, the scores, and HF's own forward outputs (ITC embeddings, ITM logits).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from cirjax.models import blip2, blip2_convert
+from cirjax.models.blip2_parity import STAGES, jax_stages
+from tests.blip2_fixtures import (TOL_LAYER, TOL_MODEL, assert_close, hf_clip_config,
+                                  hf_eva_config, hf_qformer_config, hf_retrieval_model,
+                                  lavis_model, random_pixels, random_text, to_np)
+
+
+def _hf_params(m):
+  state = {k: v.detach().numpy() for k, v in m.state_dict().items()}
+  cfg = blip2_convert.config_from_hf(m.config.to_dict())
+  return cfg, blip2_convert.params_from_hf_state(state, cfg)
+
+
+def _check_stages(got, want, tol, what=""):
+  for name in STAGES:
+    assert_close(got[name], want[name], tol, f"{what}{name}")
+
+
+@pytest.mark.parametrize("freq", [1, 2])
+@pytest.mark.parametrize("pad", [False, True])
+def test_tiny_hf_model_all_stages(freq, pad):
+  from cirjax.models.blip2_parity import TorchReference
+  m = hf_retrieval_model(qformer=hf_qformer_config(enc=32, freq=freq, layers=3))
+  cfg, params = _hf_params(m)
+  pixels = random_pixels(3, 28, seed=1)
+  ids, mask = random_text(3, 7, 100, pad=pad, seed=2)
+  want = TorchReference.from_hf_model(m).stages(pixels, ids, mask)
+  got = jax_stages(params, cfg, pixels, ids, mask)
+  _check_stages(got, want, TOL_MODEL)
+  # ... and HF's own forward passes agree with the reference stages and with cirjax
+  px, it, mt = (torch.from_numpy(pixels.transpose(0, 3, 1, 2)), torch.from_numpy(ids).long(),
+                torch.from_numpy(mask).long())
+  with torch.no_grad():
+    itc = m(pixel_values=px, input_ids=it, attention_mask=mt)
+    itm = m(pixel_values=px, input_ids=it, attention_mask=mt, use_image_text_matching_head=True)
+  assert_close(got["target features"], to_np(itc.image_embeds), TOL_MODEL, "HF image_embeds")
+  assert_close(got["text feature"], to_np(itc.text_embeds), TOL_MODEL, "HF text_embeds")
+  # HF's ITC logits pair image i with text j: max over queries of target_i . text_j
+  assert_close(blip2.score(got["text feature"], got["target features"]).T,
+               to_np(itc.logits_per_image), TOL_MODEL, "HF ITC logits")
+  feats = blip2.vision_features(params, cfg, pixels)
+  assert_close(blip2.itm_logits(params, cfg, feats, ids, mask), to_np(itm.logits_per_image),
+               TOL_MODEL, "HF ITM logits")
+
+
+def test_real_width_eva_hf_model():
+  # EVA 1408 / 16 heads, Q-Former 768 / 12 heads (2 layers: with and without cross-attention),
+  # 32 queries, 256-d projections, BERT vocab with [DEC].
+  from cirjax.models.blip2_parity import TorchReference
+  m = hf_retrieval_model(
+      vision=hf_eva_config(hidden=1408, heads=16, inter=6144, layers=1, image=224),
+      qformer=hf_qformer_config(hidden=768, heads=12, inter=3072, layers=2, freq=2, enc=1408,
+                                vocab=30523, max_pos=512),
+      num_query_tokens=32, proj=256)
+  cfg, params = _hf_params(m)
+  pixels = random_pixels(2, 224, seed=4)
+  ids, mask = random_text(2, 32, 30523, seed=5)
+  want = TorchReference.from_hf_model(m).stages(pixels, ids, mask)
+  got = jax_stages(params, cfg, pixels, ids, mask)
+  assert_close(got["vision features"], want["vision features"], TOL_LAYER, "one EVA layer")
+  _check_stages(got, want, TOL_MODEL)
+
+
+@pytest.mark.parametrize("variant", ["clip", "eva"])
+@pytest.mark.parametrize("freq", [1, 2])
+def test_lavis_state_dict_all_stages(variant, freq):
+  state, ref = lavis_model(variant, qformer_kw={"freq": freq, "layers": 2})
+  with pytest.raises(blip2_convert.ConfigError, match="--vision-heads"):
+    blip2_convert.config_from_lavis(state)
+  cfg = blip2_convert.config_from_lavis(state, vision_heads=4, qformer_heads=4)
+  assert cfg.vision.variant == variant and cfg.qformer.cross_attention_frequency == freq
+  assert cfg.ln_vision_eps == 1e-5 and cfg.temperature_init == pytest.approx(0.05)
+  params = blip2_convert.params_from_lavis_state(state, cfg)
+  pixels = random_pixels(2, 28, seed=6)
+  ids, mask = random_text(2, 6, 100, seed=7)
+  _check_stages(jax_stages(params, cfg, pixels, ids, mask), ref.stages(pixels, ids, mask),
+                TOL_MODEL, f"{variant}: ")
+  assert float(params["temp"]) == pytest.approx(0.05)
+
+
+def test_real_width_clip_l_lavis():
+  # CLIP-L 1024 / 16 heads (LAVIS clip_L layout), Q-Former 768 / 12, 32 queries, 256-d.
+  state, ref = lavis_model(
+      "clip", vision_kw=dict(hidden=1024, heads=16, inter=4096, layers=1, image=224),
+      qformer_kw=dict(hidden=768, heads=12, inter=3072, layers=1, vocab=30523, max_pos=512),
+      num_query_tokens=32, proj=256)
+  cfg = blip2_convert.config_from_lavis(state)
+  assert (cfg.vision.hidden_size, cfg.vision.num_heads, cfg.qformer.num_heads) == (1024, 16, 12)
+  params = blip2_convert.params_from_lavis_state(state, cfg)
+  pixels = random_pixels(1, 224, seed=8)
+  ids, mask = random_text(1, 20, 30523, seed=9)
+  got = jax_stages(params, cfg, pixels, ids, mask)
+  want = ref.stages(pixels, ids, mask)
+  assert_close(got["vision features"], want["vision features"], TOL_LAYER, "one CLIP-L layer")
+  _check_stages(got, want, TOL_MODEL)
+
+
+# ------------------------------------------------------------------------ functional API
+
+def test_init_matches_converted_tree_and_trains():
+  m = hf_retrieval_model()
+  cfg, params = _hf_params(m)
+  init = blip2.init_blip2(jax.random.PRNGKey(0), cfg)
+  assert jax.tree.structure(init) == jax.tree.structure(params)
+  assert jax.tree.map(np.shape, init) == jax.tree.map(np.shape, params)
+  assert float(init["temp"]) == pytest.approx(0.07)
+  pixels = random_pixels(2, 28)
+  ids, mask = random_text(2, 5, 100)
+  feats = blip2.vision_features(init, cfg, pixels)
+
+  def loss(p):
+    q = blip2.compose_from_features(p, cfg, feats, ids, mask)
+    t = blip2.encode_target_from_features(p, cfg, feats)
+    s = blip2.logits(p, q, t)
+    return -jax.nn.log_sigmoid(jnp.diag(s) - s[:, ::-1].diagonal()).mean()
+
+  g = jax.jit(jax.grad(loss))(init)
+  for path in (("qformer", "layer_0", "crossattention", "query", "kernel"), ("query_tokens",),
+               ("ln_vision", "scale"), ("temp",), ("text_projection", "kernel")):
+    leaf = g
+    for k in path:
+      leaf = leaf[k]
+    assert np.abs(np.asarray(leaf)).max() > 0, path
+  assert not np.asarray(g["vision"]["patch_embedding"]).any()  # cached features: frozen ViT
+
+
+def test_from_features_equal_end_to_end():
+  cfg = blip2.tiny_config(vision_variant="clip", cross_attention_frequency=1)
+  params = blip2.init_blip2(jax.random.PRNGKey(1), cfg)
+  pixels = random_pixels(2, 28)
+  ids, mask = random_text(2, 5, 100)
+  feats = blip2.vision_features(params, cfg, pixels)
+  np.testing.assert_array_equal(blip2.encode_image(params, cfg, pixels),
+                                blip2.encode_target_from_features(params, cfg, feats))
+  np.testing.assert_array_equal(blip2.compose(params, cfg, pixels, ids, mask),
+                                blip2.compose_from_features(params, cfg, feats, ids, mask))
+  q = blip2.compose(params, cfg, pixels, ids, mask)
+  assert q.shape == (2, 16)
+  np.testing.assert_allclose(np.linalg.norm(q, axis=-1), 1.0, rtol=1e-6)
+  t = blip2.encode_image(params, cfg, pixels)
+  assert t.shape == (2, 8, 16)
+  np.testing.assert_allclose(np.linalg.norm(t, axis=-1), 1.0, rtol=1e-6)
+  s = blip2.score(q, t)
+  want = np.einsum("bd,tkd->btk", np.asarray(q, np.float64), np.asarray(t, np.float64)).max(-1)
+  np.testing.assert_allclose(s, want, rtol=1e-6)
+  assert blip2.score(q[0], t[1]).shape == ()
+  np.testing.assert_allclose(blip2.logits(params, q, t), s / 0.07, rtol=1e-6)
+  with pytest.raises(ValueError, match="score expects"):
+    blip2.score(q, t[..., :4])
+
+
+def test_bf16_compute_close():
+  cfg = blip2.tiny_config()
+  params = blip2.init_blip2(jax.random.PRNGKey(2), cfg)
+  pixels = random_pixels(2, 28)
+  ids, mask = random_text(2, 5, 100)
+  a = blip2.compose(params, cfg, pixels, ids, mask)
+  b = blip2.compose(params, cfg, pixels, ids, mask, vision_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
+  assert b.dtype == jnp.float32
+  assert np.abs(np.asarray(a) - np.asarray(b)).max() < 5e-2
+
+
+def test_config_round_trip_and_validation():
+  cfg = blip2.tiny_config(vision_variant="clip")
+  assert blip2.Blip2Config.from_dict(cfg.to_dict()) == cfg
+  with pytest.raises(ValueError, match="unknown Blip2Config field"):
+    blip2.Blip2Config.from_dict({"bogus": 1})
+  with pytest.raises(ValueError, match="encoder_hidden_size"):
+    cfg.replace(qformer=cfg.qformer.__class__(encoder_hidden_size=7))
+  with pytest.raises(ValueError, match="post_layernorm"):
+    cfg.replace(vision=cfg.vision.__class__(post_layernorm=True))
+
+
+# ------------------------------------------------------------------------ object API
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp("hf")
+  hf_retrieval_model().save_pretrained(d)
+  return d
+
+
+def test_load_blip2_object_api(hf_dir, tmp_path):
+  import cirjax
+  from cirjax import model_io
+  model = cirjax.load_blip2(hf_dir)
+  assert {"params", "config"} <= set(vars(model))
+  pixels = random_pixels(2, 28)
+  ids, mask = random_text(2, 5, 100)
+  t, q, x = model.encode_image(pixels), model.compose(pixels, ids, mask), model.encode_text(ids,
+                                                                                            mask)
+  assert t.shape == (2, 8, 16) and q.shape == (2, 16) and x.shape == (2, 16)
+  assert model.score(q, t).shape == (2, 2)
+  np.testing.assert_allclose(model.score(q, t), blip2.score(q, t), rtol=1e-6)
+  # the same numbers through a cirjax directory
+  model_io.save_model_dir(tmp_path / "cj", model.params, model.config.to_dict(), "blip2")
+  again = cirjax.load_blip2(tmp_path / "cj")
+  assert again.config == model.config
+  np.testing.assert_array_equal(again.compose(pixels, ids, mask), q)
+  assert "eva ViT 32x2" in repr(again)
+
+
+@pytest.mark.parametrize("pixels,match", [
+    (np.zeros((28, 28, 3), np.float32), "rank 4"),
+    (np.zeros((1, 3, 28, 28), np.float32), "NCHW"),
+    (np.zeros((1, 32, 32, 3), np.float32), "28x28, got 32x32"),
+    (np.zeros((1, 28, 28, 3), np.uint8), "floating dtype.*uint8"),
+])
+def test_bad_pixels(hf_dir, pixels, match):
+  import cirjax
+  model = cirjax.load_blip2(hf_dir)
+  with pytest.raises(ValueError, match=match):
+    model.encode_image(pixels)
+  with pytest.raises(ValueError, match=match):
+    model.compose(pixels, np.ones((1, 3), np.int32), np.ones((1, 3), np.int32))
+
+
+def test_bad_text(hf_dir):
+  import cirjax
+  model = cirjax.load_blip2(hf_dir)
+  px = random_pixels(1, 28)
+  with pytest.raises(ValueError, match="text length 41 exceeds the position table"):
+    model.encode_text(np.ones((1, 41), np.int32))
+  with pytest.raises(ValueError, match="token id 100 is outside the vocabulary"):
+    model.compose(px, np.full((1, 3), 100), np.ones((1, 3)))
+  with pytest.raises(ValueError, match="1 images but 2 texts"):
+    model.compose(px, np.ones((2, 3), np.int32), np.ones((2, 3), np.int32))
+  with pytest.raises(ValueError, match="mask shape"):
+    model.encode_text(np.ones((1, 3), np.int32), np.ones((1, 4), np.int32))
+
+
+def test_load_blip2_wrong_type(tmp_path):
+  import cirjax
+  from cirjax import model_io
+  model_io.save_model_dir(tmp_path / "l", {"w": np.zeros(2, np.float32)}, {}, "llava")
+  with pytest.raises(ValueError, match="'llava' model, not 'blip2'"):
+    cirjax.load_blip2(tmp_path / "l")
+  with pytest.raises(FileNotFoundError, match="no config.json"):
+    cirjax.load_blip2(tmp_path)
