@@ -364,3 +364,39 @@ def test_ragged_img_sets_and_too_small_corpus(mesh):
 def dataclass_replace_split(s, queries):
   import dataclasses
   return dataclasses.replace(s, queries=queries)
+
+
+@pytest.mark.slow  # compiles a tiny LLaVA-Phi twice per split
+def test_cli_eval_with_a_llava_checkpoint(root, tmp_path, capsys):
+  """An HF LLaVA-Phi directory scored with InstructCIR's zero-shot prompts equals embedding
+  the same prompts with the model object directly."""
+  from cirjax import cli, prompts
+  from cirjax.data import images
+  from cirjax.eval import encoders
+  from tests import llava_fixtures as fx
+  d = tmp_path / "llava"
+  fx.llava_model(fx.phi3_config(num_key_value_heads=2), seed=3).save_pretrained(str(d))
+  fx.make_tokenizer(d)
+  out = tmp_path / "m.json"
+  assert cli.main(["eval", "--dataset", "synthetic", "--root", str(root), "--checkpoint", str(d),
+                   "--batch-size", "32", "--out", str(out)]) == 0
+  assert "images clip 28px" in capsys.readouterr().out
+  got = json.loads(out.read_text())["splits"]["synthetic/val"]["metrics"]
+  model, _ = encoders.load_encoder(d)
+  s = synth.read_synthetic(root, "val")
+  tf = images.make_transform("clip", 28)
+  px = lambda names: np.stack([tf(images.load_image(s.images[n])) for n in names])
+  n_img = prompts.num_image_tokens(28, 14)
+  tmpl = prompts.inference_template("cirr", "image")
+  enc = prompts.encode(model.tokenizer, tmpl, [{}] * len(s.corpus), num_image_tokens=n_img,
+                       image=True)
+  cf = np.asarray(model.embed(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                              pixels=px(s.corpus)))
+  qt = prompts.inference_template("cirr", "query")
+  enc = prompts.encode(model.tokenizer, qt, [{"modifier": q.text} for q in s.queries],
+                       num_image_tokens=n_img, image=True)
+  qf = np.asarray(model.embed(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                              pixels=px([q.reference for q in s.queries])))
+  want = evaluate.evaluate_split(s, retrieval.FeatureScorer(qf, cf), retrieval.make_mesh()).metrics
+  for k in ("R@1", "R@10", "R@50", "Rsubset@1", "mAP@10"):
+    assert got[k] == pytest.approx(want[k], abs=1e-6), k

@@ -20,7 +20,8 @@ a metrics table with the chance level beside each metric.
   cirjax eval --dataset fashioniq --root FIQ --checkpoint MODEL_DIR          (all 3 categories)
   cirjax eval --dataset circo --root CIRCO --checkpoint MODEL_DIR --split test --submission-dir OUT
 
---checkpoint takes a cirjax/HF BLIP-2 model directory or a training workdir holding one.
+--checkpoint takes a cirjax/HF BLIP-2 (QuRe) or LLaVA-Phi (InstructCIR, scored with the
+paper's zero-shot prompts) model directory, or a training workdir holding one.
 The corpus is encoded in jitted batches sharded over all devices; retrieval is a blocked
 matmul + top_k on device. Splits without ground truth (CIRR test1, CIRCO test) produce
 submission files only. Counts of skipped images/queries (--skip-missing) are always shown.
@@ -42,8 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--tokenizer", default=None,
                       help="vocab.txt or tokenizer dir (default: the checkpoint's, else the "
                       "dataset's vocab.txt)")
-  parser.add_argument("--transform", default="targetpad", choices=("targetpad", "squarepad", "clip"),
-                      help="image preprocessing (default targetpad: QuRe's 1.25 pad)")
+  parser.add_argument("--transform", default=None, choices=("targetpad", "squarepad", "clip"),
+                      help="image preprocessing (default: targetpad, QuRe's 1.25 pad, for "
+                      "BLIP-2; clip for LLaVA-Phi)")
   parser.add_argument("--image-size", type=int, default=None,
                       help="input resolution (default: from the model config, else 224)")
   parser.add_argument("--max-length", type=int, default=32, help="text tokens (BLIP-2: 32)")
@@ -90,21 +92,29 @@ def _run(args) -> int:
                    for _, s in splits)
   print(f"[eval] {desc}; {mesh.devices.size} device(s)", flush=True)
   encoder = tokenize_fn = transform = None
+  llava = False
   source = f"baseline:{args.baseline}" if args.baseline else None
   if args.checkpoint:
     encoder, model_dir = encoders.load_encoder(args.checkpoint)
+    llava = encoders.is_llava(encoder)
     source = str(model_dir)
-    tok_src = args.tokenizer or encoders.find_tokenizer_source(model_dir, args.root)
-    tokenize_fn = loader.bert_tokenize_fn(text.load_bert_tokenizer(tok_src), args.max_length)
+    if llava:
+      tok_src = f"{model_dir} (InstructCIR zero-shot prompts)"
+    else:
+      tok_src = args.tokenizer or encoders.find_tokenizer_source(model_dir, args.root)
+      tokenize_fn = loader.bert_tokenize_fn(text.load_bert_tokenizer(tok_src), args.max_length)
     dim = args.image_size or encoders.model_image_size(encoder)
-    transform = images.make_transform(args.transform, dim)
+    transform = images.make_transform(args.transform or ("clip" if llava else "targetpad"), dim)
     print(f"[eval] model {model_dir}, tokenizer {tok_src}, images {transform.name} {dim}px",
           flush=True)
   results, report = {}, {"dataset": args.dataset, "source": source, "splits": {}}
   for label, split in splits:
     if encoder is not None:
-      scorer, timings = evaluate.encode_split(encoder, split, transform, tokenize_fn,
-                                              args.batch_size, mesh=mesh,
+      enc, tk, text_fn = encoder, tokenize_fn, None
+      if llava:
+        enc, tk, text_fn = encoders.llava_eval_parts(encoder, split)
+      scorer, timings = evaluate.encode_split(enc, split, transform, tk, args.batch_size,
+                                              text_fn=text_fn, mesh=mesh,
                                               num_threads=args.num_workers)
     else:
       scorer, timings = evaluate.baseline_scorer(args.baseline, split, args.seed), {}

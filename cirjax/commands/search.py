@@ -96,6 +96,9 @@ def _run(args) -> int:
     corpus = search_lib.corpus_from_dir(args.corpus)
   reference, query_text, relevant, target = _query(args, split)
   encoder, model_dir = encoders.load_encoder(args.checkpoint)
+  if encoders.is_llava(encoder):
+    raise ValueError(f"{model_dir}: cirjax search scores BLIP-2 (QuRe) models; evaluate "
+                     "LLaVA-Phi checkpoints with `cirjax eval`")
   tok_src = args.tokenizer or encoders.find_tokenizer_source(model_dir, args.root)
   tokenize_fn = loader.bert_tokenize_fn(text.load_bert_tokenizer(tok_src), args.max_length)
   transform = images.make_transform(args.transform,

@@ -46,17 +46,45 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
       "subdirectory with cirjax_config.json); export the trained model first")
 
 
-def load_encoder(path: str | os.PathLike) -> tuple[Any, Path]:
-  """Loads a BLIP-2 CIR model (see module docstring); returns (encoder, model dir)."""
-  import cirjax  # pylint: disable=g-import-not-at-top
+def model_type(d: Path) -> str:
+  """'blip2' or 'llava' for a model directory (cirjax_config.json or an HF config.json)."""
+  import json  # pylint: disable=g-import-not-at-top
   from cirjax import model_io  # pylint: disable=g-import-not-at-top
-  d = resolve_model_dir(path)
   if model_io.is_cirjax_dir(d):
-    model_type = model_io.read_cirjax_config(d)["model_type"]
-    if model_type != "blip2":
-      raise ValueError(f"{d}: a '{model_type}' checkpoint; `cirjax eval`/`search` score BLIP-2 "
-                       "(QuRe) models. For LLaVA-Phi use cirjax.eval.evaluate.encode_split with "
-                       "an encoder built from cirjax.load_llava and its prompts")
+    return model_io.read_cirjax_config(d)["model_type"]
+  try:
+    hf = json.loads((d / "config.json").read_text()).get("model_type", "")
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{d / 'config.json'}: unreadable ({e})") from None
+  if hf == "llava":
+    return "llava"
+  if hf.startswith("blip"):
+    return "blip2"
+  raise ValueError(f"{d / 'config.json'}: model_type {hf!r} is neither BLIP-2 nor LLaVA")
+
+
+def is_llava(encoder: Any) -> bool:
+  return type(encoder).__module__ == "cirjax.models.llava"
+
+
+def load_encoder(path: str | os.PathLike) -> tuple[Any, Path]:
+  """Loads a model (see module docstring); returns (encoder, model dir).
+
+  BLIP-2 models come back as a `PureEncoder`; LLaVA-Phi ones as the `LlavaEmbedder`, whose
+  prompts depend on the dataset: build the evaluation parts with `llava_eval_parts`.
+  """
+  import cirjax  # pylint: disable=g-import-not-at-top
+  d = resolve_model_dir(path)
+  kind = model_type(d)
+  if kind == "llava":
+    model = cirjax.load_llava(d)
+    if model.tokenizer is None:
+      raise FileNotFoundError(f"{d}: no tokenizer (tokenizer.json / tokenizer_config.json) next "
+                              "to the LLaVA weights; the InstructCIR prompts need it")
+    return model, d
+  if kind != "blip2":
+    raise ValueError(f"{d}: a '{kind}' checkpoint; cirjax eval/search score BLIP-2 (QuRe) and "
+                     "LLaVA-Phi (InstructCIR) models")
   try:
     model = cirjax.load_blip2(d)
   except ModuleNotFoundError as e:
@@ -134,3 +162,55 @@ def find_tokenizer_source(model_dir: Path, dataset_root: str | os.PathLike | Non
     return Path(dataset_root) / "vocab.txt"
   raise FileNotFoundError(f"no tokenizer (vocab.txt / tokenizer.json) in {model_dir}; pass "
                           "--tokenizer PATH (a vocab.txt or a tokenizer directory)")
+
+
+_LLAVA_DATASET = {"synthetic": "cirr", "cirr": "cirr", "circo": "circo",
+                  "fashioniq": "fashioniq", "genecis": "genecis"}
+
+
+def llava_eval_parts(model: Any, split: Any, pad_to_multiple_of: int = 16):
+  """(PureEncoder, tokenize_fn, text_fn) scoring `split` with InstructCIR's zero-shot prompts.
+
+  InstructCIR appendix D.2: target images are embedded with the dataset's "image" prompt
+  (FashionIQ's names the category), queries with the "query" prompt filled with the
+  modification text (GeneCIS: the task's prompt filled with the condition). The embedding is
+  the final hidden state of the left-padded prompt's last (EOS) token, L2-normalised.
+  Prompts are padded to a multiple of `pad_to_multiple_of` tokens (few compiled shapes).
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from cirjax import prompts  # pylint: disable=g-import-not-at-top
+  from cirjax.models import llava  # pylint: disable=g-import-not-at-top
+  ds = _LLAVA_DATASET.get(split.dataset)
+  if ds is None:
+    raise ValueError(f"no InstructCIR prompts for {split.dataset!r} (have {sorted(_LLAVA_DATASET)})")
+  tok, cfg = model.tokenizer, model.config
+  n_img = prompts.num_image_tokens(cfg.vision.image_size, cfg.vision.patch_size,
+                                   cfg.vision_feature_select_strategy)
+  fields: dict[str, str] = {}
+  query_kind, text_field = "query", "modifier"
+  if ds == "fashioniq":
+    fields["category"] = prompts.FASHIONIQ_CATEGORY_WORDS[split.split.split(".")[0]]
+  if ds == "genecis":
+    query_kind = split.split
+    text_field = "attribute" if split.split.endswith("attribute") else "object"
+  image_t = prompts.inference_template(ds, "image")
+  query_t = prompts.inference_template(ds, query_kind)
+  img = prompts.encode(tok, image_t, [fields], num_image_tokens=n_img, image=True)
+  ids0, mask0 = img["input_ids"], img["attention_mask"]
+
+  def image_fn(params, pixels):
+    b = pixels.shape[0]
+    return llava.embed(params, config=cfg, input_ids=jnp.broadcast_to(ids0, (b, ids0.shape[1])),
+                       attention_mask=jnp.broadcast_to(mask0, (b, mask0.shape[1])),
+                       pixels=pixels)
+
+  def compose_fn(params, pixels, ids, mask):
+    return llava.embed(params, config=cfg, input_ids=ids, attention_mask=mask, pixels=pixels)
+
+  def tokenize_fn(texts):
+    enc = prompts.encode(tok, query_t, [{**fields, text_field: t} for t in texts],
+                         num_image_tokens=n_img, image=True,
+                         pad_to_multiple_of=pad_to_multiple_of)
+    return enc["input_ids"], enc["attention_mask"]
+
+  return PureEncoder(model.params, image_fn, compose_fn, cfg), tokenize_fn, lambda q: q.text
