@@ -265,11 +265,17 @@ def test_checkpoint_resolution(tmp_path):
   with pytest.raises(FileNotFoundError, match="export the trained model"):
     encoders.resolve_model_dir(wd)
   (wd / "export").mkdir()
-  (wd / "export" / "cirjax_config.json").write_text(json.dumps({"model_type": "llava",
+  (wd / "export" / "cirjax_config.json").write_text(json.dumps({"model_type": "vqgan",
                                                                 "config": {}}))
   assert encoders.resolve_model_dir(wd) == wd / "export"
-  with pytest.raises(ValueError, match="'llava' checkpoint"):
+  with pytest.raises(ValueError, match="a 'vqgan' checkpoint"):
     encoders.load_encoder(wd)
+  (tmp_path / "hf").mkdir()
+  (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "llava"}))
+  assert encoders.model_type(tmp_path / "hf") == "llava"
+  (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+  with pytest.raises(ValueError, match="neither BLIP-2 nor LLaVA"):
+    encoders.load_encoder(tmp_path / "hf")
   with pytest.raises(FileNotFoundError, match="does not exist"):
     encoders.resolve_model_dir(tmp_path / "missing")
 
