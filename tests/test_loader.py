@@ -68,6 +68,11 @@ def test_process_shards_partition_the_global_batch(split):
   np.testing.assert_array_equal(np.concatenate(parts), whole)
   with pytest.raises(ValueError, match="does not split"):
     _loader(root, s, process_count=3)
+  with pytest.raises(ValueError, match="drop_remainder=True"):
+    _loader(root, s, process_count=2, drop_remainder=False)
+  # Without dropping, the last batch is partial and nothing is lost.
+  ld = _loader(root, s, drop_remainder=False)
+  assert ld.steps_per_epoch == 7 and len(ld.indices(0, 6)) == 26 - 24
 
 
 def test_eval_batches_are_in_order(split):

@@ -90,6 +90,9 @@ class TripletLoader:
                image_source: ImageSource | None = None):
     if batch_size % process_count:
       raise ValueError(f"global batch {batch_size} does not split over {process_count} processes")
+    if process_count > 1 and not drop_remainder:
+      raise ValueError("with several processes the last, partial batch cannot be split evenly: "
+                       "use drop_remainder=True")
     self.queries = [q for q in split.queries]
     missing = [q.query_id for q in self.queries if q.target is None]
     if missing:
@@ -118,8 +121,8 @@ class TripletLoader:
     if not 0 <= step < self.steps_per_epoch:
       raise IndexError(f"step {step} outside epoch of {self.steps_per_epoch} steps")
     idx = self.order(epoch)[step * self.batch_size:(step + 1) * self.batch_size]
-    per = len(idx) // self.process_count if self.drop_remainder else len(idx)
-    if self.process_count > 1:
+    if self.process_count > 1:  # full batches only (checked in __init__)
+      per = len(idx) // self.process_count
       idx = idx[self.process_index * per:(self.process_index + 1) * per]
     return idx
 
