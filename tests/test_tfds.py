@@ -98,3 +98,15 @@ def test_fashioniq_build_and_bad_input(tmp_path):
     tfds_builders.build("fashioniq", root, tmp_path / "d2")
   with pytest.raises(DataError, match="no split files"):
     tfds_builders.available_splits("cirr", tmp_path / "nothing")
+
+
+def test_cli_eval_from_a_tfds_build(built, tmp_path):
+  from cirjax import cli
+  root, data_dir = built
+  for src, out in ((["--root", str(root)], "a.json"), (["--tfds-dir", str(data_dir)], "b.json")):
+    assert cli.main(["eval", "--dataset", "synthetic", *src, "--baseline", "random",
+                     "--out", str(tmp_path / out)]) == 0
+  a = json.loads((tmp_path / "a.json").read_text())["splits"]["synthetic/val"]["metrics"]
+  b = json.loads((tmp_path / "b.json").read_text())["splits"]["synthetic/val"]["metrics"]
+  assert a == b
+  assert cli.main(["eval", "--dataset", "synthetic", "--baseline", "random"]) == 1

@@ -19,6 +19,7 @@ a metrics table with the chance level beside each metric.
   cirjax eval --dataset cirr --root CIRR --checkpoint MODEL_DIR --split test1 --submission-dir OUT
   cirjax eval --dataset fashioniq --root FIQ --checkpoint MODEL_DIR          (all 3 categories)
   cirjax eval --dataset circo --root CIRCO --checkpoint MODEL_DIR --split test --submission-dir OUT
+  cirjax eval --dataset cirr --tfds-dir TFDS_DIR --checkpoint MODEL_DIR    (a `cirjax data tfds` build)
 
 --checkpoint takes a cirjax/HF BLIP-2 (QuRe) or LLaVA-Phi (InstructCIR, scored with the
 paper's zero-shot prompts) model directory, or a training workdir holding one.
@@ -32,7 +33,10 @@ DATASETS = ("synthetic", "cirr", "fashioniq", "circo", "genecis", "hpfashioniq")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--dataset", required=True, choices=DATASETS)
-  parser.add_argument("--root", required=True, help="dataset root directory")
+  parser.add_argument("--root", default=None,
+                      help="dataset root directory (or give --tfds-dir)")
+  parser.add_argument("--tfds-dir", default=None,
+                      help="read the split from a TFDS build (`cirjax data tfds`) in this data_dir")
   parser.add_argument("--split", default=None,
                       help="split (default val; FashionIQ: val = all three categories, or "
                       "CATEGORY.SPLIT; GeneCIS: the task name; CIRR test: test1)")
@@ -61,16 +65,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--name", default="cirjax", help="submission file name suffix")
 
 
-def _splits(args) -> list[tuple[str, object]]:
-  """[(label, CIRSplit)] to evaluate; FashionIQ without a category means all three."""
+def _splits(args) -> list[tuple[str, object, object]]:
+  """[(label, CIRSplit, image source or None)]; FashionIQ without a category = all three."""
   from cirjax.commands.data import read_split  # pylint: disable=g-import-not-at-top
   from cirjax.data.fashioniq import CATEGORIES  # pylint: disable=g-import-not-at-top
-  if args.dataset == "fashioniq" and (args.split is None or "." not in args.split):
+  if (args.root is None) == (args.tfds_dir is None):
+    raise ValueError("give exactly one of --root (dataset on disk) or --tfds-dir (TFDS build)")
+  fiq_all = args.dataset == "fashioniq" and (args.split is None or "." not in args.split)
+  if args.tfds_dir is not None:
+    from cirjax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+    if fiq_all:
+      names = [f"{c}_{args.split or 'val'}" for c in CATEGORIES]
+    elif args.dataset == "fashioniq":
+      names = [args.split.replace(".", "_", 1)]
+    else:
+      names = [args.split or {"genecis": "change_attribute"}.get(args.dataset, "val")]
+    out = []
+    for n in names:
+      s, source = tfds_builders.load_split(args.tfds_dir, args.dataset, n)
+      out.append((s.split.split(".")[0] if fiq_all else s.name, s, source))
+    return out
+  if fiq_all:
     sp = args.split or "val"
-    return [(c, read_split("fashioniq", args.root, f"{c}.{sp}", args.skip_missing))
+    return [(c, read_split("fashioniq", args.root, f"{c}.{sp}", args.skip_missing), None)
             for c in CATEGORIES]
   s = read_split(args.dataset, args.root, args.split, args.skip_missing, args.fashioniq_root)
-  return [(s.name, s)]
+  return [(s.name, s, None)]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,7 +109,7 @@ def _run(args) -> int:
   splits = _splits(args)
   mesh = retrieval.make_mesh()
   desc = ", ".join(f"{s.name} ({len(s.queries)} queries, {len(s.corpus)} images)"
-                   for _, s in splits)
+                   for _, s, _ in splits)
   print(f"[eval] {desc}; {mesh.devices.size} device(s)", flush=True)
   encoder = tokenize_fn = transform = None
   llava = False
@@ -108,14 +128,15 @@ def _run(args) -> int:
     print(f"[eval] model {model_dir}, tokenizer {tok_src}, images {transform.name} {dim}px",
           flush=True)
   results, report = {}, {"dataset": args.dataset, "source": source, "splits": {}}
-  for label, split in splits:
+  for label, split, image_source in splits:
     if encoder is not None:
       enc, tk, text_fn = encoder, tokenize_fn, None
       if llava:
         enc, tk, text_fn = encoders.llava_eval_parts(encoder, split)
       scorer, timings = evaluate.encode_split(enc, split, transform, tk, args.batch_size,
                                               text_fn=text_fn, mesh=mesh,
-                                              num_threads=args.num_workers)
+                                              num_threads=args.num_workers,
+                                              image_source=image_source)
     else:
       scorer, timings = evaluate.baseline_scorer(args.baseline, split, args.seed), {}
     res = evaluate.evaluate_split(split, scorer, mesh)
