@@ -29,8 +29,12 @@ def _check_stages(got, want, tol, what=""):
     assert_close(got[name], want[name], tol, f"{what}{name}")
 
 
-@pytest.mark.parametrize("freq", [1, 2])
-@pytest.mark.parametrize("pad", [False, True])
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("freq,pad", [(1, True), pytest.param(2, True, marks=SLOW),
+                                      pytest.param(1, False, marks=SLOW),
+                                      pytest.param(2, False, marks=SLOW)])
 def test_tiny_hf_model_all_stages(freq, pad):
   from cirjax.models.blip2_parity import TorchReference
   m = hf_retrieval_model(qformer=hf_qformer_config(enc=32, freq=freq, layers=3))
@@ -56,6 +60,7 @@ def test_tiny_hf_model_all_stages(freq, pad):
                TOL_MODEL, "HF ITM logits")
 
 
+@SLOW
 def test_real_width_eva_hf_model():
   # EVA 1408 / 16 heads, Q-Former 768 / 12 heads (2 layers: with and without cross-attention),
   # 32 queries, 256-d projections, BERT vocab with [DEC].
@@ -74,8 +79,9 @@ def test_real_width_eva_hf_model():
   _check_stages(got, want, TOL_MODEL)
 
 
-@pytest.mark.parametrize("variant", ["clip", "eva"])
-@pytest.mark.parametrize("freq", [1, 2])
+@pytest.mark.parametrize("variant,freq", [("clip", 2), pytest.param("eva", 1, marks=SLOW),
+                                          pytest.param("clip", 1, marks=SLOW),
+                                          pytest.param("eva", 2, marks=SLOW)])
 def test_lavis_state_dict_all_stages(variant, freq):
   state, ref = lavis_model(variant, qformer_kw={"freq": freq, "layers": 2})
   with pytest.raises(blip2_convert.ConfigError, match="--vision-heads"):
@@ -91,6 +97,7 @@ def test_lavis_state_dict_all_stages(variant, freq):
   assert float(params["temp"]) == pytest.approx(0.05)
 
 
+@SLOW
 def test_real_width_clip_l_lavis():
   # CLIP-L 1024 / 16 heads (LAVIS clip_L layout), Q-Former 768 / 12, 32 queries, 256-d.
   state, ref = lavis_model(
@@ -143,10 +150,12 @@ def test_from_features_equal_end_to_end():
   pixels = random_pixels(2, 28)
   ids, mask = random_text(2, 5, 100)
   feats = blip2.vision_features(params, cfg, pixels)
-  np.testing.assert_array_equal(blip2.encode_image(params, cfg, pixels),
-                                blip2.encode_target_from_features(params, cfg, feats))
-  np.testing.assert_array_equal(blip2.compose(params, cfg, pixels, ids, mask),
-                                blip2.compose_from_features(params, cfg, feats, ids, mask))
+  # separately compiled, so equal up to fusion-order rounding
+  np.testing.assert_allclose(blip2.encode_image(params, cfg, pixels),
+                             blip2.encode_target_from_features(params, cfg, feats), atol=1e-6)
+  np.testing.assert_allclose(blip2.compose(params, cfg, pixels, ids, mask),
+                             blip2.compose_from_features(params, cfg, feats, ids, mask),
+                             atol=1e-6)
   q = blip2.compose(params, cfg, pixels, ids, mask)
   assert q.shape == (2, 16)
   np.testing.assert_allclose(np.linalg.norm(q, axis=-1), 1.0, rtol=1e-6)
@@ -162,6 +171,7 @@ def test_from_features_equal_end_to_end():
     blip2.score(q, t[..., :4])
 
 
+@SLOW
 def test_bf16_compute_close():
   cfg = blip2.tiny_config()
   params = blip2.init_blip2(jax.random.PRNGKey(2), cfg)
@@ -193,6 +203,12 @@ def hf_dir(tmp_path_factory):
   return d
 
 
+@pytest.fixture(scope="module")
+def loaded(hf_dir):
+  import cirjax
+  return cirjax.load_blip2(hf_dir)
+
+
 def test_load_blip2_object_api(hf_dir, tmp_path):
   import cirjax
   from cirjax import model_io
@@ -219,18 +235,16 @@ def test_load_blip2_object_api(hf_dir, tmp_path):
     (np.zeros((1, 32, 32, 3), np.float32), "28x28, got 32x32"),
     (np.zeros((1, 28, 28, 3), np.uint8), "floating dtype.*uint8"),
 ])
-def test_bad_pixels(hf_dir, pixels, match):
-  import cirjax
-  model = cirjax.load_blip2(hf_dir)
+def test_bad_pixels(loaded, pixels, match):
+  model = loaded
   with pytest.raises(ValueError, match=match):
     model.encode_image(pixels)
   with pytest.raises(ValueError, match=match):
     model.compose(pixels, np.ones((1, 3), np.int32), np.ones((1, 3), np.int32))
 
 
-def test_bad_text(hf_dir):
-  import cirjax
-  model = cirjax.load_blip2(hf_dir)
+def test_bad_text(loaded):
+  model = loaded
   px = random_pixels(1, 28)
   with pytest.raises(ValueError, match="text length 41 exceeds the position table"):
     model.encode_text(np.ones((1, 41), np.int32))

@@ -16,7 +16,9 @@ Pure functions of `(params, cfg, inputs)` (all `jax.jit`-able with `cfg` static)
     logits(params, query, targets)                    -> score / temp (QuRe's training logits)
     init_blip2(rng, cfg)                              -> random params of the full tree
 
-All outputs of the encoders are L2-normalised. `vision_features` stops *before* the final
+Each is `jax.jit`-compiled with `cfg` and the dtype knobs static (pass them by keyword or
+position; `cfg` must be the same hashable Blip2Config to hit the cache). All outputs of the
+encoders are L2-normalised. `vision_features` stops *before* the final
 vision LayerNorm (`ln_vision`, HF's `post_layernorm`), which QuRe trains: a trainer caches
 the frozen ViT output once and runs `*_from_features` in its step.
 
@@ -250,69 +252,109 @@ def abstract_params(cfg: Blip2Config) -> dict:
                         jax.random.PRNGKey(0))
 
 
+# Every pure function is jitted with the config and dtype knobs static; calling one inside
+# another jitted function simply inlines it.
+_jit_static = functools.partial(
+    jax.jit, static_argnames=("cfg", "vision_dtype", "dtype", "remat"))
+
+
 def _apply(params, cfg, method, *args, vision_dtype=jnp.float32, dtype=jnp.float32,
            remat=False):
   return _module(cfg, vision_dtype, dtype, remat).apply({"params": params}, *args,
                                                         method=method)
 
 
-def vision_features(params: Mapping, cfg: Blip2Config, pixels: jax.Array, **kw) -> jax.Array:
+@_jit_static
+def vision_features(params: Mapping, cfg: Blip2Config, pixels: jax.Array,
+    *, vision_dtype: Any = jnp.float32, dtype: Any = jnp.float32,
+    remat: bool = False) -> jax.Array:
   """[B, S, E] fp32 ViT output before `ln_vision` (what a trainer caches for a frozen ViT)."""
+  kw = dict(vision_dtype=vision_dtype, dtype=dtype, remat=remat)
   return _apply(params, cfg, Blip2.vision_features, pixels, **kw)
 
 
+@_jit_static
 def encode_target_from_features(params: Mapping, cfg: Blip2Config, feats: jax.Array,
-                                **kw) -> jax.Array:
+    *, vision_dtype: Any = jnp.float32, dtype: Any = jnp.float32,
+    remat: bool = False) -> jax.Array:
   """[B, Q, D] L2-normalised target features from cached `vision_features`."""
+  kw = dict(vision_dtype=vision_dtype, dtype=dtype, remat=remat)
   return _apply(params, cfg, Blip2.target_from_features, feats, **kw)
 
 
-def encode_image(params: Mapping, cfg: Blip2Config, pixels: jax.Array, **kw) -> jax.Array:
+@_jit_static
+def encode_image(params: Mapping, cfg: Blip2Config, pixels: jax.Array,
+    *, vision_dtype: Any = jnp.float32, dtype: Any = jnp.float32,
+    remat: bool = False) -> jax.Array:
   """[B, Q, D] L2-normalised target features: vision_projection of the query outputs."""
+  kw = dict(vision_dtype=vision_dtype, dtype=dtype, remat=remat)
   return encode_target_from_features(params, cfg, vision_features(params, cfg, pixels, **kw),
                                      **kw)
 
 
+@_jit_static
 def encode_text(params: Mapping, cfg: Blip2Config, input_ids: jax.Array,
-                attention_mask: Optional[jax.Array] = None, **kw) -> jax.Array:
+                attention_mask: Optional[jax.Array] = None,
+    *, vision_dtype: Any = jnp.float32, dtype: Any = jnp.float32,
+    remat: bool = False) -> jax.Array:
   """[B, D] L2-normalised ITC text feature: text_projection of the CLS output."""
+  kw = dict(vision_dtype=vision_dtype, dtype=dtype, remat=remat)
   return _apply(params, cfg, Blip2.text_feature, input_ids, attention_mask, **kw)
 
 
+@_jit_static
 def compose_from_features(params: Mapping, cfg: Blip2Config, feats: jax.Array,
                           input_ids: jax.Array, attention_mask: Optional[jax.Array] = None,
-                          **kw) -> jax.Array:
+    *, vision_dtype: Any = jnp.float32, dtype: Any = jnp.float32,
+    remat: bool = False) -> jax.Array:
   """[B, D] QuRe composed query from cached reference-image `vision_features`."""
+  kw = dict(vision_dtype=vision_dtype, dtype=dtype, remat=remat)
   return _apply(params, cfg, Blip2.compose_from_features, feats, input_ids, attention_mask,
                 **kw)
 
 
+@_jit_static
 def compose(params: Mapping, cfg: Blip2Config, pixels: jax.Array, input_ids: jax.Array,
-            attention_mask: Optional[jax.Array] = None, **kw) -> jax.Array:
+            attention_mask: Optional[jax.Array] = None,
+    *, vision_dtype: Any = jnp.float32, dtype: Any = jnp.float32,
+    remat: bool = False) -> jax.Array:
   """[B, D] QuRe composed query: text_projection of the joint pass's query outputs, mean,
   L2-normalised."""
+  kw = dict(vision_dtype=vision_dtype, dtype=dtype, remat=remat)
   return compose_from_features(params, cfg, vision_features(params, cfg, pixels, **kw),
                                input_ids, attention_mask, **kw)
 
 
+@_jit_static
 def joint_hidden_states(params: Mapping, cfg: Blip2Config, feats: jax.Array,
                         input_ids: jax.Array, attention_mask: Optional[jax.Array] = None,
-                        **kw) -> jax.Array:
+    *, vision_dtype: Any = jnp.float32, dtype: Any = jnp.float32,
+    remat: bool = False) -> jax.Array:
   """[B, Q+L, H] last hidden state of the joint query+text Q-Former pass (all positions)."""
+  kw = dict(vision_dtype=vision_dtype, dtype=dtype, remat=remat)
   return _apply(params, cfg, Blip2.joint_hidden_states, feats, input_ids, attention_mask, **kw)
 
 
-def query_hidden_states(params: Mapping, cfg: Blip2Config, feats: jax.Array, **kw) -> jax.Array:
+@_jit_static
+def query_hidden_states(params: Mapping, cfg: Blip2Config, feats: jax.Array,
+    *, vision_dtype: Any = jnp.float32, dtype: Any = jnp.float32,
+    remat: bool = False) -> jax.Array:
   """[B, Q, H] last hidden state of the query-only Q-Former pass."""
+  kw = dict(vision_dtype=vision_dtype, dtype=dtype, remat=remat)
   return _apply(params, cfg, Blip2.query_hidden_states, feats, **kw)
 
 
+@_jit_static
 def itm_logits(params: Mapping, cfg: Blip2Config, feats: jax.Array, input_ids: jax.Array,
-               attention_mask: Optional[jax.Array] = None, **kw) -> jax.Array:
+               attention_mask: Optional[jax.Array] = None,
+    *, vision_dtype: Any = jnp.float32, dtype: Any = jnp.float32,
+    remat: bool = False) -> jax.Array:
   """[B, 2] image-text matching logits (HF `use_image_text_matching_head=True`)."""
+  kw = dict(vision_dtype=vision_dtype, dtype=dtype, remat=remat)
   return _apply(params, cfg, Blip2.itm_logits, feats, input_ids, attention_mask, **kw)
 
 
+@jax.jit
 def score(query: jax.Array, targets: jax.Array) -> jax.Array:
   """[Bq, Bt]: for each query [D] and target [Q, D], max over the Q tokens of the dot product.
 
@@ -334,6 +376,7 @@ def score(query: jax.Array, targets: jax.Array) -> jax.Array:
   return s
 
 
+@jax.jit
 def logits(params: Mapping, query: jax.Array, targets: jax.Array) -> jax.Array:
   """QuRe's training logits: `score / temp` (the learned temperature, unclamped as in QuRe)."""
   return score(query, targets) / params["temp"]
@@ -364,12 +407,12 @@ class Blip2Model:
     self.params = params
     self.config = config
     self.source = source
-    kw = dict(vision_dtype=vision_dtype, dtype=dtype)
-    self._encode_image = jax.jit(functools.partial(encode_image, cfg=config, **kw))
-    self._encode_text = jax.jit(functools.partial(encode_text, cfg=config, **kw))
-    self._compose = jax.jit(functools.partial(compose, cfg=config, **kw))
-    self._vision_features = jax.jit(functools.partial(vision_features, cfg=config, **kw))
-    self._score = jax.jit(score)
+    kw = dict(cfg=config, vision_dtype=vision_dtype, dtype=dtype)
+    self._encode_image = functools.partial(encode_image, **kw)
+    self._encode_text = functools.partial(encode_text, **kw)
+    self._compose = functools.partial(compose, **kw)
+    self._vision_features = functools.partial(vision_features, **kw)
+    self._score = score
 
   def __repr__(self):
     v, q = self.config.vision, self.config.qformer
