@@ -406,3 +406,60 @@ def test_cli_eval_with_a_llava_checkpoint(root, tmp_path, capsys):
   want = evaluate.evaluate_split(s, retrieval.FeatureScorer(qf, cf), retrieval.make_mesh()).metrics
   for k in ("R@1", "R@10", "R@50", "Rsubset@1", "mAP@10"):
     assert got[k] == pytest.approx(want[k], abs=1e-6), k
+
+
+def _png(path, shade):
+  from PIL import Image
+  path.parent.mkdir(parents=True, exist_ok=True)
+  Image.new("RGB", (6, 4), (shade % 256, 0, 0)).save(path)
+
+
+def test_cli_circo_and_fashioniq_from_published_layouts(tmp_path, capsys):
+  from cirjax import cli
+  # CIRCO: 60 COCO ids, val with several ground truths, test without.
+  root = tmp_path / "circo"
+  ids = [100000 + 7 * i for i in range(60)]
+  info = {"images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i in ids]}
+  ann = root / "COCO2017_unlabeled" / "annotations"
+  ann.mkdir(parents=True)
+  (ann / "image_info_unlabeled2017.json").write_text(json.dumps(info))
+  for i in ids:
+    _png(root / "COCO2017_unlabeled" / "unlabeled2017" / f"{i:012d}.jpg", i)
+  (root / "annotations").mkdir()
+  (root / "annotations" / "val.json").write_text(json.dumps([
+      {"id": q, "reference_img_id": ids[q], "target_img_id": ids[q + 1],
+       "relative_caption": "is red", "shared_concept": "x",
+       "gt_img_ids": [ids[q + 1], ids[q + 5], ids[q + 9]]} for q in range(8)]))
+  (root / "annotations" / "test.json").write_text(json.dumps([
+      {"id": q, "reference_img_id": ids[q], "relative_caption": "is red", "shared_concept": "x"}
+      for q in range(5)]))
+  out = tmp_path / "circo.json"
+  assert cli.main(["eval", "--dataset", "circo", "--root", str(root), "--baseline", "oracle",
+                   "--out", str(out)]) == 0
+  m = json.loads(out.read_text())["splits"]["circo/val"]["metrics"]
+  assert m["mAP@5"] == pytest.approx(100.0) and m["mAP@50"] == pytest.approx(100.0)
+  assert cli.main(["eval", "--dataset", "circo", "--root", str(root), "--split", "test",
+                   "--baseline", "random", "--submission-dir", str(tmp_path / "sub"),
+                   "--name", "x"]) == 0
+  sub = json.loads((tmp_path / "sub" / "circo_test_x.json").read_text())
+  assert sorted(sub) == [str(q) for q in range(5)]
+  assert all(len(v) == 50 and set(v) <= set(ids) for v in sub.values())
+  # FashionIQ: all three categories and QuRe's averages.
+  fiq = tmp_path / "fiq"
+  for c, cat in enumerate(("dress", "shirt", "toptee")):
+    names = [f"B{c}{i:03d}" for i in range(55)]
+    (fiq / "image_splits").mkdir(parents=True, exist_ok=True)
+    (fiq / "captions").mkdir(exist_ok=True)
+    (fiq / "image_splits" / f"split.{cat}.val.json").write_text(json.dumps(names))
+    (fiq / "captions" / f"cap.{cat}.val.json").write_text(json.dumps([
+        {"candidate": names[i], "target": names[i + 2], "captions": ["is red.", "longer"]}
+        for i in range(6)]))
+    for i, n in enumerate(names):
+      _png(fiq / "images" / f"{n}.png", i)
+  capsys.readouterr()
+  assert cli.main(["eval", "--dataset", "fashioniq", "--root", str(fiq), "--baseline", "oracle",
+                   "--out", str(tmp_path / "fiq.json")]) == 0
+  assert "FashionIQ (QuRe Table 2 layout)" in capsys.readouterr().out
+  rep = json.loads((tmp_path / "fiq.json").read_text())
+  assert rep["fashioniq"]["avg"] == 100.0 and rep["fashioniq"]["toptee/R@10"] == 100.0
+  assert set(rep["splits"]) == {"fashioniq/dress.val", "fashioniq/shirt.val", "fashioniq/toptee.val"}
