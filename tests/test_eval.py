@@ -463,3 +463,14 @@ def test_cli_circo_and_fashioniq_from_published_layouts(tmp_path, capsys):
   rep = json.loads((tmp_path / "fiq.json").read_text())
   assert rep["fashioniq"]["avg"] == 100.0 and rep["fashioniq"]["toptee/R@10"] == 100.0
   assert set(rep["splits"]) == {"fashioniq/dress.val", "fashioniq/shirt.val", "fashioniq/toptee.val"}
+
+
+def test_feature_pairs_chunked():
+  rng = np.random.default_rng(5)
+  q = rng.standard_normal((9, 4)).astype(np.float32)
+  c = rng.standard_normal((20, 3, 4)).astype(np.float32)
+  sc = retrieval.FeatureScorer(q, c)
+  qi, ci = np.arange(9), rng.integers(0, 20, (9, 5))
+  want = np.einsum("md,mstd->mst", q[qi], c[ci]).max(-1)
+  np.testing.assert_allclose(sc.pairs(qi, ci, chunk=2), want, rtol=1e-5)
+  np.testing.assert_allclose(sc.pairs(qi, ci), want, rtol=1e-5)

@@ -146,10 +146,14 @@ class FeatureScorer(Scorer):
       raise ValueError("non-finite (NaN/inf) features: refusing to rank")
     self.num_queries, self.num_corpus = self.query.shape[0], self.corpus.shape[0]
 
-  def pairs(self, query_idx, corpus_idx):
-    q = jnp.asarray(self.query[np.asarray(query_idx)])
-    c = jnp.asarray(self.corpus[np.asarray(corpus_idx)])  # [M, S, Q, D]
-    return np.asarray(jnp.einsum("md,mstd->mst", q, c).max(-1))
+  def pairs(self, query_idx, corpus_idx, chunk: int = 512):
+    query_idx, corpus_idx = np.asarray(query_idx), np.asarray(corpus_idx)
+    out = []
+    for i in range(0, len(query_idx), chunk):  # bounded memory: [chunk, S, Q, D] at a time
+      q = jnp.asarray(self.query[query_idx[i:i + chunk]])
+      c = jnp.asarray(self.corpus[corpus_idx[i:i + chunk]])
+      out.append(np.asarray(jnp.einsum("md,mstd->mst", q, c).max(-1)))
+    return np.concatenate(out) if out else np.zeros(corpus_idx.shape, np.float32)
 
 
 def top_k(scorer: Scorer, k: int, exclude: np.ndarray | None = None,
