@@ -11,7 +11,7 @@ import pytest
 
 from cirjax.data import synth
 from cirjax.data.records import CIRSplit, DataError, ImageRef, Query
-from cirjax.eval import evaluate, retrieval, submission
+from cirjax.eval import evaluate, metrics, retrieval, submission
 
 TINY = synth.SynthConfig(seed=5, resolution=16, num_images=(60, 150, 80),
                          num_queries=(20, 120, 30))
@@ -187,12 +187,22 @@ def dataclass_replace(q, **kw):
 
 def test_genecis_and_hpfashioniq_protocols(mesh):
   corpus = [f"g{i}" for i in range(20)]
-  qs = [Query(str(i), corpus[i], "t", target=corpus[i + 1], gallery=tuple(corpus[i + 2:i + 6]))
-        for i in range(8)]
+  qs = [Query(str(i), corpus[i], "t", target=corpus[i + 1],
+              gallery=tuple(corpus[i + 2:i + 3 + i % 4])) for i in range(8)]  # ragged galleries
   s = _split("genecis", qs, corpus)
   o = evaluate.evaluate_split(s, evaluate.baseline_scorer("oracle", s), mesh)
   assert o.metrics["R@1"] == 100.0
-  assert o.chance["R@1"] == pytest.approx(20.0)
+  sizes = np.array([len(q.gallery) + 1 for q in qs])
+  assert o.chance["R@1"] == pytest.approx(np.mean(1 / sizes) * 100)
+  # Same numbers as scoring each query alone.
+  sc = evaluate.baseline_scorer("random", s, seed=2)
+  r = evaluate.evaluate_split(s, sc, mesh)
+  idx = s.corpus_index()
+  ts = np.array([sc.pairs(np.array([i]), np.array([[idx[q.target]]]))[0, 0]
+                 for i, q in enumerate(qs)])
+  gal = [sc.pairs(np.array([i]), np.array([[idx[g] for g in q.gallery]]))[0]
+         for i, q in enumerate(qs)]
+  assert r.metrics["R@1"] == metrics.genecis_recall(ts, gal)["R@1"]
   hq = [Query(str(i), corpus[i], "t", target=corpus[i + 1],
               extra={"set1": list(corpus[i + 1:i + 6]), "set2": list(corpus[i + 6:i + 11]),
                      "preferred": 1 if i % 2 else 2}) for i in range(8)]

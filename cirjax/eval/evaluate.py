@@ -213,8 +213,13 @@ def _evaluate_pairs(split: CIRSplit, scorer: retrieval.Scorer) -> EvalResult:
   if split.dataset == "genecis":
     tgt = _indices(split, [q.target for q in split.queries], "target")
     ts = scorer.pairs(qidx, tgt[:, None])[:, 0]
-    gal = [scorer.pairs(np.array([i]), _indices(split, q.gallery, "gallery image")[None])[0]
-           for i, q in enumerate(split.queries)]
+    gal: list[np.ndarray] = [None] * nq  # type: ignore[list-item]
+    sizes = np.array([len(q.gallery) for q in split.queries])
+    for size in np.unique(sizes):  # one batched call per gallery size
+      rows = np.flatnonzero(sizes == size)
+      idx = np.stack([_indices(split, split.queries[i].gallery, "gallery image") for i in rows])
+      for i, g in zip(rows, scorer.pairs(rows, idx)):
+        gal[i] = g
     m = metrics.genecis_recall(ts, gal)
     sizes = np.array([len(q.gallery) + 1 for q in split.queries])
     chance = {f"R@{k}": float(np.mean(np.minimum(k, sizes) / sizes) * 100)
