@@ -140,7 +140,7 @@ def _embed_rows(sz, device, model, params, config) -> list[dict]:
     b, seq = ids.shape
     j_ids, j_mask = jnp.asarray(ids), jnp.asarray(mask)
     j_pix = None if pix is None else jnp.asarray(pix)
-    compiled = f.lower(p, j_ids, j_mask, j_pix, config=cfg).compile()
+    compiled = f.lower(p, cfg, j_ids, j_mask, j_pix).compile()
     cost = benchmarking.compiled_cost(compiled)
     flops = analytic_flops(config, b, seq, images)
     shapes = {"batch": b, "seq_len": seq, "image_tokens": config.num_image_tokens if images
@@ -201,19 +201,25 @@ def run_lora_step(device: str = "cpu", quick: bool = False, *, built=None) -> li
   opt = tx.init(adapter.params)
   labels = jnp.arange(b)
 
-  def loss_fn(ap, rng):
+  # Base params and batch are arguments, not closed-over constants: XLA would otherwise
+  # constant-fold the frozen vision tower at compile time and time a different program.
+  def loss_fn(ap, rng, base, batch):
     a = adapter.replace_params(ap)
     r1, r2 = jax.random.split(rng)
-    q = llava.embed(p, q_ids, q_mask, pix, config=cfg, lora=a, rng=r1, deterministic=False)
-    t = llava.embed(p, c_ids, c_mask, None, config=cfg, lora=a, rng=r2, deterministic=False)
+    q = llava.embed(base, cfg, batch["q_ids"], batch["q_mask"], batch["pix"], lora=a, rng=r1,
+                    deterministic=False)
+    t = llava.embed(base, cfg, batch["c_ids"], batch["c_mask"], None, lora=a, rng=r2,
+                    deterministic=False)
     return optax.softmax_cross_entropy_with_integer_labels(q @ t.T / 0.05, labels).mean()
 
-  def step(ap, opt, rng):
-    loss, g = jax.value_and_grad(loss_fn)(ap, rng)
+  def step(ap, opt, rng, base, batch):
+    loss, g = jax.value_and_grad(loss_fn)(ap, rng, base, batch)
     upd, opt = tx.update(g, opt, ap)
     return optax.apply_updates(ap, upd), opt, loss
 
-  args = (adapter.params, opt, jax.random.PRNGKey(1))
+  batch = jax.device_put({"q_ids": q_ids, "q_mask": q_mask, "pix": pix, "c_ids": c_ids,
+                          "c_mask": c_mask})
+  args = (adapter.params, opt, jax.random.PRNGKey(1), p, batch)
   compiled = jax.jit(step, donate_argnums=(0, 1)).lower(*args).compile()
   cost = benchmarking.compiled_cost(compiled)
   state = {"ap": adapter.params, "opt": opt, "i": 0}
@@ -221,7 +227,7 @@ def run_lora_step(device: str = "cpu", quick: bool = False, *, built=None) -> li
   def jax_step():
     state["i"] += 1
     state["ap"], state["opt"], loss = compiled(state["ap"], state["opt"],
-                                               jax.random.PRNGKey(state["i"]))
+                                               jax.random.PRNGKey(state["i"]), p, batch)
     return loss
   seq_q, seq_c = q_ids.shape[1], c_ids.shape[1]
   flops = 3.0 * (analytic_flops(config, b, seq_q, True) + analytic_flops(config, b, seq_c, False))

@@ -32,14 +32,14 @@ def _compare(model, ids, mask, pix_t=None, pix_np=None):
   config, params = _convert(model)
   want_hs, want_emb, want_img = _hf_outputs(model, ids, mask, pix_t)
   pix = None if pix_np is None else jnp.asarray(pix_np)
-  out = llava.forward(params, ids, mask, pix, config=config, output_hidden_states=True)
+  out = llava.forward(params, config, ids, mask, pix, output_hidden_states=True)
   if want_img is not None:
     fx.assert_close(np.asarray(out.image_features).reshape(want_img.shape), want_img,
                     fx.TOL_MODEL, "projector output")
   assert len(out.hidden_states) == len(want_hs)
   for i, (g, w) in enumerate(zip(out.hidden_states, want_hs)):
     fx.assert_close(g, w, fx.TOL_MODEL, f"hidden_states[{i}]")
-  emb = llava.embed(params, ids, mask, pix, config=config)
+  emb = llava.embed(params, config, ids, mask, pix)
   fx.assert_close(emb, want_emb, fx.TOL_MODEL, "embedding")
   np.testing.assert_allclose(np.linalg.norm(np.asarray(emb), axis=-1), 1.0, rtol=1e-6)
   return config, params
@@ -105,10 +105,10 @@ def test_jit_and_grad_through_embed():
   ids, mask = fx.left_padded_ids([8, 6], 8, tc.vocab_size, image_tokens=4, seed=7)
   _, pix = fx.pixels(2, 28, seed=7)
   f = jax.jit(llava.embed, static_argnames=("config",))
-  a = f(params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pix), config=config)
-  b = llava.embed(params, ids, mask, pix, config=config)
+  a = f(params, config, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pix))
+  b = llava.embed(params, config, ids, mask, pix)
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  g = jax.grad(lambda p: llava.embed(p, ids, mask, pix, config=config)[:, 0].sum())(params)
+  g = jax.jit(jax.grad(lambda p: llava.embed(p, config, ids, mask, pix)[:, 0].sum()))(params)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(g))
 
 
@@ -120,21 +120,21 @@ def test_bad_inputs():
   text_ids, text_mask = fx.left_padded_ids([8, 6], 8, tc.vocab_size)
   _, pix = fx.pixels(2, 28)
   with pytest.raises(ValueError, match="no image token"):
-    llava.embed(params, text_ids, text_mask, pix, config=config)
+    llava.embed(params, config, text_ids, text_mask, pix)
   with pytest.raises(ValueError, match="no pixels were given"):
-    llava.embed(params, ids, mask, None, config=config)
+    llava.embed(params, config, ids, mask, None)
   with pytest.raises(ValueError, match="more image tokens than features"):
-    llava.embed(params, ids, mask, pix[:1], config=config)
+    llava.embed(params, config, ids, mask, pix[:1])
   with pytest.raises(ValueError, match="exactly 4 tokens"):
-    llava.embed(params, ids[:1], mask[:1], pix, config=config)
+    llava.embed(params, config, ids[:1], mask[:1], pix)
   long_ids, long_mask = fx.left_padded_ids([17], 17, tc.vocab_size)
   with pytest.raises(ValueError, match="max_position_embeddings=16"):
-    llava.embed(params, long_ids, long_mask, None, config=config)
+    llava.embed(params, config, long_ids, long_mask, None)
   right = np.ascontiguousarray(text_ids[:, ::-1])
   with pytest.raises(ValueError, match="left-padded"):
-    llava.embed(params, right, np.ascontiguousarray(text_mask[:, ::-1]), None, config=config)
+    llava.embed(params, config, right, np.ascontiguousarray(text_mask[:, ::-1]), None)
   with pytest.raises(ValueError, match="NHWC"):
-    llava.embed(params, ids, mask, np.transpose(pix, (0, 3, 1, 2)), config=config)
+    llava.embed(params, config, ids, mask, np.transpose(pix, (0, 3, 1, 2)))
 
 
 def test_bf16_compute():
@@ -143,9 +143,9 @@ def test_bf16_compute():
   config, params = _convert(model)
   ids, mask = fx.left_padded_ids([8, 6], 8, tc.vocab_size, image_tokens=4, seed=8)
   _, pix = fx.pixels(2, 28, seed=8)
-  f32 = llava.embed(params, ids, mask, pix, config=config)
+  f32 = llava.embed(params, config, ids, mask, pix)
   cfg16 = config.replace(dtype="bfloat16", param_dtype="bfloat16")
-  b16 = llava.embed(llava.cast_params(params, cfg16), ids, mask, pix, config=cfg16)
+  b16 = llava.embed(llava.cast_params(params, cfg16), cfg16, ids, mask, pix)
   assert b16.dtype == jnp.float32  # embeddings are normalised in fp32
   cos = np.sum(np.asarray(f32) * np.asarray(b16), -1)
   assert np.all(cos > 0.99), cos

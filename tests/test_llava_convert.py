@@ -32,7 +32,7 @@ def _inputs(config, seed=0):
 
 def _emb(params, config, inputs):
   ids, mask, pix = inputs
-  return np.asarray(llava.embed(params, ids, mask, pix, config=config))
+  return np.asarray(llava.embed(params, config, ids, mask, pix))
 
 
 def test_from_hf_dir_and_run_parity(hf_dir):

@@ -40,8 +40,8 @@ def _hf_embed(model, ids, mask, pix_t):
 
 def _jax_embed(params, config, inputs, adapter=None):
   ids, mask, _, pix = inputs
-  return np.asarray(_embed(params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pix),
-                           config=config, lora=adapter))
+  return np.asarray(_embed(params, config, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pix),
+                           lora=adapter))
 
 
 def test_default_targets_both_layouts():
@@ -137,8 +137,8 @@ def test_trained_adapter_exports_to_peft(tmp_path):
   def loss_fn(ap, rng):
     a = ad.replace_params(ap)
     r1, r2 = jax.random.split(rng)
-    q = llava.embed(params, ids, mask, pix, config=config, lora=a, rng=r1, deterministic=False)
-    t = llava.embed(params, text_ids, text_mask, None, config=config, lora=a, rng=r2,
+    q = llava.embed(params, config, ids, mask, pix, lora=a, rng=r1, deterministic=False)
+    t = llava.embed(params, config, text_ids, text_mask, None, lora=a, rng=r2,
                     deterministic=False)
     logits = q @ t.T / 0.05
     return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.arange(3)).mean()
@@ -170,8 +170,8 @@ def test_dropout_only_in_training():
   _, config, params, inputs = _setup("phi3", seed=4)
   ids, mask, _, pix = inputs
   ad = lora.init_lora(params, lora.LoraConfig(rank=4, dropout=0.5, init="random"))
-  det = llava.embed(params, ids, mask, pix, config=config, lora=ad)
-  drop = llava.embed(params, ids, mask, pix, config=config, lora=ad, rng=jax.random.PRNGKey(0),
+  det = llava.embed(params, config, ids, mask, pix, lora=ad)
+  drop = llava.embed(params, config, ids, mask, pix, lora=ad, rng=jax.random.PRNGKey(0),
                      deterministic=False)
   assert fx.rel_err(drop, det) > 1e-3
 

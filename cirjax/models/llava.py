@@ -13,8 +13,10 @@ number of image features, and positions are `arange(T)` as HF's forward uses the
 
 Public API:
   * `LlavaConfig`, `LlavaModel` (the linen module), `init_params`, `abstract_params`;
-  * pure functions `forward`, `hidden_states`, `embed`, `image_features` (jit-able; `config`
-    static) and the host-side `check_inputs` they run first on concrete inputs;
+  * pure functions `forward`, `hidden_states`, `embed`, `image_features`,
+    `vision_features`, all `(params, config, ...)` (jit-able with `config` static:
+    `jax.jit(embed, static_argnames="config")`) and the host-side `check_inputs` they run
+    first on concrete inputs;
   * `load_llava(path)` -> `LlavaEmbedder` with jitted `.embed`, `.hidden_states`,
     `.params`, `.config`, `.tokenizer`.
 """
@@ -300,8 +302,8 @@ def _module(config: LlavaConfig, lora, remat: bool = False) -> LlavaModel:
                     remat=remat)
 
 
-def forward(params: Any, input_ids: Array, attention_mask: Array, pixels: Array | None = None,
-            *, config: LlavaConfig, lora: Any = None, rng: jax.Array | None = None,
+def forward(params: Any, config: LlavaConfig, input_ids: Array, attention_mask: Array,
+            pixels: Array | None = None, *, lora: Any = None, rng: jax.Array | None = None,
             deterministic: bool = True, output_hidden_states: bool = False,
             position_ids: Array | None = None, remat: bool = False) -> LlavaOutput:
   """Full forward. `lora`: a `cirjax.lora.Adapter` or None. `rng` feeds LoRA dropout when
@@ -314,12 +316,12 @@ def forward(params: Any, input_ids: Array, attention_mask: Array, pixels: Array 
       deterministic, output_hidden_states, rngs=rngs)
 
 
-def hidden_states(params: Any, input_ids: Array, attention_mask: Array,
-                  pixels: Array | None = None, *, config: LlavaConfig, lora: Any = None,
+def hidden_states(params: Any, config: LlavaConfig, input_ids: Array, attention_mask: Array,
+                  pixels: Array | None = None, *, lora: Any = None,
                   **kw) -> tuple[Array, ...]:
   """HF-convention hidden states: [0] = merged input embeddings, [i] = layer i output,
   [-1] = final-norm output (num_layers + 1 entries, each [B, T, H])."""
-  return forward(params, input_ids, attention_mask, pixels, config=config, lora=lora,
+  return forward(params, config, input_ids, attention_mask, pixels, lora=lora,
                  output_hidden_states=True, **kw).hidden_states
 
 
@@ -329,24 +331,24 @@ def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
-def embed(params: Any, input_ids: Array, attention_mask: Array, pixels: Array | None = None,
-          *, config: LlavaConfig, lora: Any = None, rng: jax.Array | None = None,
+def embed(params: Any, config: LlavaConfig, input_ids: Array, attention_mask: Array,
+          pixels: Array | None = None, *, lora: Any = None, rng: jax.Array | None = None,
           deterministic: bool = True, remat: bool = False) -> Array:
   """[B, H] fp32 L2-normalised final hidden state at the last position (left padding)."""
   if _is_concrete(input_ids, attention_mask, pixels):
     check_inputs(input_ids, attention_mask, pixels, config, require_left_padding=True)
-  out = forward(params, input_ids, attention_mask, pixels, config=config, lora=lora, rng=rng,
+  out = forward(params, config, input_ids, attention_mask, pixels, lora=lora, rng=rng,
                 deterministic=deterministic, remat=remat)
   return l2_normalize(out.last_hidden_state[:, -1])
 
 
-def image_features(params: Any, pixels: Array, *, config: LlavaConfig) -> Array:
+def image_features(params: Any, config: LlavaConfig, pixels: Array) -> Array:
   """Projector output [n_images, P, H] (the features merged at `<image>` tokens)."""
   return LlavaModel(config).apply({"params": params}, pixels,
                                   method=LlavaModel.image_features)
 
 
-def vision_features(params: Any, pixels: Array, *, config: LlavaConfig) -> Array:
+def vision_features(params: Any, config: LlavaConfig, pixels: Array) -> Array:
   """The selected CLIP hidden state(s) before the projector, [n_images, P, D]."""
   c = config
   n = c.vision.num_layers
@@ -388,21 +390,21 @@ class LlavaEmbedder:
   def embed(self, input_ids, attention_mask, pixels=None, *, lora=None) -> Array:
     """[B, H] L2-normalised last-token embeddings of left-padded prompts."""
     check_inputs(input_ids, attention_mask, pixels, self.config, require_left_padding=True)
-    return self._embed(self.params, jnp.asarray(input_ids), jnp.asarray(attention_mask),
-                       None if pixels is None else jnp.asarray(pixels), config=self.config,
-                       lora=lora)
+    return self._embed(self.params, self.config, jnp.asarray(input_ids),
+                       jnp.asarray(attention_mask),
+                       None if pixels is None else jnp.asarray(pixels), lora=lora)
 
   def hidden_states(self, input_ids, attention_mask, pixels=None, *, lora=None):
     """Per-layer hidden states (HF convention, see `hidden_states`)."""
     check_inputs(input_ids, attention_mask, pixels, self.config)
-    return self._hidden(self.params, jnp.asarray(input_ids), jnp.asarray(attention_mask),
-                        None if pixels is None else jnp.asarray(pixels), config=self.config,
-                        lora=lora)
+    return self._hidden(self.params, self.config, jnp.asarray(input_ids),
+                        jnp.asarray(attention_mask),
+                        None if pixels is None else jnp.asarray(pixels), lora=lora)
 
   def image_features(self, pixels) -> Array:
     check_pixels(pixels, self.config.vision)
     return jax.jit(image_features, static_argnames=("config",))(
-        self.params, jnp.asarray(pixels), config=self.config)
+        self.params, self.config, jnp.asarray(pixels))
 
   def __repr__(self):
     return (f"LlavaEmbedder(source={self.source!r}, text={self.config.text.model_type}/"

@@ -140,12 +140,12 @@ def jax_stages(params: Any, config: Any, ids: np.ndarray, mask: np.ndarray,
   fwd = jax.jit(llava.forward, static_argnames=("config", "output_hidden_states"))
   pix = None if pixels is None else jnp.asarray(pixels)
   llava.check_inputs(ids, mask, pixels, config, require_left_padding=True)
-  res = fwd(params, jnp.asarray(ids), jnp.asarray(mask), pix, config=config,
+  res = fwd(params, config, jnp.asarray(ids), jnp.asarray(mask), pix,
             output_hidden_states=True)
   if pix is not None:
     out["vision features"] = np.asarray(jax.jit(llava.vision_features,
                                                 static_argnames=("config",))(
-        params, pix, config=config))
+        params, config, pix))
     out["projector output"] = np.asarray(res.image_features)
   out.update(_layer_stages([np.asarray(h) for h in res.hidden_states]))
   out["embedding"] = np.asarray(llava.l2_normalize(res.last_hidden_state[:, -1]))
