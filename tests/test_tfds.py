@@ -110,3 +110,13 @@ def test_cli_eval_from_a_tfds_build(built, tmp_path):
   b = json.loads((tmp_path / "b.json").read_text())["splits"]["synthetic/val"]["metrics"]
   assert a == b
   assert cli.main(["eval", "--dataset", "synthetic", "--baseline", "random"]) == 1
+
+
+def test_registered_with_tfds(built):
+  import tensorflow_datasets as tfds
+  root, data_dir = built
+  for name in tfds_builders.BUILDERS.values():
+    assert name in tfds.list_builders(with_community_datasets=False)
+  src = tfds.data_source("cirjax_synthetic/images", split="val", data_dir=str(data_dir),
+                         decoders={"image": tfds.decode.SkipDecoding()})
+  assert len(src) == len(synth.read_synthetic(root, "val").images)

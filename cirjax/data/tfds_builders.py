@@ -150,10 +150,15 @@ def _features(config: str):
 
 # ----------------------------------------------------------------------------- builders
 
-def _make_builder_class(dataset: str):
+def _make_builder_class(dataset: str, register: bool = True):
   tfds = _tfds()
+  from tensorflow_datasets.core import registered  # pylint: disable=g-import-not-at-top
+  # Register under `cirjax_<dataset>` (so tfds.builder / tfds.data_source find it) unless a
+  # class of that name is already registered (a module reload).
+  skip = not register or BUILDERS[dataset] in registered.list_imported_builders()
 
-  class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=skip):
+    name = BUILDERS[dataset]
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "cirjax layout: queries + images configs."}
     BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="queries", description="one record per query"),
@@ -204,7 +209,6 @@ def _make_builder_class(dataset: str):
         yield from image_records(s)
 
   _Builder.__name__ = "".join(p.capitalize() for p in BUILDERS[dataset].split("_"))
-  _Builder.name = BUILDERS[dataset]
   return _Builder
 
 
@@ -297,3 +301,12 @@ def load_split(data_dir: str | os.PathLike, dataset: str, split: str
   s = CIRSplit(ds_name, sp, queries, corpus, images)
   return records.validate_split(s), TfdsImageSource(meta_src, names)
 
+
+
+def register_all() -> None:
+  """Creates (and registers with TFDS) every builder class; done on import."""
+  for d in BUILDERS:
+    builder_class(d)
+
+
+register_all()
