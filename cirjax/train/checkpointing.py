@@ -72,6 +72,11 @@ class Checkpointer:
     arrays = dict(arrays or {})
     arrays.setdefault("_present", np.zeros((), np.int32))  # orbax refuses empty trees
     arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    # Orbax cannot save zero-size arrays (e.g. no mined sets yet): keep their shape and
+    # dtype in the JSON item and rebuild them on restore.
+    empty = {k: [list(v.shape), v.dtype.str] for k, v in arrays.items() if v.size == 0}
+    arrays = {k: v for k, v in arrays.items() if k not in empty}
+    host = dict(host, _empty_arrays=empty)
     if metrics is not None and self.best_metric and self.best_metric not in metrics:
       metrics = None
     return self.manager.save(
@@ -90,7 +95,10 @@ class Checkpointer:
                                 host=ocp.args.JsonRestore(),
                                 arrays=ocp.args.StandardRestore()))
     arrays = {k: np.asarray(v) for k, v in dict(restored["arrays"]).items() if k != "_present"}
-    return restored["state"], dict(restored["host"]), arrays
+    host = dict(restored["host"])
+    for k, (shape, dtype) in host.pop("_empty_arrays", {}).items():
+      arrays[k] = np.zeros(shape, np.dtype(dtype))
+    return restored["state"], host, arrays
 
   def restore_params(self, step: int | None, abstract_params: Any = None) -> Any:
     """Only the parameters of a checkpoint (e.g. stage 2 starting from stage 1).
