@@ -223,7 +223,7 @@ def render_markdown(payload: dict) -> str:
   est = payload.get("scaling_estimate")
   if est:
     lines += ["", "Data-parallel / FSDP efficiency estimate (see docs/benchmarks.md for the model):", "",
-              benchmarking.format_table(est, ["strategy", "gpus", "step_compute_ms",
+              benchmarking.format_table(est, ["workload", "strategy", "gpus", "step_compute_ms",
                                               "comm_ms", "exposed_comm_ms", "efficiency"])]
   return "\n".join(lines) + "\n"
 
