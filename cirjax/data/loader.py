@@ -80,44 +80,47 @@ def _bert_tokenize_fn(tokenizer, max_length: int) -> TokenizeFn:
   return lambda texts: tokenize(tokenizer, texts, max_length)
 
 
-class TripletLoader:
-  """Deterministic, resumable (reference, text, target) batches for training."""
+class RecordLoader:
+  """Deterministic, resumable batches over any list of records, prepared by worker threads.
 
-  def __init__(self, split: CIRSplit, transform: Callable, tokenize_fn: TokenizeFn,
+  `collate(records) -> dict of arrays` builds one batch (this process's share) from the
+  records of a step. The epoch's order is a permutation seeded by (seed, epoch), so
+  `batch(epoch, step)` is a pure function of (seed, epoch, step): a trainer resumes by asking
+  for the next step. Used for CIR triplets (`TripletLoader`) and for InstructCIR's
+  image-caption pairs and instruction triplets (`cirjax.data.instructcir` records).
+  """
+
+  def __init__(self, records: Sequence, collate: Callable[[list], dict[str, np.ndarray]],
                batch_size: int, seed: int = 0, drop_remainder: bool = True,
-               num_threads: int = 4, prefetch: int = 4, text_fn: Callable[[Query], str] = default_text,
-               cache_images: bool = False, process_index: int = 0, process_count: int = 1,
-               image_source: ImageSource | None = None):
+               num_threads: int = 4, prefetch: int = 4, process_index: int = 0,
+               process_count: int = 1, name: str = "records"):
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if batch_size % process_count:
       raise ValueError(f"global batch {batch_size} does not split over {process_count} processes")
     if process_count > 1 and not drop_remainder:
       raise ValueError("with several processes the last, partial batch cannot be split evenly: "
                        "use drop_remainder=True")
-    self.queries = [q for q in split.queries]
-    missing = [q.query_id for q in self.queries if q.target is None]
-    if missing:
-      raise DataError(f"{split.name}: {len(missing)} queries have no target (e.g. {missing[0]}); "
-                      "cannot train on them")
-    if not self.queries:
-      raise DataError(f"{split.name}: no training queries")
-    cidx = split.corpus_index()
-    self.target_index = np.array([cidx.get(q.target, -1) for q in self.queries], np.int32)
-    self.split, self.tokenize_fn, self.text_fn = split, tokenize_fn, text_fn
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index {process_index} outside 0..{process_count - 1}")
+    self.records = list(records)
+    if not self.records:
+      raise DataError(f"{name}: nothing to load (empty)")
+    self.collate, self.name = collate, name
     self.batch_size, self.seed, self.drop_remainder = batch_size, seed, drop_remainder
     self.num_threads, self.prefetch = num_threads, prefetch
     self.process_index, self.process_count = process_index, process_count
-    self.images = ImageCache(split, transform, cache_images, image_source)
-    n = len(self.queries)
+    n = len(self.records)
     self.steps_per_epoch = n // batch_size if drop_remainder else -(-n // batch_size)
     if self.steps_per_epoch == 0:
-      raise DataError(f"{split.name}: {n} queries is fewer than one batch of {batch_size}")
+      raise DataError(f"{name}: {n} records is fewer than one batch of {batch_size}")
 
   def order(self, epoch: int) -> np.ndarray:
-    """The epoch's query order (a permutation seeded by (seed, epoch))."""
-    return np.random.default_rng([self.seed, epoch]).permutation(len(self.queries))
+    """The epoch's record order (a permutation seeded by (seed, epoch))."""
+    return np.random.default_rng([self.seed, epoch]).permutation(len(self.records))
 
   def indices(self, epoch: int, step: int) -> np.ndarray:
-    """Query indices of this process's share of global batch `step` of `epoch`."""
+    """Record indices of this process's share of global batch `step` of `epoch`."""
     if not 0 <= step < self.steps_per_epoch:
       raise IndexError(f"step {step} outside epoch of {self.steps_per_epoch} steps")
     idx = self.order(epoch)[step * self.batch_size:(step + 1) * self.batch_size]
@@ -129,6 +132,46 @@ class TripletLoader:
   def batch(self, epoch: int, step: int) -> dict[str, np.ndarray]:
     """Batch `step` of `epoch`, computed from scratch (a pure function of seed, epoch, step)."""
     idx = self.indices(epoch, step)
+    out = self.collate([self.records[i] for i in idx])
+    out.setdefault("record_index", idx.astype(np.int32))
+    return out
+
+  def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Iterates steps start_step..steps_per_epoch-1, prepared ahead by worker threads."""
+    if not 0 <= start_step <= self.steps_per_epoch:
+      raise IndexError(f"start_step {start_step} outside 0..{self.steps_per_epoch}")
+    ds = grain.MapDataset.range(start_step, self.steps_per_epoch).map(
+        lambda s: self.batch(epoch, int(s)))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=self.num_threads,
+                                              prefetch_buffer_size=self.prefetch))
+    return iter(it)
+
+
+class TripletLoader(RecordLoader):
+  """Deterministic, resumable (reference, text, target) batches for training."""
+
+  def __init__(self, split: CIRSplit, transform: Callable, tokenize_fn: TokenizeFn,
+               batch_size: int, seed: int = 0, drop_remainder: bool = True,
+               num_threads: int = 4, prefetch: int = 4, text_fn: Callable[[Query], str] = default_text,
+               cache_images: bool = False, process_index: int = 0, process_count: int = 1,
+               image_source: ImageSource | None = None):
+    missing = [q.query_id for q in split.queries if q.target is None]
+    if missing:
+      raise DataError(f"{split.name}: {len(missing)} queries have no target (e.g. {missing[0]}); "
+                      "cannot train on them")
+    if not split.queries:
+      raise DataError(f"{split.name}: no training queries")
+    self.queries = list(split.queries)
+    cidx = split.corpus_index()
+    self.target_index = np.array([cidx.get(q.target, -1) for q in self.queries], np.int32)
+    self.split, self.tokenize_fn, self.text_fn = split, tokenize_fn, text_fn
+    self.images = ImageCache(split, transform, cache_images, image_source)
+    super().__init__(range(len(self.queries)), self._collate, batch_size, seed, drop_remainder,
+                     num_threads, prefetch, process_index, process_count,
+                     name=f"{split.name} queries")
+
+  def _collate(self, idx: list[int]) -> dict[str, np.ndarray]:
+    idx = np.asarray(idx)
     qs = [self.queries[i] for i in idx]
     ids, mask = self.tokenize_fn([self.text_fn(q) for q in qs])
     return {"reference_pixels": np.stack([self.images(q.reference) for q in qs]),
@@ -136,13 +179,8 @@ class TripletLoader:
             "target_pixels": np.stack([self.images(q.target) for q in qs]),
             "target_index": self.target_index[idx], "query_index": idx.astype(np.int32)}
 
-  def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """Iterates steps start_step..steps_per_epoch-1, prepared ahead by worker threads."""
-    ds = grain.MapDataset.range(start_step, self.steps_per_epoch).map(
-        lambda s: self.batch(epoch, int(s)))
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=self.num_threads,
-                                              prefetch_buffer_size=self.prefetch))
-    return iter(it)
+  def batch(self, epoch: int, step: int) -> dict[str, np.ndarray]:
+    return self._collate(list(self.indices(epoch, step)))
 
 
 def image_batches(split: CIRSplit, names: Sequence[str], transform: Callable, batch_size: int,
