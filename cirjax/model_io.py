@@ -147,7 +147,8 @@ def read_params(directory: str | os.PathLike, target: Any = None) -> Any:
 
 def save_model_dir(path: str | os.PathLike, params: Any, config: Mapping[str, Any],
                    model_type: str, *, overwrite: bool = False,
-                   extra: Optional[Mapping[str, Any]] = None) -> Path:
+                   extra: Optional[Mapping[str, Any]] = None,
+                   extra_files: Optional[Mapping[str, str | os.PathLike]] = None) -> Path:
   """Saves params (Orbax) and `cirjax_config.json` to `path`, atomically.
 
   Args:
@@ -157,6 +158,7 @@ def save_model_dir(path: str | os.PathLike, params: Any, config: Mapping[str, An
     model_type: 'blip2', 'llava', ...; `load_model_dir` returns it for dispatch.
     overwrite: replace an existing destination (only after the new one is complete).
     extra: more JSON fields for cirjax_config.json (e.g. where the weights came from).
+    extra_files: {name in the directory: source file} copied along (e.g. the tokenizer).
   """
   meta = {"format": "cirjax", "format_version": FORMAT_VERSION, "model_type": model_type,
           "config": dict(config)}
@@ -166,6 +168,8 @@ def save_model_dir(path: str | os.PathLike, params: Any, config: Mapping[str, An
   with atomic_directory(path, overwrite=overwrite) as tmp:
     write_params(tmp / PARAMS_DIR, params)
     (tmp / CONFIG_NAME).write_text(text + "\n")
+    for name, src in (extra_files or {}).items():
+      shutil.copyfile(src, tmp / name)
   return Path(path)
 
 

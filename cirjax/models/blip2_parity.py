@@ -282,10 +282,15 @@ def random_inputs(cfg, batch: int = 2, text_len: int = 12, seed: int = 0):
 
 def run_parity(path: str | os.PathLike, *, converted: Optional[str | os.PathLike] = None,
                batch: int = 2, text_len: int = 12, seed: int = 0,
-               tolerance: float = TOLERANCE) -> list[ParityRow]:
+               tolerance: float = TOLERANCE, vision_heads: Optional[int] = None,
+               qformer_heads: Optional[int] = None) -> list[ParityRow]:
   """Loads the PyTorch checkpoint at `path` (HF BLIP-2 ITM dir or LAVIS state dict) and its
   conversion (`converted`, a cirjax dir; default: converted in memory now), runs the same
-  random inputs through both, and returns one ParityRow per stage (see STAGES)."""
+  random inputs through both, and returns one ParityRow per stage (see STAGES).
+
+  LAVIS checkpoints do not record head counts: `vision_heads` / `qformer_heads` default to
+  those of `converted` when given, else to the released towers' (see `config_from_lavis`).
+  """
   import jax  # pylint: disable=g-import-not-at-top
   from cirjax import model_io, weights  # pylint: disable=g-import-not-at-top
   from cirjax.models import blip2, blip2_convert  # pylint: disable=g-import-not-at-top
@@ -294,10 +299,14 @@ def run_parity(path: str | os.PathLike, *, converted: Optional[str | os.PathLike
   if fmt == "cirjax":
     raise ValueError(f"{path}: parity needs the PyTorch checkpoint (HF directory or LAVIS "
                      "file); pass the cirjax directory as `converted`")
+  conv = None
+  if converted is not None:
+    model_type, cfg_dict, conv_params = model_io.load_model_dir(converted)
+    if model_type != "blip2":
+      raise ValueError(f"{converted}: a '{model_type}' model, not 'blip2'")
+    conv = (blip2.Blip2Config.from_dict(cfg_dict), conv_params)
   if fmt == "hf":
     import transformers  # pylint: disable=g-import-not-at-top
-    ref_cfg = blip2_convert.config_from_hf(blip2_convert.read_hf_config(path),
-                                           source=str(Path(path) / "config.json"))
     kwargs = {"attn_implementation": "eager", "dtype": "float32"}
     model = transformers.Blip2ForImageTextRetrieval.from_pretrained(os.fspath(path), **kwargs)
     ref = TorchReference.from_hf_model(model)
@@ -305,16 +314,17 @@ def run_parity(path: str | os.PathLike, *, converted: Optional[str | os.PathLike
       cfg, params = blip2_convert.from_hf(path)
   else:
     state = weights.read_state_dict(path)
-    ref_cfg = blip2_convert.config_from_lavis(state, source=str(path))
+    if conv is not None:
+      vision_heads = vision_heads or conv[0].vision.num_heads
+      qformer_heads = qformer_heads or conv[0].qformer.num_heads
+    ref_cfg = blip2_convert.config_from_lavis(state, source=str(path), vision_heads=vision_heads,
+                                              qformer_heads=qformer_heads)
     ref = reference_from_lavis(state, ref_cfg)
     if converted is None:
       cfg = ref_cfg
       params = blip2_convert.params_from_lavis_state(state, cfg, source=str(path))
-  if converted is not None:
-    model_type, cfg_dict, params = model_io.load_model_dir(converted)
-    if model_type != "blip2":
-      raise ValueError(f"{converted}: a '{model_type}' model, not 'blip2'")
-    cfg = blip2.Blip2Config.from_dict(cfg_dict)
+  if conv is not None:
+    cfg, params = conv
   pixels, ids, mask = random_inputs(cfg, batch, text_len, seed)
   want = ref.stages(pixels, ids, mask)
   got = jax_stages(params, cfg, pixels, ids, mask)

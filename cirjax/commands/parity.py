@@ -1,0 +1,98 @@
+"""`cirjax parity`: stage-by-stage numerical parity of a conversion against PyTorch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+HELP = "check a converted model against its PyTorch checkpoint, stage by stage"
+DESCRIPTION = """\
+Loads a PyTorch checkpoint (an HF directory, or a LAVIS BLIP-2 .pth) into the transformers
+reference modules and its cirjax conversion (--converted DIR, else converted in memory now),
+runs the same random inputs through both in fp32 with matmul precision 'highest', prints a
+table of max abs / max rel error per stage, and exits 1 if any stage is above the SPEC
+tolerance (1e-4 relative, whole models; not adjustable).
+
+BLIP-2 stages: vision features, Q-Former query outputs, target features, text feature,
+joint (query + text) Q-Former outputs, composed query, scores.
+LLaVA checkpoints (config.json model_type 'llava') are checked by
+cirjax.models.llava_parity.run_parity.
+
+Exit status: 0 all stages within tolerance, 1 a stage above it, 2 the check could not run.
+
+Examples:
+  cirjax parity hf/blip2-itm-vit-g
+  cirjax parity hf/blip2-itm-vit-g --converted ckpt/blip2-itm
+  cirjax parity qure_cirr/model.pth --converted ckpt/qure-cirr --json parity.json
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  p.add_argument("path", help="the PyTorch checkpoint: HF directory or LAVIS BLIP-2 file")
+  p.add_argument("--converted", default=None,
+                 help="cirjax directory converted from PATH (default: convert in memory)")
+  p.add_argument("--batch", type=int, default=2, help="random inputs per run (default 2)")
+  p.add_argument("--text-len", type=int, default=12,
+                 help="token ids per text; rows after the first are padded (default 12)")
+  p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+  p.add_argument("--vision-heads", type=int, default=None,
+                 help="LAVIS only: ViT heads (default: from --converted, else as convert)")
+  p.add_argument("--qformer-heads", type=int, default=None,
+                 help="LAVIS only: Q-Former heads (default: from --converted, else as convert)")
+  p.add_argument("--json", default=None, help="also write the rows as JSON to this file")
+
+
+def _model_type(path: Path) -> str:
+  from cirjax import model_io  # pylint: disable=g-import-not-at-top
+  if model_io.is_cirjax_dir(path):
+    raise ValueError(f"{path} is a cirjax directory: pass the PyTorch checkpoint as PATH and "
+                     f"this directory as --converted")
+  if path.is_dir():
+    from cirjax.models import blip2_convert  # pylint: disable=g-import-not-at-top
+    mt = blip2_convert.read_hf_config(path).get("model_type")
+    if mt in ("llava", "llava_phi", "llava-phi"):
+      return "llava"
+    if mt not in ("blip-2", "blip_2"):
+      raise ValueError(f"{path / 'config.json'}: unknown model_type {mt!r} (expected 'blip-2' "
+                       "or 'llava')")
+  elif not path.exists():
+    raise FileNotFoundError(f"{path}: no such file or directory")
+  return "blip2"
+
+
+def run(args: argparse.Namespace) -> int:
+  path = Path(args.path)
+  t0 = time.time()
+  try:
+    model_type = _model_type(path)
+    print(f"[parity] {model_type}: {path} vs {args.converted or 'in-memory conversion'} "
+          f"(batch {args.batch}, fp32, matmul precision highest)", file=sys.stderr, flush=True)
+    if model_type == "llava":
+      try:
+        from cirjax.models import llava_parity  # pylint: disable=g-import-not-at-top
+      except ImportError as e:
+        raise RuntimeError(f"LLaVA parity is unavailable: cirjax.models.llava_parity could not "
+                           f"be imported ({e})") from e
+      rows = llava_parity.run_parity(path, converted=args.converted, batch=args.batch,
+                                     seed=args.seed)
+    else:
+      from cirjax.models import blip2_parity  # pylint: disable=g-import-not-at-top
+      rows = blip2_parity.run_parity(path, converted=args.converted, batch=args.batch,
+                                     text_len=args.text_len, seed=args.seed,
+                                     vision_heads=args.vision_heads,
+                                     qformer_heads=args.qformer_heads)
+  except (OSError, ValueError, RuntimeError) as e:
+    print(f"cirjax parity: error: {e}", file=sys.stderr)
+    return 2
+  from cirjax.models.blip2_parity import ParityRow, format_table  # pylint: disable=g-import-not-at-top
+  rows = [r if isinstance(r, ParityRow) else ParityRow(*r) for r in rows]
+  print(format_table(rows))
+  ok = all(r.ok for r in rows)
+  print(f"{'PASS' if ok else 'FAIL'}: {sum(r.ok for r in rows)}/{len(rows)} stages within "
+        f"tolerance ({time.time() - t0:.1f}s)")
+  if args.json:
+    Path(args.json).write_text(json.dumps([r._asdict() for r in rows], indent=2) + "\n")
+  return 0 if ok else 1

@@ -1,0 +1,132 @@
+"""`cirjax convert` and `cirjax parity` end to end on random checkpoints saved like real ones."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cirjax import cli, model_io
+from tests.blip2_fixtures import hf_retrieval_model, lavis_model
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+  return hf_retrieval_model(seed=11)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory, hf_model):
+  d = tmp_path_factory.mktemp("hf") / "blip2"
+  hf_model.save_pretrained(d)
+  (d / "vocab.txt").write_text("[PAD]\n[CLS]\n")
+  return d
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, hf_dir):
+  dst = tmp_path_factory.mktemp("cj") / "blip2"
+  assert cli.main(["convert", str(hf_dir), str(dst)]) == 0
+  return dst
+
+
+def test_help(capsys):
+  for cmd in ("convert", "parity"):
+    with pytest.raises(SystemExit) as e:
+      cli.main([cmd, "--help"])
+    assert e.value.code == 0
+    assert "Examples:" in capsys.readouterr().out
+
+
+def test_convert_writes_cirjax_dir(converted):
+  meta = json.loads((converted / "cirjax_config.json").read_text())
+  assert meta["model_type"] == "blip2" and meta["source_format"] == "hf"
+  assert (converted / "vocab.txt").read_text().startswith("[PAD]")
+
+
+def test_parity_passes_then_fails_on_one_perturbed_tensor(hf_dir, converted, tmp_path, capsys):
+  out = tmp_path / "rows.json"
+  assert cli.main(["parity", str(hf_dir), "--converted", str(converted), "--json",
+                   str(out)]) == 0
+  text = capsys.readouterr().out
+  assert "composed query" in text and "PASS: 7/7" in text
+  rows = json.loads(out.read_text())
+  assert all(r["ok"] and r["max_rel_err"] <= 1e-4 for r in rows)
+  # one tensor of the conversion perturbed -> non-zero exit
+  model_type, config, params = model_io.load_model_dir(converted)
+  params = {k: v for k, v in params.items()}
+  w = np.array(params["qformer"]["layer_1"]["ffn_query"]["output"]["kernel"])
+  w[0, 0] += 0.5
+  params["qformer"]["layer_1"]["ffn_query"]["output"]["kernel"] = w
+  bad = tmp_path / "bad"
+  model_io.save_model_dir(bad, params, config, model_type)
+  assert cli.main(["parity", str(hf_dir), "--converted", str(bad)]) == 1
+  text = capsys.readouterr().out
+  assert "FAIL" in text and "NO" in text
+
+
+def test_round_trip_to_hf_from_pretrained(hf_model, converted, tmp_path):
+  import transformers
+  dst = tmp_path / "hf2"
+  assert cli.main(["convert", str(converted), str(dst)]) == 0
+  back = transformers.Blip2ForImageTextRetrieval.from_pretrained(dst)
+  want = hf_model.state_dict()
+  got = back.state_dict()
+  assert set(got) == set(want)
+  for k, v in want.items():
+    np.testing.assert_array_equal(got[k].numpy(), v.numpy(), err_msg=k)
+  assert json.loads((dst / "config.json").read_text())["cirjax_temp"] == pytest.approx(0.07)
+  assert (dst / "vocab.txt").is_file()
+
+
+def test_lavis_convert_and_parity(tmp_path, capsys):
+  state, _ = lavis_model("clip")
+  path = tmp_path / "model.pth"
+  torch.save({"model": {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}}, path)
+  dst = tmp_path / "cj"
+  assert cli.main(["convert", str(path), str(dst)]) == 1  # 32-wide: heads not inferable
+  assert "--vision-heads" in capsys.readouterr().err and not dst.exists()
+  assert cli.main(["convert", str(path), str(dst), "--vision-heads", "4",
+                   "--qformer-heads", "4"]) == 0
+  meta = json.loads((dst / "cirjax_config.json").read_text())
+  assert meta["config"]["vision"]["variant"] == "clip"
+  assert meta["source_format"] == "lavis"
+  # a CLIP-tower BLIP-2 has no HF class to export to: a clear refusal, nothing written
+  assert cli.main(["convert", str(dst), str(tmp_path / "hf")]) == 1
+  assert "EVA vision tower" in capsys.readouterr().err and not (tmp_path / "hf").exists()
+  # parity against the torch reference built from the LAVIS keys
+  from cirjax.models import blip2_parity
+  rows = blip2_parity.run_parity(path, converted=dst)
+  assert all(r.ok for r in rows), blip2_parity.format_table(rows)
+
+
+def test_convert_errors_leave_nothing_behind(hf_dir, converted, tmp_path, capsys):
+  # existing destination: refused, untouched
+  before = (converted / "cirjax_config.json").read_text()
+  assert cli.main(["convert", str(hf_dir), str(converted)]) == 1
+  assert "already exists" in capsys.readouterr().err
+  assert (converted / "cirjax_config.json").read_text() == before
+  # corrupt weights: an error naming the file, no output, no temp dirs
+  broken = tmp_path / "broken"
+  broken.mkdir()
+  (broken / "config.json").write_text((hf_dir / "config.json").read_text())
+  raw = (hf_dir / "model.safetensors").read_bytes()
+  (broken / "model.safetensors").write_bytes(raw[: len(raw) // 2])
+  out = tmp_path / "out"
+  assert cli.main(["convert", str(broken), str(out)]) == 1
+  err = capsys.readouterr().err
+  assert "model.safetensors" in err and "truncated" in err
+  assert not out.exists()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
+  # missing config.json / unknown model type
+  (tmp_path / "empty").mkdir()
+  assert cli.main(["convert", str(tmp_path / "empty"), str(out)]) == 1
+  assert "config.json" in capsys.readouterr().err
+  (broken / "config.json").write_text(json.dumps({"model_type": "bert"}))
+  assert cli.main(["convert", str(broken), str(out)]) == 1
+  assert "unknown model_type 'bert'" in capsys.readouterr().err
+  assert cli.main(["parity", str(broken)]) == 2
+  assert "unknown model_type 'bert'" in capsys.readouterr().err
+  assert cli.main(["parity", str(converted)]) == 2
+  assert "--converted" in capsys.readouterr().err
+  assert not out.exists()
