@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from cirjax.data import read_cirr, synth, text
 

@@ -31,12 +31,11 @@ source that decodes images from the ArrayRecord files; pass it to `cirjax.data.l
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
