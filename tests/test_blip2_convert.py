@@ -228,3 +228,124 @@ def test_load_model_dir_errors(tmp_path):
   (tmp_path / "cirjax_config.json").write_text(json.dumps({"model_type": "blip2"}))
   with pytest.raises(ValueError, match="'config'"):
     model_io.load_model_dir(tmp_path)
+
+
+# ------------------------------------------------------------------------ BLIP-2 conversion
+
+def _hf_state_and_config():
+  from tests.blip2_fixtures import hf_retrieval_model
+  m = hf_retrieval_model(seed=21)
+  return m, {k: v.numpy() for k, v in m.state_dict().items()}, m.config.to_dict()
+
+
+def test_blip2_hf_key_accounting_names_every_problem():
+  from cirjax.models import blip2_convert
+  _, state, hf = _hf_state_and_config()
+  cfg = blip2_convert.config_from_hf(hf)
+  bad = dict(state)
+  del bad["qformer.encoder.layer.1.output_query.dense.bias"]
+  bad["qformer.encoder.layer.0.extra.weight"] = np.zeros(3, np.float32)
+  bad["text_projection.weight"] = np.zeros((5, 32), np.float32)
+  with pytest.raises(KeyAccountingError) as e:
+    blip2_convert.params_from_hf_state(bad, cfg, source="ckpt-dir")
+  msg = str(e.value)
+  assert "ckpt-dir" in msg
+  assert "missing key(s): qformer.encoder.layer.1.output_query.dense.bias" in msg
+  assert "qformer.encoder.layer.0.extra.weight" in msg
+  assert "text_projection.weight has shape (5, 32), expected (16, 32)" in msg
+
+
+def test_blip2_hf_export_is_exact_inverse():
+  from cirjax.models import blip2_convert
+  _, state, hf = _hf_state_and_config()
+  cfg = blip2_convert.config_from_hf(hf)
+  back = blip2_convert.params_to_hf_state(blip2_convert.params_from_hf_state(state, cfg), cfg)
+  assert set(back) == set(state)
+  for k, v in state.items():
+    np.testing.assert_array_equal(back[k], v, err_msg=k)
+
+
+def test_blip2_text_input_flag_spellings(tmp_path, capsys):
+  from cirjax.models import blip2_convert
+  m, _, hf = _hf_state_and_config()
+  q = dict(hf["qformer_config"])
+  q.pop("use_qformer_text_input")
+  old = {**hf, "qformer_config": {**q, "qformer_text_input": True}}
+  assert blip2_convert.config_from_hf(old).qformer.use_text_input
+  off = {**hf, "qformer_config": {**q, "qformer_text_input": False}}
+  assert not blip2_convert.config_from_hf(off).qformer.use_text_input
+  clash = {**hf, "qformer_config": {**q, "qformer_text_input": False,
+                                    "use_qformer_text_input": True}}
+  with pytest.raises(blip2_convert.ConfigError, match="qformer_text_input"):
+    blip2_convert.config_from_hf(clash)
+  # a hub config with only the old spelling (which transformers 5 ignores) still converts
+  # with the text FFNs, in .bin form, sharded
+  d = tmp_path / "old"
+  m.save_pretrained(d, safe_serialization=True, max_shard_size="20KB")
+  assert (d / "model.safetensors.index.json").exists()
+  (d / "config.json").write_text(json.dumps(old))
+  cfg, params = blip2_convert.from_hf(d)
+  assert cfg.qformer.use_text_input and "ffn" in params["qformer"]["layer_0"]
+  bind = tmp_path / "bin"
+  bind.mkdir()
+  torch.save(m.state_dict(), bind / "pytorch_model.bin")
+  (bind / "config.json").write_text(json.dumps(off))  # misstated: the tensors win, with a note
+  cfg2, _ = blip2_convert.from_hf(bind)
+  assert cfg2.qformer.use_text_input
+  assert "using use_qformer_text_input=True" in capsys.readouterr().err
+
+
+def test_blip2_config_errors(tmp_path):
+  from cirjax.models import blip2_convert
+  _, _, hf = _hf_state_and_config()
+  with pytest.raises(blip2_convert.ConfigError, match="model_type is 'llava'"):
+    blip2_convert.config_from_hf({**hf, "model_type": "llava"})
+  with pytest.raises(blip2_convert.ConfigError, match="missing 'qformer_config'"):
+    blip2_convert.config_from_hf({k: v for k, v in hf.items() if k != "qformer_config"})
+  with pytest.raises(FileNotFoundError, match="no config.json"):
+    blip2_convert.from_hf(tmp_path)
+  (tmp_path / "config.json").write_text("{nope")
+  with pytest.raises(blip2_convert.ConfigError, match="config.json: not valid JSON"):
+    blip2_convert.from_hf(tmp_path)
+
+
+def test_lavis_key_accounting_and_lm_head_skip(capsys):
+  from cirjax.models import blip2_convert
+  from tests.blip2_fixtures import lavis_model
+  state, _ = lavis_model("eva", qformer_kw={"freq": 1})
+  kw = dict(vision_heads=4, qformer_heads=4)
+  cfg = blip2_convert.config_from_lavis(state, **kw)
+  assert (cfg.vision.variant, cfg.vision.num_layers, cfg.qformer.cross_attention_frequency,
+          cfg.num_query_tokens, cfg.embed_dim) == ("eva", 2, 1, 8, 16)
+  params = blip2_convert.params_from_lavis_state(state, cfg)
+  assert "skipped 3 tensor(s)" in capsys.readouterr().err  # Qformer.cls.* only
+  np.testing.assert_array_equal(
+      params["vision"]["layers_0"]["self_attn"]["qkv"]["bias"][32:64], 0)
+  bad = dict(state)
+  del bad["visual_encoder.blocks.1.attn.v_bias"]
+  bad["visual_encoder.blocks.0.attn.relative_position_bias_table"] = np.zeros(4, np.float32)
+  bad["ln_vision.bias"] = np.zeros(7, np.float32)
+  with pytest.raises(KeyAccountingError) as e:
+    blip2_convert.params_from_lavis_state(bad, cfg, source="model.pth")
+  msg = str(e.value)
+  assert "visual_encoder.blocks.1.attn.v_bias" in msg
+  assert "relative_position_bias_table" in msg
+  assert "ln_vision.bias has shape (7,), expected (32,)" in msg
+  assert "Qformer.cls" not in msg
+  shifted = {**state, "Qformer.bert.embeddings.position_ids": np.arange(1, 41)[None]}
+  with pytest.raises(blip2_convert.ConfigError, match="position_ids"):
+    blip2_convert.params_from_lavis_state(shifted, cfg)
+  with pytest.raises(blip2_convert.ConfigError, match="not a LAVIS BLIP-2 state dict"):
+    blip2_convert.config_from_lavis({"a.weight": np.zeros(2)})
+
+
+def test_lavis_depth_read_from_checkpoint():
+  # LAVIS versions kept 21, 22 or 23 CLIP-L blocks: the count comes from the keys
+  from cirjax.models import blip2_convert
+  from tests.blip2_fixtures import lavis_model
+  state, _ = lavis_model("clip", vision_kw={"layers": 3})
+  assert blip2_convert.config_from_lavis(state, vision_heads=4,
+                                         qformer_heads=4).vision.num_layers == 3
+  gap = {k: v for k, v in state.items() if ".resblocks.1." not in k}
+  with pytest.raises(blip2_convert.ConfigError, match="not contiguous"):
+    blip2_convert.config_from_lavis(gap, vision_heads=4, qformer_heads=4)
