@@ -165,11 +165,6 @@ def _bits_from_desc(hi: jax.Array) -> jax.Array:
   return jnp.where((asc >> 31) == 1, asc ^ jnp.uint32(_SIGN), ~asc)
 
 
-def _signed_asc_key(bits: jax.Array) -> jax.Array:
-  """int32 whose (signed) order is the float order of the canonical float32 `bits`."""
-  return lax.bitcast_convert_type(_asc_bits(bits) ^ jnp.uint32(_SIGN), jnp.int32)
-
-
 def _pack(hi: jax.Array, lo: jax.Array) -> jax.Array:
   return (hi.astype(jnp.uint64) << jnp.uint64(32)) | lo.astype(jnp.uint32).astype(jnp.uint64)
 
@@ -209,9 +204,14 @@ def _exact_drop_bits(hi_bits: jax.Array, lo_bits: jax.Array) -> jax.Array:
   return jnp.where(jnp.abs(d) >= _MIN_NORMAL, normal, sub)
 
 
-def _drop_bits(a_bits: jax.Array) -> jax.Array:
+def _is_subnormal(bits: jax.Array) -> jax.Array:
+  return ((bits & jnp.uint32(0x7F800000)) == 0) & ((bits & jnp.uint32(0x7FFFFFFF)) != 0)
+
+
+def _drop_bits(a_bits: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Canonical float32 bits of the drops `a[k+1] - a[k]` along each row, exactly as IEEE
-  float32 computes them; the exact path runs only for blocks where flushing could matter."""
+  float32 computes them, and whether the block needed the exact path (a subnormal score or
+  drop, which the float fast paths would flush to zero). The exact path runs only then."""
   hi, lo = a_bits[:, :-1], a_bits[:, 1:]
   fast = lax.bitcast_convert_type(
       lax.bitcast_convert_type(lo, jnp.float32) - lax.bitcast_convert_type(hi, jnp.float32),
@@ -223,7 +223,26 @@ def _drop_bits(a_bits: jax.Array) -> jax.Array:
   hazard = jnp.any((is_tiny(hi) & (hi != 0)) | (is_tiny(lo) & (lo != 0))
                    | (is_tiny(fast) & (hi != lo)))
   out = lax.cond(hazard, lambda: _exact_drop_bits(hi, lo), lambda: fast)
-  return jnp.where(out == jnp.uint32(_SIGN), jnp.uint32(0), out)
+  return jnp.where(out == jnp.uint32(_SIGN), jnp.uint32(0), out), hazard
+
+
+def _best_k(bits: jax.Array, eligible: jax.Array, kk: int) -> jax.Array:
+  """Columns of the `kk` largest scores among `eligible` entries, ties by column.
+
+  Float `top_k` is the fast path (an integer `top_k` is ~10x slower on CPU), exact when no
+  score is subnormal; blocks holding a subnormal take a packed integer sort instead.
+  """
+  def fast():
+    s = lax.bitcast_convert_type(bits, jnp.float32)   # canonical zeros, no subnormals here
+    # Barrier: see `_qure_kernel` (keeps top_k from becoming a full sort).
+    return lax.optimization_barrier(lax.top_k(jnp.where(eligible, s, -jnp.inf), kk))[1]
+
+  def exact():
+    hi = jnp.where(eligible, _desc_bits(bits), jnp.uint32(0xFFFFFFFF))
+    col = lax.broadcasted_iota(jnp.int32, bits.shape, 1)
+    return _low_word(jnp.sort(_pack(hi, col), axis=1))[:, :kk]
+
+  return lax.cond(jnp.any(_is_subnormal(bits)), exact, fast)
 
 
 # ---------------------------------------------------------------------------------------
@@ -282,29 +301,39 @@ def _qure_kernel(scores, target, threshold, strict_below, *, top_drops: int):
                  status=jnp.full((bsz,), STATUS_FEW_AFTER, jnp.int32))
     return order, zeros, zeros, finite, stats
   a_bits = _bits_from_desc(_high_word(key))
-  dbits = _drop_bits(a_bits)                   # [B, N-1], <= 0; drop k lies between k, k+1
+  dbits, exact = _drop_bits(a_bits)            # [B, N-1], <= 0; drop k lies between k, k+1
   kpos = lax.broadcasted_iota(jnp.int32, dbits.shape, 1)
   valid = kpos >= start[:, None]
   nvalid = jnp.maximum(num_after - 1, 0)
-  # Steepest first = smallest drop = largest ~key; top_k breaks ties by lower position, as
-  # required. Positions before the after-target list get the minimum and rank last.
-  steep = jnp.where(valid, ~_signed_asc_key(dbits), jnp.iinfo(jnp.int32).min)
   rk = min(top_drops, n - 1)
-  _, ks = lax.top_k(steep, rk)
-  found, k1, k2 = _walk(ks, nvalid, threshold)
-  if rk < n - 1:
-    need_full = (~found) & (nvalid > rk) & (num_after >= 3)
 
-    def full_ranking():
-      # Ascending drops, ties by position: one packed single-operand sort; invalid last.
-      dk = jnp.where(valid, _asc_bits(dbits), jnp.uint32(0xFFFFFFFF))
-      ranked = _low_word(jnp.sort(_pack(dk, kpos), axis=1))
-      return _walk(ranked, nvalid, threshold)
+  def full_ranking():
+    # Ascending drops, ties by position: one packed single-operand sort; invalid last.
+    # Integer keys: exact for subnormal drops too.
+    dk = jnp.where(valid, _asc_bits(dbits), jnp.uint32(0xFFFFFFFF))
+    ranked = _low_word(jnp.sort(_pack(dk, kpos), axis=1))
+    return _walk(ranked, nvalid, threshold)
 
-    f2, k1b, k2b = lax.cond(jnp.any(need_full), full_ranking, lambda: (found, k1, k2))
-    found = jnp.where(need_full, f2, found)
-    k1 = jnp.where(need_full, k1b, k1)
-    k2 = jnp.where(need_full, k2b, k2)
+  def top_ranking():
+    # Steepest first: float top_k over -drop (no subnormals on this path, zeros canonical:
+    # top_k orders -0.0 below 0.0); ties by lower position, as required. Positions before
+    # the after-target list get -inf and rank last.
+    neg = jnp.where(valid, -lax.bitcast_convert_type(dbits, jnp.float32), -jnp.inf)
+    neg = jnp.where(neg == 0, jnp.float32(0), neg)
+    # The barrier keeps XLA (CPU) from rewriting top_k into a full two-operand sort when
+    # its indices feed further ops: that rewrite is ~5x slower than the whole kernel.
+    _, ks = lax.optimization_barrier(lax.top_k(neg, rk))
+    found, k1, k2 = _walk(ks, nvalid, threshold)
+    if rk < n - 1:
+      # Rows whose walk does not finish within the top ranks get the full ranking.
+      need_full = (~found) & (nvalid > rk) & (num_after >= 3)
+      f2, k1b, k2b = lax.cond(jnp.any(need_full), full_ranking, lambda: (found, k1, k2))
+      found = jnp.where(need_full, f2, found)
+      k1 = jnp.where(need_full, k1b, k1)
+      k2 = jnp.where(need_full, k2b, k2)
+    return found, k1, k2
+
+  found, k1, k2 = lax.cond(exact, full_ranking, top_ranking)
   found = found & (num_after >= 3)
   lo = jnp.where(found, k1 + 1, 0)
   size = jnp.where(found, k2 - k1, 0)
@@ -324,7 +353,7 @@ def _topk_kernel(scores, target, *, k: int):
   bits, _, finite, _, _, rank = _prepare(scores, target)
   bsz, n = bits.shape
   kk = min(k + 1, n)
-  _, cand = lax.top_k(_signed_asc_key(bits), kk)
+  cand = _best_k(bits, jnp.ones(bits.shape, bool), kk)
   is_t = cand == target[:, None]
   # Drop the target if it is among the candidates, else the (k+1)-th candidate.
   tpos = jnp.where(jnp.any(is_t, axis=1), jnp.argmax(is_t, axis=1), kk - 1)
@@ -342,9 +371,8 @@ def _after_topk_kernel(scores, target, strict_below, *, k: int):
   bsz, n = bits.shape
   start = _after_start(hi, ht, rank, strict_below)
   after = (hi > ht) | (~strict_below & (hi == ht) & (col > target[:, None]))
-  masked = jnp.where(after, _signed_asc_key(bits), jnp.iinfo(jnp.int32).min)
   kk = min(k, n)
-  _, cand = lax.top_k(masked, kk)
+  cand = _best_k(bits, after, kk)
   num_after = n - start
   size = jnp.minimum(num_after, kk).astype(jnp.int32)
   zeros = jnp.zeros((bsz,), jnp.int32)
