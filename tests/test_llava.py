@@ -57,7 +57,7 @@ def test_image_text_mixed_lengths(text):
   assert config.text.layout == ("fused" if text == "phi3" else "split")
 
 
-@pytest.mark.parametrize("text", ["phi3", "llama"])
+@pytest.mark.parametrize("text", ["phi3", pytest.param("llama", marks=pytest.mark.slow)])
 def test_text_only_left_padding(text):
   tc = fx.phi3_config() if text == "phi3" else fx.llama_config()
   model = fx.llava_model(tc, seed=1)
@@ -137,6 +137,7 @@ def test_bad_inputs():
     llava.embed(params, config, ids, mask, np.transpose(pix, (0, 3, 1, 2)))
 
 
+@pytest.mark.slow  # load_llava(dtype='bfloat16') in test_llava_convert covers the default run
 def test_bf16_compute():
   tc = fx.phi3_config()
   model = fx.llava_model(tc, seed=7)

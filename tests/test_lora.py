@@ -2,6 +2,7 @@
 an adapter trained a few steps in cirjax giving the same embeddings in PyTorch + PEFT."""
 
 import copy
+import functools
 import json
 import re
 
@@ -21,7 +22,10 @@ from tests import llava_fixtures as fx
 _embed = jax.jit(llava.embed, static_argnames=("config", "deterministic"))
 
 
+@functools.lru_cache(maxsize=None)
 def _setup(text="phi3", seed=0):
+  """One model per layout for the whole module (shared so jitted calls hit the cache); callers
+  must not mutate what it returns (PEFT wraps a deep copy)."""
   tc = fx.phi3_config(num_key_value_heads=2) if text == "phi3" else fx.llama_config()
   model = fx.llava_model(tc, seed=seed)
   config = llava_convert.llava_config_from_hf(model.config.to_dict())
@@ -88,7 +92,7 @@ def test_init_like_peft_and_identity_at_start():
 
 @pytest.mark.parametrize("text", ["phi3", "llama"])
 def test_export_to_peft_matches_unmerged_and_merged(text, tmp_path):
-  model, config, params, inputs = _setup(text, seed=1)
+  model, config, params, inputs = _setup(text)
   ids, mask, pix_t, _ = inputs
   cfg = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.0, init="random")
   ad = lora.init_lora(params, cfg, jax.random.PRNGKey(2))
@@ -109,7 +113,7 @@ def test_export_to_peft_matches_unmerged_and_merged(text, tmp_path):
 
 
 def test_import_peft_adapter(tmp_path):
-  model, config, params, inputs = _setup("phi3", seed=2)
+  model, config, params, inputs = _setup("phi3")
   ids, mask, pix_t, _ = inputs
   pcfg = peft.LoraConfig(r=3, lora_alpha=6, lora_dropout=0.0, init_lora_weights=False,
                          target_modules=["qkv_proj", "down_proj", "linear_2"])
@@ -126,7 +130,7 @@ def test_import_peft_adapter(tmp_path):
 def test_trained_adapter_exports_to_peft(tmp_path):
   """A few AdamW steps on an InfoNCE loss in cirjax; PyTorch+PEFT then gives the same
   embeddings. Only the adapter is optimised: the base params come out untouched."""
-  model, config, params, inputs = _setup("phi3", seed=3)
+  model, config, params, inputs = _setup("phi3")
   ids, mask, pix_t, pix = inputs
   text_ids, text_mask = fx.left_padded_ids([9, 6, 8], 9, config.text.vocab_size, seed=9)
   ad = lora.init_lora(params, lora.LoraConfig(rank=4, alpha=16.0, dropout=0.05),
@@ -134,24 +138,25 @@ def test_trained_adapter_exports_to_peft(tmp_path):
   tx = optax.adamw(1e-2, weight_decay=0.0)
   opt = tx.init(ad.params)
 
-  def loss_fn(ap, rng):
+  def loss_fn(ap, rng, base, batch):
     a = ad.replace_params(ap)
     r1, r2 = jax.random.split(rng)
-    q = llava.embed(params, config, ids, mask, pix, lora=a, rng=r1, deterministic=False)
-    t = llava.embed(params, config, text_ids, text_mask, None, lora=a, rng=r2,
+    q = llava.embed(base, config, batch[0], batch[1], batch[2], lora=a, rng=r1,
                     deterministic=False)
+    t = llava.embed(base, config, batch[3], batch[4], None, lora=a, rng=r2, deterministic=False)
     logits = q @ t.T / 0.05
     return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.arange(3)).mean()
 
   @jax.jit
-  def step(ap, opt, rng):
-    loss, g = jax.value_and_grad(loss_fn)(ap, rng)
+  def step(ap, opt, rng, base, batch):
+    loss, g = jax.value_and_grad(loss_fn)(ap, rng, base, batch)
     upd, opt = tx.update(g, opt, ap)
     return optax.apply_updates(ap, upd), opt, loss
 
+  batch = tuple(jnp.asarray(x) for x in (ids, mask, pix, text_ids, text_mask))
   ap, losses = ad.params, []
   for i in range(4):
-    ap, opt, loss = step(ap, opt, jax.random.PRNGKey(i))
+    ap, opt, loss = step(ap, opt, jax.random.PRNGKey(i), params, batch)
     losses.append(float(loss))
   assert losses[-1] < losses[0], losses
   trained = ad.replace_params(ap)
@@ -167,7 +172,7 @@ def test_trained_adapter_exports_to_peft(tmp_path):
 
 
 def test_dropout_only_in_training():
-  _, config, params, inputs = _setup("phi3", seed=4)
+  _, config, params, inputs = _setup("phi3")
   ids, mask, _, pix = inputs
   ad = lora.init_lora(params, lora.LoraConfig(rank=4, dropout=0.5, init="random"))
   det = llava.embed(params, config, ids, mask, pix, lora=ad)
@@ -177,7 +182,7 @@ def test_dropout_only_in_training():
 
 
 def test_trainable_mask_and_shapes_errors(tmp_path):
-  _, config, params, _ = _setup("phi3", seed=5)
+  _, config, params, _ = _setup("phi3")
   ad = lora.init_lora(params, lora.LoraConfig(rank=4))
   mask = lora.trainable_mask({"params": params, "lora": ad.params})
   assert not any(jax.tree.leaves(mask["params"]))

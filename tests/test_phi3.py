@@ -34,7 +34,8 @@ def _check(got, want, mask, tol=fx.TOL_MODEL):
     fx.assert_close(np.asarray(g)[valid], w[valid], tol, f"hidden_states[{i}] (valid)")
 
 
-@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("kv_heads", [pytest.param(4, marks=pytest.mark.slow), 2,
+                                      pytest.param(1, marks=pytest.mark.slow)])
 def test_phi3_fused_gqa_left_padding(kv_heads):
   hf = fx.phi3_config(num_key_value_heads=kv_heads)
   ids, mask = fx.left_padded_ids([9, 5, 1], 9, hf.vocab_size)
@@ -67,7 +68,8 @@ def test_llama_with_biases():
   _check(got, want, mask)
 
 
-@pytest.mark.parametrize("seq_len", [15, 16, 17, 40])
+@pytest.mark.parametrize("seq_len", [pytest.param(15, marks=pytest.mark.slow), 16, 17,
+                                     pytest.param(40, marks=pytest.mark.slow)])
 def test_longrope_short_long_switch(seq_len):
   # original_max_position_embeddings=16: the long factors apply once max(pos)+1 > 16.
   short, long = fx.longrope_factors(4)
