@@ -179,6 +179,8 @@ def test_dropout_only_in_training():
   drop = llava.embed(params, config, ids, mask, pix, lora=ad, rng=jax.random.PRNGKey(0),
                      deterministic=False)
   assert fx.rel_err(drop, det) > 1e-3
+  with pytest.raises(ValueError, match="needs rng="):
+    llava.embed(params, config, ids, mask, pix, lora=ad, deterministic=False)
 
 
 def test_trainable_mask_and_shapes_errors(tmp_path):

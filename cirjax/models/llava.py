@@ -310,6 +310,10 @@ def forward(params: Any, config: LlavaConfig, input_ids: Array, attention_mask: 
   `deterministic=False`."""
   if _is_concrete(input_ids, attention_mask, pixels):
     check_inputs(input_ids, attention_mask, pixels, config)
+  if (not deterministic and rng is None and lora is not None
+      and getattr(lora.config, "dropout", 0.0) > 0.0):
+    raise ValueError("deterministic=False with a LoRA adapter that has dropout "
+                     f"{lora.config.dropout} needs rng= (a jax.random key for the dropout masks)")
   rngs = {"dropout": rng} if (rng is not None and not deterministic) else {}
   return _module(config, lora, remat).apply(
       _variables(params, lora), input_ids, attention_mask, pixels, position_ids,
