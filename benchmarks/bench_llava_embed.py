@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +134,11 @@ def lora_step_flops(config, batch: int, seq_q: int, seq_c: int) -> float:
   return q["vision"] + 2.0 * (q["decoder"] + c["decoder"])
 
 
+def _progress(row: dict) -> None:
+  print(f"  {row['name']:<18} {row['impl']:<6} {row['step_time_s'] * 1e3:10.1f} ms/step",
+        file=sys.stderr, flush=True)
+
+
 def _torch_device(device: str):
   import torch  # pylint: disable=g-import-not-at-top
   return torch.device("cuda" if device == "gpu" else "cpu")
@@ -171,6 +177,7 @@ def _embed_rows(sz, device, model, params, config) -> list[dict]:
                  "samples_per_s": b / t["median_s"], "flops": flops,
                  "xla_flops": cost["flops"], "peak_memory_bytes": cost["peak_memory_bytes"],
                  "batch": b, "shapes": shapes, "timing": t})
+    _progress(rows[-1])
     t_ids = torch.from_numpy(ids.astype(np.int64)).to(dev)
     t_mask = torch.from_numpy(mask.astype(np.int64)).to(dev)
     t_pix = None if pix is None else torch.from_numpy(
@@ -192,6 +199,7 @@ def _embed_rows(sz, device, model, params, config) -> list[dict]:
                                        else None),
                  "batch": b, "shapes": shapes, "timing": t,
                  "torch_threads": torch.get_num_threads()})
+    _progress(rows[-1])
   return rows
 
 
@@ -257,6 +265,7 @@ def run_lora_step(device: str = "cpu", quick: bool = False, *, built=None) -> li
            "samples_per_s": b / t["median_s"], "flops": flops, "xla_flops": cost["flops"],
            "peak_memory_bytes": cost["peak_memory_bytes"], "batch": b, "shapes": shapes,
            "timing": t}]
+  _progress(rows[-1])
   dev = _torch_device(device)
   tdtype = torch.bfloat16 if sz["dtype"] == "bfloat16" else torch.float32
   pcfg = peft.LoraConfig(r=lcfg.rank, lora_alpha=16, lora_dropout=0.05,
@@ -289,12 +298,15 @@ def run_lora_step(device: str = "cpu", quick: bool = False, *, built=None) -> li
                                      else None),
                "batch": b, "shapes": shapes, "timing": t, "torch_threads": torch.get_num_threads(),
                "note": "PEFT LoRA + torch.optim.AdamW, eager attention"})
+  _progress(rows[-1])
   return rows
 
 
 def run(device: str = "cpu", quick: bool = False) -> list[dict]:
   """Benchmark rows (see the module docstring)."""
   sz = _sizes(device, quick)
+  print(f"bench_llava_embed: building the models ({device}, quick={quick})", file=sys.stderr,
+        flush=True)
   built = build(sz)
   rows = _embed_rows(sz, device, *built)
   rows += run_lora_step(device, quick, built=built)

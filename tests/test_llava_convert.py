@@ -178,6 +178,25 @@ def test_load_llava_hf_and_cirjax_dirs(hf_dir, tmp_path):
     cirjax.load_llava(tmp_path)
 
 
+def test_embed_prompts_end_to_end(hf_dir):
+  """Templates -> chat template -> tokens -> embedding, against HF on the same token ids."""
+  from cirjax import prompts
+  d, model = hf_dir
+  m = cirjax.load_llava(d)
+  tok = m.tokenizer
+  q = prompts.render(prompts.inference_template("cirr", "query"), tok, image=True,
+                     modifier="make the dog red")
+  t = prompts.render(prompts.STAGE2_CAPTION_TEMPLATES[1], tok, caption="a red dog")
+  pix_t, pix = fx.pixels(1, 28, seed=3)
+  got = np.asarray(m.embed_prompts([q, t], pix))
+  enc = prompts.batch_encode(tok, [q, t], num_image_tokens=m.config.num_image_tokens,
+                             pad_to_multiple_of=16)
+  assert enc["input_ids"].shape[1] == 32
+  want = llava_parity.torch_stages(model, m.config, enc["input_ids"], enc["attention_mask"],
+                                   pix)["embedding"]
+  fx.assert_close(got, want, fx.TOL_MODEL, "prompt embeddings")
+
+
 def test_full_size_tree_by_shape_only():
   """Phi-3.5-mini + CLIP-L/14 at 224 px: the HF tree (built on the meta device) converts to
   exactly cirjax's abstract tree, ~4.1 B parameters, nothing allocated."""

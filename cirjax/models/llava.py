@@ -405,6 +405,20 @@ class LlavaEmbedder:
                         jnp.asarray(attention_mask),
                         None if pixels is None else jnp.asarray(pixels), lora=lora)
 
+  def embed_prompts(self, prompts: Sequence[str], pixels=None, *, lora=None,
+                    pad_to_multiple_of: int | None = 16) -> Array:
+    """Embeds rendered prompt strings (`cirjax.prompts.render`): tokenises with this model's
+    tokenizer, expands `<image>` to `config.num_image_tokens`, left-pads (to a multiple of
+    `pad_to_multiple_of`, so few shapes compile) and runs `embed`."""
+    from cirjax import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
+    if self.tokenizer is None:
+      raise ValueError(f"{self.source}: no tokenizer was found with this model (tokenizer.json "
+                       "/ tokenizer_config.json); tokenise with cirjax.prompts.batch_encode")
+    batch = prompts_lib.batch_encode(self.tokenizer, prompts,
+                                     num_image_tokens=self.config.num_image_tokens,
+                                     pad_to_multiple_of=pad_to_multiple_of)
+    return self.embed(batch["input_ids"], batch["attention_mask"], pixels, lora=lora)
+
   def image_features(self, pixels) -> Array:
     check_pixels(pixels, self.config.vision)
     return jax.jit(image_features, static_argnames=("config",))(
