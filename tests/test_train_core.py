@@ -253,6 +253,7 @@ def test_nan_learning_rate_stops_naming_the_step(tmp_path):
   assert step == bad and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
   ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
   args = ["--config", HERE, "--config.checkpoint.every_steps=3"]
@@ -301,6 +302,7 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
   c.close()
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_four_devices(tmp_path):
   sys.path.insert(0, os.path.join(REPO, "launch"))
   import multiprocess  # pylint: disable=import-outside-toplevel

@@ -554,7 +554,7 @@ class QuReTask(Task):
       path = Path(self.workdir) / "model"
       model_io.save_model_dir(path, jax.tree.map(np.asarray, host), self.cfg.to_dict(), "blip2",
                               overwrite=True, extra={"trained_by": "cirjax train",
-                                                     "config": self.config.get("config_spec", "")})
+                                                     "train_config": self.config.get("config_spec", "")})
       vocab = Path(self.workdir) / "model" / "vocab.txt"
       try:
         from cirjax.data import text  # pylint: disable=g-import-not-at-top
