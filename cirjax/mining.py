@@ -33,6 +33,10 @@ How it runs: the query axis is cut into blocks sized to a memory budget; each bl
   drops, walking the pairs as a vectorised argmax; rows where the walk does not finish inside
   those ranks (many near-equal drops) get the full ranking from a second packed sort,
   under a `lax.cond` so blocks that never need it never pay for it;
+* stays exact for subnormal scores: XLA flushes subnormals to zero in float comparisons and
+  arithmetic (NumPy and PyTorch do not), so ranks are counted on integer keys, and a block
+  holding a subnormal score or drop recomputes its drops exactly from the bits and ranks
+  them with the integer sort (a `lax.cond`: free when unused);
 * gathers the selected corpus positions into a flat buffer on device, so only the ragged
   result (not the `[Q, N]` order) comes back to the host.
 
@@ -208,22 +212,13 @@ def _is_subnormal(bits: jax.Array) -> jax.Array:
   return ((bits & jnp.uint32(0x7F800000)) == 0) & ((bits & jnp.uint32(0x7FFFFFFF)) != 0)
 
 
-def _drop_bits(a_bits: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Canonical float32 bits of the drops `a[k+1] - a[k]` along each row, exactly as IEEE
-  float32 computes them, and whether the block needed the exact path (a subnormal score or
-  drop, which the float fast paths would flush to zero). The exact path runs only then."""
-  hi, lo = a_bits[:, :-1], a_bits[:, 1:]
-  fast = lax.bitcast_convert_type(
-      lax.bitcast_convert_type(lo, jnp.float32) - lax.bitcast_convert_type(hi, jnp.float32),
-      jnp.uint32)
-
-  def is_tiny(b):  # zero or subnormal
-    return (b & jnp.uint32(0x7F800000)) == 0
-
-  hazard = jnp.any((is_tiny(hi) & (hi != 0)) | (is_tiny(lo) & (lo != 0))
-                   | (is_tiny(fast) & (hi != lo)))
-  out = lax.cond(hazard, lambda: _exact_drop_bits(hi, lo), lambda: fast)
-  return jnp.where(out == jnp.uint32(_SIGN), jnp.uint32(0), out), hazard
+def _needs_exact_drops(bits: jax.Array) -> jax.Array:
+  """Whether float32 drops of these (canonical) scores could be subnormal or see a subnormal
+  input, which XLA would flush to zero. Nonzero scores all >= 2**-101 in magnitude keep
+  every nonzero difference >= ulp(2**-101) = 2**-124, a normal number, so only blocks with
+  a tinier nonzero score need the exact path."""
+  exponent = bits & jnp.uint32(0x7F800000)
+  return jnp.any((exponent < jnp.uint32(26 << 23)) & ((bits & jnp.uint32(0x7FFFFFFF)) != 0))
 
 
 def _best_k(bits: jax.Array, eligible: jax.Array, kk: int) -> jax.Array:
@@ -287,7 +282,7 @@ def _drop_size(dbits, k):
 
 
 def _qure_kernel(scores, target, threshold, strict_below, *, top_drops: int):
-  _, hi, finite, col, ht, rank = _prepare(scores, target)
+  bits, hi, finite, col, ht, rank = _prepare(scores, target)
   bsz, n = hi.shape
   start = _after_start(hi, ht, rank, strict_below)
   num_after = n - start
@@ -301,24 +296,32 @@ def _qure_kernel(scores, target, threshold, strict_below, *, top_drops: int):
                  status=jnp.full((bsz,), STATUS_FEW_AFTER, jnp.int32))
     return order, zeros, zeros, finite, stats
   a_bits = _bits_from_desc(_high_word(key))
-  dbits, exact = _drop_bits(a_bits)            # [B, N-1], <= 0; drop k lies between k, k+1
-  kpos = lax.broadcasted_iota(jnp.int32, dbits.shape, 1)
+  kpos = lax.broadcasted_iota(jnp.int32, (bsz, n - 1), 1)   # drop k lies between k, k+1
   valid = kpos >= start[:, None]
   nvalid = jnp.maximum(num_after - 1, 0)
   rk = min(top_drops, n - 1)
 
-  def full_ranking():
+  def full_ranking(dbits):
     # Ascending drops, ties by position: one packed single-operand sort; invalid last.
     # Integer keys: exact for subnormal drops too.
     dk = jnp.where(valid, _asc_bits(dbits), jnp.uint32(0xFFFFFFFF))
     ranked = _low_word(jnp.sort(_pack(dk, kpos), axis=1))
     return _walk(ranked, nvalid, threshold)
 
-  def top_ranking():
-    # Steepest first: float top_k over -drop (no subnormals on this path, zeros canonical:
-    # top_k orders -0.0 below 0.0); ties by lower position, as required. Positions before
-    # the after-target list get -inf and rank last.
-    neg = jnp.where(valid, -lax.bitcast_convert_type(dbits, jnp.float32), -jnp.inf)
+  def exact_path():
+    # Drops rounded exactly as IEEE float32 with gradual underflow, ranked on integer keys.
+    dbits = _exact_drop_bits(a_bits[:, :-1], a_bits[:, 1:])
+    dbits = jnp.where(dbits == jnp.uint32(_SIGN), jnp.uint32(0), dbits)
+    found, k1, k2 = full_ranking(dbits)
+    return found, k1, k2, _drop_size(dbits, k1), _drop_size(dbits, k2)
+
+  def fast_path():
+    # No subnormal can appear here: plain float drops, float top_k over -drop (zeros
+    # canonical: top_k orders -0.0 below 0.0); ties by lower position, as required.
+    # Positions before the after-target list get -inf and rank last.
+    a = lax.bitcast_convert_type(a_bits, jnp.float32)
+    d = a[:, 1:] - a[:, :-1]                   # <= 0
+    neg = jnp.where(valid, -d, -jnp.inf)
     neg = jnp.where(neg == 0, jnp.float32(0), neg)
     # The barrier keeps XLA (CPU) from rewriting top_k into a full two-operand sort when
     # its indices feed further ops: that rewrite is ~5x slower than the whole kernel.
@@ -327,20 +330,23 @@ def _qure_kernel(scores, target, threshold, strict_below, *, top_drops: int):
     if rk < n - 1:
       # Rows whose walk does not finish within the top ranks get the full ranking.
       need_full = (~found) & (nvalid > rk) & (num_after >= 3)
-      f2, k1b, k2b = lax.cond(jnp.any(need_full), full_ranking, lambda: (found, k1, k2))
+      f2, k1b, k2b = lax.cond(jnp.any(need_full),
+                              lambda: full_ranking(_canonical_bits(d)),
+                              lambda: (found, k1, k2))
       found = jnp.where(need_full, f2, found)
       k1 = jnp.where(need_full, k1b, k1)
       k2 = jnp.where(need_full, k2b, k2)
-    return found, k1, k2
+    size = lambda k: -jnp.take_along_axis(d, k[:, None], axis=1)[:, 0]  # noqa: E731
+    return found, k1, k2, size(k1), size(k2)
 
-  found, k1, k2 = lax.cond(exact, full_ranking, top_ranking)
+  found, k1, k2, gs1, gs2 = lax.cond(_needs_exact_drops(bits), exact_path, fast_path)
   found = found & (num_after >= 3)
   lo = jnp.where(found, k1 + 1, 0)
   size = jnp.where(found, k2 - k1, 0)
   g1 = jnp.where(found, k1, -1)
   g2 = jnp.where(found, k2, -1)
-  gs1 = jnp.where(found, _drop_size(dbits, k1), jnp.nan)
-  gs2 = jnp.where(found, _drop_size(dbits, k2), jnp.nan)
+  gs1 = jnp.where(found, gs1, jnp.nan)
+  gs2 = jnp.where(found, gs2, jnp.nan)
   status = jnp.where(num_after < 3, STATUS_FEW_AFTER,
                      jnp.where(found, STATUS_OK, STATUS_NO_PAIR)).astype(jnp.int32)
   stats = dict(rank=rank, num_after=num_after, gap1=g1, gap2=g2, gap1_size=gs1,

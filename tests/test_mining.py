@@ -207,8 +207,9 @@ def check_qure(problem, threshold, strict, top_drops):
   assert (stats.gap1_size[ok] >= 0).all() and (stats.gap2_size[ok] >= 0).all()
 
 
-# Fast default: ~2,000 generated queries. top_drops=2 forces the full-ranking fallback.
-@settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck))
+# Fast default: ~1,200 generated queries (the slow variant below runs ~24,000).
+# top_drops=2 forces the full-ranking fallback.
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(problems(), st.sampled_from([0, 1, 3]), st.booleans(), st.sampled_from([2, 32]))
 def test_qure_matches_reference(problem, threshold, strict, top_drops):
   check_qure(problem, threshold, strict, top_drops)
@@ -235,9 +236,9 @@ def test_subnormal_scores_are_ordered_as_the_reference():
   assert list(sets[0]) == ref_qure(row[0], 0, 0)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
 @given(problems(), st.integers(0, 5), st.sampled_from(["qure", "topk", "after_target_topk"]),
-       st.integers(1, 5))
+       st.sampled_from([2, 5]))
 def test_image_ids_match_reference(problem, id_count, strategy, k):
   scores, targets = problem
   n = scores.shape[1]
@@ -253,8 +254,8 @@ def test_image_ids_match_reference(problem, id_count, strategy, k):
   assert_sets_equal(sets, [ref_ids(p, ids, int(ids[targets[i]])) for i, p in enumerate(pos)])
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
-@given(problems(), st.integers(1, 8), st.booleans())
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(problems(), st.sampled_from([1, 3, 8]), st.booleans())
 def test_topk_strategies_match_reference(problem, k, strict):
   scores, targets = problem
   n = scores.shape[1]
@@ -281,7 +282,7 @@ def test_block_sizes_and_block_fn_identical():
   s, t = _random_problem()
   ref, ref_stats = mining.hard_negative_sets(s, t)
   assert_sets_equal(ref, [ref_qure(s[i], t[i]) for i in range(len(t))])
-  for bs in (1, 4, 16, 100):
+  for bs in (1, 16):
     got, stats = mining.hard_negative_sets(s, t, block_size=bs)
     assert_sets_equal(got, ref.to_list())
     np.testing.assert_array_equal(stats.gap1, ref_stats.gap1)
@@ -297,7 +298,7 @@ def test_four_devices_identical_to_one(strategy):
   s, t = _random_problem(q=29, n=50, seed=1)
   ref, _ = mining.hard_negative_sets(s, t, strategy=strategy, k=7, block_size=29)
   mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
-  for bs in (4, 12, None):
+  for bs in ((8, None) if strategy == "qure" else (None,)):
     got, _ = mining.hard_negative_sets(s, t, strategy=strategy, k=7, mesh=mesh, block_size=bs)
     assert_sets_equal(got, ref.to_list())
 
