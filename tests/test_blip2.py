@@ -39,6 +39,10 @@ def test_tiny_hf_model_all_stages(freq, pad):
   from cirjax.models.blip2_parity import TorchReference
   m = hf_retrieval_model(qformer=hf_qformer_config(enc=32, freq=freq, layers=3))
   cfg, params = _hf_params(m)
+  # the random-init tree (init_blip2, abstract_params) is exactly a converted checkpoint's
+  abstract = blip2.abstract_params(cfg)
+  assert jax.tree.structure(abstract) == jax.tree.structure(params)
+  assert jax.tree.map(lambda a: a.shape, abstract) == jax.tree.map(np.shape, params)
   pixels = random_pixels(3, 28, seed=1)
   ids, mask = random_text(3, 7, 100, pad=pad, seed=2)
   want = TorchReference.from_hf_model(m).stages(pixels, ids, mask)
@@ -117,13 +121,18 @@ def test_real_width_clip_l_lavis():
 
 # ------------------------------------------------------------------------ functional API
 
-def test_init_matches_converted_tree_and_trains():
-  m = hf_retrieval_model()
-  cfg, params = _hf_params(m)
+def test_init_and_train_from_scratch():
+  # train a 1-layer model from scratch on cached features with QuRe's pairwise loss
+  cfg = blip2.tiny_config(num_layers=1, cross_attention_frequency=1)
   init = blip2.init_blip2(jax.random.PRNGKey(0), cfg)
-  assert jax.tree.structure(init) == jax.tree.structure(params)
-  assert jax.tree.map(np.shape, init) == jax.tree.map(np.shape, params)
   assert float(init["temp"]) == pytest.approx(0.07)
+  assert jax.tree.map(lambda a: a.shape, blip2.abstract_params(cfg)) == jax.tree.map(
+      np.shape, init)
+  np.testing.assert_array_equal(init["ln_vision"]["scale"], 1)
+  np.testing.assert_array_equal(init["qformer"]["layer_0"]["ffn"]["output"]["bias"], 0)
+  np.testing.assert_array_equal(init["vision"]["patch_bias"], 0)
+  std = np.asarray(init["qformer"]["layer_0"]["attention"]["query"]["kernel"]).std()
+  assert 0.015 < std < 0.025
   pixels = random_pixels(2, 28)
   ids, mask = random_text(2, 5, 100)
   feats = blip2.vision_features(init, cfg, pixels)
@@ -145,7 +154,7 @@ def test_init_matches_converted_tree_and_trains():
 
 
 def test_from_features_equal_end_to_end():
-  cfg = blip2.tiny_config(vision_variant="clip", cross_attention_frequency=1)
+  cfg = blip2.tiny_config(vision_variant="clip", cross_attention_frequency=1, num_layers=1)
   params = blip2.init_blip2(jax.random.PRNGKey(1), cfg)
   pixels = random_pixels(2, 28)
   ids, mask = random_text(2, 5, 100)

@@ -106,6 +106,7 @@ def test_without_text_ffn():
     _ours(config, params, t, 0, None, None)
 
 
+@pytest.mark.slow  # compiles a backward pass / a second dtype: >10 s on 2 cores
 def test_remat_same_output():
   _, config, params = _setup(layers=2)
   q, t, enc, tmask = _inputs(config)

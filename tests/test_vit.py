@@ -68,6 +68,7 @@ def test_first_k_layers_equal_hidden_state():
   assert_close(short.last_hidden_state, to_np(ref.hidden_states[-2]), TOL_LAYER, "layer -2")
 
 
+@pytest.mark.slow  # compiles a backward pass / a second dtype: >10 s on 2 cores
 def test_remat_same_params_and_output():
   config, params, pixels, _, out = _run_both("eva", layers=2)
   plain = vit.abstract_vit_params(config)
@@ -145,6 +146,7 @@ def test_config_dict_round_trip_and_validation():
     vit.ViTConfig(image_size=225, patch_size=14)
 
 
+@pytest.mark.slow  # compiles a backward pass / a second dtype: >10 s on 2 cores
 def test_bf16_compute_close_to_fp32():
   config, params, pixels, _, out = _run_both("clip", layers=2)
   y = vit.VisionTransformer(config, dtype=jnp.bfloat16).apply({"params": params}, pixels)
