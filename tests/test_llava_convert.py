@@ -38,7 +38,7 @@ def _emb(params, config, inputs):
 def test_from_hf_dir_and_run_parity(hf_dir):
   d, _ = hf_dir
   report = {}
-  params, config = llava_convert.from_hf(d, report=report)
+  config, params = llava_convert.from_hf(d, report=report)
   assert report["skipped"] == ["language_model.lm_head.weight"]
   rows = llava_parity.run_parity(d, batch=3, text_len=9)
   names = [r.name for r in rows]
@@ -52,7 +52,7 @@ def test_from_hf_dir_and_run_parity(hf_dir):
 
 def test_parity_catches_a_wrong_weight(hf_dir, tmp_path):
   d, _ = hf_dir
-  params, config = llava_convert.from_hf(d)
+  config, params = llava_convert.from_hf(d)
   bad = jax.tree.map(lambda x: x, params)
   w = np.array(bad["language_model"]["layers_1"]["mlp"]["down_proj"]["kernel"])
   bad["language_model"]["layers_1"]["mlp"]["down_proj"]["kernel"] = w * 1.01
@@ -65,7 +65,7 @@ def test_parity_catches_a_wrong_weight(hf_dir, tmp_path):
 @pytest.mark.parametrize("key_format", ["hf4", "hf5"])
 def test_export_round_trip(hf_dir, tmp_path, key_format):
   d, model = hf_dir
-  params, config = llava_convert.from_hf(d)
+  config, params = llava_convert.from_hf(d)
   out = llava_convert.to_hf(params, config, tmp_path / key_format, key_format=key_format,
                             tokenizer_dir=d)
   keys = weights.read_state_dict(out)
@@ -79,7 +79,7 @@ def test_export_round_trip(hf_dir, tmp_path, key_format):
   for k, v in ref.items():
     if "lm_head" not in k:
       np.testing.assert_array_equal(got[k].numpy(), v.numpy(), err_msg=k)
-  params2, config2 = llava_convert.from_hf(out)
+  config2, params2 = llava_convert.from_hf(out)
   assert config2 == config
   for a, b in zip(jax.tree.leaves(params2), jax.tree.leaves(params)):
     np.testing.assert_array_equal(a, b)
@@ -88,7 +88,7 @@ def test_export_round_trip(hf_dir, tmp_path, key_format):
 
 def test_sharded_fp16_and_bin(hf_dir, tmp_path):
   d, model = hf_dir
-  params, config = llava_convert.from_hf(d)
+  config, params = llava_convert.from_hf(d)
   state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
   # sharded safetensors + index, fp16
   sh = tmp_path / "sharded"
@@ -96,7 +96,7 @@ def test_sharded_fp16_and_bin(hf_dir, tmp_path):
                                     max_shard_bytes=20_000)
   (sh / "config.json").write_text((d / "config.json").read_text())
   assert (sh / "model.safetensors.index.json").exists()
-  p16, _ = llava_convert.from_hf(sh)
+  _, p16 = llava_convert.from_hf(sh)
   # .bin shards (torch.save), read through torch.load(weights_only=True)
   bn = tmp_path / "bin"
   bn.mkdir()
@@ -109,7 +109,7 @@ def test_sharded_fp16_and_bin(hf_dir, tmp_path):
     index.update({k: name for k in part})
   (bn / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": index}))
   (bn / "config.json").write_text((d / "config.json").read_text())
-  pbin, _ = llava_convert.from_hf(bn)
+  _, pbin = llava_convert.from_hf(bn)
   for a, b, c in zip(jax.tree.leaves(p16), jax.tree.leaves(pbin), jax.tree.leaves(params)):
     assert a.dtype == np.float32
     np.testing.assert_array_equal(a, b)
@@ -119,7 +119,7 @@ def test_sharded_fp16_and_bin(hf_dir, tmp_path):
 def test_key_formats_equivalent(hf_dir):
   d, _ = hf_dir
   state = weights.read_state_dict(d)
-  params, config = llava_convert.from_hf(d)
+  config, params = llava_convert.from_hf(d)
   hf5 = {}
   for k, v in state.items():
     for old, new in (("language_model.model.", "model.language_model."),
@@ -140,7 +140,7 @@ def test_key_formats_equivalent(hf_dir):
 def test_strict_key_accounting(hf_dir):
   d, _ = hf_dir
   state = weights.read_state_dict(d)
-  _, config = llava_convert.from_hf(d)
+  config, _ = llava_convert.from_hf(d)
   s = dict(state)
   del s["language_model.model.layers.1.mlp.down_proj.weight"]
   s["language_model.model.layers.1.mlp.extra.weight"] = np.zeros(3, np.float32)
@@ -161,7 +161,7 @@ def test_load_llava_hf_and_cirjax_dirs(hf_dir, tmp_path):
   assert m.tokenizer is not None and m.tokenizer.padding_side == "left"
   inputs = _inputs(m.config)
   e1 = np.asarray(m.embed(*inputs))
-  params, config = llava_convert.from_hf(d)
+  config, params = llava_convert.from_hf(d)
   llava_convert.save_cirjax(params, config, tmp_path / "cj", tokenizer_dir=d, source=str(d))
   m2 = cirjax.load_llava(tmp_path / "cj")
   assert m2.tokenizer is not None and m2.config == m.config
@@ -225,3 +225,23 @@ def test_full_size_tree_by_shape_only():
   assert 4.0e9 < n + n_head < 4.2e9, n
   qkv = want["language_model"]["layers_0"]["self_attn"]["qkv_proj"]["kernel"]
   assert qkv.shape == (3072, 9216)
+
+
+def test_cli_convert_and_parity(hf_dir, tmp_path, capsys):
+  """`cirjax convert` both ways and `cirjax parity` on a LLaVA checkpoint (the commands call
+  llava_convert / llava_parity)."""
+  from cirjax import cli
+  d, _ = hf_dir
+  assert cli.main(["convert", str(d), str(tmp_path / "cj")]) == 0
+  m = cirjax.load_llava(tmp_path / "cj")
+  assert m.tokenizer is not None
+  assert cli.main(["convert", str(tmp_path / "cj"), str(tmp_path / "hf")]) == 0
+  config, params = llava_convert.from_hf(d)
+  config2, params2 = llava_convert.from_hf(tmp_path / "hf")
+  assert config2 == config
+  for a, b in zip(jax.tree.leaves(params2), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
+  capsys.readouterr()
+  assert cli.main(["parity", str(d), "--converted", str(tmp_path / "cj")]) == 0
+  out = capsys.readouterr().out
+  assert "PASS" in out and "decoder layer 1" in out and "projector output" in out

@@ -452,7 +452,7 @@ def load_llava(path: str | os.PathLike, *, dtype: str | None = None,
   """
   from cirjax.models import llava_convert  # pylint: disable=g-import-not-at-top
   path = Path(path)
-  params, config = llava_convert.load_any(path)
+  config, params = llava_convert.load_any(path)
   overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v}
   if overrides:
     config = config.replace(**overrides)

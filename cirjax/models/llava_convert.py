@@ -360,11 +360,12 @@ def decoder_params_from_hf(state: Mapping[str, Any], config: Phi3Config, prefix:
 
 
 def from_hf(src_dir: str | os.PathLike, *, dtype: str = "float32",
-            param_dtype: str = "float32", report: dict | None = None) -> tuple[dict, LlavaConfig]:
+            param_dtype: str = "float32", report: dict | None = None) -> tuple[LlavaConfig, dict]:
   """Reads an HF LLaVA directory (config.json + safetensors/.bin, sharded or not).
 
   fp16/bf16 weights are upcast to fp32 (then `param_dtype` for the LM/projector when the
-  model is loaded). Returns (params as numpy fp32, LlavaConfig).
+  model is loaded). Returns (LlavaConfig, params as numpy fp32): the same order as
+  `blip2_convert.from_hf`, which `cirjax convert` relies on.
   """
   from cirjax.weights import read_state_dict  # pylint: disable=g-import-not-at-top
   src = Path(src_dir)
@@ -373,7 +374,7 @@ def from_hf(src_dir: str | os.PathLike, *, dtype: str = "float32",
   config = llava_config_from_hf(src, dtype=dtype, param_dtype=param_dtype)
   state = read_state_dict(src)
   params = convert_state_dict(state, config, source=str(src), report=report)
-  return params, config
+  return config, params
 
 
 def params_to_hf(config: LlavaConfig, params: Any, key_format: str = "hf4") -> dict[str, np.ndarray]:
@@ -398,7 +399,7 @@ def to_hf(params: Any, config: LlavaConfig, dst_dir: str | os.PathLike, *,
   Tokenizer files found in `tokenizer_dir` are copied along.
   """
   from cirjax.weights import write_safetensors_sharded  # pylint: disable=g-import-not-at-top
-  if isinstance(params, LlavaConfig):  # tolerate (config, params) argument order
+  if isinstance(params, LlavaConfig):  # also accept (config, params), from_hf's order
     params, config = config, params
   dst = Path(dst_dir)
   dst.mkdir(parents=True, exist_ok=True)
@@ -432,12 +433,12 @@ def save_cirjax(params: Any, config: LlavaConfig, dst_dir: str | os.PathLike, *,
   return out
 
 
-def load_any(path: str | os.PathLike) -> tuple[dict, LlavaConfig]:
-  """(params, config) from an HF LLaVA directory or a cirjax 'llava' directory."""
+def load_any(path: str | os.PathLike) -> tuple[LlavaConfig, dict]:
+  """(config, params) from an HF LLaVA directory or a cirjax 'llava' directory."""
   from cirjax import model_io  # pylint: disable=g-import-not-at-top
   if model_io.is_cirjax_dir(path):
     model_type, cfg, params = model_io.load_model_dir(path)
     if model_type != "llava":
       raise ValueError(f"{path}: a cirjax '{model_type}' checkpoint, not 'llava'")
-    return params, LlavaConfig.from_dict(cfg)
+    return LlavaConfig.from_dict(cfg), params
   return from_hf(path)

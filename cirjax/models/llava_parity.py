@@ -183,9 +183,9 @@ def run_parity(path: str | os.PathLike, *, converted: Optional[str | os.PathLike
     raise ValueError(f"{path}: parity needs the HF (PyTorch) checkpoint; pass the cirjax "
                      f"directory as `converted`")
   if converted is None:
-    params, config = llava_convert.from_hf(path)
+    config, params = llava_convert.from_hf(path)
   else:
-    params, config = llava_convert.load_any(converted)
+    config, params = llava_convert.load_any(converted)
     if not model_io.is_cirjax_dir(converted):
       raise ValueError(f"{converted}: not a cirjax model directory (no cirjax_config.json)")
   ref_config = llava_convert.llava_config_from_hf(path)
