@@ -130,3 +130,27 @@ def test_convert_errors_leave_nothing_behind(hf_dir, converted, tmp_path, capsys
   assert cli.main(["parity", str(converted)]) == 2
   assert "--converted" in capsys.readouterr().err
   assert not out.exists()
+
+
+def test_llava_dispatch(tmp_path, capsys):
+  import importlib.util
+  import transformers
+  from tests.llava_fixtures import llava_model, phi3_config
+  m = llava_model(phi3_config(), seed=4)
+  src = tmp_path / "llava"
+  m.save_pretrained(src)
+  dst = tmp_path / "cj"
+  assert cli.main(["convert", str(src), str(dst)]) == 0
+  assert json.loads((dst / "cirjax_config.json").read_text())["model_type"] == "llava"
+  back_dir = tmp_path / "hf"
+  assert cli.main(["convert", str(dst), str(back_dir)]) == 0
+  back = transformers.LlavaForConditionalGeneration.from_pretrained(back_dir)
+  want = m.state_dict()
+  got = back.state_dict()
+  assert len([k for k in want if k in got]) >= len(want) - 1  # all but perhaps lm_head
+  for k, v in got.items():
+    if k in want and "lm_head" not in k:
+      np.testing.assert_array_equal(v.numpy(), want[k].numpy(), err_msg=k)
+  if importlib.util.find_spec("cirjax.models.llava_parity") is None:
+    assert cli.main(["parity", str(src)]) == 2
+    assert "llava_parity" in capsys.readouterr().err
