@@ -35,8 +35,9 @@ How it runs: the query axis is cut into blocks sized to a memory budget; each bl
   under a `lax.cond` so blocks that never need it never pay for it;
 * stays exact for subnormal scores: XLA flushes subnormals to zero in float comparisons and
   arithmetic (NumPy and PyTorch do not), so ranks are counted on integer keys, and a block
-  holding a subnormal score or drop recomputes its drops exactly from the bits and ranks
-  them with the integer sort (a `lax.cond`: free when unused);
+  holding a nonzero score below 2**-101 in magnitude (the only way a drop can be subnormal)
+  recomputes its drops exactly from the bits and ranks them with the integer sort (a
+  `lax.cond`: free when unused). -0.0 and 0.0 tie, as they compare equal;
 * gathers the selected corpus positions into a flat buffer on device, so only the ragged
   result (not the `[Q, N]` order) comes back to the host.
 
@@ -48,7 +49,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import sys
 import time
 from typing import Any, Callable, Optional, Union
@@ -398,8 +398,11 @@ def _plain_stats(rank, num_after, size):
 def _gather_kernel(cand, lo, starts, *, total_pad: int):
   """Flat `cand[row, lo[row] + t - starts[row]]` for t < total_pad (ragged compaction)."""
   t = jnp.arange(total_pad, dtype=jnp.int32)
-  row = jnp.searchsorted(starts, t, side="right").astype(jnp.int32) - 1
-  row = jnp.clip(row, 0, cand.shape[0] - 1)
+  # row(t) = the last row starting at or before t (rows with empty sets share the next
+  # row's start and are skipped): a cumulative count of row starts, ~4x faster on CPU
+  # than `searchsorted`. Starts past the buffer (padded rows) are dropped.
+  marks = jnp.zeros((total_pad,), jnp.int32).at[starts].add(1, mode="drop")
+  row = jnp.clip(jnp.cumsum(marks) - 1, 0, cand.shape[0] - 1)
   pos = jnp.clip(lo[row] + t - starts[row], 0, cand.shape[1] - 1)
   return cand[row, pos]
 
