@@ -98,7 +98,7 @@ def test_longrope_in_llava():
   _compare(model, ids, mask, pix_t, pix_np)
 
 
-def test_jit_and_grad_through_embed():
+def test_jit_matches_eager():
   tc = fx.phi3_config()
   model = fx.llava_model(tc, seed=5)
   config, params = _convert(model)
@@ -108,8 +108,21 @@ def test_jit_and_grad_through_embed():
   a = f(params, config, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pix))
   b = llava.embed(params, config, ids, mask, pix)
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow  # grads w.r.t. LoRA adapters under jit run by default in test_lora
+def test_grad_wrt_all_params():
+  tc = fx.phi3_config()
+  model = fx.llava_model(tc, seed=5)
+  config, params = _convert(model)
+  ids, mask = fx.left_padded_ids([8, 6], 8, tc.vocab_size, image_tokens=4, seed=7)
+  _, pix = fx.pixels(2, 28, seed=7)
   g = jax.jit(jax.grad(lambda p: llava.embed(p, config, ids, mask, pix)[:, 0].sum()))(params)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(g))
+  # the CLIP layers after the feature layer get no gradient; the ones before it do
+  n = config.vision.num_layers
+  assert not np.any(np.asarray(g["vision_tower"][f"layers_{n - 1}"]["fc1"]["kernel"]))
+  assert np.any(np.asarray(g["vision_tower"]["layers_0"]["fc1"]["kernel"]))
 
 
 def test_bad_inputs():

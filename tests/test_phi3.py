@@ -145,6 +145,7 @@ def test_config_roundtrip_hf():
   hash(cfg)  # usable as a jit static argument
 
 
+@pytest.mark.slow  # bf16 compute runs by default through load_llava in test_llava_convert
 def test_bf16_compute_close_to_fp32():
   hf = fx.phi3_config()
   ids, mask = fx.left_padded_ids([6, 4], 6, hf.vocab_size)
