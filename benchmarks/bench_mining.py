@@ -44,10 +44,12 @@ _GPU_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
 
 def _problems(device: str, quick: bool) -> list[dict]:
   if quick:
-    return [{"name": "cirr_small", "q": 512, "n": 2048, "loop_queries": 128, "iters": 2},
+    return [{"name": "cirr_small", "q": 512, "n": 2048, "loop_queries": 128, "iters": 2,
+             "interleave_rows": 256},
             {"name": "fashioniq_small", "q": 384, "n": 1024, "repeat_ids": True,
              "loop_queries": 128, "iters": 2}]
-  probs = [{"name": "cirr", "q": 28225, "n": 16939, "loop_queries": 400, "iters": 1},
+  probs = [{"name": "cirr", "q": 28225, "n": 16939, "loop_queries": 400, "iters": 1,
+            "interleave_rows": 2640},
            {"name": "fashioniq", "q": 5985, "n": 5985, "repeat_ids": True,
             "loop_queries": 400, "iters": 1}]
   if device == "gpu":
@@ -306,12 +308,44 @@ def _problem_rows(p: dict, device: str) -> list[dict]:
                "queries_measured": nl, "shapes": shapes,
                "note": f"timed on the first {nl} of {q} queries (rows are independent)",
                "identical_to_jax": same_loop, "torch_threads": torch.get_num_threads()})
+  if p.get("interleave_rows"):
+    rows += _interleaved_rows(p, run_jax, run_block, torch_block_fn, targets, shapes, device)
   rows[0]["speedup_vs_torch_per_block"] = rows[0]["samples_per_s"] / rows[1]["samples_per_s"]
   rows[0]["speedup_vs_torch_per_query_loop"] = (rows[0]["samples_per_s"]
                                                 / rows[2]["samples_per_s"])
   if floor:
     rows[0]["fraction_of_bandwidth_floor"] = floor / t_jax["median_s"]
   return rows
+
+
+def _interleaved_rows(p, run_jax, run_block, torch_block_fn, targets, shapes, device):
+  """Rates on the first `interleave_rows` queries, the three implementations alternating for
+  `rounds` rounds (medians): on a shared machine the load drifts between the long
+  sequential runs above, and alternating exposes all three to the same drift."""
+  import statistics  # pylint: disable=g-import-not-at-top
+  from cirjax import benchmarking  # pylint: disable=g-import-not-at-top
+  nq, nl, rounds = p["interleave_rows"], min(p["loop_queries"], p["interleave_rows"]), 3
+  loop_scores = torch_block_fn(0, nl)
+  rates = {"cirjax": [], "per_block": [], "per_query_loop": []}
+  for _ in range(rounds):
+    for name, fn, count in (("cirjax", lambda: run_jax(nq), nq),
+                            ("per_block", lambda: run_block(nq), nq),
+                            ("per_query_loop",
+                             lambda: torch_per_query_loop(loop_scores, targets, num=nl), nl)):
+      t0 = time.perf_counter()
+      benchmarking.block(fn())
+      rates[name].append(count / (time.perf_counter() - t0))
+  out = []
+  for name, r in rates.items():
+    med = statistics.median(r)
+    out.append({"name": f"mine_{p['name']}_interleaved", "impl": "jax" if name == "cirjax"
+                else "torch", "variant": name, "samples_per_s": med,
+                "step_time_s": (nl if name == "per_query_loop" else nq) / med,
+                "batch": nl if name == "per_query_loop" else nq, "rates": r,
+                "shapes": dict(shapes, queries_measured=nl if name == "per_query_loop" else nq)})
+  out[0]["speedup_vs_torch_per_block"] = out[0]["samples_per_s"] / out[1]["samples_per_s"]
+  out[0]["speedup_vs_torch_per_query_loop"] = out[0]["samples_per_s"] / out[2]["samples_per_s"]
+  return out
 
 
 def run(device: str = "cpu", quick: bool = False, only: list[str] | None = None) -> list[dict]:
