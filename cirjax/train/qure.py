@@ -6,10 +6,13 @@ Per epoch `e` of `E` (n_def = `config.qure.n_def`):
   * at `e % (E // n_def) == 0, e != 0`: re-encode the training corpus and queries with the
     current parameters and re-mine every query's hard-negative set (`cirjax.mining`), logging
     the set-size statistics; from then on each query walks its set without replacement
-    across epochs (history reset when exhausted and at every mining), or draws uniformly
-    (`config.qure.sampling = "uniform"`);
-  * one negative per query per epoch, drawn at the epoch start from a generator seeded by
-    (seed, epoch), so a resumed run draws the same negatives.
+    across epochs (`config.qure.sampling = "walk"`) or draws uniformly (`"uniform"`);
+  * one negative per query per epoch (each query is in one batch per epoch), drawn by
+    `cirjax.sampling.NegativeSampler` for the global batch on every process; its state is
+    checkpointed, so a resumed run draws the same negatives.
+
+Loss (`config.qure.loss`): `pairwise` (QuRe, Eqs. 2-3) or `infonce` (every positive and
+negative of the global batch as columns), independent of the backbone.
 
 With a frozen vision tower and no augmentation the tower's output (before `ln_vision`, which
 QuRe trains) is computed once for every training and evaluation image and reused by every
