@@ -112,7 +112,7 @@ def worker(n_devices: int, strategy: str, qformer_layers: int, batch: int, steps
   t = times[len(times) // 2]
   # XLA's cost analysis of an SPMD program is per device: the step's total is N times it.
   flops = cost["flops"] * n_devices if cost["flops"] else None
-  return {"name": f"qure_step_cached_{strategy}", "impl": "jax", "devices": n_devices,
+  return {"name": f"qure_step_cached_{strategy}_{n_devices}dev", "impl": "jax", "devices": n_devices,
           "strategy": strategy, "batch": batch, "step_time_s": t, "samples_per_s": batch / t,
           "flops": flops, "peak_memory_bytes": cost["peak_memory_bytes"],
           "first_loss": first_loss, "params_total": total, "params_trainable": trainable,
