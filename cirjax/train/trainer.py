@@ -137,6 +137,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding
 
   every = int(ckpt_cfg.get("every_steps", 0) or 0)
   eval_every = int(config.get("eval_every_epochs", 1) or 0)
+  eval_every_steps = int(config.get("eval_every_steps", 0) or 0)  # besides epoch ends
   log_every = int(config.get("log_every_steps", 1) or 1)
   progress = Progress(total_steps, step, global_batch, desc=task.name)
   result = TrainResult(status="done", final_metrics={}, losses=[], step_times=[], memory=mem)
@@ -175,7 +176,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding
         logger.write(step, {"epoch": epoch, **{k: float(v) for k, v in metrics.items()}})
       end_of_epoch = (i + 1 == steps_per_epoch) or step == total_steps
       eval_metrics = None
-      if end_of_epoch and eval_every and ((epoch + 1) % eval_every == 0 or step == total_steps):
+      if (end_of_epoch and eval_every and ((epoch + 1) % eval_every == 0 or step == total_steps)
+          ) or (eval_every_steps and step % eval_every_steps == 0):
         progress.pause()
         eval_metrics = task.evaluate(state.params)
         if eval_metrics:

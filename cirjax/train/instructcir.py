@@ -1,0 +1,741 @@
+"""InstructCIR training on LLaVA-Phi (paper §2.3, appendix D and F): the `instructcir` task.
+
+Both stages train LoRA adapters of the language model only (tower and projector frozen,
+`config.train_only = ("lora/.*",)`); the parameters are one tree `{"base": LLaVA params,
+"lora": adapter params}`, so the generic trainer's regex freezing, sharding, checkpoints and
+resume apply unchanged. Embeddings are `cirjax.models.llava.embed` (the final-norm state of
+the last token of a left-padded prompt ending in EOS, L2-normalised).
+
+  * Stage 1 (`config.stage = 1`), image-caption pairs: the image under "Summarize the image in
+    one word:" vs its caption under "Summarize the caption in one word:"; InfoNCE over the
+    global batch (cosine / `loss.temperature` = 0.05, one direction).
+  * Stage 2 (`config.stage = 2`), CC3M-Instruct triplets: the reference image + instruction
+    under an image template drawn from table 9's first set vs the modified caption under a
+    caption template drawn from the second set, with the ORIGINAL caption (same caption
+    template) as a hard negative: extra InfoNCE columns (`loss.hard_negative_scope`:
+    `batch` = every hard negative of the global batch, `own` = the row's own).
+    Templates are drawn by a generator seeded with (seed, epoch, step), one draw per row of the
+    global batch, so every process and a resumed run draws the same ones.
+    `init_from` names where stage 2 starts: a stage-1 workdir (its latest checkpoint: base and
+    adapter exactly as stage 1 ended, tokenizer and model widths too), a PEFT adapter
+    directory (on the `model.init` base) or a merged LLaVA directory (a fresh adapter).
+
+Data (`config.data.source`): `jsonl`, the InstructCIR JSON lines of `cirjax.data.instructcir`
+(`train_file`, `image_root`, optional held-out `eval_file`), or `synthetic`, pairs and
+triplets built from the synthetic CIR benchmark (cirjax/data/synth.py, generated on first
+use): every image's caption is its attribute description, a triplet is a training query's
+reference image, its modification text, the target's caption and the reference's caption.
+
+Evaluation (held-out data, every epoch or `eval_every_steps`): stage 1, image -> caption
+Recall@K over the held-out captions (`i2t/R@K`); stage 2, composed query -> modified caption
+Recall@K over the held-out modified and original captions (`q2t/R@K`) and how often the
+modified caption outscores the original (`q2t/beats_original`); on synthetic data also the
+composed image retrieval protocol of `cirjax eval` with InstructCIR's zero-shot prompts
+(`cir/R@K`, `cir/mAP@K` against full relevant sets).
+
+At the end (`finish`): the adapter in PEFT format (`<workdir>/adapter`), the merged model as
+a cirjax LLaVA directory (`<workdir>/model`, for `cirjax eval` / `cirjax.load_llava`) and, with
+`export_hf`, an HF LLaVA directory (`<workdir>/model_hf`); the tokenizer goes with each.
+
+Tokenizer: the `model.init` directory's, `data.tokenizer`, a stage-1 workdir's, or (random
+init) a word-level tokenizer built from the training texts and the prompt templates with
+LLaVA-Phi's special tokens and Phi-3's chat template, saved to `<workdir>/tokenizer`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from cirjax import lora as lora_lib
+from cirjax import prompts
+from cirjax.data import images as images_lib
+from cirjax.data.records import DataError
+from cirjax.losses import info_nce_loss, info_nce_logits
+from cirjax.models import llava
+from cirjax.models.phi3 import Phi3Config
+from cirjax.models.vit import ViTConfig
+from cirjax.train import sharding as shd
+from cirjax.train.task import Task
+
+HARD_NEGATIVE_SCOPES = ("batch", "own")
+LLAVA_CONFIG_FILE = "llava_config.json"
+TOKENIZER_DIR = "tokenizer"
+_RECALL_KS = (1, 5, 10)
+
+
+def _log(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(f"[cirjax] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------ model config
+
+def model_config(mc: ml_collections.ConfigDict, vocab_size: int, image_token_id: int,
+                 compute_dtype: str) -> llava.LlavaConfig:
+  """A LlavaConfig from `config.model` widths (random init; a checkpoint brings its own)."""
+  v, t = mc.vision, mc.text
+  vs = int(t.get("vocab_size", 0) or 0)
+  if vs == 0:  # the tokenizer's size, rounded up as checkpoints pad their embeddings
+    vs = -(-vocab_size // 64) * 64
+  if vocab_size > vs:
+    raise ValueError(f"config.model.text.vocab_size={vs} is smaller than the tokenizer's "
+                     f"{vocab_size} tokens")
+  vision = ViTConfig(image_size=int(v.image_size), patch_size=int(v.patch_size),
+                     hidden_size=int(v.hidden_size), intermediate_size=int(v.intermediate_size),
+                     num_layers=int(v.num_layers), num_heads=int(v.num_heads),
+                     layer_norm_eps=1e-5, hidden_act="quick_gelu", variant="clip",
+                     post_layernorm=True)
+  text = Phi3Config(vocab_size=vs, hidden_size=int(t.hidden_size),
+                    intermediate_size=int(t.intermediate_size), num_layers=int(t.num_layers),
+                    num_heads=int(t.num_heads), num_kv_heads=int(t.num_kv_heads),
+                    max_position_embeddings=int(t.get("max_position_embeddings", 4096)),
+                    layout=t.get("layout", "fused"), rope_theta=float(t.get("rope_theta", 1e4)))
+  return llava.LlavaConfig(vision=vision, text=text, image_token_id=image_token_id,
+                           vision_feature_layer=int(mc.get("vision_feature_layer", -2)),
+                           dtype=compute_dtype)
+
+
+def lora_config(lc: ml_collections.ConfigDict) -> lora_lib.LoraConfig:
+  targets = lc.get("target_modules") or lora_lib.DEFAULT_TARGET_MODULES
+  if isinstance(targets, (list, tuple)):
+    targets = tuple(targets)
+  return lora_lib.LoraConfig(rank=int(lc.rank), alpha=float(lc.alpha), dropout=float(lc.dropout),
+                             target_modules=targets, use_rslora=bool(lc.get("use_rslora", False)),
+                             init=lc.get("init", "kaiming"))
+
+
+# ------------------------------------------------------------------------------ tokenizer
+
+_SPECIAL = ["<pad>", "<s>", "<|endoftext|>", "<unk>", "<|user|>", "<image>", "<|end|>",
+            "<|assistant|>"]
+# Phi-3's chat template (microsoft/Phi-3.5-mini-instruct).
+_PHI3_CHAT = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+
+
+def _words(text: str) -> list[str]:
+  return re.findall(r"\w+|[^\w\s]", text.lower())
+
+
+def template_texts() -> list[str]:
+  """Every prompt template's text (their words go into a built tokenizer)."""
+  out = [prompts.STAGE1_IMAGE, prompts.STAGE1_CAPTION, *prompts.STAGE2_IMAGE_TEMPLATES,
+         *prompts.STAGE2_CAPTION_TEMPLATES]
+  for kinds in prompts.INFERENCE_TEMPLATES.values():
+    out += list(kinds.values())
+  out += list(prompts.FASHIONIQ_CATEGORY_WORDS.values())
+  return out
+
+
+def build_word_tokenizer(texts: Sequence[str], out_dir: str | os.PathLike):
+  """A lower-casing word-level HF fast tokenizer over the words of `texts` and every
+  template, with LLaVA-Phi's special tokens (`<image>`, `<|endoftext|>` as EOS, ...) and
+  Phi-3's chat template, saved to `out_dir`. For random-init runs without a checkpoint; words
+  outside the training texts become `<unk>`."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from tokenizers import normalizers, pre_tokenizers  # pylint: disable=g-import-not-at-top
+  words = set()
+  for t in list(texts) + template_texts():
+    words.update(_words(t.replace(prompts.IMAGE, " ")))
+  vocab = {t: i for i, t in enumerate(_SPECIAL)}
+  for w in sorted(words):
+    vocab.setdefault(w, len(vocab))
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+  tok.normalizer = normalizers.Lowercase()
+  tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                               pre_tokenizers.Punctuation()])
+  tok.add_special_tokens(_SPECIAL)
+  tok.post_processor = tokenizers.processors.TemplateProcessing(
+      single="<s> $A", special_tokens=[("<s>", 1)])
+  fast = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, bos_token="<s>", eos_token="<|endoftext|>", pad_token="<pad>",
+      unk_token="<unk>", additional_special_tokens=_SPECIAL[4:])
+  fast.chat_template = _PHI3_CHAT
+  fast.save_pretrained(str(out_dir))
+  return load_tokenizer(out_dir)
+
+
+def load_tokenizer(path: str | os.PathLike):
+  tok = llava.load_tokenizer(path)
+  if tok is None:
+    raise FileNotFoundError(f"{path}: no tokenizer (tokenizer.json / tokenizer_config.json)")
+  return tok
+
+
+# ------------------------------------------------------------------------------ data
+
+class Example:
+  """One training or evaluation record: an image and its texts."""
+  __slots__ = ("image", "caption", "instruction", "original")
+
+  def __init__(self, image: Any, caption: str, instruction: str = "", original: str = ""):
+    self.image, self.caption, self.instruction, self.original = image, caption, instruction, original
+
+
+_POSITION = {"left": "on the left", "center": "in the center", "right": "on the right"}
+
+
+def synthetic_caption(a: dict[str, str]) -> str:
+  """The synthetic image's attribute description, e.g. 'a large red striped circle on the
+  left on a gray background'."""
+  return (f"a {a['size']} {a['colour']} {a['pattern']} {a['shape']} "
+          f"{_POSITION[a['position']]} on a {a['background']} background")
+
+
+def synthetic_examples(root: str, split: str, stage: int) -> tuple[list[Example], Any]:
+  """Stage 1: one pair per corpus image; stage 2: one triplet per query. Also the split."""
+  from cirjax.data import synth  # pylint: disable=g-import-not-at-top
+  s = synth.read_synthetic(root, split)
+  attrs = json.loads((Path(root) / "attributes" / f"{split}.json").read_text())["attributes"]
+  cap = {n: synthetic_caption(attrs[n]) for n in s.corpus}
+  if stage == 1:
+    return [Example(s.images[n].path, cap[n]) for n in s.corpus], s
+  return [Example(s.images[q.reference].path, cap[q.target], q.text, cap[q.reference])
+          for q in s.queries], s
+
+
+def jsonl_examples(path: str, image_root: str, stage: int, on_missing: str) -> list[Example]:
+  from cirjax.data import instructcir as ic  # pylint: disable=g-import-not-at-top
+  if stage == 1:
+    pairs, skipped = ic.read_caption_pairs(path, image_root, on_missing)
+    out = [Example(p.image, p.caption) for p in pairs]
+  else:
+    trips, skipped = ic.read_instruct_triplets(path, image_root, on_missing)
+    out = [Example(t.image, t.modified_caption, t.instruction, t.original_caption)
+           for t in trips]
+  if skipped:
+    _log(f"{path}: skipped {skipped} records whose image is missing")
+  if not out:
+    raise DataError(f"{path}: no usable records")
+  return out
+
+
+# ------------------------------------------------------------------------------ the task
+
+class InstructCIRTask(Task):
+  """InstructCIR stage 1 or 2: LoRA on LLaVA-Phi's language model, InfoNCE."""
+
+  name = "instructcir"
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdir: str):
+    super().__init__(config, mesh, workdir)
+    t0 = time.perf_counter()
+    self.stage = int(config.stage)
+    if self.stage not in (1, 2):
+      raise ValueError(f"config.stage={self.stage}: InstructCIR has stages 1 and 2")
+    self.seed = int(config.get("seed", 0))
+    self.compute_dtype = str(config.get("compute_dtype", "float32"))
+    lc = config.loss
+    self.temperature = float(lc.temperature)
+    self.use_hard_negatives = self.stage == 2 and bool(lc.get("hard_negatives", True))
+    self.hn_scope = lc.get("hard_negative_scope", "batch")
+    if self.hn_scope not in HARD_NEGATIVE_SCOPES:
+      raise ValueError(f"config.loss.hard_negative_scope={self.hn_scope!r}: use one of "
+                       f"{HARD_NEGATIVE_SCOPES}")
+    self.fixed_templates = bool(config.get("fixed_templates", False))
+    self.remat = bool(config.get("remat", False))
+    self.lora_cfg = lora_config(config.lora)
+
+    dc = config.data
+    self.train, self.eval_examples, self.eval_split = self._read_data(dc)
+    self.init_from = os.path.expanduser(config.get("init_from", "") or "")
+    if self.stage == 1 and self.init_from:
+      raise ValueError("config.init_from is for stage 2 (the stage-1 result to start from)")
+    if self.stage == 2 and not self.init_from and not config.get("allow_scratch_stage2", False):
+      raise ValueError("config.init_from is empty: stage 2 starts from stage 1 (its workdir, "
+                       "a PEFT adapter directory or a merged model directory); set "
+                       "allow_scratch_stage2=True to run stage 2 alone (the paper's ablation)")
+    self._init_model(config)
+    self.transform = images_lib.make_transform(dc.get("transform", "clip"),
+                                               self.cfg.vision.image_size)
+    self._pixel_cache: dict[str, np.ndarray] | None = {} if dc.get("cache_images", False) else None
+    self.n_img = self.cfg.num_image_tokens
+    self._lengths(int(dc.get("max_length", 512)))
+
+    tc = config.train
+    self.global_batch = int(tc.batch_size)
+    self.steps_per_epoch = len(self.train) // self.global_batch
+    if self.steps_per_epoch == 0:
+      raise DataError(f"{len(self.train)} training records is fewer than one batch of "
+                      f"{self.global_batch} (config.train.batch_size)")
+    if jax.process_index() == 0:
+      os.makedirs(workdir, exist_ok=True)
+      (Path(workdir) / LLAVA_CONFIG_FILE).write_text(json.dumps(self.cfg.to_dict(), indent=2))
+    _log(f"instructcir stage {self.stage}: {len(self.train)} training "
+         f"{'pairs' if self.stage == 1 else 'triplets'}, {len(self.eval_examples)} held out; "
+         f"prompt lengths query {self.q_len}, caption {self.t_len} tokens "
+         f"({self.n_img} image tokens); LoRA r={self.lora_cfg.rank} alpha={self.lora_cfg.alpha} "
+         f"({time.perf_counter() - t0:.1f}s)")
+
+  # ---------------------------------------------------------------- setup
+  def _read_data(self, dc):
+    source = dc.get("source", "jsonl")
+    if source == "synthetic":
+      from cirjax.train.qure import ensure_synthetic  # pylint: disable=g-import-not-at-top
+      root = os.path.expanduser(dc.root)
+      ensure_synthetic(root, dc.get("synth"))
+      self.data_root = root
+      train, _ = synthetic_examples(root, dc.get("train_split", "train"), self.stage)
+      ev, split = synthetic_examples(root, dc.get("eval_split", "val"), self.stage)
+      return train, ev, split
+    if source != "jsonl":
+      raise DataError(f"config.data.source={source!r}: use 'jsonl' or 'synthetic'")
+    if not dc.get("train_file"):
+      raise DataError("config.data.train_file is empty: give the InstructCIR JSON lines "
+                      f"({'image-caption pairs' if self.stage == 1 else 'CC3M-Instruct triplets'})"
+                      " and config.data.image_root")
+    self.data_root = None
+    on_missing = dc.get("on_missing", "skip")
+    train = jsonl_examples(os.path.expanduser(dc.train_file),
+                           os.path.expanduser(dc.get("image_root", "")), self.stage, on_missing)
+    ev = []
+    if dc.get("eval_file"):
+      ev = jsonl_examples(os.path.expanduser(dc.eval_file),
+                          os.path.expanduser(dc.get("eval_image_root") or dc.get("image_root", "")),
+                          self.stage, on_missing)
+    return train, ev, None
+
+  def _texts(self) -> list[str]:
+    out = []
+    for e in self.train + self.eval_examples:
+      out += [e.caption, e.instruction, e.original]
+    if self.eval_split is not None:
+      out += [q.text for q in self.eval_split.queries]
+    return out
+
+  def _init_model(self, config):
+    """Model config, tokenizer and the parameters to start from (see module docstring)."""
+    mc = config.model
+    self._start: dict | None = None   # {"base": ..., "lora": ...} or partial
+    self._ckpt_dir: str | None = None
+    src = self.init_from
+    init = os.path.expanduser(mc.get("init", "") or "")
+    tok_dir = os.path.expanduser(config.data.get("tokenizer", "") or "")
+    base_params = None
+    cfg = None
+    if src and (Path(src) / "checkpoints").is_dir():
+      # A stage-1 workdir: its model config, tokenizer and latest checkpoint.
+      self._ckpt_dir = str(Path(src) / "checkpoints")
+      cfg_file = Path(src) / LLAVA_CONFIG_FILE
+      if not cfg_file.is_file():
+        raise FileNotFoundError(f"config.init_from={src}: no {LLAVA_CONFIG_FILE} (not a "
+                                "cirjax InstructCIR workdir?)")
+      cfg = llava.LlavaConfig.from_dict(json.loads(cfg_file.read_text()))
+      if not tok_dir and (Path(src) / TOKENIZER_DIR).is_dir():
+        tok_dir = str(Path(src) / TOKENIZER_DIR)
+      if not tok_dir and init:
+        tok_dir = init
+      if init:
+        _log(f"config.model.init={init} is not read: the base comes from {src}'s checkpoint")
+    elif src and (Path(src) / lora_lib.CONFIG_NAME).is_file():
+      if not init:
+        raise ValueError(f"config.init_from={src} is a PEFT adapter: config.model.init must "
+                         "name the base LLaVA it was trained on")
+      cfg, base_params = llava_convert_load(init)
+      self._adapter_dir = src
+    elif src:
+      cfg, base_params = llava_convert_load(src)  # a merged stage-1 model: fresh adapter
+      tok_dir = tok_dir or src
+    elif init:
+      cfg, base_params = llava_convert_load(init)
+    if not tok_dir and (init or src) and llava.load_tokenizer(init or src) is not None:
+      tok_dir = init or src
+    if tok_dir:
+      self.tokenizer = load_tokenizer(tok_dir)
+      self.tokenizer_dir = tok_dir
+    else:
+      out = Path(self.workdir) / TOKENIZER_DIR
+      if jax.process_index() == 0:
+        build_word_tokenizer(self._texts(), out)
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        multihost_utils.sync_global_devices("cirjax_instructcir_tokenizer")
+      self.tokenizer = load_tokenizer(out)
+      self.tokenizer_dir = str(out)
+      _log(f"built a word-level tokenizer ({len(self.tokenizer)} tokens) in {out}")
+    image_id = prompts.image_token_id(self.tokenizer)
+    if cfg is None:
+      cfg = model_config(mc, len(self.tokenizer), image_id, self.compute_dtype)
+    else:
+      cfg = cfg.replace(dtype=self.compute_dtype, param_dtype="float32")
+      if cfg.image_token_id != image_id:
+        raise ValueError(f"the model's image_token_id {cfg.image_token_id} differs from the "
+                         f"tokenizer's <image> id {image_id} ({self.tokenizer_dir})")
+      if len(self.tokenizer) > cfg.text.vocab_size:
+        raise ValueError(f"tokenizer {self.tokenizer_dir} has {len(self.tokenizer)} tokens, the "
+                         f"model's vocabulary only {cfg.text.vocab_size}")
+    self.cfg = cfg
+    if base_params is not None:
+      base_params = jax.tree.map(lambda x: np.asarray(x, np.float32), base_params)
+    self._base_params = base_params
+
+  def _lengths(self, max_length: int) -> None:
+    """Fixed prompt lengths (one compiled step): the longest template overhead plus the
+    longest field, with a small margin, rounded up to 8; at most `data.max_length`."""
+    tok = self.tokenizer
+
+    def overhead(template, field, image):
+      fields = {field: "x"} if field else {}
+      enc = prompts.encode(tok, template, [fields], num_image_tokens=self.n_img, image=image)
+      return int(enc["attention_mask"].sum()) - (1 if field else 0)
+
+    def longest(texts):
+      texts = sorted(set(t for t in texts if t))
+      if not texts:
+        return 0
+      enc = tok(texts, add_special_tokens=False)["input_ids"]
+      return max(len(x) for x in enc)
+
+    def round8(n):
+      return -(-(n + 4) // 8) * 8
+
+    exs = self.train + self.eval_examples
+    caps = [e.caption for e in exs] + [e.original for e in exs]
+    if self.stage == 1:
+      self.q_len = round8(overhead(prompts.STAGE1_IMAGE, None, True))
+      self.t_len = round8(overhead(prompts.STAGE1_CAPTION, "caption", False) + longest(caps))
+    else:
+      self.q_len = round8(max(overhead(t, "modifier", True) for t in prompts.STAGE2_IMAGE_TEMPLATES)
+                          + longest([e.instruction for e in exs]))
+      self.t_len = round8(max(overhead(t, "caption", False)
+                              for t in prompts.STAGE2_CAPTION_TEMPLATES) + longest(caps))
+    for name, n in (("query", self.q_len), ("caption", self.t_len)):
+      if n > max_length:
+        raise DataError(f"the longest {name} prompt needs {n} tokens > config.data.max_length="
+                        f"{max_length}; shorten the texts or raise it")
+      if n > self.cfg.text.max_position_embeddings:
+        raise DataError(f"{name} prompts of {n} tokens exceed the model's "
+                        f"{self.cfg.text.max_position_embeddings} positions")
+
+  # ---------------------------------------------------------------- model
+  def init_params(self, rng):
+    kb, kl = jax.random.split(rng)
+    if self._base_params is None:
+      base = llava.init_params(self.cfg, kb)
+    else:
+      base = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), self._base_params)
+    adapter = lora_lib.init_lora(base, self.lora_cfg, kl)
+    return {"base": base, "lora": adapter.params}
+
+  def initial_params(self, abstract_params):
+    if self._ckpt_dir is not None:
+      from cirjax.train.checkpointing import Checkpointer  # pylint: disable=g-import-not-at-top
+      ck = Checkpointer(self._ckpt_dir, keep=1000, async_save=False)
+      step = ck.latest_step()
+      if step is None:
+        raise FileNotFoundError(f"config.init_from: no checkpoint in {self._ckpt_dir}")
+      try:
+        params = ck.restore_params(step, abstract_params)
+      except ValueError as e:
+        raise ValueError(f"config.init_from={self.init_from}: {e}; stage 2 needs the same model "
+                         "and LoRA settings (lora.rank, lora.target_modules) as stage 1") from e
+      ck.close()
+      _log(f"stage 2 starts from {self._ckpt_dir}/{step} (base and adapter)")
+      self.start_step_of_init = step
+      return params
+    if self._base_params is None:
+      return None
+    out = {"base": self._base_params}
+    if getattr(self, "_adapter_dir", None):
+      ad = lora_lib.load_peft(self._adapter_dir, self._base_params, dropout=self.lora_cfg.dropout)
+      want = jax.tree.structure(abstract_params["lora"])
+      if jax.tree.structure(ad.params) != want or ad.config.rank != self.lora_cfg.rank:
+        raise ValueError(f"config.init_from={self._adapter_dir}: adapter (r={ad.config.rank}, "
+                         f"{len(ad.modules)} modules) differs from config.lora (r="
+                         f"{self.lora_cfg.rank}); set config.lora to the adapter's settings")
+      out["lora"] = jax.tree.map(lambda x: np.asarray(x, np.float32), ad.params)
+      _log(f"stage 2 continues the adapter {self._adapter_dir} on {self.config.model.init}")
+    else:
+      seed = int(self.config.get("seed", 0))
+      base_abs = abstract_params["base"]
+      out["lora"] = jax.device_get(jax.jit(
+          lambda r: lora_lib.init_lora(base_abs, self.lora_cfg, r).params)(
+              jax.random.split(jax.random.PRNGKey(seed))[1]))
+    return out
+
+  def adapter(self, params) -> lora_lib.Adapter:
+    return lora_lib.Adapter(params["lora"], self.lora_cfg)
+
+  def _embed(self, params, ids, mask, pixels=None, rng=None):
+    train = rng is not None and self.lora_cfg.dropout > 0
+    return llava.embed(params["base"], self.cfg, ids, mask, pixels, lora=self.adapter(params),
+                       rng=rng if train else None, deterministic=not train, remat=self.remat)
+
+  def embeddings(self, params, batch, rng=None):
+    """(query, target, hard negative or None) embeddings of a batch, [B, H] fp32."""
+    r1 = r2 = None
+    if rng is not None:
+      r1, r2 = jax.random.split(rng)
+    q = self._embed(params, batch["q_ids"], batch["q_mask"], batch["pixels"], r1)
+    if "n_ids" in batch:
+      b = batch["t_ids"].shape[0]
+      both = self._embed(params, jnp.concatenate([batch["t_ids"], batch["n_ids"]]),
+                         jnp.concatenate([batch["t_mask"], batch["n_mask"]]), None, r2)
+      return q, both[:b], both[b:]
+    return q, self._embed(params, batch["t_ids"], batch["t_mask"], None, r2), None
+
+  def loss_fn(self, params, batch, rng, *, hard_negatives: bool | None = None):
+    use_hn = self.use_hard_negatives if hard_negatives is None else hard_negatives
+    q, t, n = self.embeddings(params, batch, rng)
+    hn = n if use_hn else None
+    loss = info_nce_loss(q, t, temperature=self.temperature, hard_negatives=hn,
+                         hard_negative_scope=self.hn_scope)
+    logits = info_nce_logits(q, t, temperature=self.temperature)
+    b = logits.shape[0]
+    acc = jnp.mean((jnp.argmax(logits, axis=1) == jnp.arange(b)).astype(jnp.float32))
+    aux = {"batch_acc": acc}
+    if n is not None:
+      aux["beats_original"] = jnp.mean((jnp.sum(q * t, -1) > jnp.sum(q * n, -1)).astype(jnp.float32))
+    return loss, aux
+
+  # ---------------------------------------------------------------- data
+  def batch_spec(self):
+    b, s = self.global_batch, self.cfg.vision.image_size
+    spec = {"pixels": jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32),
+            "q_ids": jax.ShapeDtypeStruct((b, self.q_len), jnp.int32),
+            "q_mask": jax.ShapeDtypeStruct((b, self.q_len), jnp.int32),
+            "t_ids": jax.ShapeDtypeStruct((b, self.t_len), jnp.int32),
+            "t_mask": jax.ShapeDtypeStruct((b, self.t_len), jnp.int32)}
+    if self.stage == 2:
+      spec["n_ids"] = jax.ShapeDtypeStruct((b, self.t_len), jnp.int32)
+      spec["n_mask"] = jax.ShapeDtypeStruct((b, self.t_len), jnp.int32)
+    return spec
+
+  def _pixels(self, paths) -> np.ndarray:
+    out = []
+    for p in paths:
+      key = str(p)
+      x = self._pixel_cache.get(key) if self._pixel_cache is not None else None
+      if x is None:
+        try:
+          x = self.transform(images_lib.load_image(p))
+        except OSError as e:
+          raise DataError(f"cannot read image {p}: {e}") from e
+        if self._pixel_cache is not None:
+          self._pixel_cache[key] = x
+      out.append(x)
+    return np.stack(out)
+
+  def _encode(self, rendered: list[str], width: int, what: str) -> dict[str, np.ndarray]:
+    try:
+      return prompts.batch_encode(self.tokenizer, rendered, num_image_tokens=self.n_img,
+                                  pad_to=width)
+    except prompts.PromptError as e:
+      raise DataError(f"{what} prompts: {e} (prompt lengths are fixed at setup from the data; "
+                      "raise config.data.max_length or check the texts)") from e
+
+  def prompts_for(self, epoch: int, index: int, rows: np.ndarray) -> list[tuple[str, str, str]]:
+    """(query, target, hard negative) prompt strings of global rows `rows` of batch
+    (epoch, index); stage-2 templates drawn from a generator seeded by (seed, epoch, index)."""
+    tok = self.tokenizer
+    if self.stage == 1:
+      q = prompts.render(prompts.STAGE1_IMAGE, tok, image=True)
+      return [(q, prompts.render(prompts.STAGE1_CAPTION, tok, image=False,
+                                 caption=self.train[r].caption), "") for r in rows]
+    seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
+    rng = random.Random(seed)
+    out = []
+    for r in rows:
+      e = self.train[r]
+      out.append(prompts.stage2_prompts(rng, e.instruction, e.caption, e.original, tok,
+                                        fixed=self.fixed_templates))
+    return out
+
+  def batch(self, epoch, index):
+    order = np.random.default_rng([self.seed, epoch]).permutation(len(self.train))
+    rows = order[index * self.global_batch:(index + 1) * self.global_batch]
+    texts = self.prompts_for(epoch, index, rows)  # every row: same draws on every process
+    mine = shd.process_rows(self.global_batch)
+    rows, texts = rows[mine], texts[mine]
+    q = self._encode([t[0] for t in texts], self.q_len, "query")
+    t = self._encode([t[1] for t in texts], self.t_len, "caption")
+    out = {"pixels": self._pixels([self.train[r].image for r in rows]),
+           "q_ids": q["input_ids"], "q_mask": q["attention_mask"],
+           "t_ids": t["input_ids"], "t_mask": t["attention_mask"]}
+    if self.stage == 2:
+      n = self._encode([x[2] for x in texts], self.t_len, "original caption")
+      out.update(n_ids=n["input_ids"], n_mask=n["attention_mask"])
+    return out
+
+  def host_state(self):
+    # Batches are a pure function of (seed, epoch, index): only a consistency check is needed.
+    return {"stage": self.stage, "num_train": len(self.train)}, {}
+
+  def load_host_state(self, host, arrays):
+    if host.get("num_train", len(self.train)) != len(self.train) or \
+        host.get("stage", self.stage) != self.stage:
+      raise ValueError(f"the checkpoint in {self.workdir} is of stage {host.get('stage')} with "
+                       f"{host.get('num_train')} training records; this config has stage "
+                       f"{self.stage} with {len(self.train)}: use another workdir")
+
+  # ---------------------------------------------------------------- evaluation
+  def _encode_fn(self, with_pixels: bool):
+    cache = self.__dict__.setdefault("_fn_cache", {})
+    if with_pixels not in cache:
+      if with_pixels:
+        def fn(params, pixels, ids, mask):
+          return self._embed(params, ids, mask, pixels)
+      else:
+        def fn(params, ids, mask):
+          return self._embed(params, ids, mask)
+      cache[with_pixels] = fn
+    return cache[with_pixels]
+
+  def encode(self, params, prompts_list: list[str], image_paths=None, what: str = "prompts"
+             ) -> np.ndarray:
+    """[N, H] embeddings of rendered prompts (with images when `image_paths`), data-parallel
+    over the mesh in batches of `eval_batch_size`; every process gets the full result."""
+    n = len(prompts_list)
+    nd = jax.device_count()
+    bs = max(nd, (int(self.config.get("eval_batch_size", 32)) // nd) * nd)
+    fn = self._encode_fn(image_paths is not None)
+    jits = self.__dict__.setdefault("_jit_cache", {})
+    outs = []
+    t0 = time.perf_counter()
+    for i in range(0, n, bs):
+      chunk = prompts_list[i:i + bs]
+      m = len(chunk)
+      chunk = chunk + [chunk[-1]] * (bs - m)
+      enc = prompts.batch_encode(self.tokenizer, chunk, num_image_tokens=self.n_img,
+                                 pad_to_multiple_of=16)
+      arrays = [enc["input_ids"], enc["attention_mask"]]
+      if image_paths is not None:
+        paths = list(image_paths[i:i + bs])
+        arrays = [self._pixels(paths + [paths[-1]] * (bs - m))] + arrays
+      key = (image_paths is not None, tuple(a.shape for a in arrays))
+      if key not in jits:
+        in_sh = (jax.tree.map(lambda x: x.sharding, params),) + tuple(
+            shd.batch_sharding(self.mesh, a.ndim) for a in arrays)
+        jits[key] = jax.jit(fn, in_shardings=in_sh, out_shardings=shd.replicated(self.mesh))
+      dev = [jax.make_array_from_callback(a.shape, shd.batch_sharding(self.mesh, a.ndim),
+                                          lambda idx, a=a: a[idx]) for a in arrays]
+      outs.append(np.asarray(jax.device_get(jits[key](params, *dev)))[:m])
+    if n >= 256:
+      dt = time.perf_counter() - t0
+      _log(f"embedded {n} {what} in {dt:.1f}s ({n / max(dt, 1e-9):.0f}/s)")
+    return np.concatenate(outs)
+
+  def evaluate(self, params):
+    exs = self.eval_examples
+    limit = int(self.config.get("eval_max", 0) or 0)
+    if limit:
+      exs = exs[:limit]
+    if not exs:
+      return None
+    tok = self.tokenizer
+    out: dict[str, float] = {}
+    if self.stage == 1:
+      corpus = sorted(set(e.caption for e in exs))
+      target = np.array([corpus.index(e.caption) for e in exs]) if len(corpus) < 2000 else \
+          np.array([{c: i for i, c in enumerate(corpus)}[e.caption] for e in exs])
+      qp = [prompts.render(prompts.STAGE1_IMAGE, tok, image=True)] * len(exs)
+      cp = [prompts.render(prompts.STAGE1_CAPTION, tok, image=False, caption=c) for c in corpus]
+      q = self.encode(params, qp, [e.image for e in exs], "images")
+      c = self.encode(params, cp, None, "captions")
+      out.update(_recalls(q @ c.T, target, "i2t"))
+      self._chance = {f"i2t/R@{k}": 100.0 * min(k, len(corpus)) / len(corpus) for k in _RECALL_KS}
+    else:
+      corpus = sorted(set(e.caption for e in exs) | set(e.original for e in exs))
+      pos = {c: i for i, c in enumerate(corpus)}
+      target = np.array([pos[e.caption] for e in exs])
+      orig = np.array([pos[e.original] for e in exs])
+      qt, ct = prompts.STAGE2_IMAGE_TEMPLATES[0], prompts.STAGE2_CAPTION_TEMPLATES[0]
+      qp = [prompts.render(qt, tok, image=True, modifier=e.instruction) for e in exs]
+      cp = [prompts.render(ct, tok, image=False, caption=c) for c in corpus]
+      q = self.encode(params, qp, [e.image for e in exs], "composed queries")
+      c = self.encode(params, cp, None, "captions")
+      s = q @ c.T
+      out.update(_recalls(s, target, "q2t"))
+      rows = np.arange(len(exs))
+      out["q2t/beats_original"] = float(np.mean(s[rows, target] > s[rows, orig]) * 100.0)
+      self._chance = {f"q2t/R@{k}": 100.0 * min(k, len(corpus)) / len(corpus) for k in _RECALL_KS}
+      self._chance["q2t/beats_original"] = 50.0
+    if self.eval_split is not None and bool(self.config.get("eval_cir", True)):
+      out.update(self._evaluate_cir(params))
+    return out
+
+  def _evaluate_cir(self, params) -> dict[str, float]:
+    """Composed image retrieval on the synthetic split with the zero-shot (appendix D.2)
+    prompts, scored by `cirjax.eval` (reference excluded, full relevant sets)."""
+    import dataclasses  # pylint: disable=g-import-not-at-top
+    from cirjax.eval import evaluate as ev  # pylint: disable=g-import-not-at-top
+    from cirjax.eval import retrieval  # pylint: disable=g-import-not-at-top
+    s = self.eval_split
+    limit = int(self.config.get("eval_max", 0) or 0)
+    if limit:
+      s = dataclasses.replace(s, queries=s.queries[:limit])
+    tok = self.tokenizer
+    it, qt = prompts.inference_template("cirr", "image"), prompts.inference_template("cirr", "query")
+    cp = [prompts.render(it, tok, image=True)] * len(s.corpus)
+    qp = [prompts.render(qt, tok, image=True, modifier=q.text) for q in s.queries]
+    cf = self.encode(params, cp, [s.images[n].path for n in s.corpus], "corpus images")
+    qf = self.encode(params, qp, [s.images[q.reference].path for q in s.queries], "queries")
+    r = ev.evaluate_split(s, retrieval.FeatureScorer(qf, cf),
+                          mesh=retrieval.make_mesh(jax.local_devices()))
+    keep = ("R@1", "R@10", "R@50", "mAP@10", "Rrel@10")
+    self._cir_chance = {f"cir/{k}": float(v) for k, v in r.chance.items() if k in keep}
+    return {f"cir/{k}": float(v) for k, v in r.metrics.items() if k in keep}
+
+  def chance_metrics(self):
+    return {**getattr(self, "_chance", {}), **getattr(self, "_cir_chance", {})}
+
+  # ---------------------------------------------------------------- export
+  def finish(self, params):
+    """Writes `<workdir>/adapter` (PEFT), `<workdir>/model` (merged, cirjax LLaVA dir) and with
+    `export_hf` `<workdir>/model_hf` (merged, HF LLaVA dir), each with the tokenizer."""
+    if not self.config.get("export", True):
+      return
+    from cirjax.models import llava_convert  # pylint: disable=g-import-not-at-top
+    rep = shd.replicated(self.mesh)
+    host = jax.device_get(jax.jit(lambda p: p, out_shardings=rep)(params))
+    if jax.process_index() != 0:
+      return
+    host = jax.tree.map(np.asarray, host)
+    wd = Path(self.workdir)
+    adapter = lora_lib.Adapter(host["lora"], self.lora_cfg)
+    lora_lib.save_peft(adapter, wd / "adapter",
+                       base_model_name_or_path=self.config.model.get("init") or None)
+    merged = jax.tree.map(np.asarray, lora_lib.merge(host["base"], adapter))
+    cfg = self.cfg.replace(dtype="float32")
+    llava_convert.save_cirjax(merged, cfg, wd / "model", overwrite=True,
+                              source=f"cirjax train instructcir stage {self.stage}",
+                              tokenizer_dir=self.tokenizer_dir)
+    written = ["adapter", "model"]
+    if self.config.get("export_hf", True):
+      llava_convert.to_hf(merged, cfg, wd / "model_hf", tokenizer_dir=self.tokenizer_dir)
+      written.append("model_hf")
+    _log(f"exported {', '.join(str(wd / w) for w in written)}")
+
+
+def llava_convert_load(path: str):
+  from cirjax.models import llava_convert  # pylint: disable=g-import-not-at-top
+  if not Path(path).is_dir():
+    raise FileNotFoundError(f"LLaVA model directory not found: {path}")
+  return llava_convert.load_any(path)
+
+
+def _recalls(scores: np.ndarray, target: np.ndarray, prefix: str) -> dict[str, float]:
+  """Recall@K (percent) of `target[i]` among the top K of row i of `scores`."""
+  from cirjax.eval import metrics  # pylint: disable=g-import-not-at-top
+  k = min(max(_RECALL_KS), scores.shape[1])
+  ranking = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+  ks = [x for x in _RECALL_KS if x <= k]
+  return {f"{prefix}/{m}": v for m, v in metrics.recall_at_k(ranking, target, ks).items()}
