@@ -107,6 +107,31 @@ def model_config(mc: ml_collections.ConfigDict, vocab_size: int, image_token_id:
                            dtype=compute_dtype)
 
 
+def random_llava_params(config: llava.LlavaConfig, rng: jax.Array) -> dict:
+  """Random LLaVA parameters with the tree of `llava.init_params`, drawn as one normal
+  vector sliced per leaf (compiles in a fraction of the time of the per-module Flax init):
+  biases 0, norm scales 1, kernels N(0, 1/fan_in), embeddings N(0, 0.02^2)."""
+  abstract = llava.abstract_params(config)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+  sizes = [int(np.prod(l.shape)) for _, l in leaves]
+  flat = jax.random.normal(rng, (sum(sizes),), jnp.float32)
+  out, off = [], 0
+  for (path, leaf), n in zip(leaves, sizes):
+    names = [str(getattr(k, "key", k)) for k in path]
+    name, parent = names[-1], names[-2] if len(names) > 1 else ""
+    if name == "bias":
+      x = jnp.zeros(leaf.shape, leaf.dtype)
+    elif name in ("scale", "weight") and ("norm" in parent or "layrnorm" in parent):
+      x = jnp.ones(leaf.shape, leaf.dtype)
+    else:
+      fan_in = int(np.prod(leaf.shape[:-1])) if name == "kernel" or leaf.ndim == 4 else 0
+      std = 1.0 / np.sqrt(fan_in) if fan_in else 0.02
+      x = (flat[off:off + n].reshape(leaf.shape) * std).astype(leaf.dtype)
+    off += n
+    out.append(x)
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
 def lora_config(lc: ml_collections.ConfigDict) -> lora_lib.LoraConfig:
   targets = lc.get("target_modules") or lora_lib.DEFAULT_TARGET_MODULES
   if isinstance(targets, (list, tuple)):
@@ -429,7 +454,7 @@ class InstructCIRTask(Task):
   def init_params(self, rng):
     kb, kl = jax.random.split(rng)
     if self._base_params is None:
-      base = llava.init_params(self.cfg, kb)
+      base = random_llava_params(self.cfg, kb)
     else:
       base = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), self._base_params)
     adapter = lora_lib.init_lora(base, self.lora_cfg, kl)
@@ -448,6 +473,7 @@ class InstructCIRTask(Task):
         raise ValueError(f"config.init_from={self.init_from}: {e}; stage 2 needs the same model "
                          "and LoRA settings (lora.rank, lora.target_modules) as stage 1") from e
       ck.close()
+      params = jax.tree.map(np.asarray, jax.device_get(params))  # host: the trainer shards it
       _log(f"stage 2 starts from {self._ckpt_dir}/{step} (base and adapter)")
       self.start_step_of_init = step
       return params
@@ -634,6 +660,8 @@ class InstructCIRTask(Task):
     return np.concatenate(outs)
 
   def evaluate(self, params):
+    if not self.config.get("evaluate", True):
+      return None
     exs = self.eval_examples
     limit = int(self.config.get("eval_max", 0) or 0)
     if limit:

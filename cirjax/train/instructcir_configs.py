@@ -54,6 +54,7 @@ def base(stage: int) -> ml_collections.ConfigDict:
   c.sharding_rules = ((".*", "fsdp"),)
   c.fsdp_min_size = 2 ** 20
   c.checkpoint = dict(keep=2, every_steps=500, best_metric="", best_mode="max", async_save=True)
+  c.evaluate = True              # False: no evaluation at all (throughput runs)
   c.eval_every_epochs = 1
   c.eval_every_steps = 0
   c.eval_max = 2000
