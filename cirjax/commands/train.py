@@ -63,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     return 3
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0 and result["status"] == "done":
-    print(format_table(result["final_metrics"], f"final metrics ({args.workdir})"))
+    print(format_table(result["final_metrics"], f"final metrics ({args.workdir})",
+                       result.get("chance")))
     if result.get("samples_per_s"):
       print(f"step time {result['step_time_s'] * 1e3:.1f} ms (median), "
             f"{result['samples_per_s']:.1f} samples/s")

@@ -41,16 +41,25 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     f.write(config.to_json_best_effort(indent=2))
 
 
-def format_table(metrics: dict[str, Any], title: str = "final metrics") -> str:
-  """A two-column text table of scalar metrics."""
+def format_table(metrics: dict[str, Any], title: str = "final metrics",
+                 chance: dict[str, float] | None = None) -> str:
+  """A text table of scalar metrics, with a chance column where `chance` has the metric."""
   rows = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float, np.floating, np.integer))]
   if not rows:
     return f"{title}: (none)"
+  chance = chance or {}
   w = max(len(k) for k, _ in rows)
-  lines = [title, "-" * (w + 14)]
+  with_chance = any(k in chance for k, _ in rows)
+  width = w + 14 + (12 if with_chance else 0)
+  lines = [title, "-" * width]
+  if with_chance:
+    lines.append(f"{'metric':<{w}}  {'value':>10}  {'chance':>10}")
   for k, v in rows:
-    lines.append(f"{k:<{w}}  {float(v):>10.4f}")
-  lines.append("-" * (w + 14))
+    line = f"{k:<{w}}  {float(v):>10.4f}"
+    if k in chance:
+      line += f"  {float(chance[k]):>10.4f}"
+    lines.append(line)
+  lines.append("-" * width)
   return "\n".join(lines)
 
 
@@ -225,4 +234,5 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding
   ckpt.close()
   result["state"] = state
   result["step"] = step
+  result["chance"] = task.chance_metrics() if result["status"] == "done" else {}
   return result
