@@ -119,7 +119,7 @@ def variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.Con
     c.train.max_steps = 4
     c.allow_scratch_stage2 = True
     c.export = False
-    c.eval_every_epochs = 0
+    c.evaluate = False
     c.tensorboard = False
     c.log_every_steps = 1
     return c
