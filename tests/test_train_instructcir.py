@@ -18,6 +18,22 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = 3  # 60 pairs / batch 16
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+  """The runs here compile the same steps again (resume, evaluation): a persistent
+  compilation cache for this module only keeps the default tests fast."""
+  from jax._src import compilation_cache as cc
+  old = (jax.config.jax_compilation_cache_dir,
+         jax.config.jax_persistent_cache_min_compile_time_secs)
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  cc.reset_cache()
+  yield
+  jax.config.update("jax_compilation_cache_dir", old[0])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+  cc.reset_cache()
+
+
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory):
   from cirjax.data import synth
