@@ -114,7 +114,8 @@ def normalise_rows(suite: str, rows: list[dict], peak_flops: float | None) -> li
     flops = r.get("flops")
     if flops and t and not r.get("tflops_per_s"):
       r["tflops_per_s"] = flops / t / 1e12
-    if r.get("mfu") is None and r.get("tflops_per_s") and peak_flops:
+    # One peak for every row of a run (scripts run alone measure their own).
+    if r.get("tflops_per_s") and peak_flops:
       r["mfu"] = r["tflops_per_s"] * 1e12 / peak_flops
     if r.get("peak_memory_bytes") and not r.get("peak_memory_mib"):
       r["peak_memory_mib"] = r["peak_memory_bytes"] / 2**20
@@ -176,8 +177,15 @@ def run_suites(suites: list[str], device: str, quick: bool, bench_dir: Path, out
   print(f"[bench] device={device} peak={peak and peak / 1e12:.3g} TFLOP/s ({peak_src})",
         flush=True)
   all_rows, failures, extras = [], {}, {}
-  for suite in suites:
+  for i, suite in enumerate(suites):
     t0 = time.time()
+    if device == "cpu" and i > 0:
+      # A shared CPU's matmul peak drifts with load; the run keeps the highest measurement
+      # (a peak is what the machine can do), so a busy start cannot push MFU past 1.
+      again, _ = benchmarking.device_peak_flops("fp32")
+      if again and peak and again > peak:
+        print(f"[bench] CPU peak re-measured: {again / 1e12:.3g} TFLOP/s", flush=True)
+        peak = again
     print(f"[bench] suite {suite} ...", flush=True)
     try:
       mod = _load_suite(bench_dir, suite)
@@ -200,12 +208,26 @@ def run_suites(suites: list[str], device: str, quick: bool, bench_dir: Path, out
     all_rows.extend(rows)
     print(benchmarking.format_table(rows, TABLE_COLUMNS), flush=True)
     print(f"[bench] suite {suite} done in {time.time() - t0:.0f}s", flush=True)
+  all_rows = normalise_rows_peak(all_rows, peak)
+  if device == "cpu" and len(suites) > 1:
+    peak_src += "; highest of one measurement before each suite"
   payload_extra = {"quick": quick, "suites": suites, "peak_flops": peak, "peak_source": peak_src,
                    "failures": failures, **extras}
   path = benchmarking.write_results(f"bench_{device}", all_rows, out_dir, extra=payload_extra)
   (out_dir / f"bench_{device}.md").write_text(render_markdown(json.loads(path.read_text())))
   print(f"[bench] wrote {path} and {path.with_suffix('.md')}", flush=True)
   return json.loads(path.read_text())
+
+
+def normalise_rows_peak(rows: list[dict], peak_flops: float | None) -> list[dict]:
+  """MFU of every row against the run's final (highest measured) peak."""
+  out = []
+  for r in rows:
+    r = dict(r)
+    if r.get("tflops_per_s") and peak_flops:
+      r["mfu"] = r["tflops_per_s"] * 1e12 / peak_flops
+    out.append(r)
+  return out
 
 
 def render_markdown(payload: dict) -> str:
