@@ -55,13 +55,17 @@ def _microbatches(batch: dict, n: int) -> dict:
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mask: Any, *,
                     schedule: Callable | None = None, seed: int = 0, accum_steps: int = 1,
-                    remat: bool = False, compute_dtype: str = "float32",
+                    compute_dtype: str = "float32",
                     fp32_params: str = DEFAULT_FP32_PARAMS) -> Callable:
   """Builds the pure step. `loss_fn(params, batch, rng) -> (loss, aux)`: loss a fp32 scalar
   (mean over the batch), aux a dict of fp32 scalars to log.
 
   Frozen parameters (mask False) are wrapped in stop_gradient, so XLA drops their gradient
   computation entirely; their optimizer transform is set_to_zero with no state.
+
+  Rematerialisation is the task's business (its model wraps each layer, from `config.remat`):
+  a checkpoint around the whole forward saves no memory (the backward pass re-runs it and
+  then holds every residual anyway) and, over layer-wise remat, runs the forward a third time.
   """
 
   def forward(params, batch, rng):
@@ -70,8 +74,6 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mask: Any
     loss, aux = loss_fn(params, batch, rng)
     return loss.astype(jnp.float32), aux
 
-  if remat:
-    forward = jax.checkpoint(forward)
   grad_fn = jax.value_and_grad(forward, has_aux=True)
 
   def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:

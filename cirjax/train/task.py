@@ -40,6 +40,8 @@ class Task:
     return None
 
   def loss_fn(self, params: Any, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+    """(fp32 scalar loss, dict of fp32 scalars). Honour `config.remat` by rematerialising the
+    model's layers here: the trainer does not wrap the whole forward."""
     raise NotImplementedError
 
   # --- data

@@ -133,7 +133,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding
 
   step_fn = make_train_step(
       task.loss_fn, tx, mask, schedule=schedule, seed=seed,
-      accum_steps=int(tcfg.get("accum_steps", 1)), remat=bool(config.get("remat", False)),
+      accum_steps=int(tcfg.get("accum_steps", 1)),
       compute_dtype=config.get("compute_dtype", "float32"),
       fp32_params=config.get("fp32_params", None) or DEFAULT_FP32_PARAMS)
   abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shd.batch_sharding(mesh, len(v.shape)))
