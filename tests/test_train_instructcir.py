@@ -114,6 +114,11 @@ def test_stage2_starts_from_stage1(stage1, synth_root, tmp_path):
   cfg = _config(2, synth_root, f"init_from={wd}", "train.max_steps=2", "export_hf=False")
   task = InstructCIRTask(cfg, _mesh(4), str(tmp_path / "probe"))
   assert task.tokenizer_dir == str(wd / "tokenizer")
+  # Stage 1 saw only captions, yet stage 2's instructions must not read as <unk>.
+  unk = task.tokenizer.convert_tokens_to_ids("<unk>")
+  for e in task.train[:20]:
+    ids = task.tokenizer(e.instruction, add_special_tokens=False)["input_ids"]
+    assert ids and unk not in ids, e.instruction
   start = _host(task.initial_params(jax.eval_shape(task.init_params, jax.random.PRNGKey(0))))
   jax.tree.map(np.testing.assert_array_equal, start, _host(r1["state"].params))
   r2 = _train(cfg, tmp_path / "stage2")

@@ -344,6 +344,11 @@ class InstructCIRTask(Task):
       out += [e.caption, e.instruction, e.original]
     if self.eval_split is not None:
       out += [q.text for q in self.eval_split.queries]
+    if self.data_root is not None:
+      # Stage 1 sees only captions; the words of stage 2's instructions must still have ids
+      # when stage 2 inherits this tokenizer, or they all read as <unk>.
+      from cirjax.data import synth  # pylint: disable=g-import-not-at-top
+      out += [w for w in synth.vocabulary() if not w.startswith("[")]
     return out
 
   def _init_model(self, config):
