@@ -281,3 +281,47 @@ def encode(tokenizer: Any, templates: str | Sequence[str], fields: Sequence[Mapp
   if "image_token" in render_kw:
     kw["image_token"] = render_kw["image_token"]
   return batch_encode(tokenizer, prompts, num_image_tokens=num_image_tokens, **kw)
+
+
+# ------------------------------------------------------------------ offline word tokenizers
+# LLaVA-Phi's special tokens at fixed ids (<image> = 5) and Phi-3's chat template
+# (microsoft/Phi-3.5-mini-instruct), for tokenizers built without a checkpoint.
+LLAVA_PHI_SPECIAL_TOKENS = ["<pad>", "<s>", "<|endoftext|>", "<unk>", "<|user|>", IMAGE,
+                            "<|end|>", "<|assistant|>"]
+PHI3_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+
+
+def save_word_level_tokenizer(words: Sequence[str], out_dir: Any, *, lowercase: bool = True,
+                              chat_template: bool = True, vocab_size: int | None = None) -> None:
+  """Saves an HF fast word-level tokenizer (tokenizer.json + tokenizer_config.json) to
+  `out_dir`: LLaVA-Phi's special tokens first, then `words` in order (duplicates dropped, at
+  most `vocab_size` entries in all), `<s>` prepended, other words read as `<unk>`. For
+  random-init runs and tests, where no checkpoint tokenizer exists."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from tokenizers import normalizers, pre_tokenizers  # pylint: disable=g-import-not-at-top
+  vocab = {t: i for i, t in enumerate(LLAVA_PHI_SPECIAL_TOKENS)}
+  for w in words:
+    if vocab_size is not None and len(vocab) >= vocab_size:
+      break
+    vocab.setdefault(w, len(vocab))
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+  if lowercase:
+    tok.normalizer = normalizers.Lowercase()
+  tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                               pre_tokenizers.Punctuation()])
+  tok.add_special_tokens(LLAVA_PHI_SPECIAL_TOKENS)
+  tok.post_processor = tokenizers.processors.TemplateProcessing(
+      single="<s> $A", special_tokens=[("<s>", 1)])
+  fast = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, bos_token="<s>", eos_token="<|endoftext|>", pad_token="<pad>",
+      unk_token="<unk>", additional_special_tokens=LLAVA_PHI_SPECIAL_TOKENS[4:])
+  if chat_template:
+    fast.chat_template = PHI3_CHAT_TEMPLATE
+  fast.save_pretrained(str(out_dir))

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 import transformers
 
+from cirjax import prompts
+
 # SPEC §3: 1e-5 relative for single layers, 1e-4 for whole models (fp32, highest precision).
 TOL_LAYER = 1e-5
 TOL_MODEL = 1e-4
@@ -107,43 +109,19 @@ def pixels(n, size, seed=0):
 
 
 # Phi-3's chat template (microsoft/Phi-3.5-mini-instruct), used by the tiny test tokenizer.
-PHI3_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'system' %}"
-    "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% elif message['role'] == 'assistant' %}"
-    "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
-SPECIAL_TOKENS = ["<pad>", "<s>", "<|endoftext|>", "<unk>", "<|user|>", "<image>", "<|end|>",
-                  "<|assistant|>"]  # ids 0..7; <image> = IMAGE_TOKEN = 5
+PHI3_CHAT_TEMPLATE = prompts.PHI3_CHAT_TEMPLATE
+SPECIAL_TOKENS = prompts.LLAVA_PHI_SPECIAL_TOKENS  # ids 0..7; <image> = IMAGE_TOKEN = 5
 
 
 def make_tokenizer(out_dir, words=None, vocab_size=96, chat_template=True):
   """A small word-level HF fast tokenizer saved to `out_dir` (tokenizer.json + config), with
   LLaVA-Phi's special tokens at fixed ids and Phi-3's chat template; words beyond the vocab
   map to <unk>. Returns the tokenizer loaded back with AutoTokenizer."""
-  import tokenizers
-  from tokenizers import pre_tokenizers
   words = words or ("a an the image this in one word describe summarize caption dog cat red "
                     "blue make it modify with shirt dress style of based on prompt for "
                     "retrieval summary : , . \" given").split()
-  vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
-  for w in words:
-    if len(vocab) < vocab_size and w not in vocab:
-      vocab[w] = len(vocab)
-  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-  tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
-                                               pre_tokenizers.Punctuation()])
-  tok.add_special_tokens(SPECIAL_TOKENS)
-  tok.post_processor = tokenizers.processors.TemplateProcessing(
-      single="<s> $A", special_tokens=[("<s>", 1)])
-  fast = transformers.PreTrainedTokenizerFast(
-      tokenizer_object=tok, bos_token="<s>", eos_token="<|endoftext|>", pad_token="<pad>",
-      unk_token="<unk>", additional_special_tokens=["<|user|>", "<image>", "<|end|>",
-                                                    "<|assistant|>"])
-  if chat_template:
-    fast.chat_template = PHI3_CHAT_TEMPLATE
-  fast.save_pretrained(str(out_dir))
+  prompts.save_word_level_tokenizer(words, out_dir, lowercase=False, chat_template=chat_template,
+                                    vocab_size=vocab_size)
   loaded = transformers.AutoTokenizer.from_pretrained(str(out_dir))
   loaded.padding_side = "left"
   return loaded

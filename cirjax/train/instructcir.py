@@ -143,18 +143,6 @@ def lora_config(lc: ml_collections.ConfigDict) -> lora_lib.LoraConfig:
 
 # ------------------------------------------------------------------------------ tokenizer
 
-_SPECIAL = ["<pad>", "<s>", "<|endoftext|>", "<unk>", "<|user|>", "<image>", "<|end|>",
-            "<|assistant|>"]
-# Phi-3's chat template (microsoft/Phi-3.5-mini-instruct).
-_PHI3_CHAT = (
-    "{% for message in messages %}{% if message['role'] == 'system' %}"
-    "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% elif message['role'] == 'assistant' %}"
-    "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
-
-
 def _words(text: str) -> list[str]:
   return re.findall(r"\w+|[^\w\s]", text.lower())
 
@@ -170,31 +158,13 @@ def template_texts() -> list[str]:
 
 
 def build_word_tokenizer(texts: Sequence[str], out_dir: str | os.PathLike):
-  """A lower-casing word-level HF fast tokenizer over the words of `texts` and every
-  template, with LLaVA-Phi's special tokens (`<image>`, `<|endoftext|>` as EOS, ...) and
-  Phi-3's chat template, saved to `out_dir`. For random-init runs without a checkpoint; words
-  outside the training texts become `<unk>`."""
-  import tokenizers  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-  from tokenizers import normalizers, pre_tokenizers  # pylint: disable=g-import-not-at-top
+  """A lower-casing word-level tokenizer (`prompts.save_word_level_tokenizer`) over the words
+  of `texts` and every template, saved to `out_dir` and loaded back. For random-init runs
+  without a checkpoint; words outside the texts become `<unk>`."""
   words = set()
   for t in list(texts) + template_texts():
     words.update(_words(t.replace(prompts.IMAGE, " ")))
-  vocab = {t: i for i, t in enumerate(_SPECIAL)}
-  for w in sorted(words):
-    vocab.setdefault(w, len(vocab))
-  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-  tok.normalizer = normalizers.Lowercase()
-  tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
-                                               pre_tokenizers.Punctuation()])
-  tok.add_special_tokens(_SPECIAL)
-  tok.post_processor = tokenizers.processors.TemplateProcessing(
-      single="<s> $A", special_tokens=[("<s>", 1)])
-  fast = transformers.PreTrainedTokenizerFast(
-      tokenizer_object=tok, bos_token="<s>", eos_token="<|endoftext|>", pad_token="<pad>",
-      unk_token="<unk>", additional_special_tokens=_SPECIAL[4:])
-  fast.chat_template = _PHI3_CHAT
-  fast.save_pretrained(str(out_dir))
+  prompts.save_word_level_tokenizer(sorted(words), out_dir)
   return load_tokenizer(out_dir)
 
 
