@@ -16,7 +16,7 @@ directory (a fresh adapter). Paper settings as stage 1 but global batch 256 (4 G
 Recall@K (the original captions are in the corpus as distractors).
 
 Variants: tiny, synthetic, real_width as in configs/instructcir_stage1.py (tiny/synthetic:
-give --config.init_from=<the stage-1 workdir of the same variant>).
+give --config.init_from=<the stage-1 workdir of the same variant>; synthetic runs 3 epochs).
 """
 
 from cirjax.train import instructcir_configs
