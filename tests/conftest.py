@@ -8,8 +8,20 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_num_cpu_devices", 4)
 # SPEC §3: parity is measured at fp32 with the highest matmul precision.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+  """A tiny synthetic benchmark (CIRR layout + vocab.txt), shared by a module's tests: the
+  same sizes as the `tiny` variants of the training configs."""
+  from cirjax.data import synth
+  root = tmp_path_factory.mktemp("data") / "synthetic_tiny"
+  synth.generate(root, synth.SynthConfig(seed=0, resolution=32, num_images=(60, 60, 20),
+                                         num_queries=(64, 32, 16)), progress=None)
+  return root

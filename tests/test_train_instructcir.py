@@ -4,7 +4,6 @@ change, a killed run resumes exactly, the hard-negative columns count, and 1 dev
 loss of 4."""
 
 import json
-import os
 from pathlib import Path
 
 import jax
@@ -33,14 +32,6 @@ def compile_cache(tmp_path_factory):
   jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
   cc.reset_cache()
 
-
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory):
-  from cirjax.data import synth
-  root = tmp_path_factory.mktemp("data") / "synthetic_tiny"
-  synth.generate(root, synth.SynthConfig(seed=0, resolution=32, num_images=(60, 60, 20),
-                                         num_queries=(64, 32, 16)), progress=None)
-  return root
 
 
 def _config(stage, root, *overrides):

@@ -3,7 +3,6 @@ variant runs, mining state survives a resume exactly, the exported model loads, 
 1 device equals 4 devices for the full QuRe step (mining, sampler, frozen-feature cache)."""
 
 import json
-import os
 from pathlib import Path
 
 import jax
@@ -15,15 +14,6 @@ from cirjax.train import config_utils, sharding as shd
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(scope="module")
-def synth_root(tmp_path_factory):
-  """A tiny synthetic benchmark (CIRR layout + vocab.txt), shared by the tests here."""
-  from cirjax.data import synth
-  root = tmp_path_factory.mktemp("data") / "synthetic_tiny"
-  synth.generate(root, synth.SynthConfig(seed=0, resolution=32, num_images=(60, 60, 20),
-                                         num_queries=(64, 32, 16)), progress=None)
-  return root
 
 
 def _fashioniq(root: Path, vocab: Path) -> None:
