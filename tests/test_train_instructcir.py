@@ -33,7 +33,6 @@ def compile_cache(tmp_path_factory):
   cc.reset_cache()
 
 
-
 def _config(stage, root, *overrides):
   return config_utils.load_config(
       str(REPO / f"configs/instructcir_stage{stage}.py") + ":tiny",

@@ -15,7 +15,6 @@ from cirjax.train import config_utils, sharding as shd
 REPO = Path(__file__).resolve().parents[1]
 
 
-
 def _fashioniq(root: Path, vocab: Path) -> None:
   """Three categories, 60 images each, 24 training triplets and 8 validation ones."""
   rng = np.random.default_rng(0)

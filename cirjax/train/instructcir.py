@@ -318,7 +318,7 @@ class InstructCIRTask(Task):
       # Stage 1 sees only captions; the words of stage 2's instructions must still have ids
       # when stage 2 inherits this tokenizer, or they all read as <unk>.
       from cirjax.data import synth  # pylint: disable=g-import-not-at-top
-      out += [w for w in synth.vocabulary() if not w.startswith("[")]
+      out += [w for w in synth.vocabulary() if w not in synth.SPECIAL_TOKENS]
     return out
 
   def _init_model(self, config):
