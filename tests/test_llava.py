@@ -8,17 +8,17 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from cirjax.models import llava, llava_convert
+from cirjax.models import llava, llava_convert, llava_parity
 from tests import llava_fixtures as fx
 
 
-def _hf_outputs(model, ids, mask, pix=None):
+def _hf_outputs(model, config, ids, mask, pix=None):
   with torch.no_grad():
     out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
                 pixel_values=pix, output_hidden_states=True)
     hs = [h.numpy() for h in out.hidden_states]
     emb = F.normalize(out.hidden_states[-1][:, -1], dim=-1).numpy()
-    img = None if out.image_hidden_states is None else out.image_hidden_states.numpy()
+    img = None if pix is None else llava_parity.hf_image_features(model, config, pix)[1].numpy()
   return hs, emb, img
 
 
@@ -30,7 +30,7 @@ def _convert(model):
 
 def _compare(model, ids, mask, pix_t=None, pix_np=None):
   config, params = _convert(model)
-  want_hs, want_emb, want_img = _hf_outputs(model, ids, mask, pix_t)
+  want_hs, want_emb, want_img = _hf_outputs(model, config, ids, mask, pix_t)
   pix = None if pix_np is None else jnp.asarray(pix_np)
   out = llava.forward(params, config, ids, mask, pix, output_hidden_states=True)
   if want_img is not None:

@@ -1,7 +1,7 @@
 """Stage-by-stage numerical parity of the cirjax LLaVA embedder against transformers.
 
 The reference is `transformers.LlavaForConditionalGeneration.from_pretrained(path)` itself
-(eager attention, fp32): its CLIP hidden states, projector output (`image_hidden_states`),
+(eager attention, fp32): its CLIP hidden states, projector output (computed from its modules),
 per-layer hidden states and the normalised last-token state. cirjax runs either its own
 conversion of the same directory (done in memory) or a converted cirjax directory.
 
@@ -107,18 +107,33 @@ def torch_stages(model: Any, config: Any, ids: np.ndarray, mask: np.ndarray,
                 attention_mask=torch.from_numpy(mask.astype(np.int64)), pixel_values=pix,
                 output_hidden_states=True)
     if pix is not None:
-      vt = model.model.vision_tower if hasattr(model, "model") else model.vision_tower
-      vh = vt(pix, output_hidden_states=True).hidden_states
-      feats = [vh[l] for l in config.feature_layers]
-      if config.vision_feature_select_strategy == "default":
-        feats = [f[:, 1:] for f in feats]
-      out["vision features"] = torch.cat(feats, dim=-1).numpy()
-      out["projector output"] = res.image_hidden_states.reshape(
-          pix.shape[0], -1, res.image_hidden_states.shape[-1]).numpy()
+      vision, projected = hf_image_features(model, config, pix)
+      out["vision features"] = vision.numpy()
+      out["projector output"] = projected.numpy()
     hs = res.hidden_states
     out.update(_layer_stages([h.numpy() for h in hs]))
     out["embedding"] = F.normalize(hs[-1][:, -1], dim=-1).numpy()
   return out
+
+
+def hf_image_features(model: Any, config: Any, pix: Any) -> tuple[Any, Any]:
+  """(vision features, projector output) of an HF LLaVA model, computed from its modules.
+
+  Computed from the vision tower's hidden states and the projector rather than read from the
+  forward output: transformers 5.24 turned `image_hidden_states` into a list (and deprecates
+  it), and the replacement field `image_outputs.pooler_output` is absent in 5.23 and `None`
+  on some paths. The modules are the same across the 4.x and 5.x key layouts; only where
+  they hang differs (`model.model.*` in 5.x, `model.*` in 4.x).
+  """
+  import torch  # pylint: disable=g-import-not-at-top  (optional heavy dependency)
+  inner = model.model if hasattr(model, "model") else model
+  with torch.no_grad():
+    hs = inner.vision_tower(pix, output_hidden_states=True).hidden_states
+    feats = [hs[l] for l in config.feature_layers]
+    if config.vision_feature_select_strategy == "default":
+      feats = [f[:, 1:] for f in feats]
+    vision = torch.cat(feats, dim=-1)
+    return vision, inner.multi_modal_projector(vision)
 
 
 def _layer_stages(hs: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
