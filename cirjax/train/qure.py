@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from cirjax import losses
 from cirjax import mining
 from cirjax import sampling as sampling_lib
 from cirjax.data import images as images_lib
@@ -53,21 +54,6 @@ LOSSES = ("pairwise", "infonce")
 def _log(msg: str) -> None:
   if jax.process_index() == 0:
     print(f"[cirjax] {msg}", file=sys.stderr, flush=True)
-
-
-# ------------------------------------------------------------------------------ losses
-
-def pairwise_loss(s_pos: jax.Array, s_neg: jax.Array) -> jax.Array:
-  """QuRe's Bradley-Terry loss `-mean log sigmoid(s_pos - s_neg)` in fp32 (Eqs. 2-3)."""
-  return -jnp.mean(jax.nn.log_sigmoid(s_pos.astype(jnp.float32) - s_neg.astype(jnp.float32)))
-
-
-def infonce_loss(logits: jax.Array) -> jax.Array:
-  """Cross-entropy with the positive in column i for row i (in-batch + extra negatives)."""
-  logits = logits.astype(jnp.float32)
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  pos = jnp.take_along_axis(logits, jnp.arange(logits.shape[0])[:, None], axis=-1)[:, 0]
-  return jnp.mean(lse - pos)
 
 
 # ------------------------------------------------------------------------------ model config
@@ -304,16 +290,14 @@ class QuReTask(Task):
                                     batch["attention_mask"], **kw)
     t = blip2.encode_target_from_features(params, self.cfg, jnp.concatenate([pos, neg]), **kw)
     temp = params["temp"].astype(jnp.float32)
+    s_neg = losses.qure_scores(q, t[b:], temp)
     if self.loss_kind == "pairwise":
-      tp, tn = t[:b], t[b:]
-      s_pos = jnp.einsum("bd,bkd->bk", q, tp).max(-1) / temp
-      s_neg = jnp.einsum("bd,bkd->bk", q, tn).max(-1) / temp
-      loss = pairwise_loss(s_pos, s_neg)
+      s_pos = losses.qure_scores(q, t[:b], temp)
+      loss = losses.pairwise_sigmoid_loss(s_pos, s_neg)
     else:  # every positive and negative of the global batch as columns
-      logits = blip2.score(q, t) / temp
-      loss = infonce_loss(logits)
+      logits = losses.qure_logits(q, t, temp)
+      loss = losses.info_nce_from_logits(logits)
       s_pos = jnp.diagonal(logits[:, :b])
-      s_neg = jnp.einsum("bd,bkd->bk", q, t[b:]).max(-1) / temp
     acc = jnp.mean((s_pos > s_neg).astype(jnp.float32))
     return loss, {"pair_acc": acc, "temp": temp}
 
