@@ -71,7 +71,7 @@ def encode_corpus(encoder: Any, corpus: Corpus, transform: Callable, batch_size:
                   mesh=None, cache: str | os.PathLike | None = None, model_id: str = "",
                   log: Callable[[str], None] | None = print) -> np.ndarray:
   """Corpus features [N, Q, D] (or [N, D]); reused from `cache` (.npz) when it matches."""
-  from cirjax.eval import retrieval  # pylint: disable=g-import-not-at-top
+  from cirjax.eval import encode, retrieval  # pylint: disable=g-import-not-at-top
   log = log or (lambda s: None)
   key = json.dumps({"model": model_id, "transform": [transform.name, transform.dim],
                     "names": corpus.names})
@@ -90,10 +90,10 @@ def encode_corpus(encoder: Any, corpus: Corpus, transform: Callable, batch_size:
   fn, params = encoders.jit_parts(encoders.pure(encoder), "image")
   n = len(corpus.names)
   every = max(batch_size, (n // 5) // batch_size * batch_size)
-  feats = retrieval.encode_batches(
-      fn, batches(), mesh, batch_size,
-      lambda done: log(f"[search] encoded {done}/{n} corpus images")
-      if done % every < batch_size or done == n else None, params=params)
+  feats = encode.encode(
+      fn, params, batches(), mesh=mesh or retrieval.make_mesh(), batch_size=batch_size,
+      progress=lambda done: log(f"[search] encoded {done}/{n} corpus images")
+      if done % every < batch_size or done == n else None)
   if cache is not None:
     Path(cache).parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, key=np.array(key), features=feats)
@@ -110,13 +110,13 @@ def search(encoder: Any, corpus: Corpus, corpus_feats: np.ndarray, reference: st
   When the reference image is itself in the corpus (same resolved path) it is left out, as
   CIRR's protocol does, unless `exclude_reference=False`.
   """
-  from cirjax.eval import retrieval  # pylint: disable=g-import-not-at-top
+  from cirjax.eval import encode, retrieval  # pylint: disable=g-import-not-at-top
   ref_path = Path(reference)
   pix = transform(images_lib.open_rgb(ref_path))[None]
   ids, mask = tokenize_fn([text])
   from cirjax.eval import encoders  # pylint: disable=g-import-not-at-top
   fn, params = encoders.jit_parts(encoders.pure(encoder), "compose")
-  q = retrieval.encode_batches(fn, iter([(pix, ids, mask)]), mesh, None, params=params)
+  q = encode.encode(fn, params, (pix, ids, mask), mesh=mesh or retrieval.make_mesh())
   ex = -1
   if exclude_reference:
     resolved = ref_path.resolve()

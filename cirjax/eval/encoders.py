@@ -128,7 +128,7 @@ def pure(encoder: Any) -> PureEncoder | Any:
 
 
 def jit_parts(encoder: Any, which: str):
-  """(function, params) for `retrieval.encode_batches`: which = 'image' or 'compose'."""
+  """(function, params) for `cirjax.eval.encode.encode`: which = 'image' or 'compose'."""
   if isinstance(encoder, PureEncoder):
     return (encoder.encode_image_fn if which == "image" else encoder.compose_fn), encoder.params
   return (encoder.encode_image if which == "image" else encoder.compose), None
