@@ -33,7 +33,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -145,6 +145,76 @@ def _mining_groups(train_splits: list[CIRSplit], names: dict[str, int], q_tgt: n
   return groups
 
 
+class GroupSampler:
+  """QuRe's negatives for queries spread over mining groups: one `NegativeSampler` per
+  group, holding each group's state at the start of epoch `epoch`."""
+
+  def __init__(self, groups: list[_Group], num_queries: int, seed: int, sampling: str):
+    self.samplers = [sampling_lib.NegativeSampler(
+        mining.whole_corpus_sets(g.target_pos, image_ids=g.corpus), seed=seed,
+        sampling=sampling) for g in groups]
+    self.states = [smp.init() for smp in self.samplers]
+    self.epoch: int | None = 0   # None: restored from a checkpoint that stored every draw
+    self.q_group = np.zeros(num_queries, np.int32)     # query -> its group
+    self.q_in_group = np.zeros(num_queries, np.int32)  # query -> its row in the group
+    for gi, g in enumerate(groups):
+      self.q_group[g.queries] = gi
+      self.q_in_group[g.queries] = np.arange(len(g.queries))
+
+  def advance(self, epoch: int, epoch_rows: Callable[[int], np.ndarray],
+              first_step_in_epoch: int) -> None:
+    """Applies the draws of the epochs from `self.epoch` up to `epoch` (`epoch_rows(e)`: the
+    queries drawn in epoch e; each is drawn at most once per epoch, so an epoch's draws
+    never depend on each other)."""
+    if self.epoch is None:
+      if first_step_in_epoch:
+        raise RuntimeError("this checkpoint's sampler state predates per-epoch sampler "
+                           "states and cannot resume mid-epoch; resume from an epoch's end")
+      self.epoch = epoch
+    if epoch < self.epoch:
+      raise RuntimeError(f"begin_epoch({epoch}) after epoch {self.epoch}")
+    for e in range(self.epoch, epoch):
+      rows = epoch_rows(e)
+      self.states = [smp.advance(state, self.q_in_group[rows[self.q_group[rows] == gi]])
+                     for gi, (smp, state) in enumerate(zip(self.samplers, self.states))]
+    self.epoch = epoch
+
+  def set_mined(self, sets: list[mining.HardNegativeSets]) -> None:
+    self.states = [smp.set_mined(state, hs)
+                   for smp, state, hs in zip(self.samplers, self.states, sets)]
+
+  def sample(self, epoch: int, index: int, rows: np.ndarray) -> np.ndarray:
+    """One negative image per query of the *global* batch `index` of `epoch` (every
+    process draws the same), from the state at the start of `epoch`."""
+    if self.epoch != epoch:
+      raise RuntimeError(f"batch of epoch {epoch} asked before begin_epoch({epoch})")
+    neg = np.zeros(len(rows), np.int32)
+    for gi, (smp, state) in enumerate(zip(self.samplers, self.states)):
+      sel = self.q_group[rows] == gi
+      if sel.any():
+        neg[sel], _ = smp.sample(state, self.q_in_group[rows[sel]], epoch=epoch,
+                                 step=index * len(self.samplers) + gi)
+    return neg
+
+  def to_arrays(self) -> dict[str, np.ndarray]:
+    arrays = {}
+    for gi, state in enumerate(self.states):
+      # "/" is a path separator to orbax: store sampler keys with "." instead.
+      arrays.update({f"group{gi}." + k.replace("/", "."): v
+                     for k, v in sampling_lib.state_to_arrays(state).items()})
+    return arrays
+
+  def load(self, epoch: int | None, arrays: dict[str, np.ndarray]) -> None:
+    states = []
+    for gi, smp in enumerate(self.samplers):
+      pre = f"group{gi}."
+      state = sampling_lib.state_from_arrays({k[len(pre):].replace(".", "/"): v
+                                              for k, v in arrays.items() if k.startswith(pre)})
+      smp.validate(state)
+      states.append(state)
+    self.states, self.epoch = states, epoch
+
+
 # ------------------------------------------------------------------------------ the task
 
 class QuReTask(Task):
@@ -190,16 +260,8 @@ class QuReTask(Task):
     n_def = int(qc.get("n_def", 6))
     self.mine_every = max(1, self.epochs // n_def) if n_def > 0 else 0
     self.strategy = qc.get("strategy", "qure")
-    self.samplers = [sampling_lib.NegativeSampler(
-        mining.whole_corpus_sets(g.target_pos, image_ids=g.corpus), seed=self.seed,
-        sampling=qc.get("sampling", "walk")) for g in self.groups]
-    self.sampler_states = [smp.init() for smp in self.samplers]
-    self.sampler_epoch: int | None = 0   # the epoch whose start `sampler_states` describe
-    self.q_group = np.zeros(len(self.queries), np.int32)     # query -> its group
-    self.q_in_group = np.zeros(len(self.queries), np.int32)  # query -> its row in the group
-    for gi, g in enumerate(self.groups):
-      self.q_group[g.queries] = gi
-      self.q_in_group[g.queries] = np.arange(len(g.queries))
+    self.sampler = GroupSampler(self.groups, len(self.queries), self.seed,
+                                qc.get("sampling", "walk"))
 
     self._setup_encoders(config)
     self._images = ImageCache(_AllImages(refs), self.transform,
@@ -345,15 +407,12 @@ class QuReTask(Task):
                         len(ref_idx), "queries")
 
   # ---------------------------------------------------------------- epochs, mining, sampling
-  def is_mining_epoch(self, epoch: int) -> bool:
-    return bool(self.mine_every) and epoch != 0 and epoch % self.mine_every == 0
-
   def begin_epoch(self, epoch, params, first_step_in_epoch=0):
     """Caches features on first use; brings the sampler state to the start of `epoch`;
     re-mines at QuRe's mining epochs (not again when a run resumes inside an epoch whose
     mining is in the checkpoint)."""
     self._ensure_features(params)
-    self._advance_samplers(epoch, first_step_in_epoch)
+    self.sampler.advance(epoch, self._epoch_rows, first_step_in_epoch)
     last_mining = (epoch // self.mine_every) * self.mine_every if self.mine_every else 0
     if last_mining > 0 and self.mined_epoch != last_mining:
       if first_step_in_epoch and self.mined_epoch < last_mining:
@@ -369,23 +428,6 @@ class QuReTask(Task):
     dropped)."""
     order = np.random.default_rng([self.seed, epoch]).permutation(len(self.queries))
     return order[:self.steps_per_epoch * self.global_batch]
-
-  def _advance_samplers(self, epoch: int, first_step_in_epoch: int) -> None:
-    """Applies the draws of the epochs from `sampler_epoch` up to `epoch` (each query is
-    drawn at most once per epoch, so an epoch's draws never depend on each other)."""
-    if self.sampler_epoch is None:  # a checkpoint of the format that stored every draw
-      if first_step_in_epoch:
-        raise RuntimeError("this checkpoint's sampler state predates per-epoch sampler "
-                           "states and cannot resume mid-epoch; resume from an epoch's end")
-      self.sampler_epoch = epoch
-    if epoch < self.sampler_epoch:
-      raise RuntimeError(f"begin_epoch({epoch}) after epoch {self.sampler_epoch}")
-    for e in range(self.sampler_epoch, epoch):
-      rows = self._epoch_rows(e)
-      self.sampler_states = [
-          smp.advance(state, self.q_in_group[rows[self.q_group[rows] == gi]])
-          for gi, (smp, state) in enumerate(zip(self.samplers, self.sampler_states))]
-    self.sampler_epoch = epoch
 
   def mine(self, params) -> dict:
     """Re-encodes every group's corpus and queries and re-mines the hard-negative sets."""
@@ -410,8 +452,7 @@ class QuReTask(Task):
           num_queries=len(g.queries), corpus_size=len(g.corpus), **kw)
       sets.append(hs)
       stats_all.append(stats)
-    self.sampler_states = [smp.set_mined(state, hs) for smp, state, hs
-                           in zip(self.samplers, self.sampler_states, sets)]
+    self.sampler.set_mined(sets)
     sizes = np.concatenate([s.set_size for s in stats_all])
     out = {"set_size_mean": float(sizes.mean()), "set_size_median": float(np.median(sizes)),
            "set_size_max": int(sizes.max()), "empty_fraction": float((sizes == 0).mean()),
@@ -419,22 +460,9 @@ class QuReTask(Task):
     _log("mining: " + ", ".join(f"{k} {v:.4g}" for k, v in out.items()))
     return out
 
-  def negatives(self, epoch: int, index: int, rows: np.ndarray) -> np.ndarray:
-    """One negative image per query of the *global* batch (every process draws the same),
-    from the sampler state at the start of `epoch`."""
-    if self.sampler_epoch != epoch:
-      raise RuntimeError(f"batch of epoch {epoch} asked before begin_epoch({epoch})")
-    neg = np.zeros(len(rows), np.int32)
-    for gi, (smp, state) in enumerate(zip(self.samplers, self.sampler_states)):
-      sel = self.q_group[rows] == gi
-      if sel.any():
-        neg[sel], _ = smp.sample(state, self.q_in_group[rows[sel]], epoch=epoch,
-                                 step=index * len(self.samplers) + gi)
-    return neg
-
   def batch(self, epoch, index):
     rows = self._epoch_rows(epoch)[index * self.global_batch:(index + 1) * self.global_batch]
-    neg = self.negatives(epoch, index, rows)
+    neg = self.sampler.sample(epoch, index, rows)
     mine = shd.process_rows(self.global_batch)
     rows, neg = rows[mine], neg[mine]
     out = {"input_ids": self.q_ids[rows], "attention_mask": self.q_mask[rows]}
@@ -449,29 +477,16 @@ class QuReTask(Task):
 
   # ---------------------------------------------------------------- checkpointed host state
   def host_state(self):
-    arrays = {}
-    for gi, state in enumerate(self.sampler_states):
-      # "/" is a path separator to orbax: store sampler keys with "." instead.
-      arrays.update({f"group{gi}." + k.replace("/", "."): v
-                     for k, v in sampling_lib.state_to_arrays(state).items()})
     return {"mined_epoch": self.mined_epoch, "num_groups": len(self.groups),
-            "sampler_epoch": self.sampler_epoch}, arrays
+            "sampler_epoch": self.sampler.epoch}, self.sampler.to_arrays()
 
   def load_host_state(self, host, arrays):
     if host.get("num_groups", len(self.groups)) != len(self.groups):
       raise ValueError("checkpoint mining state has a different number of corpora than the "
                        "config (different dataset/categories?)")
     self.mined_epoch = int(host.get("mined_epoch", -1))
-    se = host.get("sampler_epoch")
-    self.sampler_epoch = None if se is None else int(se)
-    states = []
-    for gi, smp in enumerate(self.samplers):
-      pre = f"group{gi}."
-      state = sampling_lib.state_from_arrays({k[len(pre):].replace(".", "/"): v
-                                              for k, v in arrays.items() if k.startswith(pre)})
-      smp.validate(state)
-      states.append(state)
-    self.sampler_states = states
+    epoch = host.get("sampler_epoch")
+    self.sampler.load(None if epoch is None else int(epoch), arrays)
 
   # ---------------------------------------------------------------- evaluation and export
   def evaluate(self, params):
