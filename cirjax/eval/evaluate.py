@@ -26,8 +26,9 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+from cirjax.data import loader
 from cirjax.data.records import CIRSplit, DataError, Query
-from cirjax.eval import encode, metrics, retrieval
+from cirjax.eval import encode, encoders, metrics, retrieval
 
 
 @dataclasses.dataclass
@@ -71,7 +72,6 @@ def encode_split(encoder: Any, split: CIRSplit, transform: Callable, tokenize_fn
   explicitly); a `cirjax.load_blip2` model is converted to one. Returns the scorer and timings (images/s, queries/s). `image_source`
   (name -> PIL image) replaces reading the split's image files (TFDS builds).
   """
-  from cirjax.data import loader  # pylint: disable=g-import-not-at-top
   mesh = mesh or retrieval.make_mesh()
   text_fn = text_fn or loader.default_text
   log = log or (lambda s: None)
@@ -84,7 +84,6 @@ def encode_split(encoder: Any, split: CIRSplit, transform: Callable, tokenize_fn
         log(f"[eval] {split.name}: encoded {done}/{total} {what}")
     return f
 
-  from cirjax.eval import encoders  # pylint: disable=g-import-not-at-top
   encoder = encoders.pure(encoder)
   img_fn, img_params = encoders.jit_parts(encoder, "image")
   cmp_fn, cmp_params = encoders.jit_parts(encoder, "compose")

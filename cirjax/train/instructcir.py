@@ -50,6 +50,7 @@ import json
 import os
 import random
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -375,6 +376,7 @@ class InstructCIRTask(Task):
     self.source = model_source(config, self.init_from, workdir, tokenizer_texts(
         self.train + self.eval_examples, self.eval_split, data_root is not None))
     self.cfg, self.tokenizer = self.source.cfg, self.source.tokenizer
+    self._tokenizer_lock = threading.Lock()
     self.tokenizer_dir = self.source.tokenizer_dir
     self._images = ImageCache(None, images_lib.make_transform(dc.get("transform", "clip"),
                                                               self.cfg.vision.image_size),
@@ -488,10 +490,15 @@ class InstructCIRTask(Task):
   def _pixels(self, paths) -> np.ndarray:
     return np.stack([self._images(str(p)) for p in paths])
 
+  def _tokenize(self, rendered: list[str], **kw) -> dict[str, np.ndarray]:
+    # HF fast tokenizers set padding state on their Rust object per call: calls from the
+    # trainer's batch threads and from evaluation must not overlap.
+    with self._tokenizer_lock:
+      return prompts.batch_encode(self.tokenizer, rendered, num_image_tokens=self.n_img, **kw)
+
   def _encode(self, rendered: list[str], width: int, what: str) -> dict[str, np.ndarray]:
     try:
-      return prompts.batch_encode(self.tokenizer, rendered, num_image_tokens=self.n_img,
-                                  pad_to=width)
+      return self._tokenize(rendered, pad_to=width)
     except prompts.PromptError as e:
       raise DataError(f"{what} prompts: {e} (prompt lengths are fixed at setup from the data; "
                       "raise config.data.max_length or check the texts)") from e
@@ -548,8 +555,7 @@ class InstructCIRTask(Task):
     bs = self.encode_batch
     for i in range(0, len(rendered), bs):
       chunk = rendered[i:i + bs]
-      enc = prompts.batch_encode(self.tokenizer, chunk + [chunk[-1]] * (bs - len(chunk)),
-                                 num_image_tokens=self.n_img, pad_to_multiple_of=16)
+      enc = self._tokenize(chunk + [chunk[-1]] * (bs - len(chunk)), pad_to_multiple_of=16)
       arrays = (enc["input_ids"][:len(chunk)], enc["attention_mask"][:len(chunk)])
       if image_paths is not None:
         arrays = (self._pixels(image_paths[i:i + bs]),) + arrays
