@@ -8,6 +8,9 @@ import sys
 import time
 from pathlib import Path
 
+from cirjax.convert import registry
+from cirjax.models import blip2_parity, llava_parity
+
 HELP = "check a converted model against its PyTorch checkpoint, stage by stage"
 DESCRIPTION = """\
 Loads a PyTorch checkpoint (an HF directory, or a LAVIS BLIP-2 .pth) into the transformers
@@ -46,21 +49,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _model_type(path: Path) -> str:
-  from cirjax import model_io  # pylint: disable=g-import-not-at-top
-  if model_io.is_cirjax_dir(path):
+  family, kind = registry.sniff(path)
+  if kind == "cirjax":
     raise ValueError(f"{path} is a cirjax directory: pass the PyTorch checkpoint as PATH and "
                      f"this directory as --converted")
-  if path.is_dir():
-    from cirjax.models import blip2_convert  # pylint: disable=g-import-not-at-top
-    mt = blip2_convert.read_hf_config(path).get("model_type")
-    if mt in ("llava", "llava_phi", "llava-phi"):
-      return "llava"
-    if mt not in ("blip-2", "blip_2"):
-      raise ValueError(f"{path / 'config.json'}: unknown model_type {mt!r} (expected 'blip-2' "
-                       "or 'llava')")
-  elif not path.exists():
-    raise FileNotFoundError(f"{path}: no such file or directory")
-  return "blip2"
+  return family
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,15 +64,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"[parity] {model_type}: {path} vs {args.converted or 'in-memory conversion'} "
           f"(batch {args.batch}, fp32, matmul precision highest)", file=sys.stderr, flush=True)
     if model_type == "llava":
-      try:
-        from cirjax.models import llava_parity  # pylint: disable=g-import-not-at-top
-      except ImportError as e:
-        raise RuntimeError(f"LLaVA parity is unavailable: cirjax.models.llava_parity could not "
-                           f"be imported ({e})") from e
       rows = llava_parity.run_parity(path, converted=args.converted, batch=args.batch,
                                      seed=args.seed)
     else:
-      from cirjax.models import blip2_parity  # pylint: disable=g-import-not-at-top
       rows = blip2_parity.run_parity(path, converted=args.converted, batch=args.batch,
                                      text_len=args.text_len, seed=args.seed,
                                      vision_heads=args.vision_heads,
@@ -87,9 +74,9 @@ def run(args: argparse.Namespace) -> int:
   except (OSError, ValueError, RuntimeError) as e:
     print(f"cirjax parity: error: {e}", file=sys.stderr)
     return 2
-  from cirjax.models.blip2_parity import ParityRow, format_table  # pylint: disable=g-import-not-at-top
-  rows = [r if isinstance(r, ParityRow) else ParityRow(*r) for r in rows]
-  print(format_table(rows))
+  rows = [r if isinstance(r, blip2_parity.ParityRow) else blip2_parity.ParityRow(*r)
+          for r in rows]
+  print(blip2_parity.format_table(rows))
   ok = all(r.ok for r in rows)
   print(f"{'PASS' if ok else 'FAIL'}: {sum(r.ok for r in rows)}/{len(rows)} stages within "
         f"tolerance ({time.time() - t0:.1f}s)")
