@@ -12,5 +12,6 @@ def load_blip2(path, **kwargs):
 
 def load_llava(path, **kwargs):
   """Loads a LLaVA-Phi embedder from an HF directory or a cirjax checkpoint directory."""
-  from cirjax.convert import registry  # pylint: disable=g-import-not-at-top  # as above
+  # Deferred as in load_blip2.
+  from cirjax.convert import registry  # pylint: disable=g-import-not-at-top
   return registry.load_llava(path, **kwargs)

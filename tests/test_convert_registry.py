@@ -90,8 +90,8 @@ def test_abstract_mode_checks_shapes_without_materialising():
   assert engine.flat_shapes(ok) == engine.flat_shapes(target)
   assert all(engine.is_abstract(x) for x in jax.tree.leaves(ok))
   bad = engine.abstract_state({"w.weight": (1_000_000, 999_999), "w.bias": big[1:]})
-  with pytest.raises(engine.KeyAccountingError,
-                     match=r"w.weight has shape \(1000000, 999999\), expected \(1000000, 1000000\)"):
+  want = r"w.weight has shape \(1000000, 999999\), expected \(1000000, 1000000\)"
+  with pytest.raises(engine.KeyAccountingError, match=want):
     engine.convert(bad, rows, target)
 
 

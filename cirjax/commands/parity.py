@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from cirjax.convert import registry
+from cirjax.convert import parity, registry
 from cirjax.models import blip2_parity, llava_parity
 
 HELP = "check a converted model against its PyTorch checkpoint, stage by stage"
@@ -16,7 +16,7 @@ DESCRIPTION = """\
 Loads a PyTorch checkpoint (an HF directory, or a LAVIS BLIP-2 .pth) into the transformers
 reference modules and its cirjax conversion (--converted DIR, else converted in memory now),
 runs the same random inputs through both in fp32 with matmul precision 'highest', prints a
-table of max abs / max rel error per stage, and exits 1 if any stage is above the SPEC
+table of max abs / max rel error per stage, and exits 1 if any stage is above the
 tolerance (1e-4 relative, whole models; not adjustable).
 
 BLIP-2 stages: vision features, Q-Former query outputs, target features, text feature,
@@ -74,9 +74,8 @@ def run(args: argparse.Namespace) -> int:
   except (OSError, ValueError, RuntimeError) as e:
     print(f"cirjax parity: error: {e}", file=sys.stderr)
     return 2
-  rows = [r if isinstance(r, blip2_parity.ParityRow) else blip2_parity.ParityRow(*r)
-          for r in rows]
-  print(blip2_parity.format_table(rows))
+  rows = [r if isinstance(r, parity.ParityRow) else parity.ParityRow(*r) for r in rows]
+  print(parity.format_table(rows))
   ok = all(r.ok for r in rows)
   print(f"{'PASS' if ok else 'FAIL'}: {sum(r.ok for r in rows)}/{len(rows)} stages within "
         f"tolerance ({time.time() - t0:.1f}s)")

@@ -195,7 +195,8 @@ def read_torch_pickle(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """
   path = Path(path)
   try:
-    import torch  # pylint: disable=g-import-not-at-top  # heavy, optional: pickles only
+    # torch is heavy and optional: only pickled weight files need it
+    import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise WeightFileError(f"{path}: reading PyTorch pickles needs torch "
                           "(pip install -e '.[torch]'); safetensors files do not") from None
@@ -228,7 +229,7 @@ def read_torch_pickle(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def _torch_to_numpy(t) -> np.ndarray:
-  import torch  # pylint: disable=g-import-not-at-top  # heavy, optional: pickles only
+  import torch  # pylint: disable=g-import-not-at-top  # heavy, optional (as above)
   t = t.detach().cpu().contiguous()
   if t.dtype == torch.bfloat16:
     return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()

@@ -10,10 +10,12 @@
   `Blip2ForImageTextRetrieval.from_pretrained` loads (EVA towers only: HF has no CLIP-tower
   BLIP-2). HF has no learned temperature; it travels in config.json as `cirjax_temp`.
 
-Key accounting is strict: every source tensor is used exactly once (or skipped by an
-explicit rule: LAVIS's `Qformer.cls.*` LM head and its `position_ids` buffer), every
-parameter is filled, and one `KeyAccountingError` lists every missing, unexpected and
-mis-shaped key by name.
+The tensors move by two tables, `hf_table(cfg)` and `lavis_table(cfg)`, run by
+`cirjax.convert.engine` (so shape-only sources convert too). Key accounting is strict: every
+source tensor is used exactly once (or skipped by an explicit rule: LAVIS's `Qformer.cls.*`
+LM head and its `position_ids` buffer), every parameter is filled, and one
+`KeyAccountingError` lists every missing, unexpected and mis-shaped key by name. Telling
+sources apart and loading any of them is `cirjax.convert.registry`'s job.
 """
 
 from __future__ import annotations
@@ -348,7 +350,8 @@ def _lavis_vit_table(v: vit_lib.ViTConfig) -> list:
                (tuple(p + ("bias",) for p in qkv), s + ".attn.in_proj_bias", "split3")]
       rows += _lin(d + ("self_attn", "out_proj"), s + ".attn.out_proj")
       names = dict(ln1=".ln_1", ln2=".ln_2", fc1=".mlp.c_fc", fc2=".mlp.c_proj")
-    rows += _ln(d + ("layer_norm1",), s + names["ln1"]) + _ln(d + ("layer_norm2",), s + names["ln2"])
+    rows += _ln(d + ("layer_norm1",), s + names["ln1"])
+    rows += _ln(d + ("layer_norm2",), s + names["ln2"])
     rows += _lin(d + ("fc1",), s + names["fc1"]) + _lin(d + ("fc2",), s + names["fc2"])
   return rows
 

@@ -8,8 +8,8 @@ loaded from:
   code independent of the JAX converter (a converter bug is not reproduced by the reference).
 
 Both sides get the same random pixels, token ids and padding mask; each stage's max abs and
-max relative error (max |a - b| / max |b|) is compared to SPEC.md §3's whole-model tolerance
-(1e-4, fp32, matmul precision highest).
+max relative error (max |a - b| / max |b|) is compared to the whole-model tolerance
+(1e-4, fp32, matmul precision highest; docs/parity.md).
 """
 
 from __future__ import annotations
@@ -17,48 +17,18 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple, Optional
+from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
 
 from cirjax.convert import io, registry
+from cirjax.convert.parity import TOLERANCE, ParityRow, compare, format_table
 from cirjax.models import blip2, blip2_convert
 
-TOLERANCE = 1e-4  # SPEC.md §3, whole models in fp32; never loosened.
 
 STAGES = ("vision features", "Q-Former query outputs", "target features", "text feature",
           "joint Q-Former outputs", "composed query", "scores")
-
-
-class ParityRow(NamedTuple):
-  name: str
-  max_abs_err: float
-  max_rel_err: float
-  tolerance: float
-  ok: bool
-
-
-def compare(name: str, got, want, tol: float = TOLERANCE) -> ParityRow:
-  got = np.asarray(got, np.float64)
-  want = np.asarray(want, np.float64)
-  if got.shape != want.shape:
-    return ParityRow(f"{name} (shape {got.shape} vs {want.shape})", float("inf"),
-                     float("inf"), tol, False)
-  abs_err = float(np.max(np.abs(got - want))) if got.size else 0.0
-  rel = abs_err / max(float(np.max(np.abs(want))) if want.size else 0.0, 1e-30)
-  ok = bool(np.isfinite(got).all()) and rel <= tol
-  return ParityRow(name, abs_err, rel, tol, ok)
-
-
-def format_table(rows) -> str:
-  w = max([len(r.name) for r in rows] + [5])
-  lines = [f"{'stage':<{w}}  {'max abs err':>12}  {'max rel err':>12}  {'tol':>8}  ok",
-           "-" * (w + 44)]
-  for r in rows:
-    lines.append(f"{r.name:<{w}}  {r.max_abs_err:12.3e}  {r.max_rel_err:12.3e}  "
-                 f"{r.tolerance:8.0e}  {'yes' if r.ok else 'NO'}")
-  return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------- torch reference

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from cirjax import prompts as prompts_lib
 from cirjax.models.phi3 import Linear, Phi3Config, Phi3Decoder, check_positions
 from cirjax.models.vit import ViTConfig, VisionTransformer, check_pixels
 
@@ -410,7 +411,6 @@ class LlavaEmbedder:
     """Embeds rendered prompt strings (`cirjax.prompts.render`): tokenises with this model's
     tokenizer, expands `<image>` to `config.num_image_tokens`, left-pads (to a multiple of
     `pad_to_multiple_of`, so few shapes compile) and runs `embed`."""
-    from cirjax import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
     if self.tokenizer is None:
       raise ValueError(f"{self.source}: no tokenizer was found with this model (tokenizer.json "
                        "/ tokenizer_config.json); tokenise with cirjax.prompts.batch_encode")
@@ -435,6 +435,7 @@ def load_tokenizer(path: str | os.PathLike):
   p = Path(path)
   if not ((p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists()):
     return None
+  # transformers is heavy and optional: only models saved with a tokenizer need it
   from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
   tok = AutoTokenizer.from_pretrained(str(p))
   tok.padding_side = "left"

@@ -1,9 +1,9 @@
 """HF LLaVA(-Phi) checkpoints <-> cirjax params.
 
-Conversion is a table (cirjax param path, HF key, transform) per component; transforms are
-named ('linear' = transpose `[out, in]` -> `[in, out]`, 'conv', 'id') and work on arrays and
-on `jax.ShapeDtypeStruct`s alike, so the full-size Phi-3.5-mini + CLIP-L tree can be checked
-without allocating it (`convert_abstract`).
+Conversion is a table (cirjax param path, HF key, transform) per component (decoder,
+projector, and the shared ViT table for the vision tower), run by `cirjax.convert.engine` on
+arrays or on `jax.ShapeDtypeStruct`s alike, so the full-size Phi-3.5-mini + CLIP-L tree can be
+checked without allocating it (`convert_abstract`).
 
 Key layouts accepted (detected per component from the keys present):
 
@@ -292,7 +292,8 @@ def from_hf(src_dir: str | os.PathLike, *, dtype: str = "float32",
   return config, convert_state_dict(state, config, source=str(src), report=report)
 
 
-def params_to_hf(config: LlavaConfig, params: Any, key_format: str = "hf4") -> dict[str, np.ndarray]:
+def params_to_hf(config: LlavaConfig, params: Any,
+                 key_format: str = "hf4") -> dict[str, np.ndarray]:
   """cirjax params -> HF state dict (fp32 numpy) in the given key format (no lm_head)."""
   if key_format not in KEY_FORMATS:
     raise ValueError(f"key_format must be one of {KEY_FORMATS}, got {key_format!r}")

@@ -8,8 +8,8 @@ conversion of the same directory (done in memory) or a converted cirjax director
 Both get the same random inputs: a batch of left-padded prompts of different lengths, every
 other row carrying one image (so image and text-only rows are mixed, and images are consumed
 in batch order as HF does). Each stage's max abs and max relative error
-(max |a - b| / max |b|) is compared with SPEC.md §3's whole-model tolerance (1e-4, fp32,
-matmul precision highest).
+(max |a - b| / max |b|) is compared with the whole-model tolerance (1e-4, fp32, matmul
+precision highest; docs/parity.md).
 
 Stages: vision features (the selected CLIP layer, CLS dropped), projector output, input
 embeddings (image features merged), decoder layer 1..N, final norm, embedding.
@@ -19,47 +19,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from cirjax.convert import registry
+from cirjax.convert.parity import TOLERANCE, ParityRow, compare, format_table
 from cirjax.models import llava, llava_convert
-
-TOLERANCE = 1e-4  # SPEC.md §3, whole models in fp32; never loosened.
-
-
-class ParityRow(NamedTuple):
-  name: str
-  max_abs_err: float
-  max_rel_err: float
-  tolerance: float
-  ok: bool
-
-
-def compare(name: str, got: Any, want: Any, tol: float = TOLERANCE) -> ParityRow:
-  """One row: max abs error and max abs error over the reference's max magnitude."""
-  got = np.asarray(got, np.float64)
-  want = np.asarray(want, np.float64)
-  if got.shape != want.shape:
-    return ParityRow(f"{name} (shape {got.shape} vs {want.shape})", float("inf"),
-                     float("inf"), tol, False)
-  abs_err = float(np.max(np.abs(got - want))) if got.size else 0.0
-  rel = abs_err / max(float(np.max(np.abs(want))) if want.size else 0.0, 1e-30)
-  ok = bool(np.isfinite(got).all()) and rel <= tol
-  return ParityRow(name, abs_err, rel, tol, ok)
-
-
-def format_table(rows: Sequence[ParityRow]) -> str:
-  w = max([len(r.name) for r in rows] + [5])
-  lines = [f"{'stage':<{w}}  {'max abs err':>12}  {'max rel err':>12}  {'tol':>8}  ok",
-           "-" * (w + 44)]
-  for r in rows:
-    lines.append(f"{r.name:<{w}}  {r.max_abs_err:12.3e}  {r.max_rel_err:12.3e}  "
-                 f"{r.tolerance:8.0e}  {'yes' if r.ok else 'NO'}")
-  return "\n".join(lines)
 
 
 def random_inputs(config: Any, batch: int = 2, text_len: int = 16, seed: int = 0,
@@ -191,7 +159,7 @@ def run_parity(path: str | os.PathLike, *, converted: Optional[str | os.PathLike
     converted: a cirjax 'llava' directory to test (default: convert `path` in memory now).
     batch, text_len, seed: the random inputs (see `random_inputs`).
     images: include image rows (else text-only prompts).
-    tolerance: SPEC's 1e-4 whole-model tolerance by default.
+    tolerance: the 1e-4 whole-model tolerance by default.
   Returns:
     One ParityRow (name, max_abs_err, max_rel_err, tolerance, ok) per stage.
   """
