@@ -58,6 +58,7 @@ def load_bert_tokenizer(path: str | os.PathLike, add_dec_token: bool = True):
   builds an uncased `BertTokenizerFast`. `[DEC]` is added as the BOS token when absent, so
   `len(tokenizer)` is the Q-Former's vocabulary size (30523 for bert-base-uncased).
   """
+  # transformers is heavy: imported only when a tokenizer is loaded.
   from transformers import AutoTokenizer, BertTokenizerFast  # pylint: disable=g-import-not-at-top
   p = Path(path)
   if p.is_dir() and ((p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file()):
