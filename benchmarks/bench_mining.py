@@ -1,7 +1,7 @@
 """Hard-negative mining throughput: cirjax's jitted top-2 gap search vs PyTorch.
 
-Three implementations of QuRe's reference algorithm (QURE_REFERENCE.md, threshold 1) on the
-same score matrix, with identical results (checked in every run):
+Three implementations of QuRe's reference algorithm (docs/reference_semantics.md#mining,
+threshold 1) on the same score matrix, with identical results (checked in every run):
 
 * `jax` -- `cirjax.mining.hard_negative_sets`: one packed integer sort per row plus `top_k`
   over the drops, query blocks sized to a memory budget, ragged result gathered on device.

@@ -2,7 +2,8 @@
 
 * FashionIQ's two captions are joined as QuRe/SPRC do:
   `c0.strip('.?, ').capitalize() + " and " + c1.strip('.?, ')`.
-* CIRCO queries are phrased `"a photo of $ that {caption}"` (QURE_REFERENCE.md).
+* CIRCO queries are phrased `"a photo of $ that {caption}"`
+  (docs/reference_semantics.md#qure-model).
 * BLIP-2's tokenizer is BERT (uncased) plus the added `[DEC]` token (LAVIS
   `init_tokenizer`: `add_special_tokens({"bos_token": "[DEC]"})`, vocab 30522 + 1), texts padded
   to `max_length=32` and truncated.
