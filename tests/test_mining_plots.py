@@ -21,7 +21,7 @@ def test_score_curves_png_marks_target_and_gaps(tmp_path):
   drawn = mining_plots.plot_score_curves(s, t, stats, [0, 1], out)
   img = Image.open(out)
   assert img.format == "PNG" and img.size[0] > 400
-  # The worked example of QURE_REFERENCE.md: target rank 1, gaps after ranks 2 and 6.
+  # The worked example of docs/mining.md: target rank 1, gaps after ranks 2 and 6.
   assert drawn[0] == {"query": 0, "target_rank": 1, "gap1": 2, "gap2": 6, "set_size": 4}
   # Query 1's target is last: no gaps, empty set, still drawn.
   assert drawn[1]["gap1"] == -1 and drawn[1]["set_size"] == 0

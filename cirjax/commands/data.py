@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 HELP = "make the synthetic CIR benchmark, check a dataset on disk, build TFDS datasets"
 DESCRIPTION = """\
@@ -59,6 +60,7 @@ def _dataset_args(p: argparse.ArgumentParser) -> None:
 def read_split(dataset: str, root: str, split: str | None, skip_missing: bool = False,
                fashioniq_root: str | None = None):
   """One reader entry point for the CLI commands (data, eval, search)."""
+  # `cirjax --help` imports every command module: the readers (numpy, PIL) load on use.
   from cirjax import data  # pylint: disable=g-import-not-at-top
   from cirjax.data import synth  # pylint: disable=g-import-not-at-top
   on_missing = "skip" if skip_missing else "error"
@@ -81,6 +83,7 @@ def read_split(dataset: str, root: str, split: str | None, skip_missing: bool = 
 
 
 def run(args: argparse.Namespace) -> int:
+  # `cirjax --help` imports every command module: the readers (numpy, PIL) load on use.
   from cirjax.data.records import DataError  # pylint: disable=g-import-not-at-top
   if args.data_command is None:
     print(DESCRIPTION)
@@ -98,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
       print(json.dumps(stats, indent=2))
       return 0
     if args.data_command == "tfds":
+      # tfds_builders imports tensorflow_datasets' helpers: only `data tfds` needs them.
       from cirjax.data import tfds_builders  # pylint: disable=g-import-not-at-top
       splits = tfds_builders.available_splits(args.dataset, args.root)
       print(f"[tfds] building {tfds_builders.BUILDERS[args.dataset]} (queries + images) for "
@@ -114,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _synth(args) -> int:
-  from pathlib import Path  # pylint: disable=g-import-not-at-top
+  # `cirjax --help` imports every command module: the readers (numpy, PIL) load on use.
   from cirjax.data import synth  # pylint: disable=g-import-not-at-top
   out = Path(args.out)
   if out.exists() and any(out.iterdir()) and not args.force:

@@ -3,7 +3,7 @@
 Every function takes rankings (corpus indices, best first) or scores as NumPy arrays and
 returns percentages (0-100), as the papers and the reference scripts report them.
 
-Conventions (QURE_REFERENCE.md "Evaluation conventions", SPEC §5):
+Conventions (docs/reference_semantics.md#metrics):
 * Recall@K: the annotated target is among the first K entries of the ranking.
 * CIRR: the ranking has the reference image removed *before* ranks are counted (the
   retrieval excludes it); Recall_subset@K ranks only the query's `img_set` members minus the
