@@ -13,7 +13,8 @@ Every dataset becomes two TFDS configs that share split names:
 Builders (`tfds.builder` names): `cirjax_synthetic` (generated from a seed, or read from a
 `manual_dir` holding a `cirjax data synth` output), `cirjax_cirr`, `cirjax_fashion_iq`
 (splits `dress_val`, ...), `cirjax_circo`, `cirjax_genecis` (one split per task) and
-`cirjax_hp_fashion_iq` (split `val`; needs `fashioniq_root`). Real datasets are read from
+`cirjax_hp_fashion_iq` (split `val`; `root` = the FashionIQ root holding `hpfiq.json`, or the
+file with `fashioniq_root`). Real datasets are read from
 `manual_dir` with the validating readers of `cirjax.data`, so a malformed file fails the build
 naming the file and entry.
 
@@ -72,7 +73,11 @@ def available_splits(dataset: str, root: str | os.PathLike) -> list[str]:
   elif dataset == "genecis":
     out = [t for t in genecis.TASKS if (root / "genecis" / f"{t}.json").is_file()]
   elif dataset == "hpfashioniq":
-    out = ["val"] if root.is_file() or any(root.glob("*.json*")) else []
+    try:
+      hpfashioniq.find_file(root)
+      out = ["val"]
+    except DataError:
+      out = []
   else:
     raise ValueError(f"unknown dataset {dataset!r}; choose from {sorted(BUILDERS)}")
   if not out:
@@ -95,13 +100,7 @@ def read_for_tfds(dataset: str, root: str | os.PathLike, split: str,
   if dataset == "genecis":
     return genecis.read_genecis(root, split)
   if dataset == "hpfashioniq":
-    if fashioniq_root is None:
-      raise DataError("HP-FashionIQ needs fashioniq_root (the FashionIQ images root)")
-    path = Path(root)
-    if path.is_dir():
-      files = sorted(path.glob("*.json*"))
-      path = files[0]
-    return hpfashioniq.read_hpfashioniq(path, fashioniq_root)
+    return hpfashioniq.read_hpfashioniq(root, fashioniq_root)
   raise ValueError(f"unknown dataset {dataset!r}")
 
 
