@@ -41,6 +41,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import struct
 
 from cirjax.convert import io as weight_io
@@ -278,7 +279,6 @@ def trainable_mask(tree: Any) -> Any:
 
 def freeze_base(tx: Any, tree: Any) -> Any:
   """`tx` on the LoRA leaves of a combined tree and zero updates on everything else."""
-  import optax  # pylint: disable=g-import-not-at-top
   labels = jax.tree.map(lambda m: "lora" if m else "frozen", trainable_mask(tree))
   return optax.multi_transform({"lora": tx, "frozen": optax.set_to_zero()}, labels)
 

@@ -8,10 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-
-from cirjax.convert import registry
-
 HELP = "convert HF / LAVIS checkpoints to cirjax model directories, and cirjax back to HF"
 DESCRIPTION = """\
 Converts model weights with strict key accounting: every source tensor is used exactly once
@@ -62,6 +58,9 @@ def _log(msg: str) -> None:
 def to_cirjax(src: Path, dst: Path, *, overwrite: bool = False, vision_heads=None,
               qformer_heads=None) -> tuple[str, dict]:
   """Converts an HF dir or LAVIS file into a cirjax dir; returns (model_type, config dict)."""
+  # On use, so that `cirjax --help` stays free of jax and the models (see cirjax.commands).
+  import jax  # pylint: disable=g-import-not-at-top
+  from cirjax.convert import registry  # pylint: disable=g-import-not-at-top
   family, kind = registry.sniff(src)
   lavis = dict(vision_heads=vision_heads, qformer_heads=qformer_heads) if kind == "lavis" else {}
   _log(f"reading {'LAVIS' if lavis else 'HF'} {family} checkpoint {src}")
@@ -78,6 +77,7 @@ def to_cirjax(src: Path, dst: Path, *, overwrite: bool = False, vision_heads=Non
 def to_hf(src: Path, dst: Path, *, overwrite: bool = False,
           max_shard_bytes: int = 5 * 1024 ** 3) -> str:
   """Exports a cirjax dir to an HF directory; returns the model type."""
+  from cirjax.convert import registry  # pylint: disable=g-import-not-at-top  # as to_cirjax
   loaded = registry.load(src)
   _log(f"read cirjax {loaded.family} model {src}; writing {dst}")
   registry.export_hf(dst, loaded.family, loaded.config, loaded.params, overwrite=overwrite,
@@ -86,6 +86,7 @@ def to_hf(src: Path, dst: Path, *, overwrite: bool = False,
 
 
 def run(args: argparse.Namespace) -> int:
+  from cirjax.convert import registry  # pylint: disable=g-import-not-at-top  # as to_cirjax
   src, dst = Path(args.src), Path(args.dst)
   t0 = time.time()
   try:

@@ -8,16 +8,13 @@ import sys
 import time
 from pathlib import Path
 
-from cirjax.convert import parity, registry
-from cirjax.models import blip2_parity, llava_parity
-
 HELP = "check a converted model against its PyTorch checkpoint, stage by stage"
 DESCRIPTION = """\
 Loads a PyTorch checkpoint (an HF directory, or a LAVIS BLIP-2 .pth) into the transformers
 reference modules and its cirjax conversion (--converted DIR, else converted in memory now),
 runs the same random inputs through both in fp32 with matmul precision 'highest', prints a
 table of max abs / max rel error per stage, and exits 1 if any stage is above the
-tolerance (1e-4 relative, whole models; not adjustable).
+whole-model tolerance (1e-4 relative; not adjustable; docs/reference_semantics.md#parity).
 
 BLIP-2 stages: vision features, Q-Former query outputs, target features, text feature,
 joint (query + text) Q-Former outputs, composed query, scores.
@@ -48,19 +45,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--json", default=None, help="also write the rows as JSON to this file")
 
 
-def _model_type(path: Path) -> str:
-  family, kind = registry.sniff(path)
-  if kind == "cirjax":
-    raise ValueError(f"{path} is a cirjax directory: pass the PyTorch checkpoint as PATH and "
-                     f"this directory as --converted")
-  return family
-
-
 def run(args: argparse.Namespace) -> int:
+  # On use, so that `cirjax --help` stays free of jax and the models (see cirjax.commands).
+  from cirjax.convert import parity, registry  # pylint: disable=g-import-not-at-top
+  from cirjax.models import blip2_parity, llava_parity  # pylint: disable=g-import-not-at-top
   path = Path(args.path)
   t0 = time.time()
   try:
-    model_type = _model_type(path)
+    model_type, kind = registry.sniff(path)
+    if kind == "cirjax":
+      raise ValueError(f"{path} is a cirjax directory: pass the PyTorch checkpoint as PATH and "
+                       f"this directory as --converted")
     print(f"[parity] {model_type}: {path} vs {args.converted or 'in-memory conversion'} "
           f"(batch {args.batch}, fp32, matmul precision highest)", file=sys.stderr, flush=True)
     if model_type == "llava":

@@ -1,7 +1,8 @@
 """What a parity check reports, for every family (`blip2_parity`, `llava_parity`).
 
 A stage passes when its max abs error over the reference's max magnitude is within the
-tolerance: 1e-4 for whole models in fp32 (docs/parity.md), never loosened.
+tolerance: 1e-4 for whole models in fp32 (docs/reference_semantics.md#parity), never
+loosened.
 """
 
 from __future__ import annotations

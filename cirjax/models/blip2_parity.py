@@ -9,7 +9,7 @@ loaded from:
 
 Both sides get the same random pixels, token ids and padding mask; each stage's max abs and
 max relative error (max |a - b| / max |b|) is compared to the whole-model tolerance
-(1e-4, fp32, matmul precision highest; docs/parity.md).
+(docs/reference_semantics.md#parity: 1e-4, fp32, matmul precision highest).
 """
 
 from __future__ import annotations

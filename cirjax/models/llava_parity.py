@@ -8,8 +8,8 @@ conversion of the same directory (done in memory) or a converted cirjax director
 Both get the same random inputs: a batch of left-padded prompts of different lengths, every
 other row carrying one image (so image and text-only rows are mixed, and images are consumed
 in batch order as HF does). Each stage's max abs and max relative error
-(max |a - b| / max |b|) is compared with the whole-model tolerance (1e-4, fp32, matmul
-precision highest; docs/parity.md).
+(max |a - b| / max |b|) is compared with the whole-model tolerance
+(docs/reference_semantics.md#parity: 1e-4, fp32, matmul precision highest).
 
 Stages: vision features (the selected CLIP layer, CLS dropped), projector output, input
 embeddings (image features merged), decoder layer 1..N, final norm, embedding.
