@@ -331,7 +331,7 @@ def test_cli_eval_and_search_with_a_blip2_checkpoint(root, tmp_path, capsys):
   import dataclasses
   blip2 = pytest.importorskip("cirjax.models.blip2")
   from cirjax import cli
-  from cirjax.convert import io
+  from cirjax.convert import io, registry
   from cirjax.data import images, loader, text
   tok = text.load_bert_tokenizer(root / "vocab.txt")
   cfg = blip2.tiny_config()
@@ -347,7 +347,7 @@ def test_cli_eval_and_search_with_a_blip2_checkpoint(root, tmp_path, capsys):
   assert "images clip 28px" in capsys.readouterr().out
   got = json.loads(out.read_text())["splits"]["synthetic/val"]["metrics"]
   # The same numbers from the model object's own (eager, input-checked) methods.
-  model = blip2.load_blip2(model_dir)
+  model = registry.load_blip2(model_dir)
   s = synth.read_synthetic(root, "val")
   tf = images.make_transform("clip", 28)
   px = lambda names: np.stack([tf(images.load_image(s.images[n])) for n in names])
