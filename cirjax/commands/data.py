@@ -57,12 +57,16 @@ def _dataset_args(p: argparse.ArgumentParser) -> None:
                  "ROOT/HP_FashionIQ/hpfiq.json, with --root the FashionIQ root)")
   p.add_argument("--fashioniq-root", default=None,
                  help="HP-FashionIQ: the FashionIQ root, when --root is the hpfiq.json file")
+  p.add_argument("--layout", default=None,
+                 help="CIRR: force a folder layout (flat, release, clip4cir, clip4cir_raw; "
+                 "default: detected, docs/data.md)")
   p.add_argument("--skip-missing", action="store_true",
                  help="drop queries/images whose files are missing and count them")
 
 
 def read_split(dataset: str, root: str, split: str | None, skip_missing: bool = False,
-               fashioniq_root: str | None = None, hp_file: str | None = None):
+               fashioniq_root: str | None = None, hp_file: str | None = None,
+               layout: str | None = None):
   """One reader entry point for the CLI commands (data, eval, search)."""
   # `cirjax --help` imports every command module: the readers (numpy, PIL) load on use.
   from cirjax import data  # pylint: disable=g-import-not-at-top
@@ -71,7 +75,7 @@ def read_split(dataset: str, root: str, split: str | None, skip_missing: bool = 
   if dataset == "synthetic":
     return synth.read_synthetic(root, split or "val", on_missing=on_missing)
   if dataset == "cirr":
-    return data.read_cirr(root, split or "val", on_missing=on_missing)
+    return data.read_cirr(root, split or "val", on_missing=on_missing, layout=layout)
   if dataset == "circo":
     return data.read_circo(root, split or "val", on_missing=on_missing)
   if dataset == "fashioniq":
@@ -96,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
       return _synth(args)
     if args.data_command == "check":
       s = read_split(args.dataset, args.root, args.split, args.skip_missing, args.fashioniq_root,
-                     args.hp_file)
+                     args.hp_file, args.layout)
       rel = [len(q.relevant) for q in s.queries if q.relevant]
       stats = {"split": s.name, "queries": len(s.queries), "corpus_images": len(s.corpus),
                "known_images": len(s.images), "with_target": sum(q.target is not None
