@@ -15,7 +15,9 @@ Datasets for composed image retrieval.
   cirjax data synth --out DIR [--seed 0] [--num-images 1500 --num-val-images 1000 ...]
       Renders the synthetic benchmark (CIRR layout + full relevant sets + vocab.txt).
   cirjax data check --dataset cirr --root DIR [--split val]
-      Reads a dataset with cirjax's validating reader and prints its statistics.
+      Reads a dataset with cirjax's validating reader, decodes every image it uses and
+      prints its statistics (undecodable files are named; --skip-missing drops and counts
+      missing and undecodable images).
   cirjax data tfds --dataset synthetic --root DIR --data-dir OUT
       Builds the TFDS (array_record) version of a dataset for tfds.data_source / grain.
 """
@@ -39,12 +41,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                  help="images per attribute combination are uniform in 1..N (default 6)")
   p.add_argument("--force", action="store_true", help="write into a non-empty directory")
 
-  c = sub.add_parser("check", help="read and validate a dataset, print statistics")
+  c = sub.add_parser("check", help="read and validate a dataset, decode every image, print "
+                     "statistics")
   _dataset_args(c)
+  c.add_argument("--no-decode", action="store_true",
+                 help="only check that image files exist (skip decoding them)")
+  c.add_argument("--workers", type=_positive_int, default=None,
+                 help="threads decoding images (default: 2 x cores, at most 16)")
 
   t = sub.add_parser("tfds", help="build a TFDS (array_record) dataset")
   _dataset_args(t)
   t.add_argument("--data-dir", required=True, help="TFDS data_dir to write into")
+
+
+def _positive_int(text: str) -> int:
+  try:
+    n = int(text)
+  except ValueError:
+    n = 0
+  if n < 1:
+    raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+  return n
 
 
 def _dataset_args(p: argparse.ArgumentParser) -> None:
@@ -61,7 +78,8 @@ def _dataset_args(p: argparse.ArgumentParser) -> None:
                  help="CIRR: force a folder layout (flat, release, clip4cir, clip4cir_raw; "
                  "default: detected, docs/data.md)")
   p.add_argument("--skip-missing", action="store_true",
-                 help="drop queries/images whose files are missing and count them")
+                 help="drop queries/images whose files are missing (or, for data check, "
+                 "undecodable) and count them")
 
 
 def read_split(dataset: str, root: str, split: str | None, skip_missing: bool = False,
@@ -91,6 +109,7 @@ def read_split(dataset: str, root: str, split: str | None, skip_missing: bool = 
 
 def run(args: argparse.Namespace) -> int:
   # `cirjax --help` imports every command module: the readers (numpy, PIL) load on use.
+  from cirjax.data import images  # pylint: disable=g-import-not-at-top
   from cirjax.data.records import DataError  # pylint: disable=g-import-not-at-top
   if args.data_command is None:
     print(DESCRIPTION)
@@ -101,6 +120,9 @@ def run(args: argparse.Namespace) -> int:
     if args.data_command == "check":
       s = read_split(args.dataset, args.root, args.split, args.skip_missing, args.fashioniq_root,
                      args.hp_file, args.layout)
+      if not args.no_decode:
+        s = images.check_images_decode(s, "skip" if args.skip_missing else "error",
+                                       workers=args.workers, progress=True)
       rel = [len(q.relevant) for q in s.queries if q.relevant]
       stats = {"split": s.name, "queries": len(s.queries), "corpus_images": len(s.corpus),
                "known_images": len(s.images), "with_target": sum(q.target is not None
