@@ -2,6 +2,8 @@
 
 import io
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,3 +66,49 @@ def test_check_rejects_bad_worker_counts(tmp_path, capsys, workers):
   with pytest.raises(SystemExit) as e:
     cli.main(["data", "check", "--dataset", "cirr", "--root", str(root), "--workers", workers])
   assert e.value.code == 2 and "--workers" in capsys.readouterr().err
+
+
+FIQ_EXCERPT = Path(__file__).parent / "data" / "fashioniq"  # the release's files, cut short
+
+
+def _fiq_release(tmp_path: Path, layout: str) -> Path:
+  """The release's annotation files + placeholder images as `images/<asin>.png` (CLIP4Cir,
+  SPRC, QuRe) or `image_data/<category>/<asin>.jpg` (the official download scripts)."""
+  root = tmp_path / layout
+  for sub in ("captions", "image_splits"):
+    shutil.copytree(FIQ_EXCERPT / sub, root / sub)
+  for f in (root / "image_splits").glob("split.*.json"):
+    cat, split = f.name.split(".")[1:3]
+    names = set(json.loads(f.read_text()))
+    for e in json.loads((root / "captions" / f"cap.{cat}.{split}.json").read_text()):
+      names |= {e["candidate"], e.get("target")} - {None}
+    for n in names:
+      p = (root / "images" / f"{n}.png" if layout == "images"
+           else root / "image_data" / cat / f"{n}.jpg")
+      p.parent.mkdir(parents=True, exist_ok=True)
+      Image.new("RGB", (8, 6)).save(p)
+  return root
+
+
+@pytest.mark.parametrize("layout", ["images", "image_data"])
+def test_check_fashioniq_split_means_all_categories(tmp_path, capsys, layout):
+  root = _fiq_release(tmp_path, layout)
+  code, out, _ = _check(capsys, "--dataset", "fashioniq", "--root", str(root))
+  report = json.loads(out)
+  assert code == 0
+  assert [s["split"] for s in report["splits"]] == [
+      "fashioniq/dress.val", "fashioniq/shirt.val", "fashioniq/toptee.val"]
+  assert report["total"]["queries"] == 6
+  code, out, _ = _check(capsys, "--dataset", "fashioniq", "--root", str(root), "--split", "train")
+  assert code == 0 and len(json.loads(out)["splits"]) == 3
+  code, out, _ = _check(capsys, "--dataset", "fashioniq", "--root", str(root),
+                        "--split", "shirt.test")
+  stats = json.loads(out)
+  assert code == 0 and stats["split"] == "fashioniq/shirt.test" and stats["with_target"] == 0
+  with pytest.raises(SystemExit, match="must be one of"):
+    cli.main(["data", "check", "--dataset", "fashioniq", "--root", str(root), "--split", "dev"])
+
+
+def test_check_genecis_needs_a_task(tmp_path, capsys):
+  code, _, err = _check(capsys, "--dataset", "genecis", "--root", str(tmp_path))
+  assert code == 1 and "--split" in err and "change_object" in err
