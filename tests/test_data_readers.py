@@ -1,6 +1,7 @@
 """Every reader on small files written in the exact published layouts, plus bad input."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ from PIL import Image
 
 from cirjax.data import (DataError, read_circo, read_cirr, read_fashioniq, read_genecis,
                          read_hpfashioniq)
+from cirjax.data import cirr as cirr_lib
 from cirjax.data import instructcir
 
 
@@ -141,6 +143,53 @@ def test_cirr_bad_input(tmp_path):
     read_cirr(tmp_path, "val")
 
 
+CIRR_EXCERPT = Path(__file__).parent / "data" / "cirr"  # the release's val/test1 files, cut short
+
+
+def _cirr_release(tmp_path: Path, layout: str) -> Path:
+  """The release's annotation files + placeholder images laid out as `layout`."""
+  ann_rel, img_rel = cirr_lib.LAYOUTS[layout]
+  root = tmp_path / layout
+  for sub in ("captions", "image_splits"):
+    shutil.copytree(CIRR_EXCERPT / sub, root / ann_rel / sub)
+  for split in ("val", "test1"):
+    for rel in json.loads((CIRR_EXCERPT / "image_splits" / f"split.rc2.{split}.json")
+                          .read_text()).values():
+      _png(root / img_rel / rel)
+  return root
+
+
+@pytest.mark.parametrize("layout", list(cirr_lib.LAYOUTS))
+def test_cirr_release_layouts_are_detected(tmp_path, layout):
+  root = _cirr_release(tmp_path, layout)
+  assert cirr_lib.resolve_layout(root, "val")[0] == layout
+  s = read_cirr(root, "val")
+  assert [q.query_id for q in s.queries] == ["12060", "12062", "12081"]  # file order
+  q = s.queries[0]
+  assert q.reference == "dev-244-0-img0" and q.target == "dev-1028-1-img1"
+  assert s.images[q.reference].path == root / cirr_lib.LAYOUTS[layout][1] / "dev" / "dev-244-0-img0.png"
+  assert all(ref.path.is_file() for ref in s.images.values())
+  t = read_cirr(root, "test1", layout=layout)
+  assert not t.has_targets and len(t.queries) == 2
+
+
+def test_cirr_no_layout_lists_what_each_missed(tmp_path):
+  root = _cirr_release(tmp_path, "release")
+  shutil.rmtree(root / "img_raw")
+  with pytest.raises(DataError) as e:
+    read_cirr(root, "val")
+  msg = str(e.value)
+  for name in cirr_lib.LAYOUTS:
+    assert f"{name}: " in msg
+  assert str(root / "img_raw" / "dev" / "dev-244-0-img0.png") in msg  # release: the image
+  assert str(root / "cirr" / "captions" / "cap.rc2.val.json") in msg  # clip4cir: the captions
+  with pytest.raises(DataError, match="layout must be one of"):
+    read_cirr(root, "val", layout="nope")
+  # A forced layout reads the annotations and reports the missing images as usual.
+  with pytest.raises(DataError, match="image file"):
+    read_cirr(root, "val", layout="release")
+
+
 # ----------------------------------------------------------------------------- CIRCO
 
 def _circo(root: Path):
@@ -209,6 +258,26 @@ def test_genecis_attribute_and_object_tasks(tmp_path):
       {"reference": coco(139), "target": coco(285), "gallery": [], "condition": "dog"}])
   with pytest.raises(DataError, match="gallery must be a non-empty list"):
     read_genecis(tmp_path, "focus_object")
+
+
+def test_genecis_target_copies_in_the_gallery_are_dropped(tmp_path):
+  """Official change_object entries 18-20; entry 19 lists its target in its gallery too."""
+  entries = json.loads((Path(__file__).parent / "data" / "genecis" / "change_object.json")
+                       .read_text())
+  (tmp_path / "genecis").mkdir()
+  (tmp_path / "genecis" / "change_object.json").write_text(json.dumps(entries))
+  coco = tmp_path / "coco"
+  for e in entries:
+    for item in [e["reference"], e["target"], *e["gallery"]]:
+      _png(coco / f"{item['val_image_id']:012d}.jpg")
+  s = read_genecis(tmp_path, "change_object", coco_root=coco)
+  q = s.queries[1]
+  assert q.target == "175364" and q.target not in q.gallery
+  assert len(q.gallery) == len(entries[1]["gallery"]) - 1
+  assert [len(x.gallery) for x in (s.queries[0], s.queries[2])] == [
+      len(entries[0]["gallery"]), len(entries[2]["gallery"])]
+  assert s.skipped == {"gallery_copies_of_target": 1}
+  assert s.images["175364"].path == coco / "000000175364.jpg"
 
 
 # ----------------------------------------------------------------------------- HP-FashionIQ
