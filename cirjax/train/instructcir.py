@@ -63,6 +63,7 @@ from jax.experimental import multihost_utils
 
 from cirjax import lora as lora_lib
 from cirjax import prompts
+from cirjax.convert import registry
 from cirjax.data import images as images_lib
 from cirjax.data import synth
 from cirjax.data.instructcir_examples import Example, jsonl_examples, synthetic_examples
@@ -75,7 +76,6 @@ from cirjax.eval import evaluate as ev
 from cirjax.eval import metrics
 from cirjax.losses import info_nce_loss, info_nce_logits
 from cirjax.models import llava
-from cirjax.models import llava_convert
 from cirjax.models.phi3 import Phi3Config
 from cirjax.models.vit import ViTConfig
 from cirjax.train import sharding as shd
@@ -256,7 +256,8 @@ class ModelSource:
 def _load_llava(path: str):
   if not Path(path).is_dir():
     raise FileNotFoundError(f"LLaVA model directory not found: {path}")
-  return llava_convert.load_any(path)
+  loaded = registry.load(path, family="llava")
+  return loaded.config, loaded.params
 
 
 def model_source(config: ml_collections.ConfigDict, init_from: str, workdir: str,
@@ -655,11 +656,12 @@ def export_model(workdir: Path, config: ml_collections.ConfigDict, cfg: llava.Ll
                      base_model_name_or_path=config.model.get("init") or None)
   merged = jax.tree.map(np.asarray, lora_lib.merge(host["base"], adapter))
   cfg = cfg.replace(dtype="float32")
-  llava_convert.save_cirjax(merged, cfg, workdir / "model", overwrite=True, source=source,
-                            tokenizer_dir=tokenizer_dir)
+  registry.save(workdir / "model", "llava", cfg, merged, overwrite=True,
+                extra={"source": source}, tokenizer_dir=tokenizer_dir)
   written = ["adapter", "model"]
   if config.get("export_hf", True):
-    llava_convert.to_hf(merged, cfg, workdir / "model_hf", tokenizer_dir=tokenizer_dir)
+    registry.export_hf(workdir / "model_hf", "llava", cfg, merged, overwrite=True,
+                       tokenizer_dir=tokenizer_dir)
     written.append("model_hf")
   _log(f"exported {', '.join(str(workdir / w) for w in written)}")
 

@@ -20,7 +20,7 @@ With a frozen vision tower and no augmentation the tower's output (before `ln_vi
 QuRe trains) is computed once for every training and evaluation image and reused by every
 step, mining and evaluation (`config.qure.cache_features`, on by default where valid).
 
-Mining corpora (QURE_REFERENCE.md): CIRR / synthetic — the training split's images;
+Mining corpora (docs/reference_semantics.md): CIRR / synthetic — the training split's images;
 FashionIQ — per category, the targets of that category's training triplets (one entry per
 triplet, sets de-duplicated by image id).
 """
@@ -42,8 +42,8 @@ import numpy as np
 
 from cirjax import losses
 from cirjax import mining
-from cirjax import model_io
 from cirjax import sampling as sampling_lib
+from cirjax.convert import registry
 from cirjax.data import images as images_lib
 from cirjax.data import text
 from cirjax.data.loader import ImageCache, default_text
@@ -275,7 +275,7 @@ class QuReTask(Task):
     """Random (synthetic) or pretrained (an HF / LAVIS / cirjax BLIP-2 directory) model."""
     self.pretrained = config.model.get("init") or ""
     if self.pretrained:
-      loaded = blip2.load_blip2(os.path.expanduser(self.pretrained))
+      loaded = registry.load(os.path.expanduser(self.pretrained), family="blip2")
       self.cfg, self._pretrained_params = loaded.config, loaded.params
       if len(self.tokenizer) > self.cfg.qformer.vocab_size:
         raise ValueError(f"{self.pretrained}: Q-Former vocabulary {self.cfg.qformer.vocab_size} "
@@ -525,9 +525,8 @@ def export_model(path: Path, config: ml_collections.ConfigDict, cfg: blip2.Blip2
   host = jax.device_get(jax.jit(lambda p: p, out_shardings=shd.replicated(mesh))(params))
   if jax.process_index() != 0:
     return
-  model_io.save_model_dir(path, jax.tree.map(np.asarray, host), cfg.to_dict(), "blip2",
-                          overwrite=True, extra={"trained_by": "cirjax train",
-                                                 "train_config": config.get("config_spec", "")})
+  registry.save(path, "blip2", cfg, jax.tree.map(np.asarray, host), overwrite=True,
+                extra={"trained_by": "cirjax train", "train_config": config.get("config_spec", "")})
   try:
     src = config.data.get("tokenizer") or os.path.expanduser(config.data.root)
     (path / "vocab.txt").write_text(text.find_vocab(src).read_text())
