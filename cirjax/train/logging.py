@@ -94,6 +94,7 @@ class MetricLogger:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+      self._tb = None
 
   def plot(self, filename: str = "curves.png") -> str | None:
     """PNG of the loss, evaluation recall/mAP and hard-negative set size curves."""
@@ -177,3 +178,4 @@ class Progress:
   def close(self) -> None:
     if self.bar is not None:
       self.bar.close()
+      self.bar = None
