@@ -12,7 +12,9 @@ Train from an ml_collections config file, resuming from the workdir's latest che
 
   cirjax train --config configs/synthetic.py --workdir /tmp/cirjax_synth
   cirjax train --config configs/qure_blip2_cirr.py:tiny --workdir runs/t --config.train.lr=1e-4
+  cirjax train --config configs/synthetic.py:tiny,batch_size=8,epochs=2 --workdir /tmp/t
 
+After the colon: the file's variants and key=value arguments (see its docstring).
 Overrides: --config.key=value (or key=value after the flags); the key must exist.
 Several processes: --coordinator HOST:PORT --num_processes N --process_id I (or run under
 SLURM, auto-detected); see launch/ and docs/train.md.
