@@ -118,9 +118,14 @@ class Trainer:
     self.task = build_task(config, self.mesh, self.workdir)
     self._plan_steps()
     self._abstract_state()
+    self.progress: Progress | None = None
     self._open_outputs()
-    self.state, self.step = self._restore_or_init()
-    self._compile()
+    try:
+      self.state, self.step = self._restore_or_init()
+      self._compile()
+    except BaseException:
+      self.shutdown()
+      raise
     self.hooks: list[tuple[int, Hook]] = []
     self.result = TrainResult(status="done", final_metrics={}, losses=[], step_times=[],
                               memory=self.memory)
@@ -336,15 +341,15 @@ class Trainer:
   def run(self) -> TrainResult:
     """Trains to the end (or until stopped) and returns the TrainResult; see `train`."""
     try:
+      nonfinite = None
       try:
         self._loop()
       except NonFiniteLossError as e:
-        self.progress.close()
-        self.ckpt.wait()
-        self._record_nonfinite(e)
+        nonfinite = e
+      self._drain()
+      if nonfinite is not None:
+        self._record_nonfinite(nonfinite)
         return self.result
-      self.progress.close()
-      self.ckpt.wait()
       if self.result["status"] == "done":
         self._finalise()
       self.result["state"] = self.state
@@ -380,10 +385,16 @@ class Trainer:
                    "samples_per_s": self.result.get("samples_per_s"), "steps": self.step,
                    "chance": self.task.chance_metrics()}, f, indent=2)
 
-  def shutdown(self) -> None:
-    """The one exit path: progress bar, pending checkpoint, logger, checkpointer."""
-    self.progress.close()
+  def _drain(self) -> None:
+    """Closes the progress bar (what follows prints below it) and completes the last save."""
+    if self.progress is not None:
+      self.progress.close()
     self.ckpt.wait()
+
+  def shutdown(self) -> None:
+    """The one exit path (also on exceptions): progress bar, pending checkpoint, logger,
+    checkpointer."""
+    self._drain()
     self.logger.close()
     self.ckpt.close()
 
