@@ -302,7 +302,6 @@ class Trainer:
           self._run_step(epoch, index, batch)
           if self.result["status"] != "done":
             break
-      self._report_data_wait(epoch)
 
   def _run_step(self, epoch: int, index: int, batch: dict) -> None:
     ts = time.perf_counter()
@@ -318,6 +317,8 @@ class Trainer:
     last = self.step == self.total_steps
     info = StepInfo(step=self.step, epoch=epoch, index=index, loss=loss, metrics=metrics,
                     end_of_epoch=index + 1 == self.steps_per_epoch or last, last=last)
+    if info.end_of_epoch:  # before the hooks: the epoch's evaluation stays its last record
+      self._report_data_wait(epoch)
     for every, hook in self.hooks:
       if self.step % every == 0:
         hook(info)
@@ -329,8 +330,6 @@ class Trainer:
     return {"data wait": f"{100 * self._wait_fraction():.0f}%"}
 
   def _report_data_wait(self, epoch: int) -> None:
-    if self._busy_s <= 0:
-      return
     frac = self._wait_fraction()
     self.logger.write(self.step, {"epoch": epoch, "data_wait_fraction": frac,
                                   "data_wait_s": self._wait_s}, kind="data")
