@@ -1,7 +1,8 @@
 """BLIP-2 for composed image retrieval (QuRe): the vision tower, the Q-Former and the heads.
 
 The numerics are those of HF `Blip2ForImageTextRetrieval` (EVA tower) and of LAVIS
-`Blip2Qformer` / `blip2_qure` (EVA or CLIP-L tower); see SPEC.md §3 and QURE_REFERENCE.md.
+`Blip2Qformer` / `blip2_qure` (EVA or CLIP-L tower); see docs/reference_semantics.md
+(QuRe model, Numerics).
 
 Pure functions of `(params, cfg, inputs)` (all `jax.jit`-able with `cfg` static):
 
