@@ -246,6 +246,28 @@ def test_prefetched_batches_train_as_synchronous_ones(tmp_path):
   assert len(waits) == 1 and 0 <= waits[0]["data_wait_fraction"] <= 1
 
 
+def test_hooks_and_shutdown_on_an_exception(tmp_path):
+  from cirjax.train.trainer import Trainer
+  cfg = get_config()
+  cfg.train.epochs = 1
+  trainer = Trainer(cfg, str(tmp_path / "h"), mesh=shd.make_mesh((("data", -1), ("fsdp", 1))))
+  seen = []
+  trainer.add_hook(lambda info: seen.append((info.step, info.index, info.end_of_epoch)), every=3)
+
+  def boom(info):
+    if info.step == 5:
+      raise RuntimeError("boom")
+
+  trainer.add_hook(boom)
+  with pytest.raises(RuntimeError, match="boom"):
+    trainer.run()
+  assert seen == [(3, 2, False)]
+  assert trainer.progress.bar is None  # closed by the shutdown path
+  # The step-3 checkpoint (every_steps=3) was completed: a new run resumes from it.
+  r = _run(cfg, tmp_path / "h")
+  assert r["status"] == "done" and len(r["losses"]) == 8 - 3
+
+
 def test_grad_accumulation_matches_full_batch(tmp_path):
   cfg = get_config()
   cfg.train.epochs = 1

@@ -5,21 +5,13 @@ process's rows of batch `i` of epoch `e`, what to do at an epoch start (QuRe: re
 to evaluate and what host-side state must go into a checkpoint. The trainer owns the rest:
 mesh and shardings, the optimizer, the compiled step, checkpoints and resume, logging.
 
-`Trainer` runs in three phases: set-up (`__init__`: mesh, task, abstract state, shardings,
-checkpointer, restore or init, compile), the loop (`run`), and finalisation (final
-evaluation, export, plots, `final_metrics.json`). What happens after a step is a hook,
-`trainer.add_hook(fn, every=n)` with `fn(info: StepInfo)`: the progress bar, metric logging,
-evaluation, checkpointing and the `CIRJAX_STOP_AFTER_STEP` test stop are the default hooks,
-run in that order. Every exit (done, stopped, non-finite loss, an exception) goes through
-`shutdown`, which closes the progress bar, waits for the last checkpoint and closes the
-logger and the checkpointer.
-
-Batches come from a `cirjax.data.loader.Prefetcher` over the rest of each epoch, started
-after `task.begin_epoch`: `config.data.workers` threads (default: the machine's cores, at
-most 8; 0 = build each batch in the loop) build them ahead of the step. A task with
-`stateful_batches` gets one worker, called in step order, and its host state is taken with
-each batch, so a checkpoint holds the state as of the step it saves, not as of the batches
-built ahead. The share of step time spent waiting for data is reported per epoch.
+`Trainer` has three phases: set-up (`__init__`), the loop and finalisation (`run`). After each
+step the hooks run (`add_hook(fn, every=n)`; by default the progress bar, metric logging,
+evaluation, checkpointing and the `CIRJAX_STOP_AFTER_STEP` test stop), and every exit goes
+through `shutdown`. Each epoch's batches come from a `cirjax.data.loader.Prefetcher` started
+after `task.begin_epoch`; a task with `stateful_batches` gets one worker called in step order
+and its host state is taken with each batch, so a checkpoint holds the state as of the step it
+saves, not of the batches built ahead. docs/train.md has the details.
 """
 
 from __future__ import annotations
@@ -229,7 +221,8 @@ class Trainer:
       self.add_hook(lambda info: self._stop_after_hook(info, stop_after))
 
   def _progress_hook(self, info: StepInfo) -> None:
-    self.progress.update(info.loss, info.epoch, extra=self._wait_postfix())
+    self.progress.update(info.loss, info.epoch,
+                         extra={"data wait": f"{100 * self._wait_fraction():.0f}%"})
 
   def _log_hook(self, info: StepInfo) -> None:
     if info.step % int(self.config.get("log_every_steps", 1) or 1) == 0 or info.last:
@@ -325,9 +318,6 @@ class Trainer:
 
   def _wait_fraction(self) -> float:
     return self._wait_s / max(self._wait_s + self._busy_s, 1e-9)
-
-  def _wait_postfix(self) -> dict[str, str]:
-    return {"data wait": f"{100 * self._wait_fraction():.0f}%"}
 
   def _report_data_wait(self, epoch: int) -> None:
     frac = self._wait_fraction()
