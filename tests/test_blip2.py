@@ -220,7 +220,7 @@ def loaded(hf_dir):
 
 def test_load_blip2_object_api(hf_dir, tmp_path):
   import cirjax
-  from cirjax import model_io
+  from cirjax.convert import registry
   model = cirjax.load_blip2(hf_dir)
   assert {"params", "config"} <= set(vars(model))
   pixels = random_pixels(2, 28)
@@ -231,7 +231,7 @@ def test_load_blip2_object_api(hf_dir, tmp_path):
   assert model.score(q, t).shape == (2, 2)
   np.testing.assert_allclose(model.score(q, t), blip2.score(q, t), rtol=1e-6)
   # the same numbers through a cirjax directory
-  model_io.save_model_dir(tmp_path / "cj", model.params, model.config.to_dict(), "blip2")
+  registry.save(tmp_path / "cj", "blip2", model.config, model.params)
   again = cirjax.load_blip2(tmp_path / "cj")
   assert again.config == model.config
   np.testing.assert_array_equal(again.compose(pixels, ids, mask), q)
@@ -267,8 +267,8 @@ def test_bad_text(loaded):
 
 def test_load_blip2_wrong_type(tmp_path):
   import cirjax
-  from cirjax import model_io
-  model_io.save_model_dir(tmp_path / "l", {"w": np.zeros(2, np.float32)}, {}, "llava")
+  from cirjax.convert import io
+  io.save_model_dir(tmp_path / "l", {"w": np.zeros(2, np.float32)}, {}, "llava")
   with pytest.raises(ValueError, match="'llava' model, not 'blip2'"):
     cirjax.load_blip2(tmp_path / "l")
   with pytest.raises(FileNotFoundError, match="no config.json"):

@@ -7,7 +7,8 @@ The evaluator needs an object with two methods (the `cirjax.load_blip2` protocol
 
 Accepted paths:
 * a cirjax model directory (`cirjax_config.json`, written by `cirjax convert` or by the
-  trainer's export) or an HF BLIP-2 directory: loaded with `cirjax.load_blip2`;
+  trainer's export) or an HF BLIP-2 / LLaVA directory: the family is told by
+  `cirjax.convert.registry.detect`;
 * a training workdir: the newest model directory inside it, looked up as
   `<workdir>/model`, `<workdir>/export`, `<workdir>/best`, then any direct subdirectory that
   is a cirjax model directory (newest first). The trainer owns what it writes there; this
@@ -20,23 +21,24 @@ import os
 from pathlib import Path
 from typing import Any
 
+from cirjax.convert import io, registry
+
 _WORKDIR_CANDIDATES = ("model", "export", "best", "final")
 
 
 def resolve_model_dir(path: str | os.PathLike) -> Path:
   """The model directory for `path` (itself, or the newest model dir of a workdir)."""
-  from cirjax import model_io  # pylint: disable=g-import-not-at-top
   p = Path(path)
   if not p.exists():
     raise FileNotFoundError(f"checkpoint path does not exist: {p}")
   if not p.is_dir():
     raise NotADirectoryError(f"checkpoint must be a directory, got the file {p}")
-  if model_io.is_cirjax_dir(p) or (p / "config.json").is_file():
+  if io.is_cirjax_dir(p) or (p / "config.json").is_file():
     return p
   for name in _WORKDIR_CANDIDATES:
-    if model_io.is_cirjax_dir(p / name):
+    if io.is_cirjax_dir(p / name):
       return p / name
-  subs = sorted((d for d in p.iterdir() if d.is_dir() and model_io.is_cirjax_dir(d)),
+  subs = sorted((d for d in p.iterdir() if d.is_dir() and io.is_cirjax_dir(d)),
                 key=lambda d: d.stat().st_mtime, reverse=True)
   if subs:
     return subs[0]
@@ -44,23 +46,6 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
       f"{p} is neither a model directory (cirjax_config.json or an HF config.json) nor a "
       f"training workdir holding one (looked for {', '.join(_WORKDIR_CANDIDATES)} and any "
       "subdirectory with cirjax_config.json); export the trained model first")
-
-
-def model_type(d: Path) -> str:
-  """'blip2' or 'llava' for a model directory (cirjax_config.json or an HF config.json)."""
-  import json  # pylint: disable=g-import-not-at-top
-  from cirjax import model_io  # pylint: disable=g-import-not-at-top
-  if model_io.is_cirjax_dir(d):
-    return model_io.read_cirjax_config(d)["model_type"]
-  try:
-    hf = json.loads((d / "config.json").read_text()).get("model_type", "")
-  except (OSError, ValueError) as e:
-    raise ValueError(f"{d / 'config.json'}: unreadable ({e})") from None
-  if hf == "llava":
-    return "llava"
-  if hf.startswith("blip"):
-    return "blip2"
-  raise ValueError(f"{d / 'config.json'}: model_type {hf!r} is neither BLIP-2 nor LLaVA")
 
 
 def is_llava(encoder: Any) -> bool:
@@ -73,26 +58,14 @@ def load_encoder(path: str | os.PathLike) -> tuple[Any, Path]:
   BLIP-2 models come back as a `PureEncoder`; LLaVA-Phi ones as the `LlavaEmbedder`, whose
   prompts depend on the dataset: build the evaluation parts with `llava_eval_parts`.
   """
-  import cirjax  # pylint: disable=g-import-not-at-top
   d = resolve_model_dir(path)
-  kind = model_type(d)
-  if kind == "llava":
-    model = cirjax.load_llava(d)
+  if registry.detect(d) == "llava":
+    model = registry.load_llava(d)
     if model.tokenizer is None:
       raise FileNotFoundError(f"{d}: no tokenizer (tokenizer.json / tokenizer_config.json) next "
                               "to the LLaVA weights; the InstructCIR prompts need it")
     return model, d
-  if kind != "blip2":
-    raise ValueError(f"{d}: a '{kind}' checkpoint; cirjax eval/search score BLIP-2 (QuRe) and "
-                     "LLaVA-Phi (InstructCIR) models")
-  try:
-    model = cirjax.load_blip2(d)
-  except ModuleNotFoundError as e:
-    raise RuntimeError(f"cannot load {d}: the BLIP-2 model code is not available ({e})") from e
-  for m in ("encode_image", "compose"):
-    if not callable(getattr(model, m, None)):
-      raise TypeError(f"model loaded from {d} has no {m}() method")
-  return pure(model), d
+  return pure(registry.load_blip2(d)), d
 
 
 class PureEncoder:

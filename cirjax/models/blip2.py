@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any, Mapping, Optional
 
 import jax
@@ -495,26 +494,3 @@ class Blip2Model:
   def logits(self, query, target_feats) -> jax.Array:
     """score / the learned temperature (QuRe's training logits)."""
     return logits(self.params, query, target_feats)
-
-
-def load_blip2(path: str | os.PathLike, *, vision_dtype=jnp.float32,
-               dtype=jnp.float32) -> Blip2Model:
-  """Loads a BLIP-2 CIR model.
-
-  `path`: an HF `Blip2ForImageTextRetrieval` directory (config.json + safetensors or .bin,
-  sharded or not), a cirjax model directory (`cirjax convert` output), or a LAVIS BLIP-2
-  checkpoint file (`model.pth`, QuRe/SPRC layout).
-  """
-  from cirjax import model_io  # pylint: disable=g-import-not-at-top
-  from cirjax.models import blip2_convert  # pylint: disable=g-import-not-at-top
-  p = os.fspath(path)
-  if model_io.is_cirjax_dir(p):
-    model_type, cfg_dict, params = model_io.load_model_dir(p)
-    if model_type != "blip2":
-      raise ValueError(f"{p}: a cirjax '{model_type}' model, not 'blip2' (use "
-                       f"cirjax.load_{model_type})")
-    cfg = Blip2Config.from_dict(cfg_dict)
-  else:
-    cfg, params = blip2_convert.load_any(p)
-  params = jax.tree.map(jnp.asarray, params)
-  return Blip2Model(params, cfg, source=p, vision_dtype=vision_dtype, dtype=dtype)
