@@ -221,6 +221,8 @@ class QuReTask(Task):
   """QuRe: frozen ViT, trained Q-Former, pairwise loss with re-mined hard negatives."""
 
   name = "qure"
+  # batch(epoch, i) reads the sampler state set at the epoch's start: workers build ahead.
+  stateful_batches = False
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdir: str):
     super().__init__(config, mesh, workdir)
