@@ -101,8 +101,9 @@ def encode_corpus(encoder: RetrievalFns, corpus: Corpus, transform: Callable,
   return feats
 
 
-def search(encoder: RetrievalFns, corpus: Corpus, corpus_feats: np.ndarray, reference: str | os.PathLike,
-           text: str, transform: Callable, tokenize_fn: Callable, k: int = 10,
+def search(encoder: RetrievalFns, corpus: Corpus, corpus_feats: np.ndarray,
+           reference: str | os.PathLike, text: str, transform: Callable,
+           tokenize_fn: Callable, k: int = 10,
            exclude_reference: bool = True, relevant: Sequence[str] = (),
            target: str | None = None, mesh=None) -> list[SearchHit]:
   """The top k corpus images for (reference image, text) by `encoder.compose`, best first.
