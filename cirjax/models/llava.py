@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from cirjax import prompts as prompts_lib
 from cirjax.models.phi3 import Linear, Phi3Config, Phi3Decoder, check_positions
 from cirjax.models.vit import ViTConfig, VisionTransformer, check_dtype, check_pixels
 
@@ -406,7 +407,6 @@ class LlavaEmbedder:
     """Embeds rendered prompt strings (`cirjax.prompts.render`): tokenises with this model's
     tokenizer, expands `<image>` to `config.num_image_tokens`, left-pads (to a multiple of
     `pad_to_multiple_of`, so few shapes compile) and runs `embed`."""
-    from cirjax import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
     if self.tokenizer is None:
       raise ValueError(f"{self.source}: no tokenizer was found with this model (tokenizer.json "
                        "/ tokenizer_config.json); tokenise with cirjax.prompts.batch_encode")
@@ -414,11 +414,6 @@ class LlavaEmbedder:
                                      num_image_tokens=self.config.num_image_tokens,
                                      pad_to_multiple_of=pad_to_multiple_of)
     return self.embed(batch["input_ids"], batch["attention_mask"], pixels, lora=lora)
-
-  def image_features(self, pixels) -> Array:
-    check_pixels(pixels, self.config.vision)
-    return jax.jit(image_features, static_argnames=("config",))(
-        self.params, self.config, jnp.asarray(pixels))
 
   def __repr__(self):
     return (f"LlavaEmbedder(source={self.source!r}, text={self.config.text.model_type}/"
@@ -431,6 +426,7 @@ def load_tokenizer(path: str | os.PathLike):
   p = Path(path)
   if not ((p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists()):
     return None
+  # transformers is heavy and only needed when a tokenizer is present.
   from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
   tok = AutoTokenizer.from_pretrained(str(p))
   tok.padding_side = "left"
