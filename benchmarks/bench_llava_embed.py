@@ -34,7 +34,16 @@ import os
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+
+# Run as a script from a checkout: make the repository's cirjax importable.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cirjax import benchmarking, lora  # noqa: E402  pylint: disable=g-import-not-at-top
+from cirjax.models import llava, llava_convert  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def _sizes(device: str, quick: bool) -> dict:
@@ -58,9 +67,9 @@ def _sizes(device: str, quick: bool) -> dict:
 
 def build(sz: dict, seed: int = 0):
   """(HF torch model, cirjax params, cirjax config) with the same random weights."""
+  # torch and transformers are the optional PyTorch reference (the `torch` extra).
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  from cirjax.models import llava_convert  # pylint: disable=g-import-not-at-top
   torch.manual_seed(seed)
   tc = transformers.Phi3Config(**sz["text"], num_key_value_heads=sz["text"]["num_attention_heads"],
                                max_position_embeddings=4096, pad_token_id=0,
@@ -140,17 +149,15 @@ def _progress(row: dict) -> None:
 
 
 def _torch_device(device: str):
+  # torch is the optional PyTorch reference (the `torch` extra).
   import torch  # pylint: disable=g-import-not-at-top
   return torch.device("cuda" if device == "gpu" else "cpu")
 
 
 def _embed_rows(sz, device, model, params, config) -> list[dict]:
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  # torch is the optional PyTorch reference (the `torch` extra).
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
-  from cirjax import benchmarking  # pylint: disable=g-import-not-at-top
-  from cirjax.models import llava  # pylint: disable=g-import-not-at-top
   dev = _torch_device(device)
   tdtype = torch.bfloat16 if sz["dtype"] == "bfloat16" else torch.float32
   cfg = config.replace(dtype=sz["dtype"], param_dtype=sz["dtype"])
@@ -205,14 +212,10 @@ def _embed_rows(sz, device, model, params, config) -> list[dict]:
 
 def run_lora_step(device: str = "cpu", quick: bool = False, *, built=None) -> list[dict]:
   """One InstructCIR stage-2 LoRA train step (see module docstring), jax vs PyTorch+PEFT."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
+  # peft and torch are the optional PyTorch reference (the `torch` extra).
   import peft  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
-  from cirjax import benchmarking, lora  # pylint: disable=g-import-not-at-top
-  from cirjax.models import llava  # pylint: disable=g-import-not-at-top
   sz = _sizes(device, quick)
   model, params, config = built or build(sz)
   cfg = config.replace(dtype=sz["dtype"], param_dtype=sz["dtype"])
@@ -321,9 +324,7 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   if args.device == "cpu":
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-    import jax  # pylint: disable=g-import-not-at-top
     jax.config.update("jax_platforms", "cpu")
-  from cirjax import benchmarking  # pylint: disable=g-import-not-at-top
   rows = run(args.device, args.quick)
   name = f"llava_{args.device}" + ("_quick" if args.quick else "")
   path = benchmarking.write_results(name, rows, args.out, extra={"quick": args.quick})

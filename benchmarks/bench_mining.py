@@ -1,7 +1,7 @@
 """Hard-negative mining throughput: cirjax's jitted top-2 gap search vs PyTorch.
 
-Three implementations of QuRe's reference algorithm (QURE_REFERENCE.md, threshold 1) on the
-same score matrix, with identical results (checked in every run):
+Three implementations of QuRe's reference algorithm (docs/reference_semantics.md#mining,
+threshold 1) on the same score matrix, with identical results (checked in every run):
 
 * `jax` -- `cirjax.mining.hard_negative_sets`: one packed integer sort per row plus `top_k`
   over the drops, query blocks sized to a memory budget, ragged result gathered on device.
@@ -30,11 +30,19 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+# Run as a script from a checkout: make the repository's cirjax importable.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cirjax import benchmarking, mining  # noqa: E402  pylint: disable=g-import-not-at-top
 
 THRESHOLD = 1
 TEMP = 0.07
@@ -88,6 +96,7 @@ def _host_scores(qf, cf, targets, seed: int = 1) -> np.ndarray:
 def torch_per_query_loop(scores, targets, threshold: int = THRESHOLD, num: int | None = None):
   """The reference code's style: one query at a time, Python walk. Returns a list of
   corpus-position tensors (descending score order)."""
+  # torch is optional here: without it only the cirjax rows are measured.
   import torch  # pylint: disable=g-import-not-at-top
   out = []
   for i in range(num if num is not None else scores.shape[0]):
@@ -110,6 +119,7 @@ def torch_per_query_loop(scores, targets, threshold: int = THRESHOLD, num: int |
 
 
 def _torch_walk(ranked, nvalid, threshold):
+  # torch is optional here: without it only the cirjax rows are measured.
   import torch  # pylint: disable=g-import-not-at-top
   a, b = ranked[:, :-1], ranked[:, 1:]
   r = torch.arange(1, ranked.shape[1], device=ranked.device)
@@ -123,6 +133,7 @@ def _torch_walk(ranked, nvalid, threshold):
 def torch_per_block(score_block_fn, targets, q: int, n: int, threshold: int = THRESHOLD,
                     block: int = 1024, top_drops: int = 32, device=None):
   """Vectorised over rows: returns (offsets, flat corpus positions) on the host."""
+  # torch is optional here: without it only the cirjax rows are measured.
   import torch  # pylint: disable=g-import-not-at-top
   tt = torch.as_tensor(targets.astype(np.int64), device=device)
   pieces, sizes = [], []
@@ -177,7 +188,6 @@ def _bandwidth_floor(q: int, n: int, device: str) -> tuple[float | None, str]:
   """Seconds to read the fp32 scores once and write + read 8-byte sort keys once."""
   if device != "gpu":
     return None, "cpu: no fixed bandwidth figure"
-  import jax  # pylint: disable=g-import-not-at-top
   kind = getattr(jax.devices()[0], "device_kind", "")
   for key, bw in _GPU_BANDWIDTH.items():
     if key in kind:
@@ -188,8 +198,6 @@ def _bandwidth_floor(q: int, n: int, device: str) -> tuple[float | None, str]:
 def _timed(fn, warm_fn, iters: int):
   """(timing dict like `benchmarking.time_fn`, last output). `warm_fn` compiles on a small
   slice, so big problems are not run an extra time just to warm up."""
-  import statistics  # pylint: disable=g-import-not-at-top
-  from cirjax import benchmarking  # pylint: disable=g-import-not-at-top
   benchmarking.block(warm_fn())
   samples, out = [], None
   for _ in range(iters):
@@ -201,9 +209,6 @@ def _timed(fn, warm_fn, iters: int):
 
 
 def _problem_rows(p: dict, device: str) -> list[dict]:
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from cirjax import benchmarking, mining  # pylint: disable=g-import-not-at-top
   q, n = p["q"], p["n"]
   qf, cf, targets = _features(q, n)
   ids = None
@@ -251,6 +256,7 @@ def _problem_rows(p: dict, device: str) -> list[dict]:
            "empty_sets": int((stats.set_size == 0).sum()),
            "bandwidth_floor_s": floor, "bandwidth_floor_source": floor_src}]
   try:
+    # torch is optional here: without it only the cirjax rows are measured.
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
     return rows
@@ -322,8 +328,6 @@ def _interleaved_rows(p, run_jax, run_block, torch_block_fn, targets, shapes, de
   """Rates on the first `interleave_rows` queries, the three implementations alternating for
   `rounds` rounds (medians): on a shared machine the load drifts between the long
   sequential runs above, and alternating exposes all three to the same drift."""
-  import statistics  # pylint: disable=g-import-not-at-top
-  from cirjax import benchmarking  # pylint: disable=g-import-not-at-top
   nq, nl, rounds = p["interleave_rows"], min(p["loop_queries"], p["interleave_rows"]), 3
   loop_scores = torch_block_fn(0, nl)
   rates = {"cirjax": [], "per_block": [], "per_query_loop": []}
@@ -365,13 +369,9 @@ def main(argv=None) -> int:
   ap.add_argument("--only", nargs="*", help="problem names (cirr, fashioniq, 100k, ...)")
   ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
   args = ap.parse_args(argv)
-  # Run as a script from a checkout: make the repository's cirjax importable.
-  sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
   if args.device == "cpu":
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-    import jax  # pylint: disable=g-import-not-at-top
     jax.config.update("jax_platforms", "cpu")
-  from cirjax import benchmarking  # pylint: disable=g-import-not-at-top
   rows = run(args.device, args.quick, args.only)
   name = f"mining_{args.device}" + ("_quick" if args.quick else "")
   path = benchmarking.write_results(name, rows, args.out, extra={"quick": args.quick})

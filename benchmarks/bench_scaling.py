@@ -15,15 +15,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
 
-import scaling_estimate as est  # noqa: E402  pylint: disable=g-import-not-at-top
+HERE = Path(__file__).resolve().parent
+# Run as a script (also the worker subprocesses): this folder and the checkout's cirjax.
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import scaling_estimate as est  # noqa: E402
+from cirjax import benchmarking  # noqa: E402
+from cirjax.losses import pairwise_sigmoid_loss, qure_scores  # noqa: E402
+from cirjax.models import blip2, qformer as qf, vit as vit_lib  # noqa: E402
+from cirjax.train import sharding, state as state_lib, step as step_lib  # noqa: E402
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 TEXT_LEN = 32
 
@@ -38,16 +53,6 @@ def _sizes(quick: bool) -> dict:
 def worker(n_devices: int, strategy: str, qformer_layers: int, batch: int, steps: int,
            image_size: int = 224) -> dict:
   """Runs in a fresh process with `n_devices` host devices; returns one result row."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp
-  import ml_collections
-  import numpy as np
-
-  from cirjax import benchmarking
-  from cirjax.losses import pairwise_sigmoid_loss, qure_scores
-  from cirjax.models import blip2, qformer as qf, vit as vit_lib
-  from cirjax.train import sharding, state as state_lib, step as step_lib
-
   jax.config.update("jax_default_matmul_precision", "highest")
   assert len(jax.devices()) == n_devices, (len(jax.devices()), n_devices)
   vision = vit_lib.ViTConfig(image_size=image_size, patch_size=14, hidden_size=1024,
@@ -101,7 +106,6 @@ def worker(n_devices: int, strategy: str, qformer_layers: int, batch: int, steps
   first_loss = float(metrics["loss"])
   state, metrics = compiled(state, data)  # warm-up
   benchmarking.block(metrics)
-  import time  # pylint: disable=g-import-not-at-top
   times = []
   for _ in range(steps):
     t0 = time.perf_counter()
@@ -138,10 +142,6 @@ def _spawn(n: int, strategy: str, sizes: dict) -> dict:
 
 def estimate_rows(results_dir: Path = HERE / "results") -> list[dict]:
   """The DP/FSDP table, from a measured single-GPU step when bench_gpu.json has one."""
-  from cirjax.models import blip2, qformer as qf  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import math  # pylint: disable=g-import-not-at-top
-  from cirjax.models import vit as vit_lib  # pylint: disable=g-import-not-at-top
   vision = vit_lib.ViTConfig(image_size=224, patch_size=14, hidden_size=1024,
                              intermediate_size=4096, num_layers=24, num_heads=16,
                              hidden_act="quick_gelu", variant="clip", post_layernorm=False)
@@ -221,7 +221,6 @@ def main(argv=None) -> int:
   if a.worker is not None:
     print(json.dumps(worker(a.worker, a.strategy, a.qformer_layers, a.batch, a.steps, a.image_size)))
     return 0
-  from cirjax import benchmarking  # pylint: disable=g-import-not-at-top
   result = run("cpu", a.quick)
   path = benchmarking.write_results("scaling_cpu", result["rows"], a.out,
                                     extra={"estimate": result["estimate"], "quick": a.quick})

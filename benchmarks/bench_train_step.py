@@ -1,6 +1,6 @@
 """QuRe train-step throughput: the jitted cirjax step vs the same step in PyTorch.
 
-The step (QURE_REFERENCE.md): BLIP-2 with a frozen ViT at CLIP-L widths (1024 wide, 16 heads,
+The step (docs/reference_semantics.md): BLIP-2, frozen ViT at CLIP-L widths (1024 wide, 16 heads,
 MLP 4096, 224 px, patch 14) and a trained Q-Former (768/12, 32 queries, 256-d heads); per
 query, the composed query (queries + 32 text tokens jointly, cross-attending to the reference
 image), the target features of the positive and of one negative image, QuRe's pairwise loss

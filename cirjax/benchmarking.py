@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import flax
 import jax
 import numpy as np
 
@@ -36,6 +37,7 @@ def block(x: Any) -> Any:
     if hasattr(leaf, "block_until_ready"):
       leaf.block_until_ready()
   if any(type(l).__module__.startswith("torch") for l in leaves):
+    # torch is optional: only a torch pytree (already imported by its caller) needs it.
     import torch  # pylint: disable=g-import-not-at-top
     if torch.cuda.is_available():
       torch.cuda.synchronize()
@@ -130,12 +132,9 @@ def machine_info() -> dict:
       "jax_backend": jax.default_backend(),
       "devices": [getattr(d, "device_kind", str(d)) for d in jax.devices()],
   }
+  info["flax"] = flax.__version__
   try:
-    import flax  # pylint: disable=g-import-not-at-top
-    info["flax"] = flax.__version__
-  except ImportError:
-    pass
-  try:
+    # torch and transformers are optional here: only their versions are recorded.
     import torch  # pylint: disable=g-import-not-at-top
     info["torch"] = torch.__version__
     info["torch_threads"] = torch.get_num_threads()

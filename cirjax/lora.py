@@ -41,8 +41,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import struct
 
+from cirjax import weights
 from cirjax.models.llava_convert import KEY_FORMATS, hf_module_name, module_path_from_hf
 
 # All attention and MLP projections of the LLM, in both layouts (Phi-3 fused, Llama split).
@@ -277,7 +279,6 @@ def trainable_mask(tree: Any) -> Any:
 
 def freeze_base(tx: Any, tree: Any) -> Any:
   """`tx` on the LoRA leaves of a combined tree and zero updates on everything else."""
-  import optax  # pylint: disable=g-import-not-at-top
   labels = jax.tree.map(lambda m: "lora" if m else "frozen", trainable_mask(tree))
   return optax.multi_transform({"lora": tx, "frozen": optax.set_to_zero()}, labels)
 
@@ -327,7 +328,6 @@ def save_peft(adapter: Adapter, out_dir: str | os.PathLike, *, key_format: str =
   'hf5' (`model.language_model.*`, transformers >= 4.52 and 5.x) or 'hf4'
   (`language_model.model.*`, older 4.x).
   """
-  from cirjax.weights import write_safetensors  # pylint: disable=g-import-not-at-top
   if key_format not in KEY_FORMATS:
     raise LoraError(f"key_format must be one of {KEY_FORMATS}, got {key_format!r}")
   c = adapter.config
@@ -342,13 +342,12 @@ def save_peft(adapter: Adapter, out_dir: str | os.PathLike, *, key_format: str =
       "inference_mode": True, "modules_to_save": None, "layers_to_transform": None,
       "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
   }
-  write_safetensors(peft_state_dict(adapter, key_format), out / WEIGHTS_NAME)
+  weights.write_safetensors(peft_state_dict(adapter, key_format), out / WEIGHTS_NAME)
   (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
   return out
 
 
 def _read_adapter_weights(d: Path) -> tuple[dict[str, np.ndarray], Path]:
-  from cirjax import weights  # pylint: disable=g-import-not-at-top
   for name in (WEIGHTS_NAME, "adapter_model.bin"):
     f = d / name
     if f.exists():

@@ -2,7 +2,7 @@
 
 For every training query, QuRe ranks its mining corpus by score and takes as hard negatives
 the images lying between the two steepest score drops *below the target* (paper §3.2,
-Eqs. 4-7). The exact algorithm (QURE_REFERENCE.md, "Hard-negative set") is, per query:
+Eqs. 4-7). The exact algorithm (docs/reference_semantics.md#mining) is, per query:
 
 1. Rank the corpus by score, descending; ties by corpus position, ascending (a stable sort).
 2. `p` = the target's position in that order. The *after-target list* is positions
@@ -41,7 +41,7 @@ How it runs: the query axis is cut into blocks sized to a memory budget; each bl
 * gathers the selected corpus positions into a flat buffer on device, so only the ragged
   result (not the `[Q, N]` order) comes back to the host.
 
-Results are numpy arrays on the host (SPEC §4): `indices[offsets[i]:offsets[i+1]]` is query
+Results are numpy arrays on the host, ragged: `indices[offsets[i]:offsets[i+1]]` is query
 `i`'s set. They do not depend on the block size or the number of devices (tested).
 """
 
@@ -80,7 +80,7 @@ ScoresOrBlockFn = Union[np.ndarray, jax.Array, Callable[[int, int], Any]]
 
 @dataclasses.dataclass(frozen=True)
 class HardNegativeSets:
-  """Ragged per-query sets (SPEC §4): query i's set is `indices[offsets[i]:offsets[i+1]]`.
+  """Ragged per-query sets: query i's set is `indices[offsets[i]:offsets[i+1]]`.
 
   `indices` are image ids when mining was given `image_ids`, else corpus positions; each set
   is in descending score order.

@@ -15,6 +15,7 @@ from cirjax.mining import MiningStats
 
 
 def _pyplot():
+  # matplotlib is optional and slow to import: only the plotting functions need it.
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top

@@ -303,6 +303,7 @@ def save_word_level_tokenizer(words: Sequence[str], out_dir: Any, *, lowercase: 
   `out_dir`: LLaVA-Phi's special tokens first, then `words` in order (duplicates dropped, at
   most `vocab_size` entries in all), `<s>` prepended, other words read as `<unk>`. For
   random-init runs and tests, where no checkpoint tokenizer exists."""
+  # transformers (and its tokenizers) is heavy: only building a tokenizer needs it.
   import tokenizers  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   from tokenizers import normalizers, pre_tokenizers  # pylint: disable=g-import-not-at-top

@@ -1,6 +1,6 @@
 """QuRe negative sampling: one negative per query per step, reproducible and resumable.
 
-The reference samples on the host (QURE_REFERENCE.md, "Mining corpus and sampling"):
+The reference samples on the host (docs/reference_semantics.md#sampling):
 
 * warm-up (before the first mining): a uniformly random entry of the pool whose image id
   differs from the target's, drawn afresh for every sample;
@@ -46,7 +46,7 @@ class SamplerState(NamedTuple):
 
   `generation` is the number of minings so far (0: warm-up, no sets yet). `uses[q]` counts
   query q's draws from its set since the last mining. `offsets`/`indices` are the current
-  sets in the ragged contract of SPEC §4 (empty arrays during warm-up).
+  sets in the ragged contract of `HardNegativeSets` (empty arrays during warm-up).
   """
   generation: np.ndarray  # int64 scalar
   uses: np.ndarray        # int64 [Q]

@@ -3,7 +3,7 @@ r"""QuRe on CIRR with BLIP-2 (CLIP ViT-L, frozen) — the paper's / reference co
 
 AdamW (weight decay 0.05), batch 32, lr 1e-5 with the per-epoch cosine to lr/100, 50 epochs,
 n_def = 6 (re-mining every 8 epochs after the warm-up), one negative per query per epoch,
-seed 1000 (QURE_REFERENCE.md "Training"). The frozen ViT's features are cached once
+seed 1000 (docs/reference_semantics.md#qure-training). The frozen ViT's features are cached once
 (bf16: ~9 GB of host memory for CIRR's ~17k training images at 224 px).
 
 `model.init`: a BLIP-2 checkpoint to start from (LAVIS `pretrain_vitL` model.pth, an HF

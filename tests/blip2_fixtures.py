@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-# SPEC §3: fp32, highest matmul precision; never loosened.
+# docs/reference_semantics.md#parity: fp32, highest matmul precision; never loosened.
 TOL_LAYER = 1e-5
 TOL_MODEL = 1e-4
 
@@ -118,7 +118,8 @@ def lavis_state_from_hf(vision, variant: str, m, ln_vision, temp: float = 0.05,
   `vision`: HF Blip2VisionModel ('eva', its k-bias must be zero: LAVIS has none) or
   CLIPVisionModel ('clip'); `m`: a Blip2ForImageTextRetrieval supplying the Q-Former, text
   embeddings, query tokens and heads; `ln_vision`: a torch LayerNorm. Written from
-  QURE_REFERENCE.md's key layout, independently of cirjax's converters.
+  the LAVIS key layout of docs/reference_semantics.md#checkpoints, independently of
+  cirjax's converters.
   """
   out = {}
   vs = {k: _np(v) for k, v in vision.state_dict().items()}

@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_num_cpu_devices", 4)
-# SPEC §3: parity is measured at fp32 with the highest matmul precision.
+# docs/reference_semantics.md#parity: parity is measured at fp32 with the highest matmul precision.
 jax.config.update("jax_default_matmul_precision", "highest")
 
 

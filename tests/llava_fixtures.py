@@ -1,6 +1,6 @@
 """Shared helpers for the LLaVA/Phi-3/LoRA tests: tiny HF reference models built from configs
 (random weights, every parameter perturbed so a missed norm weight or bias shows), inputs with
-mixed prompt lengths and left padding, and the SPEC's relative error measure."""
+mixed prompt lengths and left padding, and the parity relative error measure."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import transformers
 
 from cirjax import prompts
 
-# SPEC §3: 1e-5 relative for single layers, 1e-4 for whole models (fp32, highest precision).
+# docs/reference_semantics.md#parity: 1e-5 relative for single layers, 1e-4 for whole models
+# (fp32, highest precision).
 TOL_LAYER = 1e-5
 TOL_MODEL = 1e-4
 

@@ -1,6 +1,7 @@
 """Every reader on small files written in the exact published layouts, plus bad input."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ from PIL import Image
 
 from cirjax.data import (DataError, read_circo, read_cirr, read_fashioniq, read_genecis,
                          read_hpfashioniq)
+from cirjax.data import cirr as cirr_lib
 from cirjax.data import instructcir
 
 
@@ -141,6 +143,53 @@ def test_cirr_bad_input(tmp_path):
     read_cirr(tmp_path, "val")
 
 
+CIRR_EXCERPT = Path(__file__).parent / "data" / "cirr"  # the release's val/test1 files, cut short
+
+
+def _cirr_release(tmp_path: Path, layout: str) -> Path:
+  """The release's annotation files + placeholder images laid out as `layout`."""
+  ann_rel, img_rel = cirr_lib.LAYOUTS[layout]
+  root = tmp_path / layout
+  for sub in ("captions", "image_splits"):
+    shutil.copytree(CIRR_EXCERPT / sub, root / ann_rel / sub)
+  for split in ("val", "test1"):
+    for rel in json.loads((CIRR_EXCERPT / "image_splits" / f"split.rc2.{split}.json")
+                          .read_text()).values():
+      _png(root / img_rel / rel)
+  return root
+
+
+@pytest.mark.parametrize("layout", list(cirr_lib.LAYOUTS))
+def test_cirr_release_layouts_are_detected(tmp_path, layout):
+  root = _cirr_release(tmp_path, layout)
+  assert cirr_lib.resolve_layout(root, "val")[0] == layout
+  s = read_cirr(root, "val")
+  assert [q.query_id for q in s.queries] == ["12060", "12062", "12081"]  # file order
+  q = s.queries[0]
+  assert q.reference == "dev-244-0-img0" and q.target == "dev-1028-1-img1"
+  assert s.images[q.reference].path == root / cirr_lib.LAYOUTS[layout][1] / "dev" / "dev-244-0-img0.png"
+  assert all(ref.path.is_file() for ref in s.images.values())
+  t = read_cirr(root, "test1", layout=layout)
+  assert not t.has_targets and len(t.queries) == 2
+
+
+def test_cirr_no_layout_lists_what_each_missed(tmp_path):
+  root = _cirr_release(tmp_path, "release")
+  shutil.rmtree(root / "img_raw")
+  with pytest.raises(DataError) as e:
+    read_cirr(root, "val")
+  msg = str(e.value)
+  for name in cirr_lib.LAYOUTS:
+    assert f"{name}: " in msg
+  assert str(root / "img_raw" / "dev" / "dev-244-0-img0.png") in msg  # release: the image
+  assert str(root / "cirr" / "captions" / "cap.rc2.val.json") in msg  # clip4cir: the captions
+  with pytest.raises(DataError, match="layout must be one of"):
+    read_cirr(root, "val", layout="nope")
+  # A forced layout reads the annotations and reports the missing images as usual.
+  with pytest.raises(DataError, match="image file"):
+    read_cirr(root, "val", layout="release")
+
+
 # ----------------------------------------------------------------------------- CIRCO
 
 def _circo(root: Path):
@@ -213,22 +262,76 @@ def test_genecis_attribute_and_object_tasks(tmp_path):
 
 # ----------------------------------------------------------------------------- HP-FashionIQ
 
-def test_hpfashioniq(tmp_path):
-  names = [f"B{i:03d}" for i in range(11)]
-  for n in names:
-    _png(tmp_path / "fiq" / "images" / f"{n}.png")
-  recs = [{"id": "a", "candidate": names[0], "captions": ["is red", "is long"],
-           "set1": names[1:6], "set2": names[6:11], "preferred": 2},
-          {"id": "b", "candidate": names[0], "captions": ["x", "y"],
-           "set1": names[1:6], "set2": names[6:11], "preferred": 1, "valid": False}]
-  (tmp_path / "hp.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
-  s = read_hpfashioniq(tmp_path / "hp.jsonl", tmp_path / "fiq")
-  assert len(s.queries) == 1 and s.skipped == {"invalid": 1}
-  assert s.queries[0].extra["preferred"] == 2 and s.queries[0].extra["set2"] == names[6:11]
-  recs[0]["preferred"] = 3
-  (tmp_path / "hp.jsonl").write_text(json.dumps(recs[0]))
-  with pytest.raises(DataError, match="preferred must be 1 or 2"):
-    read_hpfashioniq(tmp_path / "hp.jsonl", tmp_path / "fiq")
+HP_EXCERPT = Path(__file__).parent / "data" / "hpfiq_excerpt.json"  # the release, 2 users x 2 x 3
+
+
+def _hp_images(root: Path, data: dict, layout: str) -> set[str]:
+  """Placeholder images for every path in `data`, in the release's `image_data/<cat>/` layout or
+  the FashionIQ reader's `images/<asin>.png`."""
+  paths = set()
+  for sets in data.values():
+    for qs in sets.values():
+      paths |= set(qs["ref_img_paths"]) | set(qs["targ_img_paths"])
+      for k in ("retrieved_set1", "retrieved_set2"):
+        for r in qs[k]:
+          paths |= set(r["img_path"])
+  for p in paths:
+    rel = p[len("/-/"):]
+    _png(root / rel if layout == "release" else root / "images" / f"{Path(p).stem}.png")
+  return {Path(p).stem for p in paths}
+
+
+@pytest.mark.parametrize("layout", ["release", "images"])
+def test_hpfashioniq_official_release(tmp_path, layout):
+  data = json.loads(HP_EXCERPT.read_text())
+  names = _hp_images(tmp_path, data, layout)
+  (tmp_path / "HP_FashionIQ").mkdir()
+  (tmp_path / "HP_FashionIQ" / "hpfiq.json").write_text(HP_EXCERPT.read_text())
+  s = read_hpfashioniq(tmp_path)  # the FashionIQ root, file in its HP_FashionIQ/ folder
+  assert len(s.queries) == 2 * 2 * 3 and set(s.images) == names
+  q = s.queries[0]
+  qs = data["user_1"]["question_set_1"]
+  assert q.query_id == "user_1/question_set_1/0" and q.reference == "B000LUIBH8"
+  assert q.text == qs["sentences"][0] and q.target == "B007RJG5BU"
+  assert q.extra["set1"] == [Path(p).stem for p in qs["retrieved_set1"][0]["img_path"]]
+  assert q.extra["set2"] == [Path(p).stem for p in qs["retrieved_set2"][0]["img_path"]]
+  assert q.extra["preferred"] == int(qs["preferred set"][0]) and q.extra["category"] == "shirt"
+  assert q.extra["user"] == "user_1" and q.extra["question_set"] == "question_set_1"
+  assert q.extra["user_score"] == (int(qs["retrieved_set1"][0]["user_score"]),
+                                   int(qs["retrieved_set2"][0]["user_score"]))
+  want = tmp_path / ("image_data/shirt/B000LUIBH8.jpg" if layout == "release"
+                     else "images/B000LUIBH8.png")
+  assert s.images["B000LUIBH8"].path == want
+  # The file elsewhere, given explicitly with the FashionIQ root; and with `-` substituted by
+  # an absolute root, as the release's README asks users to do.
+  other = tmp_path / "elsewhere.json"
+  other.write_text(HP_EXCERPT.read_text().replace('"/-/', f'"{tmp_path}/'))
+  t = read_hpfashioniq(other, tmp_path)
+  assert [x.query_id for x in t.queries] == [x.query_id for x in s.queries]
+  assert t.images["B000LUIBH8"].path.name == want.name
+
+
+def test_hpfashioniq_errors_name_the_culprit(tmp_path):
+  data = json.loads(HP_EXCERPT.read_text())
+  _hp_images(tmp_path, data, "images")
+  with pytest.raises(DataError, match="no hpfiq.json found"):
+    read_hpfashioniq(tmp_path)
+  _dump(tmp_path / "hpfiq.json", [{"candidate": "x"}])
+  with pytest.raises(DataError, match="JSON object"):
+    read_hpfashioniq(tmp_path)
+  data["user_2"]["question_set_2"]["preferred set"][1] = "3"
+  _dump(tmp_path / "hpfiq.json", data)
+  with pytest.raises(DataError, match=r"\['user_2'\]\['question_set_2'\] index 1: 'preferred set'"):
+    read_hpfashioniq(tmp_path)
+  data["user_2"]["question_set_2"]["preferred set"][1] = "1"
+  data["user_1"]["question_set_1"]["retrieved_set2"][2]["img_path"].pop()
+  _dump(tmp_path / "hpfiq.json", data)
+  with pytest.raises(DataError, match="retrieved_set2: 'img_path' must list 5"):
+    read_hpfashioniq(tmp_path)
+  data["user_1"]["question_set_1"]["retrieved_set2"][2]["img_path"].append("/-/image_data/x/gone.jpg")
+  _dump(tmp_path / "hpfiq.json", data)
+  with pytest.raises(DataError, match="gone"):
+    read_hpfashioniq(tmp_path)
 
 
 # ----------------------------------------------------------------------------- InstructCIR

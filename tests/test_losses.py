@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cirjax import losses
 
-RTOL = 1e-5  # SPEC: fp32, single functions
+RTOL = 1e-5  # docs/reference_semantics.md#parity: fp32, single functions
 
 
 def test_pairwise_sigmoid_hand_computed():
@@ -38,7 +38,7 @@ def test_pairwise_sigmoid_is_stable_at_large_margins():
 
 
 def test_pairwise_sigmoid_equals_reference_kl_formulation_in_torch():
-  # QURE_REFERENCE.md: logits [s+, s-] -> log_softmax -> KL to [1, 0], batchmean.
+  # The reference: logits [s+, s-] -> log_softmax -> KL to [1, 0], batchmean.
   rng = np.random.default_rng(0)
   pos = (rng.standard_normal(32) * 5).astype(np.float32)
   neg = (rng.standard_normal(32) * 5).astype(np.float32)

@@ -57,8 +57,46 @@ def test_genecis_ties_count_against_target():
 def test_preference_rate_hand_worked():
   s1 = np.array([[1, 1, 1, 1, 1], [0, 0, 0, 0, 0], [2, 2, 2, 2, 2.]])
   s2 = np.array([[0, 0, 0, 0, 0], [1, 1, 1, 1, 1], [2, 2, 2, 2, 2.]])
-  r = metrics.preference_rate(s1, s2, np.array([1, 1, 2]))
-  assert r == {"preference_rate": 50.0, "n_queries": 2, "n_ties": 1}
+  pref = np.array([1, 1, 2])
+  # Eq. 9 conditions on set 1 scoring higher: only query 0 counts, and its set 1 was preferred.
+  assert metrics.preference_rate(s1, s2, pref) == {"preference_rate": 100.0, "n_queries": 1,
+                                                   "n_total": 3}
+  # The symmetric variant counts query 1 too (set 2 scored higher, set 1 preferred: disagree).
+  assert metrics.preference_agreement(s1, s2, pref) == {"preference_agreement": 50.0,
+                                                        "n_decided": 2, "n_ties": 1}
+  # No query with set 1 scored higher (one lower, one tied): Eq. 9 is undefined.
+  assert np.isnan(metrics.preference_rate(s2[[0, 2]], s1[[0, 2]], pref[[0, 2]])["preference_rate"])
+
+
+def _reference_preference_ratio(model_list_1, model_list_2, preferred_set):
+  """QuRe's `evaluate_preference_ratio` (HP_FashionIQ/evaluate.py), verbatim in logic."""
+  conditioned_total = 0
+  preferred_count = 0
+  for m1, m2, p in zip(model_list_1, model_list_2, preferred_set):
+    if m1 > m2:
+      conditioned_total += 1
+      if p == "1":
+        preferred_count += 1
+  return preferred_count / conditioned_total
+
+
+def test_preference_rate_is_eq9_on_random_cases():
+  rng = np.random.default_rng(11)
+  for trial in range(20):
+    n_q = int(rng.integers(5, 60))
+    # Coarse scores so that ties between the two set means occur too.
+    s1, s2 = rng.integers(0, 4, (n_q, 5)) / 4, rng.integers(0, 4, (n_q, 5)) / 4
+    pref = rng.integers(1, 3, n_q)
+    m1, m2 = s1.mean(1), s2.mean(1)
+    if not (m1 > m2).any():
+      continue
+    # Eq. 9 by its definition: P(A preferred | s(A) > s(B)) with A = set 1.
+    want = np.sum((m1 > m2) & (pref == 1)) / np.sum(m1 > m2) * 100
+    got = metrics.preference_rate(s1, s2, pref)
+    assert got["preference_rate"] == pytest.approx(want)
+    assert got["preference_rate"] == pytest.approx(
+        100 * _reference_preference_ratio(m1, m2, [str(p) for p in pref]))
+    assert got["n_queries"] == np.sum(m1 > m2) and got["n_total"] == n_q
 
 
 def test_fashioniq_averages():
@@ -167,6 +205,8 @@ def test_genecis_and_preference_rate_match_direct_formulas_on_random_scores():
   s1, s2 = rng.random((n_q, 5)), rng.random((n_q, 5))
   pref = rng.integers(1, 3, n_q)
   want = np.mean([(1 if a.mean() > b.mean() else 2) == p for a, b, p in zip(s1, s2, pref)]) * 100
+  assert metrics.preference_agreement(s1, s2, pref)["preference_agreement"] == pytest.approx(want)
+  want = np.mean([p == 1 for a, b, p in zip(s1, s2, pref) if a.mean() > b.mean()]) * 100
   assert metrics.preference_rate(s1, s2, pref)["preference_rate"] == pytest.approx(want)
 
 

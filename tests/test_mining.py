@@ -1,4 +1,4 @@
-"""cirjax.mining against a plain NumPy/Python reference written from QURE_REFERENCE.md."""
+"""cirjax.mining against a plain NumPy/Python reference written from docs/mining.md."""
 
 import jax
 import numpy as np
@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from cirjax import mining
 
 # ---------------------------------------------------------------------------------------
-# The reference: QURE_REFERENCE.md "Hard-negative set", step by step, one query at a time.
+# The reference: the algorithm of docs/mining.md, step by step, one query at a time.
 
 
 def ref_qure(row, t, threshold=1, strict_below=False):

@@ -19,9 +19,9 @@ def test_score_curves_png_marks_target_and_gaps(tmp_path):
   s, t, _, stats = _worked()
   out = tmp_path / "curves.png"
   drawn = mining_plots.plot_score_curves(s, t, stats, [0, 1], out)
-  img = Image.open(out)
-  assert img.format == "PNG" and img.size[0] > 400
-  # The worked example of QURE_REFERENCE.md: target rank 1, gaps after ranks 2 and 6.
+  with Image.open(out) as img:
+    assert img.format == "PNG" and img.size[0] > 400
+  # The worked example of docs/mining.md: target rank 1, gaps after ranks 2 and 6.
   assert drawn[0] == {"query": 0, "target_rank": 1, "gap1": 2, "gap2": 6, "set_size": 4}
   # Query 1's target is last: no gaps, empty set, still drawn.
   assert drawn[1]["gap1"] == -1 and drawn[1]["set_size"] == 0
@@ -31,7 +31,8 @@ def test_set_size_histogram(tmp_path):
   sizes = np.array([0, 0, 3, 4, 4, 10, 25])
   out = tmp_path / "sizes.png"
   info = mining_plots.plot_set_size_histogram(sizes, out, bins=5)
-  assert Image.open(out).format == "PNG"
+  with Image.open(out) as img:
+    assert img.format == "PNG"
   assert info["empty"] == 2 and info["counts"].sum() == 5
   np.testing.assert_allclose(info["mean"], sizes.mean())
   _, _, _, stats = _worked()

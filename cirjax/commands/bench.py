@@ -147,6 +147,7 @@ def add_ratios(rows: list[dict]) -> list[dict]:
 
 
 def _set_device(device: str) -> None:
+  # `cirjax --help` imports every command module: jax loads only when a suite runs.
   import jax  # pylint: disable=g-import-not-at-top
   if device == "cpu":
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # torch too
@@ -161,6 +162,7 @@ def _set_device(device: str) -> None:
     if jax.default_backend() != "gpu":
       raise RuntimeError("--device gpu, but JAX sees no GPU (install with "
                          "`pip install -e '.[test,cuda]'` on a CUDA machine)")
+    # torch is heavy and optional: only the GPU check of the PyTorch side needs it here.
     import torch  # pylint: disable=g-import-not-at-top
     if not torch.cuda.is_available():
       raise RuntimeError("--device gpu, but torch sees no CUDA device; the PyTorch side needs "
@@ -171,6 +173,7 @@ def run_suites(suites: list[str], device: str, quick: bool, bench_dir: Path, out
                keep_going: bool = False) -> dict:
   """Runs each suite, writes `<out>/<suite>_<device>.json` and the combined
   `<out>/bench_<device>.json` + `.md`; returns the combined payload."""
+  # cirjax.benchmarking imports jax: loaded on use so that `cirjax --help` stays fast.
   from cirjax import benchmarking  # pylint: disable=g-import-not-at-top
   _set_device(device)
   peak, peak_src = benchmarking.device_peak_flops("bf16" if device == "gpu" else "fp32")
@@ -231,6 +234,7 @@ def normalise_rows_peak(rows: list[dict], peak_flops: float | None) -> list[dict
 
 
 def render_markdown(payload: dict) -> str:
+  # cirjax.benchmarking imports jax: loaded on use so that `cirjax --help` stays fast.
   from cirjax import benchmarking  # pylint: disable=g-import-not-at-top
   m = payload.get("machine", {})
   lines = [f"### {payload.get('benchmark', '')}: {', '.join(sorted(set(m.get('devices', []))))}"

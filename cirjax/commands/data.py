@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 HELP = "make the synthetic CIR benchmark, check a dataset on disk, build TFDS datasets"
 DESCRIPTION = """\
@@ -51,21 +52,30 @@ def _dataset_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--root", required=True, help="dataset root (manual_dir for TFDS)")
   p.add_argument("--split", default=None, help="split (default: val; GeneCIS: the task name; "
                  "FashionIQ: CATEGORY.SPLIT, e.g. dress.val)")
-  p.add_argument("--fashioniq-root", default=None, help="HP-FashionIQ: FashionIQ images root")
+  p.add_argument("--hp-file", default=None,
+                 help="HP-FashionIQ: the released hpfiq.json (default: ROOT/hpfiq.json or "
+                 "ROOT/HP_FashionIQ/hpfiq.json, with --root the FashionIQ root)")
+  p.add_argument("--fashioniq-root", default=None,
+                 help="HP-FashionIQ: the FashionIQ root, when --root is the hpfiq.json file")
+  p.add_argument("--layout", default=None,
+                 help="CIRR: force a folder layout (flat, release, clip4cir, clip4cir_raw; "
+                 "default: detected, docs/data.md)")
   p.add_argument("--skip-missing", action="store_true",
                  help="drop queries/images whose files are missing and count them")
 
 
 def read_split(dataset: str, root: str, split: str | None, skip_missing: bool = False,
-               fashioniq_root: str | None = None):
+               fashioniq_root: str | None = None, hp_file: str | None = None,
+               layout: str | None = None):
   """One reader entry point for the CLI commands (data, eval, search)."""
+  # `cirjax --help` imports every command module: the readers (numpy, PIL) load on use.
   from cirjax import data  # pylint: disable=g-import-not-at-top
   from cirjax.data import synth  # pylint: disable=g-import-not-at-top
   on_missing = "skip" if skip_missing else "error"
   if dataset == "synthetic":
     return synth.read_synthetic(root, split or "val", on_missing=on_missing)
   if dataset == "cirr":
-    return data.read_cirr(root, split or "val", on_missing=on_missing)
+    return data.read_cirr(root, split or "val", on_missing=on_missing, layout=layout)
   if dataset == "circo":
     return data.read_circo(root, split or "val", on_missing=on_missing)
   if dataset == "fashioniq":
@@ -74,13 +84,13 @@ def read_split(dataset: str, root: str, split: str | None, skip_missing: bool = 
   if dataset == "genecis":
     return data.read_genecis(root, split or "change_attribute", on_missing=on_missing)
   if dataset == "hpfashioniq":
-    if not fashioniq_root:
-      raise SystemExit("HP-FashionIQ needs --fashioniq-root (the FashionIQ images root)")
-    return data.read_hpfashioniq(root, fashioniq_root, on_missing=on_missing)
+    return data.read_hpfashioniq(hp_file or root, fashioniq_root or (root if hp_file else None),
+                                 on_missing=on_missing)
   raise SystemExit(f"unknown dataset {dataset!r}")
 
 
 def run(args: argparse.Namespace) -> int:
+  # `cirjax --help` imports every command module: the readers (numpy, PIL) load on use.
   from cirjax.data.records import DataError  # pylint: disable=g-import-not-at-top
   if args.data_command is None:
     print(DESCRIPTION)
@@ -89,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     if args.data_command == "synth":
       return _synth(args)
     if args.data_command == "check":
-      s = read_split(args.dataset, args.root, args.split, args.skip_missing, args.fashioniq_root)
+      s = read_split(args.dataset, args.root, args.split, args.skip_missing, args.fashioniq_root,
+                     args.hp_file, args.layout)
       rel = [len(q.relevant) for q in s.queries if q.relevant]
       stats = {"split": s.name, "queries": len(s.queries), "corpus_images": len(s.corpus),
                "known_images": len(s.images), "with_target": sum(q.target is not None
@@ -98,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
       print(json.dumps(stats, indent=2))
       return 0
     if args.data_command == "tfds":
+      # tfds_builders imports tensorflow_datasets' helpers: only `data tfds` needs them.
       from cirjax.data import tfds_builders  # pylint: disable=g-import-not-at-top
       splits = tfds_builders.available_splits(args.dataset, args.root)
       print(f"[tfds] building {tfds_builders.BUILDERS[args.dataset]} (queries + images) for "
@@ -114,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _synth(args) -> int:
-  from pathlib import Path  # pylint: disable=g-import-not-at-top
+  # `cirjax --help` imports every command module: the readers (numpy, PIL) load on use.
   from cirjax.data import synth  # pylint: disable=g-import-not-at-top
   out = Path(args.out)
   if out.exists() and any(out.iterdir()) and not args.force:

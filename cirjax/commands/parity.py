@@ -13,8 +13,8 @@ DESCRIPTION = """\
 Loads a PyTorch checkpoint (an HF directory, or a LAVIS BLIP-2 .pth) into the transformers
 reference modules and its cirjax conversion (--converted DIR, else converted in memory now),
 runs the same random inputs through both in fp32 with matmul precision 'highest', prints a
-table of max abs / max rel error per stage, and exits 1 if any stage is above the SPEC
-tolerance (1e-4 relative, whole models; not adjustable).
+table of max abs / max rel error per stage, and exits 1 if any stage is above the
+whole-model tolerance (1e-4 relative; not adjustable; docs/reference_semantics.md#parity).
 
 BLIP-2 stages: vision features, Q-Former query outputs, target features, text feature,
 joint (query + text) Q-Former outputs, composed query, scores.

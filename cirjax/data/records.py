@@ -139,9 +139,14 @@ def check_images_exist(split: CIRSplit, on_missing: str = "error") -> CIRSplit:
     return split
   if on_missing == "error":
     first = sorted(missing)[0]
+    if len(missing) == len(split.images):
+      # Skipping would drop every query: the root or its layout is wrong, not a few files.
+      hint = ("no image of the split is where its annotations say: check the root and the "
+              "folder layout (docs/data.md)")
+    else:
+      hint = "pass on_missing='skip' / --skip-missing to drop them and count them"
     raise DataError(f"{split.name}: {len(missing)} image file(s) missing, e.g. {first!r} at "
-                    f"{split.images[first].path} (pass on_missing='skip' / --skip-missing to "
-                    "drop them and count them)")
+                    f"{split.images[first].path} ({hint})")
   corpus = [n for n in split.corpus if n not in missing]
   kept = []
   for q in split.queries:

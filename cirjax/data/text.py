@@ -2,7 +2,8 @@
 
 * FashionIQ's two captions are joined as QuRe/SPRC do:
   `c0.strip('.?, ').capitalize() + " and " + c1.strip('.?, ')`.
-* CIRCO queries are phrased `"a photo of $ that {caption}"` (QURE_REFERENCE.md).
+* CIRCO queries are phrased `"a photo of $ that {caption}"`
+  (docs/reference_semantics.md#qure-model).
 * BLIP-2's tokenizer is BERT (uncased) plus the added `[DEC]` token (LAVIS
   `init_tokenizer`: `add_special_tokens({"bos_token": "[DEC]"})`, vocab 30522 + 1), texts padded
   to `max_length=32` and truncated.
@@ -58,6 +59,7 @@ def load_bert_tokenizer(path: str | os.PathLike, add_dec_token: bool = True):
   builds an uncased `BertTokenizerFast`. `[DEC]` is added as the BOS token when absent, so
   `len(tokenizer)` is the Q-Former's vocabulary size (30523 for bert-base-uncased).
   """
+  # transformers is heavy: imported only when a tokenizer is loaded.
   from transformers import AutoTokenizer, BertTokenizerFast  # pylint: disable=g-import-not-at-top
   p = Path(path)
   if p.is_dir() and ((p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file()):

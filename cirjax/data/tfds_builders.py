@@ -13,7 +13,8 @@ Every dataset becomes two TFDS configs that share split names:
 Builders (`tfds.builder` names): `cirjax_synthetic` (generated from a seed, or read from a
 `manual_dir` holding a `cirjax data synth` output), `cirjax_cirr`, `cirjax_fashion_iq`
 (splits `dress_val`, ...), `cirjax_circo`, `cirjax_genecis` (one split per task) and
-`cirjax_hp_fashion_iq` (split `val`; needs `fashioniq_root`). Real datasets are read from
+`cirjax_hp_fashion_iq` (split `val`; `root` = the FashionIQ root holding `hpfiq.json`, or the
+file with `fashioniq_root`). Real datasets are read from
 `manual_dir` with the validating readers of `cirjax.data`, so a malformed file fails the build
 naming the file and entry.
 
@@ -38,8 +39,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+from PIL import Image
 
-from cirjax.data import records
+from cirjax.data import circo, cirr, fashioniq, genecis, hpfashioniq, images, records, synth
 from cirjax.data.records import CIRSplit, DataError, ImageRef, Query
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -50,6 +52,7 @@ BUILDERS = {"synthetic": "cirjax_synthetic", "cirr": "cirjax_cirr",
 
 
 def _tfds():
+  # tensorflow_datasets is heavy and optional: only building or reading TFDS data needs it.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   return tfds
 
@@ -58,7 +61,6 @@ def _tfds():
 
 def available_splits(dataset: str, root: str | os.PathLike) -> list[str]:
   """The TFDS split names a dataset root provides (only those whose files exist)."""
-  from cirjax.data import circo, cirr, fashioniq, genecis, synth  # pylint: disable=g-import-not-at-top
   root = Path(root)
   if dataset in ("synthetic", "cirr"):
     names = synth.SPLITS if dataset == "synthetic" else cirr.SPLITS
@@ -71,7 +73,11 @@ def available_splits(dataset: str, root: str | os.PathLike) -> list[str]:
   elif dataset == "genecis":
     out = [t for t in genecis.TASKS if (root / "genecis" / f"{t}.json").is_file()]
   elif dataset == "hpfashioniq":
-    out = ["val"] if root.is_file() or any(root.glob("*.json*")) else []
+    try:
+      hpfashioniq.find_file(root)
+      out = ["val"]
+    except DataError:
+      out = []
   else:
     raise ValueError(f"unknown dataset {dataset!r}; choose from {sorted(BUILDERS)}")
   if not out:
@@ -82,27 +88,19 @@ def available_splits(dataset: str, root: str | os.PathLike) -> list[str]:
 def read_for_tfds(dataset: str, root: str | os.PathLike, split: str,
                   fashioniq_root: str | os.PathLike | None = None) -> CIRSplit:
   """Reads one split with the validating reader (images must exist)."""
-  from cirjax import data  # pylint: disable=g-import-not-at-top
-  from cirjax.data import synth  # pylint: disable=g-import-not-at-top
   if dataset == "synthetic":
     return synth.read_synthetic(root, split)
   if dataset == "cirr":
-    return data.read_cirr(root, split)
+    return cirr.read_cirr(root, split)
   if dataset == "fashioniq":
     cat, _, sp = split.partition("_")
-    return data.read_fashioniq(root, cat, sp)
+    return fashioniq.read_fashioniq(root, cat, sp)
   if dataset == "circo":
-    return data.read_circo(root, split)
+    return circo.read_circo(root, split)
   if dataset == "genecis":
-    return data.read_genecis(root, split)
+    return genecis.read_genecis(root, split)
   if dataset == "hpfashioniq":
-    if fashioniq_root is None:
-      raise DataError("HP-FashionIQ needs fashioniq_root (the FashionIQ images root)")
-    path = Path(root)
-    if path.is_dir():
-      files = sorted(path.glob("*.json*"))
-      path = files[0]
-    return data.read_hpfashioniq(path, fashioniq_root)
+    return hpfashioniq.read_hpfashioniq(root, fashioniq_root)
   raise ValueError(f"unknown dataset {dataset!r}")
 
 
@@ -114,7 +112,6 @@ def _image_bytes(ref: ImageRef) -> bytes:
       return Path(ref.path).read_bytes()
     except OSError as e:
       raise DataError(f"cannot read image {ref.path}: {e}") from None
-  from cirjax.data import images  # pylint: disable=g-import-not-at-top
   buf = io.BytesIO()
   images.load_image(ref).save(buf, format="PNG")
   return buf.getvalue()
@@ -151,6 +148,7 @@ def _features(config: str):
 
 def _make_builder_class(dataset: str, register: bool = True):
   tfds = _tfds()
+  # tensorflow_datasets is heavy and optional (see _tfds).
   from tensorflow_datasets.core import registered  # pylint: disable=g-import-not-at-top
   # Register under `cirjax_<dataset>` (so tfds.builder / tfds.data_source find it) unless a
   # class of that name is already registered (a module reload).
@@ -186,7 +184,6 @@ def _make_builder_class(dataset: str, register: bool = True):
       if self._root is not None:
         return Path(self._root)
       if dataset == "synthetic":
-        from cirjax.data import synth  # pylint: disable=g-import-not-at-top
         manual = getattr(dl_manager, "_manual_dir", None)
         if manual and synth.is_synthetic(manual):
           return Path(manual)
@@ -248,7 +245,6 @@ class TfdsImageSource:
     self._pos = {n: i for i, n in enumerate(names)}
 
   def __call__(self, name: str):
-    from PIL import Image  # pylint: disable=g-import-not-at-top
     i = self._pos.get(name)
     if i is None:
       raise DataError(f"image {name!r} is not in the TFDS images split")
@@ -287,7 +283,7 @@ def load_split(data_dir: str | os.PathLike, dataset: str, split: str
     raise DataError(f"{b_i.name}/{split}: corpus positions are not 0..{len(corpus) - 1}; "
                     "the build is corrupt, rebuild it")
   where = str(Path(data_dir) / b_i.name)
-  images = {n: ImageRef(Path(f"{where}#{n}")) for n in names}
+  image_refs = {n: ImageRef(Path(f"{where}#{n}")) for n in names}
   queries = []
   for r in qrecs:
     queries.append(Query(
@@ -297,7 +293,7 @@ def load_split(data_dir: str | os.PathLike, dataset: str, split: str
         extra=json.loads(_text(r["extra_json"]))))
   ds_name = dataset
   sp = split.replace("_", ".", 1) if dataset == "fashioniq" else split
-  s = CIRSplit(ds_name, sp, queries, corpus, images)
+  s = CIRSplit(ds_name, sp, queries, corpus, image_refs)
   return records.validate_split(s), TfdsImageSource(meta_src, names)
 
 

@@ -11,7 +11,8 @@
 * fashioniq — one category: R@10, R@50 (no exclusion, as the reference code);
   `evaluate_fashioniq` combines categories with the averages of QuRe Table 2.
 * genecis — each query ranks [target] + its gallery: R@{1,2,3}.
-* hpfashioniq — preference rate (QuRe Eqs. 8-9) from the scores of the two sets.
+* hpfashioniq — preference rate (QuRe Eq. 9, conditioned on set 1 scoring higher) and its
+  symmetric variant, from the mean scores of the two sets (Eq. 8).
 
 Splits without targets (CIRR test1, CIRCO test) only produce rankings for submissions.
 Any count of skipped queries/images is returned with the metrics (`skipped/...`).
@@ -226,8 +227,11 @@ def _evaluate_pairs(split: CIRSplit, scorer: retrieval.Scorer) -> EvalResult:
   s2 = scorer.pairs(qidx, np.stack([_indices(split, q.extra["set2"], "set2 image")
                                     for q in split.queries]))
   pref = np.array([q.extra["preferred"] for q in split.queries])
-  m = metrics.preference_rate(s1, s2, pref)
-  return EvalResult(split, {k: float(v) for k, v in m.items()}, chance={"preference_rate": 50.0})
+  m = {**metrics.preference_rate(s1, s2, pref), **metrics.preference_agreement(s1, s2, pref)}
+  # A scorer that ignores the query picks set 1 at random, so Eq. 9's chance level is the
+  # share of queries where people preferred set 1; the symmetric agreement's is 50 %.
+  chance = {"preference_rate": float(np.mean(pref == 1) * 100.0), "preference_agreement": 50.0}
+  return EvalResult(split, {k: float(v) for k, v in m.items()}, chance=chance)
 
 
 def evaluate_fashioniq(results: dict[str, EvalResult]) -> dict[str, float]:

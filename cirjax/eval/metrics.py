@@ -3,7 +3,7 @@
 Every function takes rankings (corpus indices, best first) or scores as NumPy arrays and
 returns percentages (0-100), as the papers and the reference scripts report them.
 
-Conventions (QURE_REFERENCE.md "Evaluation conventions", SPEC §5):
+Conventions (docs/reference_semantics.md#metrics):
 * Recall@K: the annotated target is among the first K entries of the ranking.
 * CIRR: the ranking has the reference image removed *before* ranks are counted (the
   retrieval excludes it); Recall_subset@K ranks only the query's `img_set` members minus the
@@ -13,8 +13,10 @@ Conventions (QURE_REFERENCE.md "Evaluation conventions", SPEC §5):
 * GeneCIS: each query ranks its own gallery plus the target; R@{1,2,3}. A gallery image that
   ties the target's score counts as ranked before it (a constant scorer cannot score 1.0).
 * HP-FashionIQ (QuRe Eqs. 8-9): a set's score is the mean of the model's scores of its five
-  images; the preference rate is the share of queries where the higher-scored set is the one
-  people preferred. Queries whose two set scores tie are excluded from the rate and counted.
+  images; the preference rate is P(Set 1 preferred | Set 1 scored higher): among the queries
+  whose set 1 the model scores strictly higher, the share where people preferred set 1 (the
+  reference's `evaluate_preference_ratio`). `preference_agreement` is the symmetric variant
+  (both directions, ties excluded and counted).
 
 Nothing here drops a query silently: a ranking too short for the K asked for, a target id
 that is not a valid index, or an empty ground-truth set is an error.
@@ -172,35 +174,61 @@ def genecis_recall(target_scores: np.ndarray, gallery_scores: Sequence[np.ndarra
   return {f"R@{k}": float((ranks < k).mean() * 100.0) for k in ks}
 
 
-def preference_rate(set1_scores: np.ndarray, set2_scores: np.ndarray,
-                    preferred: np.ndarray) -> dict[str, float]:
-  """HP-FashionIQ preference rate (QuRe Eqs. 8-9).
-
-  Args:
-    set1_scores, set2_scores: [Q, 5] the model's scores of each set's five images.
-    preferred: [Q] 1 or 2, the set people preferred.
-  Returns: {"preference_rate": percent, "n_queries": Q used, "n_ties": Q excluded}.
-  """
+def _set_scores(set1_scores, set2_scores, preferred, fn: str):
+  """Eq. 8 (a set's score = the mean of its images' scores), with the inputs checked."""
   s1 = np.asarray(set1_scores, dtype=np.float64)
   s2 = np.asarray(set2_scores, dtype=np.float64)
   preferred = np.asarray(preferred)
   if s1.shape != s2.shape or s1.ndim != 2 or s1.shape[0] != preferred.shape[0]:
-    raise ValueError(f"preference_rate: shapes {s1.shape}, {s2.shape}, {preferred.shape} "
+    raise ValueError(f"{fn}: shapes {s1.shape}, {s2.shape}, {preferred.shape} "
                      "do not line up as [Q, n], [Q, n], [Q]")
   if s1.shape[0] == 0:
-    raise ValueError("preference_rate: no queries")
+    raise ValueError(f"{fn}: no queries")
   if not np.isin(preferred, (1, 2)).all():
-    raise ValueError("preference_rate: `preferred` must be 1 or 2 for every query")
-  m1, m2 = s1.mean(axis=1), s2.mean(axis=1)  # Eq. 8
+    raise ValueError(f"{fn}: `preferred` must be 1 or 2 for every query")
+  m1, m2 = s1.mean(axis=1), s2.mean(axis=1)
   if np.isnan(m1).any() or np.isnan(m2).any():
-    raise ValueError("preference_rate: NaN scores")
+    raise ValueError(f"{fn}: NaN scores")
+  return m1, m2, preferred
+
+
+def preference_rate(set1_scores: np.ndarray, set2_scores: np.ndarray,
+                    preferred: np.ndarray) -> dict[str, float]:
+  """HP-FashionIQ preference rate, QuRe Eq. 9: P(Set 1 preferred | s_rel(Set 1) > s_rel(Set 2)).
+
+  Exactly the reference's `evaluate_preference_ratio`: only the queries whose set 1 the model
+  scores strictly higher count (set scores by Eq. 8, the mean over the set's images), and the
+  rate is the share of them where people preferred set 1. Queries the model scores the other
+  way, or tied, are not in the rate (`n_queries` is how many are). With no such query the
+  rate is undefined: NaN (the reference returns 0.0 there).
+
+  Args:
+    set1_scores, set2_scores: [Q, 5] the model's scores of each set's five images.
+    preferred: [Q] 1 or 2, the set people preferred.
+  Returns: {"preference_rate": percent, "n_queries": queries with set 1 scored higher,
+    "n_total": Q}.
+  """
+  m1, m2, preferred = _set_scores(set1_scores, set2_scores, preferred, "preference_rate")
+  cond = m1 > m2
+  rate = float((preferred[cond] == 1).mean() * 100.0) if cond.any() else float("nan")
+  return {"preference_rate": rate, "n_queries": int(cond.sum()), "n_total": int(len(m1))}
+
+
+def preference_agreement(set1_scores: np.ndarray, set2_scores: np.ndarray,
+                         preferred: np.ndarray) -> dict[str, float]:
+  """The symmetric variant of the preference rate (not the paper's Eq. 9): the share of all
+  queries where the set the model scores higher is the one people preferred, in both
+  directions; queries whose two set scores tie are excluded and counted.
+
+  Returns: {"preference_agreement": percent, "n_decided": Q not tied, "n_ties": Q tied}.
+  """
+  m1, m2, preferred = _set_scores(set1_scores, set2_scores, preferred, "preference_agreement")
   decided = m1 != m2
   if not decided.any():
-    raise ValueError("preference_rate: every query's two sets have the same model score")
-  model_choice = np.where(m1 > m2, 1, 2)
-  agree = (model_choice == preferred)[decided]
-  return {"preference_rate": float(agree.mean() * 100.0),
-          "n_queries": int(decided.sum()), "n_ties": int((~decided).sum())}
+    raise ValueError("preference_agreement: every query's two sets have the same model score")
+  agree = (np.where(m1 > m2, 1, 2) == preferred)[decided]
+  return {"preference_agreement": float(agree.mean() * 100.0),
+          "n_decided": int(decided.sum()), "n_ties": int((~decided).sum())}
 
 
 def chance_recall(num_candidates: int, ks: Sequence[int]) -> dict[str, float]:

@@ -1,7 +1,8 @@
 """BLIP-2 for composed image retrieval (QuRe): the vision tower, the Q-Former and the heads.
 
 The numerics are those of HF `Blip2ForImageTextRetrieval` (EVA tower) and of LAVIS
-`Blip2Qformer` / `blip2_qure` (EVA or CLIP-L tower); docs/blip2.md describes both layouts.
+`Blip2Qformer` / `blip2_qure` (EVA or CLIP-L tower); see docs/reference_semantics.md
+(QuRe model, Numerics).
 
 The one call surface: pure functions of `(params, cfg, inputs)`, used by training,
 evaluation, search, parity and the benchmarks alike:

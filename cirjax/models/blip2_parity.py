@@ -8,8 +8,8 @@ loaded from:
   code independent of the JAX converter (a converter bug is not reproduced by the reference).
 
 Both sides get the same random pixels, token ids and padding mask; each stage's max abs and
-max relative error (max |a - b| / max |b|) is compared to SPEC.md §3's whole-model tolerance
-(1e-4, fp32, matmul precision highest).
+max relative error (max |a - b| / max |b|) is compared to the whole-model tolerance
+(docs/reference_semantics.md#parity: 1e-4, fp32, matmul precision highest).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any, Mapping, NamedTuple, Optional
 
 import numpy as np
 
-TOLERANCE = 1e-4  # SPEC.md §3, whole models in fp32; never loosened.
+TOLERANCE = 1e-4  # docs/reference_semantics.md#parity: whole models in fp32; never loosened.
 
 STAGES = ("vision features", "Q-Former query outputs", "target features", "text feature",
           "joint Q-Former outputs", "composed query", "scores")

@@ -8,8 +8,8 @@ conversion of the same directory (done in memory) or a converted cirjax director
 Both get the same random inputs: a batch of left-padded prompts of different lengths, every
 other row carrying one image (so image and text-only rows are mixed, and images are consumed
 in batch order as HF does). Each stage's max abs and max relative error
-(max |a - b| / max |b|) is compared with SPEC.md §3's whole-model tolerance (1e-4, fp32,
-matmul precision highest).
+(max |a - b| / max |b|) is compared with the whole-model tolerance
+(docs/reference_semantics.md#parity: 1e-4, fp32, matmul precision highest).
 
 Stages: vision features (the selected CLIP layer, CLS dropped), projector output, input
 embeddings (image features merged), decoder layer 1..N, final norm, embedding.
@@ -23,7 +23,7 @@ from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-TOLERANCE = 1e-4  # SPEC.md §3, whole models in fp32; never loosened.
+TOLERANCE = 1e-4  # docs/reference_semantics.md#parity: whole models in fp32; never loosened.
 
 
 class ParityRow(NamedTuple):
@@ -186,7 +186,7 @@ def run_parity(path: str | os.PathLike, *, converted: Optional[str | os.PathLike
     converted: a cirjax 'llava' directory to test (default: convert `path` in memory now).
     batch, text_len, seed: the random inputs (see `random_inputs`).
     images: include image rows (else text-only prompts).
-    tolerance: SPEC's 1e-4 whole-model tolerance by default.
+    tolerance: the 1e-4 whole-model tolerance by default.
   Returns:
     One ParityRow (name, max_abs_err, max_rel_err, tolerance, ok) per stage.
   """

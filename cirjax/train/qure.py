@@ -18,7 +18,7 @@ With a frozen vision tower and no augmentation the tower's output (before `ln_vi
 QuRe trains) is computed once for every training and evaluation image and reused by every
 step, mining and evaluation (`config.qure.cache_features`, on by default where valid).
 
-Mining corpora (QURE_REFERENCE.md): CIRR / synthetic — the training split's images;
+Mining corpora (docs/reference_semantics.md): CIRR / synthetic — the training split's images;
 FashionIQ — per category, the targets of that category's training triplets (one entry per
 triplet, sets de-duplicated by image id).
 """
