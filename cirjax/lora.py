@@ -44,7 +44,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from cirjax import weights
+from cirjax.convert import io as weight_io
 from cirjax.models.llava_convert import KEY_FORMATS, hf_module_name, module_path_from_hf
 
 # All attention and MLP projections of the LLM, in both layouts (Phi-3 fused, Llama split).
@@ -342,7 +342,7 @@ def save_peft(adapter: Adapter, out_dir: str | os.PathLike, *, key_format: str =
       "inference_mode": True, "modules_to_save": None, "layers_to_transform": None,
       "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
   }
-  weights.write_safetensors(peft_state_dict(adapter, key_format), out / WEIGHTS_NAME)
+  weight_io.write_safetensors(peft_state_dict(adapter, key_format), out / WEIGHTS_NAME)
   (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
   return out
 
@@ -351,8 +351,8 @@ def _read_adapter_weights(d: Path) -> tuple[dict[str, np.ndarray], Path]:
   for name in (WEIGHTS_NAME, "adapter_model.bin"):
     f = d / name
     if f.exists():
-      state = (weights.read_safetensors(f) if f.suffix == ".safetensors"
-               else weights.read_torch_pickle(f))
+      state = (weight_io.read_safetensors(f) if f.suffix == ".safetensors"
+               else weight_io.read_torch_pickle(f))
       return state, f
   raise FileNotFoundError(f"{d}: no {WEIGHTS_NAME} (or adapter_model.bin)")
 

@@ -283,7 +283,7 @@ def loaded(hf_dir):
 
 def test_load_blip2_model(hf_dir, tmp_path):
   import cirjax
-  from cirjax import model_io
+  from cirjax.convert import registry
   model = cirjax.load_blip2(hf_dir)
   assert model.family == "blip2" and {"params", "config"} <= set(model._fields)
   p, cfg = model.params, model.config
@@ -294,7 +294,7 @@ def test_load_blip2_model(hf_dir, tmp_path):
   assert t.shape == (2, 8, 16) and q.shape == (2, 16) and x.shape == (2, 16)
   assert blip2.score(q, t).shape == (2, 2)
   # the same numbers through a cirjax directory
-  model_io.save_model_dir(tmp_path / "cj", model.params, model.config.to_dict(), "blip2")
+  registry.save(tmp_path / "cj", "blip2", model.config, model.params)
   again = cirjax.load_blip2(tmp_path / "cj")
   assert again.config == model.config
   np.testing.assert_array_equal(blip2.compose(again.params, again.config, pixels, ids, mask), q)
@@ -335,8 +335,8 @@ def test_bad_text(loaded):
 
 def test_load_blip2_wrong_type(tmp_path):
   import cirjax
-  from cirjax import model_io
-  model_io.save_model_dir(tmp_path / "l", {"w": np.zeros(2, np.float32)}, {}, "llava")
+  from cirjax.convert import io
+  io.save_model_dir(tmp_path / "l", {"w": np.zeros(2, np.float32)}, {}, "llava")
   with pytest.raises(ValueError, match="'llava' model, not 'blip2'"):
     cirjax.load_blip2(tmp_path / "l")
   with pytest.raises(FileNotFoundError, match="no config.json"):

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from cirjax import model_io, weights
-from cirjax.weights import KeyAccountingError, StateDictReader, WeightFileError
+from cirjax.convert import io
+from cirjax.convert.engine import KeyAccountingError, StateDictReader
+from cirjax.convert.io import WeightFileError
 
 
 # ------------------------------------------------------------------------- weight files
@@ -29,8 +30,8 @@ def _state():
 
 def test_safetensors_round_trip_and_torch_compatible(tmp_path):
   state = _state()
-  weights.write_safetensors(state, tmp_path / "model.safetensors")
-  back = weights.read_state_dict(tmp_path)
+  io.write_safetensors(state, tmp_path / "model.safetensors")
+  back = io.read_state_dict(tmp_path)
   assert set(back) == set(state)
   for k in state:
     assert back[k].dtype == state[k].dtype, k
@@ -46,7 +47,7 @@ def test_reads_official_safetensors_bf16(tmp_path):
   from safetensors.torch import save_file
   t = {"x": torch.randn(3, 5).to(torch.bfloat16), "y": torch.randn(2)}
   save_file(t, tmp_path / "w.safetensors")
-  back = weights.read_state_dict(tmp_path / "w.safetensors")
+  back = io.read_state_dict(tmp_path / "w.safetensors")
   assert back["x"].dtype == ml_dtypes.bfloat16
   np.testing.assert_array_equal(back["x"].astype(np.float32), t["x"].float().numpy())
   np.testing.assert_array_equal(back["y"], t["y"].numpy())
@@ -54,11 +55,11 @@ def test_reads_official_safetensors_bf16(tmp_path):
 
 def test_sharded_safetensors(tmp_path):
   state = {f"w{i}": np.full((64,), i, np.float32) for i in range(6)}
-  names = weights.write_safetensors_sharded(state, tmp_path, max_shard_bytes=600)
+  names = io.write_safetensors_sharded(state, tmp_path, max_shard_bytes=600)
   assert "model.safetensors.index.json" in names and len(names) > 2
   index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
   assert set(index["weight_map"]) == set(state)
-  back = weights.read_state_dict(tmp_path)
+  back = io.read_state_dict(tmp_path)
   for k in state:
     np.testing.assert_array_equal(back[k], state[k])
 
@@ -66,7 +67,7 @@ def test_sharded_safetensors(tmp_path):
 def test_torch_bin_and_sharded_bin_and_wrapped_pth(tmp_path):
   t = {"x": torch.randn(2, 3), "h": torch.randn(4).to(torch.bfloat16)}
   torch.save(t, tmp_path / "pytorch_model.bin")
-  back = weights.read_state_dict(tmp_path)
+  back = io.read_state_dict(tmp_path)
   np.testing.assert_array_equal(back["x"], t["x"].numpy())
   assert back["h"].dtype == ml_dtypes.bfloat16
   shard_dir = tmp_path / "sharded"
@@ -75,9 +76,9 @@ def test_torch_bin_and_sharded_bin_and_wrapped_pth(tmp_path):
   torch.save({"y": torch.ones(1)}, shard_dir / "pytorch_model-00002-of-00002.bin")
   (shard_dir / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {
       "x": "pytorch_model-00001-of-00002.bin", "y": "pytorch_model-00002-of-00002.bin"}}))
-  assert set(weights.read_state_dict(shard_dir)) == {"x", "y"}
+  assert set(io.read_state_dict(shard_dir)) == {"x", "y"}
   torch.save({"model": t, "epoch": 3}, tmp_path / "model.pth")
-  assert set(weights.read_state_dict(tmp_path / "model.pth")) == {"x", "h"}
+  assert set(io.read_state_dict(tmp_path / "model.pth")) == {"x", "h"}
 
 
 class _Evil:
@@ -96,42 +97,42 @@ def test_malicious_pickle_refused_never_executed(tmp_path):
   torch.save({"w": torch.ones(2), "x": evil}, tmp_path / "evil.pt")
   for path in (tmp_path / "pytorch_model.bin", tmp_path / "evil.pt"):
     with pytest.raises(WeightFileError, match=rf"{path.name}.*refused"):
-      weights.read_state_dict(path)
+      io.read_state_dict(path)
   assert not marker.exists()
 
 
 def test_truncated_and_corrupt_safetensors(tmp_path):
-  weights.write_safetensors(_state(), tmp_path / "model.safetensors")
+  io.write_safetensors(_state(), tmp_path / "model.safetensors")
   raw = (tmp_path / "model.safetensors").read_bytes()
   (tmp_path / "cut.safetensors").write_bytes(raw[:-7])
   with pytest.raises(WeightFileError, match=r"cut\.safetensors.*truncated"):
-    weights.read_state_dict(tmp_path / "cut.safetensors")
+    io.read_state_dict(tmp_path / "cut.safetensors")
   (tmp_path / "junk.safetensors").write_bytes(struct.pack("<Q", 20) + b"{not json at all!!!}")
   with pytest.raises(WeightFileError, match=r"junk\.safetensors.*corrupt"):
-    weights.read_state_dict(tmp_path / "junk.safetensors")
+    io.read_state_dict(tmp_path / "junk.safetensors")
   (tmp_path / "tiny.safetensors").write_bytes(b"abc")
   with pytest.raises(WeightFileError, match=r"tiny\.safetensors"):
-    weights.read_state_dict(tmp_path / "tiny.safetensors")
+    io.read_state_dict(tmp_path / "tiny.safetensors")
   (tmp_path / "huge.safetensors").write_bytes(struct.pack("<Q", 10 ** 12) + b"{}")
   with pytest.raises(WeightFileError, match=r"huge\.safetensors.*header length"):
-    weights.read_state_dict(tmp_path / "huge.safetensors")
+    io.read_state_dict(tmp_path / "huge.safetensors")
   (tmp_path / "cut.bin").write_bytes(b"PK\x03\x04garbage")
   with pytest.raises(WeightFileError, match=r"cut\.bin"):
-    weights.read_state_dict(tmp_path / "cut.bin")
+    io.read_state_dict(tmp_path / "cut.bin")
 
 
 def test_missing_weights_and_shards(tmp_path):
   with pytest.raises(FileNotFoundError, match="nowhere"):
-    weights.read_state_dict(tmp_path / "nowhere")
+    io.read_state_dict(tmp_path / "nowhere")
   (tmp_path / "empty").mkdir()
   with pytest.raises(WeightFileError, match="no weights found"):
-    weights.read_state_dict(tmp_path / "empty")
+    io.read_state_dict(tmp_path / "empty")
   d = tmp_path / "broken"
   d.mkdir()
   (d / "model.safetensors.index.json").write_text(json.dumps(
       {"weight_map": {"x": "model-00001-of-00002.safetensors"}}))
   with pytest.raises(WeightFileError, match="model-00001-of-00002.safetensors"):
-    weights.read_state_dict(d)
+    io.read_state_dict(d)
 
 
 def test_state_dict_reader_accounting():
@@ -164,9 +165,9 @@ def _params():
 
 def test_model_dir_round_trip(tmp_path):
   dst = tmp_path / "m"
-  model_io.save_model_dir(dst, _params(), {"hidden": 3}, "blip2")
-  assert model_io.is_cirjax_dir(dst) and not model_io.is_cirjax_dir(tmp_path)
-  model_type, config, params = model_io.load_model_dir(dst)
+  io.save_model_dir(dst, _params(), {"hidden": 3}, "blip2")
+  assert io.is_cirjax_dir(dst) and not io.is_cirjax_dir(tmp_path)
+  model_type, config, params = io.load_model_dir(dst)
   assert model_type == "blip2" and config == {"hidden": 3}
   np.testing.assert_array_equal(params["enc"]["kernel"], _params()["enc"]["kernel"])
   assert float(params["temp"]) == pytest.approx(0.07)
@@ -178,56 +179,56 @@ def test_model_dir_restore_into_sharded_target(tmp_path):
   from jax.sharding import NamedSharding, PartitionSpec as P
   dst = tmp_path / "m"
   params = {"w": np.arange(32, dtype=np.float32).reshape(4, 8)}
-  model_io.save_model_dir(dst, params, {}, "blip2")
+  io.save_model_dir(dst, params, {}, "blip2")
   mesh = jax.make_mesh((4,), ("data",), devices=jax.devices())
   target = {"w": jax.ShapeDtypeStruct((4, 8), np.float32,
                                       sharding=NamedSharding(mesh, P("data")))}
-  _, _, back = model_io.load_model_dir(dst, target=target)
+  _, _, back = io.load_model_dir(dst, target=target)
   assert back["w"].sharding.spec == P("data")
   np.testing.assert_array_equal(np.asarray(back["w"]), params["w"])
 
 
 def test_model_dir_refuses_overwrite_and_survives_failure(tmp_path):
   dst = tmp_path / "m"
-  model_io.save_model_dir(dst, _params(), {"v": 1}, "blip2")
+  io.save_model_dir(dst, _params(), {"v": 1}, "blip2")
   with pytest.raises(FileExistsError, match="overwrite"):
-    model_io.save_model_dir(dst, _params(), {"v": 2}, "blip2")
+    io.save_model_dir(dst, _params(), {"v": 2}, "blip2")
   # a config that cannot be serialised fails before anything is written
   with pytest.raises(TypeError):
-    model_io.save_model_dir(dst, _params(), {"v": object()}, "blip2", overwrite=True)
+    io.save_model_dir(dst, _params(), {"v": object()}, "blip2", overwrite=True)
 
   # a failure mid-write leaves the old directory intact and no temp dirs
   class Boom(Exception):
     pass
 
-  orig = model_io.write_params
+  orig = io.write_params
 
   def failing(directory, params):
     orig(directory, params)
     raise Boom("disk full")
 
-  model_io.write_params = failing
+  io.write_params = failing
   try:
     with pytest.raises(Boom):
-      model_io.save_model_dir(dst, _params(), {"v": 3}, "blip2", overwrite=True)
+      io.save_model_dir(dst, _params(), {"v": 3}, "blip2", overwrite=True)
   finally:
-    model_io.write_params = orig
-  assert model_io.load_model_dir(dst)[1] == {"v": 1}
+    io.write_params = orig
+  assert io.load_model_dir(dst)[1] == {"v": 1}
   assert [p.name for p in tmp_path.iterdir()] == ["m"]
-  model_io.save_model_dir(dst, _params(), {"v": 4}, "blip2", overwrite=True)
-  assert model_io.load_model_dir(dst)[1] == {"v": 4}
+  io.save_model_dir(dst, _params(), {"v": 4}, "blip2", overwrite=True)
+  assert io.load_model_dir(dst)[1] == {"v": 4}
   assert [p.name for p in tmp_path.iterdir()] == ["m"]
 
 
 def test_load_model_dir_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="cirjax_config.json"):
-    model_io.load_model_dir(tmp_path)
+    io.load_model_dir(tmp_path)
   (tmp_path / "cirjax_config.json").write_text("{oops")
   with pytest.raises(ValueError, match="cirjax_config.json.*JSON"):
-    model_io.load_model_dir(tmp_path)
+    io.load_model_dir(tmp_path)
   (tmp_path / "cirjax_config.json").write_text(json.dumps({"model_type": "blip2"}))
   with pytest.raises(ValueError, match="'config'"):
-    model_io.load_model_dir(tmp_path)
+    io.load_model_dir(tmp_path)
 
 
 # ------------------------------------------------------------------------ BLIP-2 conversion

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from cirjax import cli, model_io
+from cirjax import cli
+from cirjax.convert import io
 from tests.blip2_fixtures import hf_retrieval_model, lavis_model
 
 
@@ -53,13 +54,13 @@ def test_parity_passes_then_fails_on_one_perturbed_tensor(hf_dir, converted, tmp
   rows = json.loads(out.read_text())
   assert all(r["ok"] and r["max_rel_err"] <= 1e-4 for r in rows)
   # one tensor of the conversion perturbed -> non-zero exit
-  model_type, config, params = model_io.load_model_dir(converted)
+  model_type, config, params = io.load_model_dir(converted)
   params = {k: v for k, v in params.items()}
   w = np.array(params["qformer"]["layer_1"]["ffn_query"]["output"]["kernel"])
   w[0, 0] += 0.5
   params["qformer"]["layer_1"]["ffn_query"]["output"]["kernel"] = w
   bad = tmp_path / "bad"
-  model_io.save_model_dir(bad, params, config, model_type)
+  io.save_model_dir(bad, params, config, model_type)
   assert cli.main(["parity", str(hf_dir), "--converted", str(bad)]) == 1
   text = capsys.readouterr().out
   assert "FAIL" in text and "NO" in text

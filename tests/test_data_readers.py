@@ -260,6 +260,26 @@ def test_genecis_attribute_and_object_tasks(tmp_path):
     read_genecis(tmp_path, "focus_object")
 
 
+def test_genecis_target_copies_in_the_gallery_are_dropped(tmp_path):
+  """Official change_object entries 18-20; entry 19 lists its target in its gallery too."""
+  entries = json.loads((Path(__file__).parent / "data" / "genecis" / "change_object.json")
+                       .read_text())
+  (tmp_path / "genecis").mkdir()
+  (tmp_path / "genecis" / "change_object.json").write_text(json.dumps(entries))
+  coco = tmp_path / "coco"
+  for e in entries:
+    for item in [e["reference"], e["target"], *e["gallery"]]:
+      _png(coco / f"{item['val_image_id']:012d}.jpg")
+  s = read_genecis(tmp_path, "change_object", coco_root=coco)
+  q = s.queries[1]
+  assert q.target == "175364" and q.target not in q.gallery
+  assert len(q.gallery) == len(entries[1]["gallery"]) - 1
+  assert [len(x.gallery) for x in (s.queries[0], s.queries[2])] == [
+      len(entries[0]["gallery"]), len(entries[2]["gallery"])]
+  assert s.skipped == {"gallery_copies_of_target": 1}
+  assert s.images["175364"].path == coco / "000000175364.jpg"
+
+
 # ----------------------------------------------------------------------------- HP-FashionIQ
 
 HP_EXCERPT = Path(__file__).parent / "data" / "hpfiq_excerpt.json"  # the release, 2 users x 2 x 3

@@ -269,6 +269,7 @@ def test_cli_eval_baselines_and_submission(root, tmp_path, capsys):
 
 
 def test_checkpoint_resolution(tmp_path):
+  from cirjax.convert import registry
   from cirjax.eval import encoders
   wd = tmp_path / "workdir"
   (wd / "checkpoints").mkdir(parents=True)
@@ -282,7 +283,7 @@ def test_checkpoint_resolution(tmp_path):
     encoders.load_encoder(wd)
   (tmp_path / "hf").mkdir()
   (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "llava"}))
-  assert encoders.model_type(tmp_path / "hf") == "llava"
+  assert registry.detect(tmp_path / "hf") == "llava"
   (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "bert"}))
   with pytest.raises(ValueError, match="neither BLIP-2 nor LLaVA"):
     encoders.load_encoder(tmp_path / "hf")
@@ -329,14 +330,15 @@ def test_cli_eval_and_search_with_a_blip2_checkpoint(root, tmp_path, capsys):
   and `cirjax search` through the sharded encode path agree with eager functional calls."""
   import dataclasses
   blip2 = pytest.importorskip("cirjax.models.blip2")
-  from cirjax import cli, model_io
+  from cirjax import cli
+  from cirjax.convert import io, registry
   from cirjax.data import images, loader, text
   tok = text.load_bert_tokenizer(root / "vocab.txt")
   cfg = blip2.tiny_config()
   cfg = cfg.replace(qformer=dataclasses.replace(cfg.qformer, vocab_size=len(tok)))
   params = blip2.init_blip2(jax.random.PRNGKey(0), cfg)
   model_dir = tmp_path / "workdir" / "model"
-  model_io.save_model_dir(model_dir, jax.tree.map(np.asarray, params), cfg.to_dict(), "blip2")
+  io.save_model_dir(model_dir, jax.tree.map(np.asarray, params), cfg.to_dict(), "blip2")
   (model_dir / "vocab.txt").write_text((root / "vocab.txt").read_text())
   out = tmp_path / "m.json"
   assert cli.main(["eval", "--dataset", "synthetic", "--root", str(root), "--checkpoint",
@@ -345,7 +347,7 @@ def test_cli_eval_and_search_with_a_blip2_checkpoint(root, tmp_path, capsys):
   assert "images clip 28px" in capsys.readouterr().out
   got = json.loads(out.read_text())["splits"]["synthetic/val"]["metrics"]
   # The same numbers from eager (input-checked) calls of the functional API.
-  model = blip2.load_blip2(model_dir)
+  model = registry.load_blip2(model_dir)
   s = synth.read_synthetic(root, "val")
   tf = images.make_transform("clip", 28)
   px = lambda names: np.stack([tf(images.load_image(s.images[n])) for n in names])

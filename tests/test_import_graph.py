@@ -167,7 +167,6 @@ def test_graph_sees_local_imports(tmp_path):
   assert find_cycles(graph) == [["cirjax.sub.a", "cirjax.sub.b", "cirjax.sub.a"]]
 
 
-@pytest.mark.xfail(strict=False, reason="cycles removed by the conversion registry")
 def test_no_import_cycles():
   cycles = find_cycles(import_graph())
   assert not cycles, "import cycles among cirjax modules:\n" + "\n".join(

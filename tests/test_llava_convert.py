@@ -11,7 +11,7 @@ import torch
 import transformers
 
 import cirjax
-from cirjax import weights
+from cirjax.convert import engine, io, registry
 from cirjax.models import llava, llava_convert, llava_parity
 from tests import llava_fixtures as fx
 
@@ -56,7 +56,7 @@ def test_parity_catches_a_wrong_weight(hf_dir, tmp_path):
   bad = jax.tree.map(lambda x: x, params)
   w = np.array(bad["language_model"]["layers_1"]["mlp"]["down_proj"]["kernel"])
   bad["language_model"]["layers_1"]["mlp"]["down_proj"]["kernel"] = w * 1.01
-  llava_convert.save_cirjax(bad, config, tmp_path / "bad")
+  registry.save(tmp_path / "bad", "llava", config, bad)
   rows = {r.name: r for r in llava_parity.run_parity(d, converted=tmp_path / "bad")}
   assert rows["decoder layer 1"].ok and not rows["decoder layer 2 + final norm"].ok
   assert not rows["embedding"].ok
@@ -66,9 +66,9 @@ def test_parity_catches_a_wrong_weight(hf_dir, tmp_path):
 def test_export_round_trip(hf_dir, tmp_path, key_format):
   d, model = hf_dir
   config, params = llava_convert.from_hf(d)
-  out = llava_convert.to_hf(params, config, tmp_path / key_format, key_format=key_format,
-                            tokenizer_dir=d)
-  keys = weights.read_state_dict(out)
+  out = registry.export_hf(tmp_path / key_format, "llava", config, params,
+                           key_format=key_format, tokenizer_dir=d)
+  keys = io.read_state_dict(out)
   prefix = "language_model.model." if key_format == "hf4" else "model.language_model."
   assert any(k.startswith(prefix) for k in keys)
   back = transformers.LlavaForConditionalGeneration.from_pretrained(
@@ -92,7 +92,7 @@ def test_sharded_fp16_and_bin(hf_dir, tmp_path):
   state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
   # sharded safetensors + index, fp16
   sh = tmp_path / "sharded"
-  weights.write_safetensors_sharded({k: v.numpy() for k, v in state.items()}, sh,
+  io.write_safetensors_sharded({k: v.numpy() for k, v in state.items()}, sh,
                                     max_shard_bytes=20_000)
   (sh / "config.json").write_text((d / "config.json").read_text())
   assert (sh / "model.safetensors.index.json").exists()
@@ -118,7 +118,7 @@ def test_sharded_fp16_and_bin(hf_dir, tmp_path):
 
 def test_key_formats_equivalent(hf_dir):
   d, _ = hf_dir
-  state = weights.read_state_dict(d)
+  state = io.read_state_dict(d)
   config, params = llava_convert.from_hf(d)
   hf5 = {}
   for k, v in state.items():
@@ -139,13 +139,13 @@ def test_key_formats_equivalent(hf_dir):
 
 def test_strict_key_accounting(hf_dir):
   d, _ = hf_dir
-  state = weights.read_state_dict(d)
+  state = io.read_state_dict(d)
   config, _ = llava_convert.from_hf(d)
   s = dict(state)
   del s["language_model.model.layers.1.mlp.down_proj.weight"]
   s["language_model.model.layers.1.mlp.extra.weight"] = np.zeros(3, np.float32)
   s["multi_modal_projector.linear_1.bias"] = np.zeros(7, np.float32)
-  with pytest.raises(weights.KeyAccountingError) as e:
+  with pytest.raises(engine.KeyAccountingError) as e:
     llava_convert.convert_state_dict(s, config, source="broken")
   msg = str(e.value)
   for k in ("layers.1.mlp.down_proj.weight", "layers.1.mlp.extra.weight",
@@ -162,7 +162,8 @@ def test_load_llava_hf_and_cirjax_dirs(hf_dir, tmp_path):
   inputs = _inputs(m.config)
   e1 = np.asarray(m.embed(*inputs))
   config, params = llava_convert.from_hf(d)
-  llava_convert.save_cirjax(params, config, tmp_path / "cj", tokenizer_dir=d, source=str(d))
+  registry.save(tmp_path / "cj", "llava", config, params, tokenizer_dir=d,
+                extra={"source": str(d)})
   m2 = cirjax.load_llava(tmp_path / "cj")
   assert m2.tokenizer is not None and m2.config == m.config
   np.testing.assert_array_equal(np.asarray(m2.embed(*inputs)), e1)

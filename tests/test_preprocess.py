@@ -93,3 +93,21 @@ def test_bert_tokenizer_from_vocab_adds_dec(tmp_path):
   (tmp_path / "bad" / "vocab.txt").write_text("a\nb\n")
   with pytest.raises(ValueError, match="special tokens"):
     text.load_bert_tokenizer(tmp_path / "bad")
+
+
+def test_tokenizer_coverage_warns_naming_the_source(tmp_path):
+  words = list(text.SPECIAL_TOKENS) + ["make", "it", "red", "a", "circle", "."]
+  (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+  tok = text.load_bert_tokenizer(tmp_path)
+  share, n = text.unknown_token_share(tok, ["make it red.", "a circle"])
+  assert (share, n) == (0.0, 6)
+  warned = []
+  texts = ["make it blue", "remove the dog", "a circle"]  # 4 of 8 words unknown
+  share = text.check_tokenizer_coverage(tok, texts, source=str(tmp_path), what="cirr/val queries",
+                                        warn=warned.append)
+  assert share == pytest.approx(4 / 8)
+  assert len(warned) == 1 and "50.0%" in warned[0] and str(tmp_path) in warned[0]
+  assert "cirr/val queries" in warned[0]
+  warned.clear()
+  text.check_tokenizer_coverage(tok, ["make it red"], source="x", what="y", warn=warned.append)
+  assert not warned

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from cirjax import weights
+from cirjax.convert import engine
 from cirjax.models import qformer as qf
 from tests.blip2_fixtures import (TOL_LAYER, TOL_MODEL, assert_close, hf_qformer_config,
                                   perturb_all, random_text, to_np)
@@ -22,10 +22,8 @@ def _setup(**kw):
       encoder_hidden_size=hf_cfg.encoder_hidden_size, vocab_size=hf_cfg.vocab_size,
       max_position_embeddings=hf_cfg.max_position_embeddings,
       use_text_input=hf_cfg.use_qformer_text_input)
-  reader = weights.StateDictReader({k: v.numpy() for k, v in model.state_dict().items()})
-  params = weights.fill_from_table(reader, qf.qformer_table(config), "",
-                                   weights.flat_shapes(qf.abstract_qformer_params(config)))
-  reader.finish()
+  state = {k: v.numpy() for k, v in model.state_dict().items()}
+  params = engine.convert(state, qf.qformer_table(config), qf.abstract_qformer_params(config))
   return model, config, params
 
 

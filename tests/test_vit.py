@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from cirjax.convert import engine
+from cirjax.convert.engine import KeyAccountingError, StateDictReader
 from cirjax.models import vit
-from cirjax.weights import KeyAccountingError, StateDictReader
 from tests.blip2_fixtures import (TOL_LAYER, TOL_MODEL, assert_close, hf_clip_config,
                                   hf_eva_config, perturb_all, random_pixels, to_np)
 
@@ -23,10 +24,18 @@ def _hf(variant, **kw):
   return cfg, perturb_all(model.eval(), seed=1)
 
 
+def _rows(config, prefix=""):
+  return engine.prefixed(vit.vit_hf_table(config), (), prefix)
+
+
+def _from_hf(source, prefix, config):
+  return engine.convert(source, _rows(config, prefix), vit.abstract_vit_params(config))
+
+
 def _convert(cfg, model, variant):
   config = vit.vit_config_from_hf(cfg.to_dict(), variant)
   state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-  return config, vit.vit_params_from_hf(state, "", config)
+  return config, _from_hf(state, "", config)
 
 
 def _run_both(variant, batch=2, **kw):
@@ -87,7 +96,7 @@ def test_remat_same_params_and_output():
 def test_hf_round_trip_exact(variant):
   cfg, model = _hf(variant)
   config, params = _convert(cfg, model, variant)
-  back = vit.vit_params_to_hf(params, "", config)
+  back = engine.export(params, _rows(config))
   state = model.state_dict()
   assert set(back) == set(state)
   for k, v in state.items():
@@ -103,20 +112,20 @@ def test_prefix_and_strict_accounting():
   cfg, model = _hf("clip")
   config = vit.vit_config_from_hf(cfg.to_dict(), "clip")
   state = {"vision_tower.vision_model." + k: v.numpy() for k, v in model.state_dict().items()}
-  params = vit.vit_params_from_hf(dict(state), "vision_tower.vision_model.", config)
+  params = _from_hf(dict(state), "vision_tower.vision_model.", config)
   assert params["layers_1"]["self_attn"]["q_proj"]["kernel"].shape == (32, 32)
   bad = dict(state)
   del bad["vision_tower.vision_model.encoder.layers.0.mlp.fc1.bias"]
   bad["vision_tower.vision_model.extra.weight"] = np.zeros(3, np.float32)
   bad["vision_tower.vision_model.pre_layrnorm.weight"] = np.zeros(5, np.float32)
   with pytest.raises(KeyAccountingError) as e:
-    vit.vit_params_from_hf(bad, "vision_tower.vision_model.", config)
+    _from_hf(bad, "vision_tower.vision_model.", config)
   msg = str(e.value)
   assert "encoder.layers.0.mlp.fc1.bias" in msg and "extra.weight" in msg
   assert "pre_layrnorm.weight has shape (5,), expected (32,)" in msg
   # a shared reader leaves the final check to the caller
   reader = StateDictReader(state, source="x")
-  vit.vit_params_from_hf(reader, "vision_tower.vision_model.", config)
+  _from_hf(reader, "vision_tower.vision_model.", config)
   assert not reader.unexpected
 
 

@@ -15,7 +15,9 @@ Datasets for composed image retrieval.
   cirjax data synth --out DIR [--seed 0] [--num-images 1500 --num-val-images 1000 ...]
       Renders the synthetic benchmark (CIRR layout + full relevant sets + vocab.txt).
   cirjax data check --dataset cirr --root DIR [--split val]
-      Reads a dataset with cirjax's validating reader and prints its statistics.
+      Reads a dataset with cirjax's validating reader, decodes every image it uses and
+      prints its statistics (undecodable files are named; --skip-missing drops and counts
+      missing and undecodable images).
   cirjax data tfds --dataset synthetic --root DIR --data-dir OUT
       Builds the TFDS (array_record) version of a dataset for tfds.data_source / grain.
 """
@@ -39,18 +41,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                  help="images per attribute combination are uniform in 1..N (default 6)")
   p.add_argument("--force", action="store_true", help="write into a non-empty directory")
 
-  c = sub.add_parser("check", help="read and validate a dataset, print statistics")
+  c = sub.add_parser("check", help="read and validate a dataset, decode every image, print "
+                     "statistics")
   _dataset_args(c)
+  c.add_argument("--no-decode", action="store_true",
+                 help="only check that image files exist (skip decoding them)")
+  c.add_argument("--workers", type=_positive_int, default=None,
+                 help="threads decoding images (default: 2 x cores, at most 16)")
 
   t = sub.add_parser("tfds", help="build a TFDS (array_record) dataset")
   _dataset_args(t)
   t.add_argument("--data-dir", required=True, help="TFDS data_dir to write into")
 
 
+def _positive_int(text: str) -> int:
+  try:
+    n = int(text)
+  except ValueError:
+    n = 0
+  if n < 1:
+    raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+  return n
+
+
 def _dataset_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--dataset", required=True, choices=DATASETS)
   p.add_argument("--root", required=True, help="dataset root (manual_dir for TFDS)")
-  p.add_argument("--split", default=None, help="split (default: val; GeneCIS: the task name; "
+  p.add_argument("--split", default=None, help="split (default: val; GeneCIS: the task, required; "
                  "FashionIQ: CATEGORY.SPLIT, e.g. dress.val)")
   p.add_argument("--hp-file", default=None,
                  help="HP-FashionIQ: the released hpfiq.json (default: ROOT/hpfiq.json or "
@@ -60,13 +77,19 @@ def _dataset_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--layout", default=None,
                  help="CIRR: force a folder layout (flat, release, clip4cir, clip4cir_raw; "
                  "default: detected, docs/data.md)")
+  p.add_argument("--vg-root", default=None,
+                 help="GeneCIS attribute tasks: the Visual Genome images (default ROOT/VG_100K)")
+  p.add_argument("--coco-root", default=None,
+                 help="GeneCIS object tasks: the COCO val2017 images (default ROOT/val2017)")
   p.add_argument("--skip-missing", action="store_true",
-                 help="drop queries/images whose files are missing and count them")
+                 help="drop queries/images whose files are missing (or, for data check, "
+                 "undecodable) and count them")
 
 
 def read_split(dataset: str, root: str, split: str | None, skip_missing: bool = False,
                fashioniq_root: str | None = None, hp_file: str | None = None,
-               layout: str | None = None):
+               layout: str | None = None, vg_root: str | None = None,
+               coco_root: str | None = None):
   """One reader entry point for the CLI commands (data, eval, search)."""
   # `cirjax --help` imports every command module: the readers (numpy, PIL) load on use.
   from cirjax import data  # pylint: disable=g-import-not-at-top
@@ -79,18 +102,47 @@ def read_split(dataset: str, root: str, split: str | None, skip_missing: bool = 
   if dataset == "circo":
     return data.read_circo(root, split or "val", on_missing=on_missing)
   if dataset == "fashioniq":
-    cat, _, sp = (split or "dress.val").partition(".")
-    return data.read_fashioniq(root, cat, sp or "val", on_missing=on_missing)
+    cat, dot, sp = (split or "").partition(".")
+    if not dot:
+      raise data.DataError(f"FashionIQ: read_split takes one CATEGORY.SPLIT (e.g. dress.val), "
+                           f"got {split!r}; fashioniq_splits() expands 'val' to the categories")
+    return data.read_fashioniq(root, cat, sp, on_missing=on_missing)
   if dataset == "genecis":
-    return data.read_genecis(root, split or "change_attribute", on_missing=on_missing)
+    if not split:
+      raise data.DataError("GeneCIS has four tasks: choose one with --split "
+                           f"({', '.join(data.genecis.TASKS)})")
+    return data.read_genecis(root, split, vg_root=vg_root, coco_root=coco_root,
+                             on_missing=on_missing)
   if dataset == "hpfashioniq":
     return data.read_hpfashioniq(hp_file or root, fashioniq_root or (root if hp_file else None),
                                  on_missing=on_missing)
   raise SystemExit(f"unknown dataset {dataset!r}")
 
 
+def fashioniq_splits(split: str | None) -> list[str]:
+  """FashionIQ's one meaning of `--split` for every command: `val` (the default), `train` or
+  `test` = all three categories; `dress.val` = one category."""
+  from cirjax.data import fashioniq  # pylint: disable=g-import-not-at-top  (fast --help)
+  split = split or "val"
+  if "." in split:
+    return [split]
+  if split not in fashioniq.SPLITS:
+    raise SystemExit(f"error: FashionIQ --split must be one of {fashioniq.SPLITS} (all three "
+                     f"categories) or CATEGORY.SPLIT (e.g. dress.val), got {split!r}")
+  return [f"{c}.{split}" for c in fashioniq.CATEGORIES]
+
+
+def _stats(s) -> dict:
+  rel = [len(q.relevant) for q in s.queries if q.relevant]
+  return {"split": s.name, "queries": len(s.queries), "corpus_images": len(s.corpus),
+          "known_images": len(s.images), "with_target": sum(q.target is not None
+                                                          for q in s.queries),
+          "mean_relevant": (sum(rel) / len(rel)) if rel else None, "skipped": s.skipped}
+
+
 def run(args: argparse.Namespace) -> int:
   # `cirjax --help` imports every command module: the readers (numpy, PIL) load on use.
+  from cirjax.data import images  # pylint: disable=g-import-not-at-top
   from cirjax.data.records import DataError  # pylint: disable=g-import-not-at-top
   if args.data_command is None:
     print(DESCRIPTION)
@@ -99,14 +151,20 @@ def run(args: argparse.Namespace) -> int:
     if args.data_command == "synth":
       return _synth(args)
     if args.data_command == "check":
-      s = read_split(args.dataset, args.root, args.split, args.skip_missing, args.fashioniq_root,
-                     args.hp_file, args.layout)
-      rel = [len(q.relevant) for q in s.queries if q.relevant]
-      stats = {"split": s.name, "queries": len(s.queries), "corpus_images": len(s.corpus),
-               "known_images": len(s.images), "with_target": sum(q.target is not None
-                                                               for q in s.queries),
-               "mean_relevant": (sum(rel) / len(rel)) if rel else None, "skipped": s.skipped}
-      print(json.dumps(stats, indent=2))
+      names = (fashioniq_splits(args.split) if args.dataset == "fashioniq" else [args.split])
+      stats = []
+      for name in names:
+        s = read_split(args.dataset, args.root, name, args.skip_missing, args.fashioniq_root,
+                       args.hp_file, args.layout, args.vg_root, args.coco_root)
+        if not args.no_decode:
+          s = images.check_images_decode(s, "skip" if args.skip_missing else "error",
+                                         workers=args.workers, progress=True)
+        stats.append(_stats(s))
+      if len(stats) == 1:
+        print(json.dumps(stats[0], indent=2))
+      else:
+        total = {k: sum(st[k] for st in stats) for k in ("queries", "corpus_images")}
+        print(json.dumps({"splits": stats, "total": total}, indent=2))
       return 0
     if args.data_command == "tfds":
       # tfds_builders imports tensorflow_datasets' helpers: only `data tfds` needs them.

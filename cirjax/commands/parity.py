@@ -45,41 +45,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--json", default=None, help="also write the rows as JSON to this file")
 
 
-def _model_type(path: Path) -> str:
-  from cirjax import model_io  # pylint: disable=g-import-not-at-top
-  if model_io.is_cirjax_dir(path):
-    raise ValueError(f"{path} is a cirjax directory: pass the PyTorch checkpoint as PATH and "
-                     f"this directory as --converted")
-  if path.is_dir():
-    from cirjax.models import blip2_convert  # pylint: disable=g-import-not-at-top
-    mt = blip2_convert.read_hf_config(path).get("model_type")
-    if mt in ("llava", "llava_phi", "llava-phi"):
-      return "llava"
-    if mt not in ("blip-2", "blip_2"):
-      raise ValueError(f"{path / 'config.json'}: unknown model_type {mt!r} (expected 'blip-2' "
-                       "or 'llava')")
-  elif not path.exists():
-    raise FileNotFoundError(f"{path}: no such file or directory")
-  return "blip2"
-
-
 def run(args: argparse.Namespace) -> int:
+  # On use, so that `cirjax --help` stays free of jax and the models (see cirjax.commands).
+  from cirjax.convert import parity, registry  # pylint: disable=g-import-not-at-top
+  from cirjax.models import blip2_parity, llava_parity  # pylint: disable=g-import-not-at-top
   path = Path(args.path)
   t0 = time.time()
   try:
-    model_type = _model_type(path)
+    model_type, kind = registry.sniff(path)
+    if kind == "cirjax":
+      raise ValueError(f"{path} is a cirjax directory: pass the PyTorch checkpoint as PATH and "
+                       f"this directory as --converted")
     print(f"[parity] {model_type}: {path} vs {args.converted or 'in-memory conversion'} "
           f"(batch {args.batch}, fp32, matmul precision highest)", file=sys.stderr, flush=True)
     if model_type == "llava":
-      try:
-        from cirjax.models import llava_parity  # pylint: disable=g-import-not-at-top
-      except ImportError as e:
-        raise RuntimeError(f"LLaVA parity is unavailable: cirjax.models.llava_parity could not "
-                           f"be imported ({e})") from e
       rows = llava_parity.run_parity(path, converted=args.converted, batch=args.batch,
                                      seed=args.seed)
     else:
-      from cirjax.models import blip2_parity  # pylint: disable=g-import-not-at-top
       rows = blip2_parity.run_parity(path, converted=args.converted, batch=args.batch,
                                      text_len=args.text_len, seed=args.seed,
                                      vision_heads=args.vision_heads,
@@ -87,9 +69,8 @@ def run(args: argparse.Namespace) -> int:
   except (OSError, ValueError, RuntimeError) as e:
     print(f"cirjax parity: error: {e}", file=sys.stderr)
     return 2
-  from cirjax.models.blip2_parity import ParityRow, format_table  # pylint: disable=g-import-not-at-top
-  rows = [r if isinstance(r, ParityRow) else ParityRow(*r) for r in rows]
-  print(format_table(rows))
+  rows = [r if isinstance(r, parity.ParityRow) else parity.ParityRow(*r) for r in rows]
+  print(parity.format_table(rows))
   ok = all(r.ok for r in rows)
   print(f"{'PASS' if ok else 'FAIL'}: {sum(r.ok for r in rows)}/{len(rows)} stages within "
         f"tolerance ({time.time() - t0:.1f}s)")

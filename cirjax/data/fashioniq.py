@@ -6,6 +6,9 @@ ROOT/captions/cap.{dress,shirt,toptee}.{train,val,test}.json
 ROOT/image_splits/split.{cat}.{split}.json   ["B00...", ...]
 ROOT/images/<name>.png                       (names carry no extension)
 ```
+Images are found as `images/<name>.png` (the layout of the CLIP4Cir / SPRC / QuRe code),
+`images/<name>.jpg`, or `image_data/<category>/<name>.jpg` (the official download scripts'
+per-category folders, which HP-FashionIQ's paths use), first match wins.
 The evaluation corpus is the category's split images (split file order). The query text is
 the two captions joined as QuRe does (`text.fashioniq_caption`). Test captions may lack
 "target" (the ground truth is not public); such queries get `target=None`.
@@ -25,17 +28,17 @@ SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
-def image_path(root: Path, name: str) -> Path:
-  """`images/<name>.png`; names without extension get `.png` (or .jpg when that exists)."""
+def image_path(root: Path, name: str, category: str | None = None) -> Path:
+  """Where image `name` is under `root` (see the module docstring); when no candidate exists,
+  `images/<name>.png`, which the missing-file check then names."""
   base = Path(root) / "images"
   if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
     return base / name
-  p = base / f"{name}.png"
-  if not p.exists():
-    for ext in IMAGE_EXTENSIONS[1:]:
-      if (base / f"{name}{ext}").exists():
-        return base / f"{name}{ext}"
-  return p
+  candidates = [base / f"{name}{ext}" for ext in IMAGE_EXTENSIONS]
+  cats = [category] if category else list(CATEGORIES)
+  candidates += [Path(root) / "image_data" / c / f"{name}{ext}" for c in cats
+                 for ext in (".jpg", ".png")]
+  return next((p for p in candidates if p.is_file()), candidates[0])
 
 
 def read_fashioniq(root: str | os.PathLike, category: str, split: str = "val",
@@ -56,7 +59,7 @@ def read_fashioniq(root: str | os.PathLike, category: str, split: str = "val",
     if not isinstance(n, str) or not n:
       raise DataError(f"{split_path} entry {i}: image name must be a non-empty string, got {n!r}")
   records.check_unique(names, f"{split_path} image names")
-  images = {n: ImageRef(image_path(root, n)) for n in names}
+  images = {n: ImageRef(image_path(root, n, category)) for n in names}
   queries = []
   for i, e in enumerate(caps):
     where = f"{cap_path} entry {i}"
@@ -70,7 +73,7 @@ def read_fashioniq(root: str | os.PathLike, category: str, split: str = "val",
     for n in (e["candidate"], target):
       if n is not None and n not in images:
         # References may come from outside the split's image list; they must exist on disk.
-        images[n] = ImageRef(image_path(root, n))
+        images[n] = ImageRef(image_path(root, n, category))
     queries.append(Query(query_id=str(i), reference=e["candidate"], text=fashioniq_caption(caps_i),
                          target=target, relevant=(target,) if target else (),
                          extra={"captions": list(caps_i), "category": category}))

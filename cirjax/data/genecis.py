@@ -11,6 +11,14 @@ Each query ranks its target among its own gallery (R@{1,2,3}). Attribute-task im
 crops of a box: their names are `"<image_id>@x,y,w,h"`, and `ImageRef.bbox` carries the box
 (`cirjax.data.images.load_genecis_crop` cuts it). The "corpus" is the union of every image
 used, so each is encoded once.
+
+A few official entries list their target in their own gallery too (change_object entry 19).
+The official evaluation scores `[target] + gallery` and sorts descending with ties in index
+order (PyTorch's sort), so such a copy, which ties the target exactly, ranks after it and never
+costs a hit. cirjax drops these copies from the gallery (counted in
+`skipped["gallery_copies_of_target"]`), which gives the same ranks while keeping its own rule
+for other ties (a distractor that ties the target counts as ranked before it, so a constant
+scorer cannot score 100).
 """
 
 from __future__ import annotations
@@ -55,6 +63,7 @@ def read_genecis(root: str | os.PathLike, task: str, vg_root: str | os.PathLike 
   entries = records.expect_list(records.load_json(path, "GeneCIS"), path, "GeneCIS")
   images: dict[str, ImageRef] = {}
   queries = []
+  copies = 0
   for i, e in enumerate(entries):
     where = f"{path} entry {i}"
     records.require(e, ["reference", "target", "gallery", "condition"], where)
@@ -65,13 +74,19 @@ def read_genecis(root: str | os.PathLike, task: str, vg_root: str | os.PathLike 
     gal = []
     for j, g in enumerate(e["gallery"]):
       n, r = _image(g, f"{where} gallery[{j}]", task, vg, coco)
+      if n == tgt:  # the target itself: see the module docstring
+        copies += 1
+        continue
       images[n] = r
       gal.append(n)
+    if not gal:
+      raise DataError(f"{where}: the gallery holds only copies of the target")
     images[ref], images[tgt] = rref, tref
     queries.append(Query(query_id=str(i), reference=ref, text=str(e["condition"]), target=tgt,
                          relevant=(tgt,), gallery=tuple(gal), extra={"task": task}))
   corpus = list(images)
-  out = records.validate_split(CIRSplit("genecis", task, queries, corpus, images))
+  skipped = {"gallery_copies_of_target": copies} if copies else {}
+  out = records.validate_split(CIRSplit("genecis", task, queries, corpus, images, skipped))
   if check_images:
     out = records.check_images_exist(out, on_missing)
   return out

@@ -73,7 +73,7 @@ def image_ref(path: str, root: Path, where: str) -> tuple[str, ImageRef]:
   rel = _relative(path)
   if rel is not None and (root / rel).is_file():
     return name, ImageRef(root / rel)
-  return name, ImageRef(fashioniq.image_path(root, name))
+  return name, ImageRef(fashioniq.image_path(root, name, _category(path)))
 
 
 def _category(path: str) -> str | None:

@@ -15,14 +15,18 @@ with a 4-list pads left, top, right, bottom.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import os
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import tqdm
 from PIL import Image
 
-from cirjax.data.records import DataError, ImageRef
+from cirjax.data import records
+from cirjax.data.records import CIRSplit, DataError, ImageRef
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -157,3 +161,42 @@ def make_transform(name: str, dim: int) -> Transform:
   if name not in TRANSFORMS:
     raise ValueError(f"unknown image transform {name!r}; choose from {sorted(TRANSFORMS)}")
   return TRANSFORMS[name](dim=dim)
+
+
+def decode_error(path: str | Path) -> str | None:
+  """Why `path` cannot be decoded as an image (None when it can): a full decode, as training
+  and evaluation will do, so a file cut short fails here and not hours into a run."""
+  try:
+    with Image.open(path) as im:
+      im.load()
+    return None
+  except FileNotFoundError:
+    return "file not found"
+  except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for bad files
+    return f"{type(e).__name__}: {e}"
+
+
+def check_images_decode(split: CIRSplit, on_bad: str = "error", workers: int | None = None,
+                        progress: bool = False) -> CIRSplit:
+  """Decodes every image the split uses, in `workers` threads (PIL releases the GIL while
+  decoding). `on_bad`: "error" names every undecodable file (up to 10) and how many there are;
+  "skip" drops them and the queries that use them, counted in `split.skipped`
+  (`undecodable_images`), as `records.check_images_exist` does for missing files."""
+  if on_bad not in ("error", "skip"):
+    raise ValueError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
+  names = list(split.images)
+  workers = workers or min(16, (os.cpu_count() or 1) * 2)
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    errors = pool.map(lambda n: decode_error(split.images[n].path), names)
+    if progress:
+      errors = tqdm.tqdm(errors, total=len(names), desc=f"decoding {split.name}", unit="img",
+                         mininterval=1.0)
+    bad = {n: e for n, e in zip(names, errors) if e is not None}
+  if not bad:
+    return split
+  if on_bad == "error":
+    listed = "\n".join(f"  {split.images[n].path}: {e}" for n, e in sorted(bad.items())[:10])
+    more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+    raise DataError(f"{split.name}: {len(bad)} image file(s) cannot be decoded:\n{listed}{more}\n"
+                    "(pass --skip-missing to drop them and count them)")
+  return records.drop_images(split, set(bad), "undecodable")

@@ -147,21 +147,30 @@ def check_images_exist(split: CIRSplit, on_missing: str = "error") -> CIRSplit:
       hint = "pass on_missing='skip' / --skip-missing to drop them and count them"
     raise DataError(f"{split.name}: {len(missing)} image file(s) missing, e.g. {first!r} at "
                     f"{split.images[first].path} ({hint})")
-  corpus = [n for n in split.corpus if n not in missing]
+  return drop_images(split, missing, "missing")
+
+
+def drop_images(split: CIRSplit, bad: set[str], what: str = "missing") -> CIRSplit:
+  """`split` without the images in `bad` and every query that uses one, the counts added to
+  `split.skipped` (`<what>_images`, `corpus_images`, `queries`). A query whose target is
+  dropped from the corpus is dropped too (never left unreachable)."""
+  corpus = [n for n in split.corpus if n not in bad]
   kept = []
   for q in split.queries:
     used = {q.reference, *q.relevant, *q.subset, *q.gallery} | ({q.target} - {None})
-    if used & missing:
+    if used & bad:
       continue
     kept.append(q)
   skipped = dict(split.skipped)
-  skipped["missing_images"] = skipped.get("missing_images", 0) + len(missing)
+  key = f"{what}_images"
+  skipped[key] = skipped.get(key, 0) + len(bad)
   skipped["corpus_images"] = skipped.get("corpus_images", 0) + len(split.corpus) - len(corpus)
   skipped["queries"] = skipped.get("queries", 0) + len(split.queries) - len(kept)
   if not kept:
-    raise DataError(f"{split.name}: every query uses a missing image; nothing left to evaluate")
+    raise DataError(f"{split.name}: every query uses an image that is {what}; nothing left to "
+                    "evaluate")
   if not corpus:
-    raise DataError(f"{split.name}: the corpus has no images left after skipping missing ones")
+    raise DataError(f"{split.name}: the corpus has no images left after skipping {what} ones")
   return dataclasses.replace(split, queries=kept, corpus=corpus, skipped=skipped)
 
 

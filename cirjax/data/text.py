@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -87,3 +88,33 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int = BLIP2_MAX_LENGTH
   enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length,
                   return_tensors="np")
   return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+
+
+UNK_WARN_SHARE = 0.01  # above 1 % of the tokens unknown, the vocabulary does not fit the data
+
+
+def unknown_token_share(tokenizer, texts: Sequence[str]) -> tuple[float, int]:
+  """(share of `texts`' tokens that the tokenizer maps to its unknown token, tokens counted),
+  special tokens (CLS, SEP, padding) excluded."""
+  unk = tokenizer.unk_token_id
+  if unk is None or not texts:
+    return 0.0, 0
+  ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+  n = sum(len(x) for x in ids)
+  bad = sum(int(t == unk) for x in ids for t in x)
+  return (bad / n if n else 0.0), n
+
+
+def check_tokenizer_coverage(tokenizer, texts: Sequence[str], source: str, what: str,
+                             warn=None, threshold: float = UNK_WARN_SHARE) -> float:
+  """Warns (through `warn`, default stderr) when more than `threshold` of `texts`' tokens are
+  unknown to the tokenizer, naming where the tokenizer came from: a vocabulary built on other
+  data (the synthetic set's, say) silently turns a real dataset's words into [UNK]. Returns the
+  share."""
+  share, n = unknown_token_share(tokenizer, texts)
+  if share > threshold:
+    msg = (f"warning: {share:.1%} of the {n} tokens of {what} are unknown to the tokenizer from "
+           f"{source} (above {threshold:.0%}): its vocabulary does not fit this data; give the "
+           "tokenizer the model was trained with (e.g. bert-base-uncased's vocab.txt)")
+    (warn or (lambda m: print(m, file=sys.stderr, flush=True)))(msg)
+  return share

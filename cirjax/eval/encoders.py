@@ -9,7 +9,8 @@ family's functional API as pure functions of explicit params,
 
 Accepted paths:
 * a cirjax model directory (`cirjax_config.json`, written by `cirjax convert` or by the
-  trainer's export) or an HF BLIP-2 directory: loaded with `cirjax.load_blip2`;
+  trainer's export) or an HF BLIP-2 / LLaVA directory: the family is told by
+  `cirjax.convert.registry.detect`;
 * a training workdir: the newest model directory inside it, looked up as
   `<workdir>/model`, `<workdir>/export`, `<workdir>/best`, then any direct subdirectory that
   is a cirjax model directory (newest first). The trainer owns what it writes there; this
@@ -25,6 +26,7 @@ from typing import Any, Callable, NamedTuple
 import jax.numpy as jnp
 
 from cirjax import prompts
+from cirjax.convert import io, registry
 from cirjax.data import text
 from cirjax.models import Model, blip2, llava
 
@@ -33,18 +35,17 @@ _WORKDIR_CANDIDATES = ("model", "export", "best", "final")
 
 def resolve_model_dir(path: str | os.PathLike) -> Path:
   """The model directory for `path` (itself, or the newest model dir of a workdir)."""
-  from cirjax import model_io  # pylint: disable=g-import-not-at-top
   p = Path(path)
   if not p.exists():
     raise FileNotFoundError(f"checkpoint path does not exist: {p}")
   if not p.is_dir():
     raise NotADirectoryError(f"checkpoint must be a directory, got the file {p}")
-  if model_io.is_cirjax_dir(p) or (p / "config.json").is_file():
+  if io.is_cirjax_dir(p) or (p / "config.json").is_file():
     return p
   for name in _WORKDIR_CANDIDATES:
-    if model_io.is_cirjax_dir(p / name):
+    if io.is_cirjax_dir(p / name):
       return p / name
-  subs = sorted((d for d in p.iterdir() if d.is_dir() and model_io.is_cirjax_dir(d)),
+  subs = sorted((d for d in p.iterdir() if d.is_dir() and io.is_cirjax_dir(d)),
                 key=lambda d: d.stat().st_mtime, reverse=True)
   if subs:
     return subs[0]
@@ -54,43 +55,17 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
       "subdirectory with cirjax_config.json); export the trained model first")
 
 
-def model_type(d: Path) -> str:
-  """'blip2' or 'llava' for a model directory (cirjax_config.json or an HF config.json)."""
-  import json  # pylint: disable=g-import-not-at-top
-  from cirjax import model_io  # pylint: disable=g-import-not-at-top
-  if model_io.is_cirjax_dir(d):
-    return model_io.read_cirjax_config(d)["model_type"]
-  try:
-    hf = json.loads((d / "config.json").read_text()).get("model_type", "")
-  except (OSError, ValueError) as e:
-    raise ValueError(f"{d / 'config.json'}: unreadable ({e})") from None
-  if hf == "llava":
-    return "llava"
-  if hf.startswith("blip"):
-    return "blip2"
-  raise ValueError(f"{d / 'config.json'}: model_type {hf!r} is neither BLIP-2 nor LLaVA")
-
-
 def load_encoder(path: str | os.PathLike) -> tuple[Model, Path]:
   """Loads a model (see module docstring); returns (`Model`, model dir). Score it through
   `retrieval_fns(model, split)`."""
-  import cirjax  # pylint: disable=g-import-not-at-top
   d = resolve_model_dir(path)
-  kind = model_type(d)
-  if kind == "llava":
-    model = cirjax.load_llava(d)
+  if registry.detect(d) == "llava":
+    model = registry.load_llava(d)
     if model.tokenizer is None:
       raise FileNotFoundError(f"{d}: no tokenizer (tokenizer.json / tokenizer_config.json) next "
                               "to the LLaVA weights; the InstructCIR prompts need it")
     return Model("llava", model.config, model.params, model.tokenizer, str(d)), d
-  if kind != "blip2":
-    raise ValueError(f"{d}: a '{kind}' checkpoint; cirjax eval/search score BLIP-2 (QuRe) and "
-                     "LLaVA-Phi (InstructCIR) models")
-  try:
-    model = cirjax.load_blip2(d)
-  except ModuleNotFoundError as e:
-    raise RuntimeError(f"cannot load {d}: the BLIP-2 model code is not available ({e})") from e
-  return model, d
+  return registry.load_blip2(d), d
 
 
 def model_image_size(model: Any, default: int = 224) -> int:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any, Mapping, Optional
 
 import jax
@@ -42,7 +41,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from cirjax.models import Model
 from cirjax.models import qformer as qf
 from cirjax.models import vit as vit_lib
 from cirjax.models.vit import LayerNorm
@@ -423,27 +421,3 @@ def score(query: jax.Array, targets: jax.Array) -> jax.Array:
 def logits(params: Mapping, query: jax.Array, targets: jax.Array) -> jax.Array:
   """QuRe's training logits: `score / temp` (the learned temperature, unclamped as in QuRe)."""
   return score(query, targets) / params["temp"]
-
-
-def load_blip2(path: str | os.PathLike, *, vision_dtype=None, dtype=None) -> Model:
-  """Loads a BLIP-2 CIR model.
-
-  `path`: an HF `Blip2ForImageTextRetrieval` directory (config.json + safetensors or .bin,
-  sharded or not), a cirjax model directory (`cirjax convert` output), or a LAVIS BLIP-2
-  checkpoint file (`model.pth`, QuRe/SPRC layout).
-  """
-  from cirjax import model_io  # pylint: disable=g-import-not-at-top
-  from cirjax.models import blip2_convert  # pylint: disable=g-import-not-at-top
-  p = os.fspath(path)
-  if model_io.is_cirjax_dir(p):
-    model_type, cfg_dict, params = model_io.load_model_dir(p)
-    if model_type != "blip2":
-      raise ValueError(f"{p}: a cirjax '{model_type}' model, not 'blip2' (use "
-                       f"cirjax.load_{model_type})")
-    cfg = Blip2Config.from_dict(cfg_dict)
-  else:
-    cfg, params = blip2_convert.load_any(p)
-  params = jax.tree.map(jnp.asarray, params)
-  overrides = {k: jnp.dtype(v).name for k, v in (("vision_dtype", vision_dtype),
-                                                 ("dtype", dtype)) if v is not None}
-  return Model("blip2", cfg.replace(**overrides), params, source=p)

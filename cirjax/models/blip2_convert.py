@@ -10,10 +10,12 @@
   `Blip2ForImageTextRetrieval.from_pretrained` loads (EVA towers only: HF has no CLIP-tower
   BLIP-2). HF has no learned temperature; it travels in config.json as `cirjax_temp`.
 
-Key accounting is strict: every source tensor is used exactly once (or skipped by an
-explicit rule: LAVIS's `Qformer.cls.*` LM head and its `position_ids` buffer), every
-parameter is filled, and one `KeyAccountingError` lists every missing, unexpected and
-mis-shaped key by name.
+The tensors move by two tables, `hf_table(cfg)` and `lavis_table(cfg)`, run by
+`cirjax.convert.engine` (so shape-only sources convert too). Key accounting is strict: every
+source tensor is used exactly once (or skipped by an explicit rule: LAVIS's `Qformer.cls.*`
+LM head and its `position_ids` buffer), every parameter is filled, and one
+`KeyAccountingError` lists every missing, unexpected and mis-shaped key by name. Telling
+sources apart and loading any of them is `cirjax.convert.registry`'s job.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from cirjax import weights
+from cirjax.convert import engine, io
 from cirjax.models import qformer as qf
 from cirjax.models import vit as vit_lib
 from cirjax.models.blip2 import Blip2Config, abstract_params
@@ -105,6 +107,8 @@ def config_to_hf(cfg: Blip2Config) -> dict:
     raise ConfigError(f"HF BLIP-2 uses the vision layer_norm_eps ({v.layer_norm_eps}) for its "
                       f"final LayerNorm but this model's ln_vision eps is {cfg.ln_vision_eps} "
                       "(a LAVIS checkpoint): exporting would change its outputs")
+  if not cfg.itm_head:
+    raise ConfigError(f"{HF_ARCH} needs an itm_head; this model has none")
   vision = vit_lib.vit_config_to_hf(v)
   vision.update(model_type="blip_2_vision_model", qkv_bias=True)
   qformer = dict(model_type="blip_2_qformer", hidden_size=q.hidden_size,
@@ -128,14 +132,18 @@ def _lin(dst, src, bias=True):
   return rows + ([(dst + ("bias",), src + ".bias", "id")] if bias else [])
 
 
-def hf_table(cfg: Blip2Config) -> list[tuple[tuple, str, str]]:
-  """Rows (cirjax path, HF key, transform) of everything except the ViT's embeddings."""
-  rows = [(("vision",) + d, "vision_model." + s, t) for d, s, t in vit_lib.vit_hf_table(cfg.vision)]
-  rows += [(("ln_vision", "scale"), "vision_model.post_layernorm.weight", "id"),
-           (("ln_vision", "bias"), "vision_model.post_layernorm.bias", "id"),
+def _ln(dst, src):
+  return [(dst + ("scale",), src + ".weight", "id"), (dst + ("bias",), src + ".bias", "id")]
+
+
+def hf_table(cfg: Blip2Config) -> list:
+  """Rows (cirjax path, HF key, transform) of every parameter but the temperature."""
+  rows = engine.prefixed(vit_lib.vit_hf_table(cfg.vision), ("vision",), "vision_model.")
+  rows += _ln(("ln_vision",), "vision_model.post_layernorm")
+  rows += [(("query_tokens",), "query_tokens", "id"),
            (("embeddings", "word_embeddings"), "embeddings.word_embeddings.weight", "id"),
            (("embeddings", "position_embeddings"), "embeddings.position_embeddings.weight", "id")]
-  rows += [(("qformer",) + d, "qformer." + s, t) for d, s, t in qf.qformer_table(cfg.qformer)]
+  rows += engine.prefixed(qf.qformer_table(cfg.qformer), ("qformer",), "qformer.")
   rows += _lin(("vision_projection",), "vision_projection")
   rows += _lin(("text_projection",), "text_projection")
   if cfg.itm_head:
@@ -146,35 +154,18 @@ def hf_table(cfg: Blip2Config) -> list[tuple[tuple, str, str]]:
 def params_from_hf_state(state: Mapping[str, np.ndarray], cfg: Blip2Config, *,
                          source: str = "state dict") -> dict:
   """HF `Blip2ForImageTextRetrieval` state dict -> cirjax params (fp32 numpy)."""
-  reader = weights.StateDictReader(state, source=source)
-  shapes = weights.flat_shapes(abstract_params(cfg))
-  params: dict = {}
-  v = cfg.vision
-  d, n = v.hidden_size, v.num_positions
-  cls = reader.take("vision_model.embeddings.class_embedding", (1, 1, d))
-  pos = reader.take("vision_model.embeddings.position_embedding", (1, n, d))
-  params["vision"] = {"class_embedding": np.asarray(cls, np.float32).reshape(d),
-                      "position_embedding": np.asarray(pos, np.float32).reshape(n, d)}
-  params["query_tokens"] = np.asarray(reader.take(
-      "query_tokens", shapes[("query_tokens",)]), np.float32)
-  weights.fill_from_table(reader, hf_table(cfg), "", shapes, params)
+  reader = engine.StateDictReader(state, source=source)
+  target = abstract_params(cfg)
+  params = engine.convert(reader, hf_table(cfg), target)
   params["temp"] = np.asarray(cfg.temperature_init, np.float32)
   reader.finish()
+  engine.check_tree(params, target, source)
   return params
 
 
 def params_to_hf_state(params: Any, cfg: Blip2Config) -> dict[str, np.ndarray]:
   """cirjax params -> HF `Blip2ForImageTextRetrieval` state dict (fp32 numpy)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
-  v = cfg.vision
-  out = weights.export_table(params, hf_table(cfg), "")
-  out["vision_model.embeddings.class_embedding"] = params["vision"]["class_embedding"].reshape(
-      1, 1, v.hidden_size)
-  out["vision_model.embeddings.position_embedding"] = params["vision"][
-      "position_embedding"].reshape(1, v.num_positions, v.hidden_size)
-  out["query_tokens"] = params["query_tokens"]
-  return out
+  return engine.export(params, hf_table(cfg))
 
 
 def _check_text_ffn_flag(cfg: Blip2Config, keys, source: str) -> Blip2Config:
@@ -203,7 +194,7 @@ def from_hf(src: str | os.PathLike) -> tuple[Blip2Config, dict]:
   src = Path(src)
   hf = read_hf_config(src)
   cfg = config_from_hf(hf, source=str(src / "config.json"))
-  state = weights.read_state_dict(src)
+  state = io.read_state_dict(src)
   cfg = _check_text_ffn_flag(cfg, state.keys(), str(src))
   if "itm_head.weight" not in state:
     cfg = cfg.replace(itm_head=False)
@@ -214,12 +205,10 @@ def to_hf(params: Any, cfg: Blip2Config, dst: str | os.PathLike, *,
           max_shard_bytes: int = 5 * 1024 ** 3) -> Path:
   """Writes config.json + safetensors into `dst` (an existing, empty directory or a new one)."""
   hf = config_to_hf(cfg)
-  if not cfg.itm_head:
-    raise ConfigError(f"{HF_ARCH} needs an itm_head; this model has none")
   state = params_to_hf_state(params, cfg)
   dst = Path(dst)
   dst.mkdir(parents=True, exist_ok=True)
-  weights.write_safetensors_sharded(state, dst, max_shard_bytes=max_shard_bytes)
+  io.write_safetensors_sharded(state, dst, max_shard_bytes=max_shard_bytes)
   (dst / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
   return dst
 
@@ -333,148 +322,80 @@ def config_from_lavis(state: Mapping[str, np.ndarray], *, source: str = "state d
                      itm_head="itm_head.weight" in state)
 
 
-def _lavis_vit(reader: weights.StateDictReader, v: vit_lib.ViTConfig, shapes) -> dict:
-  """The LAVIS visual_encoder -> the `vision` subtree."""
-  d, inter = v.hidden_size, v.intermediate_size
-  out: dict = {}
-  sh = lambda *path: shapes[("vision",) + path]  # noqa: E731
+def _lavis_vit_table(v: vit_lib.ViTConfig) -> list:
+  """Rows of LAVIS's `visual_encoder` (EVA `VisionTransformer` or CLIP-L `VisualTransformer`)."""
   if v.variant == "eva":
-    out["class_embedding"] = reader.take(_VE + "cls_token", (1, 1, d)).reshape(d)
-    out["position_embedding"] = reader.take(_VE + "pos_embed", (1, v.num_positions, d)).reshape(
-        v.num_positions, d)
-    out["patch_embedding"] = weights.TRANSFORMS["conv"](reader.take(
-        _VE + "patch_embed.proj.weight", weights.source_shape("conv", sh("patch_embedding"))))
-    out["patch_bias"] = reader.take(_VE + "patch_embed.proj.bias", (d,))
+    rows = [(("class_embedding",), "cls_token", "lead2"),
+            (("position_embedding",), "pos_embed", "lead1"),
+            (("patch_embedding",), "patch_embed.proj.weight", "conv"),
+            (("patch_bias",), "patch_embed.proj.bias", "id")]
   else:
-    out["class_embedding"] = reader.take(_VE + "class_embedding", (d,))
-    out["position_embedding"] = reader.take(_VE + "positional_embedding", (v.num_positions, d))
-    out["patch_embedding"] = weights.TRANSFORMS["conv"](reader.take(
-        _VE + "conv1.weight", weights.source_shape("conv", sh("patch_embedding"))))
-    out["pre_layrnorm"] = {"scale": reader.take(_VE + "ln_pre.weight", (d,)),
-                           "bias": reader.take(_VE + "ln_pre.bias", (d,))}
-
-  def ln(src):
-    return {"scale": reader.take(src + ".weight", (d,)), "bias": reader.take(src + ".bias", (d,))}
-
-  def lin(src, n_out, n_in, bias=True):
-    r = {"kernel": reader.take(src + ".weight", (n_out, n_in)).T}
-    if bias:
-      r["bias"] = reader.take(src + ".bias", (n_out,))
-    return r
-
+    rows = [(("class_embedding",), "class_embedding", "id"),
+            (("position_embedding",), "positional_embedding", "id"),
+            (("patch_embedding",), "conv1.weight", "conv")]
+    rows += _ln(("pre_layrnorm",), "ln_pre")
   for i in range(v.num_layers):
+    d = (f"layers_{i}",)
     if v.variant == "eva":
-      s = f"{_VE}blocks.{i}"
-      qkv_w = reader.take(s + ".attn.qkv.weight", (3 * d, d))
-      q_b = reader.take(s + ".attn.q_bias", (d,))
-      v_b = reader.take(s + ".attn.v_bias", (d,))
-      attn = {"qkv": {"kernel": qkv_w.T, "bias": np.concatenate([q_b, np.zeros_like(q_b), v_b])},
-              "projection": lin(s + ".attn.proj", d, d)}
-      layer = {"layer_norm1": ln(s + ".norm1"), "layer_norm2": ln(s + ".norm2"),
-               "fc1": lin(s + ".mlp.fc1", inter, d), "fc2": lin(s + ".mlp.fc2", d, inter)}
+      s = f"blocks.{i}"
+      rows += [(d + ("self_attn", "qkv", "kernel"), s + ".attn.qkv.weight", "linear"),
+               (d + ("self_attn", "qkv", "bias"), (s + ".attn.q_bias", s + ".attn.v_bias"),
+                "qv_bias")]
+      rows += _lin(d + ("self_attn", "projection"), s + ".attn.proj")
+      names = dict(ln1=".norm1", ln2=".norm2", fc1=".mlp.fc1", fc2=".mlp.fc2")
     else:
-      s = f"{_VE}transformer.resblocks.{i}"
-      w = reader.take(s + ".attn.in_proj_weight", (3 * d, d))
-      b = reader.take(s + ".attn.in_proj_bias", (3 * d,))
-      attn = {name: {"kernel": w[j * d:(j + 1) * d].T, "bias": b[j * d:(j + 1) * d]}
-              for j, name in enumerate(("q_proj", "k_proj", "v_proj"))}
-      attn["out_proj"] = lin(s + ".attn.out_proj", d, d)
-      layer = {"layer_norm1": ln(s + ".ln_1"), "layer_norm2": ln(s + ".ln_2"),
-               "fc1": lin(s + ".mlp.c_fc", inter, d), "fc2": lin(s + ".mlp.c_proj", d, inter)}
-    layer["self_attn"] = attn
-    out[f"layers_{i}"] = layer
-  return out
+      s = f"transformer.resblocks.{i}"
+      qkv = tuple(d + ("self_attn", n) for n in ("q_proj", "k_proj", "v_proj"))
+      rows += [(tuple(p + ("kernel",) for p in qkv), s + ".attn.in_proj_weight", "split3_linear"),
+               (tuple(p + ("bias",) for p in qkv), s + ".attn.in_proj_bias", "split3")]
+      rows += _lin(d + ("self_attn", "out_proj"), s + ".attn.out_proj")
+      names = dict(ln1=".ln_1", ln2=".ln_2", fc1=".mlp.c_fc", fc2=".mlp.c_proj")
+    rows += _ln(d + ("layer_norm1",), s + names["ln1"])
+    rows += _ln(d + ("layer_norm2",), s + names["ln2"])
+    rows += _lin(d + ("fc1",), s + names["fc1"]) + _lin(d + ("fc2",), s + names["fc2"])
+  return rows
+
+
+def lavis_table(cfg: Blip2Config) -> list:
+  """Rows (cirjax path, LAVIS `Blip2Qformer` key, transform) of every parameter but the
+  temperature (which LAVIS checkpoints may lack)."""
+  rows = engine.prefixed(_lavis_vit_table(cfg.vision), ("vision",), _VE)
+  rows += _ln(("ln_vision",), "ln_vision")
+  rows += [(("query_tokens",), "query_tokens", "id"),
+           (("embeddings", "word_embeddings"), _QB + "embeddings.word_embeddings.weight", "id"),
+           (("embeddings", "position_embeddings"), _QB + "embeddings.position_embeddings.weight",
+            "id")]
+  rows += engine.prefixed(qf.qformer_table(cfg.qformer, style="lavis"), ("qformer",), _QB)
+  rows += _lin(("vision_projection",), "vision_proj") + _lin(("text_projection",), "text_proj")
+  if cfg.itm_head:
+    rows += _lin(("itm_head",), "itm_head")
+  return rows
 
 
 def params_from_lavis_state(state: Mapping[str, np.ndarray], cfg: Blip2Config, *,
                             source: str = "state dict") -> dict:
   """LAVIS BLIP-2 state dict -> cirjax params (fp32 numpy), strictly accounted."""
-  import jax  # pylint: disable=g-import-not-at-top
-  reader = weights.StateDictReader(state, source=source, ignore=LAVIS_IGNORE)
-  shapes = weights.flat_shapes(abstract_params(cfg))
-  q = cfg.qformer
-  params: dict = {"vision": _lavis_vit(reader, cfg.vision, shapes)}
-  e = cfg.vision.hidden_size
-  params["ln_vision"] = {"scale": reader.take("ln_vision.weight", (e,)),
-                         "bias": reader.take("ln_vision.bias", (e,))}
-  params["query_tokens"] = reader.take("query_tokens", shapes[("query_tokens",)])
-  params["embeddings"] = {
-      "word_embeddings": reader.take(_QB + "embeddings.word_embeddings.weight",
-                                     (q.vocab_size, q.hidden_size)),
-      "position_embeddings": reader.take(_QB + "embeddings.position_embeddings.weight",
-                                         (q.max_position_embeddings, q.hidden_size))}
+  reader = engine.StateDictReader(state, source=source, ignore=LAVIS_IGNORE)
   pos_ids = _QB + "embeddings.position_ids"
   if pos_ids in reader:  # a persistent buffer in LAVIS's BERT: must be arange, else refuse
     ids = np.asarray(reader.take(pos_ids)).reshape(-1)
     if not np.array_equal(ids, np.arange(ids.size)):
       raise ConfigError(f"{source}: {pos_ids} is not 0..N-1; custom position ids are not "
                         "supported")
-  sub: dict = {}
-  weights.fill_from_table(reader, qf.qformer_table(q, style="lavis"), _QB,
-                          {k[1:]: s for k, s in shapes.items() if k[0] == "qformer"}, sub)
-  params["qformer"] = sub
-  for dst, src in (("vision_projection", "vision_proj"), ("text_projection", "text_proj")) + (
-      (("itm_head", "itm_head"),) if cfg.itm_head else ()):
-    n_out = shapes[(dst, "bias")][0]
-    params[dst] = {"kernel": reader.take(src + ".weight", (n_out, q.hidden_size)).T,
-                   "bias": reader.take(src + ".bias", (n_out,))}
-  if "temp" in reader:
-    params["temp"] = np.asarray(reader.take("temp"), np.float32).reshape(())
-  else:
-    params["temp"] = np.asarray(cfg.temperature_init, np.float32)
+  target = abstract_params(cfg)
+  params = engine.convert(reader, lavis_table(cfg), target)
+  temp = np.asarray(reader.take("temp"), np.float32) if "temp" in reader else cfg.temperature_init
+  params["temp"] = np.asarray(temp, np.float32).reshape(())
   reader.finish()
   if reader.ignored:
     print(f"note: {source}: skipped {len(reader.ignored)} tensor(s) unused for retrieval "
           f"(Qformer.cls.* language-model head)", file=sys.stderr)
-  params = jax.tree.map(lambda x: np.array(x, np.float32, order="C"), params)
-  _check_tree(params, shapes, source)
+  engine.check_tree(params, target, source)
   return params
-
-
-def _check_tree(params, shapes, source):
-  got = weights.flat_shapes(params)
-  if got != shapes:
-    missing = sorted("/".join(k) for k in set(shapes) - set(got))
-    extra = sorted("/".join(k) for k in set(got) - set(shapes))
-    bad = sorted("/".join(k) for k in set(got) & set(shapes) if got[k] != shapes[k])
-    raise AssertionError(f"{source}: converter bug: param tree differs (missing {missing}, "
-                         f"extra {extra}, mis-shaped {bad})")
 
 
 def from_lavis(path: str | os.PathLike, **kw) -> tuple[Blip2Config, dict]:
   """Reads a LAVIS BLIP-2 checkpoint (`model.pth` / `.pt` / `.bin` / `.safetensors`)."""
-  state = weights.read_state_dict(path)
+  state = io.read_state_dict(path)
   cfg = config_from_lavis(state, source=str(path), **kw)
   return cfg, params_from_lavis_state(state, cfg, source=str(path))
-
-
-# -------------------------------------------------------------------------------- dispatch
-
-def source_format(path: str | os.PathLike) -> str:
-  """'cirjax', 'hf' (a directory with config.json) or 'lavis' (a state-dict file, or a
-  directory holding one without config.json). Raises with the reason otherwise."""
-  from cirjax import model_io  # pylint: disable=g-import-not-at-top
-  p = Path(path)
-  if not p.exists():
-    raise FileNotFoundError(f"{p}: no such file or directory")
-  if model_io.is_cirjax_dir(p):
-    return "cirjax"
-  if p.is_dir() and (p / "config.json").is_file():
-    return "hf"
-  if p.is_file() and p.suffix in (".pth", ".pt", ".bin", ".ckpt", ".safetensors"):
-    return "lavis"
-  if p.is_dir():
-    raise FileNotFoundError(f"{p}: no config.json (an HF model directory needs one) and no "
-                            f"cirjax_config.json; for a LAVIS checkpoint pass the .pth file")
-  raise ConfigError(f"{p}: unknown checkpoint type (expected an HF or cirjax directory or a "
-                    f".pth/.pt/.bin/.safetensors LAVIS state dict)")
-
-
-def load_any(path: str | os.PathLike) -> tuple[Blip2Config, dict]:
-  """(config, params) from an HF directory or a LAVIS file (cirjax dirs: `load_blip2`)."""
-  fmt = source_format(path)
-  if fmt == "hf":
-    return from_hf(path)
-  if fmt == "lavis":
-    return from_lavis(path)
-  raise ConfigError(f"{path}: a cirjax directory; load it with cirjax.load_blip2")

@@ -17,44 +17,18 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple, Optional
+from typing import Any, Mapping, Optional
 
+import jax
 import numpy as np
 
-TOLERANCE = 1e-4  # docs/reference_semantics.md#parity: whole models in fp32; never loosened.
+from cirjax.convert import io, registry
+from cirjax.convert.parity import TOLERANCE, ParityRow, compare, format_table
+from cirjax.models import blip2, blip2_convert
+
 
 STAGES = ("vision features", "Q-Former query outputs", "target features", "text feature",
           "joint Q-Former outputs", "composed query", "scores")
-
-
-class ParityRow(NamedTuple):
-  name: str
-  max_abs_err: float
-  max_rel_err: float
-  tolerance: float
-  ok: bool
-
-
-def compare(name: str, got, want, tol: float = TOLERANCE) -> ParityRow:
-  got = np.asarray(got, np.float64)
-  want = np.asarray(want, np.float64)
-  if got.shape != want.shape:
-    return ParityRow(f"{name} (shape {got.shape} vs {want.shape})", float("inf"),
-                     float("inf"), tol, False)
-  abs_err = float(np.max(np.abs(got - want))) if got.size else 0.0
-  rel = abs_err / max(float(np.max(np.abs(want))) if want.size else 0.0, 1e-30)
-  ok = bool(np.isfinite(got).all()) and rel <= tol
-  return ParityRow(name, abs_err, rel, tol, ok)
-
-
-def format_table(rows) -> str:
-  w = max([len(r.name) for r in rows] + [5])
-  lines = [f"{'stage':<{w}}  {'max abs err':>12}  {'max rel err':>12}  {'tol':>8}  ok",
-           "-" * (w + 44)]
-  for r in rows:
-    lines.append(f"{r.name:<{w}}  {r.max_abs_err:12.3e}  {r.max_rel_err:12.3e}  "
-                 f"{r.tolerance:8.0e}  {'yes' if r.ok else 'NO'}")
-  return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------- torch reference
@@ -79,6 +53,7 @@ class TorchReference:
                m.qformer, m.vision_projection, m.text_projection)
 
   def stages(self, pixels: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> dict:
+    # heavy, optional dependencies: only the PyTorch reference needs them
     import torch  # pylint: disable=g-import-not-at-top
     import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
     out = {}
@@ -185,6 +160,7 @@ def lavis_to_hf_modules_state(state: Mapping[str, np.ndarray], tower: str) -> di
 
 def reference_from_lavis(state: Mapping[str, np.ndarray], cfg) -> TorchReference:
   """HF torch modules carrying a LAVIS checkpoint's weights (strict `load_state_dict`)."""
+  # heavy, optional dependencies: only the PyTorch reference needs them
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   from transformers.models.blip_2 import modeling_blip_2 as mb  # pylint: disable=g-import-not-at-top
@@ -243,9 +219,6 @@ def reference_from_lavis(state: Mapping[str, np.ndarray], cfg) -> TorchReference
 
 def jax_stages(params: Any, cfg, pixels: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> dict:
   """The same stages computed by cirjax (jitted, fp32)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from cirjax.models import blip2  # pylint: disable=g-import-not-at-top
-
   @jax.jit
   def run(p, px, ids, mask):
     feats = blip2.vision_features(p, cfg, px)
@@ -291,21 +264,17 @@ def run_parity(path: str | os.PathLike, *, converted: Optional[str | os.PathLike
   LAVIS checkpoints do not record head counts: `vision_heads` / `qformer_heads` default to
   those of `converted` when given, else to the released towers' (see `config_from_lavis`).
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  from cirjax import model_io, weights  # pylint: disable=g-import-not-at-top
-  from cirjax.models import blip2, blip2_convert  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_default_matmul_precision", "highest")
-  fmt = blip2_convert.source_format(path)
-  if fmt == "cirjax":
-    raise ValueError(f"{path}: parity needs the PyTorch checkpoint (HF directory or LAVIS "
-                     "file); pass the cirjax directory as `converted`")
+  family, kind = registry.sniff(path)
+  if kind == "cirjax" or family != "blip2":
+    raise ValueError(f"{path}: parity needs the PyTorch BLIP-2 checkpoint (HF directory or "
+                     "LAVIS file); pass the cirjax directory as `converted`")
   conv = None
   if converted is not None:
-    model_type, cfg_dict, conv_params = model_io.load_model_dir(converted)
-    if model_type != "blip2":
-      raise ValueError(f"{converted}: a '{model_type}' model, not 'blip2'")
-    conv = (blip2.Blip2Config.from_dict(cfg_dict), conv_params)
-  if fmt == "hf":
+    loaded = registry.load(converted, family="blip2")
+    conv = (loaded.config, loaded.params)
+  if kind == "hf":
+    # transformers is heavy and optional: only parity needs the PyTorch reference
     import transformers  # pylint: disable=g-import-not-at-top
     kwargs = {"attn_implementation": "eager", "dtype": "float32"}
     model = transformers.Blip2ForImageTextRetrieval.from_pretrained(os.fspath(path), **kwargs)
@@ -313,7 +282,7 @@ def run_parity(path: str | os.PathLike, *, converted: Optional[str | os.PathLike
     if converted is None:
       cfg, params = blip2_convert.from_hf(path)
   else:
-    state = weights.read_state_dict(path)
+    state = io.read_state_dict(path)
     if conv is not None:
       vision_heads = vision_heads or conv[0].vision.num_heads
       qformer_heads = qformer_heads or conv[0].qformer.num_heads

@@ -17,8 +17,8 @@ Public API:
     `vision_features`, all `(params, config, ...)` (jit-able with `config` static:
     `jax.jit(embed, static_argnames="config")`) and the host-side `check_inputs` they run
     first on concrete inputs; the compute dtype, param dtype and remat are the config's;
-  * `load_llava(path)` -> `LlavaEmbedder` with jitted `.embed`, `.hidden_states`,
-    `.params`, `.config`, `.tokenizer`.
+  * `LlavaEmbedder` with jitted `.embed`, `.hidden_states`, `.params`, `.config`,
+    `.tokenizer`, returned by `cirjax.load_llava(path)` (`cirjax.convert.registry`).
 """
 
 from __future__ import annotations
@@ -233,7 +233,7 @@ def _dummy_inputs(config: LlavaConfig):
 
 
 def init_params(config: LlavaConfig, rng: jax.Array | None = None) -> dict:
-  """Random params (tests, shape checks); real weights come from `llava_convert.from_hf`."""
+  """Random params (tests, shape checks); real weights come from `cirjax.convert.registry.load`."""
   rng = jax.random.PRNGKey(0) if rng is None else rng
   return LlavaModel(config).init(rng, *_dummy_inputs(config), method=LlavaModel.init_all)["params"]
 
@@ -426,27 +426,8 @@ def load_tokenizer(path: str | os.PathLike):
   p = Path(path)
   if not ((p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists()):
     return None
-  # transformers is heavy and only needed when a tokenizer is present.
+  # transformers is heavy and optional: only models saved with a tokenizer need it
   from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
   tok = AutoTokenizer.from_pretrained(str(p))
   tok.padding_side = "left"
   return tok
-
-
-def load_llava(path: str | os.PathLike, *, dtype: str | None = None,
-               param_dtype: str | None = None) -> LlavaEmbedder:
-  """Loads an HF LLaVA directory (config.json + weights) or a cirjax checkpoint directory.
-
-  Args:
-    path: the directory.
-    dtype: compute dtype override ('float32' | 'bfloat16' | 'float16').
-    param_dtype: stored dtype of the language model/projector params.
-  """
-  from cirjax.models import llava_convert  # pylint: disable=g-import-not-at-top
-  path = Path(path)
-  config, params = llava_convert.load_any(path)
-  overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v}
-  if overrides:
-    config = config.replace(**overrides)
-  params = cast_params(params, config)
-  return LlavaEmbedder(params, config, load_tokenizer(path), source=str(path))

@@ -1,9 +1,9 @@
 """HF LLaVA(-Phi) checkpoints <-> cirjax params.
 
-Conversion is a table (cirjax param path, HF key, transform) per component; transforms are
-named ('linear' = transpose `[out, in]` -> `[in, out]`, 'conv', 'id') and work on arrays and
-on `jax.ShapeDtypeStruct`s alike, so the full-size Phi-3.5-mini + CLIP-L tree can be checked
-without allocating it (`convert_abstract`).
+Conversion is a table (cirjax param path, HF key, transform) per component (decoder,
+projector, and the shared ViT table for the vision tower), run by `cirjax.convert.engine` on
+arrays or on `jax.ShapeDtypeStruct`s alike, so the full-size Phi-3.5-mini + CLIP-L tree can be
+checked without allocating it (`convert_abstract`).
 
 Key layouts accepted (detected per component from the keys present):
 
@@ -32,16 +32,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 
+from cirjax.convert import engine, io
 from cirjax.models import vit as vit_lib
 from cirjax.models.llava import LlavaConfig, abstract_params
-from cirjax.models.phi3 import Phi3Config
+from cirjax.models.phi3 import Phi3Config, Phi3Decoder
 
 KEY_FORMATS = ("hf4", "hf5")
 # Where each component lives, by key format (LM prefix, LM head, vision, projector).
@@ -58,45 +60,6 @@ _PROJ_PREFIXES = ("multi_modal_projector.", "model.multi_modal_projector.")
 _HEAD_KEYS = ("language_model.lm_head.weight", "lm_head.weight")
 # Buffers some transformers versions saved; not parameters.
 _IGNORED = (r"(^|\.)position_ids$", r"rotary_emb\.inv_freq$")
-
-
-class Abstract:
-  """Shape-only stand-in for a tensor (what `jax.ShapeDtypeStruct` is for arrays)."""
-
-  def __init__(self, shape, dtype=np.float32):
-    self.shape = tuple(shape)
-    self.dtype = np.dtype(dtype)
-
-
-def _transform(name: str, w: Any) -> Any:
-  """HF tensor -> cirjax leaf (arrays, or shapes for `Abstract`/ShapeDtypeStruct)."""
-  abstract = not isinstance(w, np.ndarray) and not hasattr(w, "__array__")
-  if name == "linear":
-    if abstract:
-      return Abstract(tuple(reversed(w.shape)), w.dtype)
-    return np.ascontiguousarray(np.asarray(w).T)
-  if name == "conv":
-    if abstract:
-      s = w.shape
-      return Abstract((s[2], s[3], s[1], s[0]), w.dtype)
-    return np.ascontiguousarray(np.transpose(np.asarray(w), (2, 3, 1, 0)))
-  if name == "flat":
-    if abstract:
-      return Abstract(tuple(s for s in w.shape if s != 1) or (1,), w.dtype)
-    a = np.asarray(w)
-    while a.ndim > 1 and a.shape[0] == 1:
-      a = a[0]
-    return a
-  return w if abstract else np.asarray(w)
-
-
-def _inverse(name: str, w: np.ndarray) -> np.ndarray:
-  w = np.asarray(w)
-  if name == "linear":
-    return np.ascontiguousarray(w.T)
-  if name == "conv":
-    return np.ascontiguousarray(np.transpose(w, (3, 2, 0, 1)))
-  return w
 
 
 # ----------------------------------------------------------------------------- tables
@@ -138,21 +101,13 @@ def projector_hf_table(config: LlavaConfig) -> list[tuple[tuple, str, str]]:
   return rows
 
 
-def vision_hf_table(config: LlavaConfig) -> list[tuple[tuple, str, str]]:
-  """The shared ViT table plus CLIP's class/position embeddings."""
-  rows = [(("class_embedding",), "embeddings.class_embedding", "id"),
-          (("position_embedding",), "embeddings.position_embedding.weight", "id")]
-  return rows + list(vit_lib.vit_hf_table(config.vision))
-
-
 def full_table(config: LlavaConfig, prefixes: Mapping[str, str]) -> list[tuple[tuple, str, str]]:
   """(param path, full HF key, transform) for the whole model under the given prefixes."""
-  out = [(("vision_tower",) + d, prefixes["vision"] + s, t) for d, s, t in vision_hf_table(config)]
-  out += [(("multi_modal_projector",) + d, prefixes["proj"] + s, t)
-          for d, s, t in projector_hf_table(config)]
-  out += [(("language_model",) + d, prefixes["lm"] + s, t)
-          for d, s, t in decoder_hf_table(config.text)]
-  return out
+  return (engine.prefixed(vit_lib.vit_hf_table(config.vision), ("vision_tower",),
+                          prefixes["vision"])
+          + engine.prefixed(projector_hf_table(config), ("multi_modal_projector",),
+                            prefixes["proj"])
+          + engine.prefixed(decoder_hf_table(config.text), ("language_model",), prefixes["lm"]))
 
 
 # ----------------------------------------------------------------------------- key formats
@@ -228,6 +183,7 @@ def llava_config_from_hf(hf: Any, *, dtype: str = "float32",
 
   Missing fields take the HF sub-config class defaults (saved configs omit them).
   """
+  # transformers is heavy and optional; its config classes hold the defaults saved configs omit
   import transformers  # pylint: disable=g-import-not-at-top
   if isinstance(hf, (str, os.PathLike)):
     f = Path(hf) / "config.json" if Path(hf).is_dir() else Path(hf)
@@ -275,86 +231,48 @@ def llava_config_to_hf(config: LlavaConfig) -> dict:
 # ----------------------------------------------------------------------------- conversion
 
 
-def _set(tree: dict, path, value):
-  for k in path[:-1]:
-    tree = tree.setdefault(k, {})
-  tree[path[-1]] = value
-
-
-def _get(tree, path):
-  for k in path:
-    tree = tree[k]
-  return tree
-
-
-def _flat_shapes(tree) -> dict[tuple, tuple]:
-  return {tuple(getattr(k, "key", k) for k in p): tuple(l.shape)
-          for p, l in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 def convert_state_dict(state: Mapping[str, Any], config: LlavaConfig, *,
                        source: str = "state dict", dtype=np.float32,
                        report: dict | None = None) -> dict:
-  """HF LLaVA state dict (numpy or `Abstract`/ShapeDtypeStruct values) -> cirjax params.
+  """HF LLaVA state dict (numpy, or `jax.ShapeDtypeStruct` for the abstract mode) -> params.
 
-  Raises `cirjax.weights.KeyAccountingError` listing every missing/unexpected/mis-shaped key.
-  `report`, if given, receives the detected prefixes and the keys skipped on purpose.
+  Raises `cirjax.convert.engine.KeyAccountingError` listing every missing/unexpected/
+  mis-shaped key. `report`, if given, receives the detected prefixes and the keys skipped on
+  purpose.
   """
-  from cirjax.weights import KeyAccountingError  # pylint: disable=g-import-not-at-top
   prefixes = detect_prefixes(state.keys(), source)
-  expected = _flat_shapes(abstract_params(config))
-  params: dict = {}
-  used, missing, mismatched = set(), [], []
-  for dst, key, tr in full_table(config, prefixes):
-    if key not in state:
-      missing.append(key)
-      continue
-    used.add(key)
-    leaf = _transform(tr, state[key])
-    want = expected.get(dst)
-    if want is None:
-      raise AssertionError(f"conversion table names unknown parameter {'/'.join(dst)}")
-    if tuple(leaf.shape) != want:
-      hf_want = tuple(reversed(want)) if tr == "linear" else want
-      mismatched.append((key, tuple(np.shape(state[key]) if hasattr(state[key], "shape") else ()),
-                         hf_want))
-      continue
-    if isinstance(leaf, np.ndarray):
-      leaf = leaf.astype(dtype)
-    else:
-      leaf = jax.ShapeDtypeStruct(leaf.shape, dtype)
-    _set(params, dst, leaf)
-  skipped = []
-  if prefixes["head"] is not None:
-    skipped.append(prefixes["head"])  # unused by the embedder (see module docstring)
-  ignored = [k for k in state if any(re.search(p, k) for p in _IGNORED)]
-  unexpected = sorted(set(state) - used - set(skipped) - set(ignored))
-  untabled = set(expected) - {d for d, _, _ in full_table(config, prefixes)}
-  if untabled:  # a bug in the tables, not in the checkpoint
-    raise AssertionError(f"parameters without a conversion row: {sorted(untabled)}")
-  if missing or unexpected or mismatched:
-    raise KeyAccountingError(source, missing, unexpected, mismatched)
+  reader = engine.StateDictReader(state, source=source, ignore=_IGNORED)
+  skipped = [prefixes["head"]] if prefixes["head"] is not None else []
+  for key in skipped:  # the LM head: unused by the embedder (see module docstring)
+    reader.skip(key)
+  target = abstract_params(config)
+  params = engine.convert(reader, full_table(config, prefixes), target, dtype=dtype)
+  reader.finish()
+  engine.check_tree(params, target, source)
   if report is not None:
-    report.update(prefixes=prefixes, skipped=skipped, ignored=ignored,
+    report.update(prefixes=prefixes, skipped=skipped, ignored=reader.ignored,
                   key_format=key_format_of(state.keys()))
   return params
 
 
 def convert_abstract(hf_shapes: Mapping[str, tuple], config: LlavaConfig) -> dict:
   """Runs the converter on shapes only: {HF key: shape} -> tree of ShapeDtypeStruct."""
-  return convert_state_dict({k: Abstract(s) for k, s in hf_shapes.items()}, config,
+  return convert_state_dict(engine.abstract_state(hf_shapes), config,
                             source="abstract state dict")
+
+
+def _abstract_decoder(config: Phi3Config) -> dict:
+  ids, mask = jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), jnp.int32)
+  init = nn.init(lambda m: m(m.embed(ids), mask), Phi3Decoder(config))
+  return jax.eval_shape(init, jax.random.PRNGKey(0))["params"]
 
 
 def decoder_params_from_hf(state: Mapping[str, Any], config: Phi3Config, prefix: str = "",
                            *, dtype=np.float32) -> dict:
   """Just the language model (HF `Phi3Model`/`LlamaModel` keys under `prefix`), strictly."""
-  from cirjax.weights import StateDictReader  # pylint: disable=g-import-not-at-top
-  reader = StateDictReader(state, source="decoder state dict", ignore=_IGNORED)
-  params: dict = {}
-  for dst, key, tr in decoder_hf_table(config):
-    w = reader.take(prefix + key)
-    _set(params, dst, _transform(tr, w).astype(dtype))
+  reader = engine.StateDictReader(state, source="decoder state dict", ignore=_IGNORED)
+  rows = engine.prefixed(decoder_hf_table(config), (), prefix)
+  params = engine.convert(reader, rows, _abstract_decoder(config), dtype=dtype)
   reader.finish()
   return params
 
@@ -364,81 +282,34 @@ def from_hf(src_dir: str | os.PathLike, *, dtype: str = "float32",
   """Reads an HF LLaVA directory (config.json + safetensors/.bin, sharded or not).
 
   fp16/bf16 weights are upcast to fp32 (then `param_dtype` for the LM/projector when the
-  model is loaded). Returns (LlavaConfig, params as numpy fp32): the same order as
-  `blip2_convert.from_hf`, which `cirjax convert` relies on.
+  model is loaded). Returns (LlavaConfig, params as numpy fp32).
   """
-  from cirjax.weights import read_state_dict  # pylint: disable=g-import-not-at-top
   src = Path(src_dir)
   if not (src / "config.json").exists():
     raise FileNotFoundError(f"{src}: not an HF model directory (no config.json)")
   config = llava_config_from_hf(src, dtype=dtype, param_dtype=param_dtype)
-  state = read_state_dict(src)
-  params = convert_state_dict(state, config, source=str(src), report=report)
-  return config, params
+  state = io.read_state_dict(src)
+  return config, convert_state_dict(state, config, source=str(src), report=report)
 
 
-def params_to_hf(config: LlavaConfig, params: Any, key_format: str = "hf4") -> dict[str, np.ndarray]:
+def params_to_hf(config: LlavaConfig, params: Any,
+                 key_format: str = "hf4") -> dict[str, np.ndarray]:
   """cirjax params -> HF state dict (fp32 numpy) in the given key format (no lm_head)."""
   if key_format not in KEY_FORMATS:
     raise ValueError(f"key_format must be one of {KEY_FORMATS}, got {key_format!r}")
-  out = {}
-  for dst, key, tr in full_table(config, PREFIXES[key_format]):
-    w = np.asarray(jax.device_get(_get(params, dst)), np.float32)
-    if tr == "flat":
-      w = w.reshape(-1)
-    out[key] = _inverse(tr, w)
-  return out
+  return engine.export(params, full_table(config, PREFIXES[key_format]))
 
 
 def to_hf(params: Any, config: LlavaConfig, dst_dir: str | os.PathLike, *,
-          key_format: str = "hf4", tokenizer_dir: str | os.PathLike | None = None,
-          max_shard_bytes: int = 5 * 1024 ** 3) -> Path:
+          key_format: str = "hf4", max_shard_bytes: int = 5 * 1024 ** 3) -> Path:
   """Writes an HF LLaVA directory loadable by `LlavaForConditionalGeneration.from_pretrained`.
 
   `key_format='hf4'` (default) is the hub layout that transformers 4.x and 5.x both load.
-  Tokenizer files found in `tokenizer_dir` are copied along.
+  (Tokenizer files travel with `cirjax.convert.registry.export_hf`.)
   """
-  from cirjax.weights import write_safetensors_sharded  # pylint: disable=g-import-not-at-top
-  if isinstance(params, LlavaConfig):  # also accept (config, params), from_hf's order
-    params, config = config, params
   dst = Path(dst_dir)
   dst.mkdir(parents=True, exist_ok=True)
-  state = params_to_hf(config, params, key_format)
-  write_safetensors_sharded(state, dst, max_shard_bytes=max_shard_bytes)
+  io.write_safetensors_sharded(params_to_hf(config, params, key_format), dst,
+                               max_shard_bytes=max_shard_bytes)
   (dst / "config.json").write_text(json.dumps(llava_config_to_hf(config), indent=2) + "\n")
-  if tokenizer_dir is not None:
-    for name in _TOKENIZER_FILES:
-      if (Path(tokenizer_dir) / name).exists():
-        shutil.copy(Path(tokenizer_dir) / name, dst / name)
   return dst
-
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                    "tokenizer.model", "chat_template.jinja", "added_tokens.json")
-
-
-def save_cirjax(params: Any, config: LlavaConfig, dst_dir: str | os.PathLike, *,
-                overwrite: bool = False, source: str | None = None,
-                tokenizer_dir: str | os.PathLike | None = None) -> Path:
-  """Writes a cirjax model directory (Orbax params + cirjax_config.json, model_type 'llava')
-  that `cirjax.load_llava` reads back; tokenizer files in `tokenizer_dir` are copied along."""
-  from cirjax import model_io  # pylint: disable=g-import-not-at-top
-  extra = {"source": source} if source else None
-  out = model_io.save_model_dir(dst_dir, params, config.to_dict(), "llava",
-                                overwrite=overwrite, extra=extra)
-  if tokenizer_dir is not None:
-    for name in _TOKENIZER_FILES:
-      if (Path(tokenizer_dir) / name).exists():
-        shutil.copy(Path(tokenizer_dir) / name, out / name)
-  return out
-
-
-def load_any(path: str | os.PathLike) -> tuple[LlavaConfig, dict]:
-  """(config, params) from an HF LLaVA directory or a cirjax 'llava' directory."""
-  from cirjax import model_io  # pylint: disable=g-import-not-at-top
-  if model_io.is_cirjax_dir(path):
-    model_type, cfg, params = model_io.load_model_dir(path)
-    if model_type != "llava":
-      raise ValueError(f"{path}: a cirjax '{model_type}' checkpoint, not 'llava'")
-    return LlavaConfig.from_dict(cfg), params
-  return from_hf(path)

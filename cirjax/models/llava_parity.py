@@ -19,42 +19,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Optional, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-TOLERANCE = 1e-4  # docs/reference_semantics.md#parity: whole models in fp32; never loosened.
-
-
-class ParityRow(NamedTuple):
-  name: str
-  max_abs_err: float
-  max_rel_err: float
-  tolerance: float
-  ok: bool
-
-
-def compare(name: str, got: Any, want: Any, tol: float = TOLERANCE) -> ParityRow:
-  """One row: max abs error and max abs error over the reference's max magnitude."""
-  got = np.asarray(got, np.float64)
-  want = np.asarray(want, np.float64)
-  if got.shape != want.shape:
-    return ParityRow(f"{name} (shape {got.shape} vs {want.shape})", float("inf"),
-                     float("inf"), tol, False)
-  abs_err = float(np.max(np.abs(got - want))) if got.size else 0.0
-  rel = abs_err / max(float(np.max(np.abs(want))) if want.size else 0.0, 1e-30)
-  ok = bool(np.isfinite(got).all()) and rel <= tol
-  return ParityRow(name, abs_err, rel, tol, ok)
-
-
-def format_table(rows: Sequence[ParityRow]) -> str:
-  w = max([len(r.name) for r in rows] + [5])
-  lines = [f"{'stage':<{w}}  {'max abs err':>12}  {'max rel err':>12}  {'tol':>8}  ok",
-           "-" * (w + 44)]
-  for r in rows:
-    lines.append(f"{r.name:<{w}}  {r.max_abs_err:12.3e}  {r.max_rel_err:12.3e}  "
-                 f"{r.tolerance:8.0e}  {'yes' if r.ok else 'NO'}")
-  return "\n".join(lines)
+from cirjax.convert import registry
+from cirjax.convert.parity import TOLERANCE, ParityRow, compare, format_table
+from cirjax.models import llava, llava_convert
 
 
 def random_inputs(config: Any, batch: int = 2, text_len: int = 16, seed: int = 0,
@@ -97,6 +70,7 @@ def random_inputs(config: Any, batch: int = 2, text_len: int = 16, seed: int = 0
 def torch_stages(model: Any, config: Any, ids: np.ndarray, mask: np.ndarray,
                  pixels: Optional[np.ndarray]) -> dict[str, np.ndarray]:
   """The reference stages from an HF LlavaForConditionalGeneration (fp32, eager)."""
+  # heavy, optional dependencies: only the PyTorch reference needs them
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   pix = None if pixels is None else torch.from_numpy(np.ascontiguousarray(
@@ -125,7 +99,8 @@ def hf_image_features(model: Any, config: Any, pix: Any) -> tuple[Any, Any]:
   on some paths. The modules are the same across the 4.x and 5.x key layouts; only where
   they hang differs (`model.model.*` in 5.x, `model.*` in 4.x).
   """
-  import torch  # pylint: disable=g-import-not-at-top  (optional heavy dependency)
+  # heavy, optional dependencies: only the PyTorch reference needs them
+  import torch  # pylint: disable=g-import-not-at-top
   inner = model.model if hasattr(model, "model") else model
   with torch.no_grad():
     hs = inner.vision_tower(pix, output_hidden_states=True).hidden_states
@@ -148,9 +123,6 @@ def _layer_stages(hs: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
 def jax_stages(params: Any, config: Any, ids: np.ndarray, mask: np.ndarray,
                pixels: Optional[np.ndarray]) -> dict[str, np.ndarray]:
   """The same stages from cirjax (jitted)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from cirjax.models import llava  # pylint: disable=g-import-not-at-top
   out: dict[str, np.ndarray] = {}
   fwd = jax.jit(llava.forward, static_argnames=("config", "output_hidden_states"))
   pix = None if pixels is None else jnp.asarray(pixels)
@@ -169,6 +141,7 @@ def jax_stages(params: Any, config: Any, ids: np.ndarray, mask: np.ndarray,
 
 def load_reference(path: str | os.PathLike) -> Any:
   """HF LlavaForConditionalGeneration from `path` in fp32 with eager attention."""
+  # heavy, optional dependencies: only the PyTorch reference needs them
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   model = transformers.LlavaForConditionalGeneration.from_pretrained(
@@ -190,19 +163,17 @@ def run_parity(path: str | os.PathLike, *, converted: Optional[str | os.PathLike
   Returns:
     One ParityRow (name, max_abs_err, max_rel_err, tolerance, ok) per stage.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  from cirjax.models import llava_convert  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_default_matmul_precision", "highest")
-  from cirjax import model_io  # pylint: disable=g-import-not-at-top
-  if model_io.is_cirjax_dir(path):
+  if registry.sniff(path)[1] == "cirjax":
     raise ValueError(f"{path}: parity needs the HF (PyTorch) checkpoint; pass the cirjax "
                      f"directory as `converted`")
   if converted is None:
     config, params = llava_convert.from_hf(path)
   else:
-    config, params = llava_convert.load_any(converted)
-    if not model_io.is_cirjax_dir(converted):
+    loaded = registry.load(converted, family="llava")
+    if loaded.kind != "cirjax":
       raise ValueError(f"{converted}: not a cirjax model directory (no cirjax_config.json)")
+    config, params = loaded.config, loaded.params
   ref_config = llava_convert.llava_config_from_hf(path)
   if ref_config.replace(dtype=config.dtype, param_dtype=config.param_dtype) != config:
     raise ValueError(f"{converted}: its config differs from {path}/config.json; was it "

@@ -238,7 +238,7 @@ def check_text(input_ids, mask, config: QFormerConfig) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Weight tables. Rows are (cirjax path inside the QFormer params, source key, transform) with
-# transforms named as in `cirjax.models.vit` ('linear' = torch [out, in] -> flax [in, out]).
+# transforms named in `cirjax.convert.engine` ('linear' = torch [out, in] -> flax [in, out]).
 # HF (`Blip2QFormerModel`, prefix 'qformer.') and LAVIS (`Qformer.bert.`) differ only in the
 # attention sub-module name ('attention' vs 'self') and where the input LayerNorm lives.
 

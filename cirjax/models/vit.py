@@ -21,11 +21,10 @@ The compute dtype and `remat` are the caller's model config's (`Blip2Config`,
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
 ACTIVATIONS = ("gelu", "quick_gelu")
@@ -349,38 +348,9 @@ def abstract_vit_params(config: ViTConfig) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# HF <-> cirjax weight tables.
-#
-# A table row is (cirjax path, HF key, transform). Transforms map the HF tensor to the cirjax
-# one; `_INVERSE` maps back. The HF key is relative to a prefix (e.g. 'vision_model.' in a
-# Blip2ForImageTextRetrieval checkpoint, 'vision_tower.vision_model.' in LLaVA).
-
-def _t_linear(w):  # torch Linear weight [out, in] -> flax kernel [in, out]
-  return np.ascontiguousarray(np.asarray(w).T)
-
-
-def _t_conv(w):  # torch Conv2d [D, C, p, p] -> [p, p, C, D]
-  return np.ascontiguousarray(np.transpose(np.asarray(w), (2, 3, 1, 0)))
-
-
-def _t_flat(w):  # [1, 1, D] or [1, N, D] -> drop leading singleton dims
-  w = np.asarray(w)
-  while w.ndim > 1 and w.shape[0] == 1:
-    w = w[0]
-  return w
-
-
-def _t_id(w):
-  return np.asarray(w)
-
-
-_INVERSE = {
-    "linear": lambda w: np.ascontiguousarray(np.asarray(w).T),
-    "conv": lambda w: np.ascontiguousarray(np.transpose(np.asarray(w), (3, 2, 0, 1))),
-    "id": lambda w: np.asarray(w),
-}
-_FORWARD = {"linear": _t_linear, "conv": _t_conv, "id": _t_id}
-
+# The HF weight table, run by `cirjax.convert.engine`. Keys are relative to the tower's prefix
+# (e.g. 'vision_model.' in a Blip2ForImageTextRetrieval checkpoint, 'vision_tower.vision_model.'
+# in LLaVA).
 
 def _ln_rows(dst, src):
   return [(dst + ("scale",), src + ".weight", "id"), (dst + ("bias",), src + ".bias", "id")]
@@ -394,12 +364,14 @@ def _dense_rows(dst, src, bias=True):
 
 
 def vit_hf_table(config: ViTConfig) -> list[tuple[tuple, str, str]]:
-  """Rows (cirjax param path, HF key relative to the tower prefix, transform name).
-
-  Class/position embeddings are listed separately (see `vit_params_from_hf`) because HF
-  stores them with variant-specific leading dims.
-  """
-  rows = [(("patch_embedding",), "embeddings.patch_embedding.weight", "conv")]
+  """Rows (cirjax param path, HF key relative to the tower prefix, transform name)."""
+  if config.variant == "eva":  # Blip2VisionEmbeddings keeps leading singleton dims
+    rows = [(("class_embedding",), "embeddings.class_embedding", "lead2"),
+            (("position_embedding",), "embeddings.position_embedding", "lead1")]
+  else:
+    rows = [(("class_embedding",), "embeddings.class_embedding", "id"),
+            (("position_embedding",), "embeddings.position_embedding.weight", "id")]
+  rows.append((("patch_embedding",), "embeddings.patch_embedding.weight", "conv"))
   if config.patch_bias:
     rows.append((("patch_bias",), "embeddings.patch_embedding.bias", "id"))
   if config.pre_norm:
@@ -419,81 +391,6 @@ def vit_hf_table(config: ViTConfig) -> list[tuple[tuple, str, str]]:
   if config.post_layernorm:
     rows += _ln_rows(("post_layernorm",), "post_layernorm")
   return rows
-
-
-def _set(tree: dict, path: Sequence[str], value) -> None:
-  for k in path[:-1]:
-    tree = tree.setdefault(k, {})
-  tree[path[-1]] = value
-
-
-def _get(tree, path: Sequence[str]):
-  for k in path:
-    tree = tree[k]
-  return tree
-
-
-def _leaf_shapes(config: ViTConfig) -> dict:
-  shapes = abstract_vit_params(config)
-  return {tuple(getattr(k, "key", k) for k in path): tuple(leaf.shape)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]}
-
-
-def _hf_shape(transform: str, shape: tuple) -> tuple:
-  if transform == "linear":
-    return tuple(reversed(shape))
-  if transform == "conv":
-    return (shape[3], shape[2], shape[0], shape[1])
-  return shape
-
-
-def vit_params_from_hf(reader, prefix: str, config: ViTConfig) -> dict:
-  """Builds the ViT param tree from HF `Blip2VisionModel` / `CLIPVisionModel` tensors.
-
-  Args:
-    reader: a `cirjax.weights.StateDictReader` (records used keys, checks shapes); a plain
-      dict is wrapped in one and checked strictly on return.
-    prefix: key prefix of the tower, e.g. 'vision_model.' or 'vision_tower.vision_model.'.
-    config: the tower's ViTConfig.
-  """
-  from cirjax.weights import StateDictReader  # pylint: disable=g-import-not-at-top
-  own = not isinstance(reader, StateDictReader)
-  if own:
-    reader = StateDictReader(reader, source="state dict")
-  shapes = _leaf_shapes(config)
-  params: dict = {}
-  d, n = config.hidden_size, config.num_positions
-  if config.variant == "eva":
-    cls = reader.take(prefix + "embeddings.class_embedding", (1, 1, d))
-    pos = reader.take(prefix + "embeddings.position_embedding", (1, n, d))
-  else:
-    cls = reader.take(prefix + "embeddings.class_embedding", (d,))
-    pos = reader.take(prefix + "embeddings.position_embedding.weight", (n, d))
-  params["class_embedding"] = _t_flat(cls).reshape(d)
-  params["position_embedding"] = _t_flat(pos).reshape(n, d)
-  for dst, src, tr in vit_hf_table(config):
-    w = reader.take(prefix + src, _hf_shape(tr, shapes[dst]))
-    _set(params, dst, np.asarray(_FORWARD[tr](w), np.float32))
-  if own:
-    reader.finish()
-  return params
-
-
-def vit_params_to_hf(params: Mapping, prefix: str, config: ViTConfig) -> dict[str, np.ndarray]:
-  """The inverse of `vit_params_from_hf`: HF state dict entries (fp32 numpy) for the tower."""
-  out: dict[str, np.ndarray] = {}
-  d, n = config.hidden_size, config.num_positions
-  cls = np.asarray(params["class_embedding"], np.float32)
-  pos = np.asarray(params["position_embedding"], np.float32)
-  if config.variant == "eva":
-    out[prefix + "embeddings.class_embedding"] = cls.reshape(1, 1, d)
-    out[prefix + "embeddings.position_embedding"] = pos.reshape(1, n, d)
-  else:
-    out[prefix + "embeddings.class_embedding"] = cls.reshape(d)
-    out[prefix + "embeddings.position_embedding.weight"] = pos.reshape(n, d)
-  for dst, src, tr in vit_hf_table(config):
-    out[prefix + src] = _INVERSE[tr](np.asarray(_get(params, dst), np.float32))
-  return out
 
 
 def vit_config_from_hf(hf: Mapping[str, Any], variant: str) -> ViTConfig:

@@ -60,6 +60,7 @@ import numpy as np
 
 from cirjax import lora as lora_lib
 from cirjax import prompts
+from cirjax.convert import registry
 from cirjax.data import images as images_lib
 from cirjax.data.records import DataError
 from cirjax.losses import info_nce_loss, info_nce_logits
@@ -707,7 +708,6 @@ class InstructCIRTask(Task):
     `export_hf` `<workdir>/model_hf` (merged, HF LLaVA dir), each with the tokenizer."""
     if not self.config.get("export", True):
       return
-    from cirjax.models import llava_convert  # pylint: disable=g-import-not-at-top
     rep = shd.replicated(self.mesh)
     host = jax.device_get(jax.jit(lambda p: p, out_shardings=rep)(params))
     if jax.process_index() != 0:
@@ -719,21 +719,22 @@ class InstructCIRTask(Task):
                        base_model_name_or_path=self.config.model.get("init") or None)
     merged = jax.tree.map(np.asarray, lora_lib.merge(host["base"], adapter))
     cfg = self.cfg.replace(dtype="float32")
-    llava_convert.save_cirjax(merged, cfg, wd / "model", overwrite=True,
-                              source=f"cirjax train instructcir stage {self.stage}",
-                              tokenizer_dir=self.tokenizer_dir)
+    registry.save(wd / "model", "llava", cfg, merged, overwrite=True,
+                  extra={"source": f"cirjax train instructcir stage {self.stage}"},
+                  tokenizer_dir=self.tokenizer_dir)
     written = ["adapter", "model"]
     if self.config.get("export_hf", True):
-      llava_convert.to_hf(merged, cfg, wd / "model_hf", tokenizer_dir=self.tokenizer_dir)
+      registry.export_hf(wd / "model_hf", "llava", cfg, merged, overwrite=True,
+                         tokenizer_dir=self.tokenizer_dir)
       written.append("model_hf")
     _log(f"exported {', '.join(str(wd / w) for w in written)}")
 
 
 def llava_convert_load(path: str):
-  from cirjax.models import llava_convert  # pylint: disable=g-import-not-at-top
   if not Path(path).is_dir():
     raise FileNotFoundError(f"LLaVA model directory not found: {path}")
-  return llava_convert.load_any(path)
+  loaded = registry.load(path, family="llava")
+  return loaded.config, loaded.params
 
 
 def _recalls(scores: np.ndarray, target: np.ndarray, prefix: str) -> dict[str, float]:

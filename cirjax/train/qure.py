@@ -40,6 +40,7 @@ import numpy as np
 
 from cirjax import mining
 from cirjax import sampling as sampling_lib
+from cirjax.convert import registry
 from cirjax.data import images as images_lib
 from cirjax.data.loader import ImageCache, default_text
 from cirjax.data.records import CIRSplit, DataError
@@ -175,7 +176,7 @@ class QuReTask(Task):
     # Model: random (synthetic) or pretrained (an HF / LAVIS / cirjax BLIP-2 directory).
     self.pretrained = config.model.get("init") or ""
     if self.pretrained:
-      loaded = blip2.load_blip2(os.path.expanduser(self.pretrained))
+      loaded = registry.load(os.path.expanduser(self.pretrained), family="blip2")
       self.cfg, self._pretrained_params = loaded.config, loaded.params
       if len(self.tokenizer) > self.cfg.qformer.vocab_size:
         raise ValueError(f"{self.pretrained}: Q-Former vocabulary {self.cfg.qformer.vocab_size} "
@@ -551,13 +552,12 @@ class QuReTask(Task):
     `cirjax.load_blip2`, `cirjax eval`; `cirjax convert` turns it into HF format)."""
     if not self.config.get("export", True):
       return
-    from cirjax import model_io  # pylint: disable=g-import-not-at-top
     host = jax.device_get(jax.tree.map(
         lambda x: jax.jit(lambda y: y, out_shardings=shd.replicated(self.mesh))(x), params))
     if jax.process_index() == 0:
       path = Path(self.workdir) / "model"
-      model_io.save_model_dir(path, jax.tree.map(np.asarray, host), self.cfg.to_dict(), "blip2",
-                              overwrite=True, extra={"trained_by": "cirjax train",
+      registry.save(path, "blip2", self.cfg, jax.tree.map(np.asarray, host),
+                    overwrite=True, extra={"trained_by": "cirjax train",
                                                      "train_config": self.config.get("config_spec", "")})
       vocab = Path(self.workdir) / "model" / "vocab.txt"
       try:

@@ -1,27 +1,41 @@
-"""Reading and writing PyTorch-world weight files without trusting them.
+"""Files in and out: PyTorch-world weight files, and cirjax model directories.
 
+Weight files are read without trusting them:
 * safetensors are parsed here directly (header + raw bytes), without torch, so bf16 and
   fp8 tensors load as `ml_dtypes` arrays and a truncated or corrupt file gets an error that
   names it.
 * `.bin` / `.pt` / `.pth` pickles load only through `torch.load(weights_only=True)`: a pickle
   that would import or call anything beyond plain tensors is refused, never executed.
-* `StateDictReader` hands tensors out by key with shape checks and keeps strict accounts:
-  at the end one error lists every missing, unexpected and mis-shaped key by name.
+
+A cirjax model directory (`save_model_dir`) is an Orbax checkpoint of the params plus
+`cirjax_config.json`:
+
+    DIR/cirjax_config.json   {"format": "cirjax", "format_version": 1,
+                              "model_type": "blip2" | "llava", "config": {...}}
+    DIR/params/              Orbax (StandardCheckpointer) checkpoint of the param pytree
+
+Writes are atomic (`atomic_directory`): everything goes to a temporary directory beside the
+destination, which is renamed into place only when complete. An existing destination is
+never touched unless `overwrite=True`, and even then it is replaced only after the new one
+is fully written.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
+import pickle
+import shutil
 import struct
 import tempfile
+import uuid
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
+import jax
 import ml_dtypes
 import numpy as np
-
+import orbax.checkpoint as ocp
 SAFETENSORS_DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
@@ -38,25 +52,6 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 class WeightFileError(ValueError):
   """A weight file is missing, truncated, corrupt or unsafe. The message names the file."""
-
-
-class KeyAccountingError(ValueError):
-  """Source tensors and target parameters do not match one to one."""
-
-  def __init__(self, source: str, missing=(), unexpected=(), mismatched=()):
-    self.missing = list(missing)
-    self.unexpected = list(unexpected)
-    self.mismatched = list(mismatched)
-    lines = [f"weights in {source} do not match the model:"]
-    if self.missing:
-      lines.append(f"  {len(self.missing)} missing key(s): " + ", ".join(self.missing))
-    if self.unexpected:
-      lines.append(f"  {len(self.unexpected)} unexpected key(s) (not used by any parameter): "
-                   + ", ".join(self.unexpected))
-    if self.mismatched:
-      lines.append(f"  {len(self.mismatched)} shape mismatch(es): " + ", ".join(
-          f"{k} has shape {got}, expected {want}" for k, got, want in self.mismatched))
-    super().__init__("\n".join(lines))
 
 
 # ------------------------------------------------------------------------------- safetensors
@@ -200,11 +195,11 @@ def read_torch_pickle(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """
   path = Path(path)
   try:
+    # torch is heavy and optional: only pickled weight files need it
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise WeightFileError(f"{path}: reading PyTorch pickles needs torch "
                           "(pip install -e '.[torch]'); safetensors files do not") from None
-  import pickle  # pylint: disable=g-import-not-at-top
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
   except pickle.UnpicklingError as e:
@@ -234,7 +229,7 @@ def read_torch_pickle(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def _torch_to_numpy(t) -> np.ndarray:
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top  # heavy, optional (as above)
   t = t.detach().cpu().contiguous()
   if t.dtype == torch.bfloat16:
     return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
@@ -305,131 +300,160 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   return state
 
 
-# ------------------------------------------------------------------------- key accounting
+# --------------------------------------------------------------------- cirjax model dirs
 
-class StateDictReader:
-  """Hands out source tensors by key and keeps strict accounts.
+CONFIG_NAME = "cirjax_config.json"
+PARAMS_DIR = "params"
+FORMAT_VERSION = 1
 
-  `take(key, shape)` returns the tensor (numpy) after checking its shape. A missing key or a
-  wrong shape is recorded (and a zero placeholder returned) so that one conversion pass can
-  report every problem at once; `finish()` then raises a `KeyAccountingError` naming every
-  missing, unexpected (never taken) and mis-shaped key. `ignore` holds regexes of source keys
-  known to be unused (e.g. LAVIS's `Qformer.cls.*` language-model head); they are not
-  reported, and the ignored keys actually seen are available as `.ignored`.
+
+def is_cirjax_dir(path: str | os.PathLike) -> bool:
+  """True if `path` is a directory written by `save_model_dir`."""
+  p = Path(path)
+  return p.is_dir() and (p / CONFIG_NAME).is_file()
+
+
+def read_cirjax_config(path: str | os.PathLike) -> dict:
+  """Reads and validates DIR/cirjax_config.json."""
+  f = Path(path) / CONFIG_NAME
+  if not f.is_file():
+    raise FileNotFoundError(f"{path}: not a cirjax model directory (no {CONFIG_NAME})")
+  try:
+    meta = json.loads(f.read_text())
+  except ValueError as e:
+    raise ValueError(f"{f}: not valid JSON ({e})") from None
+  for key in ("model_type", "config"):
+    if key not in meta:
+      raise ValueError(f"{f}: missing field {key!r}")
+  if meta.get("format_version", 1) > FORMAT_VERSION:
+    raise ValueError(f"{f}: format_version {meta['format_version']} is newer than this cirjax "
+                     f"understands ({FORMAT_VERSION})")
+  return meta
+
+
+class atomic_directory:  # pylint: disable=invalid-name
+  """Context manager: yields a fresh temp dir beside `dst`; on success renames it to `dst`.
+
+  On an exception the temp dir is removed and `dst` is untouched. If `dst` exists and
+  `overwrite` is False, raises FileExistsError before anything is written.
   """
 
-  def __init__(self, state: Mapping[str, np.ndarray], *, source: str = "state dict",
-               ignore: Iterable[str] = ()):
-    self.state = state
-    self.source = source
-    self._ignore = [re.compile(p) for p in ignore]
-    self.used: set[str] = set()
-    self.missing: list[str] = []
-    self.mismatched: list[tuple[str, tuple, tuple]] = []
+  def __init__(self, dst: str | os.PathLike, *, overwrite: bool = False):
+    self.dst = Path(dst).absolute()
+    self.overwrite = overwrite
+    self.tmp: Optional[Path] = None
 
-  def __contains__(self, key: str) -> bool:
-    return key in self.state
+  def __enter__(self) -> Path:
+    if self.dst.exists() and not self.overwrite:
+      raise FileExistsError(f"{self.dst} already exists; pass overwrite=True (--overwrite) to "
+                            "replace it")
+    self.dst.parent.mkdir(parents=True, exist_ok=True)
+    self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.tmp-", dir=self.dst.parent))
+    return self.tmp
 
-  def keys(self):
-    return self.state.keys()
-
-  def take(self, key: str, shape: Optional[Sequence[int]] = None,
-           dtype=None) -> np.ndarray:
-    if key in self.used:
-      raise ValueError(f"{self.source}: key {key!r} taken twice (conversion table bug)")
-    if key not in self.state:
-      self.missing.append(key)
-      return np.zeros(tuple(shape) if shape is not None else (), np.float32)
-    self.used.add(key)
-    value = np.asarray(self.state[key])
-    if shape is not None and tuple(value.shape) != tuple(shape):
-      self.mismatched.append((key, tuple(value.shape), tuple(shape)))
-      return np.zeros(tuple(shape), np.float32)
-    if dtype is not None:
-      value = value.astype(dtype)
-    return value
-
-  def skip(self, key: str) -> None:
-    """Marks a present key as deliberately unused."""
-    if key in self.state:
-      self.used.add(key)
-
-  def is_ignored(self, key: str) -> bool:
-    return any(p.search(key) for p in self._ignore)
-
-  @property
-  def ignored(self) -> list[str]:
-    return sorted(k for k in self.state if k not in self.used and self.is_ignored(k))
-
-  @property
-  def unexpected(self) -> list[str]:
-    return sorted(k for k in self.state if k not in self.used and not self.is_ignored(k))
-
-  def finish(self) -> None:
-    """Raises KeyAccountingError unless every parameter was filled and every key used."""
-    if self.missing or self.mismatched or self.unexpected:
-      raise KeyAccountingError(self.source, self.missing, self.unexpected, self.mismatched)
+  def __exit__(self, exc_type, exc, tb):
+    assert self.tmp is not None
+    if exc_type is not None:
+      shutil.rmtree(self.tmp, ignore_errors=True)
+      return False
+    if self.dst.exists():
+      if not self.overwrite:  # appeared while we were writing
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        raise FileExistsError(f"{self.dst} appeared while writing; left it untouched")
+      old = self.dst.parent / f".{self.dst.name}.old-{uuid.uuid4().hex[:8]}"
+      os.rename(self.dst, old)
+      try:
+        os.rename(self.tmp, self.dst)
+      except BaseException:
+        os.rename(old, self.dst)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        raise
+      if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+      else:
+        old.unlink()
+    else:
+      os.rename(self.tmp, self.dst)
+    return False
 
 
-# ------------------------------------------------------------------------ conversion tables
-#
-# A conversion table is data: rows (target param path, source key, transform name). The
-# transforms below map a source (PyTorch) tensor to the target (Flax) layout; INVERSE maps back.
-
-TRANSFORMS = {
-    "id": lambda w: np.asarray(w),
-    "linear": lambda w: np.ascontiguousarray(np.asarray(w).T),  # [out, in] -> [in, out]
-    "conv": lambda w: np.ascontiguousarray(np.transpose(np.asarray(w), (2, 3, 1, 0))),
-}
-INVERSE = {
-    "id": lambda w: np.asarray(w),
-    "linear": lambda w: np.ascontiguousarray(np.asarray(w).T),
-    "conv": lambda w: np.ascontiguousarray(np.transpose(np.asarray(w), (3, 2, 0, 1))),
-}
+def _to_host(params: Any) -> Any:
+  return jax.tree.map(lambda x: np.asarray(x) if not isinstance(x, jax.Array) else x, params)
 
 
-def source_shape(transform: str, target_shape: Sequence[int]) -> tuple:
-  """The source tensor shape a transform expects, given the target shape."""
-  s = tuple(target_shape)
-  if transform == "linear":
-    return tuple(reversed(s))
-  if transform == "conv":
-    return (s[3], s[2], s[0], s[1])
-  return s
+def _json_default(o):
+  if isinstance(o, (np.integer,)):
+    return int(o)
+  if isinstance(o, (np.floating,)):
+    return float(o)
+  if isinstance(o, tuple):
+    return list(o)
+  raise TypeError(f"config value {o!r} of type {type(o).__name__} is not JSON-serialisable")
 
 
-def flat_shapes(tree) -> dict[tuple, tuple]:
-  """{path tuple: shape} of a (possibly abstract) nested-dict pytree."""
-  import jax  # pylint: disable=g-import-not-at-top
-  out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    out[tuple(getattr(k, "key", k) for k in path)] = tuple(leaf.shape)
-  return out
+def write_params(directory: str | os.PathLike, params: Any) -> None:
+  """Writes an Orbax checkpoint of `params` to `directory` (which must not exist)."""
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(Path(directory).absolute(), _to_host(params))
+  ckptr.wait_until_finished()
+  ckptr.close()
 
 
-def set_path(tree: dict, path: Sequence[str], value) -> None:
-  for k in path[:-1]:
-    tree = tree.setdefault(k, {})
-  tree[path[-1]] = value
+def read_params(directory: str | os.PathLike, target: Any = None) -> Any:
+  """Restores an Orbax params checkpoint. `target` may be an abstract pytree (e.g. of
+  `jax.ShapeDtypeStruct` with shardings) to restore straight into sharded arrays; without it
+  the arrays land on the default device."""
+  directory = Path(directory).absolute()
+  if not directory.is_dir():
+    raise FileNotFoundError(f"{directory}: params checkpoint directory is missing")
+  ckptr = ocp.StandardCheckpointer()
+  try:
+    if target is None:
+      meta = ckptr.metadata(directory)
+      tree = getattr(meta, "item_metadata", meta)
+      tree = getattr(tree, "tree", tree)
+      target = jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype,
+                                         sharding=jax.sharding.SingleDeviceSharding(
+                                             jax.devices()[0])), tree)
+    return ckptr.restore(directory, target)
+  finally:
+    ckptr.close()
 
 
-def get_path(tree, path: Sequence[str]):
-  for k in path:
-    tree = tree[k]
-  return tree
+def save_model_dir(path: str | os.PathLike, params: Any, config: Mapping[str, Any],
+                   model_type: str, *, overwrite: bool = False,
+                   extra: Optional[Mapping[str, Any]] = None,
+                   extra_files: Optional[Mapping[str, str | os.PathLike]] = None) -> Path:
+  """Saves params (Orbax) and `cirjax_config.json` to `path`, atomically.
+
+  Args:
+    path: destination directory. Must not exist unless `overwrite`.
+    params: the param pytree (nested dicts of arrays).
+    config: JSON-serialisable model config (e.g. `Blip2Config.to_dict()`).
+    model_type: 'blip2', 'llava', ...; `load_model_dir` returns it for dispatch.
+    overwrite: replace an existing destination (only after the new one is complete).
+    extra: more JSON fields for cirjax_config.json (e.g. where the weights came from).
+    extra_files: {name in the directory: source file} copied along (e.g. the tokenizer).
+  """
+  meta = {"format": "cirjax", "format_version": FORMAT_VERSION, "model_type": model_type,
+          "config": dict(config)}
+  if extra:
+    meta.update(dict(extra))
+  text = json.dumps(meta, indent=2, default=_json_default)  # fail before writing anything
+  with atomic_directory(path, overwrite=overwrite) as tmp:
+    write_params(tmp / PARAMS_DIR, params)
+    (tmp / CONFIG_NAME).write_text(text + "\n")
+    for name, src in (extra_files or {}).items():
+      shutil.copyfile(src, tmp / name)
+  return Path(path)
 
 
-def fill_from_table(reader: StateDictReader, rows, prefix: str, shapes: Mapping[tuple, tuple],
-                    params: Optional[dict] = None) -> dict:
-  """Takes each row's source tensor (asserting its shape) and stores it transformed, as fp32."""
-  params = {} if params is None else params
-  for dst, src, tr in rows:
-    w = reader.take(prefix + src, source_shape(tr, shapes[dst]))
-    set_path(params, dst, np.asarray(TRANSFORMS[tr](w), np.float32))
-  return params
+def load_model_dir(path: str | os.PathLike, *, target: Any = None) -> tuple[str, dict, Any]:
+  """Loads a directory written by `save_model_dir`: returns (model_type, config dict, params).
 
-
-def export_table(params, rows, prefix: str) -> dict[str, np.ndarray]:
-  """The inverse of `fill_from_table`: {source key: tensor (fp32)}."""
-  return {prefix + src: INVERSE[tr](np.asarray(get_path(params, dst), np.float32))
-          for dst, src, tr in rows}
+  `target`: optional abstract pytree (shapes, dtypes, shardings) to restore into.
+  """
+  meta = read_cirjax_config(path)
+  params = read_params(Path(path) / PARAMS_DIR, target)
+  return meta["model_type"], meta["config"], params

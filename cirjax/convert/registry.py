@@ -1,0 +1,220 @@
+"""Model families, and the one place that tells them apart.
+
+A `Family` record names what cirjax needs to handle one kind of model: its config class,
+random init, HF reader/writer (the family's tables run by `cirjax.convert.engine`), and,
+for BLIP-2, the LAVIS state-dict reader. On top of them:
+
+    detect(path) -> 'blip2' | 'llava'          HF dir, LAVIS file or cirjax dir
+    load(path, **kw) -> Loaded(family, config, params, source, kind)
+    save(path, family, config, params)          cirjax model directory (atomic)
+    export_hf(path, family, config, params)     HF directory (atomic)
+    load_blip2(path) / load_llava(path)         `cirjax.load_*`: a `cirjax.models.Model` / the
+                                                LLaVA embedder
+
+Sources: an HF directory (config.json `model_type` 'blip-2' or 'llava'), a LAVIS BLIP-2
+state-dict file (.pth/.pt/.bin/.ckpt/.safetensors), or a cirjax model directory
+(`cirjax_config.json`, format version 1, see `cirjax.convert.io`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from cirjax.convert import io
+from cirjax.models import Model, blip2, blip2_convert, llava, llava_convert
+
+LAVIS_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
+                   "chat_template.jinja", "preprocessor_config.json", "processor_config.json")
+
+
+class Family(NamedTuple):
+  """What cirjax knows about one model family.
+
+  name: the `model_type` written to cirjax directories.
+  config_class: has `from_dict` / `to_dict`.
+  init: (config, rng) -> random params.
+  hf_model_types: HF config.json `model_type` values of this family (detection).
+  from_hf: (HF dir, **kw) -> (config, params).
+  to_hf: (params, config, dir, **kw) -> dir; writes safetensors + config.json.
+  check_export: (config) -> raises if the model cannot be written as HF.
+  from_file: (state-dict file, **kw) -> (config, params), for families with a non-HF
+    single-file layout (LAVIS BLIP-2).
+  """
+  name: str
+  config_class: type
+  init: Callable[..., Any]
+  hf_model_types: tuple[str, ...]
+  from_hf: Callable[..., tuple]
+  to_hf: Callable[..., Path]
+  check_export: Callable[[Any], Any] = lambda config: None
+  from_file: Optional[Callable[..., tuple]] = None
+
+
+class Loaded(NamedTuple):
+  family: str
+  config: Any
+  params: Any
+  source: str  # the path it came from
+  kind: str    # 'cirjax', 'hf' or 'lavis'
+
+
+def _blip2_init(config, rng: Optional[jax.Array] = None):
+  return blip2.init_blip2(jax.random.PRNGKey(0) if rng is None else rng, config)
+
+
+FAMILIES = {
+    "blip2": Family("blip2", blip2.Blip2Config, _blip2_init, ("blip-2", "blip_2"),
+                    blip2_convert.from_hf, blip2_convert.to_hf, blip2_convert.config_to_hf,
+                    blip2_convert.from_lavis),
+    "llava": Family("llava", llava.LlavaConfig, llava.init_params,
+                    ("llava", "llava_phi", "llava-phi"), llava_convert.from_hf,
+                    llava_convert.to_hf),
+}
+
+
+def _family(name: str) -> Family:
+  if name not in FAMILIES:
+    raise ValueError(f"unknown model family {name!r}; cirjax knows {sorted(FAMILIES)}")
+  return FAMILIES[name]
+
+
+def family(name: str) -> Family:
+  """The Family record of 'blip2' or 'llava' (ValueError naming the known ones otherwise)."""
+  return _family(name)
+
+
+# ----------------------------------------------------------------------------- detection
+
+
+def _hf_family(config_file: Path) -> str:
+  try:
+    mt = json.loads(config_file.read_text()).get("model_type")
+  except (OSError, ValueError, AttributeError) as e:
+    raise ValueError(f"{config_file}: unreadable ({e})") from None
+  for fam in FAMILIES.values():
+    if mt in fam.hf_model_types:
+      return fam.name
+  raise ValueError(f"{config_file}: unknown model_type {mt!r}: neither BLIP-2 nor LLaVA "
+                   "(cirjax reads 'blip-2' Blip2ForImageTextRetrieval and 'llava' "
+                   "LlavaForConditionalGeneration checkpoints)")
+
+
+def sniff(path: str | os.PathLike) -> tuple[str, str]:
+  """(family, kind) of a source; kind is 'cirjax', 'hf' or 'lavis'. Raises with the reason
+  for anything else."""
+  p = Path(path)
+  if not p.exists():
+    raise FileNotFoundError(f"{p}: no such file or directory")
+  if io.is_cirjax_dir(p):
+    mt = io.read_cirjax_config(p)["model_type"]
+    if mt not in FAMILIES:
+      raise ValueError(f"{p}: a '{mt}' checkpoint; cirjax knows the model families "
+                       f"{sorted(FAMILIES)}")
+    return mt, "cirjax"
+  if p.is_dir():
+    if (p / "config.json").is_file():
+      return _hf_family(p / "config.json"), "hf"
+    raise FileNotFoundError(f"{p}: no config.json (an HF model directory needs one) and no "
+                            f"{io.CONFIG_NAME} (a cirjax directory); for a LAVIS checkpoint "
+                            "pass the .pth file")
+  if p.suffix in LAVIS_SUFFIXES:
+    return "blip2", "lavis"
+  raise ValueError(f"{p}: unknown checkpoint type (expected an HF or cirjax directory or a "
+                   f"{'/'.join(LAVIS_SUFFIXES)} LAVIS state dict)")
+
+
+def detect(path: str | os.PathLike) -> str:
+  """The model family of an HF directory, LAVIS file or cirjax directory."""
+  return sniff(path)[0]
+
+
+# ----------------------------------------------------------------------------- in and out
+
+
+def load(path: str | os.PathLike, *, family: Optional[str] = None, **kw) -> Loaded:
+  """Reads any supported source. `family`, if given, is checked against the detected one;
+  `kw` goes to the family's HF / LAVIS reader (e.g. `vision_heads` for LAVIS, `report`
+  for LLaVA)."""
+  p = Path(path)
+  found, kind = sniff(p)
+  if family is not None and family != found:
+    raise ValueError(f"{p}: a {kind} '{found}' model, not '{family}' (use "
+                     f"cirjax.load_{found})")
+  fam = FAMILIES[found]
+  if kind == "cirjax":
+    _, cfg_dict, params = io.load_model_dir(p)
+    config = fam.config_class.from_dict(cfg_dict)
+  elif kind == "hf":
+    config, params = fam.from_hf(p, **kw)
+  else:
+    config, params = fam.from_file(p, **kw)
+  return Loaded(found, config, params, str(p), kind)
+
+
+def tokenizer_files(directory: str | os.PathLike) -> dict[str, Path]:
+  """{name: path} of the tokenizer / processor files in `directory`."""
+  d = Path(directory)
+  return {n: d / n for n in TOKENIZER_FILES if (d / n).is_file()}
+
+
+def save(path: str | os.PathLike, family: str, config: Any, params: Any, *,
+         overwrite: bool = False, tokenizer_dir: str | os.PathLike | None = None,
+         extra: Optional[dict] = None) -> Path:
+  """Writes a cirjax model directory (atomically); tokenizer files in `tokenizer_dir` are
+  copied along. `extra`: more fields for cirjax_config.json (e.g. the source)."""
+  _family(family)
+  files = tokenizer_files(tokenizer_dir) if tokenizer_dir is not None else None
+  return io.save_model_dir(path, params, config.to_dict(), family, overwrite=overwrite,
+                           extra=extra, extra_files=files)
+
+
+def export_hf(path: str | os.PathLike, family: str, config: Any, params: Any, *,
+              overwrite: bool = False, tokenizer_dir: str | os.PathLike | None = None,
+              **kw) -> Path:
+  """Writes an HF directory (atomically) that transformers' `from_pretrained` loads. `kw`
+  goes to the family's writer (`max_shard_bytes`, LLaVA's `key_format`)."""
+  fam = _family(family)
+  fam.check_export(config)  # refuse before writing anything
+  with io.atomic_directory(path, overwrite=overwrite) as tmp:
+    fam.to_hf(params, config, tmp, **kw)
+    for name, f in (tokenizer_files(tokenizer_dir) if tokenizer_dir is not None else {}).items():
+      shutil.copyfile(f, tmp / name)
+  return Path(path)
+
+
+# ----------------------------------------------------------------------------- convenience
+
+
+def load_blip2(path: str | os.PathLike, *, vision_dtype=None, dtype=None) -> Model:
+  """A BLIP-2 CIR model from an HF `Blip2ForImageTextRetrieval` directory, a cirjax
+  directory or a LAVIS checkpoint file (`model.pth`, QuRe/SPRC layout). `vision_dtype` /
+  `dtype` override the config's compute dtypes; call `cirjax.models.blip2`'s functions with
+  `(model.params, model.config, ...)`."""
+  loaded = load(path, family="blip2")
+  params = jax.tree.map(jnp.asarray, loaded.params)
+  overrides = {k: jnp.dtype(v).name for k, v in (("vision_dtype", vision_dtype),
+                                                 ("dtype", dtype)) if v is not None}
+  return Model("blip2", loaded.config.replace(**overrides), params, source=os.fspath(path))
+
+
+def load_llava(path: str | os.PathLike, *, dtype: str | None = None,
+               param_dtype: str | None = None) -> llava.LlavaEmbedder:
+  """A LLaVA embedder from an HF LLaVA directory or a cirjax 'llava' directory.
+
+  `dtype`: compute dtype override ('float32' | 'bfloat16' | 'float16'); `param_dtype`: stored
+  dtype of the language model / projector params.
+  """
+  loaded = load(path, family="llava")
+  overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v}
+  config = loaded.config.replace(**overrides) if overrides else loaded.config
+  params = llava.cast_params(loaded.params, config)
+  return llava.LlavaEmbedder(params, config, llava.load_tokenizer(path), source=str(path))
