@@ -10,17 +10,75 @@ seed 1000 (docs/reference_semantics.md#qure-training). The frozen ViT's features
 Blip2ForImageTextRetrieval directory or a cirjax model dir). `data.tokenizer`: a directory or
 vocab.txt of bert-base-uncased ([DEC] is added).
 
-Variants:
-  tiny        a random tiny BLIP-2 for a few steps (give --config.data.root and
-              --config.data.tokenizer; any CIRR-layout data, e.g. `cirjax data synth`)
-  real_width  no checkpoint: random weights at the real widths with few layers (throughput)
+Arguments (`configs/qure_blip2_cirr.py:tiny,batch_size=8`):
+  tiny          a random tiny BLIP-2 for a few steps (give --config.data.root and
+                --config.data.tokenizer; any CIRR-layout data, e.g. `cirjax data synth`)
+  real_width    no checkpoint: random weights at the real widths with few layers (throughput)
+  batch_size=N  global batch;  epochs=N  epochs
 """
 
 import ml_collections
 
-from cirjax.train import qure_configs
+from cirjax.train import config_utils
+from cirjax.train.widths import BERT_QFORMER, CLIP_L_VISION, TINY_CLIP_VISION, TINY_QFORMER
 
 
 def get_config(arg=None):
-  c = qure_configs.base("cirr", epochs=50, lr=1e-5)
-  return qure_configs.variant(c, arg)
+  arg = config_utils.parse_arg(arg, tiny=False, real_width=False, batch_size=0, epochs=0)
+  c = ml_collections.ConfigDict()
+  c.task = "qure"
+  c.seed = 1000
+  c.data = dict(dataset="cirr", root="", train_split="train", eval_split="val",
+                categories=("dress", "shirt", "toptee"), transform="targetpad",
+                max_text_length=32, tokenizer="", cache_images=False,
+                workers=-1)  # batch-building threads: -1 the machine's cores (<= 8), 0 none
+  c.model = dict(init="", num_query_tokens=32, embed_dim=256, vision=dict(CLIP_L_VISION),
+                 qformer=dict(BERT_QFORMER))
+  # Trained (reference): ln_vision, Q-Former, query tokens, projections, temp. Frozen: the
+  # ViT, and the ITM head the loss never uses.
+  c.freeze = ("vision/.*", "itm_head/.*")
+  c.train_only = ()
+  c.qure = dict(n_def=6, strategy="qure", consecutive_threshold=1, strict_below=False,
+                sampling="walk", cache_features=True, feature_dtype="bfloat16",
+                loss="pairwise", encode_batch_size=128, k=100)
+  c.train = dict(batch_size=32, epochs=50, lr=1e-5, schedule="cosine_per_epoch",
+                 final_lr_ratio=0.01, weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8,
+                 grad_clip_norm=0.0, accum_steps=1, max_steps=-1)
+  c.compute_dtype = "bfloat16"  # reference: fp16 autocast; bf16 needs no loss scaling
+  c.remat = False
+  c.mesh = (("data", -1), ("fsdp", 1))
+  c.sharding_rules = ((".*", "fsdp"),)
+  c.fsdp_min_size = 2 ** 20
+  c.checkpoint = dict(keep=2, every_steps=1000, best_metric="avg", best_mode="max",
+                      async_save=True)
+  c.eval_every_epochs = 1
+  c.eval_max_queries = 0
+  c.eval_metrics = None
+  c.log_every_steps = 20
+  c.tensorboard = True
+  c.export = True
+
+  if arg.tiny:
+    c.model.init = ""
+    c.model.vision = dict(TINY_CLIP_VISION)
+    c.model.qformer = dict(TINY_QFORMER)
+    c.model.num_query_tokens = 4
+    c.model.embed_dim = 16
+    c.data.max_text_length = 16
+    c.qure.feature_dtype = "float32"
+    c.compute_dtype = "float32"
+    c.train.batch_size = 8
+    c.train.epochs = 2
+    c.train.max_steps = 6
+    c.train.lr = 1e-4
+    c.qure.n_def = 2
+    c.checkpoint.every_steps = 0
+    c.log_every_steps = 1
+    c.tensorboard = False
+  if arg.real_width:
+    c.model.init = ""
+    c.model.vision = dict(CLIP_L_VISION, num_layers=2)
+    c.model.qformer = dict(BERT_QFORMER, num_layers=2)
+  c.train.batch_size = arg.batch_size or c.train.batch_size
+  c.train.epochs = arg.epochs or c.train.epochs
+  return c

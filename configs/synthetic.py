@@ -16,26 +16,33 @@ pairwise loss is made to fine-tune a *pretrained* BLIP-2; from scratch it finds 
 steps, its loss saturates near 0 and retrieval stays near chance (measured: R@10 3 % after
 750 steps). `:pairwise` runs it anyway.
 
-Variants (`configs/synthetic.py:<variant>`):
-  tiny      a few steps on a tiny dataset and model (smoke test, seconds)
-  pairwise  QuRe's pairwise loss instead of InfoNCE
-  train_vit no feature cache, the ViT trained too (pixels through the whole model each step)
+Arguments (`configs/synthetic.py:tiny`, `configs/synthetic.py:pairwise,epochs=5`):
+  tiny          a few steps on a tiny dataset and model (smoke test, seconds)
+  pairwise      QuRe's pairwise loss instead of InfoNCE
+  train_vit     no feature cache, the ViT trained too (pixels through the whole model each step)
+  batch_size=N  global batch;  epochs=N  epochs
 """
 
 import os
 
 import ml_collections
 
+from cirjax.train import config_utils
+
 
 def get_config(arg=None):
+  arg = config_utils.parse_arg(arg, tiny=False, pairwise=False, train_vit=False, batch_size=0,
+                               epochs=0)
+  data_home = os.environ.get("CIRJAX_DATA", "~/.cache/cirjax")
   c = ml_collections.ConfigDict()
   c.task = "qure"
   c.seed = 0
   c.data = dict(
       dataset="synthetic",
-      root=os.path.join(os.environ.get("CIRJAX_DATA", "~/.cache/cirjax"), "synthetic_q16k"),
+      root=os.path.join(data_home, "synthetic_q16k"),
       train_split="train", eval_split="val", transform="targetpad", max_text_length=16,
       tokenizer="", cache_images=True,
+      workers=-1,  # batch-building threads: -1 the machine's cores (at most 8), 0 none
       synth=dict(seed=0, resolution=64, num_images=(1500, 1000, 500),
                  num_queries=(16000, 1000, 500)))
   c.model = dict(
@@ -68,10 +75,8 @@ def get_config(arg=None):
   c.tensorboard = True
   c.export = True
 
-  if arg in (None, ""):
-    pass
-  elif arg == "tiny":
-    c.data.root = os.path.join(os.environ.get("CIRJAX_DATA", "~/.cache/cirjax"), "synthetic_tiny")
+  if arg.tiny:
+    c.data.root = os.path.join(data_home, "synthetic_tiny")
     c.data.synth = dict(seed=0, resolution=32, num_images=(60, 60, 20),
                         num_queries=(64, 32, 16))
     c.model.vision = dict(variant="eva", image_size=32, patch_size=16, hidden_size=32,
@@ -86,11 +91,11 @@ def get_config(arg=None):
     c.eval_every_epochs = 1
     c.log_every_steps = 1
     c.tensorboard = False
-  elif arg == "pairwise":
+  if arg.pairwise:
     c.qure.loss = "pairwise"
-  elif arg == "train_vit":
+  if arg.train_vit:
     c.freeze = ("itm_head/.*",)
     c.qure.cache_features = False
-  else:
-    raise KeyError(f"unknown variant {arg!r} (tiny, pairwise, train_vit)")
+  c.train.batch_size = arg.batch_size or c.train.batch_size
+  c.train.epochs = arg.epochs or c.train.epochs
   return c

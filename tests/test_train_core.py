@@ -71,9 +71,12 @@ class ToyTask(Task):
     kill_at = int(os.environ.get("TOY_SIGKILL_AT", "-1"))
     if epoch * self.steps_per_epoch + index == kill_at:
       os.kill(os.getpid(), signal.SIGKILL)
+    return self._rows(epoch, index, self.noise)
+
+  def _rows(self, epoch, index, noise_rng):
     order = np.random.default_rng(1000 + epoch).permutation(len(self.x))
     rows = order[index * self.global_batch:(index + 1) * self.global_batch]
-    noise = self.noise.normal(size=len(rows)).astype(np.float32) * 0.01  # whole global batch
+    noise = noise_rng.normal(size=len(rows)).astype(np.float32) * 0.01  # whole global batch
     mine = shd.process_rows(self.global_batch)
     return {"x": self.x[rows][mine], "y": (self.y[rows] + noise)[mine]}
 
@@ -86,6 +89,14 @@ class ToyTask(Task):
 
   def evaluate(self, params):
     return {"neg_mse": -float(_toy_mse(params, self.x, self.y))}
+
+
+class PureToyTask(ToyTask):
+  """The toy with batches that depend only on (epoch, index): built by several workers."""
+  stateful_batches = False
+
+  def batch(self, epoch, index):
+    return self._rows(epoch, index, np.random.default_rng([int(self.config.seed), epoch, index]))
 
 
 def get_config(arg=None):
@@ -101,6 +112,7 @@ def get_config(arg=None):
   c.tensorboard = False
   c.eval_every_epochs = 1
   c.log_every_steps = 1
+  c.data = dict(workers=2)
   c.train = dict(batch_size=8, epochs=2, lr=3e-2, schedule="cosine_per_epoch", weight_decay=0.01,
                  accum_steps=1, max_steps=-1)
   c.checkpoint = dict(keep=2, every_steps=3, best_metric="neg_mse", best_mode="max", async_save=True)
@@ -212,6 +224,48 @@ def test_one_device_equals_four_devices_fsdp(tmp_path):
   np.testing.assert_allclose(r1["losses"], r4["losses"], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                _params_np(r1), _params_np(r4))
+
+
+def test_prefetched_batches_train_as_synchronous_ones(tmp_path):
+  """Batches built ahead by worker threads give bit-identical runs, for a task whose batches
+  advance host state (one worker, in order) and for one whose batches are pure (several)."""
+  for task in ("ToyTask", "PureToyTask"):
+    losses, params = [], []
+    for workers in (0, 3):
+      cfg = get_config()
+      cfg.task = HERE + ":" + task
+      cfg.train.epochs = 1
+      cfg.data.workers = workers
+      r = _run(cfg, tmp_path / f"{task}_{workers}")
+      losses.append(r["losses"])
+      params.append(_params_np(r))
+    assert losses[0] == losses[1], task
+    jax.tree.map(np.testing.assert_array_equal, *params)
+  recs = [json.loads(l) for l in open(tmp_path / "PureToyTask_3" / "metrics.jsonl")]
+  waits = [r for r in recs if r["kind"] == "data"]
+  assert len(waits) == 1 and 0 <= waits[0]["data_wait_fraction"] <= 1
+
+
+def test_hooks_and_shutdown_on_an_exception(tmp_path):
+  from cirjax.train.trainer import Trainer
+  cfg = get_config()
+  cfg.train.epochs = 1
+  trainer = Trainer(cfg, str(tmp_path / "h"), mesh=shd.make_mesh((("data", -1), ("fsdp", 1))))
+  seen = []
+  trainer.add_hook(lambda info: seen.append((info.step, info.index, info.end_of_epoch)), every=3)
+
+  def boom(info):
+    if info.step == 5:
+      raise RuntimeError("boom")
+
+  trainer.add_hook(boom)
+  with pytest.raises(RuntimeError, match="boom"):
+    trainer.run()
+  assert seen == [(3, 2, False)]
+  assert trainer.progress.bar is None  # closed by the shutdown path
+  # The step-3 checkpoint (every_steps=3) was completed: a new run resumes from it.
+  r = _run(cfg, tmp_path / "h")
+  assert r["status"] == "done" and len(r["losses"]) == 8 - 3
 
 
 def test_grad_accumulation_matches_full_batch(tmp_path):

@@ -6,13 +6,22 @@ import argparse
 import os
 import sys
 
+import jax
+
+# Importing these touches no JAX backend, so `distributed.initialize` in `run` still comes first.
+from cirjax.train import distributed
+from cirjax.train.config_utils import ConfigError, load_config, split_config_overrides
+from cirjax.train.trainer import format_table, train
+
 HELP = "train QuRe / InstructCIR / the synthetic demo from a config file (resumable)"
 DESCRIPTION = """\
 Train from an ml_collections config file, resuming from the workdir's latest checkpoint.
 
   cirjax train --config configs/synthetic.py --workdir /tmp/cirjax_synth
   cirjax train --config configs/qure_blip2_cirr.py:tiny --workdir runs/t --config.train.lr=1e-4
+  cirjax train --config configs/synthetic.py:tiny,batch_size=8,epochs=2 --workdir /tmp/t
 
+After the colon: the file's variants and key=value arguments (see its docstring).
 Overrides: --config.key=value (or key=value after the flags); the key must exist.
 Several processes: --coordinator HOST:PORT --num_processes N --process_id I (or run under
 SLURM, auto-detected); see launch/ and docs/train.md.
@@ -35,7 +44,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   original = parser.parse_known_args
 
   def parse_known_args(args=None, namespace=None):
-    from cirjax.train.config_utils import split_config_overrides  # pylint: disable=g-import-not-at-top
     rest, overrides = split_config_overrides(list(sys.argv[1:] if args is None else args))
     ns, unknown = original(rest, namespace)
     ns.config_overrides = overrides + list(getattr(ns, "config_overrides", []) or [])
@@ -46,11 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
   # Distributed start-up must precede any use of a JAX backend.
-  from cirjax.train import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                          args.cpu_devices, args.platform)
-  from cirjax.train.config_utils import ConfigError, load_config  # pylint: disable=g-import-not-at-top
-  from cirjax.train.trainer import format_table, train  # pylint: disable=g-import-not-at-top
   overrides = list(getattr(args, "config_overrides", [])) + list(args.overrides or [])
   try:
     config = load_config(args.config, overrides)
@@ -61,7 +66,6 @@ def run(args: argparse.Namespace) -> int:
   if result["status"] == "nonfinite":
     print(f"cirjax train: {result['error']}", file=sys.stderr)
     return 3
-  import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0 and result["status"] == "done":
     print(format_table(result["final_metrics"], f"final metrics ({args.workdir})",
                        result.get("chance")))

@@ -1,9 +1,10 @@
-"""Loading `ml_collections` config files: `configs/x.py:variant` plus `--config.key=value`.
+"""Loading `ml_collections` config files: `configs/x.py:arg` plus `--config.key=value`.
 
 A config file defines `get_config(arg=None)`; the text after the last colon of the spec is
-passed as `arg` (big_vision style, e.g. `configs/synthetic.py:tiny`). Overrides name an
-existing key (dotted path) and are parsed to that key's type, so a typo fails loudly with
-the key and the file named instead of silently adding a new field.
+passed as `arg` (big_vision style, e.g. `configs/synthetic.py:tiny` or
+`configs/qure_blip2_cirr.py:tiny,batch_size=8`), which the file reads with `parse_arg`.
+Overrides name an existing key (dotted path) and are parsed to that key's type, so a typo
+fails loudly with the key and the file named instead of silently adding a new field.
 """
 
 from __future__ import annotations
@@ -59,12 +60,40 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
       raise
   except KeyError as e:
     raise ConfigError(f"{path}: unknown variant {arg!r} ({e})") from e
+  except ConfigError as e:
+    raise ConfigError(f"{path}: {e}") from e
   config = ml_collections.ConfigDict(config)
   apply_overrides(config, overrides, source=path)
   # Remember where the config came from (written into the workdir for reproducibility).
   with config.unlocked():
     config.config_spec = spec
   return config
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """A config file's argument, big_vision style: `"tiny,batch_size=8"` -> ConfigDict.
+
+  `defaults` names every argument the file takes with its default; a bare name sets a
+  boolean argument to True, `name=value` parses `value` to the default's type. An unknown
+  name is a ConfigError listing the known ones.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for item in (arg or "").split(","):
+    name, eq, value = (x.strip() for x in item.partition("="))
+    if not name:
+      continue
+    if name not in defaults:
+      raise ConfigError(f"unknown variant or argument {name!r} in {arg!r} (this config takes "
+                        f"{', '.join(sorted(defaults))})")
+    if not eq and not isinstance(defaults[name], bool):
+      raise ConfigError(f"argument {name!r} needs a value ({name}=...)")
+    try:
+      parsed = parse_value(value, defaults[name]) if eq else True
+    except (ValueError, SyntaxError) as e:
+      raise ConfigError(f"bad value for argument {name!r}: {value!r} ({e})") from e
+    with out.ignore_type():
+      out[name] = parsed
+  return out
 
 
 def parse_value(text: str, current):

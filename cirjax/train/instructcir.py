@@ -230,6 +230,7 @@ class InstructCIRTask(Task):
   """InstructCIR stage 1 or 2: LoRA on LLaVA-Phi's language model, InfoNCE."""
 
   name = "instructcir"
+  stateful_batches = False  # batch(epoch, i): seeded by (seed, epoch, i); workers build ahead
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdir: str):
     super().__init__(config, mesh, workdir)

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 
 class NonFiniteLossError(RuntimeError):
@@ -56,6 +57,7 @@ class MetricLogger:
               pass  # a line cut by a kill
     if tensorboard:
       try:
+        # Optional: without tensorboardX a run writes metrics.jsonl only.
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
         self._tb = SummaryWriter(os.path.join(workdir, "tb"))
       except ImportError:
@@ -94,11 +96,13 @@ class MetricLogger:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+      self._tb = None
 
   def plot(self, filename: str = "curves.png") -> str | None:
     """PNG of the loss, evaluation recall/mAP and hard-negative set size curves."""
     if not self.active or not self.history:
       return None
+    # Heavy and only needed for the end-of-run plot.
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -140,7 +144,6 @@ class Progress:
     self._n = 0
     self._rate = None
     if jax.process_index() == 0:
-      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
       self.bar = tqdm(total=total_steps, initial=initial, desc=desc, unit="step",
                       dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
 
@@ -177,3 +180,4 @@ class Progress:
   def close(self) -> None:
     if self.bar is not None:
       self.bar.close()
+      self.bar = None

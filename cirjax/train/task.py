@@ -25,6 +25,11 @@ class Task:
   name = "task"
   global_batch: int = 0
   steps_per_epoch: int = 0
+  # True: `batch` advances host state that checkpoints hold (QuRe's walk sampler), so the
+  # trainer builds batches one at a time in step order and checkpoints the host state taken
+  # with each batch. False: `batch(epoch, i)` depends only on (epoch, i) and the state set at
+  # `begin_epoch` and is thread-safe, so several worker threads build batches ahead.
+  stateful_batches: bool = True
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdir: str):
     self.config = config
@@ -53,6 +58,8 @@ class Task:
     return None
 
   def batch(self, epoch: int, index: int) -> dict[str, np.ndarray]:
+    """This process's rows of batch `index` of `epoch`; called from a worker thread, ahead
+    of the step (see `stateful_batches`)."""
     raise NotImplementedError
 
   # --- checkpointed host state (sampler, mining sets)

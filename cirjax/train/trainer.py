@@ -4,27 +4,39 @@ A Task (see `cirjax/train/task.py`) knows the model's parameters, the loss, how 
 process's rows of batch `i` of epoch `e`, what to do at an epoch start (QuRe: re-mine), how
 to evaluate and what host-side state must go into a checkpoint. The trainer owns the rest:
 mesh and shardings, the optimizer, the compiled step, checkpoints and resume, logging.
+
+`Trainer` has three phases: set-up (`__init__`), the loop and finalisation (`run`). After each
+step the hooks run (`add_hook(fn, every=n)`; by default the progress bar, metric logging,
+evaluation, checkpointing and the `CIRJAX_STOP_AFTER_STEP` test stop), and every exit goes
+through `shutdown`. Each epoch's batches come from a `cirjax.data.loader.Prefetcher` started
+after `task.begin_epoch`; a task with `stateful_batches` gets one worker called in step order
+and its host state is taken with each batch, so a checkpoint holds the state as of the step it
+saves, not of the batches built ahead. docs/train.md has the details.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
 import numpy as np
 
+from cirjax.data.loader import Prefetcher, default_workers
 from cirjax.train import sharding as shd
 from cirjax.train import state as st
 from cirjax.train.checkpointing import Checkpointer
 from cirjax.train.logging import MetricLogger, NonFiniteLossError, Progress, check_finite
 from cirjax.train.step import DEFAULT_FP32_PARAMS, compile_step, make_train_step
 from cirjax.train.task import build_task
+
+STOP_AFTER_ENV = "CIRJAX_STOP_AFTER_STEP"  # tests: stop (as if killed) after this many steps
 
 
 def _log(msg: str) -> None:
@@ -66,6 +78,316 @@ class TrainResult(dict):
   """What `train` returns: final metrics, step timings, exit status."""
 
 
+@dataclasses.dataclass
+class StepInfo:
+  """What hooks see after a step. `step` counts the steps done; `eval_metrics` is set by
+  the evaluation hook for the hooks after it (the checkpoint's best-metric)."""
+  step: int
+  epoch: int
+  index: int            # position of the step just run in its epoch
+  loss: float
+  metrics: dict[str, Any]
+  end_of_epoch: bool
+  last: bool
+  eval_metrics: dict[str, Any] | None = None
+
+
+Hook = Callable[[StepInfo], None]
+
+
+class Trainer:
+  """Set up in `__init__`, trained by `run()`; see the module docstring."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, *,
+               mesh: jax.sharding.Mesh | None = None):
+    self.config, self.tcfg = config, config.train
+    self.workdir = os.path.abspath(workdir)
+    _write_config(config, self.workdir)
+    self.mesh = mesh or shd.make_mesh(
+        tuple(tuple(a) for a in config.get("mesh", (("data", -1), ("fsdp", 1)))))
+    _log(f"mesh {dict(self.mesh.shape)} over {jax.device_count()} "
+         f"{jax.devices()[0].platform} device(s), {jax.process_count()} process(es)")
+    self.task = build_task(config, self.mesh, self.workdir)
+    self._plan_steps()
+    self._abstract_state()
+    self.progress: Progress | None = None
+    self._open_outputs()
+    try:
+      self.state, self.step = self._restore_or_init()
+      self._compile()
+    except BaseException:
+      self.shutdown()
+      raise
+    self.hooks: list[tuple[int, Hook]] = []
+    self.result = TrainResult(status="done", final_metrics={}, losses=[], step_times=[],
+                              memory=self.memory)
+    self.last_eval: dict[str, float] = {}
+    self.host_snapshot: tuple[dict, dict] | None = None
+    self._wait_s = self._busy_s = 0.0  # this epoch's seconds waiting for data / stepping
+    self.progress = Progress(self.total_steps, self.step, self.global_batch, desc=self.task.name)
+    self._add_default_hooks()
+
+  # ------------------------------------------------------------------ set-up phases
+  def _plan_steps(self) -> None:
+    self.steps_per_epoch = self.task.steps_per_epoch
+    self.epochs = int(self.tcfg.epochs)
+    self.total_steps = self.steps_per_epoch * self.epochs
+    if int(self.tcfg.get("max_steps", -1) or -1) > 0:
+      self.total_steps = min(self.total_steps, int(self.tcfg.max_steps))
+    self.global_batch = self.task.global_batch
+    if self.global_batch % jax.device_count():
+      raise ValueError(f"config.train.batch_size={self.global_batch} is not divisible by the "
+                       f"{jax.device_count()} devices")
+
+  def _abstract_state(self) -> None:
+    """Parameter shapes, trainable mask, optimizer and the state's shardings (no arrays)."""
+    config = self.config
+    self.seed = int(config.get("seed", 0))
+    self.init_rng = jax.random.PRNGKey(self.seed)
+    self.abstract_params = jax.eval_shape(self.task.init_params, self.init_rng)
+    self.mask = st.trainable_mask(self.abstract_params, tuple(config.get("freeze", ())),
+                                  tuple(config.get("train_only", ())))
+    total, trainable = st.count_params(self.abstract_params, self.mask)
+    _log(f"{self.task.name}: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trained; "
+         f"{self.steps_per_epoch} steps/epoch x {self.epochs} epochs, "
+         f"global batch {self.global_batch}")
+    self.tx, self.schedule = st.make_optimizer(self.tcfg, self.mask, self.steps_per_epoch,
+                                               self.steps_per_epoch * self.epochs)
+    abstract = jax.eval_shape(lambda p: st.init_state(p, self.tx), self.abstract_params)
+    rules = tuple(tuple(r) for r in config.get("sharding_rules", ((".*", "fsdp"),)))
+    specs = shd.param_specs(abstract, self.mesh, rules,
+                            int(config.get("fsdp_min_size", 2 ** 14)))
+    self.state_sharding = shd.to_shardings(specs, self.mesh)
+    self.abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+        self.state_sharding)
+
+  def _open_outputs(self) -> None:
+    self.ckpt_cfg = self.config.get("checkpoint", ml_collections.ConfigDict())
+    c = self.ckpt_cfg
+    self.ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"),
+                             keep=int(c.get("keep", 2)), best_metric=c.get("best_metric") or None,
+                             best_mode=c.get("best_mode", "max"),
+                             async_save=bool(c.get("async_save", True)))
+    self.logger = MetricLogger(self.workdir, tensorboard=bool(self.config.get("tensorboard", True)))
+
+  def _restore_or_init(self) -> tuple[Any, int]:
+    """The latest checkpoint's state, host state and step, or a fresh state at step 0."""
+    start = self.ckpt.latest_step()
+    if start is not None:
+      _log(f"resuming from {self.ckpt.directory}/{start}")
+      state, host, arrays = self.ckpt.restore(start, self.abstract)
+      self.task.load_host_state(host.get("task", {}), arrays)
+      step = int(host["step"])
+      self.logger.truncate_after(step)
+      return state, step
+    params0 = self.task.initial_params(self.abstract_params)
+    if params0 is None:
+      state = jax.jit(lambda: st.init_state(self.task.init_params(self.init_rng), self.tx),
+                      out_shardings=self.state_sharding)()
+    else:
+      state = jax.jit(lambda p: st.init_state(p, self.tx),
+                      out_shardings=self.state_sharding)(params0)
+    return state, 0
+
+  def _compile(self) -> None:
+    config = self.config
+    step_fn = make_train_step(
+        self.task.loss_fn, self.tx, self.mask, schedule=self.schedule, seed=self.seed,
+        accum_steps=int(self.tcfg.get("accum_steps", 1)),
+        compute_dtype=config.get("compute_dtype", "float32"),
+        fp32_params=config.get("fp32_params", None) or DEFAULT_FP32_PARAMS)
+    abstract_batch = {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shd.batch_sharding(self.mesh, len(v.shape)))
+        for k, v in self.task.batch_spec().items()}
+    batch_sh = {k: v.sharding for k, v in abstract_batch.items()}
+    t0 = time.perf_counter()
+    self.compiled, self.memory = compile_step(step_fn, self.abstract, self.state_sharding,
+                                              abstract_batch, batch_sh, shd.replicated(self.mesh))
+    _log(f"compiled in {time.perf_counter() - t0:.1f}s")
+
+  # ------------------------------------------------------------------ hooks
+  def add_hook(self, fn: Hook, *, every: int = 1) -> None:
+    """Calls `fn(info)` after every `every`-th step (hooks run in the order added)."""
+    self.hooks.append((max(1, int(every)), fn))
+
+  def _add_default_hooks(self) -> None:
+    self.add_hook(self._progress_hook)
+    self.add_hook(self._log_hook)
+    self.add_hook(self._eval_hook)
+    self.add_hook(self._checkpoint_hook)
+    stop_after = int(os.environ.get(STOP_AFTER_ENV, "0") or 0)
+    if stop_after:
+      self.add_hook(lambda info: self._stop_after_hook(info, stop_after))
+
+  def _progress_hook(self, info: StepInfo) -> None:
+    self.progress.update(info.loss, info.epoch,
+                         extra={"data wait": f"{100 * self._wait_fraction():.0f}%"})
+
+  def _log_hook(self, info: StepInfo) -> None:
+    if info.step % int(self.config.get("log_every_steps", 1) or 1) == 0 or info.last:
+      self.logger.write(info.step, {"epoch": info.epoch,
+                                    **{k: float(v) for k, v in info.metrics.items()}})
+
+  def _eval_hook(self, info: StepInfo) -> None:
+    every_epochs = int(self.config.get("eval_every_epochs", 1) or 0)
+    every_steps = int(self.config.get("eval_every_steps", 0) or 0)  # besides epoch ends
+    at_epoch = info.end_of_epoch and every_epochs and (
+        (info.epoch + 1) % every_epochs == 0 or info.last)
+    if not (at_epoch or (every_steps and info.step % every_steps == 0)):
+      return
+    self.progress.pause()
+    info.eval_metrics = self.task.evaluate(self.state.params)
+    if info.eval_metrics:
+      self.last_eval = {k: float(v) for k, v in info.eval_metrics.items()}
+      self.logger.write(info.step, {"epoch": info.epoch, **self.last_eval}, kind="eval")
+      self.progress.write(f"eval after epoch {info.epoch}: " + ", ".join(
+          f"{k} {v:.4f}" for k, v in self.last_eval.items()))
+
+  def _checkpoint_hook(self, info: StepInfo) -> None:
+    every = int(self.ckpt_cfg.get("every_steps", 0) or 0)
+    if info.end_of_epoch or (every and info.step % every == 0):
+      self.save(info.step, info.eval_metrics)
+
+  def _stop_after_hook(self, info: StepInfo, stop_after: int) -> None:
+    if info.step >= stop_after:
+      self.ckpt.wait()
+      self.result["status"] = "stopped"
+
+  def save(self, step: int, metrics: dict | None = None) -> None:
+    """Checkpoints the state and the task's host state as of `step` (asynchronously)."""
+    host_json, arrays = self.host_snapshot or self.task.host_state()
+    self.ckpt.save(step, self.state, {"step": step, "task": host_json}, arrays,
+                   metrics=metrics, force=True)
+
+  # ------------------------------------------------------------------ the loop
+  def _workers(self) -> int:
+    workers = self.config.get("data", {}).get("workers", None)
+    workers = default_workers() if workers is None or workers < 0 else int(workers)
+    return min(workers, 1) if self.task.stateful_batches else workers
+
+  def _begin_epoch(self, epoch: int, index: int) -> None:
+    self.progress.pause()
+    stats = self.task.begin_epoch(epoch, self.state.params, first_step_in_epoch=index)
+    if stats:
+      self.logger.write(self.step, {"epoch": epoch, **stats}, kind="mining")
+      self.progress.write(f"epoch {epoch}: " + ", ".join(
+          f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
+
+  def _make_batch(self, epoch: int, index: int):
+    batch = self.task.batch(epoch, index)
+    return batch, (self.task.host_state() if self.task.stateful_batches else None)
+
+  def _loop(self) -> None:
+    """Epochs from the current step until `total_steps` or a hook stops the run."""
+    while self.step < self.total_steps and self.result["status"] == "done":
+      epoch, first = divmod(self.step, self.steps_per_epoch)
+      self._begin_epoch(epoch, first)
+      end = min(self.steps_per_epoch, first + self.total_steps - self.step)
+      self._wait_s = self._busy_s = 0.0
+      with Prefetcher(lambda i, e=epoch: self._make_batch(e, i), range(first, end),
+                      workers=self._workers(), name=f"{self.task.name}-batches") as batches:
+        for index in range(first, end):
+          t0 = time.perf_counter()
+          local, self.host_snapshot = next(batches)
+          batch = shd.global_batch(local, self.mesh)
+          self._wait_s += time.perf_counter() - t0
+          self._run_step(epoch, index, batch)
+          if self.result["status"] != "done":
+            break
+
+  def _run_step(self, epoch: int, index: int, batch: dict) -> None:
+    ts = time.perf_counter()
+    self.state, metrics = self.compiled(self.state, batch)
+    metrics = jax.device_get(metrics)
+    dt = time.perf_counter() - ts
+    self._busy_s += dt
+    self.result["step_times"].append(dt)
+    loss = float(metrics["loss"])
+    check_finite(self.step, loss, epoch)
+    self.step += 1
+    self.result["losses"].append(loss)
+    last = self.step == self.total_steps
+    info = StepInfo(step=self.step, epoch=epoch, index=index, loss=loss, metrics=metrics,
+                    end_of_epoch=index + 1 == self.steps_per_epoch or last, last=last)
+    if info.end_of_epoch:  # before the hooks: the epoch's evaluation stays its last record
+      self._report_data_wait(epoch)
+    for every, hook in self.hooks:
+      if self.step % every == 0:
+        hook(info)
+
+  def _wait_fraction(self) -> float:
+    return self._wait_s / max(self._wait_s + self._busy_s, 1e-9)
+
+  def _report_data_wait(self, epoch: int) -> None:
+    frac = self._wait_fraction()
+    self.logger.write(self.step, {"epoch": epoch, "data_wait_fraction": frac,
+                                  "data_wait_s": self._wait_s}, kind="data")
+    self.progress.write(f"epoch {epoch}: {100 * frac:.1f}% of step time waiting for data "
+                        f"({self._wait_s:.1f}s, {self._workers()} worker(s))")
+
+  # ------------------------------------------------------------------ run, finalise, shut down
+  def run(self) -> TrainResult:
+    """Trains to the end (or until stopped) and returns the TrainResult; see `train`."""
+    try:
+      nonfinite = None
+      try:
+        self._loop()
+      except NonFiniteLossError as e:
+        nonfinite = e
+      self._drain()
+      if nonfinite is not None:
+        self._record_nonfinite(nonfinite)
+        return self.result
+      if self.result["status"] == "done":
+        self._finalise()
+      self.result["state"] = self.state
+      self.result["step"] = self.step
+      self.result["chance"] = self.task.chance_metrics() if self.result["status"] == "done" else {}
+      return self.result
+    finally:
+      self.shutdown()
+
+  def _record_nonfinite(self, e: NonFiniteLossError) -> None:
+    _log(str(e))
+    self.logger.write(e.step, {"nonfinite_loss": str(e.value)}, kind="error")
+    self.result["status"] = "nonfinite"
+    self.result["error"] = str(e)
+    self.result["last_checkpoint"] = self.ckpt.latest_step()
+
+  def _finalise(self) -> None:
+    """Final metrics (evaluating if the loop did not), step timing, export, plots, JSON."""
+    if not self.last_eval:
+      ev = self.task.evaluate(self.state.params)
+      self.last_eval = {k: float(v) for k, v in (ev or {}).items()}
+    self.result["final_metrics"] = self.last_eval
+    times = self.result["step_times"][1:] or self.result["step_times"]
+    if times:
+      med = statistics.median(times)
+      self.result["step_time_s"] = med
+      self.result["samples_per_s"] = self.global_batch / med
+    self.task.finish(self.state.params)
+    self.logger.plot()
+    if jax.process_index() == 0:
+      with open(os.path.join(self.workdir, "final_metrics.json"), "w") as f:
+        json.dump({"final_metrics": self.last_eval, "step_time_s": self.result.get("step_time_s"),
+                   "samples_per_s": self.result.get("samples_per_s"), "steps": self.step,
+                   "chance": self.task.chance_metrics()}, f, indent=2)
+
+  def _drain(self) -> None:
+    """Closes the progress bar (what follows prints below it) and completes the last save."""
+    if self.progress is not None:
+      self.progress.close()
+    self.ckpt.wait()
+
+  def shutdown(self) -> None:
+    """The one exit path (also on exceptions): progress bar, pending checkpoint, logger,
+    checkpointer."""
+    self._drain()
+    self.logger.close()
+    self.ckpt.close()
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding.Mesh | None = None
           ) -> TrainResult:
   """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
@@ -73,165 +395,4 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding
   Returns a TrainResult with `status` ("done", "nonfinite" or "stopped"), the last
   evaluation metrics, the losses and the measured step throughput.
   """
-  workdir = os.path.abspath(workdir)
-  _write_config(config, workdir)
-  mesh = mesh or shd.make_mesh(tuple(tuple(a) for a in config.get("mesh", (("data", -1), ("fsdp", 1)))))
-  _log(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s), "
-       f"{jax.process_count()} process(es)")
-  task = build_task(config, mesh, workdir)
-  tcfg = config.train
-  steps_per_epoch = task.steps_per_epoch
-  epochs = int(tcfg.epochs)
-  total_steps = steps_per_epoch * epochs
-  if int(tcfg.get("max_steps", -1) or -1) > 0:
-    total_steps = min(total_steps, int(tcfg.max_steps))
-  global_batch = task.global_batch
-  if global_batch % jax.device_count():
-    raise ValueError(f"config.train.batch_size={global_batch} is not divisible by the "
-                     f"{jax.device_count()} devices")
-
-  seed = int(config.get("seed", 0))
-  init_rng = jax.random.PRNGKey(seed)
-  abstract_params = jax.eval_shape(task.init_params, init_rng)
-  mask = st.trainable_mask(abstract_params, tuple(config.get("freeze", ())),
-                           tuple(config.get("train_only", ())))
-  total, trainable = st.count_params(abstract_params, mask)
-  _log(f"{task.name}: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trained; "
-       f"{steps_per_epoch} steps/epoch x {epochs} epochs, global batch {global_batch}")
-  tx, schedule = st.make_optimizer(tcfg, mask, steps_per_epoch, steps_per_epoch * epochs)
-
-  abstract_state = jax.eval_shape(lambda p: st.init_state(p, tx), abstract_params)
-  rules = tuple(tuple(r) for r in config.get("sharding_rules", ((".*", "fsdp"),)))
-  specs = shd.param_specs(abstract_state, mesh, rules, int(config.get("fsdp_min_size", 2 ** 14)))
-  state_sh = shd.to_shardings(specs, mesh)
-  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                abstract_state, state_sh)
-
-  ckpt_cfg = config.get("checkpoint", ml_collections.ConfigDict())
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(ckpt_cfg.get("keep", 2)),
-                      best_metric=ckpt_cfg.get("best_metric") or None,
-                      best_mode=ckpt_cfg.get("best_mode", "max"),
-                      async_save=bool(ckpt_cfg.get("async_save", True)))
-  logger = MetricLogger(workdir, tensorboard=bool(config.get("tensorboard", True)))
-
-  start = ckpt.latest_step()
-  if start is not None:
-    _log(f"resuming from {ckpt.directory}/{start}")
-    state, host, arrays = ckpt.restore(start, abstract_state)
-    task.load_host_state(host.get("task", {}), arrays)
-    step = int(host["step"])
-    logger.truncate_after(step)
-  else:
-    params0 = task.initial_params(abstract_params)
-    if params0 is None:
-      state = jax.jit(lambda: st.init_state(task.init_params(init_rng), tx),
-                      out_shardings=state_sh)()
-    else:
-      state = jax.jit(lambda p: st.init_state(p, tx), out_shardings=state_sh)(params0)
-    step = 0
-
-  step_fn = make_train_step(
-      task.loss_fn, tx, mask, schedule=schedule, seed=seed,
-      accum_steps=int(tcfg.get("accum_steps", 1)),
-      compute_dtype=config.get("compute_dtype", "float32"),
-      fp32_params=config.get("fp32_params", None) or DEFAULT_FP32_PARAMS)
-  abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shd.batch_sharding(mesh, len(v.shape)))
-                    for k, v in task.batch_spec().items()}
-  batch_sh = {k: v.sharding for k, v in abstract_batch.items()}
-  t0 = time.perf_counter()
-  compiled, mem = compile_step(step_fn, abstract_state, state_sh, abstract_batch, batch_sh,
-                               shd.replicated(mesh))
-  _log(f"compiled in {time.perf_counter() - t0:.1f}s")
-
-  every = int(ckpt_cfg.get("every_steps", 0) or 0)
-  eval_every = int(config.get("eval_every_epochs", 1) or 0)
-  eval_every_steps = int(config.get("eval_every_steps", 0) or 0)  # besides epoch ends
-  log_every = int(config.get("log_every_steps", 1) or 1)
-  progress = Progress(total_steps, step, global_batch, desc=task.name)
-  result = TrainResult(status="done", final_metrics={}, losses=[], step_times=[], memory=mem)
-  last_eval: dict = {}
-  stop_after = int(os.environ.get("CIRJAX_STOP_AFTER_STEP", "0") or 0)  # tests: simulated crash
-  host_epoch = -1
-
-  def save(step_now: int, metrics=None, force=True):
-    host_json, arrays = task.host_state()
-    ckpt.save(step_now, state, {"step": step_now, "task": host_json}, arrays,
-              metrics=metrics, force=force)
-
-  try:
-    while step < total_steps:
-      epoch, i = divmod(step, steps_per_epoch)
-      if epoch != host_epoch:
-        progress.pause()
-        stats = task.begin_epoch(epoch, state.params, first_step_in_epoch=i)
-        host_epoch = epoch
-        if stats:
-          logger.write(step, {"epoch": epoch, **stats}, kind="mining")
-          progress.write(f"epoch {epoch}: " + ", ".join(
-              f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
-      local = task.batch(epoch, i)
-      batch = shd.global_batch(local, mesh)
-      ts = time.perf_counter()
-      state, metrics = compiled(state, batch)
-      metrics = jax.device_get(metrics)
-      result["step_times"].append(time.perf_counter() - ts)
-      loss = float(metrics["loss"])
-      check_finite(step, loss, epoch)
-      step += 1
-      result["losses"].append(loss)
-      progress.update(loss, epoch)
-      if step % log_every == 0 or step == total_steps:
-        logger.write(step, {"epoch": epoch, **{k: float(v) for k, v in metrics.items()}})
-      end_of_epoch = (i + 1 == steps_per_epoch) or step == total_steps
-      eval_metrics = None
-      if (end_of_epoch and eval_every and ((epoch + 1) % eval_every == 0 or step == total_steps)
-          ) or (eval_every_steps and step % eval_every_steps == 0):
-        progress.pause()
-        eval_metrics = task.evaluate(state.params)
-        if eval_metrics:
-          last_eval = {k: float(v) for k, v in eval_metrics.items()}
-          logger.write(step, {"epoch": epoch, **last_eval}, kind="eval")
-          progress.write(f"eval after epoch {epoch}: " + ", ".join(
-              f"{k} {v:.4f}" for k, v in last_eval.items()))
-      if end_of_epoch or (every and step % every == 0):
-        save(step, eval_metrics)
-      if stop_after and step >= stop_after:
-        ckpt.wait()
-        result["status"] = "stopped"
-        break
-  except NonFiniteLossError as e:
-    progress.close()
-    ckpt.wait()
-    _log(str(e))
-    logger.write(e.step, {"nonfinite_loss": str(e.value)}, kind="error")
-    result["status"] = "nonfinite"
-    result["error"] = str(e)
-    result["last_checkpoint"] = ckpt.latest_step()
-    logger.close()
-    ckpt.close()
-    return result
-  progress.close()
-  ckpt.wait()
-  if result["status"] == "done":
-    if not last_eval:
-      ev = task.evaluate(state.params)
-      last_eval = {k: float(v) for k, v in (ev or {}).items()}
-    result["final_metrics"] = last_eval
-    times = result["step_times"][1:] or result["step_times"]
-    if times:
-      med = statistics.median(times)
-      result["step_time_s"] = med
-      result["samples_per_s"] = global_batch / med
-    task.finish(state.params)
-    logger.plot()
-    if jax.process_index() == 0:
-      with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-        json.dump({"final_metrics": last_eval, "step_time_s": result.get("step_time_s"),
-                   "samples_per_s": result.get("samples_per_s"), "steps": step,
-                   "chance": task.chance_metrics()}, f, indent=2)
-  logger.close()
-  ckpt.close()
-  result["state"] = state
-  result["step"] = step
-  result["chance"] = task.chance_metrics() if result["status"] == "done" else {}
-  return result
+  return Trainer(config, workdir, mesh=mesh).run()

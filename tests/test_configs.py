@@ -1,0 +1,63 @@
+"""The config files: every file and variant gives the settings it gave before the files were
+made self-contained (tests/fixtures/configs_before.json, written from the earlier code), and
+big_vision-style arguments (`:tiny,batch_size=8`) and `--config.` overrides both work."""
+
+import json
+import pathlib
+
+import pytest
+
+from cirjax.train import config_utils
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+BEFORE = json.loads((REPO / "tests" / "fixtures" / "configs_before.json").read_text())
+# Keys added since the fixture was written, with the value every config gives them.
+ADDED = {("data", "workers"): -1}
+
+
+def _as_json(config) -> dict:
+  return json.loads(config.to_json())
+
+
+def _with_added(d: dict) -> dict:
+  d = json.loads(json.dumps(d))
+  for path, value in ADDED.items():
+    node = d
+    for k in path[:-1]:
+      node = node[k]
+    node[path[-1]] = value
+  return d
+
+
+@pytest.mark.parametrize("spec", sorted(BEFORE))
+def test_every_config_and_variant_is_unchanged(spec, monkeypatch):
+  monkeypatch.delenv("CIRJAX_DATA", raising=False)  # the fixture's data roots are the defaults
+  name, variant = spec.split(":")
+  module = config_utils.load_module(str(REPO / "configs" / f"{name}.py"))
+  got = module.get_config(variant or None)
+  assert _as_json(got) == _with_added(BEFORE[spec])
+
+
+def test_every_config_file_is_covered():
+  files = {p.stem for p in (REPO / "configs").glob("*.py")}
+  assert files == {spec.split(":")[0] for spec in BEFORE}
+
+
+def test_arguments_and_overrides():
+  path = str(REPO / "configs" / "qure_blip2_cirr.py")
+  c = config_utils.load_config(path + ":tiny,batch_size=4,epochs=3", ["--config.train.lr=0.5"])
+  tiny = config_utils.load_config(path + ":tiny")
+  assert (c.train.batch_size, c.train.epochs, c.train.lr) == (4, 3, 0.5)
+  assert c.model.vision == tiny.model.vision and tiny.train.batch_size == 8
+  with pytest.raises(config_utils.ConfigError, match="unknown variant or argument 'nope'"):
+    config_utils.load_config(path + ":tiny,nope=1")
+  with pytest.raises(config_utils.ConfigError, match="batch_size.*needs a value"):
+    config_utils.load_config(path + ":batch_size")
+  with pytest.raises(config_utils.ConfigError, match="bad value for argument 'epochs'"):
+    config_utils.load_config(path + ":epochs=two")
+  arg = config_utils.parse_arg(" tiny , lr=1e-3,,mesh=4", tiny=False, lr=0.1, mesh=None)
+  assert arg.tiny is True and arg.lr == 1e-3 and arg.mesh == 4
+  assert config_utils.parse_arg(None, tiny=False).tiny is False
+  ic = config_utils.load_config(str(REPO / "configs" / "instructcir_stage2.py") + ":synthetic",
+                                ["--config.data.workers=0"])
+  assert ic.train.epochs == 3 and ic.data.workers == 0 and ic.stage == 2
