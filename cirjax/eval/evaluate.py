@@ -63,13 +63,13 @@ def encode_split(encoder: Any, split: CIRSplit, transform: Callable, tokenize_fn
                  mesh=None, num_threads: int = 4, log: Callable[[str], None] | None = print,
                  image_source: Callable | None = None
                  ) -> tuple[retrieval.FeatureScorer, dict[str, float]]:
-  """Encodes the corpus (`encoder.encode_image`) and the queries (`encoder.compose`).
+  """Encodes the corpus (`encoder.image`) and the queries (`encoder.compose`).
 
-  `encoder` follows the protocol of `cirjax.load_blip2(...)`: `encode_image(pixels NHWC)` ->
-  [B, Q, D] (or [B, D]) and `compose(pixels, input_ids, attention_mask)` -> [B, D], both
-  L2-normalised, jittable; or is a `cirjax.eval.encoders.PureEncoder` (params passed
-  explicitly); a `cirjax.load_blip2` model is converted to one. Returns the scorer and timings (images/s, queries/s). `image_source`
-  (name -> PIL image) replaces reading the split's image files (TFDS builds).
+  `encoder` is a `cirjax.eval.encoders.RetrievalFns` (`encoders.retrieval_fns(model, split)`):
+  `image(params, pixels NHWC)` -> [B, Q, D] (or [B, D]) and `compose(params, pixels,
+  input_ids, attention_mask)` -> [B, D], both L2-normalised and jittable. Returns the scorer
+  and timings (images/s, queries/s). `image_source` (name -> PIL image) replaces reading the
+  split's image files (TFDS builds).
   """
   from cirjax.data import loader  # pylint: disable=g-import-not-at-top
   mesh = mesh or retrieval.make_mesh()
@@ -84,21 +84,17 @@ def encode_split(encoder: Any, split: CIRSplit, transform: Callable, tokenize_fn
         log(f"[eval] {split.name}: encoded {done}/{total} {what}")
     return f
 
-  from cirjax.eval import encoders  # pylint: disable=g-import-not-at-top
-  encoder = encoders.pure(encoder)
-  img_fn, img_params = encoders.jit_parts(encoder, "image")
-  cmp_fn, cmp_params = encoders.jit_parts(encoder, "compose")
   t0 = time.perf_counter()
   corpus = retrieval.encode_batches(
-      img_fn,
+      encoder.image,
       loader.image_batches(split, split.corpus, transform, batch_size, num_threads, image_source),
-      mesh, batch_size, prog("corpus images", n_img), params=img_params)
+      mesh, batch_size, prog("corpus images", n_img), params=encoder.params)
   t1 = time.perf_counter()
   queries = retrieval.encode_batches(
-      cmp_fn,
+      encoder.compose,
       loader.query_batches(split, transform, tokenize_fn, batch_size, text_fn, num_threads,
                            image_source),
-      mesh, batch_size, prog("queries", n_q), params=cmp_params)
+      mesh, batch_size, prog("queries", n_q), params=encoder.params)
   t2 = time.perf_counter()
   timings = {"corpus_images_per_s": n_img / (t1 - t0), "queries_encoded_per_s": n_q / (t2 - t1)}
   return retrieval.FeatureScorer(queries, corpus), timings

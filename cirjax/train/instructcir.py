@@ -479,8 +479,9 @@ class InstructCIRTask(Task):
 
   def _embed(self, params, ids, mask, pixels=None, rng=None):
     train = rng is not None and self.lora_cfg.dropout > 0
-    return llava.embed(params["base"], self.cfg, ids, mask, pixels, lora=self.adapter(params),
-                       rng=rng if train else None, deterministic=not train, remat=self.remat)
+    return llava.embed(params["base"], self.cfg.replace(remat=self.remat), ids, mask, pixels,
+                       lora=self.adapter(params), rng=rng if train else None,
+                       deterministic=not train)
 
   def embeddings(self, params, batch, rng=None):
     """(query, target, hard negative or None) embeddings of a batch, [B, H] fp32."""
