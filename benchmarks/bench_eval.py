@@ -109,7 +109,7 @@ def _retrieval_rows(name: str, sz: dict, tokens: int, device: str) -> list[dict]
 def _encode_rows(sz: dict) -> list[dict]:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from cirjax.data import images, loader, synth, text  # pylint: disable=g-import-not-at-top
-  from cirjax.eval import evaluate, retrieval  # pylint: disable=g-import-not-at-top
+  from cirjax.eval import encoders, evaluate, retrieval  # pylint: disable=g-import-not-at-top
   n = sz["enc_images"]
   nq = max(64, n // 4)
   with tempfile.TemporaryDirectory() as tmp:
@@ -120,23 +120,19 @@ def _encode_rows(sz: dict) -> list[dict]:
     tok = text.load_bert_tokenizer(Path(tmp) / "vocab.txt")
     w = jnp.ones((3, 256), jnp.float32) / 3.0
 
-    class Trivial:  # a jitted stand-in for the model: isolates the input pipeline
-      @staticmethod
-      def encode_image(px):
-        return jnp.einsum("bhwc,cd->bd", px, w)[:, None, :]
-
-      @staticmethod
-      def compose(px, ids, mask):
-        return jnp.einsum("bhwc,cd->bd", px, w) + mask.sum(-1, keepdims=True)
+    # A trivial stand-in for the model: isolates the input pipeline.
+    trivial = encoders.RetrievalFns(
+        w, lambda w, px: jnp.einsum("bhwc,cd->bd", px, w)[:, None, :],
+        lambda w, px, ids, mask: jnp.einsum("bhwc,cd->bd", px, w) + mask.sum(-1, keepdims=True))
 
     tf = images.make_transform("targetpad", 224)
     mesh = retrieval.make_mesh()
     threads = min(8, os.cpu_count() or 1)
     # Warm-up (compilation), then one timed pass.
-    evaluate.encode_split(Trivial, split, tf, loader.bert_tokenize_fn(tok), 64, mesh=mesh,
+    evaluate.encode_split(trivial, split, tf, loader.bert_tokenize_fn(tok), 64, mesh=mesh,
                           num_threads=threads, log=None)
     t0 = time.perf_counter()
-    _, timings = evaluate.encode_split(Trivial, split, tf, loader.bert_tokenize_fn(tok), 64,
+    _, timings = evaluate.encode_split(trivial, split, tf, loader.bert_tokenize_fn(tok), 64,
                                        mesh=mesh, num_threads=threads, log=None)
     total = time.perf_counter() - t0
   return [{"name": "encode_pipeline", "impl": "jax", "step_time_s": total,

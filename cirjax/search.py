@@ -18,12 +18,14 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from cirjax.data import images as images_lib
 from cirjax.data.records import DataError
+from cirjax.eval import encode, retrieval
+from cirjax.eval.encoders import RetrievalFns
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -67,11 +69,11 @@ def corpus_from_split(split) -> Corpus:
   return Corpus(list(split.corpus), [split.images[n].path for n in split.corpus])
 
 
-def encode_corpus(encoder: Any, corpus: Corpus, transform: Callable, batch_size: int = 64,
-                  mesh=None, cache: str | os.PathLike | None = None, model_id: str = "",
-                  log: Callable[[str], None] | None = print) -> np.ndarray:
-  """Corpus features [N, Q, D] (or [N, D]); reused from `cache` (.npz) when it matches."""
-  from cirjax.eval import encode, retrieval  # pylint: disable=g-import-not-at-top
+def encode_corpus(encoder: RetrievalFns, corpus: Corpus, transform: Callable,
+                  batch_size: int = 64, mesh=None, cache: str | os.PathLike | None = None,
+                  model_id: str = "", log: Callable[[str], None] | None = print) -> np.ndarray:
+  """Corpus features [N, Q, D] (or [N, D]) by `encoder.image`; reused from `cache` (.npz)
+  when it matches."""
   log = log or (lambda s: None)
   key = json.dumps({"model": model_id, "transform": [transform.name, transform.dim],
                     "names": corpus.names})
@@ -86,13 +88,11 @@ def encode_corpus(encoder: Any, corpus: Corpus, transform: Callable, batch_size:
     for i in range(0, len(corpus.paths), batch_size):
       yield np.stack([transform(images_lib.open_rgb(p)) for p in corpus.paths[i:i + batch_size]])
 
-  from cirjax.eval import encoders  # pylint: disable=g-import-not-at-top
-  fn, params = encoders.jit_parts(encoders.pure(encoder), "image")
   n = len(corpus.names)
   every = max(batch_size, (n // 5) // batch_size * batch_size)
   feats = encode.encode(
-      fn, params, batches(), mesh=mesh or retrieval.make_mesh(), batch_size=batch_size,
-      progress=lambda done: log(f"[search] encoded {done}/{n} corpus images")
+      encoder.image, encoder.params, batches(), mesh=mesh or retrieval.make_mesh(),
+      batch_size=batch_size, progress=lambda done: log(f"[search] encoded {done}/{n} corpus images")
       if done % every < batch_size or done == n else None)
   if cache is not None:
     Path(cache).parent.mkdir(parents=True, exist_ok=True)
@@ -101,22 +101,21 @@ def encode_corpus(encoder: Any, corpus: Corpus, transform: Callable, batch_size:
   return feats
 
 
-def search(encoder: Any, corpus: Corpus, corpus_feats: np.ndarray, reference: str | os.PathLike,
-           text: str, transform: Callable, tokenize_fn: Callable, k: int = 10,
+def search(encoder: RetrievalFns, corpus: Corpus, corpus_feats: np.ndarray,
+           reference: str | os.PathLike, text: str, transform: Callable,
+           tokenize_fn: Callable, k: int = 10,
            exclude_reference: bool = True, relevant: Sequence[str] = (),
            target: str | None = None, mesh=None) -> list[SearchHit]:
-  """The top k corpus images for (reference image, text), best first.
+  """The top k corpus images for (reference image, text) by `encoder.compose`, best first.
 
   When the reference image is itself in the corpus (same resolved path) it is left out, as
   CIRR's protocol does, unless `exclude_reference=False`.
   """
-  from cirjax.eval import encode, retrieval  # pylint: disable=g-import-not-at-top
   ref_path = Path(reference)
   pix = transform(images_lib.open_rgb(ref_path))[None]
   ids, mask = tokenize_fn([text])
-  from cirjax.eval import encoders  # pylint: disable=g-import-not-at-top
-  fn, params = encoders.jit_parts(encoders.pure(encoder), "compose")
-  q = encode.encode(fn, params, (pix, ids, mask), mesh=mesh or retrieval.make_mesh())
+  q = encode.encode(encoder.compose, encoder.params, (pix, ids, mask),
+                    mesh=mesh or retrieval.make_mesh())
   ex = -1
   if exclude_reference:
     resolved = ref_path.resolve()

@@ -187,14 +187,77 @@ def test_bf16_compute_close():
   pixels = random_pixels(2, 28)
   ids, mask = random_text(2, 5, 100)
   a = blip2.compose(params, cfg, pixels, ids, mask)
-  b = blip2.compose(params, cfg, pixels, ids, mask, vision_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
+  b = blip2.compose(params, cfg.replace(dtype="bfloat16"), pixels, ids, mask)
   assert b.dtype == jnp.float32
   assert np.abs(np.asarray(a) - np.asarray(b)).max() < 5e-2
+
+
+def _dot_dtypes(fn, *args):
+  """The operand dtypes of every matmul in fn's program."""
+  jaxpr = jax.make_jaxpr(fn)(*args)
+  out = set()
+
+  def walk(jx):
+    for eqn in jx.eqns:
+      if eqn.primitive.name == "dot_general":
+        out.add(str(eqn.invars[0].aval.dtype))
+      for sub in eqn.params.values():  # nested programs (pjit, remat)
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          walk(sub)
+  walk(jaxpr.jaxpr)
+  return out
+
+
+def test_config_dtype_is_the_compute_dtype():
+  # The config is the one dtype policy: what it names is what the functions compute in.
+  cfg = blip2.tiny_config(num_layers=1)
+  params = blip2.init_blip2(jax.random.PRNGKey(2), cfg)
+  pixels = random_pixels(2, 28)
+  ids, mask = random_text(2, 5, 100)
+  feats = blip2.vision_features(params, cfg, pixels)
+  vit_bf16 = cfg.replace(vision_dtype="bfloat16")
+  assert _dot_dtypes(lambda p: blip2.vision_features(p, cfg, pixels), params) == {"float32"}
+  assert _dot_dtypes(lambda p: blip2.vision_features(p, vit_bf16, pixels), params) == {"bfloat16"}
+  # vision_dtype alone leaves the Q-Former in fp32; dtype alone sets both
+  assert "bfloat16" not in _dot_dtypes(
+      lambda p: blip2.compose_from_features(p, vit_bf16, feats, ids, mask), params)
+  qf_bf16 = cfg.replace(dtype="bfloat16")
+  assert "bfloat16" in _dot_dtypes(
+      lambda p: blip2.compose_from_features(p, qf_bf16, feats, ids, mask), params)
+  assert _dot_dtypes(lambda p: blip2.vision_features(p, qf_bf16, pixels), params) == {"bfloat16"}
+  # bf16 ViT features stay close to fp32 ones; outputs are fp32 either way
+  f16 = blip2.vision_features(params, vit_bf16, pixels)
+  assert f16.dtype == jnp.float32 and not np.array_equal(f16, feats)
+  np.testing.assert_allclose(f16, feats, atol=0.1 * float(np.abs(feats).max()))
+  # fp32 stated explicitly is the default, bit for bit
+  explicit = cfg.replace(dtype="float32", vision_dtype="float32")
+  np.testing.assert_array_equal(blip2.compose(params, explicit, pixels, ids, mask),
+                                blip2.compose(params, cfg, pixels, ids, mask))
+  # param_dtype sets the stored dtype of the Q-Former side; ViT, norms and temp stay fp32
+  abstract = blip2.abstract_params(cfg.replace(param_dtype="bfloat16"))
+  assert abstract["qformer"]["layer_0"]["attention"]["query"]["kernel"].dtype == jnp.bfloat16
+  assert abstract["query_tokens"].dtype == jnp.bfloat16
+  assert abstract["vision"]["patch_embedding"].dtype == jnp.float32
+  assert abstract["ln_vision"]["scale"].dtype == jnp.float32
+  assert abstract["temp"].dtype == jnp.float32
+  with pytest.raises(ValueError, match="Blip2Config.dtype must be one of"):
+    cfg.replace(dtype="float64")
 
 
 def test_config_round_trip_and_validation():
   cfg = blip2.tiny_config(vision_variant="clip")
   assert blip2.Blip2Config.from_dict(cfg.to_dict()) == cfg
+  bf16 = cfg.replace(dtype="bfloat16", vision_dtype="float16", param_dtype="bfloat16",
+                     remat=True)
+  assert blip2.Blip2Config.from_dict(bf16.to_dict()) == bf16
+  # a dict saved before the dtype and ViT layout fields existed still loads, as fp32
+  old = cfg.to_dict()
+  for k in ("dtype", "vision_dtype", "param_dtype", "remat"):
+    del old[k]
+  for k in ("fused_qkv", "patch_bias", "pre_norm", "softmax_fp32", "post_norm_sequence"):
+    del old["vision"][k]
+  assert blip2.Blip2Config.from_dict(old) == cfg
   with pytest.raises(ValueError, match="unknown Blip2Config field"):
     blip2.Blip2Config.from_dict({"bogus": 1})
   with pytest.raises(ValueError, match="encoder_hidden_size"):
@@ -203,7 +266,7 @@ def test_config_round_trip_and_validation():
     cfg.replace(vision=cfg.vision.__class__(post_layernorm=True))
 
 
-# ------------------------------------------------------------------------ object API
+# ------------------------------------------------------------------------ loaded models
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
@@ -218,24 +281,27 @@ def loaded(hf_dir):
   return cirjax.load_blip2(hf_dir)
 
 
-def test_load_blip2_object_api(hf_dir, tmp_path):
+def test_load_blip2_model(hf_dir, tmp_path):
   import cirjax
   from cirjax.convert import registry
   model = cirjax.load_blip2(hf_dir)
-  assert {"params", "config"} <= set(vars(model))
+  assert model.family == "blip2" and {"params", "config"} <= set(model._fields)
+  p, cfg = model.params, model.config
   pixels = random_pixels(2, 28)
   ids, mask = random_text(2, 5, 100)
-  t, q, x = model.encode_image(pixels), model.compose(pixels, ids, mask), model.encode_text(ids,
-                                                                                            mask)
+  t, q, x = (blip2.encode_image(p, cfg, pixels), blip2.compose(p, cfg, pixels, ids, mask),
+             blip2.encode_text(p, cfg, ids, mask))
   assert t.shape == (2, 8, 16) and q.shape == (2, 16) and x.shape == (2, 16)
-  assert model.score(q, t).shape == (2, 2)
-  np.testing.assert_allclose(model.score(q, t), blip2.score(q, t), rtol=1e-6)
+  assert blip2.score(q, t).shape == (2, 2)
   # the same numbers through a cirjax directory
   registry.save(tmp_path / "cj", "blip2", model.config, model.params)
   again = cirjax.load_blip2(tmp_path / "cj")
   assert again.config == model.config
-  np.testing.assert_array_equal(again.compose(pixels, ids, mask), q)
+  np.testing.assert_array_equal(blip2.compose(again.params, again.config, pixels, ids, mask), q)
   assert "eva ViT 32x2" in repr(again)
+  # the loader's dtype overrides land in the config
+  assert cirjax.load_blip2(tmp_path / "cj", vision_dtype=jnp.bfloat16).config.vision_dtype == \
+      "bfloat16"
 
 
 @pytest.mark.parametrize("pixels,match", [
@@ -245,24 +311,26 @@ def test_load_blip2_object_api(hf_dir, tmp_path):
     (np.zeros((1, 28, 28, 3), np.uint8), "floating dtype.*uint8"),
 ])
 def test_bad_pixels(loaded, pixels, match):
-  model = loaded
+  p, cfg = loaded.params, loaded.config
   with pytest.raises(ValueError, match=match):
-    model.encode_image(pixels)
+    blip2.encode_image(p, cfg, pixels)
   with pytest.raises(ValueError, match=match):
-    model.compose(pixels, np.ones((1, 3), np.int32), np.ones((1, 3), np.int32))
+    blip2.compose(p, cfg, pixels, np.ones((1, 3), np.int32), np.ones((1, 3), np.int32))
 
 
 def test_bad_text(loaded):
-  model = loaded
+  p, cfg = loaded.params, loaded.config
   px = random_pixels(1, 28)
   with pytest.raises(ValueError, match="text length 41 exceeds the position table"):
-    model.encode_text(np.ones((1, 41), np.int32))
+    blip2.encode_text(p, cfg, np.ones((1, 41), np.int32))
   with pytest.raises(ValueError, match="token id 100 is outside the vocabulary"):
-    model.compose(px, np.full((1, 3), 100), np.ones((1, 3)))
+    blip2.compose(p, cfg, px, np.full((1, 3), 100), np.ones((1, 3)))
   with pytest.raises(ValueError, match="1 images but 2 texts"):
-    model.compose(px, np.ones((2, 3), np.int32), np.ones((2, 3), np.int32))
+    blip2.compose(p, cfg, px, np.ones((2, 3), np.int32), np.ones((2, 3), np.int32))
   with pytest.raises(ValueError, match="mask shape"):
-    model.encode_text(np.ones((1, 3), np.int32), np.ones((1, 4), np.int32))
+    blip2.encode_text(p, cfg, np.ones((1, 3), np.int32), np.ones((1, 4), np.int32))
+  with pytest.raises(ValueError, match="vision features must be"):
+    blip2.encode_target_from_features(p, cfg, px)
 
 
 def test_load_blip2_wrong_type(tmp_path):

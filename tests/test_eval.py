@@ -128,34 +128,34 @@ def test_synthetic_oracle_scores_100_random_near_chance(root, mesh):
 
 
 def test_encode_split_with_an_encoder(root, mesh):
-  """A model-shaped encoder (encode_image / compose) through the loader and sharded encoding."""
+  """Model-shaped retrieval functions (image / compose of params) through the loader and
+  sharded encoding."""
   from cirjax.data import images, text
+  from cirjax.eval import encoders
   s = synth.read_synthetic(root, "val")
   tok = text.load_bert_tokenizer(root / "vocab.txt")
   rng = np.random.default_rng(0)
-  pw = jnp.asarray(rng.standard_normal((3, 2, 8)), jnp.float32)
-  tw = jnp.asarray(rng.standard_normal((len(tok), 8)), jnp.float32)
+  params = {"pw": jnp.asarray(rng.standard_normal((3, 2, 8)), jnp.float32),
+            "tw": jnp.asarray(rng.standard_normal((len(tok), 8)), jnp.float32)}
 
-  class Enc:
-    @staticmethod
-    def encode_image(px):
-      f = jnp.einsum("bhwc,ctd->btd", px, pw)
-      return f / jnp.linalg.norm(f, axis=-1, keepdims=True)
+  def image(p, px):
+    f = jnp.einsum("bhwc,ctd->btd", px, p["pw"])
+    return f / jnp.linalg.norm(f, axis=-1, keepdims=True)
 
-    @staticmethod
-    def compose(px, ids, mask):
-      f = Enc.encode_image(px).mean(1) + (tw[ids] * mask[..., None]).sum(1)
-      return f / jnp.linalg.norm(f, axis=-1, keepdims=True)
+  def compose(p, px, ids, mask):
+    f = image(p, px).mean(1) + (p["tw"][ids] * mask[..., None]).sum(1)
+    return f / jnp.linalg.norm(f, axis=-1, keepdims=True)
 
   tf = images.make_transform("clip", 16)
   from cirjax.data import loader
-  scorer, timings = evaluate.encode_split(Enc, s, tf, loader.bert_tokenize_fn(tok, 16),
-                                          batch_size=24, mesh=mesh, log=None)
+  scorer, timings = evaluate.encode_split(encoders.RetrievalFns(params, image, compose), s, tf,
+                                          loader.bert_tokenize_fn(tok, 16), batch_size=24,
+                                          mesh=mesh, log=None)
   assert scorer.corpus.shape == (len(s.corpus), 2, 8)
   assert scorer.query.shape == (len(s.queries), 8)
   assert timings["corpus_images_per_s"] > 0 and timings["queries_encoded_per_s"] > 0
   # Same features as encoding each image alone, in corpus order.
-  one = np.asarray(Enc.encode_image(tf(images.load_image(s.images[s.corpus[7]]))[None]))
+  one = np.asarray(image(params, tf(images.load_image(s.images[s.corpus[7]]))[None]))
   np.testing.assert_allclose(scorer.corpus[7], one[0], rtol=1e-5, atol=1e-6)
   res = evaluate.evaluate_split(s, scorer, mesh)
   assert set(res.metrics) >= {"R@1", "R@50", "Rsubset@1", "mAP@10", "rel@5"}
@@ -339,7 +339,7 @@ def test_cirr_pipeline_matches_reference_code_on_random_features(mesh):
 @pytest.mark.slow  # ~90 s on 2 shared cores: six compilations of a (tiny) BLIP-2
 def test_cli_eval_and_search_with_a_blip2_checkpoint(root, tmp_path, capsys):
   """A real (tiny, random) cirjax BLIP-2 model dir inside a training workdir: `cirjax eval`
-  and `cirjax search` through the pure-function path agree with the model object's methods."""
+  and `cirjax search` through the sharded encode path agree with eager functional calls."""
   import dataclasses
   blip2 = pytest.importorskip("cirjax.models.blip2")
   from cirjax import cli
@@ -358,14 +358,15 @@ def test_cli_eval_and_search_with_a_blip2_checkpoint(root, tmp_path, capsys):
                    "--out", str(out)]) == 0
   assert "images clip 28px" in capsys.readouterr().out
   got = json.loads(out.read_text())["splits"]["synthetic/val"]["metrics"]
-  # The same numbers from the model object's own (eager, input-checked) methods.
+  # The same numbers from eager (input-checked) calls of the functional API.
   model = registry.load_blip2(model_dir)
   s = synth.read_synthetic(root, "val")
   tf = images.make_transform("clip", 28)
   px = lambda names: np.stack([tf(images.load_image(s.images[n])) for n in names])
-  cf = np.asarray(model.encode_image(px(s.corpus)))
+  cf = np.asarray(blip2.encode_image(model.params, model.config, px(s.corpus)))
   ids, mask = text.tokenize(tok, [loader.default_text(q) for q in s.queries], 32)
-  qf = np.asarray(model.compose(px([q.reference for q in s.queries]), ids, mask))
+  qf = np.asarray(blip2.compose(model.params, model.config, px([q.reference for q in s.queries]),
+                                ids, mask))
   want = evaluate.evaluate_split(s, retrieval.FeatureScorer(qf, cf), retrieval.make_mesh()).metrics
   for k in ("R@1", "R@10", "R@50", "Rsubset@1", "mAP@10", "rel@5"):
     assert got[k] == pytest.approx(want[k], abs=1e-6), k
@@ -399,8 +400,9 @@ def dataclass_replace_split(s, queries):
 @pytest.mark.slow  # compiles a tiny LLaVA-Phi twice per split
 def test_cli_eval_with_a_llava_checkpoint(root, tmp_path, capsys):
   """An HF LLaVA-Phi directory scored with InstructCIR's zero-shot prompts equals embedding
-  the same prompts with the model object directly."""
+  the same prompts with `llava.embed` directly."""
   from cirjax import cli, prompts
+  from cirjax.models import llava
   from cirjax.data import images
   from cirjax.eval import encoders
   from tests import llava_fixtures as fx
@@ -420,13 +422,14 @@ def test_cli_eval_with_a_llava_checkpoint(root, tmp_path, capsys):
   tmpl = prompts.inference_template("cirr", "image")
   enc = prompts.encode(model.tokenizer, tmpl, [{}] * len(s.corpus), num_image_tokens=n_img,
                        image=True)
-  cf = np.asarray(model.embed(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                              pixels=px(s.corpus)))
+  assert model.family == "llava"
+  cf = np.asarray(llava.embed(model.params, model.config, enc["input_ids"],
+                              enc["attention_mask"], px(s.corpus)))
   qt = prompts.inference_template("cirr", "query")
   enc = prompts.encode(model.tokenizer, qt, [{"modifier": q.text} for q in s.queries],
                        num_image_tokens=n_img, image=True)
-  qf = np.asarray(model.embed(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                              pixels=px([q.reference for q in s.queries])))
+  qf = np.asarray(llava.embed(model.params, model.config, enc["input_ids"],
+                              enc["attention_mask"], px([q.reference for q in s.queries])))
   want = evaluate.evaluate_split(s, retrieval.FeatureScorer(qf, cf), retrieval.make_mesh()).metrics
   for k in ("R@1", "R@10", "R@50", "Rsubset@1", "mAP@10"):
     assert got[k] == pytest.approx(want[k], abs=1e-6), k

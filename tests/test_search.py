@@ -12,28 +12,30 @@ from cirjax import search as search_lib
 from cirjax.data import images, loader, synth, text
 from cirjax.data.records import DataError
 from cirjax.eval import encoders
+from cirjax.models import Model
 
 TINY = synth.SynthConfig(seed=9, resolution=16, num_images=(120, 90, 40),
                          num_queries=(20, 15, 5))
 
 
 class FakeEncoder:
-  """A model-shaped encoder: a fixed random projection of the pixels (and of the tokens)."""
+  """Model-shaped retrieval functions: a fixed random projection of the pixels (and of the
+  tokens), as `encoders.RetrievalFns` (`.fns`) of explicit params."""
 
   def __init__(self, vocab_size):
     rng = np.random.default_rng(0)
-    self.pw = jnp.asarray(rng.standard_normal((3, 2, 8)), jnp.float32)
-    self.tw = jnp.asarray(rng.standard_normal((vocab_size, 8)), jnp.float32)
+    params = {"pw": jnp.asarray(rng.standard_normal((3, 2, 8)), jnp.float32),
+              "tw": jnp.asarray(rng.standard_normal((vocab_size, 8)), jnp.float32)}
     self.image_calls = 0
-    self.config = {"vision": {"image_size": 16}}
+    self.fns = encoders.RetrievalFns(params, self.encode_image, self.compose)
 
-  def encode_image(self, px):
+  def encode_image(self, p, px):
     self.image_calls += 1
-    f = jnp.einsum("bhwc,ctd->btd", px, self.pw)
+    f = jnp.einsum("bhwc,ctd->btd", px, p["pw"])
     return f / jnp.linalg.norm(f, axis=-1, keepdims=True)
 
-  def compose(self, px, ids, mask):
-    f = jnp.einsum("bhwc,ctd->btd", px, self.pw).mean(1) + (self.tw[ids] * mask[..., None]).sum(1)
+  def compose(self, p, px, ids, mask):
+    f = jnp.einsum("bhwc,ctd->btd", px, p["pw"]).mean(1) + (p["tw"][ids] * mask[..., None]).sum(1)
     return f / jnp.linalg.norm(f, axis=-1, keepdims=True)
 
 
@@ -53,19 +55,21 @@ def test_search_ranks_like_brute_force_and_excludes_reference(root, tmp_path):
   corpus = search_lib.corpus_from_dir(root / "images" / "val")
   assert corpus.names == split.corpus  # "val-00000" ... named by stem, sorted
   cache = tmp_path / "feats.npz"
-  feats = search_lib.encode_corpus(enc, corpus, tf, 32, cache=cache, model_id="m", log=None)
+  feats = search_lib.encode_corpus(enc.fns, corpus, tf, 32, cache=cache, model_id="m", log=None)
   calls = enc.image_calls
-  again = search_lib.encode_corpus(enc, corpus, tf, 32, cache=cache, model_id="m", log=None)
+  again = search_lib.encode_corpus(enc.fns, corpus, tf, 32, cache=cache, model_id="m",
+                                   log=None)
   assert enc.image_calls == calls  # served from the cache
   np.testing.assert_array_equal(feats, again)
   q = split.queries[0]
   ref = split.images[q.reference].path
-  hits = search_lib.search(enc, corpus, feats, ref, q.text, tf, tk, k=7,
+  hits = search_lib.search(enc.fns, corpus, feats, ref, q.text, tf, tk, k=7,
                            relevant=q.relevant, target=q.target)
   assert [h.rank for h in hits] == list(range(1, 8))
   assert q.reference not in [h.name for h in hits]
   # Brute force: every image scored on the host, the reference left out.
-  qf = np.asarray(enc.compose(tf(images.open_rgb(ref))[None], *tk([q.text])))[0]
+  qf = np.asarray(enc.compose(enc.fns.params, tf(images.open_rgb(ref))[None],
+                              *tk([q.text])))[0]
   s = np.einsum("d,ntd->nt", qf, feats).max(-1)
   s[corpus.names.index(q.reference)] = -np.inf
   want = np.argsort(-s, kind="stable")[:7]
@@ -94,7 +98,9 @@ def test_cli_search_with_a_checkpoint(root, tmp_path, monkeypatch, capsys):
   from cirjax import cli
   tok = text.load_bert_tokenizer(root / "vocab.txt")
   enc = FakeEncoder(len(tok))
-  monkeypatch.setattr(encoders, "load_encoder", lambda path: (enc, tmp_path))
+  model = Model("blip2", {"vision": {"image_size": 16}}, enc.fns.params)
+  monkeypatch.setattr(encoders, "load_encoder", lambda path: (model, tmp_path))
+  monkeypatch.setattr(encoders, "retrieval_fns", lambda m, *a: (enc.fns, None, None))
   split = synth.read_synthetic(root, "val")
   q = split.queries[2]
   out = tmp_path / "s.html"

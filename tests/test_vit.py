@@ -162,3 +162,28 @@ def test_bf16_compute_close_to_fp32():
   assert y.last_hidden_state.dtype == jnp.bfloat16
   err = np.abs(np.asarray(y.last_hidden_state, np.float32) - np.asarray(out.last_hidden_state))
   assert err.max() / np.abs(np.asarray(out.last_hidden_state)).max() < 5e-2
+
+
+def test_decode_variant_sets_the_layout_fields():
+  # big_vision style: the name decodes into explicit fields, which the module reads.
+  assert vit.decode_variant("eva") == dict(fused_qkv=True, patch_bias=True, pre_norm=False,
+                                           softmax_fp32=False, post_norm_sequence=True)
+  assert vit.decode_variant("clip") == dict(fused_qkv=False, patch_bias=False, pre_norm=True,
+                                            softmax_fp32=True, post_norm_sequence=False)
+  with pytest.raises(ValueError, match="variant must be one of"):
+    vit.decode_variant("siglip")
+  clip = vit.ViTConfig(variant="clip", image_size=28, hidden_size=32, intermediate_size=64,
+                       num_layers=1, num_heads=4)
+  assert (clip.fused_qkv, clip.pre_norm, clip.softmax_fp32) == (False, True, True)
+  # a dict saved with `variant` alone (existing model dirs) decodes to the same config
+  old = {k: v for k, v in clip.to_dict().items() if k not in vit.decode_variant("clip")}
+  assert vit.ViTConfig.from_dict(old) == clip
+  # explicit fields override the variant's, and the parameter tree follows the fields
+  hybrid = vit.ViTConfig(variant="clip", image_size=28, hidden_size=32, intermediate_size=64,
+                         num_layers=1, num_heads=4, fused_qkv=True, patch_bias=True,
+                         pre_norm=False)
+  tree = vit.abstract_vit_params(hybrid)
+  assert "qkv" in tree["layers_0"]["self_attn"] and "patch_bias" in tree
+  assert "pre_layrnorm" not in tree
+  rows = {r[0] for r in vit.vit_hf_table(hybrid)}
+  assert ("layers_0", "self_attn", "qkv", "kernel") in rows and ("patch_bias",) in rows

@@ -8,6 +8,12 @@ import sys
 import time
 from pathlib import Path
 
+from cirjax.commands.data import read_split
+from cirjax.data import images, loader, text, tfds_builders
+from cirjax.data.fashioniq import CATEGORIES
+from cirjax.data.records import DataError
+from cirjax.eval import encoders, evaluate, retrieval, submission
+
 HELP = "evaluate a checkpoint or a baseline on FashionIQ, CIRR, CIRCO, GeneCIS, HP-FashionIQ or synthetic"
 DESCRIPTION = """\
 Evaluates composed image retrieval exactly as the benchmarks' reference code does, and prints
@@ -67,13 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _splits(args) -> list[tuple[str, object, object]]:
   """[(label, CIRSplit, image source or None)]; FashionIQ without a category = all three."""
-  from cirjax.commands.data import read_split  # pylint: disable=g-import-not-at-top
-  from cirjax.data.fashioniq import CATEGORIES  # pylint: disable=g-import-not-at-top
   if (args.root is None) == (args.tfds_dir is None):
     raise ValueError("give exactly one of --root (dataset on disk) or --tfds-dir (TFDS build)")
   fiq_all = args.dataset == "fashioniq" and (args.split is None or "." not in args.split)
   if args.tfds_dir is not None:
-    from cirjax.data import tfds_builders  # pylint: disable=g-import-not-at-top
     if fiq_all:
       names = [f"{c}_{args.split or 'val'}" for c in CATEGORIES]
     elif args.dataset == "fashioniq":
@@ -94,7 +97,6 @@ def _splits(args) -> list[tuple[str, object, object]]:
 
 
 def run(args: argparse.Namespace) -> int:
-  from cirjax.data.records import DataError  # pylint: disable=g-import-not-at-top
   try:
     return _run(args)
   except (DataError, FileNotFoundError, NotADirectoryError, ValueError) as e:
@@ -103,37 +105,34 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args) -> int:
-  from cirjax.data import images, loader, text  # pylint: disable=g-import-not-at-top
-  from cirjax.eval import encoders, evaluate, retrieval, submission  # pylint: disable=g-import-not-at-top
   t0 = time.time()
   splits = _splits(args)
   mesh = retrieval.make_mesh()
   desc = ", ".join(f"{s.name} ({len(s.queries)} queries, {len(s.corpus)} images)"
                    for _, s, _ in splits)
   print(f"[eval] {desc}; {mesh.devices.size} device(s)", flush=True)
-  encoder = tokenize_fn = transform = None
+  model = tokenize_fn = transform = None
   llava = False
   source = f"baseline:{args.baseline}" if args.baseline else None
   if args.checkpoint:
-    encoder, model_dir = encoders.load_encoder(args.checkpoint)
-    llava = encoders.is_llava(encoder)
+    model, model_dir = encoders.load_encoder(args.checkpoint)
+    llava = model.family == "llava"
     source = str(model_dir)
     if llava:
       tok_src = f"{model_dir} (InstructCIR zero-shot prompts)"
     else:
       tok_src = args.tokenizer or encoders.find_tokenizer_source(model_dir, args.root)
       tokenize_fn = loader.bert_tokenize_fn(text.load_bert_tokenizer(tok_src), args.max_length)
-    dim = args.image_size or encoders.model_image_size(encoder)
+    dim = args.image_size or encoders.model_image_size(model)
     transform = images.make_transform(args.transform or ("clip" if llava else "targetpad"), dim)
     print(f"[eval] model {model_dir}, tokenizer {tok_src}, images {transform.name} {dim}px",
           flush=True)
   results, report = {}, {"dataset": args.dataset, "source": source, "splits": {}}
   for label, split, image_source in splits:
-    if encoder is not None:
-      enc, tk, text_fn = encoder, tokenize_fn, None
-      if llava:
-        enc, tk, text_fn = encoders.llava_eval_parts(encoder, split)
-      scorer, timings = evaluate.encode_split(enc, split, transform, tk, args.batch_size,
+    if model is not None:
+      enc, tk, text_fn = encoders.retrieval_fns(model, split)
+      scorer, timings = evaluate.encode_split(enc, split, transform, tk or tokenize_fn,
+                                              args.batch_size,
                                               text_fn=text_fn, mesh=mesh,
                                               num_threads=args.num_workers,
                                               image_source=image_source)

@@ -6,6 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from cirjax import search as search_lib
+from cirjax.commands.data import read_split
+from cirjax.data import images, loader, text
+from cirjax.data.records import DataError
+from cirjax.eval import encoders, retrieval
+
 HELP = "search a corpus with a reference image + text; print the top k and write an HTML page"
 DESCRIPTION = """\
 Composed image search with a BLIP-2 (QuRe) checkpoint.
@@ -46,7 +52,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  from cirjax.data.records import DataError  # pylint: disable=g-import-not-at-top
   try:
     return _run(args)
   except (DataError, FileNotFoundError, NotADirectoryError, ValueError) as e:
@@ -56,8 +61,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _query(args, split):
   """(reference path, text, relevant names, target name) from the arguments."""
-  from cirjax.data import loader  # pylint: disable=g-import-not-at-top
-  from cirjax.data.records import DataError  # pylint: disable=g-import-not-at-top
   relevant = [r for r in args.relevant.split(",") if r]
   if args.query_id is not None:
     if split is None:
@@ -80,29 +83,26 @@ def _query(args, split):
 
 
 def _run(args) -> int:
-  from cirjax import search as search_lib  # pylint: disable=g-import-not-at-top
-  from cirjax.data import images, loader, text  # pylint: disable=g-import-not-at-top
-  from cirjax.eval import encoders, retrieval  # pylint: disable=g-import-not-at-top
   if (args.corpus is None) == (args.dataset is None):
     raise ValueError("give exactly one of --corpus DIR or --dataset NAME --root DIR")
   split = None
   if args.dataset is not None:
     if args.root is None:
       raise ValueError("--dataset needs --root")
-    from cirjax.commands.data import read_split  # pylint: disable=g-import-not-at-top
     split = read_split(args.dataset, args.root, args.split)
     corpus = search_lib.corpus_from_split(split)
   else:
     corpus = search_lib.corpus_from_dir(args.corpus)
   reference, query_text, relevant, target = _query(args, split)
-  encoder, model_dir = encoders.load_encoder(args.checkpoint)
-  if encoders.is_llava(encoder):
+  model, model_dir = encoders.load_encoder(args.checkpoint)
+  if model.family != "blip2":
     raise ValueError(f"{model_dir}: cirjax search scores BLIP-2 (QuRe) models; evaluate "
                      "LLaVA-Phi checkpoints with `cirjax eval`")
+  encoder, _, _ = encoders.retrieval_fns(model)
   tok_src = args.tokenizer or encoders.find_tokenizer_source(model_dir, args.root)
   tokenize_fn = loader.bert_tokenize_fn(text.load_bert_tokenizer(tok_src), args.max_length)
   transform = images.make_transform(args.transform,
-                                    args.image_size or encoders.model_image_size(encoder))
+                                    args.image_size or encoders.model_image_size(model))
   mesh = retrieval.make_mesh()
   print(f"[search] {len(corpus.names)} corpus images, model {model_dir}", flush=True)
   feats = search_lib.encode_corpus(encoder, corpus, transform, args.batch_size, mesh,

@@ -8,7 +8,8 @@ for BLIP-2, the LAVIS state-dict reader. On top of them:
     load(path, **kw) -> Loaded(family, config, params, source, kind)
     save(path, family, config, params)          cirjax model directory (atomic)
     export_hf(path, family, config, params)     HF directory (atomic)
-    load_blip2(path) / load_llava(path)         the convenience objects (`cirjax.load_*`)
+    load_blip2(path) / load_llava(path)         `cirjax.load_*`: a `cirjax.models.Model` / the
+                                                LLaVA embedder
 
 Sources: an HF directory (config.json `model_type` 'blip-2' or 'llava'), a LAVIS BLIP-2
 state-dict file (.pth/.pt/.bin/.ckpt/.safetensors), or a cirjax model directory
@@ -27,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from cirjax.convert import io
-from cirjax.models import blip2, blip2_convert, llava, llava_convert
+from cirjax.models import Model, blip2, blip2_convert, llava, llava_convert
 
 LAVIS_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
@@ -193,14 +194,16 @@ def export_hf(path: str | os.PathLike, family: str, config: Any, params: Any, *,
 # ----------------------------------------------------------------------------- convenience
 
 
-def load_blip2(path: str | os.PathLike, *, vision_dtype=jnp.float32,
-               dtype=jnp.float32) -> blip2.Blip2Model:
+def load_blip2(path: str | os.PathLike, *, vision_dtype=None, dtype=None) -> Model:
   """A BLIP-2 CIR model from an HF `Blip2ForImageTextRetrieval` directory, a cirjax
-  directory or a LAVIS checkpoint file (`model.pth`, QuRe/SPRC layout)."""
+  directory or a LAVIS checkpoint file (`model.pth`, QuRe/SPRC layout). `vision_dtype` /
+  `dtype` override the config's compute dtypes; call `cirjax.models.blip2`'s functions with
+  `(model.params, model.config, ...)`."""
   loaded = load(path, family="blip2")
   params = jax.tree.map(jnp.asarray, loaded.params)
-  return blip2.Blip2Model(params, loaded.config, source=os.fspath(path),
-                          vision_dtype=vision_dtype, dtype=dtype)
+  overrides = {k: jnp.dtype(v).name for k, v in (("vision_dtype", vision_dtype),
+                                                 ("dtype", dtype)) if v is not None}
+  return Model("blip2", loaded.config.replace(**overrides), params, source=os.fspath(path))
 
 
 def load_llava(path: str | os.PathLike, *, dtype: str | None = None,

@@ -1,9 +1,11 @@
 """Loading a model for evaluation/search: a checkpoint directory or a training workdir.
 
-The evaluator needs an object with two methods (the `cirjax.load_blip2` protocol):
+A loaded model is a `cirjax.models.Model` (family, config, params, tokenizer). What the
+evaluator and search run is its `RetrievalFns` (`retrieval_fns(model, split)`): the model
+family's functional API as pure functions of explicit params,
 
-* `encode_image(pixels [B, H, W, 3] float32) -> [B, Q, D]` (or `[B, D]`), L2-normalised;
-* `compose(pixels, input_ids [B, L] int32, attention_mask [B, L]) -> [B, D]`, L2-normalised.
+* `image(params, pixels [B, H, W, 3] float32) -> [B, Q, D]` (or `[B, D]`), L2-normalised;
+* `compose(params, pixels, input_ids [B, L] int32, attention_mask [B, L]) -> [B, D]`.
 
 Accepted paths:
 * a cirjax model directory (`cirjax_config.json`, written by `cirjax convert` or by the
@@ -19,9 +21,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
+import jax.numpy as jnp
+
+from cirjax import prompts
 from cirjax.convert import io, registry
+from cirjax.data import text
+from cirjax.models import Model, blip2, llava
 
 _WORKDIR_CANDIDATES = ("model", "export", "best", "final")
 
@@ -48,63 +55,17 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
       "subdirectory with cirjax_config.json); export the trained model first")
 
 
-def is_llava(encoder: Any) -> bool:
-  return type(encoder).__module__ == "cirjax.models.llava"
-
-
-def load_encoder(path: str | os.PathLike) -> tuple[Any, Path]:
-  """Loads a model (see module docstring); returns (encoder, model dir).
-
-  BLIP-2 models come back as a `PureEncoder`; LLaVA-Phi ones as the `LlavaEmbedder`, whose
-  prompts depend on the dataset: build the evaluation parts with `llava_eval_parts`.
-  """
+def load_encoder(path: str | os.PathLike) -> tuple[Model, Path]:
+  """Loads a model (see module docstring); returns (`Model`, model dir). Score it through
+  `retrieval_fns(model, split)`."""
   d = resolve_model_dir(path)
   if registry.detect(d) == "llava":
     model = registry.load_llava(d)
     if model.tokenizer is None:
       raise FileNotFoundError(f"{d}: no tokenizer (tokenizer.json / tokenizer_config.json) next "
                               "to the LLaVA weights; the InstructCIR prompts need it")
-    return model, d
-  return pure(registry.load_blip2(d)), d
-
-
-class PureEncoder:
-  """An encoder as pure functions of explicit params, so the evaluator jits each once and
-  passes the (replicated) params as an argument.
-
-  `encode_image_fn(params, pixels) -> [B, Q, D]`, `compose_fn(params, pixels, ids, mask) ->
-  [B, D]`. `encode_image` / `compose` call them eagerly (e.g. for a single search query).
-  """
-
-  def __init__(self, params: Any, encode_image_fn, compose_fn, config: Any = None):
-    self.params, self.config = params, config
-    self.encode_image_fn, self.compose_fn = encode_image_fn, compose_fn
-
-  def encode_image(self, pixels):
-    return self.encode_image_fn(self.params, pixels)
-
-  def compose(self, pixels, input_ids, attention_mask):
-    return self.compose_fn(self.params, pixels, input_ids, attention_mask)
-
-
-def pure(encoder: Any) -> PureEncoder | Any:
-  """A cirjax BLIP-2 model as a `PureEncoder` (its object methods check inputs on the host,
-  which cannot run under the evaluator's jit); anything else unchanged."""
-  if isinstance(encoder, PureEncoder):
-    return encoder
-  if type(encoder).__module__ == "cirjax.models.blip2" and hasattr(encoder, "params"):
-    from cirjax.models import blip2  # pylint: disable=g-import-not-at-top
-    cfg = encoder.config
-    return PureEncoder(encoder.params, lambda p, px: blip2.encode_image(p, cfg, px),
-                       lambda p, px, ids, mask: blip2.compose(p, cfg, px, ids, mask), cfg)
-  return encoder
-
-
-def jit_parts(encoder: Any, which: str):
-  """(function, params) for `cirjax.eval.encode.encode`: which = 'image' or 'compose'."""
-  if isinstance(encoder, PureEncoder):
-    return (encoder.encode_image_fn if which == "image" else encoder.compose_fn), encoder.params
-  return (encoder.encode_image if which == "image" else encoder.compose), None
+    return Model("llava", model.config, model.params, model.tokenizer, str(d)), d
+  return registry.load_blip2(d), d
 
 
 def model_image_size(model: Any, default: int = 224) -> int:
@@ -123,7 +84,6 @@ def model_image_size(model: Any, default: int = 224) -> int:
 
 def find_tokenizer_source(model_dir: Path, dataset_root: str | os.PathLike | None) -> Path:
   """Where the BERT vocab comes from: the model dir, else the dataset's vocab.txt (synthetic)."""
-  from cirjax.data import text  # pylint: disable=g-import-not-at-top
   try:
     text.find_vocab(model_dir)
     return model_dir
@@ -137,25 +97,45 @@ def find_tokenizer_source(model_dir: Path, dataset_root: str | os.PathLike | Non
                           "--tokenizer PATH (a vocab.txt or a tokenizer directory)")
 
 
+class RetrievalFns(NamedTuple):
+  """What evaluation and search run: pure functions of explicit params, which the encode
+  loop jits once (params replicated and passed as an argument, never baked in)."""
+  params: Any
+  image: Callable    # (params, pixels) -> [B, Q, D] or [B, D], L2-normalised
+  compose: Callable  # (params, pixels, input_ids, attention_mask) -> [B, D], L2-normalised
+
+
 _LLAVA_DATASET = {"synthetic": "cirr", "cirr": "cirr", "circo": "circo",
                   "fashioniq": "fashioniq", "genecis": "genecis"}
 
 
-def llava_eval_parts(model: Any, split: Any, pad_to_multiple_of: int = 16):
-  """(PureEncoder, tokenize_fn, text_fn) scoring `split` with InstructCIR's zero-shot prompts.
+def retrieval_fns(model: Model, split: Any = None, pad_to_multiple_of: int = 16
+                  ) -> tuple[RetrievalFns, Callable | None, Callable | None]:
+  """(RetrievalFns, tokenize_fn, text_fn) scoring `split` with `model`.
 
-  InstructCIR appendix D.2: target images are embedded with the dataset's "image" prompt
+  BLIP-2: `blip2.encode_image` / `blip2.compose`; tokenize_fn and text_fn are None (the
+  caller's BERT tokenizer and the default query text). LLaVA-Phi: `llava.embed` with
+  InstructCIR's zero-shot prompts for the split's dataset (`split` is required).
+  """
+  cfg = model.config
+  if model.family == "blip2":
+    return RetrievalFns(model.params, lambda p, px: blip2.encode_image(p, cfg, px),
+                        lambda p, px, ids, mask: blip2.compose(p, cfg, px, ids, mask)), None, None
+  if model.family != "llava":
+    raise ValueError(f"no retrieval functions for a {model.family!r} model")
+  return _llava_fns(model, split, pad_to_multiple_of)
+
+
+def _llava_fns(model: Model, split: Any, pad_to_multiple_of: int):
+  """InstructCIR appendix D.2: target images are embedded with the dataset's "image" prompt
   (FashionIQ's names the category), queries with the "query" prompt filled with the
   modification text (GeneCIS: the task's prompt filled with the condition). The embedding is
   the final hidden state of the left-padded prompt's last (EOS) token, L2-normalised.
-  Prompts are padded to a multiple of `pad_to_multiple_of` tokens (few compiled shapes).
-  """
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from cirjax import prompts  # pylint: disable=g-import-not-at-top
-  from cirjax.models import llava  # pylint: disable=g-import-not-at-top
-  ds = _LLAVA_DATASET.get(split.dataset)
+  Prompts are padded to a multiple of `pad_to_multiple_of` tokens (few compiled shapes)."""
+  ds = _LLAVA_DATASET.get(getattr(split, "dataset", None))
   if ds is None:
-    raise ValueError(f"no InstructCIR prompts for {split.dataset!r} (have {sorted(_LLAVA_DATASET)})")
+    raise ValueError(f"no InstructCIR prompts for {getattr(split, 'dataset', None)!r} (have "
+                     f"{sorted(_LLAVA_DATASET)})")
   tok, cfg = model.tokenizer, model.config
   n_img = prompts.num_image_tokens(cfg.vision.image_size, cfg.vision.patch_size,
                                    cfg.vision_feature_select_strategy)
@@ -173,12 +153,11 @@ def llava_eval_parts(model: Any, split: Any, pad_to_multiple_of: int = 16):
 
   def image_fn(params, pixels):
     b = pixels.shape[0]
-    return llava.embed(params, config=cfg, input_ids=jnp.broadcast_to(ids0, (b, ids0.shape[1])),
-                       attention_mask=jnp.broadcast_to(mask0, (b, mask0.shape[1])),
-                       pixels=pixels)
+    return llava.embed(params, cfg, jnp.broadcast_to(ids0, (b, ids0.shape[1])),
+                       jnp.broadcast_to(mask0, (b, mask0.shape[1])), pixels)
 
   def compose_fn(params, pixels, ids, mask):
-    return llava.embed(params, config=cfg, input_ids=ids, attention_mask=mask, pixels=pixels)
+    return llava.embed(params, cfg, ids, mask, pixels)
 
   def tokenize_fn(texts):
     enc = prompts.encode(tok, query_t, [{**fields, text_field: t} for t in texts],
@@ -186,4 +165,4 @@ def llava_eval_parts(model: Any, split: Any, pad_to_multiple_of: int = 16):
                          pad_to_multiple_of=pad_to_multiple_of)
     return enc["input_ids"], enc["attention_mask"]
 
-  return PureEncoder(model.params, image_fn, compose_fn, cfg), tokenize_fn, lambda q: q.text
+  return RetrievalFns(model.params, image_fn, compose_fn), tokenize_fn, lambda q: q.text

@@ -29,7 +29,7 @@ import numpy as np
 
 from cirjax.data import loader
 from cirjax.data.records import CIRSplit, DataError, Query
-from cirjax.eval import encode, encoders, metrics, retrieval
+from cirjax.eval import encode, metrics, retrieval
 
 
 @dataclasses.dataclass
@@ -65,13 +65,13 @@ def encode_split(encoder: Any, split: CIRSplit, transform: Callable, tokenize_fn
                  mesh=None, num_threads: int = 4, log: Callable[[str], None] | None = print,
                  image_source: Callable | None = None
                  ) -> tuple[retrieval.FeatureScorer, dict[str, float]]:
-  """Encodes the corpus (`encoder.encode_image`) and the queries (`encoder.compose`).
+  """Encodes the corpus (`encoder.image`) and the queries (`encoder.compose`).
 
-  `encoder` follows the protocol of `cirjax.load_blip2(...)`: `encode_image(pixels NHWC)` ->
-  [B, Q, D] (or [B, D]) and `compose(pixels, input_ids, attention_mask)` -> [B, D], both
-  L2-normalised, jittable; or is a `cirjax.eval.encoders.PureEncoder` (params passed
-  explicitly); a `cirjax.load_blip2` model is converted to one. Returns the scorer and timings (images/s, queries/s). `image_source`
-  (name -> PIL image) replaces reading the split's image files (TFDS builds).
+  `encoder` is a `cirjax.eval.encoders.RetrievalFns` (`encoders.retrieval_fns(model, split)`):
+  `image(params, pixels NHWC)` -> [B, Q, D] (or [B, D]) and `compose(params, pixels,
+  input_ids, attention_mask)` -> [B, D], both L2-normalised and jittable. Returns the scorer
+  and timings (images/s, queries/s). `image_source` (name -> PIL image) replaces reading the
+  split's image files (TFDS builds).
   """
   mesh = mesh or retrieval.make_mesh()
   text_fn = text_fn or loader.default_text
@@ -85,17 +85,14 @@ def encode_split(encoder: Any, split: CIRSplit, transform: Callable, tokenize_fn
         log(f"[eval] {split.name}: encoded {done}/{total} {what}")
     return f
 
-  encoder = encoders.pure(encoder)
-  img_fn, img_params = encoders.jit_parts(encoder, "image")
-  cmp_fn, cmp_params = encoders.jit_parts(encoder, "compose")
   t0 = time.perf_counter()
   corpus = encode.encode(
-      img_fn, img_params,
+      encoder.image, encoder.params,
       loader.image_batches(split, split.corpus, transform, batch_size, num_threads, image_source),
       mesh=mesh, batch_size=batch_size, progress=prog("corpus images", n_img))
   t1 = time.perf_counter()
   queries = encode.encode(
-      cmp_fn, cmp_params,
+      encoder.compose, encoder.params,
       loader.query_batches(split, transform, tokenize_fn, batch_size, text_fn, num_threads,
                            image_source),
       mesh=mesh, batch_size=batch_size, progress=prog("queries", n_q))

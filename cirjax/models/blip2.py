@@ -4,7 +4,8 @@ The numerics are those of HF `Blip2ForImageTextRetrieval` (EVA tower) and of LAV
 `Blip2Qformer` / `blip2_qure` (EVA or CLIP-L tower); see docs/reference_semantics.md
 (QuRe model, Numerics).
 
-Pure functions of `(params, cfg, inputs)` (all `jax.jit`-able with `cfg` static):
+The one call surface: pure functions of `(params, cfg, inputs)`, used by training,
+evaluation, search, parity and the benchmarks alike:
 
     vision_features(params, cfg, pixels)              -> [B, S, E] raw ViT output (frozen part)
     encode_target_from_features(params, cfg, feats)   -> [B, Q, D] target features
@@ -12,18 +13,21 @@ Pure functions of `(params, cfg, inputs)` (all `jax.jit`-able with `cfg` static)
     encode_text(params, cfg, ids, mask)               -> [B, D]    ITC text feature (CLS)
     compose_from_features(params, cfg, feats, ids, mask) -> [B, D] composed query
     compose(params, cfg, pixels, ids, mask)           -> [B, D]    composed query
+    query_hidden_states(params, cfg, feats)           -> [B, Q, H] the query-only Q-Former pass
     joint_hidden_states(params, cfg, feats, ids, mask) -> [B, Q+L, H] the joint Q-Former pass
+    itm_logits(params, cfg, feats, ids, mask)         -> [B, 2]    HF's image-text matching head
     score(query, targets)                             -> [Bq, Bt]  max over the Q tokens
     logits(params, query, targets)                    -> score / temp (QuRe's training logits)
     init_blip2(rng, cfg)                              -> random params of the full tree
 
-Each is `jax.jit`-compiled with `cfg` and the dtype knobs static (pass them by keyword or
-position; `cfg` must be the same hashable Blip2Config to hit the cache). All outputs of the
-encoders are L2-normalised. `vision_features` stops *before* the final
-vision LayerNorm (`ln_vision`, HF's `post_layernorm`), which QuRe trains: a trainer caches
-the frozen ViT output once and runs `*_from_features` in its step.
-
-`Blip2Model` (returned by `load_blip2`) wraps these with jitted methods and input checks.
+The dtype policy is the config's: `cfg.dtype` (Q-Former compute), `cfg.vision_dtype` (ViT
+compute, default `cfg.dtype`), `cfg.param_dtype` (stored Q-Former/projection params; the ViT,
+LayerNorms and `temp` stay fp32) and `cfg.remat`. Each function checks its inputs' shapes
+(and, outside a trace, token ids) with errors naming the bad value, then runs one program
+compiled per (cfg, shapes): eager calls are jitted, and calls inside a caller's `jax.jit`
+inline. All outputs of the encoders are fp32 and L2-normalised. `vision_features` stops
+*before* the final vision LayerNorm (`ln_vision`, HF's `post_layernorm`), which QuRe trains:
+a trainer caches the frozen ViT output once and runs `*_from_features` in its step.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ _NORM_EPS = 1e-12
 
 @dataclasses.dataclass(frozen=True)
 class Blip2Config:
-  """A BLIP-2 retrieval model.
+  """A BLIP-2 retrieval model; hashable (the static argument of every function here).
 
   Attributes:
     vision: the ViT (its own `post_layernorm` must be off: the final full-sequence LayerNorm
@@ -58,6 +62,13 @@ class Blip2Config:
     ln_vision_eps: eps of `ln_vision` (HF: the vision `layer_norm_eps`, 1e-6; LAVIS: 1e-5).
     temperature_init: initial value of the learned temperature `temp` (0.07).
     itm_head: whether the image-text matching head exists (kept for round trips).
+    dtype: compute dtype of the Q-Former ('float32' | 'bfloat16' | 'float16'); softmax,
+      norms, projections and outputs stay fp32.
+    vision_dtype: compute dtype of the ViT; None means `dtype` (QuRe runs its frozen ViT in
+      fp16; parity needs fp32).
+    param_dtype: dtype of the Q-Former, query-token and projection params (ViT, LayerNorms
+      and `temp` stay fp32).
+    remat: rematerialise ViT and Q-Former layers in the backward pass.
   """
   vision: vit_lib.ViTConfig = dataclasses.field(
       default_factory=lambda: vit_lib.ViTConfig(post_layernorm=False))
@@ -67,6 +78,10 @@ class Blip2Config:
   ln_vision_eps: float = 1e-6
   temperature_init: float = 0.07
   itm_head: bool = True
+  dtype: str = "float32"
+  vision_dtype: Optional[str] = None
+  param_dtype: str = "float32"
+  remat: bool = False
 
   def __post_init__(self):
     if self.vision.post_layernorm:
@@ -77,6 +92,22 @@ class Blip2Config:
                        f"vision hidden_size {self.vision.hidden_size}")
     if self.num_query_tokens < 1:
       raise ValueError(f"num_query_tokens must be >= 1, got {self.num_query_tokens}")
+    for name in ("dtype", "param_dtype") + (("vision_dtype",) if self.vision_dtype else ()):
+      vit_lib.check_dtype("Blip2Config", name, getattr(self, name))
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def vision_compute_dtype(self):
+    return jnp.dtype(self.vision_dtype or self.dtype)
+
+  def summary(self) -> str:
+    v, q = self.vision, self.qformer
+    return (f"{v.variant} ViT {v.hidden_size}x{v.num_layers}, Q-Former {q.hidden_size}x"
+            f"{q.num_layers}, {self.num_query_tokens} queries, {self.embed_dim}-d, "
+            f"{self.vision_compute_dtype.name}/{self.dtype}")
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
@@ -86,6 +117,7 @@ class Blip2Config:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "Blip2Config":
+    """Also reads dicts saved before the dtype fields existed (they take their defaults)."""
     d = dict(d)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
@@ -102,8 +134,9 @@ class Blip2Config:
 
 
 def tiny_config(*, vision_variant: str = "eva", cross_attention_frequency: int = 2,
-                num_layers: int = 2) -> Blip2Config:
-  """A few-kilobyte BLIP-2 with every component (tests, smoke runs, synthetic training)."""
+                num_layers: int = 2, **kw) -> Blip2Config:
+  """A few-kilobyte BLIP-2 with every component (tests, smoke runs, synthetic training).
+  `kw`: further Blip2Config fields (e.g. dtype='bfloat16')."""
   clip = vision_variant == "clip"
   vision = vit_lib.ViTConfig(
       image_size=28, patch_size=14, hidden_size=32, intermediate_size=64, num_layers=num_layers,
@@ -114,7 +147,7 @@ def tiny_config(*, vision_variant: str = "eva", cross_attention_frequency: int =
       cross_attention_frequency=cross_attention_frequency, encoder_hidden_size=32,
       vocab_size=100, max_position_embeddings=40)
   return Blip2Config(vision=vision, qformer=qformer, num_query_tokens=8, embed_dim=16,
-                     ln_vision_eps=1e-5 if clip else 1e-6)
+                     ln_vision_eps=1e-5 if clip else 1e-6, **kw)
 
 
 def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
@@ -124,38 +157,30 @@ def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
   return x / jnp.maximum(n, _NORM_EPS)
 
 
-def _proj(features, name):
-  return nn.Dense(features, dtype=jnp.float32, param_dtype=jnp.float32,
+def _proj(features, name, param_dtype):
+  return nn.Dense(features, dtype=jnp.float32, param_dtype=param_dtype,
                   kernel_init=nn.initializers.normal(0.02), name=name)
 
 
 class Blip2(nn.Module):
-  """The BLIP-2 retrieval model as one linen module; call its methods via `apply(method=)`.
-
-  Attributes:
-    config: the Blip2Config.
-    vision_dtype: compute dtype of the ViT (QuRe runs it frozen in fp16; parity needs fp32).
-    dtype: compute dtype of the Q-Former (softmax and norms stay fp32 either way).
-    remat: rematerialise ViT and Q-Former layers in the backward pass.
-  """
+  """The BLIP-2 retrieval model as one linen module; its methods are what the functions
+  below apply. Compute dtypes and remat come from the config."""
   config: Blip2Config
-  vision_dtype: Any = jnp.float32
-  dtype: Any = jnp.float32
-  remat: bool = False
 
   def setup(self):
     cfg = self.config
-    self.vision = vit_lib.VisionTransformer(cfg.vision, self.vision_dtype, self.remat)
+    dt, pdt = cfg.compute_dtype, jnp.dtype(cfg.param_dtype)
+    self.vision = vit_lib.VisionTransformer(cfg.vision, cfg.vision_compute_dtype, cfg.remat)
     self.ln_vision = LayerNorm(cfg.ln_vision_eps, jnp.float32)
     self.query_tokens = self.param(
         "query_tokens", nn.initializers.normal(0.02),
-        (1, cfg.num_query_tokens, cfg.qformer.hidden_size), jnp.float32)
-    self.embeddings = qf.TextEmbeddings(cfg.qformer, self.dtype)
-    self.qformer = qf.QFormer(cfg.qformer, self.dtype, self.remat)
-    self.vision_projection = _proj(cfg.embed_dim, "vision_projection")
-    self.text_projection = _proj(cfg.embed_dim, "text_projection")
+        (1, cfg.num_query_tokens, cfg.qformer.hidden_size), pdt)
+    self.embeddings = qf.TextEmbeddings(cfg.qformer, dt, pdt)
+    self.qformer = qf.QFormer(cfg.qformer, dt, cfg.remat, pdt)
+    self.vision_projection = _proj(cfg.embed_dim, "vision_projection", pdt)
+    self.text_projection = _proj(cfg.embed_dim, "text_projection", pdt)
     if cfg.itm_head:
-      self.itm_head = _proj(2, "itm_head")
+      self.itm_head = _proj(2, "itm_head", pdt)
     self.temp = self.param("temp", lambda _: jnp.asarray(cfg.temperature_init, jnp.float32))
 
   # -- pieces ------------------------------------------------------------------------------
@@ -165,16 +190,16 @@ class Blip2(nn.Module):
     return self.vision(pixels).last_hidden_state.astype(jnp.float32)
 
   def _image_context(self, feats):
-    return self.ln_vision(feats.astype(jnp.float32)).astype(self.dtype)
+    return self.ln_vision(feats.astype(jnp.float32)).astype(self.config.compute_dtype)
 
   def _queries(self, batch):
-    return jnp.broadcast_to(self.query_tokens, (batch,) + self.query_tokens.shape[1:])
+    q = jnp.broadcast_to(self.query_tokens, (batch,) + self.query_tokens.shape[1:])
+    return q.astype(self.config.compute_dtype)
 
   def query_hidden_states(self, feats):
     """[B, Q, H]: Q-Former over the query tokens alone, cross-attending to the image."""
     ctx = self._image_context(feats)
-    q = self._queries(feats.shape[0]).astype(self.dtype)
-    return self.qformer(q, None, ctx, self.config.num_query_tokens)
+    return self.qformer(self._queries(feats.shape[0]), None, ctx, self.config.num_query_tokens)
 
   def text_hidden_states(self, input_ids, attention_mask):
     """[B, L, H]: Q-Former over the text alone (no image, text FFNs)."""
@@ -185,10 +210,7 @@ class Blip2(nn.Module):
     b = feats.shape[0]
     nq = self.config.num_query_tokens
     ctx = self._image_context(feats)
-    embeds = jnp.concatenate([self._queries(b).astype(self.dtype),
-                              self.embeddings(input_ids)], axis=1)
-    if attention_mask is None:
-      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    embeds = jnp.concatenate([self._queries(b), self.embeddings(input_ids)], axis=1)
     mask = jnp.concatenate([jnp.ones((b, nq), attention_mask.dtype), attention_mask], axis=1)
     return self.qformer(embeds, mask, ctx, nq)
 
@@ -223,12 +245,7 @@ class Blip2(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Pure functions. `cfg` is hashable (frozen dataclasses) so it can be a static jit argument.
-
-def _module(cfg: Blip2Config, vision_dtype=jnp.float32, dtype=jnp.float32,
-            remat: bool = False) -> Blip2:
-  return Blip2(cfg, vision_dtype, dtype, remat)
-
+# Params.
 
 def _dummy_inputs(cfg: Blip2Config):
   v = cfg.vision
@@ -267,7 +284,7 @@ def init_blip2(rng: jax.Array, cfg: Blip2Config) -> dict:
     out, off = [], 0
     for (_, leaf), size, kind in zip(flat, sizes, kinds):
       if kind == "normal":
-        out.append(z[off:off + size].reshape(leaf.shape))
+        out.append(z[off:off + size].reshape(leaf.shape).astype(leaf.dtype))
         off += size
       elif kind == "ones":
         out.append(jnp.ones(leaf.shape, leaf.dtype))
@@ -282,110 +299,100 @@ def init_blip2(rng: jax.Array, cfg: Blip2Config) -> dict:
 
 def abstract_params(cfg: Blip2Config) -> dict:
   """Shapes and dtypes of the param tree, without allocating it."""
-  return jax.eval_shape(lambda r: _module(cfg).init(r, *_dummy_inputs(cfg))["params"],
+  return jax.eval_shape(lambda r: Blip2(cfg).init(r, *_dummy_inputs(cfg))["params"],
                         jax.random.PRNGKey(0))
 
 
-# Every pure function is jitted with the config and dtype knobs static; calling one inside
-# another jitted function simply inlines it.
-_jit_static = functools.partial(
-    jax.jit, static_argnames=("cfg", "vision_dtype", "dtype", "remat"))
+# ---------------------------------------------------------------------------------------------
+# The functional API. `cfg` is hashable (frozen dataclasses), so it is the static argument.
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _apply(params: Mapping, cfg: Blip2Config, method: str, *args) -> jax.Array:
+  return Blip2(cfg).apply({"params": params}, *args, method=method)
 
 
-def _apply(params, cfg, method, *args, vision_dtype=jnp.float32, dtype=jnp.float32,
-           remat=False):
-  return _module(cfg, vision_dtype, dtype, remat).apply({"params": params}, *args,
-                                                        method=method)
+def _check_feats(feats: Any, cfg: Blip2Config) -> None:
+  shape = tuple(getattr(feats, "shape", ()))
+  want = (cfg.vision.num_positions, cfg.vision.hidden_size)
+  if len(shape) != 3 or shape[1:] != want:
+    raise ValueError(f"vision features must be [batch, {want[0]}, {want[1]}] (vision_features "
+                     f"output), got shape {shape}")
 
 
-@_jit_static
-def vision_features(params: Mapping, cfg: Blip2Config, pixels: jax.Array,
-    *, vision_dtype: Any = jnp.float32, dtype: Any = jnp.float32,
-    remat: bool = False) -> jax.Array:
-  """[B, S, E] fp32 ViT output before `ln_vision` (what a trainer caches for a frozen ViT)."""
-  kw = dict(vision_dtype=vision_dtype, dtype=dtype, remat=remat)
-  return _apply(params, cfg, Blip2.vision_features, pixels, **kw)
+def _text(input_ids: Any, attention_mask: Any, cfg: Blip2Config, batch: Optional[int] = None):
+  """Checked int32 (ids, mask); a missing mask attends everywhere."""
+  qf.check_text(input_ids, attention_mask, cfg.qformer)
+  if batch is not None and input_ids.shape[0] != batch:
+    raise ValueError(f"{batch} images but {input_ids.shape[0]} texts")
+  mask = jnp.ones(input_ids.shape, jnp.int32) if attention_mask is None else attention_mask
+  return jnp.asarray(input_ids, jnp.int32), jnp.asarray(mask, jnp.int32)
 
 
-@_jit_static
-def encode_target_from_features(params: Mapping, cfg: Blip2Config, feats: jax.Array,
-    *, vision_dtype: Any = jnp.float32, dtype: Any = jnp.float32,
-    remat: bool = False) -> jax.Array:
+def vision_features(params: Mapping, cfg: Blip2Config, pixels: jax.Array) -> jax.Array:
+  """[B, S, E] fp32 ViT output before `ln_vision` (what a trainer caches for a frozen ViT).
+  `pixels`: [B, S, S, 3] float NHWC, already normalised."""
+  vit_lib.check_pixels(pixels, cfg.vision)
+  return _apply(params, cfg, "vision_features", pixels)
+
+
+def encode_target_from_features(params: Mapping, cfg: Blip2Config,
+                                feats: jax.Array) -> jax.Array:
   """[B, Q, D] L2-normalised target features from cached `vision_features`."""
-  kw = dict(vision_dtype=vision_dtype, dtype=dtype, remat=remat)
-  return _apply(params, cfg, Blip2.target_from_features, feats, **kw)
+  _check_feats(feats, cfg)
+  return _apply(params, cfg, "target_from_features", feats)
 
 
-@_jit_static
-def encode_image(params: Mapping, cfg: Blip2Config, pixels: jax.Array,
-    *, vision_dtype: Any = jnp.float32, dtype: Any = jnp.float32,
-    remat: bool = False) -> jax.Array:
+def encode_image(params: Mapping, cfg: Blip2Config, pixels: jax.Array) -> jax.Array:
   """[B, Q, D] L2-normalised target features: vision_projection of the query outputs."""
-  kw = dict(vision_dtype=vision_dtype, dtype=dtype, remat=remat)
-  return encode_target_from_features(params, cfg, vision_features(params, cfg, pixels, **kw),
-                                     **kw)
+  return encode_target_from_features(params, cfg, vision_features(params, cfg, pixels))
 
 
-@_jit_static
 def encode_text(params: Mapping, cfg: Blip2Config, input_ids: jax.Array,
-                attention_mask: Optional[jax.Array] = None,
-    *, vision_dtype: Any = jnp.float32, dtype: Any = jnp.float32,
-    remat: bool = False) -> jax.Array:
+                attention_mask: Optional[jax.Array] = None) -> jax.Array:
   """[B, D] L2-normalised ITC text feature: text_projection of the CLS output."""
-  kw = dict(vision_dtype=vision_dtype, dtype=dtype, remat=remat)
-  return _apply(params, cfg, Blip2.text_feature, input_ids, attention_mask, **kw)
+  return _apply(params, cfg, "text_feature", *_text(input_ids, attention_mask, cfg))
 
 
-@_jit_static
 def compose_from_features(params: Mapping, cfg: Blip2Config, feats: jax.Array,
-                          input_ids: jax.Array, attention_mask: Optional[jax.Array] = None,
-    *, vision_dtype: Any = jnp.float32, dtype: Any = jnp.float32,
-    remat: bool = False) -> jax.Array:
+                          input_ids: jax.Array,
+                          attention_mask: Optional[jax.Array] = None) -> jax.Array:
   """[B, D] QuRe composed query from cached reference-image `vision_features`."""
-  kw = dict(vision_dtype=vision_dtype, dtype=dtype, remat=remat)
-  return _apply(params, cfg, Blip2.compose_from_features, feats, input_ids, attention_mask,
-                **kw)
+  _check_feats(feats, cfg)
+  return _apply(params, cfg, "compose_from_features", feats,
+                *_text(input_ids, attention_mask, cfg, feats.shape[0]))
 
 
-@_jit_static
 def compose(params: Mapping, cfg: Blip2Config, pixels: jax.Array, input_ids: jax.Array,
-            attention_mask: Optional[jax.Array] = None,
-    *, vision_dtype: Any = jnp.float32, dtype: Any = jnp.float32,
-    remat: bool = False) -> jax.Array:
+            attention_mask: Optional[jax.Array] = None) -> jax.Array:
   """[B, D] QuRe composed query: text_projection of the joint pass's query outputs, mean,
   L2-normalised."""
-  kw = dict(vision_dtype=vision_dtype, dtype=dtype, remat=remat)
-  return compose_from_features(params, cfg, vision_features(params, cfg, pixels, **kw),
-                               input_ids, attention_mask, **kw)
+  vit_lib.check_pixels(pixels, cfg.vision)
+  _text(input_ids, attention_mask, cfg, pixels.shape[0])
+  return compose_from_features(params, cfg, vision_features(params, cfg, pixels), input_ids,
+                               attention_mask)
 
 
-@_jit_static
-def joint_hidden_states(params: Mapping, cfg: Blip2Config, feats: jax.Array,
-                        input_ids: jax.Array, attention_mask: Optional[jax.Array] = None,
-    *, vision_dtype: Any = jnp.float32, dtype: Any = jnp.float32,
-    remat: bool = False) -> jax.Array:
-  """[B, Q+L, H] last hidden state of the joint query+text Q-Former pass (all positions)."""
-  kw = dict(vision_dtype=vision_dtype, dtype=dtype, remat=remat)
-  return _apply(params, cfg, Blip2.joint_hidden_states, feats, input_ids, attention_mask, **kw)
-
-
-@_jit_static
-def query_hidden_states(params: Mapping, cfg: Blip2Config, feats: jax.Array,
-    *, vision_dtype: Any = jnp.float32, dtype: Any = jnp.float32,
-    remat: bool = False) -> jax.Array:
+def query_hidden_states(params: Mapping, cfg: Blip2Config, feats: jax.Array) -> jax.Array:
   """[B, Q, H] last hidden state of the query-only Q-Former pass."""
-  kw = dict(vision_dtype=vision_dtype, dtype=dtype, remat=remat)
-  return _apply(params, cfg, Blip2.query_hidden_states, feats, **kw)
+  _check_feats(feats, cfg)
+  return _apply(params, cfg, "query_hidden_states", feats)
 
 
-@_jit_static
+def joint_hidden_states(params: Mapping, cfg: Blip2Config, feats: jax.Array,
+                        input_ids: jax.Array,
+                        attention_mask: Optional[jax.Array] = None) -> jax.Array:
+  """[B, Q+L, H] last hidden state of the joint query+text Q-Former pass (all positions)."""
+  _check_feats(feats, cfg)
+  return _apply(params, cfg, "joint_hidden_states", feats,
+                *_text(input_ids, attention_mask, cfg, feats.shape[0]))
+
+
 def itm_logits(params: Mapping, cfg: Blip2Config, feats: jax.Array, input_ids: jax.Array,
-               attention_mask: Optional[jax.Array] = None,
-    *, vision_dtype: Any = jnp.float32, dtype: Any = jnp.float32,
-    remat: bool = False) -> jax.Array:
+               attention_mask: Optional[jax.Array] = None) -> jax.Array:
   """[B, 2] image-text matching logits (HF `use_image_text_matching_head=True`)."""
-  kw = dict(vision_dtype=vision_dtype, dtype=dtype, remat=remat)
-  return _apply(params, cfg, Blip2.itm_logits, feats, input_ids, attention_mask, **kw)
+  _check_feats(feats, cfg)
+  return _apply(params, cfg, "itm_logits", feats,
+                *_text(input_ids, attention_mask, cfg, feats.shape[0]))
 
 
 @jax.jit
@@ -414,83 +421,3 @@ def score(query: jax.Array, targets: jax.Array) -> jax.Array:
 def logits(params: Mapping, query: jax.Array, targets: jax.Array) -> jax.Array:
   """QuRe's training logits: `score / temp` (the learned temperature, unclamped as in QuRe)."""
   return score(query, targets) / params["temp"]
-
-
-# ---------------------------------------------------------------------------------------------
-# The convenience object.
-
-def check_pixels(pixels: Any, cfg: Blip2Config) -> None:
-  """ValueError naming the value unless pixels are [B, S, S, 3] float (NHWC)."""
-  vit_lib.check_pixels(pixels, cfg.vision)
-
-
-def check_text(input_ids: Any, attention_mask: Any, cfg: Blip2Config) -> None:
-  """ValueError naming the value for bad token ids / masks (see `qformer.check_text`)."""
-  qf.check_text(input_ids, attention_mask, cfg.qformer)
-
-
-class Blip2Model:
-  """A loaded BLIP-2 CIR model: `params`, `config`, and jitted, input-checked methods.
-
-  Returned by `load_blip2`. Each method validates its inputs (naming the bad value) and
-  runs the corresponding pure function under `jax.jit`.
-  """
-
-  def __init__(self, params: Any, config: Blip2Config, *, source: str = "",
-               vision_dtype=jnp.float32, dtype=jnp.float32):
-    self.params = params
-    self.config = config
-    self.source = source
-    kw = dict(cfg=config, vision_dtype=vision_dtype, dtype=dtype)
-    self._encode_image = functools.partial(encode_image, **kw)
-    self._encode_text = functools.partial(encode_text, **kw)
-    self._compose = functools.partial(compose, **kw)
-    self._vision_features = functools.partial(vision_features, **kw)
-    self._score = score
-
-  def __repr__(self):
-    v, q = self.config.vision, self.config.qformer
-    return (f"Blip2Model({self.source or 'random'}: {v.variant} ViT {v.hidden_size}x"
-            f"{v.num_layers}, Q-Former {q.hidden_size}x{q.num_layers}, "
-            f"{self.config.num_query_tokens} queries, {self.config.embed_dim}-d)")
-
-  @staticmethod
-  def _ids(input_ids, attention_mask):
-    ids = np.asarray(input_ids)
-    mask = None if attention_mask is None else np.asarray(attention_mask)
-    return ids, mask
-
-  def vision_features(self, pixels) -> jax.Array:
-    check_pixels(pixels, self.config)
-    return self._vision_features(self.params, pixels=pixels)
-
-  def encode_image(self, pixels) -> jax.Array:
-    """[B, Q, D] L2-normalised target features; pixels NHWC float32, already normalised."""
-    check_pixels(pixels, self.config)
-    return self._encode_image(self.params, pixels=pixels)
-
-  def encode_text(self, input_ids, attention_mask=None) -> jax.Array:
-    """[B, D] L2-normalised ITC text feature (CLS position)."""
-    ids, mask = self._ids(input_ids, attention_mask)
-    check_text(ids, mask, self.config)
-    mask = np.ones(ids.shape, np.int32) if mask is None else mask.astype(np.int32)
-    return self._encode_text(self.params, input_ids=ids.astype(np.int32), attention_mask=mask)
-
-  def compose(self, pixels, input_ids, attention_mask=None) -> jax.Array:
-    """[B, D] L2-normalised composed query (QuRe)."""
-    check_pixels(pixels, self.config)
-    ids, mask = self._ids(input_ids, attention_mask)
-    check_text(ids, mask, self.config)
-    if ids.shape[0] != pixels.shape[0]:
-      raise ValueError(f"compose: {pixels.shape[0]} images but {ids.shape[0]} texts")
-    mask = np.ones(ids.shape, np.int32) if mask is None else mask.astype(np.int32)
-    return self._compose(self.params, pixels=pixels, input_ids=ids.astype(np.int32),
-                         attention_mask=mask)
-
-  def score(self, query, target_feats) -> jax.Array:
-    """[Bq, Bt] max over the Q target tokens of dot products (no temperature)."""
-    return self._score(query, target_feats)
-
-  def logits(self, query, target_feats) -> jax.Array:
-    """score / the learned temperature (QuRe's training logits)."""
-    return logits(self.params, query, target_feats)

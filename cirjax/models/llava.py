@@ -16,7 +16,7 @@ Public API:
   * pure functions `forward`, `hidden_states`, `embed`, `image_features`,
     `vision_features`, all `(params, config, ...)` (jit-able with `config` static:
     `jax.jit(embed, static_argnames="config")`) and the host-side `check_inputs` they run
-    first on concrete inputs;
+    first on concrete inputs; the compute dtype, param dtype and remat are the config's;
   * `LlavaEmbedder` with jitted `.embed`, `.hidden_states`, `.params`, `.config`,
     `.tokenizer`, returned by `cirjax.load_llava(path)` (`cirjax.convert.registry`).
 """
@@ -35,10 +35,9 @@ from flax import linen as nn
 
 from cirjax import prompts as prompts_lib
 from cirjax.models.phi3 import Linear, Phi3Config, Phi3Decoder, check_positions
-from cirjax.models.vit import ViTConfig, VisionTransformer, check_pixels
+from cirjax.models.vit import ViTConfig, VisionTransformer, check_dtype, check_pixels
 
 Array = jax.Array
-_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +56,7 @@ class LlavaConfig:
     dtype: compute dtype ('float32' | 'bfloat16' | 'float16'); norms and softmax stay fp32.
     param_dtype: dtype the language model and projector params are stored in (the CLIP
       tower keeps fp32 params).
+    remat: rematerialise the CLIP and decoder layers in the backward pass.
   """
   vision: ViTConfig
   text: Phi3Config
@@ -67,6 +67,7 @@ class LlavaConfig:
   projector_bias: bool = True
   dtype: str = "float32"
   param_dtype: str = "float32"
+  remat: bool = False
 
   def __post_init__(self):
     if self.vision_feature_select_strategy not in ("default", "full"):
@@ -75,9 +76,7 @@ class LlavaConfig:
     if self.projector_hidden_act not in ("gelu", "gelu_pytorch_tanh", "quick_gelu", "silu"):
       raise ValueError(f"unsupported projector_hidden_act {self.projector_hidden_act!r}")
     for name in ("dtype", "param_dtype"):
-      if getattr(self, name) not in _DTYPES:
-        raise ValueError(f"LlavaConfig.{name} must be one of {_DTYPES}, got "
-                         f"{getattr(self, name)!r}")
+      check_dtype("LlavaConfig", name, getattr(self, name))
     n = self.vision.num_layers
     for layer in self.feature_layers:
       if not -(n + 1) <= layer <= n:
@@ -100,6 +99,10 @@ class LlavaConfig:
 
   def replace(self, **kw) -> "LlavaConfig":
     return dataclasses.replace(self, **kw)
+
+  def summary(self) -> str:
+    return (f"{self.text.model_type}/{self.text.layout} {self.text.num_layers} layers, "
+            f"{self.vision.image_size}px CLIP, {self.dtype}")
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
@@ -173,20 +176,20 @@ class LlavaModel(nn.Module):
   config: LlavaConfig
   lora_scale: float = 1.0
   lora_dropout: float = 0.0
-  remat: bool = False
 
   def setup(self):
     c = self.config
     dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-    self.vision_tower = VisionTransformer(c.vision, dtype=dt, remat=self.remat)
+    self.vision_tower = VisionTransformer(c.vision, dtype=dt, remat=c.remat)
     self.multi_modal_projector = Projector(
         c.text.hidden_size, c.projector_hidden_act, c.projector_bias, dtype=dt,
         param_dtype=pdt, lora_scale=self.lora_scale, lora_dropout=self.lora_dropout)
     self.language_model = Phi3Decoder(c.text, dtype=dt, param_dtype=pdt,
                                       lora_scale=self.lora_scale,
-                                      lora_dropout=self.lora_dropout, remat=self.remat)
+                                      lora_dropout=self.lora_dropout, remat=c.remat)
 
-  def image_features(self, pixels: Array, deterministic: bool = True) -> Array:
+  def vision_features(self, pixels: Array) -> Array:
+    """The selected CLIP hidden state(s) before the projector, [n_images, P, D]."""
     c = self.config
     n = c.vision.num_layers
     idx = [l % (n + 1) for l in c.feature_layers]
@@ -195,8 +198,10 @@ class LlavaModel(nn.Module):
     feats = [out.hidden_states[i] for i in idx]
     if c.vision_feature_select_strategy == "default":
       feats = [f[:, 1:] for f in feats]
-    x = feats[0] if len(feats) == 1 else jnp.concatenate(feats, axis=-1)
-    return self.multi_modal_projector(x, deterministic)
+    return feats[0] if len(feats) == 1 else jnp.concatenate(feats, axis=-1)
+
+  def image_features(self, pixels: Array, deterministic: bool = True) -> Array:
+    return self.multi_modal_projector(self.vision_features(pixels), deterministic)
 
   def __call__(self, input_ids: Array, attention_mask: Array, pixels: Array | None = None,
                position_ids: Array | None = None, deterministic: bool = True,
@@ -296,17 +301,16 @@ def _variables(params, lora):
   return variables
 
 
-def _module(config: LlavaConfig, lora, remat: bool = False) -> LlavaModel:
+def _module(config: LlavaConfig, lora) -> LlavaModel:
   if lora is None:
-    return LlavaModel(config, remat=remat)
-  return LlavaModel(config, lora_scale=lora.config.scale, lora_dropout=lora.config.dropout,
-                    remat=remat)
+    return LlavaModel(config)
+  return LlavaModel(config, lora_scale=lora.config.scale, lora_dropout=lora.config.dropout)
 
 
 def forward(params: Any, config: LlavaConfig, input_ids: Array, attention_mask: Array,
             pixels: Array | None = None, *, lora: Any = None, rng: jax.Array | None = None,
             deterministic: bool = True, output_hidden_states: bool = False,
-            position_ids: Array | None = None, remat: bool = False) -> LlavaOutput:
+            position_ids: Array | None = None) -> LlavaOutput:
   """Full forward. `lora`: a `cirjax.lora.Adapter` or None. `rng` feeds LoRA dropout when
   `deterministic=False`."""
   if _is_concrete(input_ids, attention_mask, pixels):
@@ -316,7 +320,7 @@ def forward(params: Any, config: LlavaConfig, input_ids: Array, attention_mask: 
     raise ValueError("deterministic=False with a LoRA adapter that has dropout "
                      f"{lora.config.dropout} needs rng= (a jax.random key for the dropout masks)")
   rngs = {"dropout": rng} if (rng is not None and not deterministic) else {}
-  return _module(config, lora, remat).apply(
+  return _module(config, lora).apply(
       _variables(params, lora), input_ids, attention_mask, pixels, position_ids,
       deterministic, output_hidden_states, rngs=rngs)
 
@@ -338,12 +342,12 @@ def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
 
 def embed(params: Any, config: LlavaConfig, input_ids: Array, attention_mask: Array,
           pixels: Array | None = None, *, lora: Any = None, rng: jax.Array | None = None,
-          deterministic: bool = True, remat: bool = False) -> Array:
+          deterministic: bool = True) -> Array:
   """[B, H] fp32 L2-normalised final hidden state at the last position (left padding)."""
   if _is_concrete(input_ids, attention_mask, pixels):
     check_inputs(input_ids, attention_mask, pixels, config, require_left_padding=True)
   out = forward(params, config, input_ids, attention_mask, pixels, lora=lora, rng=rng,
-                deterministic=deterministic, remat=remat)
+                deterministic=deterministic)
   return l2_normalize(out.last_hidden_state[:, -1])
 
 
@@ -355,16 +359,8 @@ def image_features(params: Any, config: LlavaConfig, pixels: Array) -> Array:
 
 def vision_features(params: Any, config: LlavaConfig, pixels: Array) -> Array:
   """The selected CLIP hidden state(s) before the projector, [n_images, P, D]."""
-  c = config
-  n = c.vision.num_layers
-  idx = [l % (n + 1) for l in c.feature_layers]
-  out = VisionTransformer(c.vision, dtype=jnp.dtype(c.dtype)).apply(
-      {"params": params["vision_tower"]}, pixels, output_hidden_states=True,
-      num_layers=max(idx))
-  feats = [out.hidden_states[i] for i in idx]
-  if c.vision_feature_select_strategy == "default":
-    feats = [f[:, 1:] for f in feats]
-  return feats[0] if len(feats) == 1 else jnp.concatenate(feats, axis=-1)
+  return LlavaModel(config).apply({"params": params}, pixels,
+                                  method=LlavaModel.vision_features)
 
 
 def cast_params(params: Any, config: LlavaConfig) -> Any:
@@ -389,7 +385,7 @@ class LlavaEmbedder:
     self.config = config
     self.tokenizer = tokenizer
     self.source = source
-    self._embed = jax.jit(embed, static_argnames=("config", "deterministic", "remat"))
+    self._embed = jax.jit(embed, static_argnames=("config", "deterministic"))
     self._hidden = jax.jit(hidden_states, static_argnames=("config",))
 
   def embed(self, input_ids, attention_mask, pixels=None, *, lora=None) -> Array:
@@ -418,11 +414,6 @@ class LlavaEmbedder:
                                      num_image_tokens=self.config.num_image_tokens,
                                      pad_to_multiple_of=pad_to_multiple_of)
     return self.embed(batch["input_ids"], batch["attention_mask"], pixels, lora=lora)
-
-  def image_features(self, pixels) -> Array:
-    check_pixels(pixels, self.config.vision)
-    return jax.jit(image_features, static_argnames=("config",))(
-        self.params, self.config, jnp.asarray(pixels))
 
   def __repr__(self):
     return (f"LlavaEmbedder(source={self.source!r}, text={self.config.text.model_type}/"

@@ -8,6 +8,9 @@ feed-forward blocks (`intermediate_query`/`output_query` vs `intermediate`/`outp
 
 The input LayerNorm (HF `qformer.layernorm`, LAVIS `Qformer.bert.embeddings.LayerNorm`) is
 part of `QFormer`; `TextEmbeddings` is word + absolute position only, as in HF.
+
+`dtype` (compute) and `param_dtype` (dense and embedding params) are module attributes set
+from the model config (`Blip2Config`); LayerNorms and the softmax always run in fp32.
 """
 
 from __future__ import annotations
@@ -73,8 +76,8 @@ class QFormerConfig:
     return cls(**dict(d))
 
 
-def _dense(features, name, dtype):
-  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32,
+def _dense(features, name, dtype, param_dtype):
+  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype,
                   kernel_init=nn.initializers.normal(0.02), name=name)
 
 
@@ -89,17 +92,17 @@ class QFormerAttention(nn.Module):
   """(Cross-)attention + output dense + post-LN residual (BERT `attention` block)."""
   config: QFormerConfig
   dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, context=None, mask=None):
     cfg = self.config
     kv = x if context is None else context.astype(self.dtype)
-    q = _dense(cfg.hidden_size, "query", self.dtype)(x)
-    k = _dense(cfg.hidden_size, "key", self.dtype)(kv)
-    v = _dense(cfg.hidden_size, "value", self.dtype)(kv)
+    dense = lambda name: _dense(cfg.hidden_size, name, self.dtype, self.param_dtype)
+    q, k, v = dense("query")(x), dense("key")(kv), dense("value")(kv)
     # The Q-Former is fp16-unstable: softmax always in fp32 (identical in fp32).
     out = attention(q, k, v, num_heads=cfg.num_heads, mask=mask, softmax_fp32=True)
-    out = _dense(cfg.hidden_size, "dense", self.dtype)(out)
+    out = dense("dense")(out)
     return LayerNorm(cfg.layer_norm_eps, self.dtype, name="LayerNorm")(out + x)
 
 
@@ -107,13 +110,14 @@ class FeedForward(nn.Module):
   """BERT intermediate + output: LN(x + W2 act(W1 x))."""
   config: QFormerConfig
   dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     cfg = self.config
-    h = _dense(cfg.intermediate_size, "intermediate", self.dtype)(x)
+    h = _dense(cfg.intermediate_size, "intermediate", self.dtype, self.param_dtype)(x)
     h = activation(cfg.hidden_act, h)
-    h = _dense(cfg.hidden_size, "output", self.dtype)(h)
+    h = _dense(cfg.hidden_size, "output", self.dtype, self.param_dtype)(h)
     return LayerNorm(cfg.layer_norm_eps, self.dtype, name="LayerNorm")(h + x)
 
 
@@ -121,15 +125,17 @@ class QFormerLayer(nn.Module):
   config: QFormerConfig
   layer_idx: int
   dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, mask, encoder_hidden_states, query_length: int):
     cfg = self.config
-    x = QFormerAttention(cfg, self.dtype, name="attention")(x, mask=mask)
-    cross = (QFormerAttention(cfg, self.dtype, name="crossattention")
+    dt = (self.dtype, self.param_dtype)
+    x = QFormerAttention(cfg, *dt, name="attention")(x, mask=mask)
+    cross = (QFormerAttention(cfg, *dt, name="crossattention")
              if cfg.has_cross_attention(self.layer_idx) else None)
-    ffn_query = FeedForward(cfg, self.dtype, name="ffn_query")
-    ffn_text = FeedForward(cfg, self.dtype, name="ffn") if cfg.use_text_input else None
+    ffn_query = FeedForward(cfg, *dt, name="ffn_query")
+    ffn_text = FeedForward(cfg, *dt, name="ffn") if cfg.use_text_input else None
     if self.is_initializing():
       # Create every parameter the checkpoint has, whichever path init takes.
       if cross is not None and encoder_hidden_states is not None:
@@ -170,6 +176,7 @@ class QFormer(nn.Module):
   config: QFormerConfig
   dtype: Any = jnp.float32
   remat: bool = False
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, embeds, attention_mask=None, encoder_hidden_states=None,
@@ -178,9 +185,11 @@ class QFormer(nn.Module):
     x = LayerNorm(cfg.layer_norm_eps, self.dtype, name="layernorm")(embeds)
     mask = additive_mask(attention_mask)
     layer_cls = nn.remat(QFormerLayer, static_argnums=(4,)) if self.remat else QFormerLayer
+    # One named module per layer (`layer_{i}`, the converters' tree); a scan-over-layers
+    # switch belongs here, stacking and unstacking these same per-layer trees.
     for i in range(cfg.num_layers):
-      x = layer_cls(cfg, i, self.dtype, name=f"layer_{i}")(x, mask, encoder_hidden_states,
-                                                            query_length)
+      x = layer_cls(cfg, i, self.dtype, self.param_dtype, name=f"layer_{i}")(
+          x, mask, encoder_hidden_states, query_length)
     return x
 
 
@@ -188,14 +197,15 @@ class TextEmbeddings(nn.Module):
   """Word + absolute position embeddings (no LayerNorm: that is `QFormer.layernorm`)."""
   config: QFormerConfig
   dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, input_ids):
     cfg = self.config
     words = self.param("word_embeddings", nn.initializers.normal(0.02),
-                       (cfg.vocab_size, cfg.hidden_size), jnp.float32)
+                       (cfg.vocab_size, cfg.hidden_size), self.param_dtype)
     pos = self.param("position_embeddings", nn.initializers.normal(0.02),
-                     (cfg.max_position_embeddings, cfg.hidden_size), jnp.float32)
+                     (cfg.max_position_embeddings, cfg.hidden_size), self.param_dtype)
     t = input_ids.shape[1]
     return (jnp.take(words, input_ids, axis=0) + pos[None, :t]).astype(self.dtype)
 

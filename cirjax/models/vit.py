@@ -1,15 +1,21 @@
 """One vision transformer for both towers BLIP-2 and LLaVA checkpoints use.
 
-`variant='eva'` reproduces HF `Blip2VisionModel` (the EVA ViT-g of BLIP-2): patch conv with
-bias, class token, learned positions, no pre-LN, pre-LN blocks with a fused `qkv` projection,
-exact GELU, and `post_layernorm` over the whole sequence.
+The module reads explicit layout fields of `ViTConfig`; a named `variant` decodes into them
+(`decode_variant`, as big_vision's `decode_variant` turns a name into widths):
 
-`variant='clip'` reproduces HF `CLIPVisionModel` (CLIP ViT-L, also LAVIS `clip_L` and LLaVA's
-tower): patch conv without bias, `pre_layrnorm`, separate q/k/v/out projections with bias,
-fp32 softmax, quick_gelu MLP, and `post_layernorm` which HF applies to the pooled CLS token only.
+* 'eva' reproduces HF `Blip2VisionModel` (the EVA ViT-g of BLIP-2): patch conv with bias
+  (`patch_bias`), no pre-LN, pre-LN blocks with a fused `qkv` projection (`fused_qkv`), the
+  softmax in the compute dtype, exact GELU, and `post_layernorm` over the whole sequence
+  (`post_norm_sequence`).
+* 'clip' reproduces HF `CLIPVisionModel` (CLIP ViT-L, also LAVIS `clip_L` and LLaVA's
+  tower): patch conv without bias, `pre_layrnorm` (`pre_norm`), separate q/k/v/out
+  projections, fp32 softmax (`softmax_fp32`), quick_gelu MLP, and `post_layernorm` which HF
+  applies to the pooled CLS token only.
 
-Pixels are NHWC (`[B, H, W, 3]`), float, already normalised. The parameter tree is
-independent of the `remat` switch, so checkpoints load either way.
+The compute dtype and `remat` are the caller's model config's (`Blip2Config`,
+`LlavaConfig`), passed as module attributes; params are fp32. Pixels are NHWC
+(`[B, H, W, 3]`), float, already normalised. The parameter tree is independent of `remat`
+(and of how the blocks are stacked), so checkpoints load either way.
 """
 
 from __future__ import annotations
@@ -21,8 +27,31 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-VARIANTS = ("eva", "clip")
 ACTIVATIONS = ("gelu", "quick_gelu")
+# Compute / storage dtypes a model config may name (strings: hashable, JSON round-trips).
+DTYPES = ("float32", "bfloat16", "float16")
+
+# The layout fields each named tower decodes into (see `decode_variant`).
+_VARIANT_FIELDS = {
+    "eva": dict(fused_qkv=True, patch_bias=True, pre_norm=False, softmax_fp32=False,
+                post_norm_sequence=True),
+    "clip": dict(fused_qkv=False, patch_bias=False, pre_norm=True, softmax_fp32=True,
+                 post_norm_sequence=False),
+}
+VARIANTS = tuple(_VARIANT_FIELDS)
+
+
+def decode_variant(variant: str) -> dict[str, bool]:
+  """The explicit layout fields of a named tower ('eva' or 'clip'), e.g. `fused_qkv`."""
+  if variant not in _VARIANT_FIELDS:
+    raise ValueError(f"ViTConfig.variant must be one of {VARIANTS}, got {variant!r}")
+  return dict(_VARIANT_FIELDS[variant])
+
+
+def check_dtype(owner: str, name: str, value: Any) -> None:
+  """ValueError unless a config's dtype field names one of `DTYPES`."""
+  if value not in DTYPES:
+    raise ValueError(f"{owner}.{name} must be one of {DTYPES}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,10 +68,18 @@ class ViTConfig:
     num_heads: attention heads (16 for both).
     layer_norm_eps: eps of every LayerNorm inside the tower (EVA 1e-6, CLIP 1e-5).
     hidden_act: 'gelu' (exact erf form) or 'quick_gelu' (x * sigmoid(1.702 x)).
-    variant: 'eva' (HF Blip2VisionModel) or 'clip' (HF CLIPVisionModel).
+    variant: 'eva' (HF Blip2VisionModel) or 'clip' (HF CLIPVisionModel): the checkpoint
+      layout the converters read, and the defaults of the layout fields below.
     post_layernorm: whether the tower has a final LayerNorm (`post_layernorm`). LAVIS towers
       have none of their own: BLIP-2's `ln_vision` lives outside the ViT.
     post_layernorm_eps: eps of that final LayerNorm; None means `layer_norm_eps`.
+    fused_qkv: one `qkv` projection (EVA) instead of q/k/v/out_proj (CLIP).
+    patch_bias: the patch embedding has a bias.
+    pre_norm: a LayerNorm (`pre_layrnorm`) over the embeddings before the blocks.
+    softmax_fp32: attention softmax in fp32 (CLIP) or in the compute dtype (HF BLIP-2).
+    post_norm_sequence: `post_layernorm` normalises the whole sequence, and the pooled CLS
+      again (EVA), or only the pooled CLS token (CLIP).
+    The layout fields default (None) to `decode_variant(variant)`.
   """
   image_size: int = 224
   patch_size: int = 14
@@ -56,10 +93,16 @@ class ViTConfig:
   variant: str = "eva"
   post_layernorm: bool = True
   post_layernorm_eps: Optional[float] = None
+  fused_qkv: Optional[bool] = None
+  patch_bias: Optional[bool] = None
+  pre_norm: Optional[bool] = None
+  softmax_fp32: Optional[bool] = None
+  post_norm_sequence: Optional[bool] = None
 
   def __post_init__(self):
-    if self.variant not in VARIANTS:
-      raise ValueError(f"ViTConfig.variant must be one of {VARIANTS}, got {self.variant!r}")
+    for name, value in decode_variant(self.variant).items():
+      if getattr(self, name) is None:
+        object.__setattr__(self, name, value)  # frozen: fill the defaults once
     if self.hidden_act not in ACTIVATIONS:
       raise ValueError(f"ViTConfig.hidden_act must be one of {ACTIVATIONS}, got {self.hidden_act!r}")
     if self.image_size % self.patch_size:
@@ -87,6 +130,7 @@ class ViTConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "ViTConfig":
+    """Also reads dicts saved before the layout fields existed (`variant` alone)."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
@@ -169,18 +213,15 @@ class ViTAttention(nn.Module):
   def __call__(self, x):
     cfg = self.config
     d = cfg.hidden_size
-    if cfg.variant == "eva":
+    if cfg.fused_qkv:
       # One fused projection; its bias is a full [3D] vector (HF trains the k part too).
-      qkv = _dense(3 * d, "qkv", self.dtype)(x)
-      q, k, v = jnp.split(qkv, 3, axis=-1)
-      # HF BLIP-2 keeps the softmax in the compute dtype (no fp32 upcast).
-      out = attention(q, k, v, num_heads=cfg.num_heads, softmax_fp32=False)
-      return _dense(d, "projection", self.dtype)(out)
-    q = _dense(d, "q_proj", self.dtype)(x)
-    k = _dense(d, "k_proj", self.dtype)(x)
-    v = _dense(d, "v_proj", self.dtype)(x)
-    out = attention(q, k, v, num_heads=cfg.num_heads, softmax_fp32=True)
-    return _dense(d, "out_proj", self.dtype)(out)
+      q, k, v = jnp.split(_dense(3 * d, "qkv", self.dtype)(x), 3, axis=-1)
+      out_name = "projection"
+    else:
+      q, k, v = (_dense(d, n, self.dtype)(x) for n in ("q_proj", "k_proj", "v_proj"))
+      out_name = "out_proj"
+    out = attention(q, k, v, num_heads=cfg.num_heads, softmax_fp32=cfg.softmax_fp32)
+    return _dense(d, out_name, self.dtype)(out)
 
 
 class ViTLayer(nn.Module):
@@ -259,16 +300,18 @@ class VisionTransformer(nn.Module):
                         (p, p, cfg.num_channels, d), jnp.float32)
     x = pixels.astype(self.dtype).reshape(b, g, p, g, p, cfg.num_channels)
     x = jnp.einsum("bhpwqc,pqcd->bhwd", x, kernel.astype(self.dtype)).reshape(b, g * g, d)
-    if cfg.variant == "eva":
+    if cfg.patch_bias:
       x = x + self.param("patch_bias", nn.initializers.zeros, (d,), jnp.float32).astype(self.dtype)
     cls = self.param("class_embedding", nn.initializers.normal(0.02), (d,), jnp.float32)
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, d)), x], axis=1)
     pos = self.param("position_embedding", nn.initializers.normal(0.02),
                      (cfg.num_positions, d), jnp.float32)
     x = x + pos.astype(self.dtype)[None]
-    if cfg.variant == "clip":
+    if cfg.pre_norm:
       x = LayerNorm(cfg.layer_norm_eps, self.dtype, name="pre_layrnorm")(x)
 
+    # One named module per block (`layers_{i}`, the converters' tree). A scan-over-layers
+    # switch belongs here, stacking and unstacking these same per-block trees.
     layer_cls = nn.remat(ViTLayer) if self.remat else ViTLayer
     hidden = [x] if output_hidden_states else None
     for i in range(n):
@@ -278,7 +321,7 @@ class VisionTransformer(nn.Module):
 
     if cfg.post_layernorm:
       post = LayerNorm(cfg.final_eps, self.dtype, name="post_layernorm")
-      if cfg.variant == "eva":
+      if cfg.post_norm_sequence:
         last = post(x)
         pooled = post(last[:, 0])
       else:
@@ -324,19 +367,20 @@ def vit_hf_table(config: ViTConfig) -> list[tuple[tuple, str, str]]:
   """Rows (cirjax param path, HF key relative to the tower prefix, transform name)."""
   if config.variant == "eva":  # Blip2VisionEmbeddings keeps leading singleton dims
     rows = [(("class_embedding",), "embeddings.class_embedding", "lead2"),
-            (("position_embedding",), "embeddings.position_embedding", "lead1"),
-            (("patch_embedding",), "embeddings.patch_embedding.weight", "conv"),
-            (("patch_bias",), "embeddings.patch_embedding.bias", "id")]
+            (("position_embedding",), "embeddings.position_embedding", "lead1")]
   else:
     rows = [(("class_embedding",), "embeddings.class_embedding", "id"),
-            (("position_embedding",), "embeddings.position_embedding.weight", "id"),
-            (("patch_embedding",), "embeddings.patch_embedding.weight", "conv")]
+            (("position_embedding",), "embeddings.position_embedding.weight", "id")]
+  rows.append((("patch_embedding",), "embeddings.patch_embedding.weight", "conv"))
+  if config.patch_bias:
+    rows.append((("patch_bias",), "embeddings.patch_embedding.bias", "id"))
+  if config.pre_norm:
     rows += _ln_rows(("pre_layrnorm",), "pre_layrnorm")
   for i in range(config.num_layers):
     dst, src = (f"layers_{i}",), f"encoder.layers.{i}"
     rows += _ln_rows(dst + ("layer_norm1",), src + ".layer_norm1")
     rows += _ln_rows(dst + ("layer_norm2",), src + ".layer_norm2")
-    if config.variant == "eva":
+    if config.fused_qkv:
       rows += _dense_rows(dst + ("self_attn", "qkv"), src + ".self_attn.qkv")
       rows += _dense_rows(dst + ("self_attn", "projection"), src + ".self_attn.projection")
     else:

@@ -446,8 +446,9 @@ class InstructCIRTask(Task):
 
   def _embed(self, params, ids, mask, pixels=None, rng=None):
     train = rng is not None and self.lora_cfg.dropout > 0
-    return llava.embed(params["base"], self.cfg, ids, mask, pixels, lora=self.adapter(params),
-                       rng=rng if train else None, deterministic=not train, remat=self.remat)
+    return llava.embed(params["base"], self.cfg.replace(remat=self.remat), ids, mask, pixels,
+                       lora=self.adapter(params), rng=rng if train else None,
+                       deterministic=not train)
 
   def embeddings(self, params, batch, rng=None):
     """(query, target, hard negative or None) embeddings of a batch, [B, H] fp32."""
@@ -601,7 +602,8 @@ class InstructCIRTask(Task):
     q = self.encode(params, qp, [e.image for e in exs],
                     "images" if self.stage == 1 else "composed queries")
     s = q @ self.encode(params, cp, None, "captions").T
-    out = {f"{kind}/{k}": v for k, v in metrics.recall_at_k_of_scores(s, target, _RECALL_KS).items()}
+    recalls = metrics.recall_at_k_of_scores(s, target, _RECALL_KS)
+    out = {f"{kind}/{k}": v for k, v in recalls.items()}
     self._chance = {f"{kind}/R@{k}": 100.0 * min(k, len(corpus)) / len(corpus) for k in _RECALL_KS}
     if self.stage == 2:
       rows, orig = np.arange(len(exs)), np.array([pos[e.original] for e in exs])

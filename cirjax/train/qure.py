@@ -297,13 +297,13 @@ class QuReTask(Task):
     if self.cache and not frozen_vit:
       raise ValueError("config.qure.cache_features=True needs a frozen vision tower "
                        "(config.freeze must include 'vision/.*'); set it False to train the ViT")
-    kw = self._kw()
+    run_cfg = self._run_cfg()
     self._fns = {
-        "vision": functools.partial(_vision_features, cfg=self.cfg, kw=kw),
+        "vision": functools.partial(_vision_features, cfg=run_cfg),
         "targets": functools.partial(_targets_from_feats if self.cache else _targets_from_pixels,
-                                     cfg=self.cfg, kw=kw),
+                                     cfg=run_cfg),
         "compose": functools.partial(_compose_from_feats if self.cache else _compose_from_pixels,
-                                     cfg=self.cfg, kw=kw),
+                                     cfg=run_cfg),
     }
     nd = self.mesh.devices.size
     self.encode_batch = max(nd, int(config.qure.get("encode_batch_size", 256)) // nd * nd)
@@ -317,23 +317,24 @@ class QuReTask(Task):
   def initial_params(self, abstract_params):
     return self._pretrained_params
 
-  def _kw(self):
-    return dict(vision_dtype=self.compute_dtype, dtype=self.compute_dtype,
-                remat=bool(self.config.get("remat", False)))
+  def _run_cfg(self):
+    """The model config the steps and encoders run: the compute dtype and remat of the run."""
+    return self.cfg.replace(dtype=self.compute_dtype.name, vision_dtype=None,
+                            remat=bool(self.config.get("remat", False)))
 
   def loss_fn(self, params, batch, rng):
-    kw = self._kw()
+    run_cfg = self._run_cfg()
     if self.cache:
       ref, pos, neg = batch["ref_feats"], batch["pos_feats"], batch["neg_feats"]
     else:
       b = batch["ref_pixels"].shape[0]
       pix = jnp.concatenate([batch["ref_pixels"], batch["pos_pixels"], batch["neg_pixels"]])
-      feats = blip2.vision_features(params, self.cfg, pix, **kw)
+      feats = blip2.vision_features(params, run_cfg, pix)
       ref, pos, neg = feats[:b], feats[b:2 * b], feats[2 * b:]
     b = ref.shape[0]
-    q = blip2.compose_from_features(params, self.cfg, ref, batch["input_ids"],
-                                    batch["attention_mask"], **kw)
-    t = blip2.encode_target_from_features(params, self.cfg, jnp.concatenate([pos, neg]), **kw)
+    q = blip2.compose_from_features(params, run_cfg, ref, batch["input_ids"],
+                                    batch["attention_mask"])
+    t = blip2.encode_target_from_features(params, run_cfg, jnp.concatenate([pos, neg]))
     temp = params["temp"].astype(jnp.float32)
     s_neg = losses.qure_scores(q, t[b:], temp)
     if self.loss_kind == "pairwise":
@@ -551,21 +552,21 @@ def _max_token_scores(q, t):
 
 
 # Pure encoders (module level so jit caches by identity).
-def _vision_features(params, pixels, *, cfg, kw):
-  return blip2.vision_features(params, cfg, pixels, **kw)
+def _vision_features(params, pixels, *, cfg):
+  return blip2.vision_features(params, cfg, pixels)
 
 
-def _targets_from_feats(params, feats, *, cfg, kw):
-  return blip2.encode_target_from_features(params, cfg, feats, **kw)
+def _targets_from_feats(params, feats, *, cfg):
+  return blip2.encode_target_from_features(params, cfg, feats)
 
 
-def _targets_from_pixels(params, pixels, *, cfg, kw):
-  return blip2.encode_image(params, cfg, pixels, **kw)
+def _targets_from_pixels(params, pixels, *, cfg):
+  return blip2.encode_image(params, cfg, pixels)
 
 
-def _compose_from_feats(params, feats, ids, mask, *, cfg, kw):
-  return blip2.compose_from_features(params, cfg, feats, ids, mask, **kw)
+def _compose_from_feats(params, feats, ids, mask, *, cfg):
+  return blip2.compose_from_features(params, cfg, feats, ids, mask)
 
 
-def _compose_from_pixels(params, pixels, ids, mask, *, cfg, kw):
-  return blip2.compose(params, cfg, pixels, ids, mask, **kw)
+def _compose_from_pixels(params, pixels, ids, mask, *, cfg):
+  return blip2.compose(params, cfg, pixels, ids, mask)
