@@ -388,7 +388,7 @@ class InstructCIRTask(Task):
     self.q_len, self.t_len = prompt_lengths(
         self.tokenizer, self.stage, self.train + self.eval_examples, self.n_img,
         int(dc.get("max_length", 512)), self.cfg.text.max_position_embeddings)
-    kw = dict(cfg=self.cfg, lora_cfg=self.lora_cfg, remat=self.remat)
+    kw = dict(cfg=self.cfg.replace(remat=self.remat), lora_cfg=self.lora_cfg)
     self._embed_fns = {True: functools.partial(_embed_with_images, **kw),
                        False: functools.partial(_embed_texts, **kw)}
     nd = mesh.devices.size
@@ -677,11 +677,11 @@ def _open_image(path: str):
 
 
 # Pure encoders (module level so their compilations are reused).
-def _embed_texts(params, ids, mask, *, cfg, lora_cfg, remat):
+def _embed_texts(params, ids, mask, *, cfg, lora_cfg):
   return llava.embed(params["base"], cfg, ids, mask, None, lora=lora_lib.Adapter(
-      params["lora"], lora_cfg), rng=None, deterministic=True, remat=remat)
+      params["lora"], lora_cfg), rng=None, deterministic=True)
 
 
-def _embed_with_images(params, pixels, ids, mask, *, cfg, lora_cfg, remat):
+def _embed_with_images(params, pixels, ids, mask, *, cfg, lora_cfg):
   return llava.embed(params["base"], cfg, ids, mask, pixels, lora=lora_lib.Adapter(
-      params["lora"], lora_cfg), rng=None, deterministic=True, remat=remat)
+      params["lora"], lora_cfg), rng=None, deterministic=True)
