@@ -115,7 +115,8 @@ def _jax_step(cfg, params, cached: bool):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   from cirjax.models import blip2  # pylint: disable=g-import-not-at-top
-  from cirjax.train import qure, state as st  # pylint: disable=g-import-not-at-top
+  from cirjax import losses  # pylint: disable=g-import-not-at-top
+  from cirjax.train import state as st  # pylint: disable=g-import-not-at-top
   from cirjax.train.step import make_train_step  # pylint: disable=g-import-not-at-top
 
   def loss_fn(p, batch, rng):
@@ -131,9 +132,8 @@ def _jax_step(cfg, params, cached: bool):
     q = blip2.compose_from_features(p, cfg, ref, batch["ids"], batch["mask"])
     t = blip2.encode_target_from_features(p, cfg, jnp.concatenate([pos, neg]))
     temp = p["temp"]
-    s_pos = jnp.einsum("bd,bkd->bk", q, t[:b]).max(-1) / temp
-    s_neg = jnp.einsum("bd,bkd->bk", q, t[b:]).max(-1) / temp
-    return qure.pairwise_loss(s_pos, s_neg), {}
+    s_pos, s_neg = losses.qure_scores(q, t[:b], temp), losses.qure_scores(q, t[b:], temp)
+    return losses.pairwise_sigmoid_loss(s_pos, s_neg), {}
 
   mask = st.trainable_mask(params, freeze=("vision/.*", "itm_head/.*"))
   tcfg = ml_collections.ConfigDict(dict(lr=1e-5, schedule="constant", weight_decay=0.05))

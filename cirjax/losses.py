@@ -16,6 +16,10 @@ label is i; cross-entropy averaged over the global batch; one-directional by def
 Written over global arrays: under `jax.jit` with the batch sharded over a mesh the compiler
 gathers what each device needs, and the loss and its gradients are exactly those of the
 single-device computation on the concatenated batch (tested on 4 devices).
+
+*QuRe's InfoNCE variant* (`config.qure.loss = "infonce"`): `qure_logits` scores each query
+against every positive and negative of the global batch, `info_nce_from_logits` takes the
+cross-entropy with the positive on the diagonal.
 """
 
 from __future__ import annotations
@@ -58,6 +62,24 @@ def qure_scores(query: jax.Array, target_tokens: jax.Array,
     raise ValueError(f"query {query.shape} and target_tokens {target_tokens.shape} disagree")
   s = jnp.einsum("bd,bkd->bk", query.astype(jnp.float32), target_tokens.astype(jnp.float32))
   s = jnp.max(s, axis=-1)
+  if temperature is not None:
+    s = s / jnp.asarray(temperature, jnp.float32)
+  return s
+
+
+def qure_logits(query: jax.Array, target_tokens: jax.Array,
+                temperature: Optional[jax.Array] = None) -> jax.Array:
+  """QuRe's score of every query with every target, `[B, N]` float32: `max_k <t_k, q> / temp`.
+
+  `query` is `[B, D]`, `target_tokens` `[N, K, D]`; with the positives as the first B targets
+  this is the logit matrix of QuRe's InfoNCE variant (`info_nce_from_logits`).
+  """
+  q = jnp.asarray(query).astype(jnp.float32)
+  t = jnp.asarray(target_tokens).astype(jnp.float32)
+  if q.ndim != 2 or t.ndim != 3 or q.shape[1] != t.shape[2]:
+    raise ValueError(f"query must be [B, D] and target_tokens [N, K, D], got {q.shape} and "
+                     f"{t.shape}")
+  s = jnp.einsum("bd,nkd->bnk", q, t, precision=jax.lax.Precision.HIGHEST).max(-1)
   if temperature is not None:
     s = s / jnp.asarray(temperature, jnp.float32)
   return s
@@ -172,7 +194,21 @@ def info_nce_loss(query: jax.Array, target: jax.Array, *, temperature: float = 0
   logits = info_nce_logits(query, target, temperature=temperature,
                            hard_negatives=hard_negatives,
                            hard_negative_scope=hard_negative_scope, normalize=normalize)
+  return info_nce_from_logits(logits, symmetric=symmetric, reduction=reduction)
+
+
+def info_nce_from_logits(logits: jax.Array, *, symmetric: bool = False,
+                         reduction: str = "mean") -> jax.Array:
+  """Cross-entropy of a `[B, B + extra]` logit matrix whose row i has its positive in column i.
+
+  The in-batch columns come first, any extra negative columns after them (as
+  `info_nce_logits` and `qure_logits` lay them out). `symmetric` also adds the column
+  direction over the in-batch columns. Computed in float32.
+  """
+  logits = jnp.asarray(logits).astype(jnp.float32)
   b = logits.shape[0]
+  if logits.ndim != 2 or logits.shape[1] < b:
+    raise ValueError(f"logits must be [B, B + extra], got shape {logits.shape}")
   # Cross-entropy with the label on the diagonal: logsumexp - logit[i, i] (stable). The
   # diagonal is read through a mask, not a gather, so it stays elementwise under sharding.
   eye = (jax.lax.broadcasted_iota(jnp.int32, (b, b), 0)
@@ -186,5 +222,5 @@ def info_nce_loss(query: jax.Array, target: jax.Array, *, temperature: float = 0
   return _reduce(per_row, reduction)
 
 
-__all__ = ["qure_scores", "pairwise_sigmoid_loss", "info_nce_logits", "info_nce_loss",
-           "REDUCTIONS", "HARD_NEGATIVE_SCOPES"]
+__all__ = ["qure_scores", "qure_logits", "pairwise_sigmoid_loss", "info_nce_logits",
+           "info_nce_loss", "info_nce_from_logits", "REDUCTIONS", "HARD_NEGATIVE_SCOPES"]

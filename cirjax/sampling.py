@@ -202,7 +202,6 @@ class NegativeSampler:
     sizes = state.offsets[q + 1] - state.offsets[q]   # all zero during warm-up
     has_set = sizes > 0
     fallback = ~has_set
-    new_uses = state.uses
     if has_set.any():
       if self.sampling == "walk":
         # Position in the walk = draws so far + earlier copies of the query in this batch.
@@ -218,8 +217,6 @@ class NegativeSampler:
             np.uint32(self.seed), np.uint32(int(state.generation)),
             _pad(qs, np.uint32), _pad(draw // n, np.uint32),
             _pad(draw % n, np.int32), _pad(n, np.int32), width=_bucket(n.max())))[:len(qs)]
-        new_uses = state.uses.copy()
-        np.add.at(new_uses, qs, 1)
       else:
         n = sizes[has_set]
         local = np.asarray(_uniform_below(
@@ -233,7 +230,21 @@ class NegativeSampler:
           # Padded rows get target id -1 (never a pool id): accepted at the first draw.
           self._pool_dev, _pad(self.pool.target_ids[q[fallback]], np.int32, fill=-1))
       )[:int(fallback.sum())]
-    return out, state._replace(uses=new_uses)
+    return out, self.advance(state, q)
+
+  def advance(self, state: SamplerState, query_ids) -> SamplerState:
+    """The state after one draw for each entry of `query_ids`, without drawing: what
+    `sample` returns as its new state. Only walks count draws (uniform and warm-up draws
+    leave the state as it is)."""
+    q = np.asarray(query_ids).astype(np.int64)
+    if self.sampling != "walk" or not q.size:
+      return state
+    q = q[state.offsets[q + 1] - state.offsets[q] > 0]
+    if not q.size:
+      return state
+    uses = state.uses.copy()
+    np.add.at(uses, q, 1)
+    return state._replace(uses=uses)
 
 
 def _pad(x: np.ndarray, dtype, fill: int = 0) -> np.ndarray:

@@ -24,7 +24,7 @@ import numpy as np
 
 from cirjax.data import images as images_lib
 from cirjax.data.records import DataError
-from cirjax.eval import retrieval
+from cirjax.eval import encode, retrieval
 from cirjax.eval.encoders import RetrievalFns
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -90,10 +90,10 @@ def encode_corpus(encoder: RetrievalFns, corpus: Corpus, transform: Callable,
 
   n = len(corpus.names)
   every = max(batch_size, (n // 5) // batch_size * batch_size)
-  feats = retrieval.encode_batches(
-      encoder.image, batches(), mesh, batch_size,
-      lambda done: log(f"[search] encoded {done}/{n} corpus images")
-      if done % every < batch_size or done == n else None, params=encoder.params)
+  feats = encode.encode(
+      encoder.image, encoder.params, batches(), mesh=mesh or retrieval.make_mesh(),
+      batch_size=batch_size, progress=lambda done: log(f"[search] encoded {done}/{n} corpus images")
+      if done % every < batch_size or done == n else None)
   if cache is not None:
     Path(cache).parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, key=np.array(key), features=feats)
@@ -114,8 +114,8 @@ def search(encoder: RetrievalFns, corpus: Corpus, corpus_feats: np.ndarray,
   ref_path = Path(reference)
   pix = transform(images_lib.open_rgb(ref_path))[None]
   ids, mask = tokenize_fn([text])
-  q = retrieval.encode_batches(encoder.compose, iter([(pix, ids, mask)]), mesh, None,
-                               params=encoder.params)
+  q = encode.encode(encoder.compose, encoder.params, (pix, ids, mask),
+                    mesh=mesh or retrieval.make_mesh())
   ex = -1
   if exclude_reference:
     resolved = ref_path.resolve()

@@ -11,7 +11,7 @@ import pytest
 
 from cirjax.data import synth
 from cirjax.data.records import CIRSplit, DataError, ImageRef, Query
-from cirjax.eval import evaluate, metrics, retrieval, submission
+from cirjax.eval import encode, evaluate, metrics, retrieval, submission
 
 TINY = synth.SynthConfig(seed=5, resolution=16, num_images=(60, 150, 80),
                          num_queries=(20, 120, 30))
@@ -69,18 +69,30 @@ def test_top_k_ties_by_corpus_index_and_host_scorer(mesh):
     retrieval.top_k(Const(), 30, np.zeros(5, int), mesh)
 
 
-def test_encode_batches_pads_and_shards(mesh):
+def test_encode_pads_and_shards(mesh):
   w = jnp.asarray(np.random.default_rng(1).standard_normal((3, 4)), jnp.float32)
   fn = lambda x, y: x @ w + y[:, None]
   xs = np.random.default_rng(2).standard_normal((11, 3)).astype(np.float32)
   ys = np.arange(11, dtype=np.float32)
+  want = xs @ np.asarray(w) + ys[:, None]
   batches = [(xs[i:i + 4], ys[i:i + 4]) for i in range(0, 11, 4)]
   seen = []
-  out = retrieval.encode_batches(fn, iter(batches), mesh, 4, seen.append)
-  np.testing.assert_allclose(out, xs @ np.asarray(w) + ys[:, None], rtol=1e-6)
+  out = encode.encode(fn, None, iter(batches), mesh=mesh, batch_size=4, progress=seen.append)
+  np.testing.assert_allclose(out, want, rtol=1e-6)
   assert seen == [4, 8, 11]
-  with pytest.raises(ValueError, match="no batches"):
-    retrieval.encode_batches(fn, iter([]), mesh, 4)
+  with pytest.raises(ValueError, match="no rows"):
+    encode.encode(fn, None, iter([]), mesh=mesh, batch_size=4)
+  # Rows given whole are batched here; params are the first argument; sharded results.
+  pfn = lambda p, x, y: x @ p + y[:, None]
+  out = encode.encode(pfn, np.asarray(w), (xs, ys), mesh=mesh, batch_size=4)
+  np.testing.assert_allclose(out, want, rtol=1e-6)
+  dev = encode.encode(pfn, np.asarray(w), (xs[:8], ys[:8]), mesh=mesh, batch_size=4,
+                      sharded=True)
+  assert isinstance(dev, jax.Array) and dev.shape == (8, 4)
+  assert dev.sharding.spec[0] is not None
+  np.testing.assert_allclose(np.asarray(dev), want[:8], rtol=1e-6)
+  assert encode.encode(pfn, np.asarray(w), (xs, ys), mesh=mesh, batch_size=4,
+                       dtype=np.float16).dtype == np.float16
 
 
 def test_non_finite_features_refused():

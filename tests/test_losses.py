@@ -71,6 +71,25 @@ def test_qure_scores_max_over_tokens_over_temperature():
   np.testing.assert_allclose(losses.qure_scores(q, t), want * 0.07, rtol=RTOL)
 
 
+def test_qure_logits_score_every_pair_and_feed_cross_entropy():
+  rng = np.random.default_rng(2)
+  q = rng.standard_normal((3, 8)).astype(np.float32)
+  t = rng.standard_normal((6, 4, 8)).astype(np.float32)
+  want = np.array([[max(t[n, k] @ q[b] for k in range(4)) for n in range(6)]
+                   for b in range(3)]) / 0.07
+  got = losses.qure_logits(q, t, 0.07)
+  np.testing.assert_allclose(got, want, rtol=RTOL)
+  np.testing.assert_allclose(np.diagonal(got[:, :3]), losses.qure_scores(q, t[:3], 0.07),
+                             rtol=RTOL)
+  ce = want - want.max(1, keepdims=True)
+  ce = np.log(np.exp(ce).sum(1)) - np.diagonal(ce[:, :3])
+  np.testing.assert_allclose(losses.info_nce_from_logits(got), ce.mean(), rtol=RTOL)
+  with pytest.raises(ValueError, match="target_tokens"):
+    losses.qure_logits(q, t[0], 0.07)
+  with pytest.raises(ValueError, match="logits"):
+    losses.info_nce_from_logits(got[:, :2])
+
+
 def _torch_info_nce(q, t, tau, h=None, scope="batch", symmetric=False):
   """InfoNCE as the SimCSE/E5-V-style reference code writes it."""
   q, t = F.normalize(torch.from_numpy(q), dim=-1), F.normalize(torch.from_numpy(t), dim=-1)

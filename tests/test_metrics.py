@@ -15,6 +15,13 @@ def test_recall_hand_worked():
   assert r == {"R@1": pytest.approx(100 / 3), "R@2": pytest.approx(200 / 3), "R@4": 100.0}
 
 
+def test_recall_of_scores_ranks_ties_by_column_and_drops_large_k():
+  scores = np.array([[0.1, 0.9, 0.5], [0.7, 0.7, 0.2], [0.3, 0.2, 0.1]])
+  targets = np.array([2, 1, 2])
+  r = metrics.recall_at_k_of_scores(scores, targets, ks=(1, 2, 5))
+  assert r == {"R@1": 0.0, "R@2": pytest.approx(200 / 3)}
+
+
 def test_recall_refuses_short_ranking_and_targetless_queries():
   with pytest.raises(ValueError, match="fewer than K=50"):
     metrics.recall_at_k(np.zeros((2, 10), int), np.zeros(2, int), ks=(1, 50))

@@ -122,6 +122,22 @@ def test_resume_from_checkpointed_state_is_exact(mode):
     np.testing.assert_array_equal(neg, full[i])
 
 
+@pytest.mark.parametrize("mode", ["walk", "uniform"])
+def test_advance_is_the_state_sample_returns(mode):
+  """A trainer can apply an epoch's draws without drawing (QuRe's per-epoch sampler state)."""
+  s = _sampler(mode)
+  st = s.set_mined(s.init(), _sets(SETS))
+  for i, b in enumerate([np.array([0, 4, 0, 1]), np.array([2, 3]), np.array([1])]):
+    _, want = s.sample(st, b, epoch=0, step=i)
+    got = s.advance(st, b)
+    for k in sampling.SamplerState._fields:
+      np.testing.assert_array_equal(getattr(got, k), getattr(want, k))
+    st = got
+  assert list(st.uses) == ([2, 0, 1, 1, 1] if mode == "walk" else [0] * NQ)
+  warm = s.init()
+  assert s.advance(warm, np.array([0, 1])) is warm
+
+
 def test_seed_and_generation_change_the_walk():
   a = _sampler(seed=1)
   b = _sampler(seed=2)

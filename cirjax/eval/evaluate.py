@@ -24,10 +24,12 @@ import dataclasses
 import time
 from typing import Any, Callable, Sequence
 
+import jax
 import numpy as np
 
+from cirjax.data import loader
 from cirjax.data.records import CIRSplit, DataError, Query
-from cirjax.eval import metrics, retrieval
+from cirjax.eval import encode, metrics, retrieval
 
 
 @dataclasses.dataclass
@@ -71,7 +73,6 @@ def encode_split(encoder: Any, split: CIRSplit, transform: Callable, tokenize_fn
   and timings (images/s, queries/s). `image_source` (name -> PIL image) replaces reading the
   split's image files (TFDS builds).
   """
-  from cirjax.data import loader  # pylint: disable=g-import-not-at-top
   mesh = mesh or retrieval.make_mesh()
   text_fn = text_fn or loader.default_text
   log = log or (lambda s: None)
@@ -85,22 +86,65 @@ def encode_split(encoder: Any, split: CIRSplit, transform: Callable, tokenize_fn
     return f
 
   t0 = time.perf_counter()
-  corpus = retrieval.encode_batches(
-      encoder.image,
+  corpus = encode.encode(
+      encoder.image, encoder.params,
       loader.image_batches(split, split.corpus, transform, batch_size, num_threads, image_source),
-      mesh, batch_size, prog("corpus images", n_img), params=encoder.params)
+      mesh=mesh, batch_size=batch_size, progress=prog("corpus images", n_img))
   t1 = time.perf_counter()
-  queries = retrieval.encode_batches(
-      encoder.compose,
+  queries = encode.encode(
+      encoder.compose, encoder.params,
       loader.query_batches(split, transform, tokenize_fn, batch_size, text_fn, num_threads,
                            image_source),
-      mesh, batch_size, prog("queries", n_q), params=encoder.params)
+      mesh=mesh, batch_size=batch_size, progress=prog("queries", n_q))
   t2 = time.perf_counter()
   timings = {"corpus_images_per_s": n_img / (t1 - t0), "queries_encoded_per_s": n_q / (t2 - t1)}
   return retrieval.FeatureScorer(queries, corpus), timings
 
 
 # ----------------------------------------------------------------------------- evaluation
+
+def evaluate_encoded(split: CIRSplit, params: Any, image_fn: Callable, compose_fn: Callable,
+                     corpus: Any, queries: Any, *, mesh, batch_size: int) -> EvalResult:
+  """Evaluates a model given as pure functions, as training does after each epoch.
+
+  `image_fn(params, *corpus_batch)` encodes `corpus` (rows or batches in `split.corpus`
+  order, see `cirjax.eval.encode.encode`) and `compose_fn(params, *query_batch)` encodes
+  `queries` (in `split.queries` order), data-parallel over `mesh` with the parameters as they
+  are sharded there; the ranking runs on this process's devices and is scored by the split's
+  protocol (`evaluate_split`).
+  """
+  corpus_feats = encode.encode(image_fn, params, corpus, mesh=mesh, batch_size=batch_size)
+  query_feats = encode.encode(compose_fn, params, queries, mesh=mesh, batch_size=batch_size)
+  return evaluate_split(split, retrieval.FeatureScorer(query_feats, corpus_feats),
+                        mesh=retrieval.make_mesh(jax.local_devices()))
+
+
+def headline_metrics(result: EvalResult, keep: Sequence[str] | None = None, prefix: str = ""
+                     ) -> tuple[dict[str, float], dict[str, float]]:
+  """(metrics, chance levels) of one split as training logs them: no counts or skips,
+  only the names in `keep` (in that order) when given, each name prefixed by `prefix`."""
+  m = {k: float(v) for k, v in result.metrics.items()
+       if not k.startswith("skipped/") and not k.startswith("n_")}
+  if keep:
+    m = {k: m[k] for k in keep if k in m}
+  return ({prefix + k: v for k, v in m.items()},
+          {prefix + k: float(v) for k, v in result.chance.items()})
+
+
+def fashioniq_headline(results: dict[str, EvalResult]
+                       ) -> tuple[dict[str, float], dict[str, float]]:
+  """(metrics, chance levels) over FashionIQ categories as QuRe's Table 2 reports them:
+  `{cat}/R@K`, the category means `R@10`, `R@50` and their mean `avg`."""
+  out = {}
+  for c, r in results.items():
+    out.update({f"{c}/{k}": float(v) for k, v in r.metrics.items() if k.startswith("R@")})
+  for k in ("R@10", "R@50"):
+    out[k] = float(np.mean([r.metrics[k] for r in results.values()]))
+  out["avg"] = (out["R@10"] + out["R@50"]) / 2
+  chance = {k: float(np.mean([r.chance[k] for r in results.values()])) for k in ("R@10", "R@50")}
+  return out, chance
+
+
 
 def _indices(split: CIRSplit, names: Sequence[str], what: str) -> np.ndarray:
   idx = split.corpus_index()

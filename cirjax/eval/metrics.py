@@ -68,6 +68,16 @@ def recall_at_k(ranking: np.ndarray, targets: np.ndarray,
   return {f"R@{k}": float(hits[:, :k].any(axis=1).mean() * 100.0) for k in ks}
 
 
+def recall_at_k_of_scores(scores: np.ndarray, targets: np.ndarray,
+                          ks: Sequence[int] = CIRR_KS) -> dict[str, float]:
+  """Recall@K in percent from a full `[Q, N]` score matrix (higher is better, ties by column
+  index); a K above the N columns is left out."""
+  scores = np.asarray(scores)
+  k = min(max(ks), scores.shape[1])
+  ranking = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+  return recall_at_k(ranking, targets, [x for x in ks if x <= k])
+
+
 def cirr_metrics(ranking_without_reference: np.ndarray, targets: np.ndarray,
                  subset_ranking: np.ndarray | None) -> dict[str, float]:
   """CIRR R@{1,5,10,50} (reference already removed) and Recall_subset@{1,2,3}.

@@ -1,4 +1,4 @@
-"""On-device retrieval: sharded corpus encoding and a blocked top-k over the corpus.
+"""On-device retrieval: a blocked top-k over the corpus (encoding is `cirjax.eval.encode`).
 
 The query x corpus score matrix is never built whole: queries are sharded over the mesh's
 `data` axis, the corpus streams through in blocks (replicated), and each block's scores are
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Iterable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -50,42 +50,6 @@ def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
 
 def _round_up(n: int, m: int) -> int:
   return int(math.ceil(n / m) * m)
-
-
-# ----------------------------------------------------------------------------- encoding
-
-def encode_batches(encode_fn: Callable, batches: Iterable, mesh: jax.sharding.Mesh | None = None,
-                   batch_size: int | None = None, progress: Callable[[int], None] | None = None,
-                   params=None) -> np.ndarray:
-  """Runs a jitted `encode_fn` over host batches, sharded on the batch axis; returns host [N, ...].
-
-  `batches` yields arrays (or tuples of arrays) with a leading batch axis. Every batch is
-  padded to `batch_size` (a multiple of the device count) so one compiled program serves all
-  of them; padded rows are dropped from the result. With `params`, `encode_fn(params, *batch)`
-  is called with the params replicated over the mesh once and passed as an argument (never
-  baked into the program as constants).
-  """
-  mesh = mesh or make_mesh()
-  ndev = mesh.devices.size
-  sharding = NamedSharding(mesh, P("data"))
-  fn = jax.jit(encode_fn)
-  if params is not None:
-    params = jax.device_put(params, NamedSharding(mesh, P()))
-    fn = functools.partial(fn, params)
-  outs, done = [], 0
-  for b in batches:
-    parts = b if isinstance(b, tuple) else (b,)
-    n = parts[0].shape[0]
-    bs = _round_up(max(batch_size or n, n), ndev)
-    dev = [jax.device_put(_pad_rows(np.asarray(p), bs), sharding) for p in parts]
-    out = fn(*dev)
-    outs.append(np.asarray(jax.device_get(out))[:n])
-    done += n
-    if progress is not None:
-      progress(done)
-  if not outs:
-    raise ValueError("encode_batches: no batches to encode (empty corpus or query set)")
-  return np.concatenate(outs, axis=0)
 
 
 # ----------------------------------------------------------------------------- top-k

@@ -44,36 +44,49 @@ LLaVA-Phi's special tokens and Phi-3's chat template, saved to `<workdir>/tokeni
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import random
-import re
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from cirjax import lora as lora_lib
 from cirjax import prompts
 from cirjax.convert import registry
 from cirjax.data import images as images_lib
-from cirjax.data.records import DataError
+from cirjax.data import synth
+from cirjax.data.instructcir_examples import Example, jsonl_examples, synthetic_examples
+from cirjax.data.loader import ImageCache
+from cirjax.data.records import CIRSplit, DataError
+from cirjax.data.training_splits import ensure_synthetic
+from cirjax.data.word_tokenizer import build_word_tokenizer, load_tokenizer
+from cirjax.eval import encode as encode_lib
+from cirjax.eval import evaluate as ev
+from cirjax.eval import metrics
 from cirjax.losses import info_nce_loss, info_nce_logits
 from cirjax.models import llava
 from cirjax.models.phi3 import Phi3Config
 from cirjax.models.vit import ViTConfig
 from cirjax.train import sharding as shd
+from cirjax.train.checkpointing import Checkpointer
 from cirjax.train.task import Task
 
 HARD_NEGATIVE_SCOPES = ("batch", "own")
 LLAVA_CONFIG_FILE = "llava_config.json"
 TOKENIZER_DIR = "tokenizer"
 _RECALL_KS = (1, 5, 10)
+_CIR_METRICS = ("R@1", "R@10", "R@50", "mAP@10", "Rrel@10")
 
 
 def _log(msg: str) -> None:
@@ -142,86 +155,189 @@ def lora_config(lc: ml_collections.ConfigDict) -> lora_lib.LoraConfig:
                              init=lc.get("init", "kaiming"))
 
 
-# ------------------------------------------------------------------------------ tokenizer
-
-def _words(text: str) -> list[str]:
-  return re.findall(r"\w+|[^\w\s]", text.lower())
-
-
-def template_texts() -> list[str]:
-  """Every prompt template's text (their words go into a built tokenizer)."""
-  out = [prompts.STAGE1_IMAGE, prompts.STAGE1_CAPTION, *prompts.STAGE2_IMAGE_TEMPLATES,
-         *prompts.STAGE2_CAPTION_TEMPLATES]
-  for kinds in prompts.INFERENCE_TEMPLATES.values():
-    out += list(kinds.values())
-  out += list(prompts.FASHIONIQ_CATEGORY_WORDS.values())
-  return out
-
-
-def build_word_tokenizer(texts: Sequence[str], out_dir: str | os.PathLike):
-  """A lower-casing word-level tokenizer (`prompts.save_word_level_tokenizer`) over the words
-  of `texts` and every template, saved to `out_dir` and loaded back. For random-init runs
-  without a checkpoint; words outside the texts become `<unk>`."""
-  words = set()
-  for t in list(texts) + template_texts():
-    words.update(_words(t.replace(prompts.IMAGE, " ")))
-  prompts.save_word_level_tokenizer(sorted(words), out_dir)
-  return load_tokenizer(out_dir)
-
-
-def load_tokenizer(path: str | os.PathLike):
-  tok = llava.load_tokenizer(path)
-  if tok is None:
-    raise FileNotFoundError(f"{path}: no tokenizer (tokenizer.json / tokenizer_config.json)")
-  return tok
-
-
 # ------------------------------------------------------------------------------ data
 
-class Example:
-  """One training or evaluation record: an image and its texts."""
-  __slots__ = ("image", "caption", "instruction", "original")
+def read_examples(dc: ml_collections.ConfigDict, stage: int
+                  ) -> tuple[list[Example], list[Example], CIRSplit | None, str | None]:
+  """(training records, held-out records, the synthetic evaluation split or None, the
+  synthetic data root or None) of `config.data`."""
+  source = dc.get("source", "jsonl")
+  if source == "synthetic":
+    root = os.path.expanduser(dc.root)
+    ensure_synthetic(root, dc.get("synth"))
+    train, _ = synthetic_examples(root, dc.get("train_split", "train"), stage)
+    ev_examples, split = synthetic_examples(root, dc.get("eval_split", "val"), stage)
+    return train, ev_examples, split, root
+  if source != "jsonl":
+    raise DataError(f"config.data.source={source!r}: use 'jsonl' or 'synthetic'")
+  if not dc.get("train_file"):
+    raise DataError("config.data.train_file is empty: give the InstructCIR JSON lines "
+                    f"({'image-caption pairs' if stage == 1 else 'CC3M-Instruct triplets'})"
+                    " and config.data.image_root")
+  on_missing = dc.get("on_missing", "skip")
+  train = jsonl_examples(os.path.expanduser(dc.train_file),
+                         os.path.expanduser(dc.get("image_root", "")), stage, on_missing)
+  held_out = []
+  if dc.get("eval_file"):
+    held_out = jsonl_examples(
+        os.path.expanduser(dc.eval_file),
+        os.path.expanduser(dc.get("eval_image_root") or dc.get("image_root", "")), stage,
+        on_missing)
+  return train, held_out, None, None
 
-  def __init__(self, image: Any, caption: str, instruction: str = "", original: str = ""):
-    self.image, self.caption, self.instruction, self.original = image, caption, instruction, original
 
-
-_POSITION = {"left": "on the left", "center": "in the center", "right": "on the right"}
-
-
-def synthetic_caption(a: dict[str, str]) -> str:
-  """The synthetic image's attribute description, e.g. 'a large red striped circle on the
-  left on a gray background'."""
-  return (f"a {a['size']} {a['colour']} {a['pattern']} {a['shape']} "
-          f"{_POSITION[a['position']]} on a {a['background']} background")
-
-
-def synthetic_examples(root: str, split: str, stage: int) -> tuple[list[Example], Any]:
-  """Stage 1: one pair per corpus image; stage 2: one triplet per query. Also the split."""
-  from cirjax.data import synth  # pylint: disable=g-import-not-at-top
-  s = synth.read_synthetic(root, split)
-  attrs = json.loads((Path(root) / "attributes" / f"{split}.json").read_text())["attributes"]
-  cap = {n: synthetic_caption(attrs[n]) for n in s.corpus}
-  if stage == 1:
-    return [Example(s.images[n].path, cap[n]) for n in s.corpus], s
-  return [Example(s.images[q.reference].path, cap[q.target], q.text, cap[q.reference])
-          for q in s.queries], s
-
-
-def jsonl_examples(path: str, image_root: str, stage: int, on_missing: str) -> list[Example]:
-  from cirjax.data import instructcir as ic  # pylint: disable=g-import-not-at-top
-  if stage == 1:
-    pairs, skipped = ic.read_caption_pairs(path, image_root, on_missing)
-    out = [Example(p.image, p.caption) for p in pairs]
-  else:
-    trips, skipped = ic.read_instruct_triplets(path, image_root, on_missing)
-    out = [Example(t.image, t.modified_caption, t.instruction, t.original_caption)
-           for t in trips]
-  if skipped:
-    _log(f"{path}: skipped {skipped} records whose image is missing")
-  if not out:
-    raise DataError(f"{path}: no usable records")
+def tokenizer_texts(examples: Sequence[Example], eval_split: CIRSplit | None,
+                    synthetic: bool) -> list[str]:
+  """Every text a built word-level tokenizer must cover."""
+  out = []
+  for e in examples:
+    out += [e.caption, e.instruction, e.original]
+  if eval_split is not None:
+    out += [q.text for q in eval_split.queries]
+  if synthetic:
+    # Stage 1 sees only captions; the words of stage 2's instructions must still have ids
+    # when stage 2 inherits this tokenizer, or they all read as <unk>.
+    out += [w for w in synth.vocabulary() if w not in synth.SPECIAL_TOKENS]
   return out
+
+
+def prompt_lengths(tok, stage: int, examples: Sequence[Example], n_img: int,
+                   max_length: int, max_positions: int) -> tuple[int, int]:
+  """Fixed (query, caption) prompt lengths (one compiled step): the longest template overhead
+  plus the longest field, with a small margin, rounded up to 8; at most `max_length`."""
+
+  def overhead(template, field, image):
+    fields = {field: "x"} if field else {}
+    enc = prompts.encode(tok, template, [fields], num_image_tokens=n_img, image=image)
+    return int(enc["attention_mask"].sum()) - (1 if field else 0)
+
+  def longest(texts):
+    texts = sorted(set(t for t in texts if t))
+    if not texts:
+      return 0
+    enc = tok(texts, add_special_tokens=False)["input_ids"]
+    return max(len(x) for x in enc)
+
+  def round8(n):
+    return -(-(n + 4) // 8) * 8
+
+  caps = [e.caption for e in examples] + [e.original for e in examples]
+  if stage == 1:
+    q_len = round8(overhead(prompts.STAGE1_IMAGE, None, True))
+    t_len = round8(overhead(prompts.STAGE1_CAPTION, "caption", False) + longest(caps))
+  else:
+    q_len = round8(max(overhead(t, "modifier", True) for t in prompts.STAGE2_IMAGE_TEMPLATES)
+                   + longest([e.instruction for e in examples]))
+    t_len = round8(max(overhead(t, "caption", False) for t in prompts.STAGE2_CAPTION_TEMPLATES)
+                   + longest(caps))
+  for name, n in (("query", q_len), ("caption", t_len)):
+    if n > max_length:
+      raise DataError(f"the longest {name} prompt needs {n} tokens > config.data.max_length="
+                      f"{max_length}; shorten the texts or raise it")
+    if n > max_positions:
+      raise DataError(f"{name} prompts of {n} tokens exceed the model's {max_positions} "
+                      "positions")
+  return q_len, t_len
+
+
+# ------------------------------------------------------------------------------ model source
+
+@dataclasses.dataclass
+class ModelSource:
+  """Where a run's model comes from (see the module docstring)."""
+  cfg: llava.LlavaConfig
+  tokenizer: Any
+  tokenizer_dir: str
+  base_params: dict | None = None    # pretrained LLaVA weights (host, fp32)
+  ckpt_dir: str | None = None        # a stage-1 workdir's checkpoints: base and adapter
+  adapter_dir: str | None = None     # a PEFT adapter to continue
+
+
+def _load_llava(path: str):
+  if not Path(path).is_dir():
+    raise FileNotFoundError(f"LLaVA model directory not found: {path}")
+  loaded = registry.load(path, family="llava")
+  return loaded.config, loaded.params
+
+
+def model_source(config: ml_collections.ConfigDict, init_from: str, workdir: str,
+                 texts: Sequence[str]) -> ModelSource:
+  """Model config, tokenizer and the parameters to start from: a stage-1 workdir, a PEFT
+  adapter on `model.init`, a merged LLaVA directory, `model.init`, or a random model with a
+  word-level tokenizer built over `texts` (saved in `<workdir>/tokenizer`)."""
+  mc = config.model
+  compute_dtype = str(config.get("compute_dtype", "float32"))
+  init = os.path.expanduser(mc.get("init", "") or "")
+  tok_dir = os.path.expanduser(config.data.get("tokenizer", "") or "")
+  src = init_from
+  cfg = base_params = ckpt_dir = adapter_dir = None
+  if src and (Path(src) / "checkpoints").is_dir():
+    # A stage-1 workdir: its model config, tokenizer and latest checkpoint.
+    ckpt_dir = str(Path(src) / "checkpoints")
+    cfg_file = Path(src) / LLAVA_CONFIG_FILE
+    if not cfg_file.is_file():
+      raise FileNotFoundError(f"config.init_from={src}: no {LLAVA_CONFIG_FILE} (not a "
+                              "cirjax InstructCIR workdir?)")
+    cfg = llava.LlavaConfig.from_dict(json.loads(cfg_file.read_text()))
+    if not tok_dir and (Path(src) / TOKENIZER_DIR).is_dir():
+      tok_dir = str(Path(src) / TOKENIZER_DIR)
+    if not tok_dir and init:
+      tok_dir = init
+    if init:
+      _log(f"config.model.init={init} is not read: the base comes from {src}'s checkpoint")
+  elif src and (Path(src) / lora_lib.CONFIG_NAME).is_file():
+    if not init:
+      raise ValueError(f"config.init_from={src} is a PEFT adapter: config.model.init must "
+                       "name the base LLaVA it was trained on")
+    cfg, base_params = _load_llava(init)
+    adapter_dir = src
+  elif src:
+    cfg, base_params = _load_llava(src)  # a merged stage-1 model: fresh adapter
+    tok_dir = tok_dir or src
+  elif init:
+    cfg, base_params = _load_llava(init)
+  if not tok_dir and (init or src) and llava.load_tokenizer(init or src) is not None:
+    tok_dir = init or src
+  if tok_dir:
+    tokenizer = load_tokenizer(tok_dir)
+  else:
+    tok_dir = str(Path(workdir) / TOKENIZER_DIR)
+    if jax.process_index() == 0:
+      build_word_tokenizer(texts, tok_dir)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("cirjax_instructcir_tokenizer")
+    tokenizer = load_tokenizer(tok_dir)
+    _log(f"built a word-level tokenizer ({len(tokenizer)} tokens) in {tok_dir}")
+  image_id = prompts.image_token_id(tokenizer)
+  if cfg is None:
+    cfg = model_config(mc, len(tokenizer), image_id, compute_dtype)
+  else:
+    cfg = cfg.replace(dtype=compute_dtype, param_dtype="float32")
+    if cfg.image_token_id != image_id:
+      raise ValueError(f"the model's image_token_id {cfg.image_token_id} differs from the "
+                       f"tokenizer's <image> id {image_id} ({tok_dir})")
+    if len(tokenizer) > cfg.text.vocab_size:
+      raise ValueError(f"tokenizer {tok_dir} has {len(tokenizer)} tokens, the "
+                       f"model's vocabulary only {cfg.text.vocab_size}")
+  if base_params is not None:
+    base_params = jax.tree.map(lambda x: np.asarray(x, np.float32), base_params)
+  return ModelSource(cfg, tokenizer, tok_dir, base_params, ckpt_dir, adapter_dir)
+
+
+def stage1_params(ckpt_dir: str, abstract_params, init_from: str):
+  """The latest checkpoint of a stage-1 workdir (base and adapter), on the host."""
+  ck = Checkpointer(ckpt_dir, keep=1000, async_save=False)
+  step = ck.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"config.init_from: no checkpoint in {ckpt_dir}")
+  try:
+    params = ck.restore_params(step, abstract_params)
+  except ValueError as e:
+    raise ValueError(f"config.init_from={init_from}: {e}; stage 2 needs the same model "
+                     "and LoRA settings (lora.rank, lora.target_modules) as stage 1") from e
+  ck.close()
+  _log(f"stage 2 starts from {ckpt_dir}/{step} (base and adapter)")
+  return jax.tree.map(np.asarray, jax.device_get(params))  # host: the trainer shards it
 
 
 # ------------------------------------------------------------------------------ the task
@@ -239,7 +355,6 @@ class InstructCIRTask(Task):
     if self.stage not in (1, 2):
       raise ValueError(f"config.stage={self.stage}: InstructCIR has stages 1 and 2")
     self.seed = int(config.get("seed", 0))
-    self.compute_dtype = str(config.get("compute_dtype", "float32"))
     lc = config.loss
     self.temperature = float(lc.temperature)
     self.use_hard_negatives = self.stage == 2 and bool(lc.get("hard_negatives", True))
@@ -252,7 +367,7 @@ class InstructCIRTask(Task):
     self.lora_cfg = lora_config(config.lora)
 
     dc = config.data
-    self.train, self.eval_examples, self.eval_split = self._read_data(dc)
+    self.train, self.eval_examples, self.eval_split, data_root = read_examples(dc, self.stage)
     self.init_from = os.path.expanduser(config.get("init_from", "") or "")
     if self.stage == 1 and self.init_from:
       raise ValueError("config.init_from is for stage 2 (the stage-1 result to start from)")
@@ -260,15 +375,26 @@ class InstructCIRTask(Task):
       raise ValueError("config.init_from is empty: stage 2 starts from stage 1 (its workdir, "
                        "a PEFT adapter directory or a merged model directory); set "
                        "allow_scratch_stage2=True to run stage 2 alone (the paper's ablation)")
-    self._init_model(config)
-    self.transform = images_lib.make_transform(dc.get("transform", "clip"),
-                                               self.cfg.vision.image_size)
-    self._pixel_cache: dict[str, np.ndarray] | None = {} if dc.get("cache_images", False) else None
+    self.source = model_source(config, self.init_from, workdir, tokenizer_texts(
+        self.train + self.eval_examples, self.eval_split, data_root is not None))
+    self.cfg, self.tokenizer = self.source.cfg, self.source.tokenizer
+    self._tokenizer_lock = threading.Lock()
+    self.tokenizer_dir = self.source.tokenizer_dir
+    self._images = ImageCache(None, images_lib.make_transform(dc.get("transform", "clip"),
+                                                              self.cfg.vision.image_size),
+                              enabled=bool(dc.get("cache_images", False)),
+                              image_source=_open_image)
     self.n_img = self.cfg.num_image_tokens
-    self._lengths(int(dc.get("max_length", 512)))
+    self.q_len, self.t_len = prompt_lengths(
+        self.tokenizer, self.stage, self.train + self.eval_examples, self.n_img,
+        int(dc.get("max_length", 512)), self.cfg.text.max_position_embeddings)
+    kw = dict(cfg=self.cfg.replace(remat=self.remat), lora_cfg=self.lora_cfg)
+    self._embed_fns = {True: functools.partial(_embed_with_images, **kw),
+                       False: functools.partial(_embed_texts, **kw)}
+    nd = mesh.devices.size
+    self.encode_batch = max(nd, int(config.get("eval_batch_size", 32)) // nd * nd)
 
-    tc = config.train
-    self.global_batch = int(tc.batch_size)
+    self.global_batch = int(config.train.batch_size)
     self.steps_per_epoch = len(self.train) // self.global_batch
     if self.steps_per_epoch == 0:
       raise DataError(f"{len(self.train)} training records is fewer than one batch of "
@@ -282,196 +408,37 @@ class InstructCIRTask(Task):
          f"({self.n_img} image tokens); LoRA r={self.lora_cfg.rank} alpha={self.lora_cfg.alpha} "
          f"({time.perf_counter() - t0:.1f}s)")
 
-  # ---------------------------------------------------------------- setup
-  def _read_data(self, dc):
-    source = dc.get("source", "jsonl")
-    if source == "synthetic":
-      from cirjax.train.qure import ensure_synthetic  # pylint: disable=g-import-not-at-top
-      root = os.path.expanduser(dc.root)
-      ensure_synthetic(root, dc.get("synth"))
-      self.data_root = root
-      train, _ = synthetic_examples(root, dc.get("train_split", "train"), self.stage)
-      ev, split = synthetic_examples(root, dc.get("eval_split", "val"), self.stage)
-      return train, ev, split
-    if source != "jsonl":
-      raise DataError(f"config.data.source={source!r}: use 'jsonl' or 'synthetic'")
-    if not dc.get("train_file"):
-      raise DataError("config.data.train_file is empty: give the InstructCIR JSON lines "
-                      f"({'image-caption pairs' if self.stage == 1 else 'CC3M-Instruct triplets'})"
-                      " and config.data.image_root")
-    self.data_root = None
-    on_missing = dc.get("on_missing", "skip")
-    train = jsonl_examples(os.path.expanduser(dc.train_file),
-                           os.path.expanduser(dc.get("image_root", "")), self.stage, on_missing)
-    ev = []
-    if dc.get("eval_file"):
-      ev = jsonl_examples(os.path.expanduser(dc.eval_file),
-                          os.path.expanduser(dc.get("eval_image_root") or dc.get("image_root", "")),
-                          self.stage, on_missing)
-    return train, ev, None
-
-  def _texts(self) -> list[str]:
-    out = []
-    for e in self.train + self.eval_examples:
-      out += [e.caption, e.instruction, e.original]
-    if self.eval_split is not None:
-      out += [q.text for q in self.eval_split.queries]
-    if self.data_root is not None:
-      # Stage 1 sees only captions; the words of stage 2's instructions must still have ids
-      # when stage 2 inherits this tokenizer, or they all read as <unk>.
-      from cirjax.data import synth  # pylint: disable=g-import-not-at-top
-      out += [w for w in synth.vocabulary() if w not in synth.SPECIAL_TOKENS]
-    return out
-
-  def _init_model(self, config):
-    """Model config, tokenizer and the parameters to start from (see module docstring)."""
-    mc = config.model
-    self._start: dict | None = None   # {"base": ..., "lora": ...} or partial
-    self._ckpt_dir: str | None = None
-    src = self.init_from
-    init = os.path.expanduser(mc.get("init", "") or "")
-    tok_dir = os.path.expanduser(config.data.get("tokenizer", "") or "")
-    base_params = None
-    cfg = None
-    if src and (Path(src) / "checkpoints").is_dir():
-      # A stage-1 workdir: its model config, tokenizer and latest checkpoint.
-      self._ckpt_dir = str(Path(src) / "checkpoints")
-      cfg_file = Path(src) / LLAVA_CONFIG_FILE
-      if not cfg_file.is_file():
-        raise FileNotFoundError(f"config.init_from={src}: no {LLAVA_CONFIG_FILE} (not a "
-                                "cirjax InstructCIR workdir?)")
-      cfg = llava.LlavaConfig.from_dict(json.loads(cfg_file.read_text()))
-      if not tok_dir and (Path(src) / TOKENIZER_DIR).is_dir():
-        tok_dir = str(Path(src) / TOKENIZER_DIR)
-      if not tok_dir and init:
-        tok_dir = init
-      if init:
-        _log(f"config.model.init={init} is not read: the base comes from {src}'s checkpoint")
-    elif src and (Path(src) / lora_lib.CONFIG_NAME).is_file():
-      if not init:
-        raise ValueError(f"config.init_from={src} is a PEFT adapter: config.model.init must "
-                         "name the base LLaVA it was trained on")
-      cfg, base_params = llava_convert_load(init)
-      self._adapter_dir = src
-    elif src:
-      cfg, base_params = llava_convert_load(src)  # a merged stage-1 model: fresh adapter
-      tok_dir = tok_dir or src
-    elif init:
-      cfg, base_params = llava_convert_load(init)
-    if not tok_dir and (init or src) and llava.load_tokenizer(init or src) is not None:
-      tok_dir = init or src
-    if tok_dir:
-      self.tokenizer = load_tokenizer(tok_dir)
-      self.tokenizer_dir = tok_dir
-    else:
-      out = Path(self.workdir) / TOKENIZER_DIR
-      if jax.process_index() == 0:
-        build_word_tokenizer(self._texts(), out)
-      if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-        multihost_utils.sync_global_devices("cirjax_instructcir_tokenizer")
-      self.tokenizer = load_tokenizer(out)
-      self.tokenizer_dir = str(out)
-      _log(f"built a word-level tokenizer ({len(self.tokenizer)} tokens) in {out}")
-    image_id = prompts.image_token_id(self.tokenizer)
-    if cfg is None:
-      cfg = model_config(mc, len(self.tokenizer), image_id, self.compute_dtype)
-    else:
-      cfg = cfg.replace(dtype=self.compute_dtype, param_dtype="float32")
-      if cfg.image_token_id != image_id:
-        raise ValueError(f"the model's image_token_id {cfg.image_token_id} differs from the "
-                         f"tokenizer's <image> id {image_id} ({self.tokenizer_dir})")
-      if len(self.tokenizer) > cfg.text.vocab_size:
-        raise ValueError(f"tokenizer {self.tokenizer_dir} has {len(self.tokenizer)} tokens, the "
-                         f"model's vocabulary only {cfg.text.vocab_size}")
-    self.cfg = cfg
-    if base_params is not None:
-      base_params = jax.tree.map(lambda x: np.asarray(x, np.float32), base_params)
-    self._base_params = base_params
-
-  def _lengths(self, max_length: int) -> None:
-    """Fixed prompt lengths (one compiled step): the longest template overhead plus the
-    longest field, with a small margin, rounded up to 8; at most `data.max_length`."""
-    tok = self.tokenizer
-
-    def overhead(template, field, image):
-      fields = {field: "x"} if field else {}
-      enc = prompts.encode(tok, template, [fields], num_image_tokens=self.n_img, image=image)
-      return int(enc["attention_mask"].sum()) - (1 if field else 0)
-
-    def longest(texts):
-      texts = sorted(set(t for t in texts if t))
-      if not texts:
-        return 0
-      enc = tok(texts, add_special_tokens=False)["input_ids"]
-      return max(len(x) for x in enc)
-
-    def round8(n):
-      return -(-(n + 4) // 8) * 8
-
-    exs = self.train + self.eval_examples
-    caps = [e.caption for e in exs] + [e.original for e in exs]
-    if self.stage == 1:
-      self.q_len = round8(overhead(prompts.STAGE1_IMAGE, None, True))
-      self.t_len = round8(overhead(prompts.STAGE1_CAPTION, "caption", False) + longest(caps))
-    else:
-      self.q_len = round8(max(overhead(t, "modifier", True) for t in prompts.STAGE2_IMAGE_TEMPLATES)
-                          + longest([e.instruction for e in exs]))
-      self.t_len = round8(max(overhead(t, "caption", False)
-                              for t in prompts.STAGE2_CAPTION_TEMPLATES) + longest(caps))
-    for name, n in (("query", self.q_len), ("caption", self.t_len)):
-      if n > max_length:
-        raise DataError(f"the longest {name} prompt needs {n} tokens > config.data.max_length="
-                        f"{max_length}; shorten the texts or raise it")
-      if n > self.cfg.text.max_position_embeddings:
-        raise DataError(f"{name} prompts of {n} tokens exceed the model's "
-                        f"{self.cfg.text.max_position_embeddings} positions")
-
   # ---------------------------------------------------------------- model
   def init_params(self, rng):
     kb, kl = jax.random.split(rng)
-    if self._base_params is None:
+    if self.source.base_params is None:
       base = random_llava_params(self.cfg, kb)
     else:
-      base = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), self._base_params)
+      base = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), self.source.base_params)
     adapter = lora_lib.init_lora(base, self.lora_cfg, kl)
     return {"base": base, "lora": adapter.params}
 
   def initial_params(self, abstract_params):
-    if self._ckpt_dir is not None:
-      from cirjax.train.checkpointing import Checkpointer  # pylint: disable=g-import-not-at-top
-      ck = Checkpointer(self._ckpt_dir, keep=1000, async_save=False)
-      step = ck.latest_step()
-      if step is None:
-        raise FileNotFoundError(f"config.init_from: no checkpoint in {self._ckpt_dir}")
-      try:
-        params = ck.restore_params(step, abstract_params)
-      except ValueError as e:
-        raise ValueError(f"config.init_from={self.init_from}: {e}; stage 2 needs the same model "
-                         "and LoRA settings (lora.rank, lora.target_modules) as stage 1") from e
-      ck.close()
-      params = jax.tree.map(np.asarray, jax.device_get(params))  # host: the trainer shards it
-      _log(f"stage 2 starts from {self._ckpt_dir}/{step} (base and adapter)")
-      self.start_step_of_init = step
-      return params
-    if self._base_params is None:
+    src = self.source
+    if src.ckpt_dir is not None:
+      return stage1_params(src.ckpt_dir, abstract_params, self.init_from)
+    if src.base_params is None:
       return None
-    out = {"base": self._base_params}
-    if getattr(self, "_adapter_dir", None):
-      ad = lora_lib.load_peft(self._adapter_dir, self._base_params, dropout=self.lora_cfg.dropout)
+    out = {"base": src.base_params}
+    if src.adapter_dir:
+      ad = lora_lib.load_peft(src.adapter_dir, src.base_params, dropout=self.lora_cfg.dropout)
       want = jax.tree.structure(abstract_params["lora"])
       if jax.tree.structure(ad.params) != want or ad.config.rank != self.lora_cfg.rank:
-        raise ValueError(f"config.init_from={self._adapter_dir}: adapter (r={ad.config.rank}, "
+        raise ValueError(f"config.init_from={src.adapter_dir}: adapter (r={ad.config.rank}, "
                          f"{len(ad.modules)} modules) differs from config.lora (r="
                          f"{self.lora_cfg.rank}); set config.lora to the adapter's settings")
       out["lora"] = jax.tree.map(lambda x: np.asarray(x, np.float32), ad.params)
-      _log(f"stage 2 continues the adapter {self._adapter_dir} on {self.config.model.init}")
+      _log(f"stage 2 continues the adapter {src.adapter_dir} on {self.config.model.init}")
     else:
-      seed = int(self.config.get("seed", 0))
       base_abs = abstract_params["base"]
       out["lora"] = jax.device_get(jax.jit(
           lambda r: lora_lib.init_lora(base_abs, self.lora_cfg, r).params)(
-              jax.random.split(jax.random.PRNGKey(seed))[1]))
+              jax.random.split(jax.random.PRNGKey(self.seed))[1]))
     return out
 
   def adapter(self, params) -> lora_lib.Adapter:
@@ -524,24 +491,17 @@ class InstructCIRTask(Task):
     return spec
 
   def _pixels(self, paths) -> np.ndarray:
-    out = []
-    for p in paths:
-      key = str(p)
-      x = self._pixel_cache.get(key) if self._pixel_cache is not None else None
-      if x is None:
-        try:
-          x = self.transform(images_lib.load_image(p))
-        except OSError as e:
-          raise DataError(f"cannot read image {p}: {e}") from e
-        if self._pixel_cache is not None:
-          self._pixel_cache[key] = x
-      out.append(x)
-    return np.stack(out)
+    return np.stack([self._images(str(p)) for p in paths])
+
+  def _tokenize(self, rendered: list[str], **kw) -> dict[str, np.ndarray]:
+    # HF fast tokenizers set padding state on their Rust object per call: calls from the
+    # trainer's batch threads and from evaluation must not overlap.
+    with self._tokenizer_lock:
+      return prompts.batch_encode(self.tokenizer, rendered, num_image_tokens=self.n_img, **kw)
 
   def _encode(self, rendered: list[str], width: int, what: str) -> dict[str, np.ndarray]:
     try:
-      return prompts.batch_encode(self.tokenizer, rendered, num_image_tokens=self.n_img,
-                                  pad_to=width)
+      return self._tokenize(rendered, pad_to=width)
     except prompts.PromptError as e:
       raise DataError(f"{what} prompts: {e} (prompt lengths are fixed at setup from the data; "
                       "raise config.data.max_length or check the texts)") from e
@@ -591,51 +551,31 @@ class InstructCIRTask(Task):
                        f"{self.stage} with {len(self.train)}: use another workdir")
 
   # ---------------------------------------------------------------- evaluation
-  def _encode_fn(self, with_pixels: bool):
-    cache = self.__dict__.setdefault("_fn_cache", {})
-    if with_pixels not in cache:
-      if with_pixels:
-        def fn(params, pixels, ids, mask):
-          return self._embed(params, ids, mask, pixels)
-      else:
-        def fn(params, ids, mask):
-          return self._embed(params, ids, mask)
-      cache[with_pixels] = fn
-    return cache[with_pixels]
+  def _prompt_batches(self, rendered: list[str], image_paths=None
+                      ) -> Iterator[tuple[np.ndarray, ...]]:
+    """Encoder input batches of rendered prompts (with their images when `image_paths`),
+    each padded to a multiple of 16 tokens (few compiled shapes)."""
+    bs = self.encode_batch
+    for i in range(0, len(rendered), bs):
+      chunk = rendered[i:i + bs]
+      enc = self._tokenize(chunk + [chunk[-1]] * (bs - len(chunk)), pad_to_multiple_of=16)
+      arrays = (enc["input_ids"][:len(chunk)], enc["attention_mask"][:len(chunk)])
+      if image_paths is not None:
+        arrays = (self._pixels(image_paths[i:i + bs]),) + arrays
+      yield arrays
 
-  def encode(self, params, prompts_list: list[str], image_paths=None, what: str = "prompts"
+  def encode(self, params, rendered: list[str], image_paths=None, what: str = "prompts"
              ) -> np.ndarray:
     """[N, H] embeddings of rendered prompts (with images when `image_paths`), data-parallel
     over the mesh in batches of `eval_batch_size`; every process gets the full result."""
-    n = len(prompts_list)
-    nd = jax.device_count()
-    bs = max(nd, (int(self.config.get("eval_batch_size", 32)) // nd) * nd)
-    fn = self._encode_fn(image_paths is not None)
-    jits = self.__dict__.setdefault("_jit_cache", {})
-    outs = []
     t0 = time.perf_counter()
-    for i in range(0, n, bs):
-      chunk = prompts_list[i:i + bs]
-      m = len(chunk)
-      chunk = chunk + [chunk[-1]] * (bs - m)
-      enc = prompts.batch_encode(self.tokenizer, chunk, num_image_tokens=self.n_img,
-                                 pad_to_multiple_of=16)
-      arrays = [enc["input_ids"], enc["attention_mask"]]
-      if image_paths is not None:
-        paths = list(image_paths[i:i + bs])
-        arrays = [self._pixels(paths + [paths[-1]] * (bs - m))] + arrays
-      key = (image_paths is not None, tuple(a.shape for a in arrays))
-      if key not in jits:
-        in_sh = (jax.tree.map(lambda x: x.sharding, params),) + tuple(
-            shd.batch_sharding(self.mesh, a.ndim) for a in arrays)
-        jits[key] = jax.jit(fn, in_shardings=in_sh, out_shardings=shd.replicated(self.mesh))
-      dev = [jax.make_array_from_callback(a.shape, shd.batch_sharding(self.mesh, a.ndim),
-                                          lambda idx, a=a: a[idx]) for a in arrays]
-      outs.append(np.asarray(jax.device_get(jits[key](params, *dev)))[:m])
-    if n >= 256:
+    out = encode_lib.encode(self._embed_fns[image_paths is not None], params,
+                            self._prompt_batches(rendered, image_paths), mesh=self.mesh,
+                            batch_size=self.encode_batch)
+    if len(rendered) >= 256:
       dt = time.perf_counter() - t0
-      _log(f"embedded {n} {what} in {dt:.1f}s ({n / max(dt, 1e-9):.0f}/s)")
-    return np.concatenate(outs)
+      _log(f"embedded {len(rendered)} {what} in {dt:.1f}s ({len(rendered) / max(dt, 1e-9):.0f}/s)")
+    return out
 
   def evaluate(self, params):
     if not self.config.get("evaluate", True):
@@ -647,32 +587,27 @@ class InstructCIRTask(Task):
     if not exs:
       return None
     tok = self.tokenizer
-    out: dict[str, float] = {}
     if self.stage == 1:
       corpus = sorted(set(e.caption for e in exs))
-      target = np.array([corpus.index(e.caption) for e in exs]) if len(corpus) < 2000 else \
-          np.array([{c: i for i, c in enumerate(corpus)}[e.caption] for e in exs])
-      qp = [prompts.render(prompts.STAGE1_IMAGE, tok, image=True)] * len(exs)
-      cp = [prompts.render(prompts.STAGE1_CAPTION, tok, image=False, caption=c) for c in corpus]
-      q = self.encode(params, qp, [e.image for e in exs], "images")
-      c = self.encode(params, cp, None, "captions")
-      out.update(_recalls(q @ c.T, target, "i2t"))
-      self._chance = {f"i2t/R@{k}": 100.0 * min(k, len(corpus)) / len(corpus) for k in _RECALL_KS}
+      kind, qt, ct = "i2t", prompts.STAGE1_IMAGE, prompts.STAGE1_CAPTION
+      qp = [prompts.render(qt, tok, image=True)] * len(exs)
     else:
       corpus = sorted(set(e.caption for e in exs) | set(e.original for e in exs))
-      pos = {c: i for i, c in enumerate(corpus)}
-      target = np.array([pos[e.caption] for e in exs])
-      orig = np.array([pos[e.original] for e in exs])
+      kind = "q2t"
       qt, ct = prompts.STAGE2_IMAGE_TEMPLATES[0], prompts.STAGE2_CAPTION_TEMPLATES[0]
       qp = [prompts.render(qt, tok, image=True, modifier=e.instruction) for e in exs]
-      cp = [prompts.render(ct, tok, image=False, caption=c) for c in corpus]
-      q = self.encode(params, qp, [e.image for e in exs], "composed queries")
-      c = self.encode(params, cp, None, "captions")
-      s = q @ c.T
-      out.update(_recalls(s, target, "q2t"))
-      rows = np.arange(len(exs))
+    pos = {c: i for i, c in enumerate(corpus)}
+    target = np.array([pos[e.caption] for e in exs])
+    cp = [prompts.render(ct, tok, image=False, caption=c) for c in corpus]
+    q = self.encode(params, qp, [e.image for e in exs],
+                    "images" if self.stage == 1 else "composed queries")
+    s = q @ self.encode(params, cp, None, "captions").T
+    recalls = metrics.recall_at_k_of_scores(s, target, _RECALL_KS)
+    out = {f"{kind}/{k}": v for k, v in recalls.items()}
+    self._chance = {f"{kind}/R@{k}": 100.0 * min(k, len(corpus)) / len(corpus) for k in _RECALL_KS}
+    if self.stage == 2:
+      rows, orig = np.arange(len(exs)), np.array([pos[e.original] for e in exs])
       out["q2t/beats_original"] = float(np.mean(s[rows, target] > s[rows, orig]) * 100.0)
-      self._chance = {f"q2t/R@{k}": 100.0 * min(k, len(corpus)) / len(corpus) for k in _RECALL_KS}
       self._chance["q2t/beats_original"] = 50.0
     if self.eval_split is not None and bool(self.config.get("eval_cir", True)):
       out.update(self._evaluate_cir(params))
@@ -681,9 +616,6 @@ class InstructCIRTask(Task):
   def _evaluate_cir(self, params) -> dict[str, float]:
     """Composed image retrieval on the synthetic split with the zero-shot (appendix D.2)
     prompts, scored by `cirjax.eval` (reference excluded, full relevant sets)."""
-    import dataclasses  # pylint: disable=g-import-not-at-top
-    from cirjax.eval import evaluate as ev  # pylint: disable=g-import-not-at-top
-    from cirjax.eval import retrieval  # pylint: disable=g-import-not-at-top
     s = self.eval_split
     limit = int(self.config.get("eval_max", 0) or 0)
     if limit:
@@ -692,13 +624,14 @@ class InstructCIRTask(Task):
     it, qt = prompts.inference_template("cirr", "image"), prompts.inference_template("cirr", "query")
     cp = [prompts.render(it, tok, image=True)] * len(s.corpus)
     qp = [prompts.render(qt, tok, image=True, modifier=q.text) for q in s.queries]
-    cf = self.encode(params, cp, [s.images[n].path for n in s.corpus], "corpus images")
-    qf = self.encode(params, qp, [s.images[q.reference].path for q in s.queries], "queries")
-    r = ev.evaluate_split(s, retrieval.FeatureScorer(qf, cf),
-                          mesh=retrieval.make_mesh(jax.local_devices()))
-    keep = ("R@1", "R@10", "R@50", "mAP@10", "Rrel@10")
-    self._cir_chance = {f"cir/{k}": float(v) for k, v in r.chance.items() if k in keep}
-    return {f"cir/{k}": float(v) for k, v in r.metrics.items() if k in keep}
+    fn = self._embed_fns[True]
+    r = ev.evaluate_encoded(
+        s, params, fn, fn, self._prompt_batches(cp, [s.images[n].path for n in s.corpus]),
+        self._prompt_batches(qp, [s.images[q.reference].path for q in s.queries]),
+        mesh=self.mesh, batch_size=self.encode_batch)
+    m, chance = ev.headline_metrics(r, _CIR_METRICS, prefix="cir/")
+    self._cir_chance = {k: v for k, v in chance.items() if k[len("cir/"):] in _CIR_METRICS}
+    return m
 
   def chance_metrics(self):
     return {**getattr(self, "_chance", {}), **getattr(self, "_cir_chance", {})}
@@ -707,41 +640,48 @@ class InstructCIRTask(Task):
   def finish(self, params):
     """Writes `<workdir>/adapter` (PEFT), `<workdir>/model` (merged, cirjax LLaVA dir) and with
     `export_hf` `<workdir>/model_hf` (merged, HF LLaVA dir), each with the tokenizer."""
-    if not self.config.get("export", True):
-      return
-    rep = shd.replicated(self.mesh)
-    host = jax.device_get(jax.jit(lambda p: p, out_shardings=rep)(params))
-    if jax.process_index() != 0:
-      return
-    host = jax.tree.map(np.asarray, host)
-    wd = Path(self.workdir)
-    adapter = lora_lib.Adapter(host["lora"], self.lora_cfg)
-    lora_lib.save_peft(adapter, wd / "adapter",
-                       base_model_name_or_path=self.config.model.get("init") or None)
-    merged = jax.tree.map(np.asarray, lora_lib.merge(host["base"], adapter))
-    cfg = self.cfg.replace(dtype="float32")
-    registry.save(wd / "model", "llava", cfg, merged, overwrite=True,
-                  extra={"source": f"cirjax train instructcir stage {self.stage}"},
-                  tokenizer_dir=self.tokenizer_dir)
-    written = ["adapter", "model"]
-    if self.config.get("export_hf", True):
-      registry.export_hf(wd / "model_hf", "llava", cfg, merged, overwrite=True,
-                         tokenizer_dir=self.tokenizer_dir)
-      written.append("model_hf")
-    _log(f"exported {', '.join(str(wd / w) for w in written)}")
+    if self.config.get("export", True):
+      export_model(Path(self.workdir), self.config, self.cfg, self.lora_cfg, params, self.mesh,
+                   self.tokenizer_dir, f"cirjax train instructcir stage {self.stage}")
 
 
-def llava_convert_load(path: str):
-  if not Path(path).is_dir():
-    raise FileNotFoundError(f"LLaVA model directory not found: {path}")
-  loaded = registry.load(path, family="llava")
-  return loaded.config, loaded.params
+def export_model(workdir: Path, config: ml_collections.ConfigDict, cfg: llava.LlavaConfig,
+                 lora_cfg: lora_lib.LoraConfig, params, mesh: jax.sharding.Mesh,
+                 tokenizer_dir: str, source: str) -> None:
+  """The adapter (PEFT), the merged model (cirjax LLaVA directory) and, with `export_hf`, an
+  HF LLaVA directory, under `workdir`."""
+  host = jax.device_get(jax.jit(lambda p: p, out_shardings=shd.replicated(mesh))(params))
+  if jax.process_index() != 0:
+    return
+  host = jax.tree.map(np.asarray, host)
+  adapter = lora_lib.Adapter(host["lora"], lora_cfg)
+  lora_lib.save_peft(adapter, workdir / "adapter",
+                     base_model_name_or_path=config.model.get("init") or None)
+  merged = jax.tree.map(np.asarray, lora_lib.merge(host["base"], adapter))
+  cfg = cfg.replace(dtype="float32")
+  registry.save(workdir / "model", "llava", cfg, merged, overwrite=True,
+                extra={"source": source}, tokenizer_dir=tokenizer_dir)
+  written = ["adapter", "model"]
+  if config.get("export_hf", True):
+    registry.export_hf(workdir / "model_hf", "llava", cfg, merged, overwrite=True,
+                       tokenizer_dir=tokenizer_dir)
+    written.append("model_hf")
+  _log(f"exported {', '.join(str(workdir / w) for w in written)}")
 
 
-def _recalls(scores: np.ndarray, target: np.ndarray, prefix: str) -> dict[str, float]:
-  """Recall@K (percent) of `target[i]` among the top K of row i of `scores`."""
-  from cirjax.eval import metrics  # pylint: disable=g-import-not-at-top
-  k = min(max(_RECALL_KS), scores.shape[1])
-  ranking = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-  ks = [x for x in _RECALL_KS if x <= k]
-  return {f"{prefix}/{m}": v for m, v in metrics.recall_at_k(ranking, target, ks).items()}
+def _open_image(path: str):
+  try:
+    return images_lib.load_image(path)
+  except OSError as e:
+    raise DataError(f"cannot read image {path}: {e}") from e
+
+
+# Pure encoders (module level so their compilations are reused).
+def _embed_texts(params, ids, mask, *, cfg, lora_cfg):
+  return llava.embed(params["base"], cfg, ids, mask, None, lora=lora_lib.Adapter(
+      params["lora"], lora_cfg), rng=None, deterministic=True)
+
+
+def _embed_with_images(params, pixels, ids, mask, *, cfg, lora_cfg):
+  return llava.embed(params["base"], cfg, ids, mask, pixels, lora=lora_lib.Adapter(
+      params["lora"], lora_cfg), rng=None, deterministic=True)

@@ -8,8 +8,10 @@ Per epoch `e` of `E` (n_def = `config.qure.n_def`):
     the set-size statistics; from then on each query walks its set without replacement
     across epochs (`config.qure.sampling = "walk"`) or draws uniformly (`"uniform"`);
   * one negative per query per epoch (each query is in one batch per epoch), drawn by
-    `cirjax.sampling.NegativeSampler` for the global batch on every process; its state is
-    checkpointed, so a resumed run draws the same negatives.
+    `cirjax.sampling.NegativeSampler` for the global batch on every process. The sampler
+    state is the one at the start of the epoch (`begin_epoch` applies the previous epochs'
+    draws), so `batch(epoch, index)` is a pure function of its arguments and that state, and
+    the checkpointed state makes a resumed run draw the same negatives.
 
 Loss (`config.qure.loss`): `pairwise` (QuRe, Eqs. 2-3) or `infonce` (every positive and
 negative of the global batch as columns), independent of the backbone.
@@ -25,27 +27,33 @@ triplet, sets de-duplicated by image id).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
-import re
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from cirjax import losses
 from cirjax import mining
 from cirjax import sampling as sampling_lib
 from cirjax.convert import registry
 from cirjax.data import images as images_lib
+from cirjax.data import text
 from cirjax.data.loader import ImageCache, default_text
 from cirjax.data.records import CIRSplit, DataError
+from cirjax.data.training_splits import read_splits
+from cirjax.eval import encode as encode_lib
+from cirjax.eval import evaluate as ev
 from cirjax.models import blip2
 from cirjax.train import sharding as shd
+from cirjax.train import state as st
 from cirjax.train.task import Task
 
 LOSSES = ("pairwise", "infonce")
@@ -54,21 +62,6 @@ LOSSES = ("pairwise", "infonce")
 def _log(msg: str) -> None:
   if jax.process_index() == 0:
     print(f"[cirjax] {msg}", file=sys.stderr, flush=True)
-
-
-# ------------------------------------------------------------------------------ losses
-
-def pairwise_loss(s_pos: jax.Array, s_neg: jax.Array) -> jax.Array:
-  """QuRe's Bradley-Terry loss `-mean log sigmoid(s_pos - s_neg)` in fp32 (Eqs. 2-3)."""
-  return -jnp.mean(jax.nn.log_sigmoid(s_pos.astype(jnp.float32) - s_neg.astype(jnp.float32)))
-
-
-def infonce_loss(logits: jax.Array) -> jax.Array:
-  """Cross-entropy with the positive in column i for row i (in-batch + extra negatives)."""
-  logits = logits.astype(jnp.float32)
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  pos = jnp.take_along_axis(logits, jnp.arange(logits.shape[0])[:, None], axis=-1)[:, 0]
-  return jnp.mean(lse - pos)
 
 
 # ------------------------------------------------------------------------------ model config
@@ -99,49 +92,6 @@ def model_config(mc: ml_collections.ConfigDict, vocab_size: int) -> blip2.Blip2C
                            ln_vision_eps=1e-5 if clip else 1e-6)
 
 
-# ------------------------------------------------------------------------------ data
-
-def ensure_synthetic(root: str, synth_cfg: ml_collections.ConfigDict | None) -> None:
-  """Generates the synthetic benchmark at `root` unless it is already there (process 0)."""
-  from cirjax.data import synth  # pylint: disable=g-import-not-at-top
-  if synth.is_synthetic(root):
-    return
-  if os.path.exists(root) and os.listdir(root):
-    raise DataError(f"config.data.root={root} exists but is not a cirjax synthetic dataset "
-                    "(no meta.json from cirjax.data.synth); point it elsewhere")
-  if jax.process_index() == 0:
-    kw = dict(synth_cfg or {})
-    cfg = synth.SynthConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
-                               for k, v in kw.items()})
-    _log(f"synthetic data missing: generating it in {root}")
-    tmp = root.rstrip("/") + ".tmp"
-    synth.generate(tmp, cfg, progress=lambda s: _log(s))
-    os.replace(tmp, root)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices("cirjax_synthetic_data")
-
-
-def read_splits(dc: ml_collections.ConfigDict) -> tuple[list[CIRSplit], list[CIRSplit]]:
-  """(training splits, evaluation splits); FashionIQ gives one per category."""
-  root = os.path.expanduser(dc.root)
-  ds = dc.dataset
-  if ds == "synthetic":
-    from cirjax.data import synth  # pylint: disable=g-import-not-at-top
-    ensure_synthetic(root, dc.get("synth"))
-    return ([synth.read_synthetic(root, dc.train_split)],
-            [synth.read_synthetic(root, dc.eval_split)])
-  if ds == "cirr":
-    from cirjax.data import cirr  # pylint: disable=g-import-not-at-top
-    return [cirr.read_cirr(root, dc.train_split)], [cirr.read_cirr(root, dc.eval_split)]
-  if ds == "fashioniq":
-    from cirjax.data import fashioniq  # pylint: disable=g-import-not-at-top
-    cats = list(dc.categories)
-    return ([fashioniq.read_fashioniq(root, c, dc.train_split) for c in cats],
-            [fashioniq.read_fashioniq(root, c, dc.eval_split) for c in cats])
-  raise DataError(f"config.data.dataset={ds!r}: QuRe trains on synthetic, cirr or fashioniq")
-
-
 class _Group:
   """One mining corpus and the training queries mined against it."""
 
@@ -151,12 +101,128 @@ class _Group:
     self.target_pos = query_target      # [len(queries)] corpus position of each target
 
 
+def _image_table(train_splits: list[CIRSplit], eval_splits: list[CIRSplit]
+                 ) -> tuple[dict[str, int], dict[str, Any], int]:
+  """Every image of the run by name: (name -> global index, name -> image reference, number
+  of training images). Training images come first, then evaluation-only ones."""
+  names: dict[str, int] = {}
+  refs: dict[str, Any] = {}
+
+  def add(split, image_names):
+    for n in image_names:
+      if n not in names:
+        names[n] = len(names)
+        refs[n] = split.images[n]
+
+  for s in train_splits:
+    add(s, list(s.corpus) + [x for q in s.queries for x in (q.reference, q.target)])
+  n_train = len(names)
+  for s in eval_splits:
+    add(s, list(s.corpus) + [q.reference for q in s.queries])
+  return names, refs, n_train
+
+
+def _mining_groups(train_splits: list[CIRSplit], names: dict[str, int], q_tgt: np.ndarray,
+                   per_triplet: bool) -> list[_Group]:
+  """One mining corpus per training split: its images, or (`per_triplet`, FashionIQ) the
+  targets of its triplets, one entry per triplet as the reference code builds it."""
+  groups, start = [], 0
+  for s in train_splits:
+    nq = len(s.queries)
+    qidx = np.arange(start, start + nq)
+    if per_triplet:
+      corpus = q_tgt[qidx].copy()
+      tpos = np.arange(nq, dtype=np.int32)
+    else:
+      corpus = np.array([names[n] for n in s.corpus], np.int32)
+      pos = {int(g): i for i, g in enumerate(corpus)}
+      missing = [s.queries[i - start].target for i in qidx if int(q_tgt[i]) not in pos]
+      if missing:
+        raise DataError(f"{s.name}: target {missing[0]!r} is not in the training corpus")
+      tpos = np.array([pos[int(q_tgt[i])] for i in qidx], np.int32)
+    groups.append(_Group(qidx, corpus, tpos))
+    start += nq
+  return groups
+
+
+class GroupSampler:
+  """QuRe's negatives for queries spread over mining groups: one `NegativeSampler` per
+  group, holding each group's state at the start of epoch `epoch`."""
+
+  def __init__(self, groups: list[_Group], num_queries: int, seed: int, sampling: str):
+    self.samplers = [sampling_lib.NegativeSampler(
+        mining.whole_corpus_sets(g.target_pos, image_ids=g.corpus), seed=seed,
+        sampling=sampling) for g in groups]
+    self.states = [smp.init() for smp in self.samplers]
+    self.epoch: int | None = 0   # None: restored from a checkpoint that stored every draw
+    self.q_group = np.zeros(num_queries, np.int32)     # query -> its group
+    self.q_in_group = np.zeros(num_queries, np.int32)  # query -> its row in the group
+    for gi, g in enumerate(groups):
+      self.q_group[g.queries] = gi
+      self.q_in_group[g.queries] = np.arange(len(g.queries))
+
+  def advance(self, epoch: int, epoch_rows: Callable[[int], np.ndarray],
+              first_step_in_epoch: int) -> None:
+    """Applies the draws of the epochs from `self.epoch` up to `epoch` (`epoch_rows(e)`: the
+    queries drawn in epoch e; each is drawn at most once per epoch, so an epoch's draws
+    never depend on each other)."""
+    if self.epoch is None:
+      if first_step_in_epoch:
+        raise RuntimeError("this checkpoint's sampler state predates per-epoch sampler "
+                           "states and cannot resume mid-epoch; resume from an epoch's end")
+      self.epoch = epoch
+    if epoch < self.epoch:
+      raise RuntimeError(f"begin_epoch({epoch}) after epoch {self.epoch}")
+    for e in range(self.epoch, epoch):
+      rows = epoch_rows(e)
+      self.states = [smp.advance(state, self.q_in_group[rows[self.q_group[rows] == gi]])
+                     for gi, (smp, state) in enumerate(zip(self.samplers, self.states))]
+    self.epoch = epoch
+
+  def set_mined(self, sets: list[mining.HardNegativeSets]) -> None:
+    self.states = [smp.set_mined(state, hs)
+                   for smp, state, hs in zip(self.samplers, self.states, sets)]
+
+  def sample(self, epoch: int, index: int, rows: np.ndarray) -> np.ndarray:
+    """One negative image per query of the *global* batch `index` of `epoch` (every
+    process draws the same), from the state at the start of `epoch`."""
+    if self.epoch != epoch:
+      raise RuntimeError(f"batch of epoch {epoch} asked before begin_epoch({epoch})")
+    neg = np.zeros(len(rows), np.int32)
+    for gi, (smp, state) in enumerate(zip(self.samplers, self.states)):
+      sel = self.q_group[rows] == gi
+      if sel.any():
+        neg[sel], _ = smp.sample(state, self.q_in_group[rows[sel]], epoch=epoch,
+                                 step=index * len(self.samplers) + gi)
+    return neg
+
+  def to_arrays(self) -> dict[str, np.ndarray]:
+    arrays = {}
+    for gi, state in enumerate(self.states):
+      # "/" is a path separator to orbax: store sampler keys with "." instead.
+      arrays.update({f"group{gi}." + k.replace("/", "."): v
+                     for k, v in sampling_lib.state_to_arrays(state).items()})
+    return arrays
+
+  def load(self, epoch: int | None, arrays: dict[str, np.ndarray]) -> None:
+    states = []
+    for gi, smp in enumerate(self.samplers):
+      pre = f"group{gi}."
+      state = sampling_lib.state_from_arrays({k[len(pre):].replace(".", "/"): v
+                                              for k, v in arrays.items() if k.startswith(pre)})
+      smp.validate(state)
+      states.append(state)
+    self.states, self.epoch = states, epoch
+
+
 # ------------------------------------------------------------------------------ the task
 
 class QuReTask(Task):
   """QuRe: frozen ViT, trained Q-Former, pairwise loss with re-mined hard negatives."""
 
   name = "qure"
+  # batch(epoch, i) reads the sampler state set at the epoch's start: workers build ahead.
+  stateful_batches = False
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdir: str):
     super().__init__(config, mesh, workdir)
@@ -168,67 +234,23 @@ class QuReTask(Task):
     self.compute_dtype = jnp.dtype(config.get("compute_dtype", "float32"))
     t0 = time.perf_counter()
     self.train_splits, self.eval_splits = read_splits(config.data)
-    from cirjax.data import text  # pylint: disable=g-import-not-at-top
     tok_src = config.data.get("tokenizer") or os.path.expanduser(config.data.root)
     self.tokenizer = text.load_bert_tokenizer(tok_src)
     self.max_len = int(config.data.get("max_text_length", 32))
-
-    # Model: random (synthetic) or pretrained (an HF / LAVIS / cirjax BLIP-2 directory).
-    self.pretrained = config.model.get("init") or ""
-    if self.pretrained:
-      loaded = registry.load(os.path.expanduser(self.pretrained), family="blip2")
-      self.cfg, self._pretrained_params = loaded.config, loaded.params
-      if len(self.tokenizer) > self.cfg.qformer.vocab_size:
-        raise ValueError(f"{self.pretrained}: Q-Former vocabulary {self.cfg.qformer.vocab_size} "
-                         f"< tokenizer's {len(self.tokenizer)}")
-    else:
-      self.cfg = model_config(config.model, len(self.tokenizer))
-      self._pretrained_params = None
-    self.image_size = self.cfg.vision.image_size
+    self._init_model(config)
     self.transform = images_lib.make_transform(config.data.get("transform", "targetpad"),
                                                self.image_size)
 
-    # Queries and the global image table (training images first, then evaluation-only ones).
     self.queries = [q for s in self.train_splits for q in s.queries]
-    names: dict[str, int] = {}
-    refs: dict[str, Any] = {}
-    for s in self.train_splits:
-      for n in list(s.corpus) + [x for q in s.queries for x in (q.reference, q.target)]:
-        if n not in names:
-          names[n] = len(names)
-          refs[n] = s.images[n]
-    self.n_train_images = len(names)
-    for s in self.eval_splits:
-      for n in list(s.corpus) + [q.reference for q in s.queries]:
-        if n not in names:
-          names[n] = len(names)
-          refs[n] = s.images[n]
-    self.image_names = list(names)
-    self.image_index = names
-    self._image_refs = refs
-    self.q_ref = np.array([names[q.reference] for q in self.queries], np.int32)
-    self.q_tgt = np.array([names[q.target] for q in self.queries], np.int32)
-    ids, mask = text.tokenize(self.tokenizer, [default_text(q) for q in self.queries], self.max_len)
-    self.q_ids, self.q_mask = ids, mask
-
-    # Mining corpora.
-    self.groups = []
-    start = 0
-    for s in self.train_splits:
-      nq = len(s.queries)
-      qidx = np.arange(start, start + nq)
-      if config.data.dataset == "fashioniq":
-        corpus = self.q_tgt[qidx].copy()        # one entry per triplet (reference code)
-        tpos = np.arange(nq, dtype=np.int32)
-      else:
-        corpus = np.array([names[n] for n in s.corpus], np.int32)
-        pos = {int(g): i for i, g in enumerate(corpus)}
-        missing = [self.queries[i].target for i in qidx if int(self.q_tgt[i]) not in pos]
-        if missing:
-          raise DataError(f"{s.name}: target {missing[0]!r} is not in the training corpus")
-        tpos = np.array([pos[int(self.q_tgt[i])] for i in qidx], np.int32)
-      self.groups.append(_Group(qidx, corpus, tpos))
-      start += nq
+    self.image_index, refs, self.n_train_images = _image_table(self.train_splits,
+                                                               self.eval_splits)
+    self.image_names = list(self.image_index)
+    self.q_ref = np.array([self.image_index[q.reference] for q in self.queries], np.int32)
+    self.q_tgt = np.array([self.image_index[q.target] for q in self.queries], np.int32)
+    self.q_ids, self.q_mask = text.tokenize(self.tokenizer,
+                                            [default_text(q) for q in self.queries], self.max_len)
+    self.groups = _mining_groups(self.train_splits, self.image_index, self.q_tgt,
+                                 per_triplet=config.data.dataset == "fashioniq")
 
     tc = config.train
     self.global_batch = int(tc.batch_size)
@@ -240,25 +262,38 @@ class QuReTask(Task):
     n_def = int(qc.get("n_def", 6))
     self.mine_every = max(1, self.epochs // n_def) if n_def > 0 else 0
     self.strategy = qc.get("strategy", "qure")
-    self.sampling = qc.get("sampling", "walk")
-    self.samplers = [sampling_lib.NegativeSampler(
-        mining.whole_corpus_sets(g.target_pos, image_ids=g.corpus), seed=self.seed,
-        sampling=self.sampling) for g in self.groups]
-    self.sampler_states = [smp.init() for smp in self.samplers]
-    # query -> (group, row within the group)
-    self.q_group = np.zeros(len(self.queries), np.int32)
-    self.q_in_group = np.zeros(len(self.queries), np.int32)
-    for gi, g in enumerate(self.groups):
-      self.q_group[g.queries] = gi
-      self.q_in_group[g.queries] = np.arange(len(g.queries))
+    self.sampler = GroupSampler(self.groups, len(self.queries), self.seed,
+                                qc.get("sampling", "walk"))
 
-    # The frozen-feature cache is valid only if every vision-tower parameter is frozen.
-    from cirjax.train import state as st  # pylint: disable=g-import-not-at-top
-    abstract = blip2.abstract_params(self.cfg)
-    mask = st.trainable_mask(abstract, tuple(config.get("freeze", ())),
+    self._setup_encoders(config)
+    self._images = ImageCache(_AllImages(refs), self.transform,
+                              enabled=bool(config.data.get("cache_images", True)))
+    self.mined_epoch = -1
+    _log(f"qure data: {len(self.queries)} training queries, {self.n_train_images} training "
+         f"images, {len(self.image_names) - self.n_train_images} more for evaluation "
+         f"({time.perf_counter() - t0:.1f}s)")
+
+  def _init_model(self, config) -> None:
+    """Random (synthetic) or pretrained (an HF / LAVIS / cirjax BLIP-2 directory) model."""
+    self.pretrained = config.model.get("init") or ""
+    if self.pretrained:
+      loaded = registry.load(os.path.expanduser(self.pretrained), family="blip2")
+      self.cfg, self._pretrained_params = loaded.config, loaded.params
+      if len(self.tokenizer) > self.cfg.qformer.vocab_size:
+        raise ValueError(f"{self.pretrained}: Q-Former vocabulary {self.cfg.qformer.vocab_size} "
+                         f"< tokenizer's {len(self.tokenizer)}")
+    else:
+      self.cfg = model_config(config.model, len(self.tokenizer))
+      self._pretrained_params = None
+    self.image_size = self.cfg.vision.image_size
+
+  def _setup_encoders(self, config) -> None:
+    """The pure encoders, and the frozen-feature cache, valid only if every vision-tower
+    parameter is frozen."""
+    mask = st.trainable_mask(blip2.abstract_params(self.cfg), tuple(config.get("freeze", ())),
                              tuple(config.get("train_only", ())))
     frozen_vit = not any(jax.tree.leaves(mask["vision"]))
-    self.cache = bool(qc.get("cache_features", True))
+    self.cache = bool(config.qure.get("cache_features", True))
     if self.cache and not frozen_vit:
       raise ValueError("config.qure.cache_features=True needs a frozen vision tower "
                        "(config.freeze must include 'vision/.*'); set it False to train the ViT")
@@ -270,14 +305,9 @@ class QuReTask(Task):
         "compose": functools.partial(_compose_from_feats if self.cache else _compose_from_pixels,
                                      cfg=run_cfg),
     }
+    nd = self.mesh.devices.size
+    self.encode_batch = max(nd, int(config.qure.get("encode_batch_size", 256)) // nd * nd)
     self._feats: np.ndarray | None = None
-    self._images = ImageCache(_AllImages(self._image_refs), self.transform,
-                              enabled=bool(config.data.get("cache_images", True)))
-
-    self.mined_epoch = -1
-    _log(f"qure data: {len(self.queries)} training queries, {self.n_train_images} training "
-         f"images, {len(self.image_names) - self.n_train_images} more for evaluation "
-         f"({time.perf_counter() - t0:.1f}s)")
 
   # ---------------------------------------------------------------- model
   def init_params(self, rng):
@@ -306,16 +336,14 @@ class QuReTask(Task):
                                     batch["attention_mask"])
     t = blip2.encode_target_from_features(params, run_cfg, jnp.concatenate([pos, neg]))
     temp = params["temp"].astype(jnp.float32)
+    s_neg = losses.qure_scores(q, t[b:], temp)
     if self.loss_kind == "pairwise":
-      tp, tn = t[:b], t[b:]
-      s_pos = jnp.einsum("bd,bkd->bk", q, tp).max(-1) / temp
-      s_neg = jnp.einsum("bd,bkd->bk", q, tn).max(-1) / temp
-      loss = pairwise_loss(s_pos, s_neg)
+      s_pos = losses.qure_scores(q, t[:b], temp)
+      loss = losses.pairwise_sigmoid_loss(s_pos, s_neg)
     else:  # every positive and negative of the global batch as columns
-      logits = blip2.score(q, t) / temp
-      loss = infonce_loss(logits)
+      logits = losses.qure_logits(q, t, temp)
+      loss = losses.info_nce_from_logits(logits)
       s_pos = jnp.diagonal(logits[:, :b])
-      s_neg = jnp.einsum("bd,bkd->bk", q, t[b:]).max(-1) / temp
     acc = jnp.mean((s_pos > s_neg).astype(jnp.float32))
     return loss, {"pair_acc": acc, "temp": temp}
 
@@ -336,84 +364,58 @@ class QuReTask(Task):
   def _feat_dtype(self):
     return jnp.dtype(self.config.qure.get("feature_dtype", "float32"))
 
-  # ---------------------------------------------------------------- device helpers
-  def _params_sharding(self, params):
-    return jax.tree.map(lambda x: x.sharding, params)
+  # ---------------------------------------------------------------- encoding
+  def _pixels(self, idx: np.ndarray) -> np.ndarray:
+    return np.stack([self._images(self.image_names[int(i)]) for i in idx])
 
-  def _encode(self, fn, params, arrays: list[np.ndarray], batch_size: int, what: str
-              ) -> np.ndarray:
-    """Runs `fn(params, *arrays_batch)` over the rows of `arrays`, data-parallel over the mesh;
-    every process gets the full result on the host."""
-    n = len(arrays[0])
-    nd = jax.device_count()
-    bs = max(nd, (batch_size // nd) * nd)
-    rep = shd.replicated(self.mesh)
-    key = (fn, tuple(a.shape[1:] for a in arrays), bs)
-    cache = self.__dict__.setdefault("_jit_cache", {})
-    if key not in cache:
-      in_sh = (self._params_sharding(params),) + tuple(
-          shd.batch_sharding(self.mesh, a.ndim) for a in arrays)
-      cache[key] = jax.jit(fn, in_shardings=in_sh, out_shardings=rep)
-    jfn = cache[key]
-    outs = []
+  def _inputs(self, idx: np.ndarray, *extra: np.ndarray) -> Iterator[tuple[np.ndarray, ...]]:
+    """Encoder input batches for global images `idx` (cached features or decoded pixels, one
+    batch at a time) with the rows of `extra` arrays (token ids, masks) beside them."""
+    for i in range(0, len(idx), self.encode_batch):
+      j = idx[i:i + self.encode_batch]
+      yield (self._feats[j] if self.cache else self._pixels(j),) + tuple(
+          a[i:i + self.encode_batch] for a in extra)
+
+  def _encode(self, fn, params, inputs, n: int, what: str, dtype=None) -> np.ndarray:
     t0 = time.perf_counter()
-    for i in range(0, n, bs):
-      chunk = [a[i:i + bs] for a in arrays]
-      m = len(chunk[0])
-      if m < bs:
-        chunk = [np.concatenate([c, np.repeat(c[-1:], bs - m, axis=0)]) for c in chunk]
-      dev = [jax.make_array_from_callback(c.shape, shd.batch_sharding(self.mesh, c.ndim),
-                                          lambda idx, c=c: c[idx]) for c in chunk]
-      outs.append(np.asarray(jax.device_get(jfn(params, *dev)))[:m])
+    out = encode_lib.encode(fn, params, inputs, mesh=self.mesh, batch_size=self.encode_batch,
+                            dtype=dtype)
     dt = time.perf_counter() - t0
     if n >= 256:
       _log(f"encoded {n} {what} in {dt:.1f}s ({n / max(dt, 1e-9):.0f}/s)")
-    return np.concatenate(outs)
-
-  def _pixels(self, idx: np.ndarray) -> np.ndarray:
-    return np.stack([self._images(self.image_names[int(i)]) for i in idx])
+    return out
 
   def _ensure_features(self, params) -> None:
     if not self.cache or self._feats is not None:
       return
-    fn = self._fns["vision"]
     n = len(self.image_names)
-    bs = int(self.config.qure.get("encode_batch_size", 256))
     _log(f"caching frozen vision features of {n} images (once per run)")
-    out = []
-    for i in range(0, n, 4 * bs):  # bounded host memory for decoded pixels
-      idx = np.arange(i, min(n, i + 4 * bs))
-      out.append(self._encode(fn, params, [self._pixels(idx)], bs, "images").astype(
-          self._feat_dtype))
-    self._feats = np.concatenate(out)
+    pixels = ((self._pixels(np.arange(i, min(n, i + self.encode_batch))),)
+              for i in range(0, n, self.encode_batch))
+    self._feats = self._encode(self._fns["vision"], params, pixels, n, "images",
+                               dtype=self._feat_dtype)
     _log(f"vision feature cache: {self._feats.shape} {self._feats.dtype}, "
          f"{self._feats.nbytes / 2**20:.0f} MiB")
-
-  def _image_inputs(self, idx: np.ndarray) -> np.ndarray:
-    return self._feats[idx] if self.cache else self._pixels(idx)
 
   def encode_targets(self, params, idx: np.ndarray) -> np.ndarray:
     """[len(idx), Q, D] target features of global images `idx` with the current params."""
     self._ensure_features(params)
-    fn = self._fns["targets"]
-    return self._encode(fn, params, [self._image_inputs(idx)],
-                        int(self.config.qure.get("encode_batch_size", 256)), "target images")
+    return self._encode(self._fns["targets"], params, self._inputs(idx), len(idx),
+                        "target images")
 
   def encode_queries(self, params, ref_idx, ids, mask) -> np.ndarray:
     """[B, D] composed queries."""
     self._ensure_features(params)
-    fn = self._fns["compose"]
-    return self._encode(fn, params, [self._image_inputs(ref_idx), ids, mask],
-                        int(self.config.qure.get("encode_batch_size", 256)), "queries")
+    return self._encode(self._fns["compose"], params, self._inputs(ref_idx, ids, mask),
+                        len(ref_idx), "queries")
 
   # ---------------------------------------------------------------- epochs, mining, sampling
-  def is_mining_epoch(self, epoch: int) -> bool:
-    return bool(self.mine_every) and epoch != 0 and epoch % self.mine_every == 0
-
   def begin_epoch(self, epoch, params, first_step_in_epoch=0):
-    """Caches features on first use; re-mines at QuRe's mining epochs (not again when a run
-    resumes inside an epoch whose mining is in the checkpoint)."""
+    """Caches features on first use; brings the sampler state to the start of `epoch`;
+    re-mines at QuRe's mining epochs (not again when a run resumes inside an epoch whose
+    mining is in the checkpoint)."""
     self._ensure_features(params)
+    self.sampler.advance(epoch, self._epoch_rows, first_step_in_epoch)
     last_mining = (epoch // self.mine_every) * self.mine_every if self.mine_every else 0
     if last_mining > 0 and self.mined_epoch != last_mining:
       if first_step_in_epoch and self.mined_epoch < last_mining:
@@ -424,33 +426,36 @@ class QuReTask(Task):
       return stats
     return None
 
+  def _epoch_rows(self, epoch: int) -> np.ndarray:
+    """The global query rows of `epoch` in batch order (the tail that fills no batch is
+    dropped)."""
+    order = np.random.default_rng([self.seed, epoch]).permutation(len(self.queries))
+    return order[:self.steps_per_epoch * self.global_batch]
+
   def mine(self, params) -> dict:
     """Re-encodes every group's corpus and queries and re-mines the hard-negative sets."""
     t0 = time.perf_counter()
     sets, stats_all = [], []
+    qc = self.config.qure
+    kw = {} if self.strategy == "qure" else {"k": int(qc.get("k", 100))}
     for g in self.groups:
       uniq, inv = np.unique(g.corpus, return_inverse=True)
       tfeat = self.encode_targets(params, uniq)
       qfeat = self.encode_queries(params, self.q_ref[g.queries], self.q_ids[g.queries],
                                   self.q_mask[g.queries])
       tdev = jnp.asarray(tfeat[inv])
-      score = jax.jit(lambda q, t: jnp.einsum("bd,nkd->bnk", q, t).max(-1))
 
-      def block(a, b, qfeat=qfeat, tdev=tdev, score=score):
-        return score(jnp.asarray(qfeat[a:b]), tdev)
+      def block(a, b, qfeat=qfeat, tdev=tdev):
+        return _max_token_scores(jnp.asarray(qfeat[a:b]), tdev)
 
-      kw = {}
-      if self.strategy != "qure":
-        kw["k"] = int(self.config.qure.get("k", 100))
-      hs, st = mining.hard_negative_sets(
+      hs, stats = mining.hard_negative_sets(
           block, g.target_pos, strategy=self.strategy, image_ids=g.corpus,
-          consecutive_threshold=int(self.config.qure.get("consecutive_threshold", 1)),
-          strict_below=bool(self.config.qure.get("strict_below", False)),
+          consecutive_threshold=int(qc.get("consecutive_threshold", 1)),
+          strict_below=bool(qc.get("strict_below", False)),
           num_queries=len(g.queries), corpus_size=len(g.corpus), **kw)
       sets.append(hs)
-      stats_all.append(st)
-    self.sampler_states = [smp.set_mined(st_, hs) for smp, st_, hs
-                           in zip(self.samplers, self.sampler_states, sets)]
+      stats_all.append(stats)
+    self.sampler.set_mined(sets)
     sizes = np.concatenate([s.set_size for s in stats_all])
     out = {"set_size_mean": float(sizes.mean()), "set_size_median": float(np.median(sizes)),
            "set_size_max": int(sizes.max()), "empty_fraction": float((sizes == 0).mean()),
@@ -458,21 +463,9 @@ class QuReTask(Task):
     _log("mining: " + ", ".join(f"{k} {v:.4g}" for k, v in out.items()))
     return out
 
-  def negatives(self, epoch: int, index: int, rows: np.ndarray) -> np.ndarray:
-    """One negative image per query of the *global* batch (every process draws the same)."""
-    neg = np.zeros(len(rows), np.int32)
-    for gi, smp in enumerate(self.samplers):
-      sel = self.q_group[rows] == gi
-      if sel.any():
-        neg[sel], self.sampler_states[gi] = smp.sample(
-            self.sampler_states[gi], self.q_in_group[rows[sel]], epoch=epoch,
-            step=index * len(self.samplers) + gi)
-    return neg
-
   def batch(self, epoch, index):
-    order = np.random.default_rng([self.seed, epoch]).permutation(len(self.queries))
-    rows = order[index * self.global_batch:(index + 1) * self.global_batch]
-    neg = self.negatives(epoch, index, rows)
+    rows = self._epoch_rows(epoch)[index * self.global_batch:(index + 1) * self.global_batch]
+    neg = self.sampler.sample(epoch, index, rows)
     mine = shd.process_rows(self.global_batch)
     rows, neg = rows[mine], neg[mine]
     out = {"input_ids": self.q_ids[rows], "attention_mask": self.q_mask[rows]}
@@ -487,61 +480,36 @@ class QuReTask(Task):
 
   # ---------------------------------------------------------------- checkpointed host state
   def host_state(self):
-    arrays = {}
-    for gi, st_ in enumerate(self.sampler_states):
-      # "/" is a path separator to orbax: store sampler keys with "." instead.
-      arrays.update({f"group{gi}." + k.replace("/", "."): v
-                     for k, v in sampling_lib.state_to_arrays(st_).items()})
-    return {"mined_epoch": self.mined_epoch, "num_groups": len(self.groups)}, arrays
+    return {"mined_epoch": self.mined_epoch, "num_groups": len(self.groups),
+            "sampler_epoch": self.sampler.epoch}, self.sampler.to_arrays()
 
   def load_host_state(self, host, arrays):
     if host.get("num_groups", len(self.groups)) != len(self.groups):
       raise ValueError("checkpoint mining state has a different number of corpora than the "
                        "config (different dataset/categories?)")
     self.mined_epoch = int(host.get("mined_epoch", -1))
-    states = []
-    for gi, smp in enumerate(self.samplers):
-      pre = f"group{gi}."
-      st_ = sampling_lib.state_from_arrays({k[len(pre):].replace(".", "/"): v
-                                            for k, v in arrays.items() if k.startswith(pre)})
-      smp.validate(st_)
-      states.append(st_)
-    self.sampler_states = states
+    epoch = host.get("sampler_epoch")
+    self.sampler.load(None if epoch is None else int(epoch), arrays)
 
   # ---------------------------------------------------------------- evaluation and export
   def evaluate(self, params):
-    from cirjax.eval import evaluate as ev  # pylint: disable=g-import-not-at-top
-    from cirjax.eval import retrieval  # pylint: disable=g-import-not-at-top
-    from cirjax.data import text  # pylint: disable=g-import-not-at-top
+    self._ensure_features(params)
     limit = int(self.config.get("eval_max_queries", 0) or 0)
     results = []
-    mesh = retrieval.make_mesh(jax.local_devices())
     for s in self.eval_splits:
-      qs = s.queries[:limit] if limit else s.queries
-      s2 = s if len(qs) == len(s.queries) else _replace_queries(s, qs)
-      cidx = np.array([self.image_index[n] for n in s2.corpus], np.int32)
-      ridx = np.array([self.image_index[q.reference] for q in qs], np.int32)
-      ids, mask = text.tokenize(self.tokenizer, [default_text(q) for q in qs], self.max_len)
-      scorer = retrieval.FeatureScorer(self.encode_queries(params, ridx, ids, mask),
-                                       self.encode_targets(params, cidx))
-      results.append(ev.evaluate_split(s2, scorer, mesh=mesh))
+      if limit and len(s.queries) > limit:
+        s = dataclasses.replace(s, queries=list(s.queries[:limit]))
+      cidx = np.array([self.image_index[n] for n in s.corpus], np.int32)
+      ridx = np.array([self.image_index[q.reference] for q in s.queries], np.int32)
+      ids, mask = text.tokenize(self.tokenizer, [default_text(q) for q in s.queries],
+                                self.max_len)
+      results.append(ev.evaluate_encoded(
+          s, params, self._fns["targets"], self._fns["compose"], self._inputs(cidx),
+          self._inputs(ridx, ids, mask), mesh=self.mesh, batch_size=self.encode_batch))
     if self.config.data.dataset == "fashioniq":  # QuRe Table 2 averages over categories
-      out = {}
-      for c, r in zip(self.config.data.categories, results):
-        out.update({f"{c}/{k}": float(v) for k, v in r.metrics.items() if k.startswith("R@")})
-      out["R@10"] = float(np.mean([r.metrics["R@10"] for r in results]))
-      out["R@50"] = float(np.mean([r.metrics["R@50"] for r in results]))
-      out["avg"] = (out["R@10"] + out["R@50"]) / 2
-      self._chance = {k: float(np.mean([r.chance[k] for r in results]))
-                      for k in ("R@10", "R@50")}
-      return out
-    r, = results
-    keep = self.config.get("eval_metrics", None)
-    m = {k: float(v) for k, v in r.metrics.items() if not k.startswith("skipped/")
-         and not k.startswith("n_")}
-    if keep:
-      m = {k: m[k] for k in keep if k in m}
-    self._chance = {k: float(v) for k, v in r.chance.items()}
+      m, self._chance = ev.fashioniq_headline(dict(zip(self.config.data.categories, results)))
+      return m
+    m, self._chance = ev.headline_metrics(results[0], self.config.get("eval_metrics", None))
     return m
 
   def chance_metrics(self):
@@ -550,23 +518,24 @@ class QuReTask(Task):
   def finish(self, params):
     """Exports the final model as a cirjax BLIP-2 directory `<workdir>/model` (loadable by
     `cirjax.load_blip2`, `cirjax eval`; `cirjax convert` turns it into HF format)."""
-    if not self.config.get("export", True):
-      return
-    host = jax.device_get(jax.tree.map(
-        lambda x: jax.jit(lambda y: y, out_shardings=shd.replicated(self.mesh))(x), params))
-    if jax.process_index() == 0:
-      path = Path(self.workdir) / "model"
-      registry.save(path, "blip2", self.cfg, jax.tree.map(np.asarray, host),
-                    overwrite=True, extra={"trained_by": "cirjax train",
-                                                     "train_config": self.config.get("config_spec", "")})
-      vocab = Path(self.workdir) / "model" / "vocab.txt"
-      try:
-        from cirjax.data import text  # pylint: disable=g-import-not-at-top
-        src = self.config.data.get("tokenizer") or os.path.expanduser(self.config.data.root)
-        vocab.write_text(text.find_vocab(src).read_text())
-      except FileNotFoundError:
-        pass
-      _log(f"exported the trained model to {path}")
+    if self.config.get("export", True):
+      export_model(Path(self.workdir) / "model", self.config, self.cfg, params, self.mesh)
+
+
+def export_model(path: Path, config: ml_collections.ConfigDict, cfg: blip2.Blip2Config, params,
+                 mesh: jax.sharding.Mesh) -> None:
+  """Writes the trained model as a cirjax BLIP-2 directory at `path`, with the run's vocab."""
+  host = jax.device_get(jax.jit(lambda p: p, out_shardings=shd.replicated(mesh))(params))
+  if jax.process_index() != 0:
+    return
+  registry.save(path, "blip2", cfg, jax.tree.map(np.asarray, host), overwrite=True,
+                extra={"trained_by": "cirjax train", "train_config": config.get("config_spec", "")})
+  try:
+    src = config.data.get("tokenizer") or os.path.expanduser(config.data.root)
+    (path / "vocab.txt").write_text(text.find_vocab(src).read_text())
+  except FileNotFoundError:
+    pass
+  _log(f"exported the trained model to {path}")
 
 
 class _AllImages:
@@ -577,9 +546,9 @@ class _AllImages:
     self.name = "qure training+evaluation images"
 
 
-def _replace_queries(split: CIRSplit, queries) -> CIRSplit:
-  import dataclasses  # pylint: disable=g-import-not-at-top
-  return dataclasses.replace(split, queries=list(queries))
+@jax.jit
+def _max_token_scores(q, t):
+  return jnp.einsum("bd,nkd->bnk", q, t).max(-1)
 
 
 # Pure encoders (module level so jit caches by identity).
