@@ -543,6 +543,9 @@ def hard_negative_sets(
 ) -> tuple[HardNegativeSets, MiningStats]:
   """Mines each query's negative set over its corpus (QuRe by default).
 
+  Long because: a 17-line signature and the checks that name each bad argument; the blocked
+  loop itself is short.
+
   Args:
     scores: a `[Q, N]` score matrix (numpy or jax), or a block function
       `(start, stop) -> scores[start:stop]` of shape `[stop-start, N]` (numpy or jax; e.g.

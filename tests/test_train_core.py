@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -149,7 +150,8 @@ def _restore_params(workdir):
 
 
 def _losses(workdir):
-  recs = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  recs = [json.loads(l) for l in
+          Path(os.path.join(workdir, "metrics.jsonl")).read_text().splitlines() if l]
   return [(r["step"], r["loss"]) for r in recs if r["kind"] == "train"], \
          [(r["step"], r["neg_mse"]) for r in recs if r["kind"] == "eval"]
 
@@ -241,7 +243,8 @@ def test_prefetched_batches_train_as_synchronous_ones(tmp_path):
       params.append(_params_np(r))
     assert losses[0] == losses[1], task
     jax.tree.map(np.testing.assert_array_equal, *params)
-  recs = [json.loads(l) for l in open(tmp_path / "PureToyTask_3" / "metrics.jsonl")]
+  recs = [json.loads(l) for l in
+          Path(tmp_path / "PureToyTask_3" / "metrics.jsonl").read_text().splitlines() if l]
   waits = [r for r in recs if r["kind"] == "data"]
   assert len(waits) == 1 and 0 <= waits[0]["data_wait_fraction"] <= 1
 

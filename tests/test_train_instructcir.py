@@ -65,7 +65,7 @@ def test_stage1_trains_checkpoints_and_exports(stage1):
   assert r["status"] == "done" and len(r["losses"]) == STEPS
   assert np.isfinite(r["losses"]).all()
   assert (wd / "checkpoints" / str(STEPS)).is_dir()
-  recs = [json.loads(l) for l in open(wd / "metrics.jsonl")]
+  recs = [json.loads(l) for l in Path(wd / "metrics.jsonl").read_text().splitlines() if l]
   assert {"i2t/R@1", "i2t/R@10"} <= set(recs[-1]) and recs[-1]["kind"] == "eval"
   assert all("batch_acc" in x for x in recs if x["kind"] == "train")
   # The PEFT adapter holds exactly the trained LoRA weights, and the merged model loads.
@@ -117,7 +117,7 @@ def test_stage2_starts_from_stage1(stage1, synth_root, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, p2["base"], p1["base"])
   assert any(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)),
                                           p2["lora"], p1["lora"])))
-  final = json.load(open(tmp_path / "stage2" / "final_metrics.json"))
+  final = json.loads(Path(tmp_path / "stage2" / "final_metrics.json").read_text())
   assert {"q2t/R@1", "q2t/beats_original"} <= set(final["final_metrics"])
   assert (tmp_path / "stage2" / "adapter" / "adapter_model.safetensors").is_file()
 

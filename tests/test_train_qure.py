@@ -55,11 +55,12 @@ def test_synthetic_tiny_trains_mines_evaluates_and_exports(synth_root, tmp_path)
   r = _train(cfg, tmp_path / "run")
   assert r["status"] == "done" and np.isfinite(r["losses"]).all()
   assert len(r["losses"]) == 8  # 64 queries / 16 per batch x 2 epochs
-  recs = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+  recs = [json.loads(l) for l in
+          Path(tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if l]
   mining = [x for x in recs if x["kind"] == "mining"]
   assert len(mining) == 1 and mining[0]["epoch"] == 1 and mining[0]["set_size_mean"] > 0
   assert {"R@10", "mAP@10"} <= set(r["final_metrics"])
-  final = json.load(open(tmp_path / "run" / "final_metrics.json"))
+  final = json.loads(Path(tmp_path / "run" / "final_metrics.json").read_text())
   assert final["chance"]["R@10"] == pytest.approx(100 * 10 / 59)
   assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
   # The exported model is a cirjax BLIP-2 directory the evaluator loads, and reproduces
@@ -145,3 +146,34 @@ def test_cache_features_needs_a_frozen_vit(synth_root, tmp_path):
                                  [f"data.root={synth_root}", "freeze=('itm_head/.*',)"])
   with pytest.raises(ValueError, match="frozen vision tower"):
     _train(cfg, tmp_path / "bad")
+
+
+def test_fashioniq_mining_target_is_the_first_copy():
+  """FashionIQ mines over the category's triplet targets (one entry per triplet); the
+  reference takes a query's target position as the first entry of its target image."""
+  from cirjax import mining
+  from cirjax.data.records import CIRSplit, Query
+  from cirjax.train import qure
+  images = ["dress_0", "dress_1", "dress_2"]
+  targets = [0, 1, 2, 0, 1, 2, 2]  # 7 triplets over 3 images; query 6 is the 3rd copy of 2
+  queries = [Query(str(i), images[(t + 1) % 3], "x", target=images[t]) for i, t in
+             enumerate(targets)]
+  split = CIRSplit("fashioniq", "dress.train", queries, images, {})
+  names = {n: i for i, n in enumerate(images)}
+  q_tgt = np.array(targets, np.int32)
+  first, = qure._mining_groups([split], names, q_tgt, per_triplet=True)
+  slot, = qure._mining_groups([split], names, q_tgt, per_triplet=True, target_position="slot")
+  np.testing.assert_array_equal(first.corpus, targets)
+  np.testing.assert_array_equal(first.target_pos, [0, 1, 2, 0, 1, 2, 2])
+  np.testing.assert_array_equal(slot.target_pos, np.arange(7))
+  # Copies score alike: query 6 ranks its target's copies 2, 5, 6 first. From the first copy,
+  # everything after it (the other copies are dropped as the target's id) can be mined; from
+  # its own slot (the last copy) only what ranks below it.
+  s = np.array([[0.1, 0.5, 0.9, 0.1, 0.5, 0.9, 0.9]] * 7, np.float32)
+  sets = {}
+  for name, g in (("first", first), ("slot", slot)):
+    hn, _ = mining.hard_negative_sets(s[6:7], g.target_pos[6:7], image_ids=g.corpus)
+    sets[name] = hn.indices[hn.offsets[0]:hn.offsets[1]].tolist()
+  assert sets["first"] != sets["slot"]
+  with pytest.raises(ValueError, match="target_position"):
+    qure._mining_groups([split], names, q_tgt, per_triplet=True, target_position="last")

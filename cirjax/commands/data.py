@@ -104,8 +104,8 @@ def read_split(dataset: str, root: str, split: str | None, skip_missing: bool = 
   if dataset == "fashioniq":
     cat, dot, sp = (split or "").partition(".")
     if not dot:
-      raise data.DataError(f"FashionIQ: read_split takes one CATEGORY.SPLIT (e.g. dress.val), "
-                           f"got {split!r}; fashioniq_splits() expands 'val' to the categories")
+      raise data.DataError(f"FashionIQ: this needs one category and split, e.g. --split "
+                           f"dress.val (got {split!r})")
     return data.read_fashioniq(root, cat, sp, on_missing=on_missing)
   if dataset == "genecis":
     if not split:
@@ -127,8 +127,8 @@ def fashioniq_splits(split: str | None) -> list[str]:
   if "." in split:
     return [split]
   if split not in fashioniq.SPLITS:
-    raise SystemExit(f"error: FashionIQ --split must be one of {fashioniq.SPLITS} (all three "
-                     f"categories) or CATEGORY.SPLIT (e.g. dress.val), got {split!r}")
+    raise fashioniq.DataError(f"FashionIQ --split must be one of {fashioniq.SPLITS} (all three "
+                              f"categories) or CATEGORY.SPLIT (e.g. dress.val), got {split!r}")
   return [f"{c}.{split}" for c in fashioniq.CATEGORIES]
 
 

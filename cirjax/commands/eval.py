@@ -8,9 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from cirjax.commands.data import read_split
-from cirjax.data import images, loader, text, tfds_builders
-from cirjax.data.fashioniq import CATEGORIES
+from cirjax.commands.data import fashioniq_splits, read_split
+from cirjax.data import genecis, images, loader, text, tfds_builders
 from cirjax.data.records import DataError
 from cirjax.eval import encoders, evaluate, retrieval, submission
 
@@ -44,8 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--tfds-dir", default=None,
                       help="read the split from a TFDS build (`cirjax data tfds`) in this data_dir")
   parser.add_argument("--split", default=None,
-                      help="split (default val; FashionIQ: val = all three categories, or "
-                      "CATEGORY.SPLIT; GeneCIS: the task name; CIRR test: test1)")
+                      help="split (default val; FashionIQ: val/train/test = all three "
+                      "categories, or CATEGORY.SPLIT; GeneCIS: the task, required; CIRR test: "
+                      "test1)")
   src = parser.add_mutually_exclusive_group(required=True)
   src.add_argument("--checkpoint", help="model directory or training workdir")
   src.add_argument("--baseline", choices=("random", "oracle"),
@@ -62,7 +62,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--batch-size", type=int, default=64, help="encoding batch (global)")
   parser.add_argument("--num-workers", type=int, default=4, help="image loading threads")
   parser.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
-  parser.add_argument("--fashioniq-root", default=None, help="HP-FashionIQ: FashionIQ root")
+  parser.add_argument("--hp-file", default=None,
+                      help="HP-FashionIQ: the released hpfiq.json (default: ROOT/hpfiq.json or "
+                      "ROOT/HP_FashionIQ/hpfiq.json, with --root the FashionIQ root)")
+  parser.add_argument("--fashioniq-root", default=None,
+                      help="HP-FashionIQ: the FashionIQ root, when --root is the hpfiq.json file")
+  parser.add_argument("--layout", default=None,
+                      help="CIRR: force a folder layout (default: detected, docs/data.md)")
+  parser.add_argument("--vg-root", default=None,
+                      help="GeneCIS attribute tasks: Visual Genome images (default ROOT/VG_100K)")
+  parser.add_argument("--coco-root", default=None,
+                      help="GeneCIS object tasks: COCO val2017 images (default ROOT/val2017)")
   parser.add_argument("--skip-missing", action="store_true",
                       help="drop queries/images whose files are missing (counted in the output)")
   parser.add_argument("--out", default=None, help="write metrics (and timings) as JSON here")
@@ -72,28 +82,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _splits(args) -> list[tuple[str, object, object]]:
-  """[(label, CIRSplit, image source or None)]; FashionIQ without a category = all three."""
+  """[(label, CIRSplit, image source or None)]; FashionIQ's `val` = its three categories."""
   if (args.root is None) == (args.tfds_dir is None):
     raise ValueError("give exactly one of --root (dataset on disk) or --tfds-dir (TFDS build)")
-  fiq_all = args.dataset == "fashioniq" and (args.split is None or "." not in args.split)
-  if args.tfds_dir is not None:
-    if fiq_all:
-      names = [f"{c}_{args.split or 'val'}" for c in CATEGORIES]
-    elif args.dataset == "fashioniq":
-      names = [args.split.replace(".", "_", 1)]
+  if args.dataset == "fashioniq":
+    names = fashioniq_splits(args.split)
+  elif args.dataset == "genecis" and not args.split:
+    raise DataError(f"GeneCIS has four tasks: choose one with --split ({', '.join(genecis.TASKS)})")
+  else:
+    names = [args.split]
+  fiq_all = len(names) > 1
+  out = []
+  for n in names:
+    if args.tfds_dir is not None:
+      # TFDS split names cannot hold a dot: dress.val is the build's dress_val.
+      s, source = tfds_builders.load_split(args.tfds_dir, args.dataset,
+                                           (n or "val").replace(".", "_", 1))
     else:
-      names = [args.split or {"genecis": "change_attribute"}.get(args.dataset, "val")]
-    out = []
-    for n in names:
-      s, source = tfds_builders.load_split(args.tfds_dir, args.dataset, n)
-      out.append((s.split.split(".")[0] if fiq_all else s.name, s, source))
-    return out
-  if fiq_all:
-    sp = args.split or "val"
-    return [(c, read_split("fashioniq", args.root, f"{c}.{sp}", args.skip_missing), None)
-            for c in CATEGORIES]
-  s = read_split(args.dataset, args.root, args.split, args.skip_missing, args.fashioniq_root)
-  return [(s.name, s, None)]
+      s = read_split(args.dataset, args.root, n, args.skip_missing, args.fashioniq_root,
+                     args.hp_file, args.layout, args.vg_root, args.coco_root)
+      source = None
+    out.append((s.split.split(".")[0] if fiq_all else s.name, s, source))
+  return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -122,7 +132,11 @@ def _run(args) -> int:
       tok_src = f"{model_dir} (InstructCIR zero-shot prompts)"
     else:
       tok_src = args.tokenizer or encoders.find_tokenizer_source(model_dir, args.root)
-      tokenize_fn = loader.bert_tokenize_fn(text.load_bert_tokenizer(tok_src), args.max_length)
+      tokenizer = text.load_bert_tokenizer(tok_src)
+      tokenize_fn = loader.bert_tokenize_fn(tokenizer, args.max_length)
+      for _, s, _ in splits:  # a vocabulary built on other data turns words into [UNK]
+        text.check_tokenizer_coverage(tokenizer, [loader.default_text(q) for q in s.queries],
+                                      str(tok_src), f"the {s.name} queries")
     dim = args.image_size or encoders.model_image_size(model)
     transform = images.make_transform(args.transform or ("clip" if llava else "targetpad"), dim)
     print(f"[eval] model {model_dir}, tokenizer {tok_src}, images {transform.name} {dim}px",

@@ -133,15 +133,17 @@ def headline_metrics(result: EvalResult, keep: Sequence[str] | None = None, pref
 
 def fashioniq_headline(results: dict[str, EvalResult]
                        ) -> tuple[dict[str, float], dict[str, float]]:
-  """(metrics, chance levels) over FashionIQ categories as QuRe's Table 2 reports them:
-  `{cat}/R@K`, the category means `R@10`, `R@50` and their mean `avg`."""
+  """(metrics, chance levels) over FashionIQ categories as QuRe's Table 2 reports them, under
+  the names `cirjax eval` uses (`metrics.fashioniq_metrics`): `{cat}/R@K`, the category means
+  `avg/R@10`, `avg/R@50` and their mean `avg`."""
   out = {}
   for c, r in results.items():
     out.update({f"{c}/{k}": float(v) for k, v in r.metrics.items() if k.startswith("R@")})
-  for k in ("R@10", "R@50"):
-    out[k] = float(np.mean([r.metrics[k] for r in results.values()]))
-  out["avg"] = (out["R@10"] + out["R@50"]) / 2
-  chance = {k: float(np.mean([r.chance[k] for r in results.values()])) for k in ("R@10", "R@50")}
+  for k in metrics.FASHIONIQ_KS:
+    out[f"avg/R@{k}"] = float(np.mean([r.metrics[f"R@{k}"] for r in results.values()]))
+  out["avg"] = (out["avg/R@10"] + out["avg/R@50"]) / 2
+  chance = {f"avg/R@{k}": float(np.mean([r.chance[f"R@{k}"] for r in results.values()]))
+            for k in metrics.FASHIONIQ_KS}
   return out, chance
 
 

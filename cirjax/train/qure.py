@@ -122,17 +122,31 @@ def _image_table(train_splits: list[CIRSplit], eval_splits: list[CIRSplit]
   return names, refs, n_train
 
 
+TARGET_POSITIONS = ("first", "slot")
+
+
 def _mining_groups(train_splits: list[CIRSplit], names: dict[str, int], q_tgt: np.ndarray,
-                   per_triplet: bool) -> list[_Group]:
+                   per_triplet: bool, target_position: str = "first") -> list[_Group]:
   """One mining corpus per training split: its images, or (`per_triplet`, FashionIQ) the
-  targets of its triplets, one entry per triplet as the reference code builds it."""
+  targets of its triplets, one entry per triplet as the reference code builds it.
+
+  In a per-triplet corpus a target image repeats when several triplets share it. The
+  reference takes as the query's target position the FIRST entry of its target image
+  (`list.index`): `target_position="first"` (default). `"slot"` uses the query's own entry
+  instead; copies score identically, so the two differ whenever the query is not the first
+  copy of its target (docs/reference_semantics.md#mining).
+  """
+  if target_position not in TARGET_POSITIONS:
+    raise ValueError(f"config.qure.target_position={target_position!r}: use one of "
+                     f"{TARGET_POSITIONS}")
   groups, start = [], 0
   for s in train_splits:
     nq = len(s.queries)
     qidx = np.arange(start, start + nq)
     if per_triplet:
       corpus = q_tgt[qidx].copy()
-      tpos = np.arange(nq, dtype=np.int32)
+      tpos = (mining.first_positions(corpus, corpus) if target_position == "first"
+              else np.arange(nq, dtype=np.int32))
     else:
       corpus = np.array([names[n] for n in s.corpus], np.int32)
       pos = {int(g): i for i, g in enumerate(corpus)}
@@ -247,9 +261,12 @@ class QuReTask(Task):
     self.image_names = list(self.image_index)
     self.q_ref = np.array([self.image_index[q.reference] for q in self.queries], np.int32)
     self.q_tgt = np.array([self.image_index[q.target] for q in self.queries], np.int32)
-    self.q_ids, self.q_mask = text.tokenize(self.tokenizer,
-                                            [default_text(q) for q in self.queries], self.max_len)
+    q_texts = [default_text(q) for q in self.queries]
+    self.q_ids, self.q_mask = text.tokenize(self.tokenizer, q_texts, self.max_len)
+    text.check_tokenizer_coverage(self.tokenizer, q_texts, str(tok_src),
+                                  f"the {config.data.dataset} training queries", warn=_log)
     self.groups = _mining_groups(self.train_splits, self.image_index, self.q_tgt,
+                                 target_position=config.qure.get("target_position", "first"),
                                  per_triplet=config.data.dataset == "fashioniq")
 
     tc = config.train

@@ -104,7 +104,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mask: Any
     grads = jax.tree.map(lambda m, g: g if m else jnp.zeros_like(g), mask, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
     if schedule is not None:
       metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
