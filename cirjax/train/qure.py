@@ -353,14 +353,15 @@ class QuReTask(Task):
                                     batch["attention_mask"])
     t = blip2.encode_target_from_features(params, run_cfg, jnp.concatenate([pos, neg]))
     temp = params["temp"].astype(jnp.float32)
-    s_neg = losses.qure_scores(q, t[b:], temp)
     if self.loss_kind == "pairwise":
       s_pos = losses.qure_scores(q, t[:b], temp)
+      s_neg = losses.qure_scores(q, t[b:], temp)
       loss = losses.pairwise_sigmoid_loss(s_pos, s_neg)
     else:  # every positive and negative of the global batch as columns
       logits = losses.qure_logits(q, t, temp)
       loss = losses.info_nce_from_logits(logits)
       s_pos = jnp.diagonal(logits[:, :b])
+      s_neg = losses.qure_scores(q, t[b:], temp)
     acc = jnp.mean((s_pos > s_neg).astype(jnp.float32))
     return loss, {"pair_acc": acc, "temp": temp}
 
