@@ -66,11 +66,14 @@ def test_preference_rate_hand_worked():
   s2 = np.array([[0, 0, 0, 0, 0], [1, 1, 1, 1, 1], [2, 2, 2, 2, 2.]])
   pref = np.array([1, 1, 2])
   # Eq. 9 conditions on set 1 scoring higher: only query 0 counts, and its set 1 was preferred.
-  assert metrics.preference_rate(s1, s2, pref) == {"preference_rate": 100.0, "n_queries": 1,
+  assert metrics.preference_rate(s1, s2, pref) == {"preference_rate": 100.0, "n_set1_higher": 1,
                                                    "n_total": 3}
   # The symmetric variant counts query 1 too (set 2 scored higher, set 1 preferred: disagree).
   assert metrics.preference_agreement(s1, s2, pref) == {"preference_agreement": 50.0,
                                                         "n_decided": 2, "n_ties": 1}
+  # Every pair tied: both are undefined, and evaluation goes on.
+  tied = metrics.preference_agreement(s1, s1, pref)
+  assert np.isnan(tied["preference_agreement"]) and tied["n_ties"] == 3
   # No query with set 1 scored higher (one lower, one tied): Eq. 9 is undefined.
   assert np.isnan(metrics.preference_rate(s2[[0, 2]], s1[[0, 2]], pref[[0, 2]])["preference_rate"])
 
@@ -103,7 +106,7 @@ def test_preference_rate_is_eq9_on_random_cases():
     assert got["preference_rate"] == pytest.approx(want)
     assert got["preference_rate"] == pytest.approx(
         100 * _reference_preference_ratio(m1, m2, [str(p) for p in pref]))
-    assert got["n_queries"] == np.sum(m1 > m2) and got["n_total"] == n_q
+    assert got["n_set1_higher"] == np.sum(m1 > m2) and got["n_total"] == n_q
 
 
 def test_fashioniq_averages():

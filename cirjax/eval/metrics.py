@@ -209,35 +209,34 @@ def preference_rate(set1_scores: np.ndarray, set2_scores: np.ndarray,
   Exactly the reference's `evaluate_preference_ratio`: only the queries whose set 1 the model
   scores strictly higher count (set scores by Eq. 8, the mean over the set's images), and the
   rate is the share of them where people preferred set 1. Queries the model scores the other
-  way, or tied, are not in the rate (`n_queries` is how many are). With no such query the
+  way, or tied, are not in the rate (`n_set1_higher` is how many are). With no such query the
   rate is undefined: NaN (the reference returns 0.0 there).
 
   Args:
     set1_scores, set2_scores: [Q, 5] the model's scores of each set's five images.
     preferred: [Q] 1 or 2, the set people preferred.
-  Returns: {"preference_rate": percent, "n_queries": queries with set 1 scored higher,
+  Returns: {"preference_rate": percent, "n_set1_higher": queries with set 1 scored higher,
     "n_total": Q}.
   """
   m1, m2, preferred = _set_scores(set1_scores, set2_scores, preferred, "preference_rate")
   cond = m1 > m2
   rate = float((preferred[cond] == 1).mean() * 100.0) if cond.any() else float("nan")
-  return {"preference_rate": rate, "n_queries": int(cond.sum()), "n_total": int(len(m1))}
+  return {"preference_rate": rate, "n_set1_higher": int(cond.sum()), "n_total": int(len(m1))}
 
 
 def preference_agreement(set1_scores: np.ndarray, set2_scores: np.ndarray,
                          preferred: np.ndarray) -> dict[str, float]:
   """The symmetric variant of the preference rate (not the paper's Eq. 9): the share of all
   queries where the set the model scores higher is the one people preferred, in both
-  directions; queries whose two set scores tie are excluded and counted.
+  directions; queries whose two set scores tie are excluded and counted (NaN when all tie).
 
   Returns: {"preference_agreement": percent, "n_decided": Q not tied, "n_ties": Q tied}.
   """
   m1, m2, preferred = _set_scores(set1_scores, set2_scores, preferred, "preference_agreement")
   decided = m1 != m2
-  if not decided.any():
-    raise ValueError("preference_agreement: every query's two sets have the same model score")
   agree = (np.where(m1 > m2, 1, 2) == preferred)[decided]
-  return {"preference_agreement": float(agree.mean() * 100.0),
+  # Every pair tied (a model that cannot tell the sets apart): undefined, as Eq. 9's rate.
+  return {"preference_agreement": float(agree.mean() * 100.0) if decided.any() else float("nan"),
           "n_decided": int(decided.sum()), "n_ties": int((~decided).sum())}
 
 
