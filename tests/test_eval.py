@@ -287,6 +287,10 @@ def test_checkpoint_resolution(tmp_path):
   (wd / "checkpoints").mkdir(parents=True)
   with pytest.raises(FileNotFoundError, match="export the trained model"):
     encoders.resolve_model_dir(wd)
+  # A real training workdir also holds the run's config.json (not an HF model config).
+  (wd / "config.json").write_text(json.dumps({"seed": 0, "model": {"init": ""}}))
+  with pytest.raises(FileNotFoundError, match="training workdir without an exported model"):
+    encoders.resolve_model_dir(wd)
   (wd / "export").mkdir()
   (wd / "export" / "cirjax_config.json").write_text(json.dumps({"model_type": "vqgan",
                                                                 "config": {}}))

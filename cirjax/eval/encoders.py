@@ -40,11 +40,19 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"checkpoint path does not exist: {p}")
   if not p.is_dir():
     raise NotADirectoryError(f"checkpoint must be a directory, got the file {p}")
-  if io.is_cirjax_dir(p) or (p / "config.json").is_file():
+  if io.is_cirjax_dir(p):
     return p
+  # A training workdir's config.json is the run's config, not an HF model config: look for
+  # its exported model before taking the directory for an HF one.
   for name in _WORKDIR_CANDIDATES:
     if io.is_cirjax_dir(p / name):
       return p / name
+  if (p / "config.json").is_file() and (p / "checkpoints").is_dir():
+    raise FileNotFoundError(
+        f"{p} is a training workdir without an exported model (looked for "
+        f"{', '.join(_WORKDIR_CANDIDATES)}); let the run finish, or export it")
+  if (p / "config.json").is_file():
+    return p
   subs = sorted((d for d in p.iterdir() if d.is_dir() and io.is_cirjax_dir(d)),
                 key=lambda d: d.stat().st_mtime, reverse=True)
   if subs:
