@@ -71,6 +71,11 @@ def test_save_load_export_round_trip(tmp_path):
   assert (back.family, back.kind, back.config) == ("blip2", "hf", cfg)
   for a, b in zip(jax.tree.leaves(back.params), jax.tree.leaves(params)):
     np.testing.assert_array_equal(a, b)
+  # A trained model's learned temperature (not the config's 0.07) survives the HF round trip.
+  trained = {**params, "temp": np.asarray(0.0287, np.float32)}
+  registry.export_hf(tmp_path / "hf-trained", "blip2", cfg, trained)
+  again = registry.load(tmp_path / "hf-trained")
+  assert again.params["temp"] == np.float32(0.0287) and again.config == cfg
   # an unexportable model (CLIP tower) is refused before anything is written
   clip = blip2.tiny_config(vision_variant="clip")
   with pytest.raises(blip2_convert.ConfigError, match="EVA vision tower"):

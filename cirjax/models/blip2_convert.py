@@ -8,7 +8,8 @@
   are read from the tensors (LAVIS versions kept 21-23 CLIP-L blocks, 39 EVA blocks).
 * `to_hf(params, cfg, dir)`: safetensors + config.json that
   `Blip2ForImageTextRetrieval.from_pretrained` loads (EVA towers only: HF has no CLIP-tower
-  BLIP-2). HF has no learned temperature; it travels in config.json as `cirjax_temp`.
+  BLIP-2). HF has no learned temperature; it travels in config.json as `cirjax_temp` (the
+  learned value) beside `cirjax_temperature_init` (the config's initial value).
 
 The tensors move by two tables, `hf_table(cfg)` and `lavis_table(cfg)`, run by
 `cirjax.convert.engine` (so shape-only sources convert too). Key accounting is strict: every
@@ -91,7 +92,8 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> Blip2C
                        num_query_tokens=int(hf.get("num_query_tokens", 32)),
                        embed_dim=int(hf.get("image_text_hidden_size", 256)),
                        ln_vision_eps=vision.layer_norm_eps,
-                       temperature_init=float(hf.get("cirjax_temp", DEFAULT_TEMP)))
+                       temperature_init=float(hf.get("cirjax_temperature_init",
+                                                     hf.get("cirjax_temp", DEFAULT_TEMP))))
   except ValueError as e:
     raise ConfigError(f"{source}: {e}") from None
 
@@ -122,7 +124,7 @@ def config_to_hf(cfg: Blip2Config) -> dict:
   return {"architectures": [HF_ARCH], "model_type": "blip-2", "vision_config": vision,
           "qformer_config": qformer, "num_query_tokens": cfg.num_query_tokens,
           "image_text_hidden_size": cfg.embed_dim, "image_token_index": None,
-          "cirjax_temp": cfg.temperature_init}
+          "cirjax_temp": cfg.temperature_init, "cirjax_temperature_init": cfg.temperature_init}
 
 
 # ----------------------------------------------------------------------------- HF tensors
@@ -152,12 +154,13 @@ def hf_table(cfg: Blip2Config) -> list:
 
 
 def params_from_hf_state(state: Mapping[str, np.ndarray], cfg: Blip2Config, *,
-                         source: str = "state dict") -> dict:
-  """HF `Blip2ForImageTextRetrieval` state dict -> cirjax params (fp32 numpy)."""
+                         source: str = "state dict", temp: float | None = None) -> dict:
+  """HF `Blip2ForImageTextRetrieval` state dict -> cirjax params (fp32 numpy). `temp`: the
+  learned temperature (HF has no tensor for it; default: the config's initial value)."""
   reader = engine.StateDictReader(state, source=source)
   target = abstract_params(cfg)
   params = engine.convert(reader, hf_table(cfg), target)
-  params["temp"] = np.asarray(cfg.temperature_init, np.float32)
+  params["temp"] = np.asarray(cfg.temperature_init if temp is None else temp, np.float32)
   reader.finish()
   engine.check_tree(params, target, source)
   return params
@@ -198,13 +201,17 @@ def from_hf(src: str | os.PathLike) -> tuple[Blip2Config, dict]:
   cfg = _check_text_ffn_flag(cfg, state.keys(), str(src))
   if "itm_head.weight" not in state:
     cfg = cfg.replace(itm_head=False)
-  return cfg, params_from_hf_state(state, cfg, source=str(src))
+  temp = hf.get("cirjax_temp")
+  return cfg, params_from_hf_state(state, cfg, source=str(src),
+                                   temp=None if temp is None else float(temp))
 
 
 def to_hf(params: Any, cfg: Blip2Config, dst: str | os.PathLike, *,
           max_shard_bytes: int = 5 * 1024 ** 3) -> Path:
   """Writes config.json + safetensors into `dst` (an existing, empty directory or a new one)."""
   hf = config_to_hf(cfg)
+  # The learned temperature, not the config's initial value: every score is divided by it.
+  hf["cirjax_temp"] = float(np.asarray(params["temp"], np.float32))
   state = params_to_hf_state(params, cfg)
   dst = Path(dst)
   dst.mkdir(parents=True, exist_ok=True)
