@@ -271,6 +271,45 @@ def test_hooks_and_shutdown_on_an_exception(tmp_path):
   assert r["status"] == "done" and len(r["losses"]) == 8 - 3
 
 
+def test_resume_refuses_a_config_that_changes_the_model(tmp_path):
+  """A workdir holds one run: a resume may change the step limit or logging, not the model,
+  and a refused resume leaves the workdir's config.json as it was."""
+  from cirjax.train.config_utils import ConfigError
+  cfg = get_config()
+  cfg.train.epochs = 1
+  cfg.train.max_steps = 3
+  wd = tmp_path / "run"
+  assert _run(cfg, wd)["status"] == "done"
+  stored = (wd / "config.json").read_bytes()
+  changed = get_config()
+  changed.train.epochs = 1
+  changed.train.max_steps = 3
+  changed.train.lr = 1e-3
+  changed.seed = 4
+  with pytest.raises(ConfigError) as e:
+    _run(changed, wd)
+  msg = str(e.value)
+  assert "train.lr: stored 0.03, requested 0.001" in msg and "seed: stored 3, requested 4" in msg
+  assert "new --workdir" in msg and (wd / "config.json").read_bytes() == stored
+  assert not (wd / "config_history.jsonl").exists()
+  # Safe keys may change; the change is recorded and config.json describes the resumed run.
+  more = get_config()
+  more.train.epochs = 1
+  more.train.max_steps = 5
+  more.log_every_steps = 2
+  r = _run(more, wd)
+  assert r["status"] == "done" and len(r["losses"]) == 5 - 3
+  assert json.loads((wd / "config.json").read_text())["train"]["max_steps"] == 5
+  hist = [json.loads(l) for l in (wd / "config_history.jsonl").read_text().splitlines()]
+  assert set(hist[0]["changed"]) == {"train.max_steps", "log_every_steps"}
+  assert hist[0]["changed"]["train.max_steps"] == {"stored": 3, "requested": 5}
+  # The CLI prints the refusal as one error, exit 2, no traceback.
+  bad = _cli(["--config", str(Path(__file__)), "--workdir", str(wd), "--config.seed=9",
+              "--config.train.epochs=1", "--config.train.max_steps=5"])
+  assert bad.returncode == 2 and "seed: stored 3, requested 9" in bad.stderr
+  assert "Traceback" not in bad.stderr
+
+
 def test_grad_accumulation_matches_full_batch(tmp_path):
   cfg = get_config()
   cfg.train.epochs = 1

@@ -62,7 +62,11 @@ def run(args: argparse.Namespace) -> int:
   except ConfigError as e:
     print(f"cirjax train: {e}", file=sys.stderr)
     return 2
-  result = train(config, args.workdir)
+  try:
+    result = train(config, args.workdir)
+  except ConfigError as e:  # e.g. a resume whose config changes the model (train/workdir.py)
+    print(f"cirjax train: {e}", file=sys.stderr)
+    return 2
   if result["status"] == "nonfinite":
     print(f"cirjax train: {result['error']}", file=sys.stderr)
     return 3

@@ -31,6 +31,7 @@ import numpy as np
 from cirjax.data.loader import Prefetcher, default_workers
 from cirjax.train import sharding as shd
 from cirjax.train import state as st
+from cirjax.train import workdir as workdir_lib
 from cirjax.train.checkpointing import Checkpointer
 from cirjax.train.logging import MetricLogger, NonFiniteLossError, Progress, check_finite
 from cirjax.train.step import DEFAULT_FP32_PARAMS, compile_step, make_train_step
@@ -42,14 +43,6 @@ STOP_AFTER_ENV = "CIRJAX_STOP_AFTER_STEP"  # tests: stop (as if killed) after th
 def _log(msg: str) -> None:
   if jax.process_index() == 0:
     print(f"[cirjax] {msg}", file=sys.stderr, flush=True)
-
-
-def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  if jax.process_index() != 0:
-    return
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
 
 
 def format_table(metrics: dict[str, Any], title: str = "final metrics",
@@ -102,7 +95,7 @@ class Trainer:
                mesh: jax.sharding.Mesh | None = None):
     self.config, self.tcfg = config, config.train
     self.workdir = os.path.abspath(workdir)
-    _write_config(config, self.workdir)
+    config_changes = workdir_lib.check_resume(config, self.workdir)
     self.mesh = mesh or shd.make_mesh(
         tuple(tuple(a) for a in config.get("mesh", (("data", -1), ("fsdp", 1)))))
     _log(f"mesh {dict(self.mesh.shape)} over {jax.device_count()} "
@@ -114,6 +107,8 @@ class Trainer:
     self._open_outputs()
     try:
       self.state, self.step = self._restore_or_init()
+      # Only now, with a checkpoint restored (or a fresh state made), is the config the run's.
+      workdir_lib.write_config(config, self.workdir, config_changes)
       self._compile()
     except BaseException:
       self.shutdown()
