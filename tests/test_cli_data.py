@@ -112,3 +112,16 @@ def test_check_fashioniq_split_means_all_categories(tmp_path, capsys, layout):
 def test_check_genecis_needs_a_task(tmp_path, capsys):
   code, _, err = _check(capsys, "--dataset", "genecis", "--root", str(tmp_path))
   assert code == 1 and "--split" in err and "change_object" in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "--dataset", "synthetic", "--root", ".", "--baseline", "random", "--batch-size", "0"],
+    ["eval", "--dataset", "synthetic", "--root", ".", "--baseline", "random", "--image-size", "-3"],
+    ["search", "--checkpoint", ".", "--corpus", ".", "--reference", "r.png", "--text", "x",
+     "--k", "0"],
+])
+def test_counts_must_be_positive(capsys, argv):
+  with pytest.raises(SystemExit) as e:
+    cli.main(argv)
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and "must be a positive integer" in err and "Traceback" not in err

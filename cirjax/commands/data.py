@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   _dataset_args(c)
   c.add_argument("--no-decode", action="store_true",
                  help="only check that image files exist (skip decoding them)")
-  c.add_argument("--workers", type=_positive_int, default=None,
+  c.add_argument("--workers", type=positive_int, default=None,
                  help="threads decoding images (default: 2 x cores, at most 16)")
 
   t = sub.add_parser("tfds", help="build a TFDS (array_record) dataset")
@@ -54,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   t.add_argument("--data-dir", required=True, help="TFDS data_dir to write into")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+  """argparse type: an integer >= 1 (a zero batch size or k is a usage error, exit 2)."""
   try:
     n = int(text)
   except ValueError:

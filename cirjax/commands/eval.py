@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from cirjax.commands.data import fashioniq_splits, read_split
+from cirjax.commands.data import fashioniq_splits, positive_int, read_split
 from cirjax.data import genecis, images, loader, text, tfds_builders
 from cirjax.data.records import DataError
 from cirjax.eval import encoders, evaluate, retrieval, submission
@@ -56,11 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--transform", default=None, choices=("targetpad", "squarepad", "clip"),
                       help="image preprocessing (default: targetpad, QuRe's 1.25 pad, for "
                       "BLIP-2; clip for LLaVA-Phi)")
-  parser.add_argument("--image-size", type=int, default=None,
+  parser.add_argument("--image-size", type=positive_int, default=None,
                       help="input resolution (default: from the model config, else 224)")
-  parser.add_argument("--max-length", type=int, default=32, help="text tokens (BLIP-2: 32)")
-  parser.add_argument("--batch-size", type=int, default=64, help="encoding batch (global)")
-  parser.add_argument("--num-workers", type=int, default=4, help="image loading threads")
+  parser.add_argument("--max-length", type=positive_int, default=32, help="text tokens (BLIP-2: 32)")
+  parser.add_argument("--batch-size", type=positive_int, default=64, help="encoding batch (global)")
+  parser.add_argument("--num-workers", type=positive_int, default=4, help="image loading threads")
   parser.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
   parser.add_argument("--hp-file", default=None,
                       help="HP-FashionIQ: the released hpfiq.json (default: ROOT/hpfiq.json or "

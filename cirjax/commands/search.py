@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from cirjax import search as search_lib
-from cirjax.commands.data import read_split
+from cirjax.commands.data import positive_int, read_split
 from cirjax.data import images, loader, text
 from cirjax.data.records import DataError
 from cirjax.eval import encoders, retrieval
@@ -41,14 +41,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--text", default=None, help="modification text")
   parser.add_argument("--relevant", default="",
                       help="comma-separated corpus names known to be relevant (marked on the page)")
-  parser.add_argument("--k", type=int, default=10, help="results to show (default 10)")
+  parser.add_argument("--k", type=positive_int, default=10, help="results to show (default 10)")
   parser.add_argument("--html", default="search.html", help="HTML page to write")
   parser.add_argument("--features-cache", default=None, help=".npz file for corpus features")
   parser.add_argument("--tokenizer", default=None, help="vocab.txt or tokenizer dir")
   parser.add_argument("--transform", default="targetpad", choices=("targetpad", "squarepad", "clip"))
-  parser.add_argument("--image-size", type=int, default=None)
-  parser.add_argument("--max-length", type=int, default=32)
-  parser.add_argument("--batch-size", type=int, default=64)
+  parser.add_argument("--image-size", type=positive_int, default=None)
+  parser.add_argument("--max-length", type=positive_int, default=32)
+  parser.add_argument("--batch-size", type=positive_int, default=64)
 
 
 def run(args: argparse.Namespace) -> int:
