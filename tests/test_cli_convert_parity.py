@@ -130,6 +130,15 @@ def test_convert_errors_leave_nothing_behind(hf_dir, converted, tmp_path, capsys
   assert "unknown model_type 'bert'" in capsys.readouterr().err
   assert cli.main(["parity", str(converted)]) == 2
   assert "--converted" in capsys.readouterr().err
+  # a config.json that is not a JSON object; a text file named like a LAVIS checkpoint
+  (broken / "config.json").write_text("[1, 2]")
+  assert cli.main(["convert", str(broken), str(out)]) == 1
+  err = capsys.readouterr().err
+  assert "config.json" in err and "JSON object, got a list" in err and "Traceback" not in err
+  (tmp_path / "x.pth").write_text("hello\n")
+  assert cli.main(["convert", str(tmp_path / "x.pth"), str(out)]) == 1
+  err = capsys.readouterr().err
+  assert "x.pth" in err and "corrupt or truncated PyTorch file" in err
   assert not out.exists()
 
 

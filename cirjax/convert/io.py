@@ -209,9 +209,11 @@ def read_torch_pickle(path: str | os.PathLike) -> dict[str, np.ndarray]:
     raise WeightFileError(f"{path}: refused to load: the pickle asks to run code that a plain "
                           f"weights file never needs (loaded with weights_only=True, nothing "
                           f"was executed). {detail.strip()}") from None
-  except (RuntimeError, EOFError, OSError, ValueError) as e:
-    raise WeightFileError(f"{path}: corrupt or truncated PyTorch file ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+  except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError,
+          AttributeError) as e:  # torch's restricted unpickler fails on garbage in many ways
+    raise WeightFileError(f"{path}: corrupt or truncated PyTorch file, or not one "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                          ) from None
   for wrapper in ("model", "state_dict", "module"):
     if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict) and not any(
         isinstance(v, torch.Tensor) for v in obj.values()):

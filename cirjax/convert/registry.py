@@ -97,9 +97,13 @@ def family(name: str) -> Family:
 
 def _hf_family(config_file: Path) -> str:
   try:
-    mt = json.loads(config_file.read_text()).get("model_type")
-  except (OSError, ValueError, AttributeError) as e:
+    hf = json.loads(config_file.read_text())
+  except (OSError, ValueError) as e:
     raise ValueError(f"{config_file}: unreadable ({e})") from None
+  if not isinstance(hf, dict):
+    raise ValueError(f"{config_file}: an HF config.json holds a JSON object, got a "
+                     f"{type(hf).__name__}")
+  mt = hf.get("model_type")
   for fam in FAMILIES.values():
     if mt in fam.hf_model_types:
       return fam.name
