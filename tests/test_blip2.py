@@ -229,7 +229,7 @@ def test_config_dtype_is_the_compute_dtype():
   # bf16 ViT features stay close to fp32 ones; outputs are fp32 either way
   f16 = blip2.vision_features(params, vit_bf16, pixels)
   assert f16.dtype == jnp.float32 and not np.array_equal(f16, feats)
-  np.testing.assert_allclose(f16, feats, atol=0.1 * float(np.abs(feats).max()))
+  np.testing.assert_allclose(f16, feats, atol=5e-2 * float(np.abs(feats).max()))  # as test_vit
   # fp32 stated explicitly is the default, bit for bit
   explicit = cfg.replace(dtype="float32", vision_dtype="float32")
   np.testing.assert_array_equal(blip2.compose(params, explicit, pixels, ids, mask),

@@ -70,6 +70,11 @@ def _dataset_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--root", required=True, help="dataset root (manual_dir for TFDS)")
   p.add_argument("--split", default=None, help="split (default: val; GeneCIS: the task, required; "
                  "FashionIQ: CATEGORY.SPLIT, e.g. dress.val)")
+  add_source_args(p)
+
+
+def add_source_args(p: argparse.ArgumentParser) -> None:
+  """Where a dataset's parts are, beyond --root (shared by data check/tfds and eval)."""
   p.add_argument("--hp-file", default=None,
                  help="HP-FashionIQ: the released hpfiq.json (default: ROOT/hpfiq.json or "
                  "ROOT/HP_FashionIQ/hpfiq.json, with --root the FashionIQ root)")
@@ -85,6 +90,12 @@ def _dataset_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--skip-missing", action="store_true",
                  help="drop queries/images whose files are missing (or, for data check, "
                  "undecodable) and count them")
+
+
+def read_split_from_args(args: argparse.Namespace, split: str | None):
+  """`read_split` with the options `add_source_args` defines."""
+  return read_split(args.dataset, args.root, split, args.skip_missing, args.fashioniq_root,
+                    args.hp_file, args.layout, args.vg_root, args.coco_root)
 
 
 def read_split(dataset: str, root: str, split: str | None, skip_missing: bool = False,
@@ -155,8 +166,7 @@ def run(args: argparse.Namespace) -> int:
       names = (fashioniq_splits(args.split) if args.dataset == "fashioniq" else [args.split])
       stats = []
       for name in names:
-        s = read_split(args.dataset, args.root, name, args.skip_missing, args.fashioniq_root,
-                       args.hp_file, args.layout, args.vg_root, args.coco_root)
+        s = read_split_from_args(args, name)
         if not args.no_decode:
           s = images.check_images_decode(s, "skip" if args.skip_missing else "error",
                                          workers=args.workers, progress=True)

@@ -8,7 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from cirjax.commands.data import fashioniq_splits, positive_int, read_split
+from cirjax.commands.data import (add_source_args, fashioniq_splits, positive_int,
+                                  read_split_from_args)
 from cirjax.data import genecis, images, loader, text, tfds_builders
 from cirjax.data.records import DataError
 from cirjax.eval import encoders, evaluate, retrieval, submission
@@ -62,19 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--batch-size", type=positive_int, default=64, help="encoding batch (global)")
   parser.add_argument("--num-workers", type=positive_int, default=4, help="image loading threads")
   parser.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
-  parser.add_argument("--hp-file", default=None,
-                      help="HP-FashionIQ: the released hpfiq.json (default: ROOT/hpfiq.json or "
-                      "ROOT/HP_FashionIQ/hpfiq.json, with --root the FashionIQ root)")
-  parser.add_argument("--fashioniq-root", default=None,
-                      help="HP-FashionIQ: the FashionIQ root, when --root is the hpfiq.json file")
-  parser.add_argument("--layout", default=None,
-                      help="CIRR: force a folder layout (default: detected, docs/data.md)")
-  parser.add_argument("--vg-root", default=None,
-                      help="GeneCIS attribute tasks: Visual Genome images (default ROOT/VG_100K)")
-  parser.add_argument("--coco-root", default=None,
-                      help="GeneCIS object tasks: COCO val2017 images (default ROOT/val2017)")
-  parser.add_argument("--skip-missing", action="store_true",
-                      help="drop queries/images whose files are missing (counted in the output)")
+  add_source_args(parser)
   parser.add_argument("--out", default=None, help="write metrics (and timings) as JSON here")
   parser.add_argument("--submission-dir", default=None,
                       help="write CIRR/CIRCO test-server submission files here")
@@ -99,8 +88,7 @@ def _splits(args) -> list[tuple[str, object, object]]:
       s, source = tfds_builders.load_split(args.tfds_dir, args.dataset,
                                            (n or "val").replace(".", "_", 1))
     else:
-      s = read_split(args.dataset, args.root, n, args.skip_missing, args.fashioniq_root,
-                     args.hp_file, args.layout, args.vg_root, args.coco_root)
+      s = read_split_from_args(args, n)
       source = None
     out.append((s.split.split(".")[0] if fiq_all else s.name, s, source))
   return out
