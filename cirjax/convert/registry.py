@@ -188,6 +188,8 @@ def export_hf(path: str | os.PathLike, family: str, config: Any, params: Any, *,
   goes to the family's writer (`max_shard_bytes`, LLaVA's `key_format`)."""
   fam = _family(family)
   fam.check_export(config)  # refuse before writing anything
+  # HF tables name every layer: a `scan_layers` (stacked) tree is unstacked first.
+  params = {"blip2": blip2.unstack_layers, "llava": llava.unstack_layers}[fam.name](params, config)
   with io.atomic_directory(path, overwrite=overwrite) as tmp:
     fam.to_hf(params, config, tmp, **kw)
     for name, f in (tokenizer_files(tokenizer_dir) if tokenizer_dir is not None else {}).items():

@@ -41,8 +41,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from cirjax.models import layer_stack
 from cirjax.models import qformer as qf
 from cirjax.models import vit as vit_lib
+from cirjax.models.attention import check_attention_impl
 from cirjax.models.vit import LayerNorm
 
 # L2 normalisation floor, as torch.nn.functional.normalize (eps=1e-12 on the norm).
@@ -69,6 +71,11 @@ class Blip2Config:
     param_dtype: dtype of the Q-Former, query-token and projection params (ViT, LayerNorms
       and `temp` stay fp32).
     remat: rematerialise ViT and Q-Former layers in the backward pass.
+    attention_impl: attention kernel of the ViT and Q-Former ('xla' | 'cudnn' | 'auto' |
+      'einsum', see `cirjax.models.attention`); parity runs use 'xla' in fp32.
+    scan_layers: run the ViT blocks and the Q-Former's layer pairs as `nn.scan`s (one compiled
+      block each) with params stacked on a leading layer axis; the functions here take params
+      in either layout (`stack_layers` / `unstack_layers` convert).
   """
   vision: vit_lib.ViTConfig = dataclasses.field(
       default_factory=lambda: vit_lib.ViTConfig(post_layernorm=False))
@@ -82,8 +89,13 @@ class Blip2Config:
   vision_dtype: Optional[str] = None
   param_dtype: str = "float32"
   remat: bool = False
+  attention_impl: str = "xla"
+  scan_layers: bool = False
 
   def __post_init__(self):
+    check_attention_impl("Blip2Config", self.attention_impl)
+    if self.scan_layers:
+      qf.check_scannable(self.qformer)
     if self.vision.post_layernorm:
       raise ValueError("Blip2Config.vision.post_layernorm must be False: BLIP-2's final vision "
                        "LayerNorm is Blip2Config's ln_vision")
@@ -170,13 +182,15 @@ class Blip2(nn.Module):
   def setup(self):
     cfg = self.config
     dt, pdt = cfg.compute_dtype, jnp.dtype(cfg.param_dtype)
-    self.vision = vit_lib.VisionTransformer(cfg.vision, cfg.vision_compute_dtype, cfg.remat)
+    self.vision = vit_lib.VisionTransformer(cfg.vision, cfg.vision_compute_dtype, cfg.remat,
+                                            cfg.attention_impl, cfg.scan_layers)
     self.ln_vision = LayerNorm(cfg.ln_vision_eps, jnp.float32)
     self.query_tokens = self.param(
         "query_tokens", nn.initializers.normal(0.02),
         (1, cfg.num_query_tokens, cfg.qformer.hidden_size), pdt)
     self.embeddings = qf.TextEmbeddings(cfg.qformer, dt, pdt)
-    self.qformer = qf.QFormer(cfg.qformer, dt, cfg.remat, pdt)
+    self.qformer = qf.QFormer(cfg.qformer, dt, cfg.remat, pdt, cfg.attention_impl,
+                              cfg.scan_layers)
     self.vision_projection = _proj(cfg.embed_dim, "vision_projection", pdt)
     self.text_projection = _proj(cfg.embed_dim, "text_projection", pdt)
     if cfg.itm_head:
@@ -306,8 +320,26 @@ def abstract_params(cfg: Blip2Config) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The functional API. `cfg` is hashable (frozen dataclasses), so it is the static argument.
 
+def layer_stacks(cfg: Blip2Config) -> list[layer_stack.Stack]:
+  """The runs of repeated layers (ViT blocks, Q-Former layers) in the param tree."""
+  return (layer_stack.prefixed(vit_lib.layer_stacks(cfg.vision), ("vision",))
+          + layer_stack.prefixed(qf.layer_stacks(cfg.qformer), ("qformer",)))
+
+
+def stack_layers(params: Mapping, cfg: Blip2Config) -> dict:
+  """Per-layer params (what the converters read and write) -> the `scan_layers` layout."""
+  return layer_stack.stack(params, layer_stacks(cfg))
+
+
+def unstack_layers(params: Mapping, cfg: Blip2Config) -> dict:
+  """`scan_layers` (stacked) params -> the per-layer layout."""
+  return layer_stack.unstack(params, layer_stacks(cfg))
+
+
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _apply(params: Mapping, cfg: Blip2Config, method: str, *args) -> jax.Array:
+  # Either layout runs: one the config does not use is converted inside the program.
+  params = layer_stack.to_layout(params, layer_stacks(cfg), cfg.scan_layers)
   return Blip2(cfg).apply({"params": params}, *args, method=method)
 
 

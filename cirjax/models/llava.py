@@ -35,7 +35,11 @@ from flax import linen as nn
 
 from cirjax import prompts as prompts_lib
 from cirjax.models.phi3 import Linear, Phi3Config, Phi3Decoder, check_positions
+from cirjax.models import layer_stack
+from cirjax.models.attention import check_attention_impl
+from cirjax.models.phi3 import layer_stacks as phi3_layer_stacks
 from cirjax.models.vit import ViTConfig, VisionTransformer, check_dtype, check_pixels
+from cirjax.models.vit import layer_stacks as vit_layer_stacks
 
 Array = jax.Array
 
@@ -57,6 +61,11 @@ class LlavaConfig:
     param_dtype: dtype the language model and projector params are stored in (the CLIP
       tower keeps fp32 params).
     remat: rematerialise the CLIP and decoder layers in the backward pass.
+    attention_impl: attention kernel of CLIP and the decoder ('xla' | 'cudnn' | 'auto' |
+      'einsum', see `cirjax.models.attention`); parity runs use 'xla' in fp32.
+    scan_layers: run the CLIP blocks and the decoder layers as `nn.scan`s with params (and
+      LoRA adapters) stacked on a leading layer axis; the functions here take params in either
+      layout (`stack_layers` / `unstack_layers` convert).
   """
   vision: ViTConfig
   text: Phi3Config
@@ -68,8 +77,11 @@ class LlavaConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False
+  attention_impl: str = "xla"
+  scan_layers: bool = False
 
   def __post_init__(self):
+    check_attention_impl("LlavaConfig", self.attention_impl)
     if self.vision_feature_select_strategy not in ("default", "full"):
       raise ValueError("vision_feature_select_strategy must be 'default' or 'full', got "
                        f"{self.vision_feature_select_strategy!r}")
@@ -180,13 +192,17 @@ class LlavaModel(nn.Module):
   def setup(self):
     c = self.config
     dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-    self.vision_tower = VisionTransformer(c.vision, dtype=dt, remat=c.remat)
+    self.vision_tower = VisionTransformer(c.vision, dtype=dt, remat=c.remat,
+                                          attention_impl=c.attention_impl,
+                                          scan_layers=c.scan_layers)
     self.multi_modal_projector = Projector(
         c.text.hidden_size, c.projector_hidden_act, c.projector_bias, dtype=dt,
         param_dtype=pdt, lora_scale=self.lora_scale, lora_dropout=self.lora_dropout)
     self.language_model = Phi3Decoder(c.text, dtype=dt, param_dtype=pdt,
                                       lora_scale=self.lora_scale,
-                                      lora_dropout=self.lora_dropout, remat=c.remat)
+                                      lora_dropout=self.lora_dropout, remat=c.remat,
+                                      attention_impl=c.attention_impl,
+                                      scan_layers=c.scan_layers)
 
   def vision_features(self, pixels: Array) -> Array:
     """The selected CLIP hidden state(s) before the projector, [n_images, P, D]."""
@@ -294,10 +310,29 @@ def check_inputs(input_ids: Any, attention_mask: Any, pixels: Any, config: Llava
                      f"needs exactly {config.num_image_tokens} tokens")
 
 
-def _variables(params, lora):
-  variables = {"params": params}
+def layer_stacks(config: LlavaConfig) -> list[layer_stack.Stack]:
+  """The runs of repeated layers (CLIP blocks, decoder layers) in the param tree."""
+  return (layer_stack.prefixed(vit_layer_stacks(config.vision), ("vision_tower",))
+          + layer_stack.prefixed(phi3_layer_stacks(config.text), ("language_model",)))
+
+
+def stack_layers(params: Any, config: LlavaConfig) -> dict:
+  """Per-layer params or LoRA adapter params (the converters' and PEFT's layout) -> the
+  `scan_layers` layout."""
+  return layer_stack.stack(params, layer_stacks(config))
+
+
+def unstack_layers(params: Any, config: LlavaConfig) -> dict:
+  """`scan_layers` (stacked) params or adapter params -> the per-layer layout."""
+  return layer_stack.unstack(params, layer_stacks(config))
+
+
+def _variables(params, lora, config: LlavaConfig):
+  # Either layout runs: one the config does not use is converted inside the program.
+  stacks = layer_stacks(config)
+  variables = {"params": layer_stack.to_layout(params, stacks, config.scan_layers)}
   if lora is not None:
-    variables["lora"] = lora.params
+    variables["lora"] = layer_stack.to_layout(lora.params, stacks, config.scan_layers)
   return variables
 
 
@@ -321,7 +356,7 @@ def forward(params: Any, config: LlavaConfig, input_ids: Array, attention_mask: 
                      f"{lora.config.dropout} needs rng= (a jax.random key for the dropout masks)")
   rngs = {"dropout": rng} if (rng is not None and not deterministic) else {}
   return _module(config, lora).apply(
-      _variables(params, lora), input_ids, attention_mask, pixels, position_ids,
+      _variables(params, lora, config), input_ids, attention_mask, pixels, position_ids,
       deterministic, output_hidden_states, rngs=rngs)
 
 
@@ -353,13 +388,13 @@ def embed(params: Any, config: LlavaConfig, input_ids: Array, attention_mask: Ar
 
 def image_features(params: Any, config: LlavaConfig, pixels: Array) -> Array:
   """Projector output [n_images, P, H] (the features merged at `<image>` tokens)."""
-  return LlavaModel(config).apply({"params": params}, pixels,
+  return LlavaModel(config).apply(_variables(params, None, config), pixels,
                                   method=LlavaModel.image_features)
 
 
 def vision_features(params: Any, config: LlavaConfig, pixels: Array) -> Array:
   """The selected CLIP hidden state(s) before the projector, [n_images, P, D]."""
-  return LlavaModel(config).apply({"params": params}, pixels,
+  return LlavaModel(config).apply(_variables(params, None, config), pixels,
                                   method=LlavaModel.vision_features)
 
 

@@ -31,6 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from cirjax.models.attention import dot_attention
+from cirjax.models import layer_stack
+from cirjax.models.layer_stack import Stack
+from cirjax.models.vit import scanned_blocks
+
 Array = jax.Array
 
 SUPPORTED_ROPE_TYPES = ("default", "longrope")
@@ -321,6 +326,7 @@ class Attention(nn.Module):
   param_dtype: Any = jnp.float32
   lora_scale: float = 1.0
   lora_dropout: float = 0.0
+  attention_impl: str = "xla"
 
   def _linear(self, features: int, name: str, bias: bool = False) -> Linear:
     return Linear(features, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -342,12 +348,8 @@ class Attention(nn.Module):
     q = apply_rope(q.reshape(b, t, nq, hd), cos, sin)
     k = apply_rope(k.reshape(b, t, nkv, hd), cos, sin)
     v = v.reshape(b, t, nkv, hd)
-    rep = nq // nkv
-    q = q.reshape(b, t, nkv, rep, hd)
-    scores = jnp.einsum("bqgrd,bkgd->bgrqk", q, k) * (hd ** -0.5)
-    scores = scores.astype(jnp.float32) + bias[:, :, None]  # [B,1,1,T,T] broadcast
-    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bgrqk,bkgd->bqgrd", probs, v).reshape(b, t, nq * hd)
+    out = dot_attention(q, k, v, bias=bias, softmax_fp32=True, impl=self.attention_impl)
+    out = out.astype(self.dtype).reshape(b, t, nq * hd)
     return self._linear(c.hidden_size, "o_proj", c.layout == "split" and c.attention_bias)(
         out, deterministic)
 
@@ -376,22 +378,28 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+  """Pre-norm decoder block. As an `nn.scan` body (`scanned`) it returns `(x, x if collect
+  else None)`: `collect` (static) gathers every layer's output for `hidden_states`."""
   config: Phi3Config
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   lora_scale: float = 1.0
   lora_dropout: float = 0.0
+  attention_impl: str = "xla"
+  scanned: bool = False
 
   @nn.compact
   def __call__(self, x: Array, cos: Array, sin: Array, bias: Array,
-               deterministic: bool = True) -> Array:
+               deterministic: bool = True, collect: bool = False) -> Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     lkw = dict(lora_scale=self.lora_scale, lora_dropout=self.lora_dropout, **kw)
     eps = self.config.rms_norm_eps
     h = RMSNorm(eps, name="input_layernorm", **kw)(x)
-    x = x + Attention(self.config, name="self_attn", **lkw)(h, cos, sin, bias, deterministic)
+    x = x + Attention(self.config, name="self_attn", attention_impl=self.attention_impl,
+                      **lkw)(h, cos, sin, bias, deterministic)
     h = RMSNorm(eps, name="post_attention_layernorm", **kw)(x)
-    return x + MLP(self.config, name="mlp", **lkw)(h, deterministic)
+    x = x + MLP(self.config, name="mlp", **lkw)(h, deterministic)
+    return (x, x if collect else None) if self.scanned else x
 
 
 class Phi3Decoder(nn.Module):
@@ -401,6 +409,9 @@ class Phi3Decoder(nn.Module):
   `(last_hidden_state, hidden_states)` where `hidden_states` follows HF's convention:
   `num_layers + 1` entries, [0] = the input embeddings, [i] = output of layer i, and the last
   entry replaced by the final-norm output (HF ties it to `last_hidden_state`).
+
+  With `scan_layers` the layers run as one `nn.scan` (params and LoRA adapters stacked under
+  `layers`, see `layer_stacks`); `attention_impl` as `cirjax.models.attention`.
   """
   config: Phi3Config
   dtype: Any = jnp.float32
@@ -408,16 +419,25 @@ class Phi3Decoder(nn.Module):
   lora_scale: float = 1.0
   lora_dropout: float = 0.0
   remat: bool = False
+  attention_impl: str = "xla"
+  scan_layers: bool = False
 
   def setup(self):
     c = self.config
     self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype,
                                  param_dtype=self.param_dtype,
                                  embedding_init=nn.initializers.normal(0.02))
-    layer_cls = nn.remat(DecoderLayer, static_argnums=(5,)) if self.remat else DecoderLayer
-    self.layers = [layer_cls(c, dtype=self.dtype, param_dtype=self.param_dtype,
-                             lora_scale=self.lora_scale, lora_dropout=self.lora_dropout,
-                             name=f"layers_{i}") for i in range(c.num_layers)]
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora_scale=self.lora_scale,
+              lora_dropout=self.lora_dropout, attention_impl=self.attention_impl)
+    if self.scan_layers:
+      # Broadcast arguments reach the body unchanged: `deterministic`/`collect` stay static.
+      blocks = scanned_blocks(DecoderLayer, length=c.num_layers, remat=self.remat,
+                              in_axes=(nn.broadcast,) * 5, static_argnums=(5, 6),
+                              collections=("params", "lora"))
+      self.layers = blocks(c, scanned=True, **kw)
+    else:
+      layer_cls = nn.remat(DecoderLayer, static_argnums=(5,)) if self.remat else DecoderLayer
+      self.layers = [layer_cls(c, name=f"layers_{i}", **kw) for i in range(c.num_layers)]
     self.norm = RMSNorm(c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
 
   def embed(self, input_ids: Array) -> Array:
@@ -431,6 +451,8 @@ class Phi3Decoder(nn.Module):
     x = inputs_embeds.astype(self.dtype)
     cos, sin = rope_cos_sin(self.config, position_ids, self.dtype)
     bias = attention_bias(attention_mask, self.config.sliding_window)
+    if self.scan_layers:
+      return self._scan(x, cos, sin, bias, deterministic, output_hidden_states)
     states = [x]
     for layer in self.layers:
       x = layer(x, cos, sin, bias, deterministic)
@@ -440,6 +462,19 @@ class Phi3Decoder(nn.Module):
       return x, None
     states[-1] = x
     return x, tuple(states)
+
+  def _scan(self, x, cos, sin, bias, deterministic, output_hidden_states):
+    x0 = x
+    x, ys = self.layers(x, cos, sin, bias, deterministic, output_hidden_states)
+    x = self.norm(x)
+    if not output_hidden_states:
+      return x, None
+    return x, (x0,) + tuple(ys[i] for i in range(self.config.num_layers - 1)) + (x,)
+
+
+def layer_stacks(config: Phi3Config) -> list[Stack]:
+  """The decoder's run of layers (`layers_{i}` per layer, `layers` stacked)."""
+  return [Stack((), "layers_{}", "layers", config.num_layers)]
 
 
 def check_positions(config: Phi3Config, seq_len: int, position_ids: Any = None) -> None:
@@ -455,12 +490,16 @@ def check_positions(config: Phi3Config, seq_len: int, position_ids: Any = None) 
 def decoder_forward(params: Any, input_ids: Array, attention_mask: Array, *,
                     config: Phi3Config, position_ids: Array | None = None,
                     dtype: Any = jnp.float32, output_hidden_states: bool = True,
-                    lora: Any = None, lora_scale: float = 1.0) -> tuple[Array, Any]:
-  """Pure text-only forward of the decoder (`params` = the decoder's own param tree)."""
-  mod = Phi3Decoder(config, dtype=_dtype(dtype), lora_scale=lora_scale)
-  variables = {"params": params}
+                    lora: Any = None, lora_scale: float = 1.0, scan_layers: bool = False,
+                    attention_impl: str = "xla") -> tuple[Array, Any]:
+  """Pure text-only forward of the decoder (`params` = the decoder's own param tree, in either
+  layer layout)."""
+  mod = Phi3Decoder(config, dtype=_dtype(dtype), lora_scale=lora_scale,
+                    scan_layers=scan_layers, attention_impl=attention_impl)
+  stacks = layer_stacks(config)
+  variables = {"params": layer_stack.to_layout(params, stacks, scan_layers)}
   if lora is not None:
-    variables["lora"] = lora
+    variables["lora"] = layer_stack.to_layout(lora, stacks, scan_layers)
 
   def run(m):
     return m(m.embed(input_ids), attention_mask, position_ids,

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from cirjax.models.vit import LayerNorm, activation, attention
+from cirjax.models.layer_stack import Stack
+from cirjax.models.vit import LayerNorm, activation, attention, scanned_blocks
 
 # Added to the attention logits of padded keys. Finite (no -inf in anything gradients touch)
 # and large enough that exp() underflows to exactly 0 in fp32 and bf16, as HF's finfo.min does.
@@ -93,6 +94,7 @@ class QFormerAttention(nn.Module):
   config: QFormerConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x, context=None, mask=None):
@@ -101,7 +103,8 @@ class QFormerAttention(nn.Module):
     dense = lambda name: _dense(cfg.hidden_size, name, self.dtype, self.param_dtype)
     q, k, v = dense("query")(x), dense("key")(kv), dense("value")(kv)
     # The Q-Former is fp16-unstable: softmax always in fp32 (identical in fp32).
-    out = attention(q, k, v, num_heads=cfg.num_heads, mask=mask, softmax_fp32=True)
+    out = attention(q, k, v, num_heads=cfg.num_heads, mask=mask, softmax_fp32=True,
+                    impl=self.attention_impl)
     out = dense("dense")(out)
     return LayerNorm(cfg.layer_norm_eps, self.dtype, name="LayerNorm")(out + x)
 
@@ -126,13 +129,14 @@ class QFormerLayer(nn.Module):
   layer_idx: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x, mask, encoder_hidden_states, query_length: int):
     cfg = self.config
     dt = (self.dtype, self.param_dtype)
-    x = QFormerAttention(cfg, *dt, name="attention")(x, mask=mask)
-    cross = (QFormerAttention(cfg, *dt, name="crossattention")
+    x = QFormerAttention(cfg, *dt, self.attention_impl, name="attention")(x, mask=mask)
+    cross = (QFormerAttention(cfg, *dt, self.attention_impl, name="crossattention")
              if cfg.has_cross_attention(self.layer_idx) else None)
     ffn_query = FeedForward(cfg, *dt, name="ffn_query")
     ffn_text = FeedForward(cfg, *dt, name="ffn") if cfg.use_text_input else None
@@ -163,6 +167,27 @@ class QFormerLayer(nn.Module):
     return out
 
 
+class QFormerLayerGroup(nn.Module):
+  """One scan step: `cross_attention_frequency` consecutive layers (`layer_{j}`), the first
+  with cross-attention; every step has the same parameter tree, so the steps stack."""
+  config: QFormerConfig
+  query_length: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  attention_impl: str = "xla"
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x, mask, encoder_hidden_states):
+    layer_cls = QFormerLayer
+    if self.remat:
+      layer_cls = nn.remat(QFormerLayer, static_argnums=(4,), prevent_cse=False)
+    for j in range(self.config.cross_attention_frequency):
+      x = layer_cls(self.config, j, self.dtype, self.param_dtype, self.attention_impl,
+                    name=f"layer_{j}")(x, mask, encoder_hidden_states, self.query_length)
+    return x, None
+
+
 class QFormer(nn.Module):
   """HF `Blip2QFormerModel`: input LayerNorm, then the layers.
 
@@ -172,11 +197,17 @@ class QFormer(nn.Module):
     encoder_hidden_states: `[B, S, E]` image features (needed when query_length > 0).
     query_length: how many leading positions are queries (0 = text only). Static.
   Returns the last hidden state `[B, T, D]`.
+
+  With `scan_layers` the layers run as one `nn.scan` over groups of
+  `cross_attention_frequency` layers (params stacked under `layer_groups`, see
+  `layer_stacks`); `attention_impl` as `cirjax.models.attention`.
   """
   config: QFormerConfig
   dtype: Any = jnp.float32
   remat: bool = False
   param_dtype: Any = jnp.float32
+  attention_impl: str = "xla"
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, embeds, attention_mask=None, encoder_hidden_states=None,
@@ -184,13 +215,35 @@ class QFormer(nn.Module):
     cfg = self.config
     x = LayerNorm(cfg.layer_norm_eps, self.dtype, name="layernorm")(embeds)
     mask = additive_mask(attention_mask)
+    if self.scan_layers:
+      check_scannable(cfg)
+      groups = scanned_blocks(QFormerLayerGroup, remat=False, in_axes=(nn.broadcast,) * 2,
+                              length=cfg.num_layers // cfg.cross_attention_frequency)
+      x, _ = groups(cfg, query_length, self.dtype, self.param_dtype, self.attention_impl,
+                    self.remat, name="layer_groups")(x, mask, encoder_hidden_states)
+      return x
     layer_cls = nn.remat(QFormerLayer, static_argnums=(4,)) if self.remat else QFormerLayer
-    # One named module per layer (`layer_{i}`, the converters' tree); a scan-over-layers
-    # switch belongs here, stacking and unstacking these same per-layer trees.
+    # One named module per layer (`layer_{i}`, the converters' tree).
     for i in range(cfg.num_layers):
-      x = layer_cls(cfg, i, self.dtype, self.param_dtype, name=f"layer_{i}")(
-          x, mask, encoder_hidden_states, query_length)
+      x = layer_cls(cfg, i, self.dtype, self.param_dtype, self.attention_impl,
+                    name=f"layer_{i}")(x, mask, encoder_hidden_states, query_length)
     return x
+
+
+def check_scannable(config: QFormerConfig) -> None:
+  """ValueError unless the layers form whole scan steps (groups of the cross-attention
+  frequency)."""
+  if config.num_layers % config.cross_attention_frequency:
+    raise ValueError(f"scan_layers needs the Q-Former's num_layers ({config.num_layers}) to "
+                     f"be a multiple of cross_attention_frequency "
+                     f"({config.cross_attention_frequency})")
+
+
+def layer_stacks(config: QFormerConfig) -> list[Stack]:
+  """The Q-Former's run of layers (`layer_{i}` per layer, `layer_groups` stacked in steps of
+  `cross_attention_frequency`)."""
+  return [Stack((), "layer_{}", "layer_groups", config.num_layers,
+                config.cross_attention_frequency, "layer_{}")]
 
 
 class TextEmbeddings(nn.Module):

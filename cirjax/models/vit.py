@@ -15,7 +15,8 @@ The module reads explicit layout fields of `ViTConfig`; a named `variant` decode
 The compute dtype and `remat` are the caller's model config's (`Blip2Config`,
 `LlavaConfig`), passed as module attributes; params are fp32. Pixels are NHWC
 (`[B, H, W, 3]`), float, already normalised. The parameter tree is independent of `remat`
-(and of how the blocks are stacked), so checkpoints load either way.
+and of `attention_impl`; with `scan_layers` the blocks' params are stacked (see
+`cirjax.models.layer_stack`, which converts between the two layouts).
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from typing import Any, Mapping, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+
+from cirjax.models.attention import dot_attention
+from cirjax.models.layer_stack import Stack
 
 ACTIVATIONS = ("gelu", "quick_gelu")
 # Compute / storage dtypes a model config may name (strings: hashable, JSON round-trips).
@@ -186,28 +190,22 @@ def _dense(features, name, dtype, use_bias=True):
                   kernel_init=nn.initializers.normal(0.02), name=name)
 
 
-def attention(q, k, v, *, num_heads, mask=None, softmax_fp32=True):
-  """Multi-head attention on `[B, T, D]` projections. `mask` is additive, `[B, 1|H, Tq, Tk]`."""
+def attention(q, k, v, *, num_heads, mask=None, softmax_fp32=True, impl="xla"):
+  """Multi-head attention on `[B, T, D]` projections. `mask` is additive, `[B, 1|H, Tq, Tk]`;
+  `impl` as `cirjax.models.attention` ('xla', 'cudnn', 'auto', 'einsum')."""
   b, tq, d = q.shape
   tk = k.shape[1]
   hd = d // num_heads
-  q = q.reshape(b, tq, num_heads, hd)
-  k = k.reshape(b, tk, num_heads, hd)
-  v = v.reshape(b, tk, num_heads, hd)
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (hd ** -0.5)
-  if mask is not None:
-    logits = logits + mask.astype(logits.dtype)
-  if softmax_fp32:
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-  else:
-    probs = jax.nn.softmax(logits, axis=-1)
-  out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+  out = dot_attention(q.reshape(b, tq, num_heads, hd), k.reshape(b, tk, num_heads, hd),
+                      v.reshape(b, tk, num_heads, hd), bias=mask, softmax_fp32=softmax_fp32,
+                      impl=impl)
   return out.reshape(b, tq, d)
 
 
 class ViTAttention(nn.Module):
   config: ViTConfig
   dtype: Any = jnp.float32
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x):
@@ -220,25 +218,49 @@ class ViTAttention(nn.Module):
     else:
       q, k, v = (_dense(d, n, self.dtype)(x) for n in ("q_proj", "k_proj", "v_proj"))
       out_name = "out_proj"
-    out = attention(q, k, v, num_heads=cfg.num_heads, softmax_fp32=cfg.softmax_fp32)
+    out = attention(q, k, v, num_heads=cfg.num_heads, softmax_fp32=cfg.softmax_fp32,
+                    impl=self.attention_impl)
     return _dense(d, out_name, self.dtype)(out)
 
 
 class ViTLayer(nn.Module):
-  """Pre-LN block: x + attn(ln1(x)); x + mlp(ln2(x))."""
+  """Pre-LN block: x + attn(ln1(x)); x + mlp(ln2(x)).
+
+  `scanned` is the block's role as an `nn.scan` body: 0 plain (returns x), 1 (x, None),
+  2 (x, x) to collect every layer's output.
+  """
   config: ViTConfig
   dtype: Any = jnp.float32
+  attention_impl: str = "xla"
+  scanned: int = 0
 
   @nn.compact
   def __call__(self, x):
     cfg = self.config
     h = LayerNorm(cfg.layer_norm_eps, self.dtype, name="layer_norm1")(x)
-    x = x + ViTAttention(cfg, self.dtype, name="self_attn")(h)
+    x = x + ViTAttention(cfg, self.dtype, self.attention_impl, name="self_attn")(h)
     h = LayerNorm(cfg.layer_norm_eps, self.dtype, name="layer_norm2")(x)
     h = _dense(cfg.intermediate_size, "fc1", self.dtype)(h)
     h = activation(cfg.hidden_act, h)
     h = _dense(cfg.hidden_size, "fc2", self.dtype)(h)
-    return x + h
+    return scan_result(x + h, self.scanned)
+
+
+def scan_result(x, scanned: int):
+  """A block's return value in its `scanned` role (see `ViTLayer`)."""
+  return x if scanned == 0 else (x, x if scanned == 2 else None)
+
+
+def scanned_blocks(block_cls, *, length: int, remat: bool, in_axes=(), static_argnums=(),
+                   collections=("params",)):
+  """`block_cls` as an `nn.scan` over `length` steps, params stacked on a leading axis.
+
+  Under remat each step is rematerialised (`prevent_cse=False`: the scan already keeps XLA
+  from merging the recomputation with the forward)."""
+  if remat:
+    block_cls = nn.remat(block_cls, prevent_cse=False, static_argnums=static_argnums)
+  return nn.scan(block_cls, variable_axes={c: 0 for c in collections},
+                 split_rngs={"params": True, "dropout": True}, in_axes=in_axes, length=length)
 
 
 def check_pixels(pixels: Any, config: ViTConfig) -> None:
@@ -267,10 +289,15 @@ class VisionTransformer(nn.Module):
     config: the ViTConfig.
     dtype: compute dtype (params stay fp32; LayerNorms and CLIP's softmax run in fp32).
     remat: rematerialise each block in the backward pass (saves activation memory).
+    attention_impl: see `cirjax.models.attention` ('xla', 'cudnn', 'auto', 'einsum').
+    scan_layers: run the blocks as one `nn.scan` (params stacked under `layers`, see
+      `layer_stacks`) instead of a Python loop (`layers_{i}`): one compiled block.
   """
   config: ViTConfig
   dtype: Any = jnp.float32
   remat: bool = False
+  attention_impl: str = "xla"
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, pixels, *, output_hidden_states: bool = False,
@@ -310,14 +337,15 @@ class VisionTransformer(nn.Module):
     if cfg.pre_norm:
       x = LayerNorm(cfg.layer_norm_eps, self.dtype, name="pre_layrnorm")(x)
 
-    # One named module per block (`layers_{i}`, the converters' tree). A scan-over-layers
-    # switch belongs here, stacking and unstacking these same per-block trees.
-    layer_cls = nn.remat(ViTLayer) if self.remat else ViTLayer
-    hidden = [x] if output_hidden_states else None
-    for i in range(n):
-      x = layer_cls(cfg, self.dtype, name=f"layers_{i}")(x)
-      if hidden is not None:
-        hidden.append(x)
+    if self.scan_layers:
+      x, hidden = self._scan(x, n, output_hidden_states)
+    else:  # one named module per block (`layers_{i}`, the converters' tree)
+      layer_cls = nn.remat(ViTLayer) if self.remat else ViTLayer
+      hidden = [x] if output_hidden_states else None
+      for i in range(n):
+        x = layer_cls(cfg, self.dtype, self.attention_impl, name=f"layers_{i}")(x)
+        if hidden is not None:
+          hidden.append(x)
 
     if cfg.post_layernorm:
       post = LayerNorm(cfg.final_eps, self.dtype, name="post_layernorm")
@@ -330,6 +358,24 @@ class VisionTransformer(nn.Module):
     else:
       last, pooled = x, x[:, 0]
     return ViTOutput(last, pooled, tuple(hidden) if hidden is not None else None)
+
+  def _scan(self, x, n: int, output_hidden_states: bool):
+    """All blocks as one scan; a shallower `n` reads layer n's output from the collected ones
+    (the scan runs every block: its params have one leading length)."""
+    cfg = self.config
+    collect = output_hidden_states or n < cfg.num_layers
+    blocks = scanned_blocks(ViTLayer, length=cfg.num_layers, remat=self.remat)
+    last, ys = blocks(cfg, self.dtype, self.attention_impl, 2 if collect else 1,
+                      name="layers")(x)
+    if not collect:
+      return last, None
+    hidden = [x] + [ys[i] for i in range(n)]
+    return hidden[-1], (hidden if output_hidden_states else None)
+
+
+def layer_stacks(config: ViTConfig) -> list[Stack]:
+  """The tower's run of blocks (`layers_{i}` per layer, `layers` stacked)."""
+  return [Stack((), "layers_{}", "layers", config.num_layers)]
 
 
 def init_vit_params(config: ViTConfig, rng: Optional[jax.Array] = None) -> dict:

@@ -1,0 +1,133 @@
+"""`scan_layers`: scanned and looped layers give the same outputs (fp32, layer tolerance), the
+stacked and per-layer layouts convert exactly, and HF -> cirjax (stacked) -> HF is identical."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cirjax.convert import io, registry
+from cirjax.models import blip2, blip2_convert, layer_stack, llava, llava_convert
+from cirjax.models import qformer as qf
+from cirjax.models import vit
+from tests.blip2_fixtures import TOL_LAYER, assert_close
+
+
+def _same_tree(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("variant", ["clip", "eva"])
+def test_vit_scan_matches_loop(variant):
+  cfg = vit.ViTConfig(image_size=28, patch_size=14, hidden_size=32, intermediate_size=64,
+                      num_layers=3, num_heads=4, variant=variant)
+  params = vit.init_vit_params(cfg)
+  stacked = layer_stack.stack(params, vit.layer_stacks(cfg))
+  assert stacked["layers"]["fc1"]["kernel"].shape == (3, 32, 64) and "layers_0" not in stacked
+  _same_tree(layer_stack.unstack(stacked, vit.layer_stacks(cfg)), params)
+  init = vit.VisionTransformer(cfg, scan_layers=True).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 3)))["params"]
+  assert jax.tree.map(jnp.shape, init) == jax.tree.map(jnp.shape, stacked)
+  px = jax.random.normal(jax.random.PRNGKey(1), (2, 28, 28, 3))
+  for n in (3, 2):  # LLaVA reads a shallower layer
+    want = vit.VisionTransformer(cfg).apply({"params": params}, px, output_hidden_states=True,
+                                            num_layers=n)
+    for remat in (False, True):
+      got = vit.VisionTransformer(cfg, remat=remat, scan_layers=True).apply(
+          {"params": stacked}, px, output_hidden_states=True, num_layers=n)
+      assert len(got.hidden_states) == n + 1
+      for g, w in zip(got.hidden_states, want.hidden_states):
+        assert_close(g, w, TOL_LAYER, f"{variant} hidden state")
+      assert_close(got.pooled, want.pooled, TOL_LAYER, f"{variant} pooled")
+
+
+def test_qformer_scan_matches_loop():
+  cfg = qf.QFormerConfig(hidden_size=32, num_layers=4, num_heads=4, intermediate_size=64,
+                         encoder_hidden_size=24, vocab_size=50)
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 7, 32))
+  enc = jax.random.normal(jax.random.PRNGKey(2), (2, 5, 24))
+  mask = jnp.array([[1] * 7, [1] * 5 + [0] * 2])
+  params = qf.QFormer(cfg).init(jax.random.PRNGKey(0), x, mask, enc, 3)["params"]
+  stacked = layer_stack.stack(params, qf.layer_stacks(cfg))
+  # two scan steps of (cross-attending layer, self-only layer)
+  groups = stacked["layer_groups"]
+  assert "crossattention" in groups["layer_0"] and "crossattention" not in groups["layer_1"]
+  assert groups["layer_0"]["ffn"]["output"]["kernel"].shape == (2, 64, 32)
+  _same_tree(layer_stack.unstack(stacked, qf.layer_stacks(cfg)), params)
+  for query_length in (0, 3, 7):  # text only, queries + text, queries only
+    want = qf.QFormer(cfg).apply({"params": params}, x, mask, enc, query_length)
+    for remat in (False, True):
+      got = qf.QFormer(cfg, remat=remat, scan_layers=True).apply(
+          {"params": stacked}, x, mask, enc, query_length)
+      assert_close(got, want, TOL_LAYER, f"Q-Former, {query_length} queries")
+  with pytest.raises(ValueError, match="multiple of cross_attention_frequency"):
+    blip2.tiny_config(num_layers=3, scan_layers=True)
+
+
+def test_blip2_scan_either_layout_and_grads():
+  cfg = blip2.tiny_config(num_layers=2)
+  params = blip2.init_blip2(jax.random.PRNGKey(0), cfg)
+  scfg = cfg.replace(scan_layers=True)
+  stacked = blip2.stack_layers(params, scfg)
+  assert "layers" in stacked["vision"] and "layer_groups" in stacked["qformer"]
+  px = jax.random.normal(jax.random.PRNGKey(1), (2, 28, 28, 3))
+  ids = jnp.array([[1, 5, 7, 0], [1, 9, 0, 0]])
+  mask = (ids > 0).astype(jnp.int32)
+  want = blip2.compose(params, cfg, px, ids, mask)
+  for p, c in ((stacked, scfg), (params, scfg), (stacked, cfg)):  # every layout runs
+    assert_close(blip2.compose(p, c, px, ids, mask), want, TOL_LAYER, "BLIP-2 composed query")
+  loss = lambda p, c: jnp.sum(blip2.compose(p, c, px, ids, mask) ** 2)
+  g_loop = blip2.stack_layers(jax.grad(loss)(params, cfg), scfg)
+  g_scan = jax.grad(loss)(stacked, scfg.replace(remat=True))
+  for a, b in zip(jax.tree.leaves(g_scan), jax.tree.leaves(g_loop)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_blip2_hf_round_trip_through_stacked_layout(tmp_path):
+  from tests.blip2_fixtures import hf_retrieval_model
+  m = hf_retrieval_model(seed=21)
+  m.save_pretrained(str(tmp_path / "hf"))
+  state = {k: v.numpy() for k, v in m.state_dict().items()}
+  cfg, params = blip2_convert.from_hf(tmp_path / "hf")
+  scfg = cfg.replace(scan_layers=True)
+  stacked = blip2.stack_layers(params, scfg)
+  out = registry.export_hf(tmp_path / "out", "blip2", scfg, stacked)
+  back = io.read_state_dict(out)
+  assert set(back) == set(state)
+  for k, v in state.items():
+    np.testing.assert_array_equal(np.asarray(back[k]), v, err_msg=k)
+
+
+def _tiny_llava(hf_dir):
+  config, params = llava_convert.from_hf(hf_dir)
+  return config, params
+
+
+def test_llava_scan_with_lora_and_round_trip(tmp_path):
+  from cirjax import lora as lora_lib
+  from cirjax.models import llava_parity
+  from tests import llava_fixtures as fx
+  model = fx.llava_model(fx.phi3_config(num_key_value_heads=2), seed=11)
+  model.save_pretrained(str(tmp_path / "hf"))
+  config, params = llava_convert.from_hf(tmp_path / "hf")
+  scfg = config.replace(scan_layers=True)
+  stacked = llava.stack_layers(params, scfg)
+  assert "layers" in stacked["vision_tower"] and "layers" in stacked["language_model"]
+  adapter = lora_lib.init_lora(params, lora_lib.LoraConfig(rank=4, init="random"),
+                               jax.random.PRNGKey(3))
+  ids, mask, pix = llava_parity.random_inputs(config, batch=2, text_len=9, seed=0)
+  want = llava.embed(params, config, ids, mask, pix, lora=adapter)
+  got = llava.embed(stacked, scfg, ids, mask, pix, lora=adapter)
+  assert_close(got, want, TOL_LAYER, "LLaVA embedding with LoRA, scanned")
+  hs_want = llava.hidden_states(params, config, ids, mask, pix)
+  hs_got = llava.hidden_states(stacked, scfg, ids, mask, pix)
+  assert len(hs_got) == len(hs_want)
+  for g, w in zip(hs_got, hs_want):
+    assert_close(g, w, TOL_LAYER, "LLaVA hidden state, scanned")
+  out = registry.export_hf(tmp_path / "out", "llava", scfg, stacked)
+  back = io.read_state_dict(out)
+  ref = fx.state_numpy(model)
+  for k, v in back.items():
+    np.testing.assert_array_equal(np.asarray(v), ref[k], err_msg=k)
