@@ -100,11 +100,6 @@ def test_blip2_hf_round_trip_through_stacked_layout(tmp_path):
     np.testing.assert_array_equal(np.asarray(back[k]), v, err_msg=k)
 
 
-def _tiny_llava(hf_dir):
-  config, params = llava_convert.from_hf(hf_dir)
-  return config, params
-
-
 def test_llava_scan_with_lora_and_round_trip(tmp_path):
   from cirjax import lora as lora_lib
   from cirjax.models import llava_parity
@@ -126,8 +121,14 @@ def test_llava_scan_with_lora_and_round_trip(tmp_path):
   assert len(hs_got) == len(hs_want)
   for g, w in zip(hs_got, hs_want):
     assert_close(g, w, TOL_LAYER, "LLaVA hidden state, scanned")
+  # HF -> cirjax (stacked) -> HF: the same files as the per-layer export (which
+  # test_llava_convert checks against the HF model), and the same params read back.
   out = registry.export_hf(tmp_path / "out", "llava", scfg, stacked)
-  back = io.read_state_dict(out)
-  ref = fx.state_numpy(model)
-  for k, v in back.items():
-    np.testing.assert_array_equal(np.asarray(v), ref[k], err_msg=k)
+  ref_out = registry.export_hf(tmp_path / "ref", "llava", config, params)
+  back, ref = io.read_state_dict(out), io.read_state_dict(ref_out)
+  assert set(back) == set(ref)
+  for k, v in ref.items():
+    np.testing.assert_array_equal(np.asarray(back[k]), np.asarray(v), err_msg=k)
+  config2, params2 = llava_convert.from_hf(out)
+  assert config2 == config
+  _same_tree(params2, params)
