@@ -1,5 +1,6 @@
 """A killed worker of a multi-process run brings the others down fast, naming it; the
-launcher streams every worker's output live with a `[rank N]` prefix.
+launcher streams every worker's output live with a `[rank N]` prefix; a damaged latest
+checkpoint falls back to the previous one in a multi-process run too.
 
 This file is also the config file of the runs (the toy task of test_train_core.py, with one
 rank killing itself mid-training).
@@ -13,9 +14,12 @@ import threading
 import time
 
 import jax
+import numpy as np
 import pytest
 
-from tests.test_train_core import REPO, ToyTask, get_config as toy_config
+from cirjax.train import config_utils
+from cirjax.train.trainer import train
+from tests.test_train_core import REPO, ToyTask, _params_np, _restore_params, get_config as toy_config
 
 HERE = os.path.abspath(__file__)
 KILL_RANK, KILL_AT = "TOY_KILL_RANK", "TOY_KILL_AT"
@@ -95,3 +99,24 @@ def test_survivors_exit_by_themselves_naming_the_dead_task(tmp_path):
   dead = text.index("stopped sending heartbeats")
   assert text[dead:dead + 80].split("\n")[1] == "[rank 0] 1", text[dead:dead + 200]
   _assert_streamed_with_ranks(lines)
+
+
+@pytest.mark.slow
+def test_two_processes_fall_back_past_a_damaged_checkpoint(tmp_path):
+  sys.path.insert(0, os.path.join(REPO, "launch"))
+  import multiprocess  # pylint: disable=import-outside-toplevel
+  wd = tmp_path / "run"
+  args = ["--config", HERE, "--workdir", str(wd)]
+  env = {"CIRJAX_CPU_DEVICES": "", "CIRJAX_STOP_AFTER_STEP": "9"}
+  assert multiprocess.launch(args, timeout=200, env=env) == 0
+  assert sorted(os.listdir(wd / "checkpoints")) == ["8", "9"]
+  for f in (wd / "checkpoints" / "9" / "state" / "d").iterdir():
+    f.write_bytes(f.read_bytes()[:100])
+  assert multiprocess.launch(args, timeout=200, env={"CIRJAX_CPU_DEVICES": ""}) == 0
+  assert (wd / "checkpoints" / "9.corrupt").is_dir()
+  # The 1-process 4-device run of the same mesh (as test_train_core's 2-process test).
+  ref = train(config_utils.load_config(HERE, []), str(tmp_path / "ref"))
+  step, params = _restore_params(str(wd))
+  assert step == 16
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               _params_np(ref), params)
