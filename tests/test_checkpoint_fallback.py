@@ -22,7 +22,9 @@ from tests.test_train_core import HERE, _cli, _losses, _params_np
 
 
 def _trainer(workdir):
-  config = config_utils.load_config(HERE, [])  # as `cirjax train --config HERE` loads it
+  # As `cirjax train --config HERE --config.tensorboard=True` loads it: with TensorBoard
+  # events, whose writer must not add a file to the workdir before training starts.
+  config = config_utils.load_config(HERE, ["tensorboard=True"])
   return Trainer(config, str(workdir), mesh=shd.make_mesh((("data", -1), ("fsdp", 1))))
 
 
@@ -107,7 +109,7 @@ def test_no_restorable_checkpoint_is_one_clean_error(runs, tmp_path):
   assert f"step 9: {wd / 'checkpoints' / '9' / 'host' / 'metadata'}: not readable JSON" in msg
   assert f"step 8: {wd / 'checkpoints' / '8' / 'state' / 'd'}" in msg and "truncated" in msg
   assert _snapshot(wd) == before
-  r = _cli(["--config", HERE, "--workdir", str(wd)])
+  r = _cli(["--config", HERE, "--workdir", str(wd), "--config.tensorboard=True"])
   assert r.returncode == 1, r.stderr[-3000:]
   assert "cirjax train: error: no checkpoint in" in r.stderr and "step 8:" in r.stderr
   assert "Traceback" not in r.stderr
