@@ -211,7 +211,9 @@ def test_instructcir_adapter_loads_with_peft(llava_src, tmp_path):
   src, ref, tok = llava_src
   config, base = llava_convert.from_hf(src)
   lcfg = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.0, init="random")
-  adapter = lora.init_lora(base, lcfg, jax.random.PRNGKey(3))
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.float32), base)
+  adapter = lora.Adapter(jax.device_get(jax.jit(  # one compile: faster than op by op
+      lambda r: lora.init_lora(shapes, lcfg, r).params)(jax.random.PRNGKey(3))), lcfg)
   train_base = {k: v for k, v in base.items() if k != "lm_head"}  # as training holds it
   run = ml_collections.ConfigDict({"model": {"init": str(src)}, "export_hf": True})
   mesh = shd.make_mesh((("data", -1), ("fsdp", 1)), jax.devices()[:1])
