@@ -130,6 +130,14 @@ def test_blip2_export_without_tokenizer_says_so(blip2_export, tmp_path, capsys):
   assert "warning:" in err and "no tokenizer" in err and "GPT-2" in err and "vocab.txt" in err
   assert (tmp_path / "hf" / "preprocessor_config.json").is_file()
   assert not (tmp_path / "hf" / "tokenizer_config.json").exists()
+  # a vocab that is no BERT vocab: the weights are exported, the tokenizer is refused by name
+  (tmp_path / "bad").mkdir()
+  (tmp_path / "bad" / "vocab.txt").write_text("[PAD]\n[CLS]\n")
+  registry.export_hf(tmp_path / "hf-bad", "blip2", cfg, params, tokenizer_dir=tmp_path / "bad")
+  err = capsys.readouterr().err
+  assert "warning:" in err and str(tmp_path / "bad" / "vocab.txt") in err and "[UNK]" in err
+  assert not (tmp_path / "hf-bad" / "tokenizer_config.json").exists()
+  _same_tree(registry.load(tmp_path / "hf-bad").params, params)
 
 
 # ----------------------------------------------------------------------------- LLaVA

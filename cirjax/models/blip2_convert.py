@@ -273,16 +273,21 @@ def write_hf_preprocessing(dst: str | os.PathLike, cfg: Blip2Config,
   cirjax's ids. Without a
   tokenizer, warns (`warn`, default stderr). Returns the file names written."""
   dst = Path(dst)
+  warn = warn or (lambda m: print(m, file=sys.stderr, flush=True))
   (dst / PREPROCESSOR_CONFIG).write_text(json.dumps(preprocessor_config(cfg), indent=2) + "\n")
   written = [PREPROCESSOR_CONFIG]
   if not has_tokenizer(tokenizer_dir):
-    (warn or (lambda m: print(m, file=sys.stderr, flush=True)))(
-        NO_TOKENIZER_WARNING.format(src=tokenizer_dir, dst=dst))
+    warn(NO_TOKENIZER_WARNING.format(src=tokenizer_dir, dst=dst))
     return written
-  tok = text_lib.load_bert_tokenizer(tokenizer_dir)
-  if len(tok) > cfg.qformer.vocab_size:
-    raise ConfigError(f"{tokenizer_dir}: the tokenizer has {len(tok)} tokens, the Q-Former's "
-                      f"vocabulary only {cfg.qformer.vocab_size}: not this model's tokenizer")
+  try:
+    tok = text_lib.load_bert_tokenizer(tokenizer_dir)
+    if len(tok) > cfg.qformer.vocab_size:
+      raise ValueError(f"{tokenizer_dir}: the tokenizer has {len(tok)} tokens, the Q-Former's "
+                       f"vocabulary only {cfg.qformer.vocab_size}: not this model's tokenizer")
+  except ValueError as e:  # the weights are still worth exporting; the tokenizer is not
+    warn(f"warning: {e}; the BLIP-2 export at {dst} gets no tokenizer.json / "
+         "tokenizer_config.json (AutoTokenizer and AutoProcessor will not give cirjax's ids)")
+    return written
   # cirjax's text length: `padding="max_length", truncation=True` then gives cirjax's ids, also
   # through Blip2Processor, which cannot take max_length= for a retrieval model (transformers
   # 5 subtracts num_query_tokens, None here: no query placeholders precede the text).
