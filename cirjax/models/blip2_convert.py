@@ -270,8 +270,8 @@ def write_hf_preprocessing(dst: str | os.PathLike, cfg: Blip2Config,
   """Writes `preprocessor_config.json` and, from `tokenizer_dir`'s vocab.txt or HF tokenizer,
   the tokenizer exactly as cirjax loads it (`cirjax.data.text.load_bert_tokenizer`: uncased
   BERT + `[DEC]`, `model_max_length` 32), saved by transformers so `AutoTokenizer` gives
-  cirjax's ids. Without a
-  tokenizer, warns (`warn`, default stderr). Returns the file names written."""
+  cirjax's ids. Without a usable tokenizer, warns (`warn`, default stderr) naming the reason
+  and writes no tokenizer files. Returns the file names written."""
   dst = Path(dst)
   warn = warn or (lambda m: print(m, file=sys.stderr, flush=True))
   (dst / PREPROCESSOR_CONFIG).write_text(json.dumps(preprocessor_config(cfg), indent=2) + "\n")
