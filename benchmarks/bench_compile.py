@@ -168,7 +168,7 @@ def run(device: str = "cpu", quick: bool = False, overrides: dict | None = None,
       row.update(impl="jax", variant="scan" if scan else "loop", scan_layers=scan,
                  device=device, shapes={"batch": row["batch"]})
       print(f"[compile] {name} {row['variant']}: lower {row['lower_s']:.1f}s, compile "
-            f"{row['compile_s']:.1f}s, temp {benchmarking_mib(row['temp_bytes'])} MiB",
+            f"{row['compile_s']:.1f}s, temp {_mib(row['temp_bytes'])} MiB",
             file=sys.stderr, flush=True)
       by_mode[scan] = row
       if len(by_mode) == 2:
@@ -179,7 +179,7 @@ def run(device: str = "cpu", quick: bool = False, overrides: dict | None = None,
   return {"rows": rows, "sizes": sz}
 
 
-def benchmarking_mib(n) -> str:
+def _mib(n) -> str:
   return "?" if n is None else f"{n / 2**20:.0f}"
 
 
