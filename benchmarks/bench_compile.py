@@ -87,14 +87,13 @@ def _compile(loss_fn, abstract_params, config, batch_spec) -> dict:
   t2, c2 = time.perf_counter(), time.process_time()
   total, trained = st.count_params(abstract_params, mask)
   mem = memory_summary(compiled)
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+  cost = benchmarking.compiled_cost(compiled)
   # CPU seconds too: wall time on a shared machine also counts the other processes' load.
   return {"lower_s": t1 - t0, "compile_s": t2 - t1, "compile_total_s": t2 - t0,
           "compile_cpu_s": c2 - c0,
           "params": total, "trained_params": trained,
           **{f"{k}_bytes": v for k, v in mem.items()},
-          "flops": (cost or {}).get("flops")}
+          "peak_memory_bytes": cost["peak_memory_bytes"], "flops": cost["flops"]}
 
 
 def _qure(sz: dict, scan: bool, cached: bool) -> dict:
