@@ -52,6 +52,7 @@ import dataclasses
 import functools
 import os
 import sys
+import threading
 import time
 from typing import Any, Callable, Optional, Union
 
@@ -420,16 +421,33 @@ def _gather_kernel(cand, lo, starts, *, total_pad: int):
 
 _LOW32 = np.uint64(0xFFFFFFFF)
 _INVALID = np.uint32(0xFFFFFFFF)   # a high word no finite score or drop maps to
+_LOW_HALF = 0 if sys.byteorder == "little" else 1   # a uint64's low word among its 2 uint32
 
 
-def _np_desc_bits(s: np.ndarray) -> np.ndarray:
+class _Scratch(threading.local):
+  """Per-thread arrays reused from chunk to chunk. Fresh multi-megabyte arrays come from
+  `mmap` and pay a page fault per 4 KiB on first touch, which cost more than the sort."""
+
+  def get(self, name: str, shape: tuple, dtype) -> np.ndarray:
+    size = int(np.prod(shape))
+    arr = self.__dict__.get(name)
+    if arr is None or arr.size < size or arr.dtype != dtype:
+      arr = self.__dict__[name] = np.empty(max(size, 1), dtype)
+    return arr[:size].reshape(shape)
+
+
+_SCRATCH = _Scratch()
+
+
+def _np_desc_bits(s: np.ndarray, name: str = "desc") -> np.ndarray:
   """uint32 keys whose ascending order is `s`'s descending float order, -0.0 == 0.0.
 
   Same map as `_desc_bits(_canonical_bits(s))`: negative floats keep their bits, the others
   become `0x7FFFFFFF - bits`, written as shifts and xors (several times faster than
-  `np.where`)."""
-  x = (s + np.float32(0)).view(np.int32)   # -0.0 + 0.0 = +0.0: canonical zeros
-  m = x >> 31                               # -1 for negative floats, else 0
+  `np.where`). The result lives in this thread's scratch array `name`."""
+  x = np.add(s, np.float32(0), out=_SCRATCH.get("canonical", s.shape, np.float32))
+  x = x.view(np.int32)                      # -0.0 + 0.0 = +0.0: canonical zeros
+  m = np.right_shift(x, 31, out=_SCRATCH.get(name, s.shape, np.int32))  # -1: negative
   m &= 0x7FFFFFFF
   m ^= 0x7FFFFFFF
   m ^= x
@@ -437,18 +455,27 @@ def _np_desc_bits(s: np.ndarray) -> np.ndarray:
 
 
 def _np_floats_from_desc(hi: np.ndarray) -> np.ndarray:
-  """Inverse of `_np_desc_bits` (the map is an involution on each half)."""
-  h = hi.view(np.int32)
-  m = h >> 31
+  """Inverse of `_np_desc_bits` (the map is an involution on each half). `hi` may be
+  strided (the high words of keys): one contiguous copy first halves the cost."""
+  h = _SCRATCH.get("high_words", hi.shape, np.int32)
+  np.copyto(h, hi.view(np.int32))
+  m = np.right_shift(h, 31, out=_SCRATCH.get("floats", hi.shape, np.int32))
   m &= 0x7FFFFFFF
   m ^= 0x7FFFFFFF
   m ^= h
   return m.view(np.float32)
 
 
-def _np_pack(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
-  """uint64 `hi << 32 | lo` (`lo` broadcast along rows)."""
-  key = hi.astype(np.uint64)
+def _np_words(keys: np.ndarray) -> np.ndarray:
+  """uint32 view `[..., 2]` of uint64 `keys`: `[..., _LOW_HALF]` is each key's low word."""
+  return np.ascontiguousarray(keys).view(np.uint32).reshape(keys.shape + (2,))
+
+
+def _np_pack(hi: np.ndarray, lo: np.ndarray, name: Optional[str] = None) -> np.ndarray:
+  """uint64 `hi << 32 | lo` (`lo` broadcast along rows), in scratch array `name` if given."""
+  key = np.empty(hi.shape, np.uint64) if name is None else _SCRATCH.get(name, hi.shape,
+                                                                          np.uint64)
+  np.copyto(key, hi)
   key <<= np.uint64(32)
   key |= lo.astype(np.uint64)
   return key
@@ -487,23 +514,27 @@ def _np_walk(ks: np.ndarray, nvalid: np.ndarray, threshold: int):
 
 
 def _np_ragged(cand: np.ndarray, lo: np.ndarray, size: np.ndarray) -> np.ndarray:
-  """Flat `cand[r, lo[r]:lo[r] + size[r]]` over rows r (low words when `cand` is keys)."""
-  total = int(size.sum())
-  if not total:
-    return np.zeros(0, np.int32)
-  rows = np.repeat(np.arange(len(size)), size)
-  first = np.cumsum(size) - size
-  pos = lo[rows] + np.arange(total) - first[rows]
-  return (cand[rows, pos] & _LOW32).astype(np.int32) if cand.dtype == np.uint64 \
-      else cand[rows, pos].astype(np.int32)
+  """Flat int32 `cand[r, lo[r]:lo[r] + size[r]]` over rows r (the positions, i.e. the low
+  words, when `cand` holds packed keys). A slice copy per row: sets can hold a third of the
+  corpus, where index arithmetic over every element would cost several passes."""
+  if cand.dtype == np.uint64:
+    cand = _np_words(np.ascontiguousarray(cand))[..., _LOW_HALF]
+  out = np.empty(int(size.sum()), np.int32)
+  end = np.cumsum(size)
+  for r in np.nonzero(size)[0]:
+    out[end[r] - size[r]:end[r]] = cand[r, lo[r]:lo[r] + size[r]]
+  return out
 
 
 def _np_qure(s, target, *, threshold: int, strict_below: bool, top_drops: int):
   """One chunk of rows: `_qure_kernel` in NumPy. Returns (flat positions, sizes, stats)."""
   b, n = s.shape
   desc = _np_desc_bits(s)
-  keys = _np_pack(desc, np.arange(n, dtype=np.uint32))
+  keys = _np_pack(desc, np.arange(n, dtype=np.uint32), "keys")
   keys.sort(axis=1)                                 # the one big sort
+  # NaN and +-inf sort to a row's ends (NaN bits lie beyond inf's): only the ends decide.
+  ends = _np_floats_from_desc(_np_words(keys[:, [0, -1]])[..., 1 - _LOW_HALF])
+  finite = np.isfinite(ends).all(axis=1)
   rank, start, _ = _np_rank(desc, target, strict_below, keys)
   num_after = n - start
   nvalid = np.maximum(num_after - 1, 0)
@@ -511,15 +542,17 @@ def _np_qure(s, target, *, threshold: int, strict_below: bool, top_drops: int):
   k1 = k2 = np.zeros(b, np.int64)
   d = None
   if n >= 4:  # an after-target list of 3 needs N >= 4
-    a = _np_floats_from_desc((keys >> np.uint64(32)).astype(np.uint32))
-    d = a[:, 1:] - a[:, :-1]                        # <= 0; IEEE float32, gradual underflow
+    a = _np_floats_from_desc(_np_words(keys)[..., 1 - _LOW_HALF])
+    # Drops <= 0, IEEE float32 with gradual underflow (NumPy does not flush subnormals).
+    d = np.subtract(a[:, 1:], a[:, :-1], out=_SCRATCH.get("drops", (b, n - 1), np.float32))
     # Steepest first, ties by position: 0x7FFFFFFF - |d| bits; drops before the
     # after-target list get the invalid high word and rank last.
-    dk = d.view(np.uint32) & np.uint32(0x7FFFFFFF)
+    dk = np.bitwise_and(d.view(np.uint32), np.uint32(0x7FFFFFFF),
+                        out=_SCRATCH.get("drop_bits", (b, n - 1), np.uint32))
     dk ^= np.uint32(0x7FFFFFFF)
     for r in range(b):
       dk[r, :start[r]] = _INVALID
-    dkeys = _np_pack(dk, np.arange(n - 1, dtype=np.uint32))
+    dkeys = _np_pack(dk, np.arange(n - 1, dtype=np.uint32), "drop_keys")
     rk = min(top_drops, n - 1)
     if rk < n - 1:
       dkeys.partition(rk - 1, axis=1)               # the rk smallest keys first (unique keys)
@@ -541,7 +574,8 @@ def _np_qure(s, target, *, threshold: int, strict_below: bool, top_drops: int):
         else np.full(b, nan, np.float32) for k in (k1, k2)]
   status = np.where(num_after < 3, STATUS_FEW_AFTER, np.where(found, STATUS_OK, STATUS_NO_PAIR))
   stats = dict(rank=rank, num_after=num_after, gap1=np.where(found, k1, -1),
-               gap2=np.where(found, k2, -1), gap1_size=gs[0], gap2_size=gs[1], status=status)
+               gap2=np.where(found, k2, -1), gap1_size=gs[0], gap2_size=gs[1], status=status,
+               finite=finite)
   return flat, size, stats
 
 
@@ -559,14 +593,15 @@ def _np_topk(s, target, *, k: int):
   desc = _np_desc_bits(s)
   rank, _, _ = _np_rank(desc, target, False)
   kk = min(k + 1, n)
-  cand = (_np_best(_np_pack(desc, np.arange(n, dtype=np.uint32)), kk) & _LOW32).astype(np.int64)
+  keys = _np_pack(desc, np.arange(n, dtype=np.uint32), "keys")
+  cand = (_np_best(keys, kk) & _LOW32).astype(np.int64)
   is_t = cand == target[:, None]
   tpos = np.where(is_t.any(axis=1), is_t.argmax(axis=1), kk - 1)
   j = np.arange(kk - 1)[None, :]
   shifted = np.where(j >= tpos[:, None], cand[:, 1:], cand[:, :-1])
   size = np.full(b, min(k, n - 1), np.int64)
   return _np_ragged(shifted, np.zeros(b, np.int64), size), size, _np_plain_stats(
-      rank, n - rank - 1, size)
+      s, rank, n - rank - 1, size)
 
 
 def _np_after_topk(s, target, *, k: int, strict_below: bool):
@@ -580,19 +615,20 @@ def _np_after_topk(s, target, *, k: int, strict_below: bool):
     after |= (desc == dt[:, None]) & (col > target[:, None])
   hi = np.where(after, desc, _INVALID)
   kk = min(k, n)
-  cand = _np_best(_np_pack(hi, col.astype(np.uint32)), kk)
+  cand = _np_best(_np_pack(hi, col.astype(np.uint32), "keys"), kk)
   num_after = n - start
   size = np.minimum(num_after, kk)
   return _np_ragged(cand, np.zeros(b, np.int64), size), size, _np_plain_stats(
-      rank, num_after, size)
+      s, rank, num_after, size)
 
 
-def _np_plain_stats(rank, num_after, size):
+def _np_plain_stats(s, rank, num_after, size):
   b = len(rank)
   return dict(rank=rank, num_after=num_after, gap1=np.full(b, -1), gap2=np.full(b, -1),
               gap1_size=np.full(b, np.nan, np.float32),
               gap2_size=np.full(b, np.nan, np.float32),
-              status=np.where(size > 0, STATUS_OK, STATUS_FEW_AFTER))
+              status=np.where(size > 0, STATUS_OK, STATUS_FEW_AFTER),
+              finite=np.isfinite(s).all(axis=1))
 
 
 # ---------------------------------------------------------------------------------------
@@ -870,10 +906,18 @@ def _assemble(sizes: list, pieces: list, stat_pieces: list):
   offsets = np.zeros(sum(len(s) for s in sizes) + 1, np.int64)
   if sizes:
     np.cumsum(np.concatenate(sizes), out=offsets[1:])
-  flat = np.concatenate(pieces).astype(np.int32) if pieces else np.zeros(0, np.int32)
+  flat = (np.concatenate(pieces).astype(np.int32, copy=False) if pieces
+          else np.zeros(0, np.int32))
   st = {key: (np.concatenate([p[key] for p in stat_pieces]).astype(dt) if stat_pieces
               else np.zeros(0, dt)) for key, dt in _STAT_DTYPES.items()}
   return offsets, flat, st
+
+
+def _np_chunk(chunk_fn, s, target):
+  # Rows holding NaN/inf are reported by the caller; drops of +-3e38 overflow to -inf, as
+  # in the reference.
+  with np.errstate(invalid="ignore", over="ignore"):
+    return chunk_fn(s, target)
 
 
 def _mine_numpy(block_fn, targets, q, n, rows, chunk_fn, threads, progress):
@@ -891,14 +935,17 @@ def _mine_numpy(block_fn, targets, q, n, rows, chunk_fn, threads, progress):
       if stop < q:
         nxt = _checked_block(block_fn, stop, min(stop + rows, q), n)
       s = np.asarray(blk).astype(np.float32, copy=False)
-      _raise_non_finite(start, np.isfinite(s).all(axis=1), s)
       tb = targets[start:stop].astype(np.int64)
       step = max(1, min(_CHUNK_BYTES // (8 * n), -(-(stop - start) // max(1, threads))))
-      for flat, size, stats in pool.map(lambda a: chunk_fn(s[a:a + step], tb[a:a + step]),
+      finite = []
+      for flat, size, stats in pool.map(lambda a: _np_chunk(chunk_fn, s[a:a + step],
+                                                            tb[a:a + step]),
                                         range(0, stop - start, step)):
         pieces.append(flat)
         sizes.append(size)
         stat_pieces.append(stats)
+        finite.append(stats["finite"])
+      _raise_non_finite(start, np.concatenate(finite), s)
       _progress(progress, stop, q, t0)
   return _assemble(sizes, pieces, stat_pieces)
 
