@@ -279,6 +279,9 @@ class QuReTask(Task):
     n_def = int(qc.get("n_def", 6))
     self.mine_every = max(1, self.epochs // n_def) if n_def > 0 else 0
     self.strategy = qc.get("strategy", "qure")
+    if qc.get("mining_method", "auto") not in mining.METHODS:  # fail now, not at epoch 8
+      raise ValueError(f"config.qure.mining_method={qc.get('mining_method')!r}; expected "
+                       f"one of {mining.METHODS}")
     self.sampler = GroupSampler(self.groups, len(self.queries), self.seed,
                                 qc.get("sampling", "walk"))
 
@@ -470,6 +473,7 @@ class QuReTask(Task):
           block, g.target_pos, strategy=self.strategy, image_ids=g.corpus,
           consecutive_threshold=int(qc.get("consecutive_threshold", 1)),
           strict_below=bool(qc.get("strict_below", False)),
+          method=str(qc.get("mining_method", "auto")),
           num_queries=len(g.queries), corpus_size=len(g.corpus), **kw)
       sets.append(hs)
       stats_all.append(stats)
