@@ -7,8 +7,9 @@ Rows (`run(device, quick) -> list[dict]`):
   [N, 32, 256], score = max over the 32 tokens, top 50 per query, the reference excluded.
   jax: `cirjax.eval.retrieval.top_k` (queries sharded over devices, corpus streamed in blocks,
   running `lax.top_k`). torch: the same scores with `einsum` + `amax` + `topk` per query
-  block over the whole corpus. The jax row's `speedup_vs_torch` = torch time / jax time. Both start from host (NumPy) features and end with host
-  results, so transfers are counted on both sides; samples/s = queries ranked per second.
+  block over the whole corpus. The jax row's `speedup_vs_torch` = torch time / jax time.
+  Both start from host (NumPy) features and end with host results, so transfers are
+  counted on both sides; samples/s = queries ranked per second.
 * `retrieve_single` — the same with one feature per image ([N, 256], InstructCIR/LLaVA);
   torch: one GEMM (`q @ c.T`) + `topk` per query block; jax: one GEMM + `lax.top_k` per
   query block and cache-sized corpus slice (`retrieval.default_corpus_block`).
