@@ -9,7 +9,8 @@ Rows (`run(device, quick) -> list[dict]`):
   running `lax.top_k`). torch: the same scores with `einsum` + `amax` + `topk` per query
   block over the whole corpus. The jax row's `speedup_vs_torch` = torch time / jax time.
   Both start from host (NumPy) features and end with host results, so transfers are
-  counted on both sides; samples/s = queries ranked per second.
+  counted on both sides; samples/s = queries ranked per second. jax and torch are timed in
+  alternation (medians), so a shared machine's drifting load hits both alike.
 * `retrieve_single` — the same with one feature per image ([N, 256], InstructCIR/LLaVA);
   torch: one GEMM (`q @ c.T`) + `topk` per query block; jax: one GEMM + `lax.top_k` per
   query block and cache-sized corpus slice (`retrieval.default_corpus_block`).
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -73,9 +75,25 @@ def _torch_topk(q_np, c_np, exclude, k, device, query_block=256):
   return torch.cat(out_s).cpu().numpy(), torch.cat(out_i).cpu().numpy()
 
 
-def _retrieval_rows(name: str, sz: dict, tokens: int, device: str) -> list[dict]:
-  import jax  # pylint: disable=g-import-not-at-top
+def _interleaved(fns: dict, iters: int) -> dict:
+  """Median/min/mean seconds of each function, timed in alternation (`iters` rounds after
+  one warm-up call each): a shared machine's load drifts, and alternating exposes every
+  implementation to the same drift (timing them one after the other did not)."""
   from cirjax import benchmarking  # pylint: disable=g-import-not-at-top
+  for fn in fns.values():
+    benchmarking.block(fn())
+  samples = {name: [] for name in fns}
+  for _ in range(iters):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      benchmarking.block(fn())
+      samples[name].append(time.perf_counter() - t0)
+  return {name: {"median_s": statistics.median(s), "min_s": min(s),
+                 "mean_s": statistics.fmean(s), "iters": iters, "warmup": 1,
+                 "interleaved": True} for name, s in samples.items()}
+
+
+def _retrieval_rows(name: str, sz: dict, tokens: int, device: str) -> list[dict]:
   from cirjax.eval import retrieval  # pylint: disable=g-import-not-at-top
   nq, n, dim = sz["nq"], sz["n"], sz["dim"]
   q, c, exclude = _features(nq, n, tokens, dim)
@@ -86,18 +104,22 @@ def _retrieval_rows(name: str, sz: dict, tokens: int, device: str) -> list[dict]
   shapes = {"queries": nq, "corpus": n, "tokens": tokens, "dim": dim, "k": K,
             "devices": mesh.devices.size}
   rows = []
-  t = benchmarking.time_fn(lambda: retrieval.top_k(scorer, K, exclude, mesh), warmup=1,
-                           iters=sz["iters"])
+  fns = {"jax": lambda: retrieval.top_k(scorer, K, exclude, mesh)}
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    fns["torch"] = lambda: _torch_topk(q, feats if tokens > 1 else feats[:, None], exclude,
+                                       K, device)
+  except ImportError:
+    torch = None
+  timing = _interleaved(fns, sz["iters"])
+  t = timing["jax"]
   js, ji = retrieval.top_k(scorer, K, exclude, mesh)
   rows.append({"name": name, "impl": "jax", "step_time_s": t["median_s"],
                "samples_per_s": nq / t["median_s"], "flops": flops, "batch": nq,
                "corpus_per_s": n * nq / t["median_s"], "shapes": shapes, "timing": t})
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError:
+  if torch is None:
     return rows
-  t = benchmarking.time_fn(lambda: _torch_topk(q, feats if tokens > 1 else feats[:, None], exclude,
-                                               K, device), warmup=1, iters=sz["iters"])
+  t = timing["torch"]
   ts, ti = _torch_topk(q, c if tokens > 1 else c[:, :1], exclude, K, device)
   # Same embeddings, same answer: ids agree wherever scores are not tied within fp32 noise.
   agree = float((ji == ti).mean())

@@ -834,7 +834,7 @@ def hard_negative_sets(
     raise ValueError(f"top_drops must be >= 2, got {top_drops}")
 
   method = resolve_method(method, mesh)
-  if block_size is not None and int(block_size) < 1:
+  if block_size and int(block_size) < 1:
     raise ValueError(f"block_size must be >= 1, got {block_size}")
   if method == "numpy":
     chunk = functools.partial(

@@ -94,3 +94,17 @@ def test_empty_query_set_and_method_choice():
   assert mining.resolve_method("xla") == "xla"
   with pytest.raises(ValueError, match="method='torch'"):
     mining.hard_negative_sets(np.ones((2, 5), np.float32), [0, 1], method="torch")
+
+
+def test_non_finite_scores_raise_the_same_error_on_both_paths():
+  rng = np.random.default_rng(0)
+  s = np.concatenate([_scores(rng, kind, 6, 40) for kind in KINDS])  # the shape above
+  for bad in (np.nan, np.inf, -np.inf):
+    s2 = s.copy()
+    s2[17, 23] = bad
+    messages = []
+    for method in ("numpy", "xla"):
+      with pytest.raises(ValueError, match=r"scores row 17 \(query 17\) .* at column 23") as e:
+        mining.hard_negative_sets(s2, np.zeros(30, int), method=method)
+      messages.append(str(e.value))
+    assert messages[0] == messages[1]
