@@ -25,8 +25,10 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Seque
 import jax
 import numpy as np
 
+from cirjax.errors import CirjaxError
 
-class KeyAccountingError(ValueError):
+
+class KeyAccountingError(CirjaxError, ValueError):
   """Source tensors and target parameters do not match one to one."""
 
   def __init__(self, source: str, missing=(), unexpected=(), mismatched=()):

@@ -36,6 +36,9 @@ import jax
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
+
+from cirjax.errors import CirjaxError
+
 SAFETENSORS_DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
@@ -50,7 +53,7 @@ _NAME_OF_DTYPE = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-class WeightFileError(ValueError):
+class WeightFileError(CirjaxError, ValueError):
   """A weight file is missing, truncated, corrupt or unsafe. The message names the file."""
 
 

@@ -31,6 +31,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from cirjax.convert import engine, io
+from cirjax.errors import CirjaxError
 from cirjax.models import qformer as qf
 from cirjax.models import vit as vit_lib
 from cirjax.models.blip2 import Blip2Config, abstract_params
@@ -39,7 +40,7 @@ HF_ARCH = "Blip2ForImageTextRetrieval"
 DEFAULT_TEMP = 0.07
 
 
-class ConfigError(ValueError):
+class ConfigError(CirjaxError, ValueError):
   """A config file or value cannot describe a BLIP-2 retrieval model (names file and key)."""
 
 
