@@ -7,6 +7,7 @@ from pathlib import Path
 
 from cirjax import search as search_lib
 from cirjax.commands.data import positive_int, read_split
+from cirjax.commands.eval import model_from_checkpoint, tokenizer_source
 from cirjax.data import images, loader, text
 from cirjax.data.records import DataError
 from cirjax.errors import UsageError
@@ -32,7 +33,8 @@ features between runs (re-encoded when the model, preprocessing or file list cha
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--checkpoint", required=True, help="model directory or training workdir")
+  parser.add_argument("--checkpoint", required=True,
+                      help="model directory, LAVIS .pth or training workdir (see cirjax eval)")
   parser.add_argument("--corpus", default=None, help="directory of corpus images")
   parser.add_argument("--dataset", default=None,
                       choices=("synthetic", "cirr", "fashioniq", "circo"),
@@ -89,12 +91,12 @@ def run(args: argparse.Namespace) -> int:
   else:
     corpus = search_lib.corpus_from_dir(args.corpus)
   reference, query_text, relevant, target = _query(args, split)
-  model, model_dir = encoders.load_encoder(args.checkpoint)
+  model, model_dir = encoders.load_encoder(args.checkpoint, model_from_checkpoint)
   if model.family != "blip2":
     raise UsageError(f"{model_dir}: cirjax search scores BLIP-2 (QuRe) models; evaluate "
                      "LLaVA-Phi checkpoints with `cirjax eval`")
   encoder, _, _ = encoders.retrieval_fns(model)
-  tok_src = args.tokenizer or encoders.find_tokenizer_source(model_dir, args.root)
+  tok_src = tokenizer_source(args, model, model_dir)
   tokenize_fn = loader.bert_tokenize_fn(text.load_bert_tokenizer(tok_src), args.max_length)
   transform = images.make_transform(args.transform,
                                     args.image_size or encoders.model_image_size(model))
