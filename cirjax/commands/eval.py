@@ -126,6 +126,15 @@ def model_from_checkpoint(ck: encoders.WorkdirCheckpoint) -> Model:
                     "'qure' and 'instructcir' runs only; export the model from the run")
 
 
+def load_model(path) -> tuple[Model, Path]:
+  """--checkpoint: `encoders.load_encoder`, or a training workdir's latest checkpoint when
+  the run exported no model; returns (model, where it came from)."""
+  ck = encoders.workdir_checkpoint(path)
+  if ck is not None:
+    return model_from_checkpoint(ck), ck.step_dir
+  return encoders.load_encoder(path)
+
+
 def tokenizer_source(args, model: Model, model_dir) -> str:
   """--tokenizer, else a checkpoint's run's vocab, else the model's, else the dataset's."""
   if args.tokenizer:
@@ -170,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
   llava = False
   source = f"baseline:{args.baseline}" if args.baseline else None
   if args.checkpoint:
-    model, model_dir = encoders.load_encoder(args.checkpoint, model_from_checkpoint)
+    model, model_dir = load_model(args.checkpoint)
     llava = model.family == "llava"
     source = str(model_dir)
     if llava:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cirjax import search as search_lib
 from cirjax.commands.data import positive_int, read_split
-from cirjax.commands.eval import model_from_checkpoint, tokenizer_source
+from cirjax.commands.eval import load_model, tokenizer_source
 from cirjax.data import images, loader, text
 from cirjax.data.records import DataError
 from cirjax.errors import UsageError
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
   else:
     corpus = search_lib.corpus_from_dir(args.corpus)
   reference, query_text, relevant, target = _query(args, split)
-  model, model_dir = encoders.load_encoder(args.checkpoint, model_from_checkpoint)
+  model, model_dir = load_model(args.checkpoint)
   if model.family != "blip2":
     raise UsageError(f"{model_dir}: cirjax search scores BLIP-2 (QuRe) models; evaluate "
                      "LLaVA-Phi checkpoints with `cirjax eval`")

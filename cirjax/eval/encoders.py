@@ -13,9 +13,9 @@ Accepted paths (`--checkpoint` of `cirjax eval` / `search`):
   file: the family is told by `cirjax.convert.registry.sniff`;
 * a training workdir (`config.json` of the run + `checkpoints/`): its exported model, looked
   up as `<workdir>/model`, `export`, `best`, `final`, then any direct subdirectory that is a
-  cirjax model directory (newest first); with no export, its latest checkpoint, which
-  `load_encoder`'s `from_checkpoint` (the training layer's, passed in by the CLI) turns into
-  a model with the run's config. The trainer owns what it writes there; this module only
+  cirjax model directory (newest first); with no export, its latest checkpoint
+  (`workdir_checkpoint`), which the CLI (`cirjax.commands.eval.load_model`) turns into a
+  model with the run's config, as only the training layer knows how. The trainer owns what it writes there; this module only
   reads it.
 """
 
@@ -113,15 +113,10 @@ def workdir_checkpoint(path: str | os.PathLike) -> WorkdirCheckpoint | None:
   return WorkdirCheckpoint(p, config, step_dir)
 
 
-def load_encoder(path: str | os.PathLike,
-                 from_checkpoint: Callable[[WorkdirCheckpoint], Model] | None = None
-                 ) -> tuple[Model, Path]:
-  """Loads a model (see module docstring); returns (`Model`, where it came from). Score it
-  through `retrieval_fns(model, split)`. `from_checkpoint` builds the model of a training
-  workdir that has only checkpoints (without it such a workdir is an error)."""
-  ck = workdir_checkpoint(path) if from_checkpoint is not None else None
-  if ck is not None:
-    return from_checkpoint(ck), ck.step_dir
+def load_encoder(path: str | os.PathLike) -> tuple[Model, Path]:
+  """Loads a model (see module docstring); returns (`Model`, model dir). Score it through
+  `retrieval_fns(model, split)`. A training workdir with only checkpoints is an error here:
+  its model is built by the training layer (`workdir_checkpoint` finds the checkpoint)."""
   d = resolve_model_dir(path)
   if registry.detect(d) == "llava":
     model = registry.load_llava(d)
