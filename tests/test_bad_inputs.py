@@ -315,3 +315,23 @@ def test_debug_flag_shows_the_traceback(files, capsys):
   assert cli.main([str(a) for a in argv]) == 1
   err = capsys.readouterr().err
   assert "Traceback" in err and "_METADATA" in err
+
+
+def test_a_bug_keeps_its_traceback(files, monkeypatch):
+  """Only expected errors are shortened: anything else (a bug) propagates unchanged."""
+  from cirjax.commands import data as data_cmd
+
+  def broken(args):
+    raise ZeroDivisionError("a bug")
+
+  monkeypatch.setattr(data_cmd, "run", broken)
+  with pytest.raises(ZeroDivisionError, match="a bug"):
+    cli.main(["data", "check", "--dataset", "synthetic", "--root", str(files["root"])])
+
+
+def test_describe_names_the_path_of_os_errors():
+  from cirjax import errors
+  msg, status = errors.describe(PermissionError(13, "Permission denied", "/x/y.json"))
+  assert msg == "/x/y.json: permission denied" and status == 1
+  assert errors.describe(errors.UsageError("bad --k"))[1] == 2
+  assert errors.describe(RuntimeError("bug")) is None
