@@ -114,6 +114,16 @@ def files(tmp_path_factory, synth_root):
   (run / "checkpoints").mkdir(parents=True)
   (run / "config.json").write_text(json.dumps({"task": "qure", "model": {"init": ""}}))
   f["run"] = run
+  damaged = d / "damaged_run"
+  (damaged / "checkpoints" / "3" / "state").mkdir(parents=True)
+  (damaged / "config.json").write_text('{"task": "qu')
+  f["damaged_run"] = damaged
+  # a config file that is not Python; a file that is not a features cache
+  (d / "bad.py").write_text("def get_config(:\n")
+  f["badpy"] = d / "bad.py"
+  (d / "cache.npz").write_bytes(b"not an npz" * 8)
+  f["badcache"] = d / "cache.npz"
+  f["ref"] = sorted((synth_root / "images" / "val").iterdir())[0]
   return f
 
 
@@ -140,6 +150,8 @@ TRAIN_CASES = {
                           lambda f: [f["afile"], "is a file"]),
     "unknown config key": (SYNTH, lambda f: ["train.nope=1"], "workdir", 2,
                            lambda f: ["train.nope"]),
+    "config file not Python": (None, lambda f: [], "workdir", 2,
+                               lambda f: [f"{f['badpy']}:1", "not valid Python"]),
 }
 
 
@@ -147,7 +159,8 @@ TRAIN_CASES = {
 def test_train(case, files, capsys):
   config, overrides, wd_key, status, culprits = TRAIN_CASES[case]
   wd = files[wd_key] if wd_key else files["tmp"] / f"new-{case.replace(' ', '_')}"
-  check(["train", "--config", REPO / config, "--workdir", wd] + overrides(files), status,
+  config = REPO / config if config else files["badpy"]
+  check(["train", "--config", config, "--workdir", wd] + overrides(files), status,
         culprits(files), [wd, files["root"]], capsys)
 
 
@@ -195,6 +208,10 @@ EVAL_CASES = {
                              1, lambda f: [f["tmp"] / "nodata"]),
     "no root and no tfds-dir": (lambda f: ["--baseline", "random"], 2,
                                 lambda f: ["--root", "--tfds-dir"]),
+    "--out under a file": (lambda f: ["--baseline", "random", "--out", f["afile"] / "m.json"], 2,
+                           lambda f: ["--out", f["afile"]]),
+    "run config.json damaged": (lambda f: ["--checkpoint", f["damaged_run"]], 1,
+                                lambda f: [f["damaged_run"] / "config.json"]),
 }
 
 
@@ -205,7 +222,9 @@ def test_eval(case, files, capsys):
   if "--root" not in args and case != "no root and no tfds-dir":
     args += ["--root", files["root"]]
   out = files["tmp"] / "eval.json"
-  check(["eval", "--dataset", "synthetic", "--out", out] + args, status, culprits(files),
+  if "--out" not in args:
+    args += ["--out", out]
+  check(["eval", "--dataset", "synthetic"] + args, status, culprits(files),
         [out, files["cirjax"], files["garbled"], files["run"]], capsys)
 
 
@@ -217,6 +236,9 @@ SEARCH_CASES = {
                           lambda f: [f["tmp"] / "noref.png"]),
     "corpus and dataset": (lambda f: ["--dataset", "synthetic"], 2,
                            lambda f: ["--corpus", "--dataset"]),
+    "garbage features cache": (lambda f: ["--features-cache", f["badcache"], "--tokenizer",
+                                          f["root"], "--reference", f["ref"]], 1,
+                               lambda f: [f["badcache"], "--features-cache"]),
 }
 
 

@@ -67,6 +67,23 @@ def positive_int(text: str) -> int:
   return n
 
 
+def check_output(path, flag: str, directory: bool = False) -> None:
+  """Refuses, before any work, an output path that cannot be written: a file where a
+  directory is needed (the path itself, or one of its parents) or a directory where a file
+  is."""
+  if path is None:
+    return
+  p = Path(path).absolute()
+  if p.exists() and p.is_dir() != directory:
+    raise UsageError(f"{flag} {path} is a {'file' if directory else 'directory'}, expected a "
+                     f"{'directory' if directory else 'file'}")
+  for parent in p.parents:
+    if parent.exists():
+      if not parent.is_dir():
+        raise UsageError(f"{flag} {path}: {parent} is a file, not a directory")
+      break
+
+
 def positive_float(text: str) -> float:
   """argparse type: a number > 0."""
   try:

@@ -8,8 +8,8 @@ import os
 import time
 from pathlib import Path
 
-from cirjax.commands.data import (add_source_args, fashioniq_splits, positive_int,
-                                  read_split_from_args)
+from cirjax.commands.data import (add_source_args, check_output, fashioniq_splits,
+                                  positive_int, read_split_from_args)
 import jax
 import ml_collections
 import numpy as np
@@ -169,6 +169,8 @@ def _splits(args) -> list[tuple[str, object, object]]:
 
 
 def run(args: argparse.Namespace) -> int:
+  check_output(args.out, "--out")
+  check_output(args.submission_dir, "--submission-dir", directory=True)
   t0 = time.time()
   splits = _splits(args)
   mesh = retrieval.make_mesh()

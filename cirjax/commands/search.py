@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from cirjax import search as search_lib
-from cirjax.commands.data import positive_int, read_split
+from cirjax.commands.data import check_output, positive_int, read_split
 from cirjax.commands.eval import load_model, tokenizer_source
 from cirjax.data import images, loader, text
 from cirjax.data.records import DataError
@@ -80,6 +80,8 @@ def _query(args, split):
 
 
 def run(args: argparse.Namespace) -> int:
+  check_output(args.html, "--html")
+  check_output(args.features_cache, "--features-cache")
   if (args.corpus is None) == (args.dataset is None):
     raise UsageError("give exactly one of --corpus DIR or --dataset NAME --root DIR")
   split = None

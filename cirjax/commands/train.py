@@ -109,7 +109,11 @@ def run(args: argparse.Namespace) -> int:
   distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                          args.cpu_devices, args.platform)
   overrides = list(getattr(args, "config_overrides", [])) + list(args.overrides or [])
-  config = load_config(args.config, overrides)  # a ConfigError is a usage error (exit 2)
+  try:
+    config = load_config(args.config, overrides)  # a ConfigError is a usage error (exit 2)
+  except SyntaxError as e:  # the config file is Python: name the file and line
+    raise UsageError(f"{e.filename}:{e.lineno}: the config file is not valid Python "
+                     f"({e.msg})") from e
   check_run(config, args.workdir)
   result = train(config, args.workdir)
   if result["status"] == "nonfinite":

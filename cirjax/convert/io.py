@@ -429,8 +429,8 @@ def read_params(directory: str | os.PathLike, target: Any = None) -> Any:
     reason = str(e).split(" [tensorstore_spec=")[0].splitlines()[0][:300]
     raise WeightFileError(
         f"{_damaged_file(directory, e)}: cannot restore the params checkpoint {directory} "
-        f"({type(e).__name__}: {reason}); it is damaged or incomplete: convert or export the "
-        "model again") from e
+        f"({type(e).__name__}: {reason}); it is damaged or incomplete: write it again (convert "
+        "or export the model) or use another checkpoint") from e
   finally:
     ckptr.close()
 
