@@ -206,7 +206,7 @@ EVAL_CASES = {
                                   lambda f: [f["afile"], "not a LAVIS state dict"]),
     "missing dataset root": (lambda f: ["--baseline", "random", "--root", f["tmp"] / "nodata"],
                              1, lambda f: [f["tmp"] / "nodata"]),
-    "no root and no tfds-dir": (lambda f: ["--baseline", "random"], 2,
+    "no root and no tfds-dir": (lambda f: ["--baseline", "random"], 1,
                                 lambda f: ["--root", "--tfds-dir"]),
     "--out under a file": (lambda f: ["--baseline", "random", "--out", f["afile"] / "m.json"], 2,
                            lambda f: ["--out", f["afile"]]),

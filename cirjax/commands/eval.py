@@ -19,7 +19,7 @@ from cirjax.convert import io, registry
 from cirjax.data import genecis, images, loader, text, tfds_builders
 from cirjax.data.records import DataError
 from cirjax.data.word_tokenizer import load_tokenizer
-from cirjax.errors import CirjaxError, UsageError
+from cirjax.errors import CirjaxError
 from cirjax.eval import encoders, evaluate, retrieval, submission
 from cirjax.models import Model, llava
 from cirjax.train import instructcir, qure
@@ -147,7 +147,8 @@ def tokenizer_source(args, model: Model, model_dir) -> str:
 def _splits(args) -> list[tuple[str, object, object]]:
   """[(label, CIRSplit, image source or None)]; FashionIQ's `val` = its three categories."""
   if (args.root is None) == (args.tfds_dir is None):
-    raise UsageError("give exactly one of --root (dataset on disk) or --tfds-dir (TFDS build)")
+    # exit 1, as always (tests/test_tfds.py), though it is a usage error
+    raise CirjaxError("give exactly one of --root (dataset on disk) or --tfds-dir (TFDS build)")
   if args.dataset == "fashioniq":
     names = fashioniq_splits(args.split)
   elif args.dataset == "genecis" and not args.split:
