@@ -42,6 +42,7 @@ import numpy as np
 
 from cirjax import losses
 from cirjax import mining
+from cirjax import mining_audit
 from cirjax import sampling as sampling_lib
 from cirjax.convert import registry
 from cirjax.data import images as images_lib
@@ -453,7 +454,7 @@ class QuReTask(Task):
   def mine(self, params) -> dict:
     """Re-encodes every group's corpus and queries and re-mines the hard-negative sets."""
     t0 = time.perf_counter()
-    sets, stats_all = [], []
+    sets, stats_all, audits = [], [], []
     qc = self.config.qure
     kw = {} if self.strategy == "qure" else {"k": int(qc.get("k", 100))}
     for g in self.groups:
@@ -473,11 +474,15 @@ class QuReTask(Task):
           num_queries=len(g.queries), corpus_size=len(g.corpus), **kw)
       sets.append(hs)
       stats_all.append(stats)
+      if self.config.data.dataset in mining_audit.FULL_RELEVANT_DATASETS:
+        audits.append(_audit_group(block, g, hs, self, qc))
     self.sampler.set_mined(sets)
     sizes = np.concatenate([s.set_size for s in stats_all])
     out = {"set_size_mean": float(sizes.mean()), "set_size_median": float(np.median(sizes)),
            "set_size_max": int(sizes.max()), "empty_fraction": float((sizes == 0).mean()),
            "mining_s": time.perf_counter() - t0}
+    if audits:
+      out.update(mining_audit.audit_metrics(mining_audit.merge(audits)))
     _log("mining: " + ", ".join(f"{k} {v:.4g}" for k, v in out.items()))
     return out
 
@@ -562,6 +567,17 @@ class _AllImages:
   def __init__(self, refs):
     self.images = dict(refs)
     self.name = "qure training+evaluation images"
+
+
+def _audit_group(block, g: _Group, hs, task, qc) -> dict:
+  """Every strategy's pools from this mining's scores, audited against the full relevant
+  sets (docs/mining.md#false-negatives); the trained strategy's sets are reused."""
+  rel = mining_audit.relevant_ids([task.queries[i] for i in g.queries], task.image_index.get)
+  return mining_audit.audit_strategies(
+      block, g.target_pos, rel, image_ids=g.corpus, k=int(qc.get("k", 100)),
+      consecutive_threshold=int(qc.get("consecutive_threshold", 1)),
+      strict_below=bool(qc.get("strict_below", False)), num_queries=len(g.queries),
+      corpus_size=len(g.corpus), mined={task.strategy: hs})
 
 
 @jax.jit
