@@ -26,9 +26,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Mapping, Optional, Sequence, Union
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from cirjax import mining
+from cirjax.eval import retrieval
 
 STRATEGIES = ("qure", "topk", "after_target_topk", "corpus")
 METRICS = ("fn_share", "fn_share_pooled", "pool_size", "fn_queries", "empty")
@@ -185,6 +188,59 @@ def audit_metrics(audits: Mapping[str, PoolAudit]) -> dict[str, float]:
   return out
 
 
+@dataclasses.dataclass(frozen=True)
+class SplitAudit:
+  """One mining of a split with a model's features: every strategy's audit, and QuRe's
+  sets and statistics (for the figures)."""
+  audits: dict[str, PoolAudit]
+  sets: mining.HardNegativeSets
+  stats: mining.MiningStats
+  target_index: np.ndarray
+
+  def summary(self) -> dict:
+    return {"mining": self.stats.summary(),
+            "false_negatives": {s: a.summary() for s, a in self.audits.items()}}
+
+
+_scores = jax.jit(retrieval.max_token_scores)
+
+
+def score_rows(scorer: retrieval.FeatureScorer, rows) -> np.ndarray:
+  """Host scores `[len(rows), N]` of some queries against the whole corpus."""
+  return np.asarray(_scores(jnp.asarray(scorer.query[np.asarray(rows)]),
+                            jnp.asarray(scorer.corpus)))
+
+
+def audit_split(scorer: retrieval.FeatureScorer, split, *, k: int = 100,
+                consecutive_threshold: int = 1, strict_below: bool = False,
+                strategies: Sequence[str] = STRATEGIES) -> SplitAudit:
+  """Mines every query of `split` over its corpus with `scorer`'s features (the corpus is
+  the split's images, the target its annotated one, as QuRe mines CIRR and the synthetic
+  set) and audits every strategy against the queries' relevant sets."""
+  if scorer.num_queries != len(split.queries) or scorer.num_corpus != len(split.corpus):
+    raise ValueError(f"features cover {scorer.num_queries} queries x {scorer.num_corpus} "
+                     f"images, {split.name} has {len(split.queries)} x {len(split.corpus)}")
+  if not split.has_targets:
+    raise ValueError(f"{split.name} has no targets: nothing to mine against")
+  index = split.corpus_index()
+  missing = [q.target for q in split.queries if q.target not in index]
+  if missing:
+    raise ValueError(f"{split.name}: target {missing[0]!r} is not in the corpus")
+  target = np.array([index[q.target] for q in split.queries], np.int32)
+  corpus = jnp.asarray(scorer.corpus)
+
+  def block(a, b):
+    return _scores(jnp.asarray(scorer.query[a:b]), corpus)
+
+  opts = dict(consecutive_threshold=consecutive_threshold, strict_below=strict_below,
+              num_queries=len(split.queries), corpus_size=len(split.corpus))
+  sets, stats = mining.hard_negative_sets(block, target, **opts)
+  rel = relevant_ids(split.queries, index.get)
+  audits = audit_strategies(block, target, rel, k=k, strategies=strategies,
+                            mined={"qure": sets}, **opts)
+  return SplitAudit(audits, sets, stats, target)
+
+
 def relevant_ids(queries, index: Callable[[str], Optional[int]]) -> list[np.ndarray]:
   """Each query's relevant set as ids (`index(name)`), the target included; images
   `index` does not know (None: outside the corpus, so in no pool) are left out."""
@@ -195,5 +251,5 @@ def relevant_ids(queries, index: Callable[[str], Optional[int]]) -> list[np.ndar
   return out
 
 
-__all__ = ["PoolAudit", "audit_pools", "audit_strategies", "audit_metrics", "concat", "merge",
+__all__ = ["PoolAudit", "SplitAudit", "audit_split", "score_rows", "audit_pools", "audit_strategies", "audit_metrics", "concat", "merge",
            "relevant_ids", "STRATEGIES", "METRICS", "FULL_RELEVANT_DATASETS"]

@@ -75,3 +75,46 @@ def test_concat_and_bad_input():
                    [[1]])
   with pytest.raises(ValueError, match="strategies"):
     ma.audit_strategies(SCORES, TARGETS, RELEVANT, strategies=("bogus",))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(synth_root, tmp_path_factory):
+  """A random tiny BLIP-2 saved as a cirjax model directory (the synthetic `tiny` shapes)."""
+  import jax
+  from cirjax.convert import registry
+  from cirjax.models import blip2
+  from cirjax.train import config_utils, qure
+  from pathlib import Path
+  cfg = config_utils.load_config(str(Path(__file__).parents[1] / "configs/synthetic.py")
+                                 + ":tiny")
+  vocab = (synth_root / "vocab.txt").read_text()
+  mcfg = qure.model_config(cfg.model, len(vocab.split()))
+  d = tmp_path_factory.mktemp("model") / "m"
+  registry.save(d, "blip2", mcfg, jax.tree.map(np.asarray,
+                                               blip2.init_blip2(jax.random.key(0), mcfg)))
+  (d / "vocab.txt").write_text(vocab)
+  return d
+
+
+def test_cli_mine_writes_statistics_and_figures(synth_root, tiny_model, tmp_path, capsys):
+  import json
+  from cirjax import cli
+  out = tmp_path / "mine"
+  assert cli.main(["mine", "--checkpoint", str(tiny_model), "--dataset", "synthetic",
+                   "--root", str(synth_root), "--out", str(out), "--k", "10",
+                   "--plot-queries", "2"]) == 0
+  rep = json.loads((out / "mining.json").read_text())
+  assert rep["queries"] == 64 and rep["corpus"] == 60
+  assert set(rep["false_negatives"]) == set(ma.STRATEGIES)
+  assert rep["false_negatives"]["topk"]["pool_size"] == 10.0
+  # The whole corpus holds every relevant image but the target: known from the data alone.
+  from cirjax.data import synth
+  split = synth.read_synthetic(synth_root, "train")
+  want = np.mean([(len(q.relevant) - 1) / 59 for q in split.queries])
+  assert rep["false_negatives"]["corpus"]["fn_share"] == pytest.approx(want)
+  for f in ("set_sizes.png", "score_curves.png", "false_negatives.png"):
+    assert (out / f).stat().st_size > 1000
+  assert "fn_share" in capsys.readouterr().out
+  assert cli.main(["mine", "--checkpoint", str(tmp_path / "nope"), "--dataset", "synthetic",
+                   "--root", str(synth_root), "--out", str(out)]) == 1
+  assert "does not exist" in capsys.readouterr().err

@@ -14,4 +14,5 @@ COMMANDS = {
     "search": "cirjax.commands.search",
     "train": "cirjax.commands.train",
     "bench": "cirjax.commands.bench",
+    "mine": "cirjax.commands.mine",
 }
