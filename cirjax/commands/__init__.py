@@ -15,4 +15,5 @@ COMMANDS = {
     "train": "cirjax.commands.train",
     "bench": "cirjax.commands.bench",
     "mine": "cirjax.commands.mine",
+    "study": "cirjax.commands.study",
 }

@@ -13,8 +13,9 @@ Per epoch `e` of `E` (n_def = `config.qure.n_def`):
     draws), so `batch(epoch, index)` is a pure function of its arguments and that state, and
     the checkpointed state makes a resumed run draw the same negatives.
 
-Loss (`config.qure.loss`): `pairwise` (QuRe, Eqs. 2-3) or `infonce` (every positive and
-negative of the global batch as columns), independent of the backbone.
+Loss (`config.qure.loss`): `pairwise` (QuRe, Eqs. 2-3), `infonce` (every positive and
+negative of the global batch as columns) or `infonce_inbatch` (the positives only),
+independent of the backbone.
 
 With a frozen vision tower and no augmentation the tower's output (before `ln_vision`, which
 QuRe trains) is computed once for every training and evaluation image and reused by every
@@ -57,7 +58,7 @@ from cirjax.train import sharding as shd
 from cirjax.train import state as st
 from cirjax.train.task import Task
 
-LOSSES = ("pairwise", "infonce")
+LOSSES = ("pairwise", "infonce", "infonce_inbatch")
 
 
 def _log(msg: str) -> None:
@@ -358,8 +359,8 @@ class QuReTask(Task):
       s_pos = losses.qure_scores(q, t[:b], temp)
       s_neg = losses.qure_scores(q, t[b:], temp)
       loss = losses.pairwise_sigmoid_loss(s_pos, s_neg)
-    else:  # every positive and negative of the global batch as columns
-      logits = losses.qure_logits(q, t, temp)
+    else:  # every positive and (but for infonce_inbatch) negative of the global batch as columns
+      logits = losses.qure_logits(q, t if self.loss_kind == "infonce" else t[:b], temp)
       loss = losses.info_nce_from_logits(logits)
       s_pos = jnp.diagonal(logits[:, :b])
       s_neg = losses.qure_scores(q, t[b:], temp)
