@@ -96,6 +96,7 @@ def tiny_model(synth_root, tmp_path_factory):
   return d
 
 
+@pytest.mark.slow  # encodes and mines with a real model: ~15 s quiet, a minute when shared
 def test_cli_mine_writes_statistics_and_figures(synth_root, tiny_model, tmp_path, capsys):
   import json
   from cirjax import cli

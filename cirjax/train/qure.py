@@ -334,7 +334,10 @@ class QuReTask(Task):
         jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), self._pretrained_params)
 
   def initial_params(self, abstract_params):
-    return self._pretrained_params
+    # Host copies: loaded device arrays may be committed to one device, which the trainer's
+    # jit onto a multi-device mesh refuses.
+    p = self._pretrained_params
+    return None if p is None else jax.tree.map(np.asarray, p)
 
   def _run_cfg(self):
     """The model config the steps and encoders run: the compute dtype and remat of the run."""
