@@ -10,6 +10,7 @@ import jax
 
 # Importing these touches no JAX backend, so `distributed.initialize` in `run` still comes first.
 from cirjax.train import distributed
+from cirjax.train.checkpointing import CheckpointError
 from cirjax.train.config_utils import ConfigError, load_config, split_config_overrides
 from cirjax.train.trainer import format_table, train
 
@@ -67,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
   except ConfigError as e:  # e.g. a resume whose config changes the model (train/workdir.py)
     print(f"cirjax train: {e}", file=sys.stderr)
     return 2
+  except CheckpointError as e:  # no checkpoint in the workdir restores (train/checkpointing.py)
+    print(f"cirjax train: error: {e}", file=sys.stderr)
+    return 1
   if result["status"] == "nonfinite":
     print(f"cirjax train: {result['error']}", file=sys.stderr)
     return 3
