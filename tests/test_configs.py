@@ -11,8 +11,9 @@ from cirjax.train import config_utils
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 BEFORE = json.loads((REPO / "tests" / "fixtures" / "configs_before.json").read_text())
-# Keys added since the fixture was written, with the value every config gives them.
-ADDED = {("data", "workers"): -1}
+# Keys added since the fixture was written, with the value every config gives them (in the
+# configs that have the parent section).
+ADDED = {("data", "workers"): -1, ("qure", "mining_method"): "auto"}
 
 
 def _as_json(config) -> dict:
@@ -24,8 +25,11 @@ def _with_added(d: dict) -> dict:
   for path, value in ADDED.items():
     node = d
     for k in path[:-1]:
-      node = node[k]
-    node[path[-1]] = value
+      node = node.get(k)
+      if node is None:
+        break
+    else:
+      node[path[-1]] = value
   return d
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from cirjax.errors import CirjaxError
 from cirjax.train import distributed
 
 
@@ -44,7 +45,7 @@ class _QuietUntrackedSaves(logging.Filter):
 logging.getLogger("absl").addFilter(_QuietUntrackedSaves())
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CirjaxError, ValueError):
   """A checkpoint that cannot be restored; the message names the step and the file at fault."""
 
 

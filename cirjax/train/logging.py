@@ -121,6 +121,9 @@ class MetricLogger:
     if mining:
       keys = [k for k in ("set_size_mean", "set_size_median", "empty_fraction") if k in mining[-1]]
       panels.append(("hard-negative sets", mining, keys))
+      fn = [k for k in mining[-1] if k.startswith("fn_share/")]
+      if fn:  # full relevant sets known: the share of each strategy's pool that is relevant
+        panels.append(("false negatives in the pool", mining, fn))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, (title, recs, keys) in zip(axes[0], panels):
       for k in keys:
