@@ -31,16 +31,15 @@ def test_vit_scan_matches_loop(variant):
       jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 3)))["params"]
   assert jax.tree.map(jnp.shape, init) == jax.tree.map(jnp.shape, stacked)
   px = jax.random.normal(jax.random.PRNGKey(1), (2, 28, 28, 3))
-  for n in (3, 2):  # LLaVA reads a shallower layer
+  for n, remat in ((3, False), (2, True)):  # LLaVA reads a shallower layer
     want = vit.VisionTransformer(cfg).apply({"params": params}, px, output_hidden_states=True,
                                             num_layers=n)
-    for remat in (False, True):
-      got = vit.VisionTransformer(cfg, remat=remat, scan_layers=True).apply(
-          {"params": stacked}, px, output_hidden_states=True, num_layers=n)
-      assert len(got.hidden_states) == n + 1
-      for g, w in zip(got.hidden_states, want.hidden_states):
-        assert_close(g, w, TOL_LAYER, f"{variant} hidden state")
-      assert_close(got.pooled, want.pooled, TOL_LAYER, f"{variant} pooled")
+    got = vit.VisionTransformer(cfg, remat=remat, scan_layers=True).apply(
+        {"params": stacked}, px, output_hidden_states=True, num_layers=n)
+    assert len(got.hidden_states) == n + 1
+    for g, w in zip(got.hidden_states, want.hidden_states):
+      assert_close(g, w, TOL_LAYER, f"{variant} hidden state")
+    assert_close(got.pooled, want.pooled, TOL_LAYER, f"{variant} pooled")
 
 
 def test_qformer_scan_matches_loop():
@@ -56,28 +55,38 @@ def test_qformer_scan_matches_loop():
   assert "crossattention" in groups["layer_0"] and "crossattention" not in groups["layer_1"]
   assert groups["layer_0"]["ffn"]["output"]["kernel"].shape == (2, 64, 32)
   _same_tree(layer_stack.unstack(stacked, qf.layer_stacks(cfg)), params)
-  for query_length in (0, 3, 7):  # text only, queries + text, queries only
+  # text only, queries + text (rematerialised), queries only
+  for query_length, remat in ((0, False), (3, True), (7, False)):
     want = qf.QFormer(cfg).apply({"params": params}, x, mask, enc, query_length)
-    for remat in (False, True):
-      got = qf.QFormer(cfg, remat=remat, scan_layers=True).apply(
-          {"params": stacked}, x, mask, enc, query_length)
-      assert_close(got, want, TOL_LAYER, f"Q-Former, {query_length} queries")
+    got = qf.QFormer(cfg, remat=remat, scan_layers=True).apply(
+        {"params": stacked}, x, mask, enc, query_length)
+    assert_close(got, want, TOL_LAYER, f"Q-Former, {query_length} queries")
   with pytest.raises(ValueError, match="multiple of cross_attention_frequency"):
     blip2.tiny_config(num_layers=3, scan_layers=True)
 
 
-def test_blip2_scan_either_layout_and_grads():
+def _blip2_case():
   cfg = blip2.tiny_config(num_layers=2)
   params = blip2.init_blip2(jax.random.PRNGKey(0), cfg)
   scfg = cfg.replace(scan_layers=True)
-  stacked = blip2.stack_layers(params, scfg)
-  assert "layers" in stacked["vision"] and "layer_groups" in stacked["qformer"]
   px = jax.random.normal(jax.random.PRNGKey(1), (2, 28, 28, 3))
   ids = jnp.array([[1, 5, 7, 0], [1, 9, 0, 0]])
-  mask = (ids > 0).astype(jnp.int32)
+  return cfg, scfg, params, blip2.stack_layers(params, scfg), px, ids, (ids > 0).astype(jnp.int32)
+
+
+def test_blip2_scan_either_layout():
+  cfg, scfg, params, stacked, px, ids, mask = _blip2_case()
+  assert "layers" in stacked["vision"] and "layer_groups" in stacked["qformer"]
   want = blip2.compose(params, cfg, px, ids, mask)
-  for p, c in ((stacked, scfg), (params, scfg), (stacked, cfg)):  # every layout runs
+  for p, c in ((stacked, scfg), (params, scfg)):  # stacked, and per-layer stacked in-program
     assert_close(blip2.compose(p, c, px, ids, mask), want, TOL_LAYER, "BLIP-2 composed query")
+
+
+@pytest.mark.slow
+def test_blip2_scan_grads_match_loop():
+  cfg, scfg, params, stacked, px, ids, mask = _blip2_case()
+  assert_close(blip2.compose(stacked, cfg, px, ids, mask),  # a looped config unstacks
+               blip2.compose(params, cfg, px, ids, mask), TOL_LAYER, "BLIP-2 unstacked")
   loss = lambda p, c: jnp.sum(blip2.compose(p, c, px, ids, mask) ** 2)
   g_loop = blip2.stack_layers(jax.grad(loss)(params, cfg), scfg)
   g_scan = jax.grad(loss)(stacked, scfg.replace(remat=True))
