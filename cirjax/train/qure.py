@@ -46,12 +46,14 @@ from cirjax import sampling as sampling_lib
 from cirjax.convert import registry
 from cirjax.data import images as images_lib
 from cirjax.data import text
-from cirjax.data.loader import ImageCache, default_text
+from cirjax.data.loader import DEFAULT_CACHE_BYTES, ImageCache, default_text
 from cirjax.data.records import CIRSplit, DataError
 from cirjax.data.training_splits import read_splits
 from cirjax.eval import encode as encode_lib
 from cirjax.eval import evaluate as ev
+from cirjax.eval import retrieval
 from cirjax.models import blip2
+from cirjax.train import feature_store
 from cirjax.train import sharding as shd
 from cirjax.train import state as st
 from cirjax.train.task import Task
@@ -283,8 +285,9 @@ class QuReTask(Task):
                                 qc.get("sampling", "walk"))
 
     self._setup_encoders(config)
-    self._images = ImageCache(_AllImages(refs), self.transform,
-                              enabled=bool(config.data.get("cache_images", True)))
+    self._images = ImageCache(
+        _AllImages(refs), self.transform, enabled=bool(config.data.get("cache_images", False)),
+        max_bytes=int(config.data.get("cache_images_max_bytes", DEFAULT_CACHE_BYTES)))
     self.mined_epoch = -1
     _log(f"qure data: {len(self.queries)} training queries, {self.n_train_images} training "
          f"images, {len(self.image_names) - self.n_train_images} more for evaluation "
@@ -311,6 +314,8 @@ class QuReTask(Task):
                              tuple(config.get("train_only", ())))
     frozen_vit = not any(jax.tree.leaves(mask["vision"]))
     self.cache = bool(config.qure.get("cache_features", True))
+    if self.cache:
+      feature_store.storage_dtype(config.qure.get("feature_dtype", "float16"))
     if self.cache and not frozen_vit:
       raise ValueError("config.qure.cache_features=True needs a frozen vision tower "
                        "(config.freeze must include 'vision/.*'); set it False to train the ViT")
@@ -324,7 +329,8 @@ class QuReTask(Task):
     }
     nd = self.mesh.devices.size
     self.encode_batch = max(nd, int(config.qure.get("encode_batch_size", 256)) // nd * nd)
-    self._feats: np.ndarray | None = None
+    self._feats: feature_store.FeatureStore | None = None
+    self.store_stats: dict = {}
 
   # ---------------------------------------------------------------- model
   def init_params(self, rng):
@@ -380,7 +386,7 @@ class QuReTask(Task):
 
   @property
   def _feat_dtype(self):
-    return jnp.dtype(self.config.qure.get("feature_dtype", "float32"))
+    return feature_store.storage_dtype(self.config.qure.get("feature_dtype", "float16"))
 
   # ---------------------------------------------------------------- encoding
   def _pixels(self, idx: np.ndarray) -> np.ndarray:
@@ -406,14 +412,54 @@ class QuReTask(Task):
   def _ensure_features(self, params) -> None:
     if not self.cache or self._feats is not None:
       return
-    n = len(self.image_names)
-    _log(f"caching frozen vision features of {n} images (once per run)")
-    pixels = ((self._pixels(np.arange(i, min(n, i + self.encode_batch))),)
-              for i in range(0, n, self.encode_batch))
-    self._feats = self._encode(self._fns["vision"], params, pixels, n, "images",
-                               dtype=self._feat_dtype)
-    _log(f"vision feature cache: {self._feats.shape} {self._feats.dtype}, "
-         f"{self._feats.nbytes / 2**20:.0f} MiB")
+    self._feats = self._open_store(params)
+    _log(self._feats.describe())
+
+  def _open_store(self, params) -> feature_store.FeatureStore:
+    """The frozen-feature store of this run's images: reused when the workdir has a valid
+    one for these vision parameters, images and preprocessing, else encoded (each process
+    its share of the images) into `config.qure.feature_store_dir` (default
+    `<workdir>/feature_store`)."""
+    qc, n = self.config.qure, len(self.image_names)
+    vcfg = self.cfg.vision
+    shape = (n, (self.image_size // vcfg.patch_size) ** 2 + 1, vcfg.hidden_size)
+    dtype = str(qc.get("feature_dtype", "float16"))
+    vision = _host_tree(params["vision"])
+    spec = {"vision": repr(vcfg), "compute_dtype": self.compute_dtype.name, "dtype": dtype,
+            "transform": str(self.config.data.get("transform", "targetpad")),
+            "images": [(k, repr(self._images.split.images[k])) for k in self.image_names]}
+    key = feature_store.store_key(vision, spec)
+    directory = qc.get("feature_store_dir", "") or os.path.join(self.workdir, "feature_store")
+    t0 = time.perf_counter()
+    built = {}
+
+    def fill(rows, lo, hi):
+      _log(f"encoding frozen vision features of {hi - lo} images into the store "
+           f"(this process's share of {n})")
+      t1 = time.perf_counter()
+      # Each process encodes its rows on its own devices, with its own copy of the params.
+      single = jax.process_count() == 1
+      mesh = self.mesh if single else retrieval.make_mesh(jax.local_devices())
+      enc_params = params if single else _host_tree(params)
+      pixels = ((self._pixels(np.arange(i, min(hi, i + self.encode_batch))),)
+                for i in range(lo, hi, self.encode_batch))
+
+      def sink(start, y):
+        rows[lo + start:lo + start + len(y)] = y
+
+      encode_lib.encode(self._fns["vision"], enc_params, pixels, mesh=mesh,
+                        batch_size=self.encode_batch, dtype=rows.dtype, sink=sink)
+      built["encode_s"] = time.perf_counter() - t1
+      built["images_per_s"] = (hi - lo) / max(built["encode_s"], 1e-9)
+
+    store = feature_store.open_or_build(
+        os.path.expanduser(directory), key, shape, dtype, fill,
+        verify=bool(qc.get("feature_store_verify", True)), extra={"images": n}, log=_log)
+    self.store_stats = {"store_path": str(store.path), "store_bytes": store.nbytes,
+                        "store_shape": list(store.shape), "store_dtype": store.dtype.name,
+                        "store_built": bool(built), "store_open_s": time.perf_counter() - t0,
+                        **{f"store_{k}": v for k, v in built.items()}}
+    return store
 
   def encode_targets(self, params, idx: np.ndarray) -> np.ndarray:
     """[len(idx), Q, D] target features of global images `idx` with the current params."""
@@ -554,6 +600,14 @@ def export_model(path: Path, config: ml_collections.ConfigDict, cfg: blip2.Blip2
   except FileNotFoundError:
     pass
   _log(f"exported the trained model to {path}")
+
+
+def _host_tree(tree):
+  """A host copy of a (possibly sharded, possibly multi-process) parameter tree."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return multihost_utils.process_allgather(tree, tiled=True)
 
 
 class _AllImages:
