@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cirjax import losses
 from cirjax import mining
@@ -400,10 +401,10 @@ class QuReTask(Task):
       yield (self._feats[j] if self.cache else self._pixels(j),) + tuple(
           a[i:i + self.encode_batch] for a in extra)
 
-  def _encode(self, fn, params, inputs, n: int, what: str, dtype=None) -> np.ndarray:
+  def _encode(self, fn, params, inputs, n: int, what: str, sharded: bool = False):
     t0 = time.perf_counter()
     out = encode_lib.encode(fn, params, inputs, mesh=self.mesh, batch_size=self.encode_batch,
-                            dtype=dtype)
+                            sharded=sharded)
     dt = time.perf_counter() - t0
     if n >= 256:
       _log(f"encoded {n} {what} in {dt:.1f}s ({n / max(dt, 1e-9):.0f}/s)")
@@ -461,17 +462,18 @@ class QuReTask(Task):
                         **{f"store_{k}": v for k, v in built.items()}}
     return store
 
-  def encode_targets(self, params, idx: np.ndarray) -> np.ndarray:
-    """[len(idx), Q, D] target features of global images `idx` with the current params."""
+  def encode_targets(self, params, idx: np.ndarray, sharded: bool = False):
+    """[len(idx), Q, D] target features of global images `idx` with the current params:
+    host numpy, or (`sharded`) a jax.Array that stays on the mesh."""
     self._ensure_features(params)
     return self._encode(self._fns["targets"], params, self._inputs(idx), len(idx),
-                        "target images")
+                        "target images", sharded)
 
-  def encode_queries(self, params, ref_idx, ids, mask) -> np.ndarray:
-    """[B, D] composed queries."""
+  def encode_queries(self, params, ref_idx, ids, mask, sharded: bool = False):
+    """[B, D] composed queries (host numpy, or a jax.Array on the mesh with `sharded`)."""
     self._ensure_features(params)
     return self._encode(self._fns["compose"], params, self._inputs(ref_idx, ids, mask),
-                        len(ref_idx), "queries")
+                        len(ref_idx), "queries", sharded)
 
   # ---------------------------------------------------------------- epochs, mining, sampling
   def begin_epoch(self, epoch, params, first_step_in_epoch=0):
@@ -497,33 +499,48 @@ class QuReTask(Task):
     return order[:self.steps_per_epoch * self.global_batch]
 
   def mine(self, params) -> dict:
-    """Re-encodes every group's corpus and queries and re-mines the hard-negative sets."""
+    """Re-encodes every group's corpus and queries and re-mines the hard-negative sets.
+
+    The features stay on this process's devices (rows split over them); each block of
+    query x corpus scores is computed there and mined there, so only the ragged sets and
+    their statistics reach the host."""
     t0 = time.perf_counter()
     sets, stats_all = [], []
     qc = self.config.qure
     kw = {} if self.strategy == "qure" else {"k": int(qc.get("k", 100))}
+    mesh = retrieval.make_mesh(jax.local_devices())
+    times = {"encode_s": 0.0, "score_s": 0.0}
     for g in self.groups:
+      t1 = time.perf_counter()
       uniq, inv = np.unique(g.corpus, return_inverse=True)
-      tfeat = self.encode_targets(params, uniq)
-      qfeat = self.encode_queries(params, self.q_ref[g.queries], self.q_ids[g.queries],
-                                  self.q_mask[g.queries])
-      tdev = jnp.asarray(tfeat[inv])
+      tfeat = _on_local_mesh(self.encode_targets(params, uniq, sharded=True), mesh)
+      qfeat = _on_local_mesh(self.encode_queries(
+          params, self.q_ref[g.queries], self.q_ids[g.queries], self.q_mask[g.queries],
+          sharded=True), mesh)
+      tdev = _expand_corpus(tfeat, _on_local_mesh(jnp.asarray(inv.astype(np.int32)), mesh))
+      times["encode_s"] += time.perf_counter() - t1
 
       def block(a, b, qfeat=qfeat, tdev=tdev):
-        return _max_token_scores(jnp.asarray(qfeat[a:b]), tdev)
+        t2 = time.perf_counter()
+        s = _block_scores(qfeat, tdev, a, size=b - a).block_until_ready()
+        times["score_s"] += time.perf_counter() - t2
+        return s
 
       hs, stats = mining.hard_negative_sets(
           block, g.target_pos, strategy=self.strategy, image_ids=g.corpus,
           consecutive_threshold=int(qc.get("consecutive_threshold", 1)),
-          strict_below=bool(qc.get("strict_below", False)),
+          strict_below=bool(qc.get("strict_below", False)), mesh=mesh,
           num_queries=len(g.queries), corpus_size=len(g.corpus), **kw)
       sets.append(hs)
       stats_all.append(stats)
     self.sampler.set_mined(sets)
     sizes = np.concatenate([s.set_size for s in stats_all])
+    total = time.perf_counter() - t0
     out = {"set_size_mean": float(sizes.mean()), "set_size_median": float(np.median(sizes)),
            "set_size_max": int(sizes.max()), "empty_fraction": float((sizes == 0).mean()),
-           "mining_s": time.perf_counter() - t0}
+           "mining_s": total, "mining_encode_s": times["encode_s"],
+           "mining_score_s": times["score_s"],
+           "mining_sets_s": total - times["encode_s"] - times["score_s"]}
     _log("mining: " + ", ".join(f"{k} {v:.4g}" for k, v in out.items()))
     return out
 
@@ -618,9 +635,27 @@ class _AllImages:
     self.name = "qure training+evaluation images"
 
 
+def _on_local_mesh(x: jax.Array, mesh: jax.sharding.Mesh) -> jax.Array:
+  """`x` on this process's devices, rows split over them when they divide evenly (else
+  replicated). Several processes each need every row for their mining: they gather them
+  once through the host."""
+  spec = P("data") if x.shape[0] % mesh.devices.size == 0 else P()
+  if jax.process_count() > 1:
+    x = _host_tree(x)
+  return jax.device_put(x, NamedSharding(mesh, spec))
+
+
 @jax.jit
-def _max_token_scores(q, t):
-  return jnp.einsum("bd,nkd->bnk", q, t).max(-1)
+def _expand_corpus(t, inv):
+  """The corpus in mining order ([N, Q, D]) from its unique images' features."""
+  return jnp.take(t, inv, axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("size",))
+def _block_scores(q, t, start, *, size):
+  """[size, N] max-over-tokens scores of queries start:start+size against the corpus."""
+  qb = jax.lax.dynamic_slice_in_dim(q, start, size)
+  return jnp.einsum("bd,nkd->bnk", qb, t).max(-1)
 
 
 # Pure encoders (module level so jit caches by identity).
