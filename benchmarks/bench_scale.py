@@ -236,7 +236,8 @@ def _read_metrics(workdir: Path) -> dict:
     out.update(store_path=str(side.with_suffix(".bin")), store_shape=meta["shape"],
                store_dtype=meta["dtype"], store_bytes=side.with_suffix(".bin").stat().st_size,
                store_build_s=meta.get("build_s"), store_encode_s=meta.get("encode_s"),
-               store_images_per_s=meta.get("images_per_s"))
+               store_images_per_s=meta.get("images_per_s")
+               or meta["shape"][0] / max(meta.get("build_s") or 1e-9, 1e-9))
   return out
 
 

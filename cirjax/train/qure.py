@@ -413,54 +413,8 @@ class QuReTask(Task):
   def _ensure_features(self, params) -> None:
     if not self.cache or self._feats is not None:
       return
-    self._feats = self._open_store(params)
+    self._feats = _open_store(self, params)
     _log(self._feats.describe())
-
-  def _open_store(self, params) -> feature_store.FeatureStore:
-    """The frozen-feature store of this run's images: reused when the workdir has a valid
-    one for these vision parameters, images and preprocessing, else encoded (each process
-    its share of the images) into `config.qure.feature_store_dir` (default
-    `<workdir>/feature_store`)."""
-    qc, n = self.config.qure, len(self.image_names)
-    vcfg = self.cfg.vision
-    shape = (n, (self.image_size // vcfg.patch_size) ** 2 + 1, vcfg.hidden_size)
-    dtype = str(qc.get("feature_dtype", "float16"))
-    vision = _host_tree(params["vision"])
-    spec = {"vision": repr(vcfg), "compute_dtype": self.compute_dtype.name, "dtype": dtype,
-            "transform": str(self.config.data.get("transform", "targetpad")),
-            "images": [(k, repr(self._images.split.images[k])) for k in self.image_names]}
-    key = feature_store.store_key(vision, spec)
-    directory = qc.get("feature_store_dir", "") or os.path.join(self.workdir, "feature_store")
-    t0 = time.perf_counter()
-    built = {}
-
-    def fill(rows, lo, hi):
-      _log(f"encoding frozen vision features of {hi - lo} images into the store "
-           f"(this process's share of {n})")
-      t1 = time.perf_counter()
-      # Each process encodes its rows on its own devices, with its own copy of the params.
-      single = jax.process_count() == 1
-      mesh = self.mesh if single else retrieval.make_mesh(jax.local_devices())
-      enc_params = params if single else _host_tree(params)
-      pixels = ((self._pixels(np.arange(i, min(hi, i + self.encode_batch))),)
-                for i in range(lo, hi, self.encode_batch))
-
-      def sink(start, y):
-        rows[lo + start:lo + start + len(y)] = y
-
-      encode_lib.encode(self._fns["vision"], enc_params, pixels, mesh=mesh,
-                        batch_size=self.encode_batch, dtype=rows.dtype, sink=sink)
-      built["encode_s"] = time.perf_counter() - t1
-      built["images_per_s"] = (hi - lo) / max(built["encode_s"], 1e-9)
-
-    store = feature_store.open_or_build(
-        os.path.expanduser(directory), key, shape, dtype, fill,
-        verify=bool(qc.get("feature_store_verify", True)), extra={"images": n}, log=_log)
-    self.store_stats = {"store_path": str(store.path), "store_bytes": store.nbytes,
-                        "store_shape": list(store.shape), "store_dtype": store.dtype.name,
-                        "store_built": bool(built), "store_open_s": time.perf_counter() - t0,
-                        **{f"store_{k}": v for k, v in built.items()}}
-    return store
 
   def encode_targets(self, params, idx: np.ndarray, sharded: bool = False):
     """[len(idx), Q, D] target features of global images `idx` with the current params:
@@ -617,6 +571,54 @@ def export_model(path: Path, config: ml_collections.ConfigDict, cfg: blip2.Blip2
   except FileNotFoundError:
     pass
   _log(f"exported the trained model to {path}")
+
+
+def _open_store(task: QuReTask, params) -> feature_store.FeatureStore:
+  """The frozen-feature store of this run's images: reused when the workdir has a valid
+  one for these vision parameters, images and preprocessing, else encoded (each process
+  its share of the images) into `config.qure.feature_store_dir` (default
+  `<workdir>/feature_store`)."""
+  qc, n = task.config.qure, len(task.image_names)
+  vcfg = task.cfg.vision
+  shape = (n, (task.image_size // vcfg.patch_size) ** 2 + 1, vcfg.hidden_size)
+  dtype = str(qc.get("feature_dtype", "float16"))
+  vision = _host_tree(params["vision"])
+  spec = {"vision": repr(vcfg), "compute_dtype": task.compute_dtype.name, "dtype": dtype,
+          "transform": str(task.config.data.get("transform", "targetpad")),
+          "images": [(k, repr(task._images.split.images[k])) for k in task.image_names]}
+  key = feature_store.store_key(vision, spec)
+  directory = qc.get("feature_store_dir", "") or os.path.join(task.workdir, "feature_store")
+  t0 = time.perf_counter()
+  built = {"images": n}  # the sidecar records it, with this process's encoding speed
+
+  def fill(rows, lo, hi):
+    _log(f"encoding frozen vision features of {hi - lo} images into the store "
+         f"(this process's share of {n})")
+    t1 = time.perf_counter()
+    # Each process encodes its rows on its own devices, with its own copy of the params.
+    single = jax.process_count() == 1
+    mesh = task.mesh if single else retrieval.make_mesh(jax.local_devices())
+    enc_params = params if single else _host_tree(params)
+    pixels = ((task._pixels(np.arange(i, min(hi, i + task.encode_batch))),)
+              for i in range(lo, hi, task.encode_batch))
+
+    def sink(start, y):
+      rows[lo + start:lo + start + len(y)] = y
+
+    encode_lib.encode(task._fns["vision"], enc_params, pixels, mesh=mesh,
+                      batch_size=task.encode_batch, dtype=rows.dtype, sink=sink)
+    built["encode_s"] = time.perf_counter() - t1
+    built["images_per_s"] = (hi - lo) / max(built["encode_s"], 1e-9)
+
+  store = feature_store.open_or_build(
+      os.path.expanduser(directory), key, shape, dtype, fill,
+      verify=bool(qc.get("feature_store_verify", True)), extra=built, log=_log)
+  task.store_stats = {"store_path": str(store.path), "store_bytes": store.nbytes,
+                      "store_shape": list(store.shape), "store_dtype": store.dtype.name,
+                      "store_built": "encode_s" in built,
+                      "store_open_s": time.perf_counter() - t0,
+                      **{f"store_{k}": v for k, v in built.items()}}
+  return store
 
 
 def _host_tree(tree):
