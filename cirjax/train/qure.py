@@ -471,7 +471,7 @@ class QuReTask(Task):
       qfeat = _on_local_mesh(self.encode_queries(
           params, self.q_ref[g.queries], self.q_ids[g.queries], self.q_mask[g.queries],
           sharded=True), mesh)
-      tdev = _expand_corpus(tfeat, _on_local_mesh(jnp.asarray(inv.astype(np.int32)), mesh))
+      tdev = _expand_corpus(tfeat, _on_local_mesh(inv.astype(np.int32), mesh))
       times["encode_s"] += time.perf_counter() - t1
 
       def block(a, b, qfeat=qfeat, tdev=tdev):
@@ -622,7 +622,7 @@ def _open_store(task: QuReTask, params) -> feature_store.FeatureStore:
 
 
 def _host_tree(tree):
-  """A host copy of a (possibly sharded, possibly multi-process) parameter tree."""
+  """A host copy of a tree of (possibly sharded, possibly multi-process) global arrays."""
   if jax.process_count() == 1:
     return jax.device_get(tree)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -642,7 +642,7 @@ def _on_local_mesh(x: jax.Array, mesh: jax.sharding.Mesh) -> jax.Array:
   replicated). Several processes each need every row for their mining: they gather them
   once through the host."""
   spec = P("data") if x.shape[0] % mesh.devices.size == 0 else P()
-  if jax.process_count() > 1:
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
     x = _host_tree(x)
   return jax.device_put(x, NamedSharding(mesh, spec))
 
