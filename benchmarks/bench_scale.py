@@ -224,8 +224,9 @@ def _read_metrics(workdir: Path) -> dict:
   for r in recs:
     if r["kind"] == "mining":
       out.update({k: r[k] for k in r if k.startswith("mining_")})
-    elif r["kind"] == "data":
-      out["data_wait_share"] = r["data_wait_fraction"]
+    elif r["kind"] == "data":  # per epoch; the first is the full one before mining
+      out.setdefault("data_wait_share_by_epoch", []).append(r["data_wait_fraction"])
+      out.setdefault("data_wait_share", r["data_wait_fraction"])
     elif r["kind"] == "train" and "step_time_s" in r:
       out["step_time_s"] = r["step_time_s"]
   res = workdir / "final_metrics.json"
