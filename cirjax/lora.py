@@ -35,6 +35,7 @@ import json
 import math
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -321,12 +322,16 @@ def peft_state_dict(adapter: Adapter, key_format: str = "hf5") -> dict[str, np.n
 
 
 def save_peft(adapter: Adapter, out_dir: str | os.PathLike, *, key_format: str = "hf5",
-              base_model_name_or_path: str | None = None) -> Path:
-  """Writes PEFT's adapter format (adapter_config.json + adapter_model.safetensors).
+              base_model_name_or_path: str | None = None,
+              extra_files: Mapping[str, str | os.PathLike] | None = None) -> Path:
+  """Writes PEFT's adapter format (adapter_config.json + adapter_model.safetensors) that
+  `peft.PeftModel.from_pretrained(base, out_dir)` loads.
 
   `key_format` picks the module names of the base model the adapter will be loaded into:
   'hf5' (`model.language_model.*`, transformers >= 4.52 and 5.x) or 'hf4'
-  (`language_model.model.*`, older 4.x).
+  (`language_model.model.*`, older 4.x). `base_model_name_or_path` is recorded for PEFT's
+  `AutoPeftModel*` (None when unknown, e.g. a random base); `extra_files` ({name: source
+  file}, e.g. the tokenizer's) are copied in.
   """
   if key_format not in KEY_FORMATS:
     raise LoraError(f"key_format must be one of {KEY_FORMATS}, got {key_format!r}")
@@ -344,6 +349,8 @@ def save_peft(adapter: Adapter, out_dir: str | os.PathLike, *, key_format: str =
   }
   weight_io.write_safetensors(peft_state_dict(adapter, key_format), out / WEIGHTS_NAME)
   (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+  for name, src in (extra_files or {}).items():
+    shutil.copyfile(src, out / name)
   return out
 
 

@@ -39,7 +39,9 @@ def test_from_hf_dir_and_run_parity(hf_dir):
   d, _ = hf_dir
   report = {}
   config, params = llava_convert.from_hf(d, report=report)
-  assert report["skipped"] == ["language_model.lm_head.weight"]
+  # the LM head is kept (generation and export need it), nothing is skipped
+  assert report["skipped"] == [] and report["lm_head"] == "language_model.lm_head.weight"
+  assert params["lm_head"]["kernel"].shape == (config.text.hidden_size, config.text.vocab_size)
   rows = llava_parity.run_parity(d, batch=3, text_len=9)
   names = [r.name for r in rows]
   assert names[:3] == ["vision features", "projector output", "input embeddings"]
@@ -73,12 +75,12 @@ def test_export_round_trip(hf_dir, tmp_path, key_format):
   assert any(k.startswith(prefix) for k in keys)
   back = transformers.LlavaForConditionalGeneration.from_pretrained(
       str(out), dtype=torch.float32, attn_implementation="eager")
-  # every exported weight loaded (only the unused LM head is left to initialise)
+  # every weight loaded, the LM head included
   ref = model.state_dict()
   got = back.state_dict()
+  assert set(got) == set(ref)
   for k, v in ref.items():
-    if "lm_head" not in k:
-      np.testing.assert_array_equal(got[k].numpy(), v.numpy(), err_msg=k)
+    np.testing.assert_array_equal(got[k].numpy(), v.numpy(), err_msg=k)
   config2, params2 = llava_convert.from_hf(out)
   assert config2 == config
   for a, b in zip(jax.tree.leaves(params2), jax.tree.leaves(params)):
@@ -220,9 +222,10 @@ def test_full_size_tree_by_shape_only():
   want = llava.abstract_params(config)
   flat = lambda t: {jax.tree_util.keystr(p): tuple(l.shape)
                     for p, l in jax.tree_util.tree_flatten_with_path(t)[0]}
-  assert flat(got) == flat(want)
+  # the model's tree plus the LM head, kept beside it for generation and export
+  assert flat(got) == {**flat(want), "['lm_head']['kernel']": (3072, 32064)}
   n = sum(int(np.prod(s)) for s in flat(want).values())
-  n_head = 32064 * 3072  # the LM head, skipped
+  n_head = 32064 * 3072
   assert 4.0e9 < n + n_head < 4.2e9, n
   qkv = want["language_model"]["layers_0"]["self_attn"]["qkv_proj"]["kernel"]
   assert qkv.shape == (3072, 9216)

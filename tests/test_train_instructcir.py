@@ -84,6 +84,41 @@ def test_stage1_trains_checkpoints_and_exports(stage1):
   assert model.tokenizer is not None and (wd / "model_hf" / "config.json").is_file()
 
 
+def test_trained_adapter_loads_with_peft(stage1, tmp_path):
+  """Train (tiny) -> export -> load with transformers + PEFT -> cirjax's embedding: the
+  trained adapter on the HF export of the run's base gives the merged model's embedding, and
+  the adapter directory carries the run's tokenizer (docs/train.md)."""
+  import peft
+  import torch
+  import torch.nn.functional as F
+  import transformers
+  import cirjax
+  from cirjax.convert import registry
+  from cirjax.models import llava, llava_parity
+  wd, r = stage1
+  params = _host(r["state"].params)
+  model = cirjax.load_llava(wd / "model")
+  registry.export_hf(tmp_path / "base", "llava", model.config, params["base"],
+                     tokenizer_dir=wd / "tokenizer")
+  cfg = json.loads((wd / "adapter" / "adapter_config.json").read_text())
+  assert cfg["base_model_name_or_path"] is None  # a random base: nothing to name
+  tok = transformers.AutoTokenizer.from_pretrained(str(wd / "adapter"))
+  assert tok.get_vocab() == model.tokenizer.get_vocab()
+  base = transformers.LlavaForConditionalGeneration.from_pretrained(
+      str(tmp_path / "base"), dtype=torch.float32, attn_implementation="eager")
+  pm = peft.PeftModel.from_pretrained(base, str(wd / "adapter")).eval()
+  ids, mask, pixels = llava_parity.random_inputs(model.config, batch=2, text_len=8, seed=0)
+  with torch.no_grad():
+    out = pm(input_ids=torch.from_numpy(ids.astype(np.int64)),
+             attention_mask=torch.from_numpy(mask.astype(np.int64)),
+             pixel_values=torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))),
+             output_hidden_states=True)
+  got = F.normalize(out.hidden_states[-1][:, -1], dim=-1).numpy()
+  want = np.asarray(llava.embed(model.params, model.config, ids, mask, pixels))
+  err = np.abs(got - want).max() / np.abs(want).max()
+  assert err <= 1e-4, err  # the fp32 model tolerance
+
+
 def test_only_lora_changes(stage1, synth_root, tmp_path):
   from cirjax.train.instructcir import InstructCIRTask
   wd, r = stage1

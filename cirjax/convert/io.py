@@ -30,7 +30,7 @@ import struct
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Collection, Mapping, Optional
 
 import jax
 import ml_dtypes
@@ -96,14 +96,16 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
   return header, data_start
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Reads every tensor of a safetensors file into numpy (bf16/fp8 as ml_dtypes)."""
+def read_safetensors(path: str | os.PathLike, keys: Optional[Collection[str]] = None
+                     ) -> dict[str, np.ndarray]:
+  """Reads every tensor of a safetensors file (or only `keys`) into numpy (bf16/fp8 as
+  ml_dtypes)."""
   path = Path(path)
   header, data_start = read_safetensors_header(path)
   out = {}
   with open(path, "rb") as f:
     for key, info in header.items():
-      if key == "__metadata__":
+      if key == "__metadata__" or (keys is not None and key not in keys):
         continue
       start, end = info["data_offsets"]
       f.seek(data_start + start)
@@ -281,18 +283,23 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
                         f"{[c.name for c in cands]}")
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Reads all tensors of a weight file or HF model directory into one flat numpy dict.
+def read_state_dict(path: str | os.PathLike, keys: Optional[Collection[str]] = None
+                    ) -> dict[str, np.ndarray]:
+  """Reads all tensors (or only `keys`, when present) of a weight file or HF model directory
+  into one flat numpy dict.
 
   Supports `model.safetensors`, sharded safetensors with `model.safetensors.index.json`,
-  `pytorch_model.bin` (sharded or not) and `.pt`/`.pth` state dicts.
+  `pytorch_model.bin` (sharded or not) and `.pt`/`.pth` state dicts. Only safetensors skip
+  the bytes of unwanted tensors; a pickle is read whole.
   """
   state: dict[str, np.ndarray] = {}
   for f in weight_files(path):
     if f.suffix == ".safetensors":
-      part = read_safetensors(f)
+      part = read_safetensors(f, keys)
     elif f.suffix in (".bin", ".pt", ".pth", ".ckpt"):
       part = read_torch_pickle(f)
+      if keys is not None:
+        part = {k: v for k, v in part.items() if k in keys}
     else:
       raise WeightFileError(f"{f}: unknown weight file type {f.suffix!r}")
     dup = sorted(set(part) & set(state))

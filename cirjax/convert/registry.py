@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -33,7 +34,8 @@ from cirjax.models import Model, blip2, blip2_convert, llava, llava_convert
 LAVIS_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
-                   "chat_template.jinja", "preprocessor_config.json", "processor_config.json")
+                   "chat_template.jinja", "preprocessor_config.json", "processor_config.json",
+                   "generation_config.json")
 
 
 class Family(NamedTuple):
@@ -48,6 +50,9 @@ class Family(NamedTuple):
   check_export: (config) -> raises if the model cannot be written as HF.
   from_file: (state-dict file, **kw) -> (config, params), for families with a non-HF
     single-file layout (LAVIS BLIP-2).
+  finish_hf: (HF dir being written, config, tokenizer dir or None) -> None: what an HF
+    directory needs beside weights and copied tokenizer files for transformers' Auto
+    classes (BLIP-2: the BERT tokenizer and image-processor config; LLaVA: token ids).
   """
   name: str
   config_class: type
@@ -57,6 +62,7 @@ class Family(NamedTuple):
   to_hf: Callable[..., Path]
   check_export: Callable[[Any], Any] = lambda config: None
   from_file: Optional[Callable[..., tuple]] = None
+  finish_hf: Callable[[Path, Any, Optional[Path]], Any] = lambda dst, config, tok: None
 
 
 class Loaded(NamedTuple):
@@ -71,13 +77,29 @@ def _blip2_init(config, rng: Optional[jax.Array] = None):
   return blip2.init_blip2(jax.random.PRNGKey(0) if rng is None else rng, config)
 
 
+def _llava_finish_hf(dst: Path, config: llava.LlavaConfig, tokenizer_dir: Optional[Path]) -> None:
+  """The tokenizer's bos/eos/pad ids into `text_config` (generation reads them there); a
+  warning when there is no tokenizer to copy."""
+  tok = llava.load_tokenizer(dst)
+  if tok is None:
+    print(f"warning: {tokenizer_dir} holds no tokenizer (tokenizer.json / "
+          f"tokenizer_config.json): the LLaVA export {dst} has none and no bos/eos/pad ids",
+          file=sys.stderr, flush=True)
+    return
+  f = dst / "config.json"
+  hf = json.loads(f.read_text())
+  hf["text_config"] = llava_convert.llava_config_to_hf(
+      config, llava_convert.tokenizer_token_ids(tok))["text_config"]
+  f.write_text(json.dumps(hf, indent=2) + "\n")
+
+
 FAMILIES = {
     "blip2": Family("blip2", blip2.Blip2Config, _blip2_init, ("blip-2", "blip_2"),
                     blip2_convert.from_hf, blip2_convert.to_hf, blip2_convert.config_to_hf,
-                    blip2_convert.from_lavis),
+                    blip2_convert.from_lavis, blip2_convert.write_hf_preprocessing),
     "llava": Family("llava", llava.LlavaConfig, llava.init_params,
                     ("llava", "llava_phi", "llava-phi"), llava_convert.from_hf,
-                    llava_convert.to_hf),
+                    llava_convert.to_hf, finish_hf=_llava_finish_hf),
 }
 
 
@@ -165,7 +187,7 @@ def load(path: str | os.PathLike, *, family: Optional[str] = None, **kw) -> Load
 
 
 def tokenizer_files(directory: str | os.PathLike) -> dict[str, Path]:
-  """{name: path} of the tokenizer / processor files in `directory`."""
+  """{name: path} of the tokenizer / processor / generation-config files in `directory`."""
   d = Path(directory)
   return {n: d / n for n in TOKENIZER_FILES if (d / n).is_file()}
 
@@ -184,15 +206,33 @@ def save(path: str | os.PathLike, family: str, config: Any, params: Any, *,
 def export_hf(path: str | os.PathLike, family: str, config: Any, params: Any, *,
               overwrite: bool = False, tokenizer_dir: str | os.PathLike | None = None,
               **kw) -> Path:
-  """Writes an HF directory (atomically) that transformers' `from_pretrained` loads. `kw`
-  goes to the family's writer (`max_shard_bytes`, LLaVA's `key_format`)."""
+  """Writes an HF directory (atomically) that transformers' `from_pretrained` and Auto
+  classes load: weights, config.json, the tokenizer files of `tokenizer_dir` and what the
+  family adds (`Family.finish_hf`). A missing tokenizer or LLaVA LM head is a warning on
+  stderr (the export still holds every weight cirjax uses). `kw` goes to the family's
+  writer (`max_shard_bytes`, LLaVA's `key_format`)."""
   fam = _family(family)
   fam.check_export(config)  # refuse before writing anything
   with io.atomic_directory(path, overwrite=overwrite) as tmp:
     fam.to_hf(params, config, tmp, **kw)
     for name, f in (tokenizer_files(tokenizer_dir) if tokenizer_dir is not None else {}).items():
       shutil.copyfile(f, tmp / name)
+    fam.finish_hf(tmp, config, None if tokenizer_dir is None else Path(tokenizer_dir))
   return Path(path)
+
+
+def lm_head(path: str | os.PathLike) -> Any:
+  """The [hidden, vocab] LM-head kernel of a LLaVA model directory (HF: only that tensor is
+  read; cirjax: the whole directory), or None when it has none or is no LLaVA directory."""
+  try:
+    found, kind = sniff(path)
+  except (OSError, ValueError):
+    return None
+  if found != "llava" or kind not in ("hf", "cirjax"):
+    return None
+  if kind == "hf":
+    return llava_convert.read_lm_head(path)
+  return load(path).params.get("lm_head", {}).get("kernel")
 
 
 # ----------------------------------------------------------------------------- convenience
@@ -220,5 +260,6 @@ def load_llava(path: str | os.PathLike, *, dtype: str | None = None,
   loaded = load(path, family="llava")
   overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v}
   config = loaded.config.replace(**overrides) if overrides else loaded.config
-  params = llava.cast_params(loaded.params, config)
+  # The embedder never reads the LM head (hidden x vocab, 0.4 GB for Phi-3): not on device.
+  params = llava.cast_params({k: v for k, v in loaded.params.items() if k != "lm_head"}, config)
   return llava.LlavaEmbedder(params, config, llava.load_tokenizer(path), source=str(path))

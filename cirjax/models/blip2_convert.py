@@ -10,6 +10,9 @@
   `Blip2ForImageTextRetrieval.from_pretrained` loads (EVA towers only: HF has no CLIP-tower
   BLIP-2). HF has no learned temperature; it travels in config.json as `cirjax_temp` (the
   learned value) beside `cirjax_temperature_init` (the config's initial value).
+* `write_hf_preprocessing(dir, cfg, tokenizer_dir)`: what `AutoTokenizer`,
+  `AutoImageProcessor` and `AutoProcessor` (`Blip2Processor`) need beside the weights: the
+  BERT tokenizer cirjax uses (with `[DEC]`) and a `BlipImageProcessor` config.
 
 The tensors move by two tables, `hf_table(cfg)` and `lavis_table(cfg)`, run by
 `cirjax.convert.engine` (so shape-only sources convert too). Key accounting is strict: every
@@ -31,6 +34,8 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from cirjax.convert import engine, io
+from cirjax.data import images as images_lib
+from cirjax.data import text as text_lib
 from cirjax.models import qformer as qf
 from cirjax.models import vit as vit_lib
 from cirjax.models.blip2 import Blip2Config, abstract_params
@@ -218,6 +223,78 @@ def to_hf(params: Any, cfg: Blip2Config, dst: str | os.PathLike, *,
   io.write_safetensors_sharded(state, dst, max_shard_bytes=max_shard_bytes)
   (dst / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
   return dst
+
+
+# ------------------------------------------------------------- tokenizer and preprocessing
+
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+_PIL_BICUBIC = 3  # PIL.Image.BICUBIC, the resampling of cirjax's pipelines
+
+
+def preprocessor_config(cfg: Blip2Config) -> dict:
+  """`BlipImageProcessor` settings doing cirjax's BLIP-2 preprocessing (bicubic resize to
+  the tower's size, x/255, OpenAI CLIP mean/std, RGB). On a square image they give cirjax's
+  pixels exactly; cirjax's TargetPad and centre crop of elongated images are not expressible
+  in `BlipImageProcessor`, which stretches them (docs/convert.md)."""
+  s = cfg.vision.image_size
+  return {"image_processor_type": "BlipImageProcessor", "do_convert_rgb": True,
+          "do_resize": True, "size": {"height": s, "width": s}, "resample": _PIL_BICUBIC,
+          "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+          "image_mean": list(images_lib.CLIP_MEAN), "image_std": list(images_lib.CLIP_STD)}
+
+
+def has_tokenizer(directory: str | os.PathLike | None) -> bool:
+  """Whether `directory` holds a BERT vocab.txt or an HF tokenizer."""
+  if directory is None or not Path(directory).is_dir():
+    return False
+  d = Path(directory)
+  if (d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file():
+    return True
+  try:
+    text_lib.find_vocab(d)
+    return True
+  except FileNotFoundError:
+    return False
+
+
+NO_TOKENIZER_WARNING = (
+    "warning: {src} holds no tokenizer (vocab.txt / tokenizer.json), so the BLIP-2 export at "
+    "{dst} has none: AutoTokenizer.from_pretrained on it returns transformers' default for "
+    "blip-2 (GPT-2, whose ids mean nothing to the Q-Former) and AutoProcessor fails. Put "
+    "bert-base-uncased's vocab.txt (the one the model was trained with) next to the model and "
+    "export again.")
+
+
+def write_hf_preprocessing(dst: str | os.PathLike, cfg: Blip2Config,
+                           tokenizer_dir: str | os.PathLike | None, warn=None) -> list[str]:
+  """Writes `preprocessor_config.json` and, from `tokenizer_dir`'s vocab.txt or HF tokenizer,
+  the tokenizer exactly as cirjax loads it (`cirjax.data.text.load_bert_tokenizer`: uncased
+  BERT + `[DEC]`, `model_max_length` 32), saved by transformers so `AutoTokenizer` gives
+  cirjax's ids. Without a usable tokenizer, warns (`warn`, default stderr) naming the reason
+  and writes no tokenizer files. Returns the file names written."""
+  dst = Path(dst)
+  warn = warn or (lambda m: print(m, file=sys.stderr, flush=True))
+  (dst / PREPROCESSOR_CONFIG).write_text(json.dumps(preprocessor_config(cfg), indent=2) + "\n")
+  written = [PREPROCESSOR_CONFIG]
+  if not has_tokenizer(tokenizer_dir):
+    warn(NO_TOKENIZER_WARNING.format(src=tokenizer_dir, dst=dst))
+    return written
+  try:
+    tok = text_lib.load_bert_tokenizer(tokenizer_dir)
+    if len(tok) > cfg.qformer.vocab_size:
+      raise ValueError(f"{tokenizer_dir}: the tokenizer has {len(tok)} tokens, the Q-Former's "
+                       f"vocabulary only {cfg.qformer.vocab_size}: not this model's tokenizer")
+  except ValueError as e:  # the weights are still worth exporting; the tokenizer is not
+    warn(f"warning: {e}; the BLIP-2 export at {dst} gets no tokenizer.json / "
+         "tokenizer_config.json (AutoTokenizer and AutoProcessor will not give cirjax's ids)")
+    return written
+  # cirjax's text length: `padding="max_length", truncation=True` then gives cirjax's ids, also
+  # through Blip2Processor, which cannot take max_length= for a retrieval model (transformers
+  # 5 subtracts num_query_tokens, None here: no query placeholders precede the text).
+  tok.model_max_length = min(text_lib.BLIP2_MAX_LENGTH, cfg.qformer.max_position_embeddings)
+  before = set(os.listdir(dst))
+  tok.save_pretrained(str(dst))
+  return written + sorted(set(os.listdir(dst)) - before)
 
 
 # -------------------------------------------------------------------------------- LAVIS

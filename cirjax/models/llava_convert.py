@@ -18,10 +18,13 @@ plus the variants 5.x itself writes (`vision_tower.*` / `model.vision_tower.*` w
 `vision_model.`, since its CLIPVisionModel lost that wrapper). The language model may be
 Phi-3 (fused `qkv_proj`, `gate_up_proj`) or Llama layout (separate q/k/v, gate/up).
 
-The LM head is not used by the embedder: it is skipped explicitly (listed in the conversion
-report, never an "unexpected key"), and `to_hf` exports no `lm_head.weight` (transformers
-then initialises one and warns; embeddings do not depend on it). CLIP's `post_layernorm`
-(unused by LLaVA, which reads hidden_states[-2]) is kept so the export round-trips.
+The LM head is not used by the embedder, but generation needs it: when the source has one
+it is kept as `params['lm_head']['kernel']` ([hidden, vocab], beside the components the
+model applies, which ignore it) and `to_hf` writes it back, so an export round-trips and
+`generate()` works. A source with tied embeddings and no head tensor gets the head as a copy
+of the embedding. Without a head (a randomly initialised model) `to_hf` warns: transformers
+would initialise one randomly. CLIP's `post_layernorm` (unused by LLaVA, which reads
+hidden_states[-2]) is kept so the export round-trips.
 
 Strict key accounting: every other source key must be consumed and every parameter filled;
 one error lists all missing, unexpected and mis-shaped keys by name.
@@ -32,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -101,13 +105,28 @@ def projector_hf_table(config: LlavaConfig) -> list[tuple[tuple, str, str]]:
   return rows
 
 
-def full_table(config: LlavaConfig, prefixes: Mapping[str, str]) -> list[tuple[tuple, str, str]]:
-  """(param path, full HF key, transform) for the whole model under the given prefixes."""
-  return (engine.prefixed(vit_lib.vit_hf_table(config.vision), ("vision_tower",),
+LM_HEAD = ("lm_head", "kernel")
+
+
+def full_table(config: LlavaConfig, prefixes: Mapping[str, str | None],
+               lm_head: bool = False) -> list[tuple[tuple, str, str]]:
+  """(param path, full HF key, transform) for the whole model under the given prefixes;
+  with `lm_head`, the LM head's row too (`prefixes['head']`, its full key)."""
+  rows = (engine.prefixed(vit_lib.vit_hf_table(config.vision), ("vision_tower",),
                           prefixes["vision"])
           + engine.prefixed(projector_hf_table(config), ("multi_modal_projector",),
                             prefixes["proj"])
           + engine.prefixed(decoder_hf_table(config.text), ("language_model",), prefixes["lm"]))
+  return rows + ([(LM_HEAD, prefixes["head"], "linear")] if lm_head else [])
+
+
+def abstract_params_with_head(config: LlavaConfig, lm_head: bool) -> dict:
+  """`llava.abstract_params`, plus the LM head's [hidden, vocab] kernel when `lm_head`."""
+  target = dict(abstract_params(config))
+  if lm_head:
+    shape = (config.text.hidden_size, config.text.vocab_size)
+    target["lm_head"] = {"kernel": jax.ShapeDtypeStruct(shape, jnp.float32)}
+  return target
 
 
 # ----------------------------------------------------------------------------- key formats
@@ -212,13 +231,23 @@ def llava_config_from_hf(hf: Any, *, dtype: str = "float32",
       dtype=dtype, param_dtype=param_dtype)
 
 
-def llava_config_to_hf(config: LlavaConfig) -> dict:
-  """config.json contents for `transformers.LlavaForConditionalGeneration`."""
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def llava_config_to_hf(config: LlavaConfig, token_ids: Mapping[str, int | None] | None = None
+                       ) -> dict:
+  """config.json contents for `transformers.LlavaForConditionalGeneration`. `token_ids`:
+  bos/eos/pad ids for `text_config` (from the tokenizer, `tokenizer_token_ids`); a pad id in
+  the model config wins over the tokenizer's."""
   vision = dict(vit_lib.vit_config_to_hf(config.vision), model_type="clip_vision_model")
+  text = config.text.to_hf()
+  for name in TOKEN_ID_FIELDS:
+    if text.get(name) is None and (token_ids or {}).get(name) is not None:
+      text[name] = int(token_ids[name])
   vfl = config.vision_feature_layer
   return dict(
       architectures=["LlavaForConditionalGeneration"], model_type="llava",
-      vision_config=vision, text_config=config.text.to_hf(),
+      vision_config=vision, text_config=text,
       image_token_index=config.image_token_id,
       image_seq_length=config.num_image_tokens,
       vision_feature_layer=list(vfl) if isinstance(vfl, tuple) else vfl,
@@ -242,16 +271,14 @@ def convert_state_dict(state: Mapping[str, Any], config: LlavaConfig, *,
   """
   prefixes = detect_prefixes(state.keys(), source)
   reader = engine.StateDictReader(state, source=source, ignore=_IGNORED)
-  skipped = [prefixes["head"]] if prefixes["head"] is not None else []
-  for key in skipped:  # the LM head: unused by the embedder (see module docstring)
-    reader.skip(key)
-  target = abstract_params(config)
-  params = engine.convert(reader, full_table(config, prefixes), target, dtype=dtype)
+  head = prefixes["head"] is not None  # kept for generation and export (module docstring)
+  target = abstract_params_with_head(config, head)
+  params = engine.convert(reader, full_table(config, prefixes, head), target, dtype=dtype)
   reader.finish()
   engine.check_tree(params, target, source)
   if report is not None:
-    report.update(prefixes=prefixes, skipped=skipped, ignored=reader.ignored,
-                  key_format=key_format_of(state.keys()))
+    report.update(prefixes=prefixes, skipped=[], lm_head=prefixes["head"],
+                  ignored=reader.ignored, key_format=key_format_of(state.keys()))
   return params
 
 
@@ -289,27 +316,71 @@ def from_hf(src_dir: str | os.PathLike, *, dtype: str = "float32",
     raise FileNotFoundError(f"{src}: not an HF model directory (no config.json)")
   config = llava_config_from_hf(src, dtype=dtype, param_dtype=param_dtype)
   state = io.read_state_dict(src)
-  return config, convert_state_dict(state, config, source=str(src), report=report)
+  params = convert_state_dict(state, config, source=str(src), report=report)
+  if "lm_head" not in params and _tied(json.loads((src / "config.json").read_text())):
+    # transformers ties the head to the embedding on load: keep that head explicitly
+    emb = params["language_model"]["embed_tokens"]["embedding"]
+    params["lm_head"] = {"kernel": np.ascontiguousarray(np.asarray(emb, np.float32).T)}
+  return config, params
+
+
+def _tied(hf: Mapping) -> bool:
+  text = hf.get("text_config") or {}
+  return bool(hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
 
 
 def params_to_hf(config: LlavaConfig, params: Any,
                  key_format: str = "hf4") -> dict[str, np.ndarray]:
-  """cirjax params -> HF state dict (fp32 numpy) in the given key format (no lm_head)."""
+  """cirjax params -> HF state dict (fp32 numpy) in the given key format (with the LM head
+  when the params have one)."""
   if key_format not in KEY_FORMATS:
     raise ValueError(f"key_format must be one of {KEY_FORMATS}, got {key_format!r}")
-  return engine.export(params, full_table(config, PREFIXES[key_format]))
+  return engine.export(params, full_table(config, PREFIXES[key_format], "lm_head" in params))
+
+
+NO_LM_HEAD_WARNING = (
+    "warning: {src}: the model has no LM head (lm_head.weight): the export holds every "
+    "weight the embedder uses, but transformers will initialise lm_head randomly, so "
+    "generate() and logits are meaningless. Export a model converted from a checkpoint that "
+    "has one (cirjax keeps the head from HF sources and through InstructCIR training).")
 
 
 def to_hf(params: Any, config: LlavaConfig, dst_dir: str | os.PathLike, *,
-          key_format: str = "hf4", max_shard_bytes: int = 5 * 1024 ** 3) -> Path:
+          key_format: str = "hf4", max_shard_bytes: int = 5 * 1024 ** 3,
+          token_ids: Mapping[str, int | None] | None = None, warn=None) -> Path:
   """Writes an HF LLaVA directory loadable by `LlavaForConditionalGeneration.from_pretrained`.
 
   `key_format='hf4'` (default) is the hub layout that transformers 4.x and 5.x both load.
-  (Tokenizer files travel with `cirjax.convert.registry.export_hf`.)
+  `token_ids`: bos/eos/pad ids for `text_config` (see `llava_config_to_hf`). A model without
+  an LM head is written with a warning (`warn`, default stderr). Tokenizer files travel with
+  `cirjax.convert.registry.export_hf`.
   """
   dst = Path(dst_dir)
+  if "lm_head" not in params:
+    (warn or _stderr)(NO_LM_HEAD_WARNING.format(src=dst))
   dst.mkdir(parents=True, exist_ok=True)
   io.write_safetensors_sharded(params_to_hf(config, params, key_format), dst,
                                max_shard_bytes=max_shard_bytes)
-  (dst / "config.json").write_text(json.dumps(llava_config_to_hf(config), indent=2) + "\n")
+  hf = llava_config_to_hf(config, token_ids)
+  (dst / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
   return dst
+
+
+def _stderr(msg: str) -> None:
+  print(msg, file=sys.stderr, flush=True)
+
+
+def tokenizer_token_ids(tokenizer: Any) -> dict[str, int | None]:
+  """{bos,eos,pad}_token_id of an HF tokenizer (None where it has no such token)."""
+  return {name: getattr(tokenizer, name, None) for name in TOKEN_ID_FIELDS}
+
+
+def read_lm_head(path: str | os.PathLike) -> np.ndarray | None:
+  """The LM head's [hidden, vocab] kernel (fp32) of an HF LLaVA directory (only that tensor
+  is read from safetensors), or None when it has none."""
+  keys = _HEAD_KEYS
+  state = io.read_state_dict(path, keys=keys)
+  for key in keys:
+    if key in state:
+      return np.ascontiguousarray(np.asarray(state[key], np.float32).T)
+  return None

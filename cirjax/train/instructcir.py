@@ -257,7 +257,8 @@ def _load_llava(path: str):
   if not Path(path).is_dir():
     raise FileNotFoundError(f"LLaVA model directory not found: {path}")
   loaded = registry.load(path, family="llava")
-  return loaded.config, loaded.params
+  # Training never reads the LM head; export_model puts it back from the source.
+  return loaded.config, {k: v for k, v in loaded.params.items() if k != "lm_head"}
 
 
 def model_source(config: ml_collections.ConfigDict, init_from: str, workdir: str,
@@ -648,16 +649,28 @@ class InstructCIRTask(Task):
 def export_model(workdir: Path, config: ml_collections.ConfigDict, cfg: llava.LlavaConfig,
                  lora_cfg: lora_lib.LoraConfig, params, mesh: jax.sharding.Mesh,
                  tokenizer_dir: str, source: str) -> None:
-  """The adapter (PEFT), the merged model (cirjax LLaVA directory) and, with `export_hf`, an
-  HF LLaVA directory, under `workdir`."""
+  """The adapter (PEFT, with the tokenizer and the base's path), the merged model (cirjax
+  LLaVA directory) and, with `export_hf`, an HF LLaVA directory, under `workdir`. The LM head,
+  which training leaves out (LoRA never touches it), comes back from the base model's
+  directory (or a stage-1 workdir's exported model) so generation works from the exports."""
   host = jax.device_get(jax.jit(lambda p: p, out_shardings=shd.replicated(mesh))(params))
   if jax.process_index() != 0:
     return
   host = jax.tree.map(np.asarray, host)
   adapter = lora_lib.Adapter(host["lora"], lora_cfg)
-  lora_lib.save_peft(adapter, workdir / "adapter",
-                     base_model_name_or_path=config.model.get("init") or None)
+  init_from = os.path.expanduser(config.get("init_from", "") or "")
+  merged_src = init_from and not (Path(init_from) / "checkpoints").is_dir() and not (
+      Path(init_from) / lora_lib.CONFIG_NAME).is_file()  # a merged model: the adapter's base
+  base = init_from if merged_src else os.path.expanduser(config.model.get("init", "") or "")
+  lora_lib.save_peft(adapter, workdir / "adapter", base_model_name_or_path=base or None,
+                     extra_files=registry.tokenizer_files(tokenizer_dir))
   merged = jax.tree.map(np.asarray, lora_lib.merge(host["base"], adapter))
+  want = (cfg.text.hidden_size, cfg.text.vocab_size)
+  for src in (base, init_from and str(Path(init_from) / "model")):
+    head = registry.lm_head(src) if src else None
+    if head is not None and tuple(np.shape(head)) == want:
+      merged["lm_head"] = {"kernel": np.asarray(head, np.float32)}
+      break
   cfg = cfg.replace(dtype="float32")
   registry.save(workdir / "model", "llava", cfg, merged, overwrite=True,
                 extra={"source": source}, tokenizer_dir=tokenizer_dir)
