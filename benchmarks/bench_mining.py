@@ -1,28 +1,37 @@
-"""Hard-negative mining throughput: cirjax's jitted top-2 gap search vs PyTorch.
+"""Hard-negative mining throughput: cirjax's two paths against the sort floor, PyTorch and
+per-query loops.
 
-Three implementations of QuRe's reference algorithm (docs/reference_semantics.md#mining,
+Implementations of QuRe's reference algorithm (docs/reference_semantics.md#mining,
 threshold 1) on the same score matrix, with identical results (checked in every run):
 
-* `jax` -- `cirjax.mining.hard_negative_sets`: one packed integer sort per row plus `top_k`
-  over the drops, query blocks sized to a memory budget, ragged result gathered on device.
-* `torch`, `variant="per_block"` -- a vectorised PyTorch version: one stable `torch.sort`
-  per block of rows, `torch.topk` over the drops (ties made exact), a full stable sort of
-  the drops only for rows whose walk needs it.
-* `torch`, `variant="per_query_loop"` -- the reference code's style: a Python loop over
-  queries, `torch.sort` of the row, `argsort` of the after-target drops, a Python walk.
-  Slow by construction, so it is timed on the first `loop_queries` queries (rows are
-  independent: queries/s extrapolates).
+* `cirjax_numpy` -- `cirjax.mining.hard_negative_sets(method="numpy")`, the CPU default:
+  one `np.sort` of packed 64-bit keys per row, a partition for the steepest drops,
+  vectorised walk and gather, chunks of rows in threads.
+* `cirjax_xla` -- `method="xla"`, the accelerator path: one jitted packed integer sort per
+  row plus `top_k` over the drops, the ragged result gathered on device.
+* `sort_floor` -- `np.sort` of every row's packed keys alone (one thread): what any
+  sort-based mining costs at least on this CPU. cirjax rows carry `x_sort_floor`.
+* `torch_per_block` -- a vectorised PyTorch version: one stable `torch.sort` per block of
+  rows, `torch.topk` over the drops (ties made exact), a full stable sort of the drops only
+  for rows whose walk needs it.
+* `torch_per_query_loop` / `numpy_per_query_loop` -- one query at a time: a sort of the
+  row, an argsort of the after-target drops, a walk. Timed on `loop_queries` queries: when
+  that is fewer than all, the row's variant ends in `_extrapolated`, it says
+  `extrapolated: true`, and its `step_time_s` is the full problem's time extrapolated from
+  the measured rate (rows are independent).
 
-Problems: `cirr` (28,225 training queries x 16,939 training images), `fashioniq` (the dress
-category: 5,985 queries over the targets of its triplets, image ids repeating), and on GPU
-`100k` (100,000 x 100,000, scores produced block by block by a matmul on device: the whole
-matrix would be 40 GB). Scores are cosine similarities / 0.07 of random unit features with
-each target placed near the top, like a trained model's. samples_per_s = queries mined per
-second; the score matrix starts on the device for every implementation (it is produced
-there in training). On GPU a `bandwidth_floor_s` row field gives the time to read the score
-matrix once and write/read the sort keys once at the device's peak memory bandwidth.
+Problems: `2k_x_17k` (2,000 x 17,000), `cirr` (28,225 training queries x 16,939 training
+images), `fashioniq` (the dress category: 5,985 queries over the targets of its triplets,
+image ids repeating), and on GPU `100k` (100,000 x 100,000, scores produced block by block
+by a matmul on device: the whole matrix would be 40 GB). Scores are cosine similarities /
+0.07 of random unit features with each target placed near the top, like a trained model's.
+samples_per_s = queries mined per second; the score matrix starts on the device for every
+implementation (it is produced there in training). cirjax rows carry `speedup_vs_<variant>`
+(that row's time / the cirjax row's time). On GPU a `bandwidth_floor_s` row field gives the
+time to read the score matrix once and write/read the sort keys once at the device's peak
+memory bandwidth.
 
-`python benchmarks/bench_mining.py [--device cpu|gpu] [--quick]` writes
+`python benchmarks/bench_mining.py [--device cpu|gpu] [--quick] [--only cirr ...]` writes
 benchmarks/results/mining_<device>.json (`--quick`: small shapes, seconds).
 """
 
@@ -51,15 +60,16 @@ _GPU_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
 
 
 def _problems(device: str, quick: bool) -> list[dict]:
+  """`loop_queries`: queries the per-query loops are timed on (all of them when >= q; the
+  row then says it is measured in full, else that its full-size time is extrapolated)."""
   if quick:
-    return [{"name": "cirr_small", "q": 512, "n": 2048, "loop_queries": 128, "iters": 2,
-             "interleave_rows": 256},
+    return [{"name": "cirr_small", "q": 512, "n": 2048, "loop_queries": 512, "iters": 2},
             {"name": "fashioniq_small", "q": 384, "n": 1024, "repeat_ids": True,
-             "loop_queries": 128, "iters": 2}]
-  probs = [{"name": "cirr", "q": 28225, "n": 16939, "loop_queries": 400, "iters": 1,
-            "interleave_rows": 2640},
+             "loop_queries": 384, "iters": 2}]
+  probs = [{"name": "2k_x_17k", "q": 2000, "n": 17000, "loop_queries": 2000, "iters": 2},
+           {"name": "cirr", "q": 28225, "n": 16939, "loop_queries": 2000, "iters": 1},
            {"name": "fashioniq", "q": 5985, "n": 5985, "repeat_ids": True,
-            "loop_queries": 400, "iters": 1}]
+            "loop_queries": 5985, "iters": 1}]
   if device == "gpu":
     for p in probs:
       p.update(iters=5, loop_queries=200)
@@ -208,7 +218,72 @@ def _timed(fn, warm_fn, iters: int):
           "mean_s": statistics.fmean(samples), "iters": iters, "warmup": "first block"}, out
 
 
+def numpy_per_query_loop(scores, targets, threshold: int = THRESHOLD, num: int | None = None):
+  """The plainest NumPy version, one query at a time: a stable argsort of the row, a stable
+  argsort of the after-target drops, a vectorised walk. Returns corpus-position arrays."""
+  out = []
+  for i in range(num if num is not None else scores.shape[0]):
+    row = np.asarray(scores[i], np.float32)
+    order = np.argsort(-row, kind="stable")
+    p = int(np.nonzero(order == targets[i])[0][0])
+    after_v, after_i = row[order[p + 1:]], order[p + 1:]
+    if len(after_v) < 3:
+      out.append(after_i[:0])
+      continue
+    ranking = np.argsort(after_v[1:] - after_v[:-1], kind="stable")
+    ok = np.abs(ranking[1:] - ranking[:-1]) > threshold
+    if not ok.any():
+      out.append(after_i[:0])
+      continue
+    r = int(np.argmax(ok))
+    i1, i2 = sorted((int(ranking[r]), int(ranking[r + 1])))
+    out.append(after_i[i1 + 1:i2 + 1])
+  return out
+
+
+def sort_floor_s(host: np.ndarray, rows: int = 1024) -> float:
+  """Seconds NumPy takes to sort every row's packed 64-bit keys (score bits | position),
+  one thread, blocks of `rows` (building the keys is not timed): the floor of any
+  sort-based mining on this CPU."""
+  n = host.shape[1]
+  cols = np.arange(n, dtype=np.uint32)
+  total = 0.0
+  for a in range(0, host.shape[0], rows):
+    # pylint: disable-next=protected-access
+    keys = mining._np_pack(mining._np_desc_bits(host[a:a + rows]), cols)
+    t0 = time.perf_counter()
+    keys.sort(axis=1)
+    total += time.perf_counter() - t0
+  return total
+
+
+def _loop_row(p, name, impl, variant, fn, scores, targets, ref_sets, shapes, device):
+  """A per-query loop timed on `loop_queries` queries; its full-size time is measured when
+  that is every query, else extrapolated (rows are independent) and labelled so."""
+  q = p["q"]
+  nl = min(p["loop_queries"], q)
+  print(f"[{p['name']}] timing {impl} {variant} on {nl} queries", file=sys.stderr, flush=True)
+  t0 = time.perf_counter()
+  out = fn(scores, targets, num=nl)
+  if device == "gpu":
+    import torch  # pylint: disable=g-import-not-at-top
+    torch.cuda.synchronize()
+  dt = time.perf_counter() - t0
+  as_np = lambda x: x.cpu().numpy() if hasattr(x, "cpu") else np.asarray(x)  # noqa: E731
+  same = all(np.array_equal(as_np(out[i]), ref_sets[i]) for i in range(nl))
+  full = nl >= q
+  return {"name": name, "impl": impl, "variant": variant if full else f"{variant}_extrapolated",
+          "step_time_s": dt * q / nl,
+          "samples_per_s": nl / dt, "batch": q, "queries_measured": nl, "shapes": shapes,
+          "extrapolated": not full,
+          "note": (f"measured on all {q} queries" if full else
+                   f"EXTRAPOLATED: timed on the first {nl} of {q} queries, "
+                   f"step_time_s = {q} / measured rate (rows are independent)"),
+          "identical_to_jax": same}
+
+
 def _problem_rows(p: dict, device: str) -> list[dict]:
+  """Long because: one problem's seven rows, each timed and checked against the others."""
   q, n = p["q"], p["n"]
   qf, cf, targets = _features(q, n)
   ids = None
@@ -238,28 +313,72 @@ def _problem_rows(p: dict, device: str) -> list[dict]:
     jax_block = lambda a, b: dev[a:b]  # noqa: E731
     source = "device-resident [Q, N] matrix"
   shapes["score_source"] = source
-
-  def run_jax(nq=q):
-    return mining.hard_negative_sets(jax_block, targets[:nq], num_queries=nq, corpus_size=n,
-                                     image_ids=ids, consecutive_threshold=THRESHOLD,
-                                     block_size=block)
   # The default budget (1 GiB) gives the block; warm-up compiles on one full block.
   block = min(q, mining.block_rows_for_budget(n, mining.DEFAULT_MEMORY_BUDGET))
   shapes["block_rows"] = block
-  floor, floor_src = _bandwidth_floor(q, n, device)
-  print(f"[{p['name']}] timing jax", file=sys.stderr, flush=True)
-  t_jax, (sets, stats) = _timed(run_jax, lambda: run_jax(block), p["iters"])
-  rows = [{"name": f"mine_{p['name']}", "impl": "jax", "variant": "cirjax",
-           "step_time_s": t_jax["median_s"], "samples_per_s": q / t_jax["median_s"],
-           "batch": q, "shapes": shapes, "timing": t_jax,
-           "mean_set_size": float(stats.set_size.mean()),
-           "empty_sets": int((stats.set_size == 0).sum()),
-           "bandwidth_floor_s": floor, "bandwidth_floor_source": floor_src}]
+  threads = len(os.sched_getaffinity(0))
+
+  def run_jax(method, nq=q, image_ids=ids):
+    return mining.hard_negative_sets(jax_block, targets[:nq], num_queries=nq, corpus_size=n,
+                                     image_ids=image_ids, consecutive_threshold=THRESHOLD,
+                                     block_size=block, method=method)
+  name = f"mine_{p['name']}"
+  timed = {}
+  for method in (("xla",) if device == "gpu" else ("numpy", "xla")):
+    print(f"[{p['name']}] timing cirjax {method}", file=sys.stderr, flush=True)
+    timed[method] = _timed(lambda m=method: run_jax(m), lambda m=method: run_jax(m, block),
+                           p["iters"])
+  rows = []
+  for method, (t, (sets, stats)) in timed.items():
+    floor, floor_src = _bandwidth_floor(q, n, device)
+    rows.append({"name": name, "impl": "jax", "variant": f"cirjax_{method}",
+                 "step_time_s": t["median_s"], "samples_per_s": q / t["median_s"],
+                 "batch": q, "shapes": shapes, "timing": t,
+                 "mean_set_size": float(stats.set_size.mean()),
+                 "empty_sets": int((stats.set_size == 0).sum()),
+                 "bandwidth_floor_s": floor, "bandwidth_floor_source": floor_src,
+                 **({"threads": threads} if method == "numpy" else {})})
+  if "numpy" in timed:
+    (_, (a, _)), (_, (b, _)) = timed["numpy"], timed["xla"]
+    rows[0]["identical_to_xla"] = bool(np.array_equal(a.offsets, b.offsets)
+                                       and np.array_equal(a.indices, b.indices))
+  if host is not None:
+    print(f"[{p['name']}] timing the sort floor", file=sys.stderr, flush=True)
+    fl = min(sort_floor_s(host) for _ in range(max(1, p["iters"])))
+    # impl "floor": not a reference implementation, so `cirjax bench` ratios skip it.
+    rows.append({"name": name, "impl": "floor", "variant": "sort_floor", "step_time_s": fl,
+                 "samples_per_s": q / fl, "batch": q, "shapes": shapes,
+                 "note": "np.sort of every row's packed 64-bit keys alone, one thread"})
+  # Position sets (before de-duplication by image id) are what the baselines compute.
+  ref_sets = (timed[next(iter(timed))][1][0] if ids is None
+              else run_jax("auto", image_ids=None)[0])
+  rows += _torch_rows(p, name, host, qf, cf, targets, ids, ref_sets, shapes, device)
+  if host is not None:
+    rows.append(_loop_row(p, name, "numpy", "numpy_per_query_loop", numpy_per_query_loop,
+                          host, targets, ref_sets, shapes, device))
+  _add_ratios(rows)
+  return rows
+
+
+def _add_ratios(rows: list[dict]) -> None:
+  """Ratios on each cirjax row: time of every other row / its own time."""
+  by = {r["variant"]: r["step_time_s"] for r in rows}
+  for r in rows:
+    if r["impl"] != "jax":
+      continue
+    for other, t in by.items():
+      if other != r["variant"]:
+        key = "x_sort_floor" if other == "sort_floor" else f"speedup_vs_{other}"
+        r[key] = (r["step_time_s"] / t) if other == "sort_floor" else t / r["step_time_s"]
+
+
+def _torch_rows(p, name, host, qf, cf, targets, ids, ref_sets, shapes, device):
   try:
     # torch is optional here: without it only the cirjax rows are measured.
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
-    return rows
+    return []
+  q, n = p["q"], p["n"]
   tdev = torch.device("cuda" if device == "gpu" else "cpu")
   if host is None:
     qt, ct = torch.from_numpy(qf).to(tdev), torch.from_numpy(cf).to(tdev)
@@ -272,15 +391,6 @@ def _problem_rows(p: dict, device: str) -> list[dict]:
   else:
     st_all = torch.from_numpy(host).to(tdev)
     torch_block_fn = lambda a, b: st_all[a:b]  # noqa: E731
-
-  # Position sets (before de-duplication by image id) are what the algorithms compute;
-  # compare those: cirjax's `span`-sized sets are recovered by mining without ids.
-  if ids is not None:
-    ref_sets, _ = mining.hard_negative_sets(jax_block, targets, num_queries=q, corpus_size=n,
-                                            consecutive_threshold=THRESHOLD)
-  else:
-    ref_sets = sets
-
   print(f"[{p['name']}] timing torch per block", file=sys.stderr, flush=True)
 
   def run_block(nq=q):
@@ -294,62 +404,15 @@ def _problem_rows(p: dict, device: str) -> list[dict]:
       t_blk[key] += dedup_s
   same_block = bool(np.array_equal(off, ref_sets.offsets)
                     and np.array_equal(flat, ref_sets.indices))
-  rows.append({"name": f"mine_{p['name']}", "impl": "torch", "variant": "per_block",
-               "step_time_s": t_blk["median_s"], "samples_per_s": q / t_blk["median_s"],
-               "batch": q, "shapes": shapes, "timing": t_blk,
-               "identical_to_jax": same_block, "torch_threads": torch.get_num_threads()})
-
-  nl = min(p["loop_queries"], q)
-  print(f"[{p['name']}] timing torch per-query loop on {nl} queries", file=sys.stderr,
-        flush=True)
-  loop_scores = torch_block_fn(0, nl)
-  t0 = time.perf_counter()
-  loop = torch_per_query_loop(loop_scores, targets, num=nl)
-  if device == "gpu":
-    torch.cuda.synchronize()
-  dt = time.perf_counter() - t0
-  same_loop = all(np.array_equal(loop[i].cpu().numpy(), ref_sets[i]) for i in range(nl))
-  rows.append({"name": f"mine_{p['name']}", "impl": "torch", "variant": "per_query_loop",
-               "step_time_s": dt, "samples_per_s": nl / dt, "batch": nl,
-               "queries_measured": nl, "shapes": shapes,
-               "note": f"timed on the first {nl} of {q} queries (rows are independent)",
-               "identical_to_jax": same_loop, "torch_threads": torch.get_num_threads()})
-  if p.get("interleave_rows"):
-    rows += _interleaved_rows(p, run_jax, run_block, torch_block_fn, targets, shapes, device)
-  rows[0]["speedup_vs_torch_per_block"] = rows[0]["samples_per_s"] / rows[1]["samples_per_s"]
-  rows[0]["speedup_vs_torch_per_query_loop"] = (rows[0]["samples_per_s"]
-                                                / rows[2]["samples_per_s"])
-  if floor:
-    rows[0]["fraction_of_bandwidth_floor"] = floor / t_jax["median_s"]
-  return rows
-
-
-def _interleaved_rows(p, run_jax, run_block, torch_block_fn, targets, shapes, device):
-  """Rates on the first `interleave_rows` queries, the three implementations alternating for
-  `rounds` rounds (medians): on a shared machine the load drifts between the long
-  sequential runs above, and alternating exposes all three to the same drift."""
-  nq, nl, rounds = p["interleave_rows"], min(p["loop_queries"], p["interleave_rows"]), 3
-  loop_scores = torch_block_fn(0, nl)
-  rates = {"cirjax": [], "per_block": [], "per_query_loop": []}
-  for _ in range(rounds):
-    for name, fn, count in (("cirjax", lambda: run_jax(nq), nq),
-                            ("per_block", lambda: run_block(nq), nq),
-                            ("per_query_loop",
-                             lambda: torch_per_query_loop(loop_scores, targets, num=nl), nl)):
-      t0 = time.perf_counter()
-      benchmarking.block(fn())
-      rates[name].append(count / (time.perf_counter() - t0))
-  out = []
-  for name, r in rates.items():
-    med = statistics.median(r)
-    out.append({"name": f"mine_{p['name']}_interleaved", "impl": "jax" if name == "cirjax"
-                else "torch", "variant": name, "samples_per_s": med,
-                "step_time_s": (nl if name == "per_query_loop" else nq) / med,
-                "batch": nl if name == "per_query_loop" else nq, "rates": r,
-                "shapes": dict(shapes, queries_measured=nl if name == "per_query_loop" else nq)})
-  out[0]["speedup_vs_torch_per_block"] = out[0]["samples_per_s"] / out[1]["samples_per_s"]
-  out[0]["speedup_vs_torch_per_query_loop"] = out[0]["samples_per_s"] / out[2]["samples_per_s"]
-  return out
+  rows = [{"name": name, "impl": "torch", "variant": "torch_per_block",
+           "step_time_s": t_blk["median_s"], "samples_per_s": q / t_blk["median_s"],
+           "batch": q, "shapes": shapes, "timing": t_blk,
+           "identical_to_jax": same_block, "torch_threads": torch.get_num_threads()}]
+  loop_scores = torch_block_fn(0, min(p["loop_queries"], q))
+  row = _loop_row(p, name, "torch", "torch_per_query_loop", torch_per_query_loop,
+                  loop_scores, targets, ref_sets, shapes, device)
+  row["torch_threads"] = torch.get_num_threads()
+  return rows + [row]
 
 
 def run(device: str = "cpu", quick: bool = False, only: list[str] | None = None) -> list[dict]:
@@ -360,6 +423,11 @@ def run(device: str = "cpu", quick: bool = False, only: list[str] | None = None)
       continue
     rows += _problem_rows(p, device)
   return rows
+
+
+def _loop_ratio(row: dict, impl: str) -> float:
+  key = f"speedup_vs_{impl}_per_query_loop"
+  return row.get(key, row.get(f"{key}_extrapolated", float("nan")))
 
 
 def main(argv=None) -> int:
@@ -376,11 +444,14 @@ def main(argv=None) -> int:
   name = f"mining_{args.device}" + ("_quick" if args.quick else "")
   path = benchmarking.write_results(name, rows, args.out, extra={"quick": args.quick})
   print(benchmarking.format_table(rows, ["name", "impl", "variant", "batch", "step_time_s",
-                                         "samples_per_s", "identical_to_jax"]))
+                                         "samples_per_s", "extrapolated", "identical_to_jax"]))
   for r in rows:
-    if r["impl"] == "jax" and "speedup_vs_torch_per_block" in r:
-      print(f"{r['name']}: cirjax {r['speedup_vs_torch_per_block']:.2f}x torch per-block, "
-            f"{r['speedup_vs_torch_per_query_loop']:.1f}x torch per-query loop")
+    if r["variant"] == "cirjax_numpy":
+      print(f"{r['name']}: cirjax numpy {r.get('x_sort_floor', float('nan')):.2f}x the sort "
+            f"floor, {r.get('speedup_vs_cirjax_xla', float('nan')):.2f}x the XLA path, "
+            f"{r.get('speedup_vs_torch_per_block', float('nan')):.2f}x torch per-block, "
+            f"{_loop_ratio(r, 'numpy'):.1f}x the NumPy per-query loop, "
+            f"{_loop_ratio(r, 'torch'):.1f}x the torch per-query loop")
   print(f"wrote {path}")
   return 0
 

@@ -46,6 +46,7 @@ import optax
 from flax import struct
 
 from cirjax.convert import io as weight_io
+from cirjax.errors import CirjaxError
 from cirjax.models.llava_convert import KEY_FORMATS, hf_module_name, module_path_from_hf
 
 # All attention and MLP projections of the LLM, in both layouts (Phi-3 fused, Llama split).
@@ -59,7 +60,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 
 
-class LoraError(ValueError):
+class LoraError(CirjaxError, ValueError):
   """A LoRA target, adapter file or adapter shape that does not fit the base model."""
 
 

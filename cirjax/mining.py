@@ -21,25 +21,33 @@ Eqs. 4-7). The exact algorithm (docs/reference_semantics.md#mining) is, per quer
 8. NaN or +-inf scores are a `ValueError` naming the query row and the column: with an
    infinite score the drops are undefined (inf - inf = NaN), so no rule would be faithful.
 
-How it runs: the query axis is cut into blocks sized to a memory budget; each block is one
-`jax.jit` call (optionally sharded over a mesh's devices along the query axis) that
+How it runs: the query axis is cut into blocks sized to a memory budget, and each block is
+mined by one of two paths with identical results (`method=`; tested bit for bit):
 
-* sorts every row once, as a single 64-bit integer key per entry: the order-preserving bit
-  pattern of the (negated) score in the high word and the corpus position in the low word,
-  so one single-operand sort yields both the descending scores and the stable order (a
-  single-operand integer sort is the fast path on CPU and GPU, several times faster than a
-  key/value float sort);
-* computes the drop vector and ranks it with `lax.top_k` over the steepest `top_drops`
-  drops, walking the pairs as a vectorised argmax; rows where the walk does not finish inside
-  those ranks (many near-equal drops) get the full ranking from a second packed sort,
-  under a `lax.cond` so blocks that never need it never pay for it;
-* stays exact for subnormal scores: XLA flushes subnormals to zero in float comparisons and
-  arithmetic (NumPy and PyTorch do not), so ranks are counted on integer keys, and a block
-  holding a nonzero score below 2**-101 in magnitude (the only way a drop can be subnormal)
-  recomputes its drops exactly from the bits and ranks them with the integer sort (a
-  `lax.cond`: free when unused). -0.0 and 0.0 tie, as they compare equal;
-* gathers the selected corpus positions into a flat buffer on device, so only the ragged
-  result (not the `[Q, N]` order) comes back to the host.
+* `"numpy"`, the CPU path (the default on a CPU backend): the block comes to the host, is
+  cut into cache-sized chunks of rows mined in a thread pool, and each chunk costs one
+  `np.sort` of its packed 64-bit keys (below) plus a `np.partition` of the drops' packed
+  keys for the steepest ones and a few cheap vectorised passes. NumPy's sort of those keys
+  is ~3x faster than XLA's on a CPU, and NumPy keeps subnormals (no exact path needed).
+* `"xla"`, the accelerator path (the default elsewhere): each block is one `jax.jit` call
+  (optionally sharded over a mesh's devices along the query axis) that
+
+  * sorts every row once, as a single 64-bit integer key per entry: the order-preserving bit
+    pattern of the (negated) score in the high word and the corpus position in the low word,
+    so one single-operand sort yields both the descending scores and the stable order (a
+    single-operand integer sort is the fast path on CPU and GPU, several times faster than a
+    key/value float sort);
+  * computes the drop vector and ranks it with `lax.top_k` over the steepest `top_drops`
+    drops, walking the pairs as a vectorised argmax; rows where the walk does not finish inside
+    those ranks (many near-equal drops) get the full ranking from a second packed sort,
+    under a `lax.cond` so blocks that never need it never pay for it;
+  * stays exact for subnormal scores: XLA flushes subnormals to zero in float comparisons and
+    arithmetic (NumPy and PyTorch do not), so ranks are counted on integer keys, and a block
+    holding a nonzero score below 2**-101 in magnitude (the only way a drop can be subnormal)
+    recomputes its drops exactly from the bits and ranks them with the integer sort (a
+    `lax.cond`: free when unused). -0.0 and 0.0 tie, as they compare equal;
+  * gathers the selected corpus positions into a flat buffer on device, so only the ragged
+    result (not the `[Q, N]` order) comes back to the host.
 
 Results are numpy arrays on the host, ragged: `indices[offsets[i]:offsets[i+1]]` is query
 `i`'s set. They do not depend on the block size or the number of devices (tested).
@@ -47,9 +55,12 @@ Results are numpy arrays on the host, ragged: `indices[offsets[i]:offsets[i+1]]`
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
+import os
 import sys
+import threading
 import time
 from typing import Any, Callable, Optional, Union
 
@@ -408,6 +419,227 @@ def _gather_kernel(cand, lo, starts, *, total_pad: int):
 
 
 # ---------------------------------------------------------------------------------------
+# The CPU path: the same algorithm in NumPy, over chunks of rows in threads (NumPy releases
+# the GIL in its sorts and ufuncs). On a CPU, XLA's sort of the packed keys is ~3x slower
+# than NumPy's (a vectorised quicksort), and the sort is most of the work, so here a
+# block costs about one `np.sort` of its keys plus a few cheap passes. NumPy (like the
+# reference) computes with gradual underflow, so subnormal scores and drops need no exact
+# path; every ordering still goes through the same integer keys as the XLA kernels, so the
+# two paths agree bit for bit (tested).
+
+_LOW32 = np.uint64(0xFFFFFFFF)
+_INVALID = np.uint32(0xFFFFFFFF)   # a high word no finite score or drop maps to
+_LOW_HALF = 0 if sys.byteorder == "little" else 1   # a uint64's low word among its 2 uint32
+
+
+class _Scratch(threading.local):
+  """Per-thread arrays reused from chunk to chunk. Fresh multi-megabyte arrays come from
+  `mmap` and pay a page fault per 4 KiB on first touch, which cost more than the sort."""
+
+  def get(self, name: str, shape: tuple, dtype) -> np.ndarray:
+    size = int(np.prod(shape))
+    arr = self.__dict__.get(name)
+    if arr is None or arr.size < size or arr.dtype != dtype:
+      arr = self.__dict__[name] = np.empty(max(size, 1), dtype)
+    return arr[:size].reshape(shape)
+
+
+_SCRATCH = _Scratch()
+
+
+def _np_desc_bits(s: np.ndarray, name: str = "desc") -> np.ndarray:
+  """uint32 keys whose ascending order is `s`'s descending float order, -0.0 == 0.0.
+
+  Same map as `_desc_bits(_canonical_bits(s))`: negative floats keep their bits, the others
+  become `0x7FFFFFFF - bits`, written as shifts and xors (several times faster than
+  `np.where`). The result lives in this thread's scratch array `name`."""
+  x = np.add(s, np.float32(0), out=_SCRATCH.get("canonical", s.shape, np.float32))
+  x = x.view(np.int32)                      # -0.0 + 0.0 = +0.0: canonical zeros
+  m = np.right_shift(x, 31, out=_SCRATCH.get(name, s.shape, np.int32))  # -1: negative
+  m &= 0x7FFFFFFF
+  m ^= 0x7FFFFFFF
+  m ^= x
+  return m.view(np.uint32)
+
+
+def _np_floats_from_desc(hi: np.ndarray) -> np.ndarray:
+  """Inverse of `_np_desc_bits` (the map is an involution on each half). `hi` may be
+  strided (the high words of keys): one contiguous copy first halves the cost."""
+  h = _SCRATCH.get("high_words", hi.shape, np.int32)
+  np.copyto(h, hi.view(np.int32))
+  m = np.right_shift(h, 31, out=_SCRATCH.get("floats", hi.shape, np.int32))
+  m &= 0x7FFFFFFF
+  m ^= 0x7FFFFFFF
+  m ^= h
+  return m.view(np.float32)
+
+
+def _np_words(keys: np.ndarray) -> np.ndarray:
+  """uint32 view `[..., 2]` of uint64 `keys`: `[..., _LOW_HALF]` is each key's low word."""
+  return np.ascontiguousarray(keys).view(np.uint32).reshape(keys.shape + (2,))
+
+
+def _np_pack(hi: np.ndarray, lo: np.ndarray, name: Optional[str] = None) -> np.ndarray:
+  """uint64 `hi << 32 | lo` (`lo` broadcast along rows), in scratch array `name` if given."""
+  key = np.empty(hi.shape, np.uint64) if name is None else _SCRATCH.get(name, hi.shape,
+                                                                          np.uint64)
+  np.copyto(key, hi)
+  key <<= np.uint64(32)
+  key |= lo.astype(np.uint64)
+  return key
+
+
+def _np_rank(desc: np.ndarray, target: np.ndarray, strict_below: bool, sorted_keys=None):
+  """(target rank, first after-target position) per row; `sorted_keys` when at hand."""
+  b, n = desc.shape
+  rows = np.arange(b)
+  dt = desc[rows, target]
+  if sorted_keys is not None:
+    tkey = _np_pack(dt, target)
+    rank = np.fromiter((np.searchsorted(sorted_keys[r], tkey[r]) for r in range(b)),
+                       np.int64, b)
+  else:
+    col = np.arange(n)
+    rank = ((desc < dt[:, None]).sum(1)
+            + ((desc == dt[:, None]) & (col < target[:, None])).sum(1))
+  if strict_below:
+    start = (desc <= dt[:, None]).sum(1)
+  else:
+    start = rank + 1
+  return rank.astype(np.int64), start.astype(np.int64), dt
+
+
+def _np_walk(ks: np.ndarray, nvalid: np.ndarray, threshold: int):
+  """`_walk` in NumPy: the first acceptable adjacent pair of ranked drop positions."""
+  a, b = ks[:, :-1], ks[:, 1:]
+  in_range = np.arange(1, ks.shape[1])[None, :] < nvalid[:, None]
+  ok = (np.abs(a - b) > threshold) & in_range
+  found = ok.any(axis=1)
+  first = ok.argmax(axis=1)[:, None]
+  ka = np.take_along_axis(a, first, axis=1)[:, 0]
+  kb = np.take_along_axis(b, first, axis=1)[:, 0]
+  return found, np.minimum(ka, kb), np.maximum(ka, kb)
+
+
+def _np_ragged(cand: np.ndarray, lo: np.ndarray, size: np.ndarray) -> np.ndarray:
+  """Flat int32 `cand[r, lo[r]:lo[r] + size[r]]` over rows r (the positions, i.e. the low
+  words, when `cand` holds packed keys). A slice copy per row: sets can hold a third of the
+  corpus, where index arithmetic over every element would cost several passes."""
+  if cand.dtype == np.uint64:
+    cand = _np_words(np.ascontiguousarray(cand))[..., _LOW_HALF]
+  out = np.empty(int(size.sum()), np.int32)
+  end = np.cumsum(size)
+  for r in np.nonzero(size)[0]:
+    out[end[r] - size[r]:end[r]] = cand[r, lo[r]:lo[r] + size[r]]
+  return out
+
+
+def _np_qure(s, target, *, threshold: int, strict_below: bool, top_drops: int):
+  """One chunk of rows: `_qure_kernel` in NumPy. Returns (flat positions, sizes, stats)."""
+  b, n = s.shape
+  desc = _np_desc_bits(s)
+  keys = _np_pack(desc, np.arange(n, dtype=np.uint32), "keys")
+  keys.sort(axis=1)                                 # the one big sort
+  # NaN and +-inf sort to a row's ends (NaN bits lie beyond inf's): only the ends decide.
+  ends = _np_floats_from_desc(_np_words(keys[:, [0, -1]])[..., 1 - _LOW_HALF])
+  finite = np.isfinite(ends).all(axis=1)
+  rank, start, _ = _np_rank(desc, target, strict_below, keys)
+  num_after = n - start
+  nvalid = np.maximum(num_after - 1, 0)
+  found = np.zeros(b, bool)
+  k1 = k2 = np.zeros(b, np.int64)
+  d = None
+  if n >= 4:  # an after-target list of 3 needs N >= 4
+    a = _np_floats_from_desc(_np_words(keys)[..., 1 - _LOW_HALF])
+    # Drops <= 0, IEEE float32 with gradual underflow (NumPy does not flush subnormals).
+    d = np.subtract(a[:, 1:], a[:, :-1], out=_SCRATCH.get("drops", (b, n - 1), np.float32))
+    # Steepest first, ties by position: 0x7FFFFFFF - |d| bits; drops before the
+    # after-target list get the invalid high word and rank last.
+    dk = np.bitwise_and(d.view(np.uint32), np.uint32(0x7FFFFFFF),
+                        out=_SCRATCH.get("drop_bits", (b, n - 1), np.uint32))
+    dk ^= np.uint32(0x7FFFFFFF)
+    for r in range(b):
+      dk[r, :start[r]] = _INVALID
+    dkeys = _np_pack(dk, np.arange(n - 1, dtype=np.uint32), "drop_keys")
+    rk = min(top_drops, n - 1)
+    if rk < n - 1:
+      dkeys.partition(rk - 1, axis=1)               # the rk smallest keys first (unique keys)
+      top = np.sort(dkeys[:, :rk], axis=1)
+    else:
+      top = np.sort(dkeys, axis=1)
+    found, k1, k2 = _np_walk((top & _LOW32).astype(np.int64), nvalid, threshold)
+    need = ~found & (nvalid > rk) & (num_after >= 3)
+    if need.any():  # the walk did not finish within the top ranks: rank all drops
+      full = np.sort(dkeys[need], axis=1)
+      found[need], k1[need], k2[need] = _np_walk((full & _LOW32).astype(np.int64),
+                                                 nvalid[need], threshold)
+  found &= num_after >= 3
+  size = np.where(found, k2 - k1, 0)
+  flat = _np_ragged(keys, np.where(found, k1 + 1, 0), size)
+  rows = np.arange(b)
+  nan = np.float32(np.nan)
+  gs = [np.where(found, np.abs(d[rows, np.where(found, k, 0)]), nan) if d is not None
+        else np.full(b, nan, np.float32) for k in (k1, k2)]
+  status = np.where(num_after < 3, STATUS_FEW_AFTER, np.where(found, STATUS_OK, STATUS_NO_PAIR))
+  stats = dict(rank=rank, num_after=num_after, gap1=np.where(found, k1, -1),
+               gap2=np.where(found, k2, -1), gap1_size=gs[0], gap2_size=gs[1], status=status,
+               finite=finite)
+  return flat, size, stats
+
+
+def _np_best(keys: np.ndarray, kk: int) -> np.ndarray:
+  """The `kk` smallest keys of each row, sorted (a partition first when it saves work)."""
+  if kk < keys.shape[1]:
+    keys.partition(kk - 1, axis=1)
+    keys = keys[:, :kk]
+  return np.sort(keys, axis=1)
+
+
+def _np_topk(s, target, *, k: int):
+  """One chunk: `_topk_kernel` in NumPy."""
+  b, n = s.shape
+  desc = _np_desc_bits(s)
+  rank, _, _ = _np_rank(desc, target, False)
+  kk = min(k + 1, n)
+  keys = _np_pack(desc, np.arange(n, dtype=np.uint32), "keys")
+  cand = (_np_best(keys, kk) & _LOW32).astype(np.int64)
+  is_t = cand == target[:, None]
+  tpos = np.where(is_t.any(axis=1), is_t.argmax(axis=1), kk - 1)
+  j = np.arange(kk - 1)[None, :]
+  shifted = np.where(j >= tpos[:, None], cand[:, 1:], cand[:, :-1])
+  size = np.full(b, min(k, n - 1), np.int64)
+  return _np_ragged(shifted, np.zeros(b, np.int64), size), size, _np_plain_stats(
+      s, rank, n - rank - 1, size)
+
+
+def _np_after_topk(s, target, *, k: int, strict_below: bool):
+  """One chunk: `_after_topk_kernel` in NumPy."""
+  b, n = s.shape
+  desc = _np_desc_bits(s)
+  rank, start, dt = _np_rank(desc, target, strict_below)
+  col = np.arange(n)
+  after = desc > dt[:, None]
+  if not strict_below:
+    after |= (desc == dt[:, None]) & (col > target[:, None])
+  hi = np.where(after, desc, _INVALID)
+  kk = min(k, n)
+  cand = _np_best(_np_pack(hi, col.astype(np.uint32), "keys"), kk)
+  num_after = n - start
+  size = np.minimum(num_after, kk)
+  return _np_ragged(cand, np.zeros(b, np.int64), size), size, _np_plain_stats(
+      s, rank, num_after, size)
+
+
+def _np_plain_stats(s, rank, num_after, size):
+  b = len(rank)
+  return dict(rank=rank, num_after=num_after, gap1=np.full(b, -1), gap2=np.full(b, -1),
+              gap1_size=np.full(b, np.nan, np.float32),
+              gap2_size=np.full(b, np.nan, np.float32),
+              status=np.where(size > 0, STATUS_OK, STATUS_FEW_AFTER),
+              finite=np.isfinite(s).all(axis=1))
+
+
+# ---------------------------------------------------------------------------------------
 # Host driver.
 
 @functools.lru_cache(maxsize=64)
@@ -540,11 +772,13 @@ def hard_negative_sets(
     corpus_size: Optional[int] = None,
     top_drops: int = 32,
     progress: bool = False,
+    method: str = "auto",
+    threads: Optional[int] = None,
 ) -> tuple[HardNegativeSets, MiningStats]:
   """Mines each query's negative set over its corpus (QuRe by default).
 
-  Long because: a 17-line signature and the checks that name each bad argument; the blocked
-  loop itself is short.
+  Long because: a 19-line signature and the checks that name each bad argument; the two
+  blocked loops are `_mine_numpy` and `_mine_xla`.
 
   Args:
     scores: a `[Q, N]` score matrix (numpy or jax), or a block function
@@ -570,6 +804,10 @@ def hard_negative_sets(
     top_drops: steepest drops ranked with `top_k` before falling back to a full ranking of
       the drops; a speed knob only, results never depend on it.
     progress: print queries/s to stderr.
+    method: `"numpy"` (the CPU path: NumPy sorts in threads), `"xla"` (the jitted kernels:
+      the accelerator path) or `"auto"` (NumPy when the mesh's or the default backend is a
+      CPU, else XLA). Results are identical bit for bit; a speed knob only.
+    threads: worker threads of the NumPy path (default: the CPUs this process may use).
 
   Returns:
     `(HardNegativeSets, MiningStats)`, numpy on the host.
@@ -595,6 +833,135 @@ def hard_negative_sets(
   if top_drops < 2:
     raise ValueError(f"top_drops must be >= 2, got {top_drops}")
 
+  method = resolve_method(method, mesh)
+  if block_size and int(block_size) < 1:
+    raise ValueError(f"block_size must be >= 1, got {block_size}")
+  if method == "numpy":
+    chunk = functools.partial(
+        {"qure": _np_qure, "topk": _np_topk, "after_target_topk": _np_after_topk}[strategy],
+        **_np_options(strategy, consecutive_threshold, strict_below, k, top_drops))
+    rows = int(block_size) if block_size else block_rows_for_budget(n, memory_budget_bytes)
+    offsets, flat, st = _mine_numpy(block_fn, targets, q, n, min(rows, max(q, 1)), chunk,
+                                    threads, progress)
+  else:
+    offsets, flat, st = _mine_xla(block_fn, targets, q, n, strategy, block_size,
+                                  memory_budget_bytes, mesh, mesh_axes, top_drops, k,
+                                  consecutive_threshold, strict_below, progress)
+  span = np.diff(offsets)
+  if ids is not None:
+    offsets, flat = _dedup_minus_target(offsets, ids[flat], ids[targets])
+    emptied = (np.diff(offsets) == 0) & (span > 0)
+    st["status"] = np.where(emptied, STATUS_EMPTY_AFTER_DEDUP, st["status"]).astype(np.int32)
+  sets = HardNegativeSets(offsets=offsets, indices=flat)
+  stats = MiningStats(set_size=np.diff(offsets), span=span, target_rank=st["rank"],
+                      num_after=st["num_after"], gap1=st["gap1"], gap2=st["gap2"],
+                      gap1_size=st["gap1_size"], gap2_size=st["gap2_size"],
+                      status=st["status"])
+  return sets, stats
+
+
+METHODS = ("auto", "numpy", "xla")
+# Rows of one NumPy chunk: its packed keys (8 bytes an entry) stay cache-sized.
+_CHUNK_BYTES = 4 << 20
+
+
+def resolve_method(method: str, mesh=None) -> str:
+  """`"numpy"` or `"xla"`: `"auto"` takes NumPy on a CPU backend (its sort is ~3x faster
+  than XLA's there) and the jitted XLA kernels on an accelerator."""
+  if method not in METHODS:
+    raise ValueError(f"method={method!r}; expected one of {METHODS}")
+  if method != "auto":
+    return method
+  platform = (mesh.devices.flat[0].platform if mesh is not None
+              else jax.default_backend())
+  return "numpy" if platform == "cpu" else "xla"
+
+
+def _np_options(strategy, threshold, strict_below, k, top_drops) -> dict:
+  if strategy == "qure":
+    return dict(threshold=int(threshold), strict_below=bool(strict_below),
+                top_drops=int(top_drops))
+  if strategy == "topk":
+    return dict(k=int(k))
+  return dict(k=int(k), strict_below=bool(strict_below))
+
+
+def _raise_non_finite(start: int, finite: np.ndarray, blk) -> None:
+  if finite.all():
+    return
+  r = int(np.argmin(finite))
+  row = np.asarray(blk[r])
+  c = int(np.nonzero(~np.isfinite(row))[0][0])
+  raise ValueError(f"scores row {start + r} (query {start + r}) has a non-finite value "
+                   f"{row[c]} at column {c}: NaN/inf scores cannot be mined (check the "
+                   "model's outputs; an infinite score makes the drops undefined)")
+
+
+def _checked_block(block_fn, start: int, stop: int, n: int):
+  blk = block_fn(start, stop)
+  if tuple(blk.shape) != (stop - start, n):
+    raise ValueError(f"scores block [{start}:{stop}] has shape {tuple(blk.shape)}, "
+                     f"expected {(stop - start, n)}")
+  return blk
+
+
+_STAT_DTYPES = dict(rank=np.int32, num_after=np.int32, gap1=np.int32, gap2=np.int32,
+                    gap1_size=np.float32, gap2_size=np.float32, status=np.int32)
+
+
+def _assemble(sizes: list, pieces: list, stat_pieces: list):
+  """(offsets, flat, stats) from per-block pieces, with the XLA kernels' dtypes."""
+  offsets = np.zeros(sum(len(s) for s in sizes) + 1, np.int64)
+  if sizes:
+    np.cumsum(np.concatenate(sizes), out=offsets[1:])
+  flat = (np.concatenate(pieces).astype(np.int32, copy=False) if pieces
+          else np.zeros(0, np.int32))
+  st = {key: (np.concatenate([p[key] for p in stat_pieces]).astype(dt) if stat_pieces
+              else np.zeros(0, dt)) for key, dt in _STAT_DTYPES.items()}
+  return offsets, flat, st
+
+
+def _np_chunk(chunk_fn, s, target):
+  # Rows holding NaN/inf are reported by the caller; drops of +-3e38 overflow to -inf, as
+  # in the reference.
+  with np.errstate(invalid="ignore", over="ignore"):
+    return chunk_fn(s, target)
+
+
+def _mine_numpy(block_fn, targets, q, n, rows, chunk_fn, threads, progress):
+  """The CPU path: blocks of `rows` queries to the host, each cut into cache-sized chunks
+  of rows mined by `chunk_fn` in a thread pool; the next block is requested (and, for a
+  jitted block function, computed asynchronously) before this one is mined."""
+  threads = int(threads) if threads else len(os.sched_getaffinity(0))
+  sizes, pieces, stat_pieces = [], [], []
+  t0 = time.perf_counter()
+  with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+    nxt = _checked_block(block_fn, 0, min(rows, q), n) if q else None
+    for start in range(0, q, rows):
+      stop = min(start + rows, q)
+      blk = nxt
+      if stop < q:
+        nxt = _checked_block(block_fn, stop, min(stop + rows, q), n)
+      s = np.asarray(blk).astype(np.float32, copy=False)
+      tb = targets[start:stop].astype(np.int64)
+      step = max(1, min(_CHUNK_BYTES // (8 * n), -(-(stop - start) // max(1, threads))))
+      finite = []
+      for flat, size, stats in pool.map(lambda a: _np_chunk(chunk_fn, s[a:a + step],
+                                                            tb[a:a + step]),
+                                        range(0, stop - start, step)):
+        pieces.append(flat)
+        sizes.append(size)
+        stat_pieces.append(stats)
+        finite.append(stats["finite"])
+      _raise_non_finite(start, np.concatenate(finite), s)
+      _progress(progress, stop, q, t0)
+  return _assemble(sizes, pieces, stat_pieces)
+
+
+def _mine_xla(block_fn, targets, q, n, strategy, block_size, memory_budget_bytes, mesh,
+              mesh_axes, top_drops, k, consecutive_threshold, strict_below, progress):
+  """The jitted path (the accelerator path): one kernel call per block, sharded over the
+  mesh's devices, the ragged result gathered on device."""
   ndev = 1
   axes = None
   if mesh is not None:
@@ -602,8 +969,6 @@ def hard_negative_sets(
     axes_t = (axes,) if isinstance(axes, str) else tuple(axes)
     ndev = int(np.prod([mesh.shape[a] for a in axes_t]))
   rows = int(block_size) if block_size else block_rows_for_budget(n, memory_budget_bytes, ndev)
-  if rows < 1:
-    raise ValueError(f"block_size must be >= 1, got {block_size}")
   rows = -(-rows // ndev) * ndev
   rows = min(rows, -(-max(q, 1) // ndev) * ndev)
 
@@ -620,16 +985,13 @@ def hard_negative_sets(
     dynamic = (np.bool_(strict_below),)
   kernel = _compiled(strategy, params, mesh, axes)
 
-  pieces, stat_pieces, offs = [], [], [0]
+  sizes, pieces, stat_pieces = [], [], []
   t0 = time.perf_counter()
   with jax.enable_x64(True):
     pending = None
     for start in range(0, q, rows):
       stop = min(start + rows, q)
-      blk = block_fn(start, stop)
-      if tuple(blk.shape) != (stop - start, n):
-        raise ValueError(f"scores block [{start}:{stop}] has shape {tuple(blk.shape)}, "
-                         f"expected {(stop - start, n)}")
+      blk = _checked_block(block_fn, start, stop, n)
       pad = rows - (stop - start)
       tb = targets[start:stop]
       if pad:
@@ -642,42 +1004,19 @@ def hard_negative_sets(
       out = kernel(blk, tb, *dynamic)
       # Finish the previous block while this one runs (asynchronous dispatch).
       if pending is not None:
-        _finish_block(pending, pieces, stat_pieces, offs)
+        _finish_block(pending, pieces, stat_pieces, sizes)
         _progress(progress, pending[1], q, t0)
       pending = (start, stop, blk, out)
     if pending is not None:
-      _finish_block(pending, pieces, stat_pieces, offs)
+      _finish_block(pending, pieces, stat_pieces, sizes)
       _progress(progress, pending[1], q, t0)
-
-  offsets = np.asarray(offs, np.int64)
-  flat = np.concatenate(pieces).astype(np.int32) if pieces else np.zeros(0, np.int32)
-  st = {key: (np.concatenate([p[key] for p in stat_pieces]) if stat_pieces
-              else np.zeros(0, np.float32 if "size" in key else np.int32))
-        for key in ("rank", "num_after", "gap1", "gap2", "gap1_size", "gap2_size", "status")}
-  span = np.diff(offsets)
-  if ids is not None:
-    offsets, flat = _dedup_minus_target(offsets, ids[flat], ids[targets])
-    emptied = (np.diff(offsets) == 0) & (span > 0)
-    st["status"] = np.where(emptied, STATUS_EMPTY_AFTER_DEDUP, st["status"]).astype(np.int32)
-  sets = HardNegativeSets(offsets=offsets, indices=flat)
-  stats = MiningStats(set_size=np.diff(offsets), span=span, target_rank=st["rank"],
-                      num_after=st["num_after"], gap1=st["gap1"], gap2=st["gap2"],
-                      gap1_size=st["gap1_size"], gap2_size=st["gap2_size"],
-                      status=st["status"])
-  return sets, stats
+  return _assemble(sizes, pieces, stat_pieces)
 
 
-def _finish_block(pending, pieces, stat_pieces, offs):
+def _finish_block(pending, pieces, stat_pieces, sizes):
   start, stop, blk, (cand, lo, size, finite, stats) = pending
   nrow = stop - start
-  finite = np.asarray(finite)[:nrow]
-  if not finite.all():
-    r = int(np.argmin(finite))
-    row = np.asarray(blk[r])
-    c = int(np.nonzero(~np.isfinite(row))[0][0])
-    raise ValueError(f"scores row {start + r} (query {start + r}) has a non-finite value "
-                     f"{row[c]} at column {c}: NaN/inf scores cannot be mined (check the "
-                     "model's outputs; an infinite score makes the drops undefined)")
+  _raise_non_finite(start, np.asarray(finite)[:nrow], blk)
   size_h = np.asarray(size)[:nrow].astype(np.int64)
   total = int(size_h.sum())
   if total:
@@ -695,8 +1034,7 @@ def _finish_block(pending, pieces, stat_pieces, offs):
     else:
       flat = _compiled_gather(total_pad)(cand, lo, jnp.asarray(starts))
     pieces.append(np.asarray(flat)[:total])
-  for s_ in size_h:
-    offs.append(offs[-1] + int(s_))
+  sizes.append(size_h)
   stat_pieces.append({k_: np.asarray(v)[:nrow] for k_, v in stats.items()})
 
 

@@ -1,4 +1,5 @@
-"""Figures of a mining: sorted score curves with the gaps (QuRe Figs. 7-8), set sizes (Fig. 5).
+"""Figures of a mining: sorted score curves with the gaps (QuRe Figs. 7-8), set sizes (Fig. 5),
+and, where the full relevant sets are known, each strategy's false negatives.
 
 Both functions write a PNG (matplotlib, Agg backend: no display needed) and return what they
 drew, so callers and tests can check the marks without reading pixels.
@@ -122,4 +123,37 @@ def plot_set_size_histogram(stats_or_sizes, path: str | os.PathLike, *, bins: in
   return {"counts": counts, "edges": edges, "empty": empty, "mean": mean, "median": median}
 
 
-__all__ = ["plot_score_curves", "plot_set_size_histogram"]
+def plot_false_negatives(summaries: dict[str, dict], path: str | os.PathLike, *,
+                         title: str = "false negatives per mining strategy") -> dict:
+  """Bars per strategy: the share of a drawn negative that is relevant (`fn_share`) and the
+  share of queries whose pool holds a relevant image (`fn_queries`), with the mean pool size
+  under each bar group.
+
+  Args:
+    summaries: `{strategy: PoolAudit.summary()}` (`cirjax.mining_audit`).
+    path: the PNG to write.
+
+  Returns:
+    `{strategy: (fn_share, fn_queries)}` as drawn, in percent.
+  """
+  if not summaries:
+    raise ValueError("summaries: no strategy to plot")
+  names = list(summaries)
+  fn = [100.0 * float(summaries[n]["fn_share"]) for n in names]
+  fq = [100.0 * float(summaries[n]["fn_queries"]) for n in names]
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2.5, 3.4))
+  x = np.arange(len(names))
+  ax.bar(x - 0.2, fn, 0.4, color="tab:red", label="relevant share of drawn negatives")
+  ax.bar(x + 0.2, fq, 0.4, color="tab:orange", label="queries with >= 1 in the pool")
+  ax.set_xticks(x, [f"{n}\n(pool {summaries[n]['pool_size']:.0f})" for n in names], fontsize=8)
+  ax.set_ylabel("%")
+  ax.set_title(title, fontsize=9)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return {n: (a, b) for n, a, b in zip(names, fn, fq)}
+
+
+__all__ = ["plot_score_curves", "plot_set_size_histogram", "plot_false_negatives"]

@@ -25,6 +25,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from cirjax.errors import CirjaxError
+
 IMAGE = "<image>"
 
 # Stage 1 (§2.3): image-caption contrastive learning, "Summarize the image (caption) in one
@@ -90,7 +92,7 @@ INFERENCE_TEMPLATES["circo"] = INFERENCE_TEMPLATES["cirr"]
 FASHIONIQ_CATEGORY_WORDS = {"dress": "dress", "shirt": "shirt", "toptee": "top tee"}
 
 
-class PromptError(ValueError):
+class PromptError(CirjaxError, ValueError):
   """A template, field or tokenised prompt that cannot be used as asked."""
 
 

@@ -78,10 +78,15 @@ def encode_corpus(encoder: RetrievalFns, corpus: Corpus, transform: Callable,
   key = json.dumps({"model": model_id, "transform": [transform.name, transform.dim],
                     "names": corpus.names})
   if cache is not None and Path(cache).is_file():
-    with np.load(cache, allow_pickle=False) as z:
-      if str(z["key"]) == key:
-        log(f"[search] corpus features from {cache}")
-        return z["features"]
+    try:
+      with np.load(cache, allow_pickle=False) as z:
+        if str(z["key"]) == key:
+          log(f"[search] corpus features from {cache}")
+          return z["features"]
+    except (OSError, ValueError, KeyError, EOFError) as e:  # not an .npz that cirjax wrote
+      raise DataError(f"{cache}: not a corpus-features cache written by cirjax search "
+                      f"({type(e).__name__}: {e}); delete it or pass another "
+                      "--features-cache") from None
     log(f"[search] {cache} was computed for another model/corpus; re-encoding")
 
   def batches():

@@ -8,17 +8,28 @@ multi-process run equals a single-process one.
   python launch/multiprocess.py --num_processes 2 --devices_per_process 2 -- \
       --config configs/synthetic.py:tiny --workdir /tmp/mp
 
-Everything after `--` goes to `cirjax train`. Exit status: the first non-zero child status.
+Everything after `--` goes to `cirjax train`. Each worker's output is streamed as it comes,
+every line prefixed with `[rank N]`. When a worker exits with a non-zero status (crash,
+kill), the launcher says which one and stops the others at once: the rest of a collective
+job cannot finish without it. Exit status: 0 when all succeed, else the failed worker's
+status (128 + the signal number for a worker killed by a signal), 124 on `--timeout`.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import queue
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+
+# SIGTERM, then SIGKILL after this long: JAX's preemption notifier takes SIGTERM over, and a
+# worker blocked in a collective with a dead peer never gets to exit by itself.
+GRACE_S = 2.0
 
 
 def free_port() -> int:
@@ -27,42 +38,106 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch(train_args: list[str], num_processes: int = 2, devices_per_process: int = 2,
-           timeout: float | None = None, env: dict | None = None) -> int:
-  """Starts the processes, streams their output with a `[pI]` prefix, returns a status."""
+def describe_status(code: int) -> str:
+  if code < 0:
+    try:
+      return f"was killed by {signal.Signals(-code).name}"
+    except ValueError:
+      return f"was killed by signal {-code}"
+  return f"exited with status {code}"
+
+
+def _say(msg: str) -> None:
+  print(f"[launcher] {msg}", file=sys.stderr, flush=True)
+
+
+def _stream(rank: int, proc: subprocess.Popen, lock: threading.Lock) -> None:
+  """Copies one worker's output to ours line by line, prefixed with its rank."""
+  for line in proc.stdout:
+    with lock:
+      sys.stdout.write(f"[rank {rank}] {line.rstrip(chr(10))}\n")
+      sys.stdout.flush()
+
+
+def _wait(rank: int, proc: subprocess.Popen, exits: queue.Queue) -> None:
+  exits.put((rank, proc.wait()))
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+  for p in procs:
+    if p.poll() is None:
+      p.terminate()
+  deadline = time.monotonic() + GRACE_S
+  for p in procs:
+    try:
+      p.wait(timeout=max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+      p.kill()
+      p.wait()
+
+
+def _start(train_args: list[str], num_processes: int, devices_per_process: int,
+           env: dict | None) -> list[subprocess.Popen]:
   port = free_port()
-  procs = []
   base_env = dict(os.environ)
   base_env.update(env or {})
   base_env.setdefault("JAX_PLATFORMS", "cpu")
   base_env.setdefault("CUDA_VISIBLE_DEVICES", "")
   base_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  base_env["PYTHONUNBUFFERED"] = "1"  # lines reach the launcher as they are printed
+  procs = []
   for i in range(num_processes):
     cmd = [sys.executable, "-m", "cirjax", "train", *train_args,
            "--coordinator", f"127.0.0.1:{port}", "--num_processes", str(num_processes),
            "--process_id", str(i), "--cpu_devices", str(devices_per_process),
            "--platform", "cpu"]
     procs.append(subprocess.Popen(cmd, env=base_env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True))
-  deadline = None if timeout is None else time.time() + timeout
-  status = 0
-  outputs = [""] * num_processes
+                                  stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                  errors="replace"))
+  return procs
+
+
+def launch(train_args: list[str], num_processes: int = 2, devices_per_process: int = 2,
+           timeout: float | None = None, env: dict | None = None, watchdog: bool = True) -> int:
+  """Starts the workers, streams their output with a `[rank N]` prefix, returns a status:
+  0, the first failed worker's (negative: killed by that signal) or 124 on timeout.
+
+  With `watchdog`, the first worker to fail brings the others down at once; without it they
+  are left to notice by themselves (JAX's coordination-service heartbeat).
+  """
+  procs = _start(train_args, num_processes, devices_per_process, env)
+  lock, exits = threading.Lock(), queue.Queue()
+  readers = [threading.Thread(target=_stream, args=(i, p, lock), daemon=True)
+             for i, p in enumerate(procs)]
+  for i, p in enumerate(procs):
+    readers.append(threading.Thread(target=_wait, args=(i, p, exits), daemon=True))
+  for t in readers:
+    t.start()
+  deadline = None if timeout is None else time.monotonic() + timeout
+  status, running, first_failure = 0, num_processes, None
   try:
-    for i, p in enumerate(procs):
-      remaining = None if deadline is None else max(1.0, deadline - time.time())
-      out, _ = p.communicate(timeout=remaining)
-      outputs[i] = out
-      for line in out.splitlines():
-        print(f"[p{i}] {line}", flush=True)
-      if p.returncode and not status:
-        status = p.returncode
-  except subprocess.TimeoutExpired:
-    status = 124
+    while running:
+      try:
+        rank, code = exits.get(timeout=None if deadline is None
+                               else max(0.01, deadline - time.monotonic()))
+      except queue.Empty:
+        _say(f"timeout after {timeout:g}s: stopping all workers")
+        status = 124
+        break
+      running -= 1
+      if code and first_failure is None:
+        first_failure, status = time.monotonic(), code
+        if watchdog and running:
+          _say(f"rank {rank} (pid {procs[rank].pid}) {describe_status(code)}: stopping the "
+               f"other {running} worker(s)")
+          break
+        _say(f"rank {rank} (pid {procs[rank].pid}) {describe_status(code)}")
   finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
+    _stop(procs)
+    for t in readers:
+      t.join(timeout=GRACE_S)
+  if first_failure is not None and watchdog:
+    _say(f"all workers stopped {time.monotonic() - first_failure:.1f}s after the failure")
   return status
 
 
@@ -77,10 +152,15 @@ def main(argv=None) -> int:
   ap.add_argument("--num_processes", type=int, default=2)
   ap.add_argument("--devices_per_process", type=int, default=2)
   ap.add_argument("--timeout", type=float, default=None, help="seconds before all are killed")
+  ap.add_argument("--no_watchdog", dest="watchdog", action="store_false",
+                  help="leave the other workers running when one fails (they notice through "
+                  "JAX's coordination service)")
   args = ap.parse_args(own)
   if not train_args:
     ap.error("give the `cirjax train` arguments after `--`")
-  return launch(train_args, args.num_processes, args.devices_per_process, args.timeout)
+  status = launch(train_args, args.num_processes, args.devices_per_process, args.timeout,
+                  watchdog=args.watchdog)
+  return 128 - status if status < 0 else status
 
 
 if __name__ == "__main__":

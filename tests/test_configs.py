@@ -11,8 +11,9 @@ from cirjax.train import config_utils
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 BEFORE = json.loads((REPO / "tests" / "fixtures" / "configs_before.json").read_text())
-# Keys added since the fixture was written, with the value every config gives them.
-ADDED = {("data", "workers"): -1}
+# Keys added since the fixture was written, with the value every config gives them (in the
+# configs that have the parent section).
+ADDED = {("data", "workers"): -1, ("qure", "mining_method"): "auto"}
 # Values changed on purpose since, by config file: (key path, old value) -> new value. The
 # pixel cache is off by default (bounded in bytes when on); the frozen-feature store keeps the
 # reference's fp16 ViT precision instead of bf16.
@@ -30,8 +31,11 @@ def _with_added(d: dict, name: str = "") -> dict:
   for path, value in ADDED.items():
     node = d
     for k in path[:-1]:
-      node = node[k]
-    node[path[-1]] = value
+      node = node.get(k)
+      if node is None:
+        break
+    else:
+      node[path[-1]] = value
   for (path, old), new in CHANGED.get(name, {}).items():
     node = d
     for k in path[:-1]:

@@ -7,6 +7,13 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from cirjax import mining
 
+
+@pytest.fixture(params=["numpy", "xla"])
+def method(request):
+  """Every test runs both paths: NumPy (the CPU default) and the jitted XLA kernels."""
+  return request.param
+
+
 # ---------------------------------------------------------------------------------------
 # The reference: the algorithm of docs/mining.md, step by step, one query at a time.
 
@@ -69,9 +76,9 @@ def assert_sets_equal(sets, expected):
 # Worked example and named edge cases.
 
 
-def test_worked_example():
+def test_worked_example(method):
   s = np.array([[5, 4.9, 4.8, 3, 2.9, 2.8, 2.7, 1, 0.9]], np.float32)
-  sets, stats = mining.hard_negative_sets(s, [1])
+  sets, stats = mining.hard_negative_sets(s, [1], method=method)
   np.testing.assert_array_equal(sets[0], [3, 4, 5, 6])
   assert stats.target_rank[0] == 1 and stats.num_after[0] == 7
   assert stats.gap1[0] == 2 and stats.gap2[0] == 6   # drops between positions 2|3 and 6|7
@@ -81,80 +88,81 @@ def test_worked_example():
   assert ref_qure(s[0], 1) == [3, 4, 5, 6]
 
 
-def test_target_last_and_short_lists_are_empty_and_counted():
+def test_target_last_and_short_lists_are_empty_and_counted(method):
   s = np.array([[4, 3, 2, 1, 0], [4, 3, 2, 1, 0], [4, 3, 2, 1, 0]], np.float32)
-  sets, stats = mining.hard_negative_sets(s, [4, 2, 1])  # 0, 2 and 3 entries after target
+  # 0, 2 and 3 entries after the target.
+  sets, stats = mining.hard_negative_sets(s, [4, 2, 1], method=method)
   assert list(sets.sizes) == [0, 0, 0]   # 3 equal drops: pair (1, 2) is adjacent -> none
   assert list(stats.status) == [mining.STATUS_FEW_AFTER, mining.STATUS_FEW_AFTER,
                                 mining.STATUS_NO_PAIR]
   assert stats.summary()["empty"] == 3
 
 
-def test_positional_ties_vs_strict_below():
+def test_positional_ties_vs_strict_below(method):
   # Entries tied with the target and sorted after it count as "after" unless strict_below.
   row = np.array([9, 5, 5, 5, 1, 0.75, 0.5, 0.25], np.float32)
   for strict in (False, True):
-    sets, _ = mining.hard_negative_sets(row[None], [1], strict_below=strict)
+    sets, _ = mining.hard_negative_sets(row[None], [1], strict_below=strict, method=method)
     assert list(sets[0]) == ref_qure(row, 1, strict_below=strict)
-  a, _ = mining.hard_negative_sets(row[None], [1])
-  b, _ = mining.hard_negative_sets(row[None], [1], strict_below=True)
+  a, _ = mining.hard_negative_sets(row[None], [1], method=method)
+  b, _ = mining.hard_negative_sets(row[None], [1], strict_below=True, method=method)
   assert list(a[0]) == [3, 4, 5, 6] and list(b[0]) == []  # strict: all drops equal
 
 
-def test_image_ids_dedup_and_target_removed():
+def test_image_ids_dedup_and_target_removed(method):
   # Corpus entries 0..7 with repeating image ids; the target's image appears twice.
   s = np.array([[9, 8, 8, 7.9, 7.8, 7.8, 3, 2.9, 0]], np.float32)
   ids = np.array([10, 11, 11, 12, 10, 13, 14, 15, 16])
-  sets, stats = mining.hard_negative_sets(s, [0], image_ids=ids)
+  sets, stats = mining.hard_negative_sets(s, [0], image_ids=ids, method=method)
   pos = ref_qure(s[0], 0)
   assert list(sets[0]) == ref_ids(pos, ids, 10)
   assert 10 not in sets[0] and len(set(sets[0])) == len(sets[0])
   assert stats.span[0] == len(pos)
 
 
-def test_set_of_only_target_copies_is_empty_after_dedup():
+def test_set_of_only_target_copies_is_empty_after_dedup(method):
   s = np.array([[9, 8, 3, 3, 0]], np.float32)   # set = entries 2, 3: copies of the target
   ids = np.array([0, 1, 0, 0, 2])
-  sets, stats = mining.hard_negative_sets(s, [0], image_ids=ids)
+  sets, stats = mining.hard_negative_sets(s, [0], image_ids=ids, method=method)
   assert stats.span[0] > 0 and sets.sizes[0] == 0
   assert stats.status[0] == mining.STATUS_EMPTY_AFTER_DEDUP
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])
-def test_tiny_corpora_give_empty_sets(n):
+def test_tiny_corpora_give_empty_sets(n, method):
   s = np.arange(n, dtype=np.float32)[None].repeat(n, 0)
-  sets, stats = mining.hard_negative_sets(s, np.arange(n))
+  sets, stats = mining.hard_negative_sets(s, np.arange(n), method=method)
   assert sets.offsets[-1] == 0 and (stats.status == mining.STATUS_FEW_AFTER).all()
 
 
-def test_bad_input_errors_name_the_argument():
+def test_bad_input_errors_name_the_argument(method):
   s = np.random.default_rng(0).standard_normal((4, 10)).astype(np.float32)
   bad = s.copy()
   bad[2, 7] = np.nan
   with pytest.raises(ValueError, match=r"row 2 .* column 7"):
-    mining.hard_negative_sets(bad, [0, 0, 0, 0])
+    mining.hard_negative_sets(bad, [0, 0, 0, 0], method=method)
   bad[2, 7] = np.inf
   with pytest.raises(ValueError, match=r"row 2 .*inf at column 7"):
-    mining.hard_negative_sets(bad, [0, 0, 0, 0], block_size=1)
+    mining.hard_negative_sets(bad, [0, 0, 0, 0], block_size=1, method=method)
   with pytest.raises(ValueError, match=r"target_index\[1\] = 10"):
-    mining.hard_negative_sets(s, [0, 10, 0, 0])
+    mining.hard_negative_sets(s, [0, 10, 0, 0], method=method)
   with pytest.raises(ValueError, match="target_index must have shape"):
-    mining.hard_negative_sets(s, [0, 0, 0])
+    mining.hard_negative_sets(s, [0, 0, 0], method=method)
   with pytest.raises(ValueError, match="corpus is empty"):
-    mining.hard_negative_sets(np.zeros((2, 0), np.float32), [0, 0])
+    mining.hard_negative_sets(np.zeros((2, 0), np.float32), [0, 0], method=method)
   with pytest.raises(ValueError, match="k=11"):
-    mining.hard_negative_sets(s, [0] * 4, strategy="topk", k=11)
+    mining.hard_negative_sets(s, [0] * 4, strategy="topk", k=11, method=method)
   with pytest.raises(ValueError, match="image_ids must have shape"):
-    mining.hard_negative_sets(s, [0] * 4, image_ids=np.arange(9))
+    mining.hard_negative_sets(s, [0] * 4, image_ids=np.arange(9), method=method)
   with pytest.raises(ValueError, match="scores must be a"):
-    mining.hard_negative_sets(s[0], [0])
+    mining.hard_negative_sets(s[0], [0], method=method)
   with pytest.raises(ValueError, match="num_queries"):
-    mining.hard_negative_sets(lambda a, b: s[a:b], [0] * 4)
+    mining.hard_negative_sets(lambda a, b: s[a:b], [0] * 4, method=method)
   with pytest.raises(ValueError, match=r"block \[0:4\] has shape"):
     mining.hard_negative_sets(lambda a, b: s[a:b, :5], [0] * 4, num_queries=4,
-                              corpus_size=10)
+                              corpus_size=10, method=method)
   with pytest.raises(ValueError, match="strategy"):
-    mining.hard_negative_sets(s, [0] * 4, strategy="all")
+    mining.hard_negative_sets(s, [0] * 4, strategy="all", method=method)
 
 
 # ---------------------------------------------------------------------------------------
@@ -193,10 +201,11 @@ def problems(draw):
   return np.asarray(scores, np.float32), np.asarray(targets)
 
 
-def check_qure(problem, threshold, strict, top_drops):
+def check_qure(problem, threshold, strict, top_drops, method):
   scores, targets = problem
   sets, stats = mining.hard_negative_sets(scores, targets, consecutive_threshold=threshold,
-                                          strict_below=strict, top_drops=top_drops)
+                                          strict_below=strict, top_drops=top_drops,
+                                          method=method)
   with np.errstate(over="ignore"):  # drops of +-3e38 overflow to -inf, as in the reference
     expected = [ref_qure(scores[i], targets[i], threshold, strict) for i in range(ROWS)]
   assert_sets_equal(sets, expected)
@@ -211,40 +220,41 @@ def check_qure(problem, threshold, strict, top_drops):
 # top_drops=2 forces the full-ranking fallback.
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(problems(), st.sampled_from([0, 1, 3]), st.booleans(), st.sampled_from([2, 32]))
-def test_qure_matches_reference(problem, threshold, strict, top_drops):
-  check_qure(problem, threshold, strict, top_drops)
+def test_qure_matches_reference(method, problem, threshold, strict, top_drops):
+  check_qure(problem, threshold, strict, top_drops, method)
 
 
 @pytest.mark.slow
 @settings(max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck))
 @given(problems(), st.integers(0, 6), st.booleans(), st.sampled_from([2, 3, 8, 32]))
-def test_qure_matches_reference_exhaustive(problem, threshold, strict, top_drops):
-  check_qure(problem, threshold, strict, top_drops)
+def test_qure_matches_reference_exhaustive(method, problem, threshold, strict, top_drops):
+  check_qure(problem, threshold, strict, top_drops, method)
 
 
-def test_subnormal_scores_are_ordered_as_the_reference():
+def test_subnormal_scores_are_ordered_as_the_reference(method):
   # Hypothesis' counterexample: XLA's flush-to-zero made 1e-45 tie with 0 in comparisons
   # while the sort kept it first, so the after-target list started one entry too early.
   s = np.array([[0, 0, 0, 1e-45], [0, 0, 0, 0], [1e-45, 0, -1e-45, -3e-45]], np.float32)
   t = [0, 0, 1]
-  sets, stats = mining.hard_negative_sets(s, t, consecutive_threshold=0)
+  sets, stats = mining.hard_negative_sets(s, t, consecutive_threshold=0, method=method)
   assert_sets_equal(sets, [ref_qure(s[i], t[i], 0) for i in range(3)])
   assert stats.target_rank[0] == 1
   # Subnormal drops are ranked exactly: 2.0**-126 -> 1e-45 is a steeper drop than 1e-45 -> 0.
   row = np.array([[1, 2.0 ** -126, 1.5e-45, 1e-45, 0, -1]], np.float32)
-  sets, _ = mining.hard_negative_sets(row, [0], consecutive_threshold=0)
+  sets, _ = mining.hard_negative_sets(row, [0], consecutive_threshold=0, method=method)
   assert list(sets[0]) == ref_qure(row[0], 0, 0)
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
 @given(problems(), st.integers(0, 5), st.sampled_from(["qure", "topk", "after_target_topk"]),
        st.sampled_from([2, 5]))
-def test_image_ids_match_reference(problem, id_count, strategy, k):
+def test_image_ids_match_reference(method, problem, id_count, strategy, k):
   scores, targets = problem
   n = scores.shape[1]
   ids = (np.arange(n) * 7 + id_count) % (id_count + 1) if id_count else np.arange(n)
   k = min(k, n)
-  sets, _ = mining.hard_negative_sets(scores, targets, image_ids=ids, strategy=strategy, k=k)
+  sets, _ = mining.hard_negative_sets(scores, targets, image_ids=ids, strategy=strategy, k=k,
+                                      method=method)
   if strategy == "qure":
     pos = [ref_qure(scores[i], targets[i]) for i in range(ROWS)]
   elif strategy == "topk":
@@ -256,14 +266,14 @@ def test_image_ids_match_reference(problem, id_count, strategy, k):
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(problems(), st.sampled_from([1, 3, 8]), st.booleans())
-def test_topk_strategies_match_reference(problem, k, strict):
+def test_topk_strategies_match_reference(method, problem, k, strict):
   scores, targets = problem
   n = scores.shape[1]
   k = min(k, n)
-  a, _ = mining.hard_negative_sets(scores, targets, strategy="topk", k=k)
+  a, _ = mining.hard_negative_sets(scores, targets, strategy="topk", k=k, method=method)
   assert_sets_equal(a, [ref_topk(scores[i], targets[i], k) for i in range(ROWS)])
   b, _ = mining.hard_negative_sets(scores, targets, strategy="after_target_topk", k=k,
-                                   strict_below=strict)
+                                   strict_below=strict, method=method)
   assert_sets_equal(b, [ref_after_topk(scores[i], targets[i], k, strict) for i in range(ROWS)])
 
 
@@ -278,28 +288,31 @@ def _random_problem(q=37, n=61, seed=0):
   return s, rng.integers(0, n, q)
 
 
-def test_block_sizes_and_block_fn_identical():
+def test_block_sizes_and_block_fn_identical(method):
   s, t = _random_problem()
-  ref, ref_stats = mining.hard_negative_sets(s, t)
+  ref, ref_stats = mining.hard_negative_sets(s, t, method=method)
   assert_sets_equal(ref, [ref_qure(s[i], t[i]) for i in range(len(t))])
   for bs in (1, 16):
-    got, stats = mining.hard_negative_sets(s, t, block_size=bs)
+    got, stats = mining.hard_negative_sets(s, t, block_size=bs, method=method)
     assert_sets_equal(got, ref.to_list())
     np.testing.assert_array_equal(stats.gap1, ref_stats.gap1)
   sj = jax.numpy.asarray(s)
   got, _ = mining.hard_negative_sets(lambda a, b: sj[a:b], t, num_queries=len(t),
-                                     corpus_size=s.shape[1], memory_budget_bytes=48 * 61 * 5)
+                                     corpus_size=s.shape[1], memory_budget_bytes=48 * 61 * 5,
+                                     method=method)
   assert_sets_equal(got, ref.to_list())
 
 
 @pytest.mark.parametrize("strategy", ["qure", "topk", "after_target_topk"])
-def test_four_devices_identical_to_one(strategy):
+def test_four_devices_identical_to_one(strategy, method):
   assert len(jax.devices()) >= 4
   s, t = _random_problem(q=29, n=50, seed=1)
-  ref, _ = mining.hard_negative_sets(s, t, strategy=strategy, k=7, block_size=29)
+  ref, _ = mining.hard_negative_sets(s, t, strategy=strategy, k=7, block_size=29,
+                                     method=method)
   mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
   for bs in ((8, None) if strategy == "qure" else (None,)):
-    got, _ = mining.hard_negative_sets(s, t, strategy=strategy, k=7, mesh=mesh, block_size=bs)
+    got, _ = mining.hard_negative_sets(s, t, strategy=strategy, k=7, mesh=mesh, block_size=bs,
+                                       method=method)
     assert_sets_equal(got, ref.to_list())
 
 

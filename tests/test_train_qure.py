@@ -59,6 +59,8 @@ def test_synthetic_tiny_trains_mines_evaluates_and_exports(synth_root, tmp_path)
           Path(tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if l]
   mining = [x for x in recs if x["kind"] == "mining"]
   assert len(mining) == 1 and mining[0]["epoch"] == 1 and mining[0]["set_size_mean"] > 0
+  # The synthetic set knows every relevant image: each strategy's false negatives are logged.
+  assert all(0 <= mining[0][f"fn_share/{s}"] <= 1 for s in ("qure", "topk", "corpus"))
   assert {"R@10", "mAP@10"} <= set(r["final_metrics"])
   final = json.loads(Path(tmp_path / "run" / "final_metrics.json").read_text())
   assert final["chance"]["R@10"] == pytest.approx(100 * 10 / 59)

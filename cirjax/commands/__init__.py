@@ -14,4 +14,6 @@ COMMANDS = {
     "search": "cirjax.commands.search",
     "train": "cirjax.commands.train",
     "bench": "cirjax.commands.bench",
+    "mine": "cirjax.commands.mine",
+    "study": "cirjax.commands.study",
 }

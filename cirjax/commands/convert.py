@@ -8,6 +8,9 @@ import sys
 import time
 from pathlib import Path
 
+from cirjax.commands.data import positive_float, positive_int
+from cirjax.errors import UsageError
+
 HELP = "convert HF / LAVIS checkpoints to cirjax model directories, and cirjax back to HF"
 DESCRIPTION = """\
 Converts model weights with strict key accounting: every source tensor is used exactly once
@@ -37,17 +40,22 @@ Examples:
   cirjax convert hf/llava-phi-3-mini-hf ckpt/llava-phi3
 """
 
+# Errors cirjax has always reported as a user's (e.g. a registry's unreadable config.json);
+# the CLI prints them as one line (cirjax/cli.py).
+EXPECTED_ERRORS = (OSError, ValueError, RuntimeError)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("src", help="HF directory, LAVIS .pth/.pt/.bin file, or cirjax directory")
   p.add_argument("dst", help="output directory (must not exist unless --overwrite)")
   p.add_argument("--overwrite", action="store_true",
                  help="replace an existing DST (only after the new output is complete)")
-  p.add_argument("--vision-heads", type=int, default=None,
+  p.add_argument("--vision-heads", type=positive_int, default=None,
                  help="LAVIS only: ViT attention heads, if not a released tower (default: "
                  "16 for EVA-g 1408 and CLIP-L 1024, else width/64)")
-  p.add_argument("--qformer-heads", type=int, default=None,
+  p.add_argument("--qformer-heads", type=positive_int, default=None,
                  help="LAVIS only: Q-Former heads (default: 12 for 768 wide, else width/64)")
-  p.add_argument("--max-shard-gb", type=float, default=5.0,
+  p.add_argument("--max-shard-gb", type=positive_float, default=5.0,
                  help="to HF: largest safetensors shard in GiB (default 5)")
 
 
@@ -89,22 +97,18 @@ def run(args: argparse.Namespace) -> int:
   from cirjax.convert import registry  # pylint: disable=g-import-not-at-top  # as to_cirjax
   src, dst = Path(args.src), Path(args.dst)
   t0 = time.time()
-  try:
-    if dst.exists() and not args.overwrite:
-      raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
-    if dst.absolute() == src.absolute():
-      raise ValueError("SRC and DST are the same path")
-    if registry.sniff(src)[1] == "cirjax":
-      model_type = to_hf(src, dst, overwrite=args.overwrite,
-                         max_shard_bytes=int(args.max_shard_gb * 1024 ** 3))
-      kind = "HF"
-    else:
-      model_type, _ = to_cirjax(src, dst, overwrite=args.overwrite,
-                                vision_heads=args.vision_heads, qformer_heads=args.qformer_heads)
-      kind = "cirjax"
-  except (OSError, ValueError, RuntimeError) as e:
-    print(f"cirjax convert: error: {e}", file=sys.stderr)
-    return 1
+  if dst.exists() and not args.overwrite:
+    raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
+  if dst.absolute() == src.absolute():
+    raise UsageError("SRC and DST are the same path")
+  if registry.sniff(src)[1] == "cirjax":
+    model_type = to_hf(src, dst, overwrite=args.overwrite,
+                       max_shard_bytes=int(args.max_shard_gb * 1024 ** 3))
+    kind = "HF"
+  else:
+    model_type, _ = to_cirjax(src, dst, overwrite=args.overwrite,
+                              vision_heads=args.vision_heads, qformer_heads=args.qformer_heads)
+    kind = "cirjax"
   print(json.dumps({"src": str(src), "dst": str(dst), "model_type": model_type, "format": kind,
                     "seconds": round(time.time() - t0, 2)}))
   return 0

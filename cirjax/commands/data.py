@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
+
+from cirjax.errors import CirjaxError, UsageError
 
 HELP = "make the synthetic CIR benchmark, check a dataset on disk, build TFDS datasets"
 DESCRIPTION = """\
@@ -30,14 +31,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   p = sub.add_parser("synth", help="generate the synthetic benchmark")
   p.add_argument("--out", required=True, help="output directory (created)")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--resolution", type=int, default=64, help="image side in pixels (default 64)")
+  p.add_argument("--resolution", type=positive_int, default=64,
+                 help="image side in pixels (default 64)")
   p.add_argument("--num-images", type=int, default=1500, help="train corpus images")
   p.add_argument("--num-val-images", type=int, default=1000)
   p.add_argument("--num-test-images", type=int, default=500)
   p.add_argument("--num-triplets", type=int, default=4000, help="train triplets")
   p.add_argument("--num-val-queries", type=int, default=1000)
   p.add_argument("--num-test-queries", type=int, default=500)
-  p.add_argument("--max-duplicates", type=int, default=6,
+  p.add_argument("--max-duplicates", type=positive_int, default=6,
                  help="images per attribute combination are uniform in 1..N (default 6)")
   p.add_argument("--force", action="store_true", help="write into a non-empty directory")
 
@@ -63,6 +65,34 @@ def positive_int(text: str) -> int:
   if n < 1:
     raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
   return n
+
+
+def check_output(path, flag: str, directory: bool = False) -> None:
+  """Refuses, before any work, an output path that cannot be written: a file where a
+  directory is needed (the path itself, or one of its parents) or a directory where a file
+  is."""
+  if path is None:
+    return
+  p = Path(path).absolute()
+  if p.exists() and p.is_dir() != directory:
+    raise UsageError(f"{flag} {path} is a {'file' if directory else 'directory'}, expected a "
+                     f"{'directory' if directory else 'file'}")
+  for parent in p.parents:
+    if parent.exists():
+      if not parent.is_dir():
+        raise UsageError(f"{flag} {path}: {parent} is a file, not a directory")
+      break
+
+
+def positive_float(text: str) -> float:
+  """argparse type: a number > 0."""
+  try:
+    x = float(text)
+  except ValueError:
+    x = 0.0
+  if not x > 0:
+    raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+  return x
 
 
 def _dataset_args(p: argparse.ArgumentParser) -> None:
@@ -128,7 +158,7 @@ def read_split(dataset: str, root: str, split: str | None, skip_missing: bool = 
   if dataset == "hpfashioniq":
     return data.read_hpfashioniq(hp_file or root, fashioniq_root or (root if hp_file else None),
                                  on_missing=on_missing)
-  raise SystemExit(f"unknown dataset {dataset!r}")
+  raise UsageError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
 
 
 def fashioniq_splits(split: str | None) -> list[str]:
@@ -155,42 +185,37 @@ def _stats(s) -> dict:
 def run(args: argparse.Namespace) -> int:
   # `cirjax --help` imports every command module: the readers (numpy, PIL) load on use.
   from cirjax.data import images  # pylint: disable=g-import-not-at-top
-  from cirjax.data.records import DataError  # pylint: disable=g-import-not-at-top
   if args.data_command is None:
     print(DESCRIPTION)
     return 2
-  try:
-    if args.data_command == "synth":
-      return _synth(args)
-    if args.data_command == "check":
-      names = (fashioniq_splits(args.split) if args.dataset == "fashioniq" else [args.split])
-      stats = []
-      for name in names:
-        s = read_split_from_args(args, name)
-        if not args.no_decode:
-          s = images.check_images_decode(s, "skip" if args.skip_missing else "error",
-                                         workers=args.workers, progress=True)
-        stats.append(_stats(s))
-      if len(stats) == 1:
-        print(json.dumps(stats[0], indent=2))
-      else:
-        total = {k: sum(st[k] for st in stats) for k in ("queries", "corpus_images")}
-        print(json.dumps({"splits": stats, "total": total}, indent=2))
-      return 0
-    if args.data_command == "tfds":
-      # tfds_builders imports tensorflow_datasets' helpers: only `data tfds` needs them.
-      from cirjax.data import tfds_builders  # pylint: disable=g-import-not-at-top
-      splits = tfds_builders.available_splits(args.dataset, args.root)
-      print(f"[tfds] building {tfds_builders.BUILDERS[args.dataset]} (queries + images) for "
-            f"splits {', '.join(splits)} into {args.data_dir}", flush=True)
-      path = tfds_builders.build(args.dataset, args.root, args.data_dir,
-                                 fashioniq_root=args.fashioniq_root)
-      print(f"wrote {path}; read it with cirjax.data.tfds_builders.load_split"
-            f"(data_dir, {args.dataset!r}, SPLIT) or tfds.data_source")
-      return 0
-  except DataError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  if args.data_command == "synth":
+    return _synth(args)
+  if args.data_command == "check":
+    names = (fashioniq_splits(args.split) if args.dataset == "fashioniq" else [args.split])
+    stats = []
+    for name in names:
+      s = read_split_from_args(args, name)
+      if not args.no_decode:
+        s = images.check_images_decode(s, "skip" if args.skip_missing else "error",
+                                       workers=args.workers, progress=True)
+      stats.append(_stats(s))
+    if len(stats) == 1:
+      print(json.dumps(stats[0], indent=2))
+    else:
+      total = {k: sum(st[k] for st in stats) for k in ("queries", "corpus_images")}
+      print(json.dumps({"splits": stats, "total": total}, indent=2))
+    return 0
+  if args.data_command == "tfds":
+    # tfds_builders imports tensorflow_datasets' helpers: only `data tfds` needs them.
+    from cirjax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+    splits = tfds_builders.available_splits(args.dataset, args.root)
+    print(f"[tfds] building {tfds_builders.BUILDERS[args.dataset]} (queries + images) for "
+          f"splits {', '.join(splits)} into {args.data_dir}", flush=True)
+    path = tfds_builders.build(args.dataset, args.root, args.data_dir,
+                               fashioniq_root=args.fashioniq_root)
+    print(f"wrote {path}; read it with cirjax.data.tfds_builders.load_split"
+          f"(data_dir, {args.dataset!r}, SPLIT) or tfds.data_source")
+    return 0
   return 2
 
 
@@ -198,9 +223,10 @@ def _synth(args) -> int:
   # `cirjax --help` imports every command module: the readers (numpy, PIL) load on use.
   from cirjax.data import synth  # pylint: disable=g-import-not-at-top
   out = Path(args.out)
+  if out.exists() and not out.is_dir():
+    raise CirjaxError(f"--out {out} is a file, not a directory")
   if out.exists() and any(out.iterdir()) and not args.force:
-    print(f"error: {out} is not empty (pass --force to write into it)", file=sys.stderr)
-    return 1
+    raise CirjaxError(f"{out} is not empty (pass --force to write into it)")
   cfg = synth.SynthConfig(
       seed=args.seed, resolution=args.resolution,
       num_images=(args.num_images, args.num_val_images, args.num_test_images),

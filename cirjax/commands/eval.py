@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import os
 import time
 from pathlib import Path
 
-from cirjax.commands.data import (add_source_args, fashioniq_splits, positive_int,
-                                  read_split_from_args)
+from cirjax.commands.data import (add_source_args, check_output, fashioniq_splits,
+                                  positive_int, read_split_from_args)
+import jax
+import ml_collections
+import numpy as np
+
+from cirjax import lora as lora_lib
+from cirjax.convert import io, registry
 from cirjax.data import genecis, images, loader, text, tfds_builders
 from cirjax.data.records import DataError
+from cirjax.data.word_tokenizer import load_tokenizer
+from cirjax.errors import CirjaxError
 from cirjax.eval import encoders, evaluate, retrieval, submission
+from cirjax.models import Model, llava
+from cirjax.train import instructcir, qure
 
 HELP = "evaluate a checkpoint or a baseline on FashionIQ, CIRR, CIRCO, GeneCIS, HP-FashionIQ or synthetic"
 DESCRIPTION = """\
@@ -28,11 +38,17 @@ a metrics table with the chance level beside each metric.
   cirjax eval --dataset cirr --tfds-dir TFDS_DIR --checkpoint MODEL_DIR    (a `cirjax data tfds` build)
 
 --checkpoint takes a cirjax/HF BLIP-2 (QuRe) or LLaVA-Phi (InstructCIR, scored with the
-paper's zero-shot prompts) model directory, or a training workdir holding one.
+paper's zero-shot prompts) model directory, a LAVIS BLIP-2 .pth, or a training workdir: its
+exported model, or its latest checkpoint when the run exported none (the model is rebuilt
+from the run's config.json).
 The corpus is encoded in jitted batches sharded over all devices; retrieval is a blocked
 matmul + top_k on device. Splits without ground truth (CIRR test1, CIRCO test) produce
 submission files only. Counts of skipped images/queries (--skip-missing) are always shown.
 """
+
+# Errors cirjax has always reported as a user's (e.g. a registry's unreadable config.json);
+# the CLI prints them as one line (cirjax/cli.py).
+EXPECTED_ERRORS = (ValueError,)
 
 DATASETS = ("synthetic", "cirr", "fashioniq", "circo", "genecis", "hpfashioniq")
 
@@ -48,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       "categories, or CATEGORY.SPLIT; GeneCIS: the task, required; CIRR test: "
                       "test1)")
   src = parser.add_mutually_exclusive_group(required=True)
-  src.add_argument("--checkpoint", help="model directory or training workdir")
+  src.add_argument("--checkpoint", help="model directory, LAVIS .pth or training workdir "
+                   "(its export, else its latest checkpoint)")
   src.add_argument("--baseline", choices=("random", "oracle"),
                    help="score a uniformly random model (chance) or the ground truth (1.0)")
   parser.add_argument("--tokenizer", default=None,
@@ -70,10 +87,68 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--name", default="cirjax", help="submission file name suffix")
 
 
+def model_from_checkpoint(ck: encoders.WorkdirCheckpoint) -> Model:
+  """The model in a training workdir's latest checkpoint, built with the run's config (what
+  the task's export would have written; `encoders.load_encoder`'s `from_checkpoint`)."""
+  config = ml_collections.ConfigDict(ck.config)
+  params = io.read_params(ck.step_dir / "state")
+  if not isinstance(params, dict) or "params" not in params:
+    raise CirjaxError(f"{ck.step_dir / 'state'}: holds no 'params' (not a cirjax training "
+                      "checkpoint?)")
+  params = jax.tree.map(np.asarray, params["params"])
+  task, source = config.get("task"), str(ck.step_dir)
+  if task == "qure":
+    init = config.model.get("init")
+    if init:
+      cfg = registry.load(init, family="blip2").config
+    else:  # the Q-Former's vocabulary is the run's tokenizer's: read it off the embeddings
+      vocab = params["embeddings"]["word_embeddings"].shape[0]
+      cfg = qure.model_config(config.model, vocab)
+    vocab_src = config.data.get("tokenizer") or config.data.get("root") or ""
+    has_vocab = vocab_src and os.path.exists(os.path.expanduser(vocab_src))
+    return Model("blip2", cfg, params, os.path.expanduser(vocab_src) if has_vocab else None,
+                 source)
+  if task == "instructcir":
+    cfg_file = ck.workdir / instructcir.LLAVA_CONFIG_FILE
+    if not cfg_file.is_file():
+      raise CirjaxError(f"{ck.workdir}: an InstructCIR workdir without "
+                        f"{instructcir.LLAVA_CONFIG_FILE}; export the model from the run")
+    cfg = llava.LlavaConfig.from_dict(json.loads(cfg_file.read_text())).replace(dtype="float32")
+    tok_dirs = [str(ck.workdir / instructcir.TOKENIZER_DIR), config.data.get("tokenizer"),
+                config.model.get("init")]
+    tok_dir = next((d for d in tok_dirs if d and os.path.isdir(os.path.expanduser(d))), None)
+    if tok_dir is None:
+      raise CirjaxError(f"{ck.workdir}: no tokenizer (looked in {', '.join(map(str, tok_dirs))})")
+    adapter = lora_lib.Adapter(params["lora"], instructcir.lora_config(config.lora))
+    merged = jax.tree.map(np.asarray, lora_lib.merge(params["base"], adapter))
+    return Model("llava", cfg, merged, load_tokenizer(os.path.expanduser(tok_dir)), source)
+  raise CirjaxError(f"{ck.workdir / 'config.json'}: task {task!r}: cirjax rebuilds models of "
+                    "'qure' and 'instructcir' runs only; export the model from the run")
+
+
+def load_model(path) -> tuple[Model, Path]:
+  """--checkpoint: `encoders.load_encoder`, or a training workdir's latest checkpoint when
+  the run exported no model; returns (model, where it came from)."""
+  ck = encoders.workdir_checkpoint(path)
+  if ck is not None:
+    return model_from_checkpoint(ck), ck.step_dir
+  return encoders.load_encoder(path)
+
+
+def tokenizer_source(args, model: Model, model_dir) -> str:
+  """--tokenizer, else a checkpoint's run's vocab, else the model's, else the dataset's."""
+  if args.tokenizer:
+    return args.tokenizer
+  if isinstance(model.tokenizer, str):
+    return model.tokenizer
+  return encoders.find_tokenizer_source(Path(model_dir), args.root)
+
+
 def _splits(args) -> list[tuple[str, object, object]]:
   """[(label, CIRSplit, image source or None)]; FashionIQ's `val` = its three categories."""
   if (args.root is None) == (args.tfds_dir is None):
-    raise ValueError("give exactly one of --root (dataset on disk) or --tfds-dir (TFDS build)")
+    # exit 1, as always (tests/test_tfds.py), though it is a usage error
+    raise CirjaxError("give exactly one of --root (dataset on disk) or --tfds-dir (TFDS build)")
   if args.dataset == "fashioniq":
     names = fashioniq_splits(args.split)
   elif args.dataset == "genecis" and not args.split:
@@ -95,14 +170,8 @@ def _splits(args) -> list[tuple[str, object, object]]:
 
 
 def run(args: argparse.Namespace) -> int:
-  try:
-    return _run(args)
-  except (DataError, FileNotFoundError, NotADirectoryError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-
-
-def _run(args) -> int:
+  check_output(args.out, "--out")
+  check_output(args.submission_dir, "--submission-dir", directory=True)
   t0 = time.time()
   splits = _splits(args)
   mesh = retrieval.make_mesh()
@@ -113,13 +182,13 @@ def _run(args) -> int:
   llava = False
   source = f"baseline:{args.baseline}" if args.baseline else None
   if args.checkpoint:
-    model, model_dir = encoders.load_encoder(args.checkpoint)
+    model, model_dir = load_model(args.checkpoint)
     llava = model.family == "llava"
     source = str(model_dir)
     if llava:
       tok_src = f"{model_dir} (InstructCIR zero-shot prompts)"
     else:
-      tok_src = args.tokenizer or encoders.find_tokenizer_source(model_dir, args.root)
+      tok_src = tokenizer_source(args, model, model_dir)
       tokenizer = text.load_bert_tokenizer(tok_src)
       tokenize_fn = loader.bert_tokenize_fn(tokenizer, args.max_length)
       for _, s, _ in splits:  # a vocabulary built on other data turns words into [UNK]

@@ -8,6 +8,9 @@ import sys
 import time
 from pathlib import Path
 
+from cirjax.commands.data import positive_int
+from cirjax.errors import UsageError
+
 HELP = "check a converted model against its PyTorch checkpoint, stage by stage"
 DESCRIPTION = """\
 Loads a PyTorch checkpoint (an HF directory, or a LAVIS BLIP-2 .pth) into the transformers
@@ -29,18 +32,22 @@ Examples:
   cirjax parity qure_cirr/model.pth --converted ckpt/qure-cirr --json parity.json
 """
 
+ERROR_EXIT = 2  # the check could not run (1 means a stage above tolerance)
+# Errors cirjax has always reported as a user's (see cirjax/cli.py).
+EXPECTED_ERRORS = (OSError, ValueError, RuntimeError)
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("path", help="the PyTorch checkpoint: HF directory or LAVIS BLIP-2 file")
   p.add_argument("--converted", default=None,
                  help="cirjax directory converted from PATH (default: convert in memory)")
-  p.add_argument("--batch", type=int, default=2, help="random inputs per run (default 2)")
-  p.add_argument("--text-len", type=int, default=12,
+  p.add_argument("--batch", type=positive_int, default=2, help="random inputs per run (default 2)")
+  p.add_argument("--text-len", type=positive_int, default=12,
                  help="token ids per text; rows after the first are padded (default 12)")
   p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
-  p.add_argument("--vision-heads", type=int, default=None,
+  p.add_argument("--vision-heads", type=positive_int, default=None,
                  help="LAVIS only: ViT heads (default: from --converted, else as convert)")
-  p.add_argument("--qformer-heads", type=int, default=None,
+  p.add_argument("--qformer-heads", type=positive_int, default=None,
                  help="LAVIS only: Q-Former heads (default: from --converted, else as convert)")
   p.add_argument("--json", default=None, help="also write the rows as JSON to this file")
 
@@ -51,24 +58,20 @@ def run(args: argparse.Namespace) -> int:
   from cirjax.models import blip2_parity, llava_parity  # pylint: disable=g-import-not-at-top
   path = Path(args.path)
   t0 = time.time()
-  try:
-    model_type, kind = registry.sniff(path)
-    if kind == "cirjax":
-      raise ValueError(f"{path} is a cirjax directory: pass the PyTorch checkpoint as PATH and "
-                       f"this directory as --converted")
-    print(f"[parity] {model_type}: {path} vs {args.converted or 'in-memory conversion'} "
-          f"(batch {args.batch}, fp32, matmul precision highest)", file=sys.stderr, flush=True)
-    if model_type == "llava":
-      rows = llava_parity.run_parity(path, converted=args.converted, batch=args.batch,
-                                     seed=args.seed)
-    else:
-      rows = blip2_parity.run_parity(path, converted=args.converted, batch=args.batch,
-                                     text_len=args.text_len, seed=args.seed,
-                                     vision_heads=args.vision_heads,
-                                     qformer_heads=args.qformer_heads)
-  except (OSError, ValueError, RuntimeError) as e:
-    print(f"cirjax parity: error: {e}", file=sys.stderr)
-    return 2
+  model_type, kind = registry.sniff(path)
+  if kind == "cirjax":
+    raise UsageError(f"{path} is a cirjax directory: pass the PyTorch checkpoint as PATH and "
+                     f"this directory as --converted")
+  print(f"[parity] {model_type}: {path} vs {args.converted or 'in-memory conversion'} "
+        f"(batch {args.batch}, fp32, matmul precision highest)", file=sys.stderr, flush=True)
+  if model_type == "llava":
+    rows = llava_parity.run_parity(path, converted=args.converted, batch=args.batch,
+                                   seed=args.seed)
+  else:
+    rows = blip2_parity.run_parity(path, converted=args.converted, batch=args.batch,
+                                   text_len=args.text_len, seed=args.seed,
+                                   vision_heads=args.vision_heads,
+                                   qformer_heads=args.qformer_heads)
   rows = [r if isinstance(r, parity.ParityRow) else parity.ParityRow(*r) for r in rows]
   print(parity.format_table(rows))
   ok = all(r.ok for r in rows)

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from cirjax import search as search_lib
-from cirjax.commands.data import positive_int, read_split
+from cirjax.commands.data import check_output, positive_int, read_split
+from cirjax.commands.eval import load_model, tokenizer_source
 from cirjax.data import images, loader, text
 from cirjax.data.records import DataError
+from cirjax.errors import UsageError
 from cirjax.eval import encoders, retrieval
 
 HELP = "search a corpus with a reference image + text; print the top k and write an HTML page"
+# Errors cirjax has always reported as a user's (see cirjax/cli.py).
+EXPECTED_ERRORS = (ValueError,)
+
 DESCRIPTION = """\
 Composed image search with a BLIP-2 (QuRe) checkpoint.
 
@@ -29,7 +33,8 @@ features between runs (re-encoded when the model, preprocessing or file list cha
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--checkpoint", required=True, help="model directory or training workdir")
+  parser.add_argument("--checkpoint", required=True,
+                      help="model directory, LAVIS .pth or training workdir (see cirjax eval)")
   parser.add_argument("--corpus", default=None, help="directory of corpus images")
   parser.add_argument("--dataset", default=None,
                       choices=("synthetic", "cirr", "fashioniq", "circo"),
@@ -51,20 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--batch-size", type=positive_int, default=64)
 
 
-def run(args: argparse.Namespace) -> int:
-  try:
-    return _run(args)
-  except (DataError, FileNotFoundError, NotADirectoryError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-
-
 def _query(args, split):
   """(reference path, text, relevant names, target name) from the arguments."""
   relevant = [r for r in args.relevant.split(",") if r]
   if args.query_id is not None:
     if split is None:
-      raise ValueError("--query-id needs --dataset and --root")
+      raise UsageError("--query-id needs --dataset and --root")
     q = next((q for q in split.queries if q.query_id == str(args.query_id)), None)
     if q is None:
       raise DataError(f"{split.name}: no query with id {args.query_id!r} "
@@ -72,7 +69,7 @@ def _query(args, split):
     text = args.text or loader.default_text(q)
     return split.images[q.reference].path, text, list(q.relevant) + relevant, q.target
   if args.reference is None or args.text is None:
-    raise ValueError("give --reference and --text (or --query-id with --dataset)")
+    raise UsageError("give --reference and --text (or --query-id with --dataset)")
   ref = Path(args.reference)
   if not ref.is_file():
     if split is not None and args.reference in split.images:
@@ -82,24 +79,26 @@ def _query(args, split):
   return ref, args.text, relevant, None
 
 
-def _run(args) -> int:
+def run(args: argparse.Namespace) -> int:
+  check_output(args.html, "--html")
+  check_output(args.features_cache, "--features-cache")
   if (args.corpus is None) == (args.dataset is None):
-    raise ValueError("give exactly one of --corpus DIR or --dataset NAME --root DIR")
+    raise UsageError("give exactly one of --corpus DIR or --dataset NAME --root DIR")
   split = None
   if args.dataset is not None:
     if args.root is None:
-      raise ValueError("--dataset needs --root")
+      raise UsageError("--dataset needs --root")
     split = read_split(args.dataset, args.root, args.split)
     corpus = search_lib.corpus_from_split(split)
   else:
     corpus = search_lib.corpus_from_dir(args.corpus)
   reference, query_text, relevant, target = _query(args, split)
-  model, model_dir = encoders.load_encoder(args.checkpoint)
+  model, model_dir = load_model(args.checkpoint)
   if model.family != "blip2":
-    raise ValueError(f"{model_dir}: cirjax search scores BLIP-2 (QuRe) models; evaluate "
+    raise UsageError(f"{model_dir}: cirjax search scores BLIP-2 (QuRe) models; evaluate "
                      "LLaVA-Phi checkpoints with `cirjax eval`")
   encoder, _, _ = encoders.retrieval_fns(model)
-  tok_src = args.tokenizer or encoders.find_tokenizer_source(model_dir, args.root)
+  tok_src = tokenizer_source(args, model, model_dir)
   tokenize_fn = loader.bert_tokenize_fn(text.load_bert_tokenizer(tok_src), args.max_length)
   transform = images.make_transform(args.transform,
                                     args.image_size or encoders.model_image_size(model))

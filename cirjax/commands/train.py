@@ -9,8 +9,9 @@ import sys
 import jax
 
 # Importing these touches no JAX backend, so `distributed.initialize` in `run` still comes first.
+from cirjax.errors import CirjaxError, UsageError
 from cirjax.train import distributed
-from cirjax.train.config_utils import ConfigError, load_config, split_config_overrides
+from cirjax.train.config_utils import load_config, split_config_overrides
 from cirjax.train.trainer import format_table, train
 
 HELP = "train QuRe / InstructCIR / the synthetic demo from a config file (resumable)"
@@ -25,8 +26,19 @@ After the colon: the file's variants and key=value arguments (see its docstring)
 Overrides: --config.key=value (or key=value after the flags); the key must exist.
 Several processes: --coordinator HOST:PORT --num_processes N --process_id I (or run under
 SLURM, auto-detected); see launch/ and docs/train.md.
-Exit status: 0 done, 3 stopped on a non-finite loss (the last good checkpoint is kept).
+Before anything is read or written, the config's paths (data.root, model.init, init_from,
+data.train_file, ...) must exist and its batch sizes and epochs be positive; an error names
+the key and leaves the workdir unchanged.
+Exit status: 0 done, 1 an error (e.g. a dataset file that cannot be read), 2 a bad argument
+or config value, 3 stopped on a non-finite loss (the last good checkpoint is kept).
 """
+
+# Config keys naming a file or directory that must exist when set (an empty value: unused).
+PATH_KEYS = ("model.init", "init_from", "data.tokenizer", "data.train_file", "data.image_root",
+             "data.eval_file", "data.eval_image_root")
+# Config keys that must be positive integers when present.
+POSITIVE_KEYS = ("train.batch_size", "train.epochs", "train.accum_steps", "eval_batch_size",
+                 "data.encode_batch_size", "qure.encode_batch_size")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,21 +64,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.parse_known_args = parse_known_args
 
 
+def _get(config, dotted: str):
+  node = config
+  for part in dotted.split("."):
+    if not hasattr(node, "get"):
+      return None
+    node = node.get(part)
+  return node
+
+
+def check_run(config, workdir: str) -> None:
+  """Refuses, before the run reads or writes anything, a workdir that cannot hold a run, a
+  config path that does not exist and a batch size or epoch count that is not positive."""
+  w = os.path.abspath(os.path.expanduser(workdir))
+  if os.path.exists(w) and not os.path.isdir(w):
+    raise UsageError(f"--workdir {workdir} is a file, not a directory")
+  parent = os.path.dirname(w)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise UsageError(f"--workdir {workdir}: {parent} is a file, not a directory")
+  for key in POSITIVE_KEYS:
+    v = _get(config, key)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+      raise UsageError(f"config.{key}={v!r}: must be a positive integer")
+  for key in PATH_KEYS:
+    v = _get(config, key)
+    if v and not os.path.exists(os.path.expanduser(str(v))):
+      raise CirjaxError(f"config.{key}={v}: no such file or directory")
+  data = config.get("data") or {}
+  synthetic = "synthetic" in (data.get("dataset"), data.get("source"))
+  if data.get("dataset") and not synthetic:
+    root = data.get("root")
+    if not root:
+      raise UsageError(f"config.data.root is empty: give the {data.get('dataset')} dataset "
+                       "directory (--config.data.root=DIR)")
+    if not os.path.isdir(os.path.expanduser(root)):
+      raise CirjaxError(f"config.data.root={root}: no such directory (the "
+                        f"{data.get('dataset')} dataset root)")
+
+
 def run(args: argparse.Namespace) -> int:
   # Distributed start-up must precede any use of a JAX backend.
   distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                          args.cpu_devices, args.platform)
   overrides = list(getattr(args, "config_overrides", [])) + list(args.overrides or [])
   try:
-    config = load_config(args.config, overrides)
-  except ConfigError as e:
-    print(f"cirjax train: {e}", file=sys.stderr)
-    return 2
-  try:
-    result = train(config, args.workdir)
-  except ConfigError as e:  # e.g. a resume whose config changes the model (train/workdir.py)
-    print(f"cirjax train: {e}", file=sys.stderr)
-    return 2
+    config = load_config(args.config, overrides)  # a ConfigError is a usage error (exit 2)
+  except SyntaxError as e:  # the config file is Python: name the file and line
+    raise UsageError(f"{e.filename}:{e.lineno}: the config file is not valid Python "
+                     f"({e.msg})") from e
+  check_run(config, args.workdir)
+  result = train(config, args.workdir)
   if result["status"] == "nonfinite":
     print(f"cirjax train: {result['error']}", file=sys.stderr)
     return 3

@@ -14,7 +14,8 @@ them:
   materialising a weight (the abstract mode).
 * `export(params, rows)` is the inverse: cirjax params -> {source key: tensor}.
 * `StateDictReader` keeps strict accounts: one `KeyAccountingError` names every missing,
-  unexpected and mis-shaped key.
+  unexpected, mis-shaped and mistyped key (an integer or boolean tensor where a
+  floating-point parameter is expected: a cast would silently make a model of garbage).
 """
 
 from __future__ import annotations
@@ -25,14 +26,17 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Seque
 import jax
 import numpy as np
 
+from cirjax.errors import CirjaxError
 
-class KeyAccountingError(ValueError):
+
+class KeyAccountingError(CirjaxError, ValueError):
   """Source tensors and target parameters do not match one to one."""
 
-  def __init__(self, source: str, missing=(), unexpected=(), mismatched=()):
+  def __init__(self, source: str, missing=(), unexpected=(), mismatched=(), mistyped=()):
     self.missing = list(missing)
     self.unexpected = list(unexpected)
     self.mismatched = list(mismatched)
+    self.mistyped = list(mistyped)
     lines = [f"weights in {source} do not match the model:"]
     if self.missing:
       lines.append(f"  {len(self.missing)} missing key(s): " + ", ".join(self.missing))
@@ -42,6 +46,9 @@ class KeyAccountingError(ValueError):
     if self.mismatched:
       lines.append(f"  {len(self.mismatched)} shape mismatch(es): " + ", ".join(
           f"{k} has shape {got}, expected {want}" for k, got, want in self.mismatched))
+    if self.mistyped:
+      lines.append(f"  {len(self.mistyped)} dtype mismatch(es): " + ", ".join(
+          f"{k} is {got}, expected a floating-point tensor" for k, got in self.mistyped))
     super().__init__("\n".join(lines))
 
 
@@ -58,10 +65,12 @@ def abstract_state(shapes: Mapping[str, Sequence[int]], dtype=np.float32) -> dic
 class StateDictReader:
   """Hands out source tensors by key and keeps strict accounts.
 
-  `take(key, shape)` returns the tensor after checking its shape. A missing key or a wrong
-  shape is recorded (and a shape-only placeholder returned) so that one conversion pass can
-  report every problem at once; `finish()` then raises a `KeyAccountingError` naming every
-  missing, unexpected (never taken) and mis-shaped key. `ignore` holds regexes of source keys
+  `take(key, shape, floating)` returns the tensor after checking its shape (and, for a
+  floating-point parameter, that it is not an integer or boolean tensor). A missing key, a
+  wrong shape or a wrong kind is recorded (and a shape-only placeholder returned) so that one
+  conversion pass can report every problem at once; `finish()` then raises a
+  `KeyAccountingError` naming every missing, unexpected (never taken), mis-shaped and
+  mistyped key. `ignore` holds regexes of source keys
   known to be unused (e.g. LAVIS's `Qformer.cls.*` language-model head); they are not
   reported, and the ignored keys actually seen are available as `.ignored`.
   """
@@ -74,6 +83,7 @@ class StateDictReader:
     self.used: set[str] = set()
     self.missing: list[str] = []
     self.mismatched: list[tuple[str, tuple, tuple]] = []
+    self.mistyped: list[tuple[str, str]] = []
 
   def __contains__(self, key: str) -> bool:
     return key in self.state
@@ -81,7 +91,7 @@ class StateDictReader:
   def keys(self):
     return self.state.keys()
 
-  def take(self, key: str, shape: Optional[Sequence[int]] = None) -> Any:
+  def take(self, key: str, shape: Optional[Sequence[int]] = None, floating: bool = False) -> Any:
     if key in self.used:
       raise ValueError(f"{self.source}: key {key!r} taken twice (conversion table bug)")
     placeholder = jax.ShapeDtypeStruct(tuple(shape) if shape is not None else (), np.float32)
@@ -94,6 +104,9 @@ class StateDictReader:
       value = np.asarray(value)
     if shape is not None and tuple(value.shape) != tuple(shape):
       self.mismatched.append((key, tuple(value.shape), tuple(shape)))
+      return placeholder
+    if floating and np.dtype(value.dtype).kind in "iub":  # bf16/fp8 are kind 'V': floating
+      self.mistyped.append((key, str(value.dtype)))
       return placeholder
     return value
 
@@ -114,9 +127,11 @@ class StateDictReader:
     return sorted(k for k in self.state if k not in self.used and not self.is_ignored(k))
 
   def finish(self) -> None:
-    """Raises KeyAccountingError unless every parameter was filled and every key used."""
-    if self.missing or self.mismatched or self.unexpected:
-      raise KeyAccountingError(self.source, self.missing, self.unexpected, self.mismatched)
+    """Raises KeyAccountingError unless every parameter was filled from a tensor of its shape
+    and kind and every key was used."""
+    if self.missing or self.mismatched or self.mistyped or self.unexpected:
+      raise KeyAccountingError(self.source, self.missing, self.unexpected, self.mismatched,
+                               self.mistyped)
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -239,6 +254,8 @@ def convert(source: StateDictReader | Mapping[str, Any], rows, target, *,
   own = not isinstance(source, StateDictReader)
   reader = StateDictReader(source) if own else source
   shapes = flat_shapes(target)
+  kinds = {tuple(getattr(k, "key", k) for k in path): leaf.dtype
+           for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]}
   out = {} if out is None else out
   for row in rows:
     dsts, keys, tr = row_paths(row), row_keys(row), TRANSFORMS[row[2]]
@@ -247,7 +264,8 @@ def convert(source: StateDictReader | Mapping[str, Any], rows, target, *,
       raise AssertionError(f"conversion table names unknown parameter(s) "
                            f"{['/'.join(d) for d in unknown]}")
     want = [shapes[d] for d in dsts]
-    values = [reader.take(k, s) for k, s in zip(keys, tr.source_shapes(*want))]
+    floating = all(np.dtype(kinds[d]).kind in "fV" for d in dsts)
+    values = [reader.take(k, s, floating) for k, s in zip(keys, tr.source_shapes(*want))]
     if any(is_abstract(v) for v in values):
       leaves = [jax.ShapeDtypeStruct(s, dtype) for s in want]
     else:

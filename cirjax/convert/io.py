@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import struct
 import tempfile
@@ -36,6 +37,9 @@ import jax
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
+
+from cirjax.errors import CirjaxError
+
 SAFETENSORS_DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
@@ -50,7 +54,7 @@ _NAME_OF_DTYPE = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-class WeightFileError(ValueError):
+class WeightFileError(CirjaxError, ValueError):
   """A weight file is missing, truncated, corrupt or unsafe. The message names the file."""
 
 
@@ -330,13 +334,15 @@ def read_cirjax_config(path: str | os.PathLike) -> dict:
   try:
     meta = json.loads(f.read_text())
   except ValueError as e:
-    raise ValueError(f"{f}: not valid JSON ({e})") from None
+    raise WeightFileError(f"{f}: not valid JSON ({e})") from None
+  if not isinstance(meta, dict):
+    raise WeightFileError(f"{f}: holds a JSON {type(meta).__name__}, expected an object")
   for key in ("model_type", "config"):
     if key not in meta:
-      raise ValueError(f"{f}: missing field {key!r}")
+      raise WeightFileError(f"{f}: missing field {key!r}")
   if meta.get("format_version", 1) > FORMAT_VERSION:
-    raise ValueError(f"{f}: format_version {meta['format_version']} is newer than this cirjax "
-                     f"understands ({FORMAT_VERSION})")
+    raise WeightFileError(f"{f}: format_version {meta['format_version']} is newer than this "
+                          f"cirjax understands ({FORMAT_VERSION})")
   return meta
 
 
@@ -426,8 +432,33 @@ def read_params(directory: str | os.PathLike, target: Any = None) -> Any:
                                          sharding=jax.sharding.SingleDeviceSharding(
                                              jax.devices()[0])), tree)
     return ckptr.restore(directory, target)
+  except (ValueError, OSError, KeyError, TypeError) as e:  # Orbax / TensorStore on bad files
+    reason = str(e).split(" [tensorstore_spec=")[0].splitlines()[0][:300]
+    raise WeightFileError(
+        f"{_damaged_file(directory, e)}: cannot restore the params checkpoint {directory} "
+        f"({type(e).__name__}: {reason}); it is damaged or incomplete: write it again (convert "
+        "or export the model) or use another checkpoint") from e
   finally:
     ckptr.close()
+
+
+_TENSORSTORE_FILE = re.compile(r'local file "([^"]+)"')
+
+
+def _damaged_file(directory: Path, exc: BaseException) -> str:
+  """The file a failed restore of `directory` points at, as far as can be told."""
+  if isinstance(exc, ValueError) and not _TENSORSTORE_FILE.search(str(exc)):
+    for name in ("_METADATA", "_CHECKPOINT_METADATA", "_sharding"):  # Orbax's JSON files
+      f = directory / name
+      try:
+        if f.is_file():
+          json.loads(f.read_bytes().decode("utf-8"))
+      except ValueError:  # UnicodeDecodeError and JSONDecodeError among them
+        return str(f)
+  if getattr(exc, "filename", None):
+    return str(exc.filename)
+  files = [m for m in _TENSORSTORE_FILE.findall(str(exc)) if not m.endswith("/")]
+  return files[-1] if files else str(directory)
 
 
 def save_model_dir(path: str | os.PathLike, params: Any, config: Mapping[str, Any],

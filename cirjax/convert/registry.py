@@ -121,17 +121,17 @@ def _hf_family(config_file: Path) -> str:
   try:
     hf = json.loads(config_file.read_text())
   except (OSError, ValueError) as e:
-    raise ValueError(f"{config_file}: unreadable ({e})") from None
+    raise io.WeightFileError(f"{config_file}: unreadable ({e})") from None
   if not isinstance(hf, dict):
-    raise ValueError(f"{config_file}: an HF config.json holds a JSON object, got a "
-                     f"{type(hf).__name__}")
+    raise io.WeightFileError(f"{config_file}: an HF config.json holds a JSON object, got a "
+                             f"{type(hf).__name__}")
   mt = hf.get("model_type")
   for fam in FAMILIES.values():
     if mt in fam.hf_model_types:
       return fam.name
-  raise ValueError(f"{config_file}: unknown model_type {mt!r}: neither BLIP-2 nor LLaVA "
-                   "(cirjax reads 'blip-2' Blip2ForImageTextRetrieval and 'llava' "
-                   "LlavaForConditionalGeneration checkpoints)")
+  raise io.WeightFileError(f"{config_file}: unknown model_type {mt!r}: neither BLIP-2 nor LLaVA "
+                           "(cirjax reads 'blip-2' Blip2ForImageTextRetrieval and 'llava' "
+                           "LlavaForConditionalGeneration checkpoints)")
 
 
 def sniff(path: str | os.PathLike) -> tuple[str, str]:
@@ -143,8 +143,8 @@ def sniff(path: str | os.PathLike) -> tuple[str, str]:
   if io.is_cirjax_dir(p):
     mt = io.read_cirjax_config(p)["model_type"]
     if mt not in FAMILIES:
-      raise ValueError(f"{p}: a '{mt}' checkpoint; cirjax knows the model families "
-                       f"{sorted(FAMILIES)}")
+      raise io.WeightFileError(f"{p}: a '{mt}' checkpoint; cirjax knows the model families "
+                               f"{sorted(FAMILIES)}")
     return mt, "cirjax"
   if p.is_dir():
     if (p / "config.json").is_file():
@@ -154,8 +154,8 @@ def sniff(path: str | os.PathLike) -> tuple[str, str]:
                             "pass the .pth file")
   if p.suffix in LAVIS_SUFFIXES:
     return "blip2", "lavis"
-  raise ValueError(f"{p}: unknown checkpoint type (expected an HF or cirjax directory or a "
-                   f"{'/'.join(LAVIS_SUFFIXES)} LAVIS state dict)")
+  raise io.WeightFileError(f"{p}: unknown checkpoint type (expected an HF or cirjax directory "
+                           f"or a {'/'.join(LAVIS_SUFFIXES)} LAVIS state dict)")
 
 
 def detect(path: str | os.PathLike) -> str:
@@ -173,8 +173,8 @@ def load(path: str | os.PathLike, *, family: Optional[str] = None, **kw) -> Load
   p = Path(path)
   found, kind = sniff(p)
   if family is not None and family != found:
-    raise ValueError(f"{p}: a {kind} '{found}' model, not '{family}' (use "
-                     f"cirjax.load_{found})")
+    raise io.WeightFileError(f"{p}: a {kind} '{found}' model, not '{family}' (use "
+                             f"cirjax.load_{found})")
   fam = FAMILIES[found]
   if kind == "cirjax":
     _, cfg_dict, params = io.load_model_dir(p)

@@ -13,8 +13,10 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from cirjax.errors import CirjaxError
 
-class DataError(ValueError):
+
+class DataError(CirjaxError, ValueError):
   """A dataset file or entry is missing, malformed or inconsistent (message names it)."""
 
 

@@ -22,6 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
+from cirjax.data.records import DataError
+
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 BLIP2_MAX_LENGTH = 32
 
@@ -71,7 +73,7 @@ def load_bert_tokenizer(path: str | os.PathLike, add_dec_token: bool = True):
       words = [w.rstrip("\n") for w in f]
     missing = [t for t in SPECIAL_TOKENS if t not in words]
     if missing:
-      raise ValueError(f"{vocab}: BERT vocab lacks the special tokens {missing}")
+      raise DataError(f"{vocab}: BERT vocab lacks the special tokens {missing}")
     if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters:
       # transformers 5 takes the vocabulary itself (line order = token id).
       tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)

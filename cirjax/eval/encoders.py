@@ -7,18 +7,21 @@ family's functional API as pure functions of explicit params,
 * `image(params, pixels [B, H, W, 3] float32) -> [B, Q, D]` (or `[B, D]`), L2-normalised;
 * `compose(params, pixels, input_ids [B, L] int32, attention_mask [B, L]) -> [B, D]`.
 
-Accepted paths:
+Accepted paths (`--checkpoint` of `cirjax eval` / `search`):
 * a cirjax model directory (`cirjax_config.json`, written by `cirjax convert` or by the
-  trainer's export) or an HF BLIP-2 / LLaVA directory: the family is told by
-  `cirjax.convert.registry.detect`;
-* a training workdir: the newest model directory inside it, looked up as
-  `<workdir>/model`, `<workdir>/export`, `<workdir>/best`, then any direct subdirectory that
-  is a cirjax model directory (newest first). The trainer owns what it writes there; this
-  module only reads it.
+  trainer's export), an HF BLIP-2 / LLaVA directory, or a LAVIS BLIP-2 `.pth`/`.pt`/`.bin`
+  file: the family is told by `cirjax.convert.registry.sniff`;
+* a training workdir (`config.json` of the run + `checkpoints/`): its exported model, looked
+  up as `<workdir>/model`, `export`, `best`, `final`, then any direct subdirectory that is a
+  cirjax model directory (newest first); with no export, its latest checkpoint
+  (`workdir_checkpoint`), which the CLI (`cirjax.commands.eval.load_model`) turns into a
+  model with the run's config, as only the training layer knows how. The trainer owns what it writes there; this module only
+  reads it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -28,18 +31,47 @@ import jax.numpy as jnp
 from cirjax import prompts
 from cirjax.convert import io, registry
 from cirjax.data import text
+from cirjax.errors import CirjaxError
 from cirjax.models import Model, blip2, llava
 
 _WORKDIR_CANDIDATES = ("model", "export", "best", "final")
+_LOOKED_FOR = ("a cirjax model directory (cirjax_config.json), an HF directory (config.json of "
+               f"a BLIP-2 or LLaVA model), a LAVIS BLIP-2 state-dict file "
+               f"({'/'.join(registry.LAVIS_SUFFIXES)}), or a training "
+               f"workdir (config.json + checkpoints/) holding an exported model "
+               f"({', '.join(_WORKDIR_CANDIDATES)}, or any subdirectory with cirjax_config.json) "
+               "or a checkpoint")
+
+
+class WorkdirCheckpoint(NamedTuple):
+  """A training workdir without an exported model: the run's config and its latest step."""
+  workdir: Path
+  config: dict        # the run's config.json
+  step_dir: Path      # <workdir>/checkpoints/<step>
+
+
+def is_training_workdir(p: Path) -> bool:
+  return (p / "config.json").is_file() and (p / "checkpoints").is_dir()
+
+
+def latest_checkpoint(workdir: Path) -> Path | None:
+  """`<workdir>/checkpoints/<step>` of the highest step holding a `state` item, or None."""
+  steps = [d for d in (workdir / "checkpoints").iterdir()
+           if d.name.isdigit() and (d / "state").is_dir()]
+  return max(steps, key=lambda d: int(d.name)) if steps else None
 
 
 def resolve_model_dir(path: str | os.PathLike) -> Path:
-  """The model directory for `path` (itself, or the newest model dir of a workdir)."""
+  """The model for `path` (itself, or the newest model dir of a workdir); see the module
+  docstring."""
   p = Path(path)
   if not p.exists():
-    raise FileNotFoundError(f"checkpoint path does not exist: {p}")
-  if not p.is_dir():
-    raise NotADirectoryError(f"checkpoint must be a directory, got the file {p}")
+    raise FileNotFoundError(f"checkpoint path does not exist: {p}; expected {_LOOKED_FOR}")
+  if p.is_file():
+    if p.suffix in registry.LAVIS_SUFFIXES:
+      return p
+    raise NotADirectoryError(f"checkpoint {p} is a file but not a LAVIS state dict; "
+                             f"expected {_LOOKED_FOR}")
   if io.is_cirjax_dir(p):
     return p
   # A training workdir's config.json is the run's config, not an HF model config: look for
@@ -47,25 +79,44 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
   for name in _WORKDIR_CANDIDATES:
     if io.is_cirjax_dir(p / name):
       return p / name
-  if (p / "config.json").is_file() and (p / "checkpoints").is_dir():
+  if is_training_workdir(p):
     raise FileNotFoundError(
         f"{p} is a training workdir without an exported model (looked for "
-        f"{', '.join(_WORKDIR_CANDIDATES)}); let the run finish, or export it")
+        f"{', '.join(_WORKDIR_CANDIDATES)}) or a checkpoint; let the run finish, or export it")
   if (p / "config.json").is_file():
     return p
   subs = sorted((d for d in p.iterdir() if d.is_dir() and io.is_cirjax_dir(d)),
                 key=lambda d: d.stat().st_mtime, reverse=True)
   if subs:
     return subs[0]
-  raise FileNotFoundError(
-      f"{p} is neither a model directory (cirjax_config.json or an HF config.json) nor a "
-      f"training workdir holding one (looked for {', '.join(_WORKDIR_CANDIDATES)} and any "
-      "subdirectory with cirjax_config.json); export the trained model first")
+  raise FileNotFoundError(f"{p} is none of the checkpoints cirjax reads; looked for "
+                          f"{_LOOKED_FOR}; export the trained model first")
+
+
+def workdir_checkpoint(path: str | os.PathLike) -> WorkdirCheckpoint | None:
+  """The latest checkpoint of a training workdir that has no exported model, else None."""
+  p = Path(path)
+  if not (p.is_dir() and is_training_workdir(p)) or io.is_cirjax_dir(p) or any(
+      io.is_cirjax_dir(p / n) for n in _WORKDIR_CANDIDATES):
+    return None
+  step_dir = latest_checkpoint(p)
+  if step_dir is None:
+    return None
+  try:
+    config = json.loads((p / "config.json").read_text())
+  except ValueError as e:
+    raise CirjaxError(f"{p / 'config.json'}: not valid JSON ({e}); the workdir's config is "
+                      "damaged") from None
+  if not isinstance(config, dict):
+    raise CirjaxError(f"{p / 'config.json'}: holds a JSON {type(config).__name__}, expected "
+                      "the run's config (an object)")
+  return WorkdirCheckpoint(p, config, step_dir)
 
 
 def load_encoder(path: str | os.PathLike) -> tuple[Model, Path]:
   """Loads a model (see module docstring); returns (`Model`, model dir). Score it through
-  `retrieval_fns(model, split)`."""
+  `retrieval_fns(model, split)`. A training workdir with only checkpoints is an error here:
+  its model is built by the training layer (`workdir_checkpoint` finds the checkpoint)."""
   d = resolve_model_dir(path)
   if registry.detect(d) == "llava":
     model = registry.load_llava(d)
@@ -91,7 +142,9 @@ def model_image_size(model: Any, default: int = 224) -> int:
 
 
 def find_tokenizer_source(model_dir: Path, dataset_root: str | os.PathLike | None) -> Path:
-  """Where the BERT vocab comes from: the model dir, else the dataset's vocab.txt (synthetic)."""
+  """Where the BERT vocab comes from: the model dir (or the directory of a LAVIS file), else
+  the dataset's vocab.txt (synthetic)."""
+  model_dir = model_dir if model_dir.is_dir() else model_dir.parent
   try:
     text.find_vocab(model_dir)
     return model_dir

@@ -120,14 +120,30 @@ class FeatureScorer(Scorer):
     return np.concatenate(out) if out else np.zeros(corpus_idx.shape, np.float32)
 
 
+# Bytes of one query block's score tile ([query_block, corpus_block] fp32) for one feature
+# per image: one GEMM and one top_k per query block over a cache-sized slice of the corpus
+# (a 4,096-row slice made single-vector retrieval pay two merges per query block).
+_SINGLE_TILE_BYTES = 8 << 20
+_MULTI_TOKEN_BLOCK = 4096
+
+
+def default_corpus_block(scorer: Scorer, query_block: int) -> int:
+  """Corpus rows per step: a cache-sized score tile for single-vector features, 4,096 rows
+  for multi-token features (where the [Bq, Bc, Q] token scores dominate)."""
+  if isinstance(scorer, FeatureScorer) and scorer.corpus.shape[1] == 1:
+    return max(_MULTI_TOKEN_BLOCK, _SINGLE_TILE_BYTES // (4 * max(1, query_block)))
+  return _MULTI_TOKEN_BLOCK
+
+
 def top_k(scorer: Scorer, k: int, exclude: np.ndarray | None = None,
           mesh: jax.sharding.Mesh | None = None, query_block: int = 256,
-          corpus_block: int = 4096, progress: Callable[[int, int], None] | None = None
+          corpus_block: int | None = None, progress: Callable[[int, int], None] | None = None
           ) -> tuple[np.ndarray, np.ndarray]:
   """The k best corpus items per query: (scores [Nq, k], indices [Nq, k]), best first.
 
   Args:
     exclude: [Nq] corpus index to leave out per query (CIRR's reference image), -1 for none.
+    corpus_block: corpus rows per step (default: `default_corpus_block`).
   """
   mesh = mesh or make_mesh()
   ndev = mesh.devices.size
@@ -139,7 +155,7 @@ def top_k(scorer: Scorer, k: int, exclude: np.ndarray | None = None,
   if k > n_cand:
     raise ValueError(f"asked for the top {k} of a corpus with only {n_cand} candidates per query")
   qb = _round_up(min(query_block, _round_up(nq, ndev)), ndev)
-  cb = min(corpus_block, nc)
+  cb = min(corpus_block or default_corpus_block(scorer, qb), nc)
   qs = NamedSharding(mesh, P("data"))
   rep = NamedSharding(mesh, P())
   out_s = np.empty((nq, k), np.float32)

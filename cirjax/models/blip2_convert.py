@@ -36,6 +36,7 @@ import numpy as np
 from cirjax.convert import engine, io
 from cirjax.data import images as images_lib
 from cirjax.data import text as text_lib
+from cirjax.errors import CirjaxError
 from cirjax.models import qformer as qf
 from cirjax.models import vit as vit_lib
 from cirjax.models.blip2 import Blip2Config, abstract_params
@@ -44,7 +45,7 @@ HF_ARCH = "Blip2ForImageTextRetrieval"
 DEFAULT_TEMP = 0.07
 
 
-class ConfigError(ValueError):
+class ConfigError(CirjaxError, ValueError):
   """A config file or value cannot describe a BLIP-2 retrieval model (names file and key)."""
 
 

@@ -7,18 +7,32 @@ A checkpoint holds three items:
 Orbax writes each step into a temporary directory and renames it when complete, so a
 process killed while saving leaves the previous step as the latest loadable one; stale
 temporary directories are ignored on resume and cleaned up.
+
+Resuming (`restore_newest`) falls back past damaged checkpoints: a step whose files are
+missing, truncated or garbled (TensorStore checks sizes and CRCs), or whose host-state JSON
+does not parse or lacks a key, is reported naming the step and the file at fault; once an
+older step restores, each damaged newer one is renamed `<step>.corrupt` (Orbax lists only
+directories named by a bare step number, so it no longer sees it) and the run resumes from
+the older step. When no step restores, nothing is moved and `CheckpointError` lists them all.
 """
 
 from __future__ import annotations
 
+import gc
+import json
 import logging
 import os
-from typing import Any
+import re
+import sys
+from typing import Any, Callable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
+
+from cirjax.errors import CirjaxError
+from cirjax.train import distributed
 
 
 class _QuietUntrackedSaves(logging.Filter):
@@ -29,6 +43,26 @@ class _QuietUntrackedSaves(logging.Filter):
 
 
 logging.getLogger("absl").addFilter(_QuietUntrackedSaves())
+
+
+class CheckpointError(CirjaxError, ValueError):
+  """A checkpoint that cannot be restored; the message names the step and the file at fault."""
+
+
+TRAINER_HOST_KEYS = ("step", "task")  # what the trainer's host-state JSON must hold
+# Item files that must exist (and parse, for the JSON ones) before Orbax is asked to read them:
+# its own errors for these name no file.
+_REQUIRED_FILES = {"state": ("_METADATA", "manifest.ocdbt"),
+                   "arrays": ("_METADATA", "manifest.ocdbt"), "host": ("metadata",)}
+_JSON_FILES = ("_METADATA", "metadata")
+
+
+class StepDamage(Exception):
+  """Why one step cannot be restored: the file at fault and what is wrong with it."""
+
+  def __init__(self, path: str, reason: str):
+    super().__init__(f"{path}: {reason}")
+    self.path, self.reason = path, reason
 
 
 class Checkpointer:
@@ -87,18 +121,102 @@ class Checkpointer:
         metrics={k: float(v) for k, v in metrics.items()} if metrics else None,
         force=force)
 
-  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
-    """Restores `step` into the shardings of `abstract_state` (ShapeDtypeStructs)."""
-    restored = self.manager.restore(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                host=ocp.args.JsonRestore(),
-                                arrays=ocp.args.StandardRestore()))
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def restore(self, step: int, abstract_state: Any, host_keys: tuple[str, ...] = ("step",)
+              ) -> tuple[Any, dict, dict]:
+    """Restores `step` into the shardings of `abstract_state` (ShapeDtypeStructs); raises
+    `StepDamage` naming the file when one is missing, truncated or garbled, or when the host
+    state lacks one of `host_keys`."""
+    self._check_files(step)
+    host = self._read_host(step, host_keys)
+    restored = _read_or_damage(lambda: self.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                      arrays=ocp.args.StandardRestore())), self.step_dir(step))
     arrays = {k: np.asarray(v) for k, v in dict(restored["arrays"]).items() if k != "_present"}
-    host = dict(restored["host"])
-    for k, (shape, dtype) in host.pop("_empty_arrays", {}).items():
-      arrays[k] = np.zeros(shape, np.dtype(dtype))
+    try:
+      for k, (shape, dtype) in host.pop("_empty_arrays", {}).items():
+        arrays[k] = np.zeros(shape, np.dtype(dtype))
+    except (TypeError, ValueError, AttributeError) as e:
+      raise StepDamage(_host_path(self.step_dir(step)), f"bad _empty_arrays entry ({e})") from e
     return restored["state"], host, arrays
+
+  def _check_files(self, step: int) -> None:
+    d = self.step_dir(step)
+    for item, names in _REQUIRED_FILES.items():
+      if not os.path.isdir(os.path.join(d, item)):
+        raise StepDamage(os.path.join(d, item), "missing")
+      for name in names:
+        path = os.path.join(d, item, name)
+        if not os.path.isfile(path):
+          raise StepDamage(path, "missing")
+        if name in _JSON_FILES:
+          _read_json(path)
+
+  def _read_host(self, step: int, required: tuple[str, ...] = ("step",)) -> dict:
+    path = _host_path(self.step_dir(step))
+    host = _read_json(path)
+    if not isinstance(host, dict):
+      raise StepDamage(path, f"host state is a JSON {type(host).__name__}, not an object")
+    missing = [k for k in required if k not in host]
+    if missing:
+      raise StepDamage(path, "host state lacks the key(s) " + ", ".join(map(repr, missing)))
+    if host.get("step") != step:
+      raise StepDamage(path, f"host state holds step {host.get('step')!r}, not {step}")
+    if not isinstance(host.get("task", {}), dict):
+      raise StepDamage(path, f"host state's 'task' is a JSON {type(host['task']).__name__}, "
+                       "not an object")
+    return host
+
+  def restore_newest(self, abstract_state: Any, load_host: Callable[[dict, dict], None],
+                     log: Callable[[str], None]) -> tuple[Any, int] | None:
+    """Restores the newest step that restores (None when there is none) and passes its task
+    host state to `load_host`; damaged newer steps are moved aside, see the module docstring.
+
+    Raises `CheckpointError` listing each step when none restores (then nothing is moved).
+    """
+    damaged: list[tuple[int, str]] = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state, host, arrays = self.restore(step, abstract_state, TRAINER_HOST_KEYS)
+        try:
+          load_host(host["task"], arrays)
+        except Exception as e:  # pylint: disable=broad-except  # the task's own checks
+          raise StepDamage(_host_path(self.step_dir(step)),
+                           f"the task cannot load this host state ({type(e).__name__}: {e})")
+        fault = None
+      except StepDamage as e:
+        fault = str(e)
+      # Every process reads its own shards: a step restores only if it did everywhere.
+      if not distributed.all_processes(fault is None):
+        damaged.append((step, fault or "damaged on another process"))
+        continue
+      for bad, why in damaged:
+        log(f"checkpoint step {bad} is damaged ({why}): moved aside to "
+            f"{self.move_aside(bad)}")
+      if damaged:
+        self.manager.reload()
+      return state, int(host["step"])
+    if not damaged:
+      return None
+    lines = "\n".join(f"  step {s}: {why}" for s, why in damaged)
+    raise CheckpointError(
+        f"no checkpoint in {self.directory} can be restored:\n{lines}\nNothing was changed. "
+        "Repair or remove the damaged steps, or start a new --workdir.")
+
+  def move_aside(self, step: int) -> str:
+    """Renames step `step` to `<step>.corrupt` (`.corrupt.N` if taken; process 0 renames, all
+    wait) and returns the new path."""
+    dest = self.step_dir(step) + ".corrupt"
+    n = 1
+    while os.path.exists(dest if n == 1 else f"{dest}.{n}"):
+      n += 1
+    dest = dest if n == 1 else f"{dest}.{n}"
+    if jax.process_index() == 0:
+      os.rename(self.step_dir(step), dest)
+    distributed.barrier(f"cirjax_move_aside_{step}")
+    return dest
 
   def restore_params(self, step: int | None, abstract_params: Any = None) -> Any:
     """Only the parameters of a checkpoint (e.g. stage 2 starting from stage 1).
@@ -109,7 +227,12 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    state = read_local(os.path.join(self.directory, str(step), "state"))
+    try:
+      state = _read_or_damage(lambda: read_local(os.path.join(self.step_dir(step), "state")),
+                              self.step_dir(step))
+    except StepDamage as e:
+      raise CheckpointError(f"checkpoint step {step} in {self.directory} cannot be read: "
+                            f"{e}") from None
     params = state["params"]
     if abstract_params is not None:
       want = jax.tree.structure(abstract_params)
@@ -127,6 +250,68 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+class _DropClosedLoopReports:
+  """An unraisable-exception hook passing on everything but 'Event loop is closed'."""
+
+  def __init__(self, previous):
+    self.previous = previous
+
+  def __call__(self, unraisable) -> None:
+    exc = unraisable.exc_value
+    if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+      self.previous(unraisable)
+
+
+def _read_or_damage(read: Callable[[], Any], step_dir: str) -> Any:
+  """`read()`, with whatever Orbax/TensorStore raise turned into `StepDamage` naming the file."""
+  try:
+    return read()
+  except Exception as e:  # pylint: disable=broad-except  # their error types are not documented
+    damage = _damage_from(e, step_dir)
+  _quiet_abandoned_reads()  # outside the except clause: the failed read's frames are garbage now
+  raise damage
+
+
+def _quiet_abandoned_reads() -> None:
+  """After a failed restore, the reads Orbax abandoned still hold callbacks into its closed
+  event loop and print 'Event loop is closed' tracebacks when collected: those reports (only
+  those) are dropped from now on, and the garbage is collected at once."""
+  if not isinstance(sys.unraisablehook, _DropClosedLoopReports):
+    sys.unraisablehook = _DropClosedLoopReports(sys.unraisablehook)
+  gc.collect()
+
+
+def _host_path(step_dir: str) -> str:
+  return os.path.join(step_dir, "host", "metadata")
+
+
+def _read_json(path: str) -> Any:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise StepDamage(path, f"not readable JSON ({e})") from e
+
+
+_TS_FILE = re.compile(r'local file "([^"]+)"')
+_TS_CODES = {"NOT_FOUND": "missing", "OUT_OF_RANGE": "truncated", "DATA_LOSS": "corrupted"}
+
+
+def _damage_from(e: Exception, step_dir: str) -> StepDamage:
+  """The file and reason in an Orbax/TensorStore error (the step directory when it names none)."""
+  msg = str(e).split(" [tensorstore_spec", 1)[0].strip()
+  files = _TS_FILE.findall(msg)
+  if files:  # TensorStore names the outer (directory) file first, the one it failed on last
+    path = files[-1]
+    tail = msg.rsplit(f'"{path}"', 1)[1].lstrip(": ").strip()
+    word = _TS_CODES.get(msg.split(":", 1)[0], "unreadable")
+    return StepDamage(path.rstrip("/"), f"{word} ({tail})" if tail else word)
+  m = re.search(r"File (.+?) not found", msg)
+  first = msg.splitlines()[0][:300] if msg else ""
+  return StepDamage(m.group(1) if m else step_dir, "missing" if m else
+                    f"cannot be restored ({type(e).__name__}: {first})")
 
 
 def read_local(item_dir: str) -> Any:

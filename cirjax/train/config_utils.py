@@ -17,8 +17,10 @@ from typing import Iterable, Sequence
 
 import ml_collections
 
+from cirjax.errors import UsageError
 
-class ConfigError(ValueError):
+
+class ConfigError(UsageError, ValueError):
   """A config file, variant or override that cannot be used; the message says which."""
 
 

@@ -41,6 +41,7 @@ class MetricLogger:
     self.active = jax.process_index() == 0
     self.history: list[dict] = []
     self._tb = None
+    self._open_tb = None
     if not self.active:
       return
     os.makedirs(workdir, exist_ok=True)
@@ -59,7 +60,8 @@ class MetricLogger:
       try:
         # Optional: without tensorboardX a run writes metrics.jsonl only.
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+        # Opened at the first record: a run that fails before it leaves no event file.
+        self._open_tb = lambda: SummaryWriter(os.path.join(workdir, "tb"))
       except ImportError:
         print("[cirjax] tensorboardX not installed: no TensorBoard events", file=sys.stderr)
 
@@ -83,6 +85,8 @@ class MetricLogger:
       return
     with open(self.path, "a") as f:
       f.write(json.dumps(rec) + "\n")
+    if self._tb is None and self._open_tb is not None:
+      self._tb, self._open_tb = self._open_tb(), None
     if self._tb is not None:
       for k, v in rec.items():
         if k in ("step", "kind", "time") or not isinstance(v, (int, float)):
@@ -117,6 +121,9 @@ class MetricLogger:
     if mining:
       keys = [k for k in ("set_size_mean", "set_size_median", "empty_fraction") if k in mining[-1]]
       panels.append(("hard-negative sets", mining, keys))
+      fn = [k for k in mining[-1] if k.startswith("fn_share/")]
+      if fn:  # full relevant sets known: the share of each strategy's pool that is relevant
+        panels.append(("false negatives in the pool", mining, fn))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, (title, recs, keys) in zip(axes[0], panels):
       for k in keys:

@@ -13,8 +13,9 @@ Per epoch `e` of `E` (n_def = `config.qure.n_def`):
     draws), so `batch(epoch, index)` is a pure function of its arguments and that state, and
     the checkpointed state makes a resumed run draw the same negatives.
 
-Loss (`config.qure.loss`): `pairwise` (QuRe, Eqs. 2-3) or `infonce` (every positive and
-negative of the global batch as columns), independent of the backbone.
+Loss (`config.qure.loss`): `pairwise` (QuRe, Eqs. 2-3), `infonce` (every positive and
+negative of the global batch as columns) or `infonce_inbatch` (the positives only),
+independent of the backbone.
 
 With a frozen vision tower and no augmentation the tower's output (before `ln_vision`, which
 QuRe trains) is computed once for every training and evaluation image and reused by every
@@ -43,6 +44,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cirjax import losses
 from cirjax import mining
+from cirjax import mining_audit
 from cirjax import sampling as sampling_lib
 from cirjax.convert import registry
 from cirjax.data import images as images_lib
@@ -59,7 +61,7 @@ from cirjax.train import sharding as shd
 from cirjax.train import state as st
 from cirjax.train.task import Task
 
-LOSSES = ("pairwise", "infonce")
+LOSSES = ("pairwise", "infonce", "infonce_inbatch")
 
 
 def _log(msg: str) -> None:
@@ -282,6 +284,9 @@ class QuReTask(Task):
     n_def = int(qc.get("n_def", 6))
     self.mine_every = max(1, self.epochs // n_def) if n_def > 0 else 0
     self.strategy = qc.get("strategy", "qure")
+    if qc.get("mining_method", "auto") not in mining.METHODS:  # fail now, not at epoch 8
+      raise ValueError(f"config.qure.mining_method={qc.get('mining_method')!r}; expected "
+                       f"one of {mining.METHODS}")
     self.sampler = GroupSampler(self.groups, len(self.queries), self.seed,
                                 qc.get("sampling", "walk"))
 
@@ -339,7 +344,10 @@ class QuReTask(Task):
         jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), self._pretrained_params)
 
   def initial_params(self, abstract_params):
-    return self._pretrained_params
+    # Host copies: loaded device arrays may be committed to one device, which the trainer's
+    # jit onto a multi-device mesh refuses.
+    p = self._pretrained_params
+    return None if p is None else jax.tree.map(np.asarray, p)
 
   def _run_cfg(self):
     """The model config the steps and encoders run: the compute dtype and remat of the run."""
@@ -364,8 +372,8 @@ class QuReTask(Task):
       s_pos = losses.qure_scores(q, t[:b], temp)
       s_neg = losses.qure_scores(q, t[b:], temp)
       loss = losses.pairwise_sigmoid_loss(s_pos, s_neg)
-    else:  # every positive and negative of the global batch as columns
-      logits = losses.qure_logits(q, t, temp)
+    else:  # every positive and (but for infonce_inbatch) negative of the global batch as columns
+      logits = losses.qure_logits(q, t if self.loss_kind == "infonce" else t[:b], temp)
       loss = losses.info_nce_from_logits(logits)
       s_pos = jnp.diagonal(logits[:, :b])
       s_neg = losses.qure_scores(q, t[b:], temp)
@@ -455,11 +463,12 @@ class QuReTask(Task):
   def mine(self, params) -> dict:
     """Re-encodes every group's corpus and queries and re-mines the hard-negative sets.
 
-    The features stay on this process's devices (rows split over them); each block of
-    query x corpus scores is computed there and mined there, so only the ragged sets and
-    their statistics reach the host."""
+    The features stay on this process's devices (rows split over them) and each block of
+    query x corpus scores is computed there; the XLA mining kernels (accelerators) mine it
+    there too, so only the ragged sets and their statistics reach the host (the NumPy
+    method, CPU backends, takes each block to the host it runs on)."""
     t0 = time.perf_counter()
-    sets, stats_all = [], []
+    sets, stats_all, audits = [], [], []
     qc = self.config.qure
     kw = {} if self.strategy == "qure" else {"k": int(qc.get("k", 100))}
     mesh = retrieval.make_mesh(jax.local_devices())
@@ -484,9 +493,12 @@ class QuReTask(Task):
           block, g.target_pos, strategy=self.strategy, image_ids=g.corpus,
           consecutive_threshold=int(qc.get("consecutive_threshold", 1)),
           strict_below=bool(qc.get("strict_below", False)), mesh=mesh,
+          method=str(qc.get("mining_method", "auto")),
           num_queries=len(g.queries), corpus_size=len(g.corpus), **kw)
       sets.append(hs)
       stats_all.append(stats)
+      if self.config.data.dataset in mining_audit.FULL_RELEVANT_DATASETS:
+        audits.append(_audit_group(block, g, hs, self, qc))
     self.sampler.set_mined(sets)
     sizes = np.concatenate([s.set_size for s in stats_all])
     total = time.perf_counter() - t0
@@ -495,6 +507,8 @@ class QuReTask(Task):
            "mining_s": total, "mining_encode_s": times["encode_s"],
            "mining_score_s": times["score_s"],
            "mining_sets_s": total - times["encode_s"] - times["score_s"]}
+    if audits:
+      out.update(mining_audit.audit_metrics(mining_audit.merge(audits)))
     _log("mining: " + ", ".join(f"{k} {v:.4g}" for k, v in out.items()))
     return out
 
@@ -645,6 +659,17 @@ def _on_local_mesh(x: jax.Array, mesh: jax.sharding.Mesh) -> jax.Array:
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     x = _host_tree(x)
   return jax.device_put(x, NamedSharding(mesh, spec))
+
+
+def _audit_group(block, g: _Group, hs, task, qc) -> dict:
+  """Every strategy's pools from this mining's scores, audited against the full relevant
+  sets (docs/mining.md#false-negatives); the trained strategy's sets are reused."""
+  rel = mining_audit.relevant_ids([task.queries[i] for i in g.queries], task.image_index.get)
+  return mining_audit.audit_strategies(
+      block, g.target_pos, rel, image_ids=g.corpus, k=int(qc.get("k", 100)),
+      consecutive_threshold=int(qc.get("consecutive_threshold", 1)),
+      strict_below=bool(qc.get("strict_below", False)), num_queries=len(g.queries),
+      corpus_size=len(g.corpus), mined={task.strategy: hs})
 
 
 @jax.jit

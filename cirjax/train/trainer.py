@@ -104,6 +104,7 @@ class Trainer:
     self._plan_steps()
     self._abstract_state()
     self.progress: Progress | None = None
+    self.resumed_from: int | None = None
     self._open_outputs()
     try:
       self.state, self.step = self._restore_or_init()
@@ -167,15 +168,14 @@ class Trainer:
     self.logger = MetricLogger(self.workdir, tensorboard=bool(self.config.get("tensorboard", True)))
 
   def _restore_or_init(self) -> tuple[Any, int]:
-    """The latest checkpoint's state, host state and step, or a fresh state at step 0."""
-    start = self.ckpt.latest_step()
-    if start is not None:
-      _log(f"resuming from {self.ckpt.directory}/{start}")
-      state, host, arrays = self.ckpt.restore(start, self.abstract)
-      self.task.load_host_state(host.get("task", {}), arrays)
-      step = int(host["step"])
-      self.logger.truncate_after(step)
-      return state, step
+    """The newest restorable checkpoint's state and step (its host state loaded into the task),
+    or a fresh state at step 0."""
+    # Falls back past damaged steps, moving them aside (checkpointing.py's docstring).
+    restored = self.ckpt.restore_newest(self.abstract, self.task.load_host_state, _log)
+    if restored is not None:
+      _log(f"resuming from {self.ckpt.step_dir(restored[1])}")
+      self.resumed_from = restored[1]
+      return restored
     params0 = self.task.initial_params(self.abstract_params)
     if params0 is None:
       state = jax.jit(lambda: st.init_state(self.task.init_params(self.init_rng), self.tx),
@@ -325,6 +325,10 @@ class Trainer:
   def run(self) -> TrainResult:
     """Trains to the end (or until stopped) and returns the TrainResult; see `train`."""
     try:
+      if self.resumed_from is not None:
+        # Only now: a run that fails before training changes nothing in the workdir but the
+        # damaged checkpoints it moved aside.
+        self.logger.truncate_after(self.resumed_from)
       nonfinite = None
       try:
         self._loop()

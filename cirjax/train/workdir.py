@@ -27,7 +27,8 @@ HISTORY_NAME = "config_history.jsonl"
 RESUMABLE = ("train.max_steps", "log_every_steps", "eval_every_epochs", "eval_every_steps",
              "eval_metrics", "tensorboard", "checkpoint.keep", "checkpoint.every_steps",
              "checkpoint.async_save", "checkpoint.best_metric", "checkpoint.best_mode",
-             "data.workers", "data.encode_batch_size", "qure.encode_batch_size")
+             "data.workers", "data.encode_batch_size", "qure.encode_batch_size",
+             "qure.mining_method")
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:

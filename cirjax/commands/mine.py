@@ -1,0 +1,158 @@
+"""`cirjax mine`: one QuRe mining of a split with any checkpoint, its statistics and figures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cirjax import mining, mining_audit, mining_plots
+from cirjax.commands.data import positive_int, read_split
+from cirjax.data import images, loader, text
+from cirjax.data.records import CIRSplit, DataError
+from cirjax.eval import encoders, evaluate, retrieval
+
+HELP = "mine hard negatives of a split with a checkpoint: statistics, false negatives, figures"
+DESCRIPTION = """\
+Encodes a split with a checkpoint (the evaluator's encode path), mines every query's QuRe
+hard-negative set over the split's corpus (target = the annotated one, as training mines CIRR
+and the synthetic set), and, where every query's full relevant set is known (synthetic,
+CIRCO), audits each strategy's negative pool: QuRe's set, top-k, after-target top-k and the
+whole corpus -- the share of drawn negatives that are in fact relevant, the mean pool size,
+and the share of queries whose pool holds a relevant image.
+
+  cirjax mine --checkpoint WORKDIR --dataset synthetic --root DATA --out OUT
+  cirjax mine --checkpoint MODEL --dataset synthetic --root DATA --split val --k 50 --out OUT
+
+Writes OUT/mining.json and the figures OUT/set_sizes.png (QuRe Fig. 5), OUT/score_curves.png
+(Figs. 7-8: sorted scores of a few queries with the target and the two gaps) and, with full
+relevant sets, OUT/false_negatives.png.
+"""
+
+DATASETS = ("synthetic", "circo", "cirr")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--checkpoint", required=True, help="model directory or training workdir")
+  parser.add_argument("--dataset", required=True, choices=DATASETS)
+  parser.add_argument("--root", required=True, help="dataset root directory")
+  parser.add_argument("--split", default="train",
+                      help="split to mine (default train, what training mines)")
+  parser.add_argument("--out", required=True, help="directory for mining.json and the PNGs")
+  parser.add_argument("--k", type=positive_int, default=100,
+                      help="pool size of the top-k strategies (QuRe's ablation: 100)")
+  parser.add_argument("--consecutive-threshold", type=int, default=1,
+                      help="QuRe's minimum distance between the two drops minus one "
+                      "(reference 1; 0 = the paper's plain top-2)")
+  parser.add_argument("--strict-below", action="store_true",
+                      help="after-target list = scores strictly below the target (paper Eq. 5)")
+  parser.add_argument("--plot-queries", type=positive_int, default=6,
+                      help="queries drawn in score_curves.png")
+  parser.add_argument("--tokenizer", default=None,
+                      help="vocab.txt or tokenizer dir (default: the checkpoint's, else the "
+                      "dataset's vocab.txt)")
+  parser.add_argument("--image-size", type=positive_int, default=None,
+                      help="input resolution (default: from the model config)")
+  parser.add_argument("--max-length", type=positive_int, default=32, help="text tokens")
+  parser.add_argument("--batch-size", type=positive_int, default=64, help="encoding batch")
+  parser.add_argument("--num-workers", type=positive_int, default=4, help="image loading threads")
+
+
+def encode_with_checkpoint(checkpoint: str, split: CIRSplit, root: str | None, *,
+                           tokenizer: str | None = None, image_size: int | None = None,
+                           max_length: int = 32, batch_size: int = 64, num_workers: int = 4,
+                           log=print) -> retrieval.FeatureScorer:
+  """The features of `split` (corpus and queries) under a checkpoint, as `cirjax eval`
+  encodes them (`encoders.load_encoder`, `evaluate.encode_split`)."""
+  model, model_dir = encoders.load_encoder(checkpoint)
+  llava = model.family == "llava"
+  tokenize_fn = None
+  if not llava:
+    tok = text.load_bert_tokenizer(tokenizer or encoders.find_tokenizer_source(model_dir, root))
+    tokenize_fn = loader.bert_tokenize_fn(tok, max_length)
+  dim = image_size or encoders.model_image_size(model)
+  transform = images.make_transform("clip" if llava else "targetpad", dim)
+  enc, tk, text_fn = encoders.retrieval_fns(model, split)
+  scorer, _ = evaluate.encode_split(enc, split, transform, tk or tokenize_fn, batch_size,
+                                    text_fn=text_fn, num_threads=num_workers, log=log)
+  return scorer
+
+
+def run(args: argparse.Namespace) -> int:
+  try:
+    return _run(args)
+  except (DataError, FileNotFoundError, NotADirectoryError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+
+
+def _run(args) -> int:
+  t0 = time.time()
+  if args.consecutive_threshold < 0:
+    raise ValueError(f"--consecutive-threshold must be >= 0, got {args.consecutive_threshold}")
+  split = read_split(args.dataset, args.root, args.split)
+  print(f"[mine] {split.name}: {len(split.queries)} queries, {len(split.corpus)} images",
+        flush=True)
+  scorer = encode_with_checkpoint(args.checkpoint, split, args.root, tokenizer=args.tokenizer,
+                                  image_size=args.image_size, max_length=args.max_length,
+                                  batch_size=args.batch_size, num_workers=args.num_workers)
+  full = args.dataset in mining_audit.FULL_RELEVANT_DATASETS
+  res = mining_audit.audit_split(
+      scorer, split, k=min(args.k, len(split.corpus) - 1),
+      consecutive_threshold=args.consecutive_threshold, strict_below=args.strict_below,
+      strategies=mining_audit.STRATEGIES if full else ("qure",))
+  report = {"checkpoint": str(args.checkpoint), "dataset": args.dataset, "split": args.split,
+            "queries": len(split.queries), "corpus": len(split.corpus), "k": args.k,
+            "consecutive_threshold": args.consecutive_threshold,
+            "strict_below": args.strict_below, **res.summary()}
+  if not full:  # CIRR knows the target only: an audit would count no false negative
+    del report["false_negatives"]
+  out = Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  report["figures"] = write_figures(res, scorer, out, args.plot_queries, full)
+  report["elapsed_s"] = time.time() - t0
+  (out / "mining.json").write_text(json.dumps(report, indent=2))
+  print(format_report(report))
+  print(f"[mine] wrote {out / 'mining.json'} and {', '.join(report['figures'])}")
+  return 0
+
+
+def write_figures(res, scorer: retrieval.FeatureScorer, out: Path, n_queries: int,
+                  full: bool) -> list[str]:
+  """Fig. 5 (set sizes), Figs. 7-8 (score curves of the first queries with a set) and the
+  false-negative bars."""
+  files = []
+  mining_plots.plot_set_size_histogram(res.stats, out / "set_sizes.png")
+  files.append("set_sizes.png")
+  have = np.flatnonzero(res.stats.set_size > 0)
+  rows = (have if have.size else np.arange(res.stats.set_size.size))[:n_queries]
+  if rows.size:
+    sub = mining.MiningStats(**{f: getattr(res.stats, f)[rows]
+                                for f in mining.MiningStats.__dataclass_fields__})
+    mining_plots.plot_score_curves(
+        mining_audit.score_rows(scorer, rows), res.target_index[rows], sub, range(rows.size),
+        out / "score_curves.png", max_points=200,
+        titles=[f"query {int(r)}" for r in rows])
+    files.append("score_curves.png")
+  if full:
+    mining_plots.plot_false_negatives({s: a.summary() for s, a in res.audits.items()},
+                                      out / "false_negatives.png")
+    files.append("false_negatives.png")
+  return files
+
+
+def format_report(report: dict) -> str:
+  m = report["mining"]
+  lines = [f"QuRe sets: mean size {m['mean_set_size']:.1f}, median {m['median_set_size']:.0f}, "
+           f"empty {m['empty']}/{m['num_queries']}"]
+  if "false_negatives" in report:
+    lines.append(f"{'strategy':<18} {'fn_share %':>10} {'pooled %':>9} {'pool':>8} "
+                 f"{'queries w/ FN %':>15}")
+    for s, v in report["false_negatives"].items():
+      lines.append(f"{s:<18} {100 * v['fn_share']:>10.2f} {100 * v['fn_share_pooled']:>9.2f} "
+                   f"{v['pool_size']:>8.1f} {100 * v['fn_queries']:>15.2f}")
+  return "\n".join(lines)

@@ -1,0 +1,359 @@
+"""The bad-input matrix: every command answers bad input with one clean error.
+
+Each case runs `cirjax` in-process (`cli.main(argv)`) and checks the exit status (1 an
+error, 2 a usage error), that stderr names the culprit (file, key or value), that nothing
+printed a traceback, and that the destination / workdir / source tree is byte-for-byte what
+it was before. Two cases run the real entry point (`python -m cirjax`) to check the same
+with and without CIRJAX_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cirjax import cli
+from cirjax.convert import io
+from tests.blip2_fixtures import hf_retrieval_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tree_hash(path: Path) -> str:
+  """A hash of every file name and content under `path` (or of `path` itself)."""
+  h = hashlib.sha256()
+  if not path.exists():
+    return "absent"
+  files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+  for f in files:
+    h.update(str(f.relative_to(path) if f != path else f.name).encode())
+    h.update(f.read_bytes())
+  h.update(str(sorted(str(p) for p in path.rglob("*")) if path.is_dir() else "").encode())
+  return h.hexdigest()
+
+
+def check(argv, status, culprits, watch, capsys):
+  """Runs `cirjax argv` and asserts the clean-error contract."""
+  before = {str(w): tree_hash(w) for w in watch}
+  try:
+    got = cli.main([str(a) for a in argv])
+  except SystemExit as e:  # argparse's usage errors
+    got = e.code
+  out, err = capsys.readouterr()
+  assert got == status, f"exit {got}, expected {status}\nstderr: {err[-2000:]}"
+  assert "Traceback" not in out + err, err
+  assert "error:" in err, err
+  for c in culprits:
+    assert str(c) in err, f"{c!r} not named in:\n{err}"
+  for w in watch:
+    assert tree_hash(w) == before[str(w)], f"{w} changed"
+  return err
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, synth_root):
+  """Every bad input of the matrix, built once."""
+  d = tmp_path_factory.mktemp("bad")
+  f = {"root": synth_root, "tmp": d}
+  # HF BLIP-2 directory and its cirjax conversion
+  hf = d / "hf"
+  hf_retrieval_model(seed=2).save_pretrained(hf)
+  (hf / "vocab.txt").write_text((synth_root / "vocab.txt").read_text())
+  f["hf"] = hf
+  # a cirjax model directory (every case using it fails before its weights are used) and a
+  # copy whose params/ metadata is garbage
+  cj = d / "cirjax"
+  io.save_model_dir(cj, {"w": np.zeros((2, 3), np.float32)}, {}, "blip2")
+  f["cirjax"] = cj
+  garbled = d / "garbled"
+  shutil.copytree(cj, garbled)
+  (garbled / "params" / "_METADATA").write_bytes(bytes(range(128, 256)) * 4)
+  f["garbled"] = garbled
+  # an HF directory with an int8 tensor where a float parameter belongs
+  int8 = d / "int8"
+  int8.mkdir()
+  (int8 / "config.json").write_text((hf / "config.json").read_text())
+  state = io.read_state_dict(hf)
+  key = next(k for k in sorted(state) if k.endswith("query.weight"))
+  state[key] = np.ones(state[key].shape, np.int8)
+  io.write_safetensors(state, int8 / "model.safetensors")
+  f["int8"], f["int8_key"] = int8, key
+  # a config.json holding a list; a text file named like a LAVIS checkpoint
+  listcfg = d / "listcfg"
+  listcfg.mkdir()
+  (listcfg / "config.json").write_text("[1, 2]")
+  f["listcfg"] = listcfg
+  (d / "x.pth").write_text("hello\n")
+  f["textpth"] = d / "x.pth"
+  # a dataset whose training captions are truncated
+  trunc = d / "trunc"
+  shutil.copytree(synth_root, trunc)
+  cap = trunc / "captions" / "cap.rc2.train.json"
+  cap.write_text(cap.read_text()[:40])
+  f["trunc"], f["trunc_file"] = trunc, cap
+  # a file where a directory belongs, an existing workdir, a non-empty output directory
+  (d / "afile").write_text("x")
+  f["afile"] = d / "afile"
+  wd = d / "workdir"
+  wd.mkdir()
+  (wd / "notes.txt").write_text("mine")
+  f["workdir"] = wd
+  # a training workdir (run config + checkpoints/) with neither export nor checkpoint
+  run = d / "run"
+  (run / "checkpoints").mkdir(parents=True)
+  (run / "config.json").write_text(json.dumps({"task": "qure", "model": {"init": ""}}))
+  f["run"] = run
+  damaged = d / "damaged_run"
+  (damaged / "checkpoints" / "3" / "state").mkdir(parents=True)
+  (damaged / "config.json").write_text('{"task": "qu')
+  f["damaged_run"] = damaged
+  # a config file that is not Python; a file that is not a features cache
+  (d / "bad.py").write_text("def get_config(:\n")
+  f["badpy"] = d / "bad.py"
+  (d / "cache.npz").write_bytes(b"not an npz" * 8)
+  f["badcache"] = d / "cache.npz"
+  f["ref"] = sorted((synth_root / "images" / "val").iterdir())[0]
+  return f
+
+
+# ----------------------------------------------------------------------------- the matrix
+
+SYNTH = "configs/synthetic.py:tiny"
+CIRR = "configs/qure_blip2_cirr.py:tiny"
+
+TRAIN_CASES = {
+    # name: (config, overrides, workdir key or None for a new one, status, culprits)
+    "missing dataset root": (CIRR, lambda f: [f"data.root={f['tmp'] / 'nope'}"], None, 1,
+                             lambda f: ["config.data.root", f["tmp"] / "nope"]),
+    "truncated captions": (SYNTH, lambda f: [f"data.root={f['trunc']}"], None, 1,
+                           lambda f: [f["trunc_file"]]),
+    "missing model.init": (SYNTH, lambda f: [f"data.root={f['root']}",
+                                             f"model.init={f['tmp'] / 'noinit'}"], "workdir",
+                           1, lambda f: ["config.model.init", f["tmp"] / "noinit"]),
+    "batch larger than dataset": (SYNTH, lambda f: [f"data.root={f['root']}",
+                                                    "train.batch_size=128"], "workdir", 1,
+                                  lambda f: ["config.train.batch_size", "128"]),
+    "negative batch size": (SYNTH, lambda f: [f"data.root={f['root']}", "train.batch_size=-16"],
+                            "workdir", 2, lambda f: ["config.train.batch_size=-16"]),
+    "workdir is a file": (SYNTH, lambda f: [f"data.root={f['root']}"], "afile", 2,
+                          lambda f: [f["afile"], "is a file"]),
+    "unknown config key": (SYNTH, lambda f: ["train.nope=1"], "workdir", 2,
+                           lambda f: ["train.nope"]),
+    "config file not Python": (None, lambda f: [], "workdir", 2,
+                               lambda f: [f"{f['badpy']}:1", "not valid Python"]),
+}
+
+
+@pytest.mark.parametrize("case", list(TRAIN_CASES))
+def test_train(case, files, capsys):
+  config, overrides, wd_key, status, culprits = TRAIN_CASES[case]
+  wd = files[wd_key] if wd_key else files["tmp"] / f"new-{case.replace(' ', '_')}"
+  config = REPO / config if config else files["badpy"]
+  check(["train", "--config", config, "--workdir", wd] + overrides(files), status,
+        culprits(files), [wd, files["root"]], capsys)
+
+
+CONVERT_CASES = {
+    "config.json holds a list": (lambda f: [f["listcfg"]], 1,
+                                 lambda f: [f["listcfg"] / "config.json", "JSON object"]),
+    "text file named .pth": (lambda f: [f["textpth"]], 1, lambda f: [f["textpth"]]),
+    "garbled params/": (lambda f: [f["garbled"]], 1,
+                        lambda f: [f["garbled"] / "params" / "_METADATA"]),
+    "int8 tensor for a float parameter": (lambda f: [f["int8"]], 1,
+                                          lambda f: [f["int8_key"], "int8"]),
+    "missing source": (lambda f: [f["tmp"] / "nosrc"], 1, lambda f: [f["tmp"] / "nosrc"]),
+    "negative heads": (lambda f: [f["hf"], "--vision-heads", "-1"], 2,
+                       lambda f: ["--vision-heads"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CONVERT_CASES))
+def test_convert(case, files, capsys):
+  src, status, culprits = CONVERT_CASES[case]
+  dst = files["tmp"] / "convert-out"
+  args = src(files)
+  check(["convert", args[0], dst] + args[1:], status, culprits(files), [dst, Path(args[0])],
+        capsys)
+  assert not dst.exists()
+
+
+def test_convert_existing_destination_is_untouched(files, capsys):
+  check(["convert", files["hf"], files["workdir"]], 1, [files["workdir"], "--overwrite"],
+        [files["workdir"]], capsys)
+
+
+EVAL_CASES = {
+    "batch size 0": (lambda f: ["--checkpoint", f["cirjax"], "--batch-size", "0"], 2,
+                     lambda f: ["--batch-size", "'0'"]),
+    "garbled params": (lambda f: ["--checkpoint", f["garbled"]], 1,
+                       lambda f: [f["garbled"] / "params" / "_METADATA"]),
+    "missing checkpoint": (lambda f: ["--checkpoint", f["tmp"] / "nockpt"], 1,
+                           lambda f: [f["tmp"] / "nockpt", "training workdir", "LAVIS"]),
+    "workdir without export or checkpoint": (lambda f: ["--checkpoint", f["run"]], 1,
+                                             lambda f: [f["run"], "without an exported model"]),
+    "checkpoint is a text file": (lambda f: ["--checkpoint", f["afile"]], 1,
+                                  lambda f: [f["afile"], "not a LAVIS state dict"]),
+    "missing dataset root": (lambda f: ["--baseline", "random", "--root", f["tmp"] / "nodata"],
+                             1, lambda f: [f["tmp"] / "nodata"]),
+    "no root and no tfds-dir": (lambda f: ["--baseline", "random"], 1,
+                                lambda f: ["--root", "--tfds-dir"]),
+    "--out under a file": (lambda f: ["--baseline", "random", "--out", f["afile"] / "m.json"], 2,
+                           lambda f: ["--out", f["afile"]]),
+    "run config.json damaged": (lambda f: ["--checkpoint", f["damaged_run"]], 1,
+                                lambda f: [f["damaged_run"] / "config.json"]),
+}
+
+
+@pytest.mark.parametrize("case", list(EVAL_CASES))
+def test_eval(case, files, capsys):
+  extra, status, culprits = EVAL_CASES[case]
+  args = extra(files)
+  if "--root" not in args and case != "no root and no tfds-dir":
+    args += ["--root", files["root"]]
+  out = files["tmp"] / "eval.json"
+  if "--out" not in args:
+    args += ["--out", out]
+  check(["eval", "--dataset", "synthetic"] + args, status, culprits(files),
+        [out, files["cirjax"], files["garbled"], files["run"]], capsys)
+
+
+SEARCH_CASES = {
+    "k 0": (lambda f: ["--k", "0"], 2, lambda f: ["--k", "'0'"]),
+    "missing corpus": (lambda f: ["--corpus", f["tmp"] / "nocorpus"], 1,
+                       lambda f: [f["tmp"] / "nocorpus"]),
+    "missing reference": (lambda f: ["--reference", f["tmp"] / "noref.png"], 1,
+                          lambda f: [f["tmp"] / "noref.png"]),
+    "corpus and dataset": (lambda f: ["--dataset", "synthetic"], 2,
+                           lambda f: ["--corpus", "--dataset"]),
+    "garbage features cache": (lambda f: ["--features-cache", f["badcache"], "--tokenizer",
+                                          f["root"], "--reference", f["ref"]], 1,
+                               lambda f: [f["badcache"], "--features-cache"]),
+}
+
+
+@pytest.mark.parametrize("case", list(SEARCH_CASES))
+def test_search(case, files, capsys):
+  extra, status, culprits = SEARCH_CASES[case]
+  base = {"--checkpoint": files["cirjax"], "--corpus": files["root"] / "images" / "val",
+          "--reference": files["root"] / "images" / "val" / "missing.png", "--text": "red"}
+  args = extra(files)
+  for k, v in base.items():
+    if k not in args:
+      args += [k, v]
+  html = files["tmp"] / "search.html"
+  check(["search", "--html", html] + args, status, culprits(files), [html, files["cirjax"]],
+        capsys)
+
+
+DATA_CASES = {
+    "check: missing root": (lambda f: ["check", "--dataset", "cirr", "--root",
+                                       f["tmp"] / "nodata"], 1, lambda f: [f["tmp"] / "nodata"]),
+    "check: truncated captions": (lambda f: ["check", "--dataset", "synthetic", "--root",
+                                             f["trunc"], "--split", "train"], 1,
+                                  lambda f: [f["trunc_file"]]),
+    "check: workers 0": (lambda f: ["check", "--dataset", "synthetic", "--root", f["root"],
+                                    "--workers", "0"], 2, lambda f: ["--workers"]),
+    "synth: non-empty out": (lambda f: ["synth", "--out", f["workdir"]], 1,
+                             lambda f: [f["workdir"], "--force"]),
+    "synth: out is a file": (lambda f: ["synth", "--out", f["afile"]], 1,
+                             lambda f: [f["afile"]]),
+    "synth: resolution 0": (lambda f: ["synth", "--out", f["tmp"] / "s", "--resolution", "0"],
+                            2, lambda f: ["--resolution"]),
+}
+
+
+@pytest.mark.parametrize("case", list(DATA_CASES))
+def test_data(case, files, capsys):
+  argv, status, culprits = DATA_CASES[case]
+  check(["data"] + argv(files), status, culprits(files),
+        [files["workdir"], files["trunc"], files["afile"], files["tmp"] / "s"], capsys)
+
+
+PARITY_CASES = {
+    "a cirjax directory as PATH": (lambda f: [f["cirjax"]], 2, lambda f: ["--converted"]),
+    "missing checkpoint": (lambda f: [f["tmp"] / "nockpt"], 2, lambda f: [f["tmp"] / "nockpt"]),
+    "config.json holds a list": (lambda f: [f["listcfg"]], 2,
+                                 lambda f: [f["listcfg"] / "config.json"]),
+    "batch 0": (lambda f: [f["hf"], "--batch", "0"], 2, lambda f: ["--batch"]),
+}
+
+
+@pytest.mark.parametrize("case", list(PARITY_CASES))
+def test_parity(case, files, capsys):
+  argv, status, culprits = PARITY_CASES[case]
+  out = files["tmp"] / "parity.json"
+  check(["parity", "--json", out] + argv(files), status, culprits(files), [out], capsys)
+
+
+BENCH_CASES = {
+    "unknown suite": (["--suite", "nope"], 2, ["nope"]),
+    "missing README": (["--readme-only", "--readme", "/nonexistent/README.md"], 2,
+                       ["/nonexistent/README.md"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BENCH_CASES))
+def test_bench(case, files, capsys):
+  argv, status, culprits = BENCH_CASES[case]
+  out = files["tmp"] / "bench-out"
+  check(["bench", "--out", out] + argv, status, culprits, [out], capsys)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def _run_cli(args, env_extra=None):
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", **(env_extra or {}))
+  env.pop("CIRJAX_DEBUG", None) if not env_extra else None
+  return subprocess.run([sys.executable, "-m", "cirjax"] + [str(a) for a in args], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_entry_point_clean_error_and_debug_traceback(files):
+  argv = ["data", "check", "--dataset", "synthetic", "--root", files["trunc"], "--split",
+          "train"]
+  r = _run_cli(argv)
+  assert r.returncode == 1, r.stderr
+  assert "Traceback" not in r.stderr and str(files["trunc_file"]) in r.stderr
+  assert r.stderr.count("error:") == 1
+  r = _run_cli(argv, {"CIRJAX_DEBUG": "1"})
+  assert r.returncode == 1 and "Traceback" in r.stderr and str(files["trunc_file"]) in r.stderr
+
+
+def test_debug_flag_shows_the_traceback(files, capsys):
+  argv = ["--debug", "eval", "--dataset", "synthetic", "--root", files["root"], "--checkpoint",
+          files["garbled"]]
+  assert cli.main([str(a) for a in argv]) == 1
+  err = capsys.readouterr().err
+  assert "Traceback" in err and "_METADATA" in err
+
+
+def test_a_bug_keeps_its_traceback(files, monkeypatch):
+  """Only expected errors are shortened: anything else (a bug) propagates unchanged."""
+  from cirjax.commands import data as data_cmd
+
+  def broken(args):
+    raise ZeroDivisionError("a bug")
+
+  monkeypatch.setattr(data_cmd, "run", broken)
+  with pytest.raises(ZeroDivisionError, match="a bug"):
+    cli.main(["data", "check", "--dataset", "synthetic", "--root", str(files["root"])])
+
+
+def test_describe_names_the_path_of_os_errors():
+  from cirjax import errors
+  msg, status = errors.describe(PermissionError(13, "Permission denied", "/x/y.json"))
+  assert msg == "/x/y.json: permission denied" and status == 1
+  assert errors.describe(errors.UsageError("bad --k"))[1] == 2
+  assert errors.describe(RuntimeError("bug")) is None
