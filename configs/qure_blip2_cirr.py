@@ -39,7 +39,7 @@ def get_config(arg=None):
   c.freeze = ("vision/.*", "itm_head/.*")
   c.train_only = ()
   c.qure = dict(n_def=6, strategy="qure", consecutive_threshold=1, strict_below=False,
-                sampling="walk", cache_features=True, feature_dtype="bfloat16",
+                sampling="walk", cache_features=True, feature_dtype="float16",
                 loss="pairwise", encode_batch_size=128, k=100, mining_method="auto")
   c.train = dict(batch_size=32, epochs=50, lr=1e-5, schedule="cosine_per_epoch",
                  final_lr_ratio=0.01, weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8,

@@ -179,3 +179,39 @@ def test_fashioniq_mining_target_is_the_first_copy():
   assert sets["first"] != sets["slot"]
   with pytest.raises(ValueError, match="target_position"):
     qure._mining_groups([split], names, q_tgt, per_triplet=True, target_position="last")
+
+
+def test_feature_store_is_reused_on_resume_and_rebuilt_for_changed_vision(synth_root, tmp_path):
+  """The task's frozen-feature store: built once, reused by a task on the same workdir,
+  rebuilt when a vision parameter changes; batches read their rows from it."""
+  from cirjax.train import qure
+  cfg = config_utils.load_config(str(REPO / "configs/synthetic.py") + ":tiny",
+                                 [f"data.root={synth_root}", "qure.feature_dtype=float16"])
+  mesh = shd.make_mesh(tuple(tuple(a) for a in cfg.mesh), jax.devices())
+  params = qure.blip2.init_blip2(jax.random.PRNGKey(0), qure.QuReTask(
+      cfg, mesh, str(tmp_path)).cfg)
+
+  def opened(p):
+    task = qure.QuReTask(cfg, mesh, str(tmp_path))
+    task._ensure_features(p)  # pylint: disable=protected-access
+    return task
+
+  first = opened(params)
+  assert first.store_stats["store_built"] and first.store_stats["store_dtype"] == "float16"
+  n = len(first.image_names)
+  assert first.store_stats["store_shape"][0] == n
+  want = np.asarray(jax.device_get(qure.blip2.vision_features(
+      params, first._run_cfg(), first._pixels(np.arange(3)))))  # pylint: disable=protected-access
+  np.testing.assert_allclose(first._feats[np.arange(3)].astype(np.float32), want,  # pylint: disable=protected-access
+                             rtol=1e-2, atol=1e-2)  # fp16 rounding of the stored rows
+  again = opened(params)
+  assert not again.store_stats["store_built"]
+  assert again.store_stats["store_path"] == first.store_stats["store_path"]
+  changed = jax.tree.map(lambda x: x, params)
+  leaf_path = next(iter(jax.tree_util.tree_leaves_with_path(changed["vision"])))[0]
+  changed["vision"] = jax.tree_util.tree_map_with_path(
+      lambda p, x: x + 1.0 if p == leaf_path else x, changed["vision"])
+  rebuilt = opened(changed)
+  assert rebuilt.store_stats["store_built"]
+  assert rebuilt.store_stats["store_path"] != first.store_stats["store_path"]
+  assert not Path(first.store_stats["store_path"]).exists()  # the stale store is gone

@@ -49,14 +49,27 @@ def default_text(query: Query) -> str:
   return query.extra.get("blip2_text", query.text)
 
 
-class ImageCache:
-  """Preprocessed images by name, shared by worker threads (only for small datasets)."""
+DEFAULT_CACHE_BYTES = 1 << 30
 
-  def __init__(self, split: CIRSplit, transform: Callable, enabled: bool = True,
-               image_source: ImageSource | None = None):
-    self.split, self.transform, self.enabled = split, transform, enabled
+
+class ImageCache:
+  """Preprocessed images by name, shared by worker threads; off unless `enabled`.
+
+  A decoded image is float32 (0.6 MB at 224 px), so a corpus-sized cache does not fit a
+  process: the cache keeps images until they fill `max_bytes` (default 1 GiB), then
+  decodes the rest each time they are asked for.
+  """
+
+  def __init__(self, split: CIRSplit, transform: Callable, enabled: bool = False,
+               image_source: ImageSource | None = None,
+               max_bytes: int = DEFAULT_CACHE_BYTES):
+    if int(max_bytes) < 0:
+      raise ValueError(f"image cache max_bytes={max_bytes} must be >= 0")
+    self.split, self.transform = split, transform
+    self.enabled, self.max_bytes = bool(enabled) and int(max_bytes) > 0, int(max_bytes)
     self.source = image_source or file_image_source(split)
     self._cache: dict[str, np.ndarray] = {}
+    self.nbytes = 0
     self._lock = threading.Lock()
 
   def __call__(self, name: str) -> np.ndarray:
@@ -65,9 +78,11 @@ class ImageCache:
       if x is not None:
         return x
     x = self.transform(self.source(name))
-    if self.enabled:
+    if self.enabled and self.nbytes + x.nbytes <= self.max_bytes:
       with self._lock:
-        self._cache[name] = x
+        if name not in self._cache:
+          self._cache[name] = x
+          self.nbytes += x.nbytes
     return x
 
 

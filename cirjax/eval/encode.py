@@ -82,7 +82,9 @@ def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
 
 def encode(fn: Callable, params: Any, data: Any, *, mesh: jax.sharding.Mesh,
            batch_size: int | None = None, sharded: bool = False, dtype: Any = None,
-           progress: Callable[[int], None] | None = None) -> np.ndarray | jax.Array:
+           progress: Callable[[int], None] | None = None,
+           sink: Callable[[int, np.ndarray], None] | None = None
+           ) -> np.ndarray | jax.Array | None:
   """Runs `fn(params, *batch)` (or `fn(*batch)` when `params` is None) over all rows.
 
   Args:
@@ -100,14 +102,19 @@ def encode(fn: Callable, params: Any, data: Any, *, mesh: jax.sharding.Mesh,
       the device count, else replicated) instead of host numpy.
     dtype: host result dtype, applied batch by batch (bounded host memory for large outputs).
     progress: called with the number of rows done after each batch.
+    sink: called as `sink(first_row, rows)` with each batch's host result (in `dtype`)
+      instead of collecting them, so that outputs larger than memory can be streamed to a
+      file (the frozen-feature store); `encode` then returns None.
 
   Returns:
-    `[N, ...]` results in input order: host numpy (every process gets all rows), or a
-    jax.Array with `sharded=True`.
+    `[N, ...]` results in input order: host numpy (every process gets all rows), a
+    jax.Array with `sharded=True`, or None with a `sink`.
   """
   ndev = mesh.devices.size
   if batch_size:
     batch_size = max(ndev, batch_size // ndev * ndev)
+  if sink is not None and sharded:
+    raise ValueError("encode: a sink takes host rows; it cannot be combined with sharded=True")
   jfn = _jitted(fn, mesh, sharded)
   if params is not None:
     params = _on_mesh(params, mesh)
@@ -126,12 +133,18 @@ def encode(fn: Callable, params: Any, data: Any, *, mesh: jax.sharding.Mesh,
       outs.append((y, m))
     else:
       y = np.asarray(jax.device_get(y))[:m]
-      outs.append(y.astype(dtype) if dtype is not None else y)
+      y = y.astype(dtype) if dtype is not None else y
+      if sink is not None:
+        sink(done, y)
+      else:
+        outs.append(y)
     done += m
     if progress is not None:
       progress(done)
-  if not outs:
+  if not done:
     raise ValueError("encode: no rows to encode (empty corpus or query set)")
+  if sink is not None:
+    return None
   if not sharded:
     return np.concatenate(outs)
   return _concat_rows(outs, mesh)

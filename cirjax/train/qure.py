@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cirjax import losses
 from cirjax import mining
@@ -48,12 +49,14 @@ from cirjax import sampling as sampling_lib
 from cirjax.convert import registry
 from cirjax.data import images as images_lib
 from cirjax.data import text
-from cirjax.data.loader import ImageCache, default_text
+from cirjax.data.loader import DEFAULT_CACHE_BYTES, ImageCache, default_text
 from cirjax.data.records import CIRSplit, DataError
 from cirjax.data.training_splits import read_splits
 from cirjax.eval import encode as encode_lib
 from cirjax.eval import evaluate as ev
+from cirjax.eval import retrieval
 from cirjax.models import blip2
+from cirjax.train import feature_store
 from cirjax.train import sharding as shd
 from cirjax.train import state as st
 from cirjax.train.task import Task
@@ -288,8 +291,9 @@ class QuReTask(Task):
                                 qc.get("sampling", "walk"))
 
     self._setup_encoders(config)
-    self._images = ImageCache(_AllImages(refs), self.transform,
-                              enabled=bool(config.data.get("cache_images", True)))
+    self._images = ImageCache(
+        _AllImages(refs), self.transform, enabled=bool(config.data.get("cache_images", False)),
+        max_bytes=int(config.data.get("cache_images_max_bytes", DEFAULT_CACHE_BYTES)))
     self.mined_epoch = -1
     _log(f"qure data: {len(self.queries)} training queries, {self.n_train_images} training "
          f"images, {len(self.image_names) - self.n_train_images} more for evaluation "
@@ -316,6 +320,8 @@ class QuReTask(Task):
                              tuple(config.get("train_only", ())))
     frozen_vit = not any(jax.tree.leaves(mask["vision"]))
     self.cache = bool(config.qure.get("cache_features", True))
+    if self.cache:
+      feature_store.storage_dtype(config.qure.get("feature_dtype", "float16"))
     if self.cache and not frozen_vit:
       raise ValueError("config.qure.cache_features=True needs a frozen vision tower "
                        "(config.freeze must include 'vision/.*'); set it False to train the ViT")
@@ -329,7 +335,8 @@ class QuReTask(Task):
     }
     nd = self.mesh.devices.size
     self.encode_batch = max(nd, int(config.qure.get("encode_batch_size", 256)) // nd * nd)
-    self._feats: np.ndarray | None = None
+    self._feats: feature_store.FeatureStore | None = None
+    self.store_stats: dict = {}
 
   # ---------------------------------------------------------------- model
   def init_params(self, rng):
@@ -388,7 +395,7 @@ class QuReTask(Task):
 
   @property
   def _feat_dtype(self):
-    return jnp.dtype(self.config.qure.get("feature_dtype", "float32"))
+    return feature_store.storage_dtype(self.config.qure.get("feature_dtype", "float16"))
 
   # ---------------------------------------------------------------- encoding
   def _pixels(self, idx: np.ndarray) -> np.ndarray:
@@ -402,10 +409,10 @@ class QuReTask(Task):
       yield (self._feats[j] if self.cache else self._pixels(j),) + tuple(
           a[i:i + self.encode_batch] for a in extra)
 
-  def _encode(self, fn, params, inputs, n: int, what: str, dtype=None) -> np.ndarray:
+  def _encode(self, fn, params, inputs, n: int, what: str, sharded: bool = False):
     t0 = time.perf_counter()
     out = encode_lib.encode(fn, params, inputs, mesh=self.mesh, batch_size=self.encode_batch,
-                            dtype=dtype)
+                            sharded=sharded)
     dt = time.perf_counter() - t0
     if n >= 256:
       _log(f"encoded {n} {what} in {dt:.1f}s ({n / max(dt, 1e-9):.0f}/s)")
@@ -414,26 +421,21 @@ class QuReTask(Task):
   def _ensure_features(self, params) -> None:
     if not self.cache or self._feats is not None:
       return
-    n = len(self.image_names)
-    _log(f"caching frozen vision features of {n} images (once per run)")
-    pixels = ((self._pixels(np.arange(i, min(n, i + self.encode_batch))),)
-              for i in range(0, n, self.encode_batch))
-    self._feats = self._encode(self._fns["vision"], params, pixels, n, "images",
-                               dtype=self._feat_dtype)
-    _log(f"vision feature cache: {self._feats.shape} {self._feats.dtype}, "
-         f"{self._feats.nbytes / 2**20:.0f} MiB")
+    self._feats = _open_store(self, params)
+    _log(self._feats.describe())
 
-  def encode_targets(self, params, idx: np.ndarray) -> np.ndarray:
-    """[len(idx), Q, D] target features of global images `idx` with the current params."""
+  def encode_targets(self, params, idx: np.ndarray, sharded: bool = False):
+    """[len(idx), Q, D] target features of global images `idx` with the current params:
+    host numpy, or (`sharded`) a jax.Array that stays on the mesh."""
     self._ensure_features(params)
     return self._encode(self._fns["targets"], params, self._inputs(idx), len(idx),
-                        "target images")
+                        "target images", sharded)
 
-  def encode_queries(self, params, ref_idx, ids, mask) -> np.ndarray:
-    """[B, D] composed queries."""
+  def encode_queries(self, params, ref_idx, ids, mask, sharded: bool = False):
+    """[B, D] composed queries (host numpy, or a jax.Array on the mesh with `sharded`)."""
     self._ensure_features(params)
     return self._encode(self._fns["compose"], params, self._inputs(ref_idx, ids, mask),
-                        len(ref_idx), "queries")
+                        len(ref_idx), "queries", sharded)
 
   # ---------------------------------------------------------------- epochs, mining, sampling
   def begin_epoch(self, epoch, params, first_step_in_epoch=0):
@@ -459,25 +461,38 @@ class QuReTask(Task):
     return order[:self.steps_per_epoch * self.global_batch]
 
   def mine(self, params) -> dict:
-    """Re-encodes every group's corpus and queries and re-mines the hard-negative sets."""
+    """Re-encodes every group's corpus and queries and re-mines the hard-negative sets.
+
+    The features stay on this process's devices (rows split over them) and each block of
+    query x corpus scores is computed there; the XLA mining kernels (accelerators) mine it
+    there too, so only the ragged sets and their statistics reach the host (the NumPy
+    method, CPU backends, takes each block to the host it runs on)."""
     t0 = time.perf_counter()
     sets, stats_all, audits = [], [], []
     qc = self.config.qure
     kw = {} if self.strategy == "qure" else {"k": int(qc.get("k", 100))}
+    mesh = retrieval.make_mesh(jax.local_devices())
+    times = {"encode_s": 0.0, "score_s": 0.0}
     for g in self.groups:
+      t1 = time.perf_counter()
       uniq, inv = np.unique(g.corpus, return_inverse=True)
-      tfeat = self.encode_targets(params, uniq)
-      qfeat = self.encode_queries(params, self.q_ref[g.queries], self.q_ids[g.queries],
-                                  self.q_mask[g.queries])
-      tdev = jnp.asarray(tfeat[inv])
+      tfeat = _on_local_mesh(self.encode_targets(params, uniq, sharded=True), mesh)
+      qfeat = _on_local_mesh(self.encode_queries(
+          params, self.q_ref[g.queries], self.q_ids[g.queries], self.q_mask[g.queries],
+          sharded=True), mesh)
+      tdev = _expand_corpus(tfeat, _on_local_mesh(inv.astype(np.int32), mesh))
+      times["encode_s"] += time.perf_counter() - t1
 
       def block(a, b, qfeat=qfeat, tdev=tdev):
-        return _max_token_scores(jnp.asarray(qfeat[a:b]), tdev)
+        t2 = time.perf_counter()
+        s = _block_scores(qfeat, tdev, a, size=b - a).block_until_ready()
+        times["score_s"] += time.perf_counter() - t2
+        return s
 
       hs, stats = mining.hard_negative_sets(
           block, g.target_pos, strategy=self.strategy, image_ids=g.corpus,
           consecutive_threshold=int(qc.get("consecutive_threshold", 1)),
-          strict_below=bool(qc.get("strict_below", False)),
+          strict_below=bool(qc.get("strict_below", False)), mesh=mesh,
           method=str(qc.get("mining_method", "auto")),
           num_queries=len(g.queries), corpus_size=len(g.corpus), **kw)
       sets.append(hs)
@@ -486,9 +501,12 @@ class QuReTask(Task):
         audits.append(_audit_group(block, g, hs, self, qc))
     self.sampler.set_mined(sets)
     sizes = np.concatenate([s.set_size for s in stats_all])
+    total = time.perf_counter() - t0
     out = {"set_size_mean": float(sizes.mean()), "set_size_median": float(np.median(sizes)),
            "set_size_max": int(sizes.max()), "empty_fraction": float((sizes == 0).mean()),
-           "mining_s": time.perf_counter() - t0}
+           "mining_s": total, "mining_encode_s": times["encode_s"],
+           "mining_score_s": times["score_s"],
+           "mining_sets_s": total - times["encode_s"] - times["score_s"]}
     if audits:
       out.update(mining_audit.audit_metrics(mining_audit.merge(audits)))
     _log("mining: " + ", ".join(f"{k} {v:.4g}" for k, v in out.items()))
@@ -569,12 +587,78 @@ def export_model(path: Path, config: ml_collections.ConfigDict, cfg: blip2.Blip2
   _log(f"exported the trained model to {path}")
 
 
+def _open_store(task: QuReTask, params) -> feature_store.FeatureStore:
+  """The frozen-feature store of this run's images: reused when the workdir has a valid
+  one for these vision parameters, images and preprocessing, else encoded (each process
+  its share of the images) into `config.qure.feature_store_dir` (default
+  `<workdir>/feature_store`)."""
+  qc, n = task.config.qure, len(task.image_names)
+  vcfg = task.cfg.vision
+  shape = (n, (task.image_size // vcfg.patch_size) ** 2 + 1, vcfg.hidden_size)
+  dtype = str(qc.get("feature_dtype", "float16"))
+  vision = _host_tree(params["vision"])
+  spec = {"vision": repr(vcfg), "compute_dtype": task.compute_dtype.name, "dtype": dtype,
+          "transform": str(task.config.data.get("transform", "targetpad")),
+          "images": [(k, repr(task._images.split.images[k])) for k in task.image_names]}
+  key = feature_store.store_key(vision, spec)
+  directory = qc.get("feature_store_dir", "") or os.path.join(task.workdir, "feature_store")
+  t0 = time.perf_counter()
+  built = {"images": n}  # the sidecar records it, with this process's encoding speed
+
+  def fill(rows, lo, hi):
+    _log(f"encoding frozen vision features of {hi - lo} images into the store "
+         f"(this process's share of {n})")
+    t1 = time.perf_counter()
+    # Each process encodes its rows on its own devices, with its own copy of the params.
+    single = jax.process_count() == 1
+    mesh = task.mesh if single else retrieval.make_mesh(jax.local_devices())
+    enc_params = params if single else _host_tree(params)
+    pixels = ((task._pixels(np.arange(i, min(hi, i + task.encode_batch))),)
+              for i in range(lo, hi, task.encode_batch))
+
+    def sink(start, y):
+      rows[lo + start:lo + start + len(y)] = y
+
+    encode_lib.encode(task._fns["vision"], enc_params, pixels, mesh=mesh,
+                      batch_size=task.encode_batch, dtype=rows.dtype, sink=sink)
+    built["encode_s"] = time.perf_counter() - t1
+    built["images_per_s"] = (hi - lo) / max(built["encode_s"], 1e-9)
+
+  store = feature_store.open_or_build(
+      os.path.expanduser(directory), key, shape, dtype, fill,
+      verify=bool(qc.get("feature_store_verify", True)), extra=built, log=_log)
+  task.store_stats = {"store_path": str(store.path), "store_bytes": store.nbytes,
+                      "store_shape": list(store.shape), "store_dtype": store.dtype.name,
+                      "store_built": "encode_s" in built,
+                      "store_open_s": time.perf_counter() - t0,
+                      **{f"store_{k}": v for k, v in built.items()}}
+  return store
+
+
+def _host_tree(tree):
+  """A host copy of a tree of (possibly sharded, possibly multi-process) global arrays."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
 class _AllImages:
   """The `split` an ImageCache needs (`.images`, `.name`), over every split's images."""
 
   def __init__(self, refs):
     self.images = dict(refs)
     self.name = "qure training+evaluation images"
+
+
+def _on_local_mesh(x: jax.Array, mesh: jax.sharding.Mesh) -> jax.Array:
+  """`x` on this process's devices, rows split over them when they divide evenly (else
+  replicated). Several processes each need every row for their mining: they gather them
+  once through the host."""
+  spec = P("data") if x.shape[0] % mesh.devices.size == 0 else P()
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    x = _host_tree(x)
+  return jax.device_put(x, NamedSharding(mesh, spec))
 
 
 def _audit_group(block, g: _Group, hs, task, qc) -> dict:
@@ -589,8 +673,16 @@ def _audit_group(block, g: _Group, hs, task, qc) -> dict:
 
 
 @jax.jit
-def _max_token_scores(q, t):
-  return jnp.einsum("bd,nkd->bnk", q, t).max(-1)
+def _expand_corpus(t, inv):
+  """The corpus in mining order ([N, Q, D]) from its unique images' features."""
+  return jnp.take(t, inv, axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("size",))
+def _block_scores(q, t, start, *, size):
+  """[size, N] max-over-tokens scores of queries start:start+size against the corpus."""
+  qb = jax.lax.dynamic_slice_in_dim(q, start, size)
+  return jnp.einsum("bd,nkd->bnk", qb, t).max(-1)
 
 
 # Pure encoders (module level so jit caches by identity).
