@@ -43,7 +43,8 @@ def get_config(arg=None):
   c.seed = 0
   c.data = dict(source="jsonl", train_file="", image_root="", eval_file="", eval_image_root="",
                 on_missing="skip", tokenizer="", transform="clip", max_length=512,
-                cache_images=False, root="", train_split="train", eval_split="val",
+                cache_images=False, cache_images_max_bytes=1 << 30, root="",
+                train_split="train", eval_split="val",
                 synth=dict(seed=0, resolution=64, num_images=(1500, 1000, 500),
                            num_queries=(4000, 1000, 500)),
                 workers=-1)  # batch-building threads: -1 the machine's cores (<= 8), 0 none
@@ -61,6 +62,10 @@ def get_config(arg=None):
                  grad_clip_norm=0.0, accum_steps=1, max_steps=-1)
   c.compute_dtype = "bfloat16"   # the paper trains in fp16; bf16 needs no loss scaling
   c.remat = True
+  # cuDNN's fused attention on GPU in bf16/fp16, XLA's otherwise (docs/architecture.md).
+  c.attention_impl = "auto"
+  # One compiled layer body instead of an unrolled stack: shorter compiles at full depth.
+  c.scan_layers = False
   c.mesh = (("data", -1), ("fsdp", 1))
   c.sharding_rules = ((".*", "fsdp"),)
   c.fsdp_min_size = 2 ** 20

@@ -30,7 +30,7 @@ def get_config(arg=None):
   c.seed = 1000
   c.data = dict(dataset="cirr", root="", train_split="train", eval_split="val",
                 categories=("dress", "shirt", "toptee"), transform="targetpad",
-                max_text_length=32, tokenizer="", cache_images=False,
+                max_text_length=32, tokenizer="", cache_images=False, cache_images_max_bytes=1 << 30,
                 workers=-1)  # batch-building threads: -1 the machine's cores (<= 8), 0 none
   c.model = dict(init="", num_query_tokens=32, embed_dim=256, vision=dict(CLIP_L_VISION),
                  qformer=dict(BERT_QFORMER))
@@ -40,12 +40,17 @@ def get_config(arg=None):
   c.train_only = ()
   c.qure = dict(n_def=6, strategy="qure", consecutive_threshold=1, strict_below=False,
                 sampling="walk", cache_features=True, feature_dtype="float16",
-                loss="pairwise", encode_batch_size=128, k=100, mining_method="auto")
+                loss="pairwise", encode_batch_size=128, k=100, mining_method="auto",
+                feature_store_dir="", feature_store_verify=True)
   c.train = dict(batch_size=32, epochs=50, lr=1e-5, schedule="cosine_per_epoch",
                  final_lr_ratio=0.01, weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8,
                  grad_clip_norm=0.0, accum_steps=1, max_steps=-1)
   c.compute_dtype = "bfloat16"  # reference: fp16 autocast; bf16 needs no loss scaling
   c.remat = False
+  # cuDNN's fused attention on GPU in bf16/fp16, XLA's otherwise (docs/architecture.md).
+  c.attention_impl = "auto"
+  # One compiled layer body instead of an unrolled stack: shorter compiles at full depth.
+  c.scan_layers = False
   c.mesh = (("data", -1), ("fsdp", 1))
   c.sharding_rules = ((".*", "fsdp"),)
   c.fsdp_min_size = 2 ** 20

@@ -62,7 +62,7 @@ def get_config(arg=None):
   c.data = dict(
       dataset="synthetic", root=os.path.join(data_home, "synthetic_study_q8k"),
       train_split="train", eval_split="val", transform="targetpad", max_text_length=16,
-      tokenizer="", cache_images=True, workers=-1,
+      tokenizer="", cache_images=True, cache_images_max_bytes=1 << 30, workers=-1,
       synth=dict(seed=0, resolution=64, num_images=(1500, 1000, 500),
                  num_queries=(8000, 1000, 500)))
   c.model = dict(
@@ -77,7 +77,8 @@ def get_config(arg=None):
   c.qure = dict(n_def=3 if strategy else 0, strategy=strategy or "qure",
                 consecutive_threshold=1, strict_below=False, sampling="walk",
                 cache_features=True, feature_dtype="float32", loss=loss,
-                encode_batch_size=250, k=100)
+                encode_batch_size=250, k=100, mining_method="auto", feature_store_dir="",
+                feature_store_verify=True)
   c.train = dict(batch_size=64, epochs=3, lr=5e-4, schedule="cosine_per_epoch",
                  final_lr_ratio=0.01, weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8,
                  grad_clip_norm=0.0, accum_steps=1, max_steps=-1)
@@ -85,6 +86,10 @@ def get_config(arg=None):
     c.train.update(epochs=4, lr=1e-3)
   c.compute_dtype = "float32"
   c.remat = False
+  # cuDNN's fused attention on GPU in bf16/fp16, XLA's otherwise (docs/architecture.md).
+  c.attention_impl = "auto"
+  # One compiled layer body instead of an unrolled stack: shorter compiles at full depth.
+  c.scan_layers = False
   c.mesh = (("data", -1), ("fsdp", 1))
   c.sharding_rules = ((".*", "fsdp"),)
   c.fsdp_min_size = 2 ** 14

@@ -41,7 +41,7 @@ def get_config(arg=None):
       dataset="synthetic",
       root=os.path.join(data_home, "synthetic_q16k"),
       train_split="train", eval_split="val", transform="targetpad", max_text_length=16,
-      tokenizer="", cache_images=False,
+      tokenizer="", cache_images=False, cache_images_max_bytes=1 << 30,
       workers=-1,  # batch-building threads: -1 the machine's cores (at most 8), 0 none
       synth=dict(seed=0, resolution=64, num_images=(1500, 1000, 500),
                  num_queries=(16000, 1000, 500)))
@@ -56,12 +56,17 @@ def get_config(arg=None):
   c.train_only = ()
   c.qure = dict(n_def=3, strategy="qure", consecutive_threshold=1, strict_below=False,
                 sampling="walk", cache_features=True, feature_dtype="float32",
-                loss="infonce", encode_batch_size=250, k=100, mining_method="auto")
+                loss="infonce", encode_batch_size=250, k=100, mining_method="auto",
+                feature_store_dir="", feature_store_verify=True)
   c.train = dict(batch_size=64, epochs=3, lr=1e-3, schedule="cosine_per_epoch",
                  final_lr_ratio=0.01, weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8,
                  grad_clip_norm=0.0, accum_steps=1, max_steps=-1)
   c.compute_dtype = "float32"   # bfloat16 on accelerators
   c.remat = False
+  # cuDNN's fused attention on GPU in bf16/fp16, XLA's otherwise (docs/architecture.md).
+  c.attention_impl = "auto"
+  # One compiled layer body instead of an unrolled stack: shorter compiles at full depth.
+  c.scan_layers = False
   c.mesh = (("data", -1), ("fsdp", 1))
   c.sharding_rules = ((".*", "fsdp"),)
   c.fsdp_min_size = 2 ** 14

@@ -13,7 +13,10 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 BEFORE = json.loads((REPO / "tests" / "fixtures" / "configs_before.json").read_text())
 # Keys added since the fixture was written, with the value every config gives them (in the
 # configs that have the parent section).
-ADDED = {("data", "workers"): -1, ("qure", "mining_method"): "auto"}
+ADDED = {("data", "workers"): -1, ("data", "cache_images_max_bytes"): 1 << 30,
+         ("qure", "mining_method"): "auto", ("qure", "feature_store_dir"): "",
+         ("qure", "feature_store_verify"): True, ("attention_impl",): "auto",
+         ("scan_layers",): False}
 # Values changed on purpose since, by config file: (key path, old value) -> new value. The
 # pixel cache is off by default (bounded in bytes when on); the frozen-feature store keeps the
 # reference's fp16 ViT precision instead of bf16.

@@ -8,15 +8,16 @@
   accumulation instead of rounding the logits to the compute dtype).
 * 'cudnn': the same call with `implementation='cudnn'`, cuDNN's fused (flash) kernels; GPU
   only, bf16/fp16 only.
-* 'auto': 'cudnn' when the default backend is a GPU and the compute dtype is bf16/fp16, else
+* 'auto' (the training configs' choice): 'cudnn' when the default backend is a GPU and the
+  compute dtype is bf16/fp16, else 'xla'; a model whose softmax is not fp32 (below) stays on
   'xla'.
 * 'einsum': the explicit einsum + softmax + einsum formulation (the reference the others are
   tested against).
 
 A model whose softmax runs in the compute dtype (`softmax_fp32=False`: HF BLIP-2's EVA ViT)
 cannot be expressed by `dot_product_attention`, whose softmax is always fp32; under 'xla' such a
-model keeps the einsum path in bf16/fp16 so HF's numerics hold. 'cudnn' is an explicit opt-in to
-the fused kernel (fp32 softmax inside) for it too.
+model keeps the einsum path in bf16/fp16 so HF's numerics hold, under 'auto' too. 'cudnn' is an
+explicit opt-in to the fused kernel (fp32 softmax inside) for it.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def dot_attention(q, k, v, *, bias: Optional[jax.Array] = None, softmax_fp32: bo
   (padding / causal masks as large negative values). Scale is `H ** -0.5`. Returns
   `[B, T, N, H]` in the dtype of `v`.
   """
+  if impl == "auto" and not softmax_fp32:
+    impl = "xla"  # the fused kernels' softmax is fp32, not this model's: 'cudnn' only when asked
   impl = resolve_impl(impl, q.dtype)
   reduced = jnp.dtype(q.dtype) in _REDUCED
   if impl == "einsum" or (impl == "xla" and reduced and not softmax_fp32):

@@ -67,7 +67,7 @@ from cirjax.convert import registry
 from cirjax.data import images as images_lib
 from cirjax.data import synth
 from cirjax.data.instructcir_examples import Example, jsonl_examples, synthetic_examples
-from cirjax.data.loader import ImageCache
+from cirjax.data.loader import DEFAULT_CACHE_BYTES, ImageCache
 from cirjax.data.records import CIRSplit, DataError
 from cirjax.data.training_splits import ensure_synthetic
 from cirjax.data.word_tokenizer import build_word_tokenizer, load_tokenizer
@@ -365,6 +365,9 @@ class InstructCIRTask(Task):
                        f"{HARD_NEGATIVE_SCOPES}")
     self.fixed_templates = bool(config.get("fixed_templates", False))
     self.remat = bool(config.get("remat", False))
+    # Kernel and layer-loop choices change how the model runs, never its parameters.
+    self.run_kw = dict(remat=self.remat, attention_impl=str(config.get("attention_impl", "xla")),
+                       scan_layers=bool(config.get("scan_layers", False)))
     self.lora_cfg = lora_config(config.lora)
 
     dc = config.data
@@ -384,12 +387,13 @@ class InstructCIRTask(Task):
     self._images = ImageCache(None, images_lib.make_transform(dc.get("transform", "clip"),
                                                               self.cfg.vision.image_size),
                               enabled=bool(dc.get("cache_images", False)),
-                              image_source=_open_image)
+                              image_source=_open_image,
+                              max_bytes=int(dc.get("cache_images_max_bytes", DEFAULT_CACHE_BYTES)))
     self.n_img = self.cfg.num_image_tokens
     self.q_len, self.t_len = prompt_lengths(
         self.tokenizer, self.stage, self.train + self.eval_examples, self.n_img,
         int(dc.get("max_length", 512)), self.cfg.text.max_position_embeddings)
-    kw = dict(cfg=self.cfg.replace(remat=self.remat), lora_cfg=self.lora_cfg)
+    kw = dict(cfg=self.cfg.replace(**self.run_kw), lora_cfg=self.lora_cfg)
     self._embed_fns = {True: functools.partial(_embed_with_images, **kw),
                        False: functools.partial(_embed_texts, **kw)}
     nd = mesh.devices.size
@@ -447,7 +451,7 @@ class InstructCIRTask(Task):
 
   def _embed(self, params, ids, mask, pixels=None, rng=None):
     train = rng is not None and self.lora_cfg.dropout > 0
-    return llava.embed(params["base"], self.cfg.replace(remat=self.remat), ids, mask, pixels,
+    return llava.embed(params["base"], self.cfg.replace(**self.run_kw), ids, mask, pixels,
                        lora=self.adapter(params), rng=rng if train else None,
                        deterministic=not train)
 

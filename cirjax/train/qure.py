@@ -350,9 +350,12 @@ class QuReTask(Task):
     return None if p is None else jax.tree.map(np.asarray, p)
 
   def _run_cfg(self):
-    """The model config the steps and encoders run: the compute dtype and remat of the run."""
+    """The model config the steps and encoders run: the compute dtype, remat, attention kernel
+    and layer loop of the run (none of them changes the parameters)."""
     return self.cfg.replace(dtype=self.compute_dtype.name, vision_dtype=None,
-                            remat=bool(self.config.get("remat", False)))
+                            remat=bool(self.config.get("remat", False)),
+                            attention_impl=str(self.config.get("attention_impl", "xla")),
+                            scan_layers=bool(self.config.get("scan_layers", False)))
 
   def loss_fn(self, params, batch, rng):
     run_cfg = self._run_cfg()
