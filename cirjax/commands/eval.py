@@ -53,6 +53,18 @@ EXPECTED_ERRORS = (ValueError,)
 DATASETS = ("synthetic", "cirr", "fashioniq", "circo", "genecis", "hpfashioniq")
 
 
+def add_encoder_args(parser: argparse.ArgumentParser) -> None:
+  """The encoding options of every command that encodes a split with a checkpoint (eval, mine)."""
+  parser.add_argument("--tokenizer", default=None,
+                      help="vocab.txt or tokenizer dir (default: the checkpoint's, else the "
+                      "dataset's vocab.txt)")
+  parser.add_argument("--image-size", type=positive_int, default=None,
+                      help="input resolution (default: from the model config, else 224)")
+  parser.add_argument("--max-length", type=positive_int, default=32, help="text tokens (BLIP-2: 32)")
+  parser.add_argument("--batch-size", type=positive_int, default=64, help="encoding batch (global)")
+  parser.add_argument("--num-workers", type=positive_int, default=4, help="image loading threads")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--dataset", required=True, choices=DATASETS)
   parser.add_argument("--root", default=None,
@@ -68,17 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "(its export, else its latest checkpoint)")
   src.add_argument("--baseline", choices=("random", "oracle"),
                    help="score a uniformly random model (chance) or the ground truth (1.0)")
-  parser.add_argument("--tokenizer", default=None,
-                      help="vocab.txt or tokenizer dir (default: the checkpoint's, else the "
-                      "dataset's vocab.txt)")
   parser.add_argument("--transform", default=None, choices=("targetpad", "squarepad", "clip"),
                       help="image preprocessing (default: targetpad, QuRe's 1.25 pad, for "
                       "BLIP-2; clip for LLaVA-Phi)")
-  parser.add_argument("--image-size", type=positive_int, default=None,
-                      help="input resolution (default: from the model config, else 224)")
-  parser.add_argument("--max-length", type=positive_int, default=32, help="text tokens (BLIP-2: 32)")
-  parser.add_argument("--batch-size", type=positive_int, default=64, help="encoding batch (global)")
-  parser.add_argument("--num-workers", type=positive_int, default=4, help="image loading threads")
+  add_encoder_args(parser)
   parser.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
   add_source_args(parser)
   parser.add_argument("--out", default=None, help="write metrics (and timings) as JSON here")

@@ -12,6 +12,7 @@ import numpy as np
 
 from cirjax import mining, mining_audit, mining_plots
 from cirjax.commands.data import positive_int, read_split
+from cirjax.commands.eval import add_encoder_args
 from cirjax.data import images, loader, text
 from cirjax.data.records import CIRSplit, DataError
 from cirjax.eval import encoders, evaluate, retrieval
@@ -52,14 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="after-target list = scores strictly below the target (paper Eq. 5)")
   parser.add_argument("--plot-queries", type=positive_int, default=6,
                       help="queries drawn in score_curves.png")
-  parser.add_argument("--tokenizer", default=None,
-                      help="vocab.txt or tokenizer dir (default: the checkpoint's, else the "
-                      "dataset's vocab.txt)")
-  parser.add_argument("--image-size", type=positive_int, default=None,
-                      help="input resolution (default: from the model config)")
-  parser.add_argument("--max-length", type=positive_int, default=32, help="text tokens")
-  parser.add_argument("--batch-size", type=positive_int, default=64, help="encoding batch")
-  parser.add_argument("--num-workers", type=positive_int, default=4, help="image loading threads")
+  add_encoder_args(parser)
 
 
 def encode_with_checkpoint(checkpoint: str, split: CIRSplit, root: str | None, *,
