@@ -98,6 +98,7 @@ def _compile(loss_fn, abstract_params, config, batch_spec) -> dict:
 
 def _qure(sz: dict, scan: bool, cached: bool) -> dict:
   config = _config(QURE_CONFIG)
+  config.scan_layers = scan  # the task's run config reads it (QuReTask._run_cfg)
   mc = config.model
   if sz["vision_layers"]:
     mc.vision.num_layers = sz["vision_layers"]
@@ -119,6 +120,7 @@ def _qure(sz: dict, scan: bool, cached: bool) -> dict:
 
 def _instructcir(sz: dict, scan: bool) -> dict:
   config = _config(INSTRUCTCIR_CONFIG)
+  config.scan_layers = scan
   mc = config.model
   if sz["vision_layers"]:
     mc.vision.num_layers = sz["vision_layers"]
@@ -136,6 +138,7 @@ def _instructcir(sz: dict, scan: bool) -> dict:
   task = object.__new__(instructcir.InstructCIRTask)
   task.config, task.stage, task.cfg, task.lora_cfg = config, 2, cfg, lora_cfg
   task.remat = bool(config.remat)
+  task.run_kw = instructcir.run_options(config)
   task.temperature = float(config.loss.temperature)
   task.use_hard_negatives = bool(config.loss.hard_negatives)
   task.hn_scope = config.loss.hard_negative_scope

@@ -343,6 +343,14 @@ def stage1_params(ckpt_dir: str, abstract_params, init_from: str):
 
 # ------------------------------------------------------------------------------ the task
 
+def run_options(config: ml_collections.ConfigDict) -> dict:
+  """The `LlavaConfig` fields a run sets from its config: remat, the attention kernel and the
+  layer loop (they change how the model runs, never its parameters)."""
+  return dict(remat=bool(config.get("remat", False)),
+              attention_impl=str(config.get("attention_impl", "xla")),
+              scan_layers=bool(config.get("scan_layers", False)))
+
+
 class InstructCIRTask(Task):
   """InstructCIR stage 1 or 2: LoRA on LLaVA-Phi's language model, InfoNCE."""
 
@@ -365,9 +373,7 @@ class InstructCIRTask(Task):
                        f"{HARD_NEGATIVE_SCOPES}")
     self.fixed_templates = bool(config.get("fixed_templates", False))
     self.remat = bool(config.get("remat", False))
-    # Kernel and layer-loop choices change how the model runs, never its parameters.
-    self.run_kw = dict(remat=self.remat, attention_impl=str(config.get("attention_impl", "xla")),
-                       scan_layers=bool(config.get("scan_layers", False)))
+    self.run_kw = run_options(config)
     self.lora_cfg = lora_config(config.lora)
 
     dc = config.data
