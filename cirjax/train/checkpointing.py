@@ -259,13 +259,39 @@ class _DropClosedLoopReports:
     self.previous = previous
 
   def __call__(self, unraisable) -> None:
-    exc = unraisable.exc_value
-    if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+    if not _closed_loop(unraisable.exc_value):
       self.previous(unraisable)
+
+
+class _DropClosedLoopExcepthook:
+  """The same for reports that TensorStore's threads print through `sys.excepthook`."""
+
+  def __init__(self, previous):
+    self.previous = previous
+
+  def __call__(self, etype, value, tb) -> None:
+    if not _closed_loop(value):
+      self.previous(etype, value, tb)
+
+
+def _closed_loop(exc) -> bool:
+  return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+class _DropAbandonedReadLogs(logging.Filter):
+  """asyncio's reports about the reads a failed restore abandoned: their exceptions were never
+  retrieved (the damage they hit is already reported, naming the file) or their loop is closed."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    msg = str(record.msg)
+    return not ("exception was never retrieved" in msg or
+                (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"))
 
 
 def _read_or_damage(read: Callable[[], Any], step_dir: str) -> Any:
   """`read()`, with whatever Orbax/TensorStore raise turned into `StepDamage` naming the file."""
+  _install_quiet_hooks()  # before the read: its abandoned callbacks may report at any moment
   try:
     return read()
   except Exception as e:  # pylint: disable=broad-except  # their error types are not documented
@@ -276,11 +302,21 @@ def _read_or_damage(read: Callable[[], Any], step_dir: str) -> Any:
 
 def _quiet_abandoned_reads() -> None:
   """After a failed restore, the reads Orbax abandoned still hold callbacks into its closed
-  event loop and print 'Event loop is closed' tracebacks when collected: those reports (only
-  those) are dropped from now on, and the garbage is collected at once."""
+  event loop and print 'Event loop is closed' tracebacks when collected, and asyncio logs their
+  never-retrieved exceptions (how soon depends on timing): those reports (only those) are
+  dropped from now on, and the garbage is collected at once."""
+  _install_quiet_hooks()
+  gc.collect()
+
+
+def _install_quiet_hooks() -> None:
   if not isinstance(sys.unraisablehook, _DropClosedLoopReports):
     sys.unraisablehook = _DropClosedLoopReports(sys.unraisablehook)
-  gc.collect()
+  if not isinstance(sys.excepthook, _DropClosedLoopExcepthook):
+    sys.excepthook = _DropClosedLoopExcepthook(sys.excepthook)
+  asyncio_log = logging.getLogger("asyncio")
+  if not any(isinstance(f, _DropAbandonedReadLogs) for f in asyncio_log.filters):
+    asyncio_log.addFilter(_DropAbandonedReadLogs())
 
 
 def _host_path(step_dir: str) -> str:
