@@ -86,3 +86,21 @@ def test_missing_script_and_markers_are_clear_errors(tmp_path, capsys):
   assert rc == 2
   assert "markers not found" in capsys.readouterr().err
   assert readme.read_text() == "no markers\n"
+
+
+def test_gpu_run_bookkeeping_with_an_unknown_gpu(tmp_path, monkeypatch, capsys):
+  """The --device gpu run's own code (device checks stubbed: no GPU here): JSON named *_gpu,
+  an unknown GPU's missing peak leaves MFU empty instead of failing the run."""
+  from cirjax import benchmarking  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(bench, "_set_device", lambda device, dry_run=False: None)
+  monkeypatch.setattr(benchmarking, "device_peak_flops",
+                      lambda precision="fp32", device=None: (None, "unknown GPU 'NVIDIA X1'"))
+  bdir = tmp_path / "benchmarks"
+  bdir.mkdir()
+  (bdir / "bench_mining.py").write_text(FAKE_SUITE)
+  payload = bench.run_suites(["mining"], "gpu", True, bdir, tmp_path / "r")
+  assert (tmp_path / "r" / "mining_gpu.json").is_file()
+  assert (tmp_path / "r" / "bench_gpu.md").is_file()
+  assert payload["peak_source"] == "unknown GPU 'NVIDIA X1'"
+  assert all(r.get("mfu") is None for r in payload["rows"])
+  assert "peak=unknown" in capsys.readouterr().out

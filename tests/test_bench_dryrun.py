@@ -4,6 +4,7 @@ CUDA, with each program's outcome in <out>/dryrun/ and a failing program named."
 import json
 import textwrap
 
+import jax
 import pytest
 
 from cirjax import cli
@@ -77,23 +78,28 @@ def test_dry_run_usage_errors(tmp_path, capsys):
   rc = cli.main(["bench", "--dry-run", "--update-readme", "--out", str(tmp_path)])
   assert rc == 2
   assert "drop --update-readme" in capsys.readouterr().err
+  script = bench._load_suite(bench.repo_root() / "benchmarks", "eval")  # pylint: disable=protected-access
+  assert script.main(["--dry-run", "--device", "cpu", "--out", str(tmp_path)]) == 2
+  assert "bench_eval.py: error: --dry-run" in capsys.readouterr().err
 
 
 def _tiny(monkeypatch):
-  """The real mining and eval scripts at smaller-than-quick sizes (seconds)."""
+  """The real mining and eval scripts at smaller-than-quick sizes (seconds): the two mining
+  problems share one kernel shape (one compile); eval's input-pipeline row (a generated
+  dataset, no GPU-specific code) is left to the slow test."""
   load = bench._load_suite  # pylint: disable=protected-access
 
   def tiny_load(bench_dir, suite):
     mod = load(bench_dir, suite)
     if suite == "mining":
       mod._quick_problems = lambda device: [  # pylint: disable=protected-access
-          {"name": "host", "q": 48, "n": 256, "loop_queries": 48, "iters": 2},
           {"name": "ids", "q": 32, "n": 128, "repeat_ids": True, "loop_queries": 32, "iters": 2},
           {"name": "matmul", "q": 32, "n": 128, "matmul_blocks": True, "loop_queries": 8,
            "iters": 2}]
     if suite == "eval":
       mod._sizes = lambda device, quick: {  # pylint: disable=protected-access
-          "nq": 32, "n": 256, "tokens": 4, "dim": 16, "iters": 2, "enc_images": 32}
+          "nq": 32, "n": 256, "tokens": 4, "dim": 16, "iters": 2}
+      mod._encode_rows = lambda sz, dry_run=None: []  # pylint: disable=protected-access
     return mod
   monkeypatch.setattr(bench, "_load_suite", tiny_load)
 
@@ -104,12 +110,12 @@ def test_dry_run_of_mining_and_eval_takes_their_gpu_paths(tmp_path, monkeypatch)
   rc = cli.main(["bench", "--dry-run", "--suite", "mining,eval", "--out", str(out)])
   assert rc == 0
   recs = _records(out / "dryrun" / "bench_gpu_dryrun.json")
-  for prog in ("mine_host", "mine_ids", "mine_matmul", "retrieve_qure", "retrieve_single"):
+  for prog in ("mine_ids", "mine_matmul", "retrieve_qure", "retrieve_single"):
     assert all(recs[(prog, "jax")][s] is True for s in STAGES), recs[(prog, "jax")]
-  assert recs[("mine_host", "torch_per_block")]["ran"] is True
-  assert recs[("mine_host", "numpy_per_query_loop")]["ran"] is True
+  assert recs[("mine_ids", "torch_per_block")]["ran"] is True
+  assert recs[("mine_ids", "numpy_per_query_loop")]["ran"] is True
+  assert recs[("mine_matmul", "torch_per_query_loop")]["ran"] is True
   assert recs[("retrieve_qure", "torch")]["ran"] is True
-  assert recs[("encode_pipeline", "jax")]["ran"] is True
   mining = json.loads((out / "dryrun" / "mining_gpu_dryrun.json").read_text())
   # The GPU path: the XLA kernels only (the NumPy method is the CPU path).
   assert {r["variant"] for r in mining["rows"] if r["impl"] == "jax"} == {"cirjax_xla"}
@@ -119,7 +125,11 @@ def test_dry_run_of_mining_and_eval_takes_their_gpu_paths(tmp_path, monkeypatch)
 @pytest.mark.slow
 def test_dry_run_of_every_suite(tmp_path):
   out = tmp_path / "results"
-  rc = cli.main(["bench", "--dry-run", "--suite", "all", "--out", str(out)])
+  precision = jax.config.jax_default_matmul_precision
+  try:
+    rc = cli.main(["bench", "--dry-run", "--suite", "all", "--out", str(out)])
+  finally:  # the train and blip2 suites set 'highest' for the process, as their runs need
+    jax.config.update("jax_default_matmul_precision", precision)
   payload = json.loads((out / "dryrun" / "bench_gpu_dryrun.json").read_text())
   assert rc == 0, payload["failed"]
   assert set(payload["suites"]) == {s for s in bench.SUITES if s not in bench.OPT_IN}
@@ -129,3 +139,5 @@ def test_dry_run_of_every_suite(tmp_path):
     assert recs[(prog, "jax")]["cuda_lowered"] is True
     assert "cuDNN" in recs[(prog, "jax")]["cuda_note"]
   assert recs[("llava_lora_step", "torch_peft")]["ran"] is True
+  assert recs[("encode_pipeline", "jax")]["ran"] is True
+  assert recs[("dp_fsdp_estimate", "host")]["ran"] is True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import inspect
 import json
@@ -189,6 +190,10 @@ def _set_device(device: str, dry_run: bool = False) -> None:
       raise RuntimeError(f"{'--dry-run' if dry_run else '--device cpu'}, but JAX already "
                          f"initialised a {jax.default_backend()} backend; set JAX_PLATFORMS=cpu")
   else:
+    # JAX and torch share the GPU in one process: JAX's default of reserving 75 % of its memory
+    # up front would leave the PyTorch side (a 3.8 B model twice over in the llava suite) too
+    # little. Read when the backend starts, i.e. below.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if jax.default_backend() != "gpu":
       raise RuntimeError("--device gpu, but JAX sees no GPU (install with "
                          "`pip install -e '.[test,cuda]'` on a CUDA machine)")
@@ -199,6 +204,15 @@ def _set_device(device: str, dry_run: bool = False) -> None:
                          "a CUDA build of torch==2.13.0")
 
 
+def _release_gpu_memory() -> None:
+  """After a GPU suite: its arrays and tensors collected, torch's cached blocks returned, so
+  the next suite's PyTorch side finds the memory JAX is not holding."""
+  # torch is heavy and optional: only a GPU run (which checked for it) gets here.
+  import torch  # pylint: disable=g-import-not-at-top
+  gc.collect()
+  torch.cuda.empty_cache()
+
+
 def run_suites(suites: list[str], device: str, quick: bool, bench_dir: Path, out_dir: Path,
                keep_going: bool = False) -> dict:
   """Runs each suite, writes `<out>/<suite>_<device>.json` and the combined
@@ -207,8 +221,9 @@ def run_suites(suites: list[str], device: str, quick: bool, bench_dir: Path, out
   from cirjax import benchmarking  # pylint: disable=g-import-not-at-top
   _set_device(device)
   peak, peak_src = benchmarking.device_peak_flops("bf16" if device == "gpu" else "fp32")
-  print(f"[bench] device={device} peak={peak and peak / 1e12:.3g} TFLOP/s ({peak_src})",
-        flush=True)
+  # An unknown GPU has no peak (None): MFU stays empty, the run goes on.
+  print(f"[bench] device={device} peak="
+        f"{'unknown' if peak is None else f'{peak / 1e12:.3g} TFLOP/s'} ({peak_src})", flush=True)
   all_rows, failures, extras = [], {}, {}
   for i, suite in enumerate(suites):
     t0 = time.time()
@@ -219,6 +234,8 @@ def run_suites(suites: list[str], device: str, quick: bool, bench_dir: Path, out
       if again and peak and again > peak:
         print(f"[bench] CPU peak re-measured: {again / 1e12:.3g} TFLOP/s", flush=True)
         peak = again
+    if device == "gpu" and i > 0:
+      _release_gpu_memory()
     print(f"[bench] suite {suite} ...", flush=True)
     try:
       mod = _load_suite(bench_dir, suite)
