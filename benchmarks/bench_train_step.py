@@ -13,11 +13,13 @@ update (weight decay 0.05). Two cases:
 
 PyTorch runs HF `Blip2ForImageTextRetrieval` modules with the same weights (converted with
 `cirjax.models.blip2_convert`), `torch.optim.AdamW` on the same trainable set, eager and, where
-it compiles, `torch.compile`. Both sides fp32 (cirjax with matmul precision 'highest').
+it compiles, `torch.compile`. On CPU both sides fp32 (cirjax with matmul precision 'highest');
+on GPU as training runs: bf16 compute over fp32 weights (cirjax with `attention_impl='auto'`,
+cuDNN's fused attention where the model allows; torch under bf16 autocast).
 The HF vision tower is EVA-style (BLIP-2's own), at CLIP-L widths: same FLOPs as CLIP-L.
 Depth is reduced on CPU (`_sizes`), full (23 ViT + 12 Q-Former layers) on GPU.
 FLOPs are XLA's count of the compiled cirjax step; MFU = FLOPs / step time / peak
-(datasheet on GPU, a measured matmul ceiling on CPU).
+(datasheet bf16 dense on GPU, a measured matmul ceiling on CPU).
 
 `python benchmarks/bench_train_step.py [--device cpu|gpu] [--quick]` writes
 benchmarks/results/train_step_<device>.json.
