@@ -337,7 +337,8 @@ def run(device: str = "cpu", quick: bool = False, fraction: float | None = None,
     row = {"name": name, "impl": "jax", "variant": f"{nproc}proc", "batch": batch,
            "fraction": fraction,
            "query_fraction": fraction if query_fraction is None else query_fraction,
-           "vit_layers": vit_layers, **{f"n_{k}": v for k, v in sz.items()},
+           "vit_layers": vit_layers, "steps": steps,
+           **{f"n_{k}": v for k, v in sz.items()},
            **res}
     for i, p in enumerate(procs):
       row.update({f"p{i}_{k}": v for k, v in p.items()})

@@ -445,20 +445,24 @@ class QuReTask(Task):
 
   # ---------------------------------------------------------------- epochs, mining, sampling
   def begin_epoch(self, epoch, params, first_step_in_epoch=0):
-    """Caches features on first use; brings the sampler state to the start of `epoch`;
-    re-mines at QuRe's mining epochs (not again when a run resumes inside an epoch whose
-    mining is in the checkpoint)."""
+    """Caches features (or pixels) on first use; brings the sampler state to the start of
+    `epoch`; re-mines at QuRe's mining epochs (not again when a run resumes inside an epoch
+    whose mining is in the checkpoint); draws the first batch's negatives once (discarded:
+    draws are pure) so that the jitted draws compile here, not while the first step waits
+    for its batch."""
     self._ensure_features(params)
     self.sampler.advance(epoch, self._epoch_rows, first_step_in_epoch)
     last_mining = (epoch // self.mine_every) * self.mine_every if self.mine_every else 0
+    stats = None
     if last_mining > 0 and self.mined_epoch != last_mining:
       if first_step_in_epoch and self.mined_epoch < last_mining:
         raise RuntimeError(f"resuming mid-epoch {epoch} without the mining of epoch "
                            f"{last_mining} in the checkpoint")
       stats = self.mine(params)
       self.mined_epoch = last_mining
-      return stats
-    return None
+    b, i = self.global_batch, first_step_in_epoch
+    self.sampler.sample(epoch, i, self._epoch_rows(epoch)[i * b:(i + 1) * b])
+    return stats
 
   def _epoch_rows(self, epoch: int) -> np.ndarray:
     """The global query rows of `epoch` in batch order (the tail that fills no batch is
