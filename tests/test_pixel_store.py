@@ -220,3 +220,17 @@ def test_instructcir_batches_are_identical_with_the_store(tmp_path):
     a, b = off.batch(1, i), on.batch(1, i)
     for k in a:
       np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_build_reports_progress(tmp_path, monkeypatch):
+  refs = _write_images(tmp_path / "img")
+  logs = []
+  _open(_pixels(refs), refs, tmp_path, logs=logs)
+  assert any(m.startswith("pixel store: 7/7 rows in ") for m in logs), logs
+  # Lines come every `every_s` seconds while a long build runs, with the rate and time left.
+  msgs = []
+  progress = row_store.BuildProgress("feature store", 4, msgs.append, every_s=0.0)
+  for done in range(1, 5):
+    progress(done)
+  assert msgs[0].startswith("feature store: 1/4 rows (") and "s left)" in msgs[0]
+  assert msgs[-1].startswith("feature store: 4/4 rows in ")

@@ -36,6 +36,7 @@ import numpy as np
 from cirjax.data import images as images_lib
 from cirjax.data import row_store
 from cirjax.data.records import DataError, ImageRef
+from cirjax.errors import UsageError
 
 KIND = "pixels"
 MODES = ("auto", "on", "off")
@@ -44,11 +45,15 @@ MODES = ("auto", "on", "off")
 AUTO_MIN_READS = 2.0
 
 
+class PixelStoreConfigError(UsageError, ValueError):
+  """A bad `data.pixel_store` value."""
+
+
 def mode(dc) -> str:
   """`config.data.pixel_store` ('auto' when absent), checked."""
   m = str(dc.get("pixel_store", "auto") if dc is not None else "auto")
   if m not in MODES:
-    raise ValueError(f"config.data.pixel_store={m!r}: use one of {MODES}")
+    raise PixelStoreConfigError(f"config.data.pixel_store={m!r}: use one of {MODES}")
   return m
 
 
@@ -56,7 +61,7 @@ def wanted(mode_name: str, reads_per_image: float) -> bool:
   """Whether a run in `mode_name` that reads each image `reads_per_image` times on average
   should use a store."""
   if mode_name not in MODES:
-    raise ValueError(f"pixel store mode {mode_name!r}: use one of {MODES}")
+    raise PixelStoreConfigError(f"pixel store mode {mode_name!r}: use one of {MODES}")
   return mode_name == "on" or (mode_name == "auto" and reads_per_image >= AUTO_MIN_READS)
 
 
@@ -82,13 +87,16 @@ class PixelStore(row_store.RowStore):
 
 
 def _decode_into(rows: np.ndarray, lo: int, hi: int, names: Sequence[str],
-                 transform: images_lib.Transform, source: Callable, workers: int) -> None:
+                 transform: images_lib.Transform, source: Callable, workers: int,
+                 progress: Callable[[int], None] | None = None) -> None:
   def one(i):
     rows[i] = transform.pixels(source(names[i]))
 
   with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-    for _ in pool.map(one, range(lo, hi)):  # re-raises a decode error naming the file
-      pass
+    # map re-raises a decode error naming the file
+    for done, _ in enumerate(pool.map(one, range(lo, hi)), 1):
+      if progress is not None:
+        progress(done)
 
 
 def open_or_build(directory: str | os.PathLike, names: Sequence[str], refs: dict[str, Any],
@@ -109,7 +117,8 @@ def open_or_build(directory: str | os.PathLike, names: Sequence[str], refs: dict
     log(f"decoding {hi - lo} images into the pixel store (this process's share of "
         f"{len(names)}, {workers} thread(s))")
     t0 = time.perf_counter()
-    _decode_into(rows, lo, hi, names, transform, source, workers)
+    _decode_into(rows, lo, hi, names, transform, source, workers,
+                 row_store.BuildProgress("pixel store", hi - lo, log))
     built["decode_s"] = round(time.perf_counter() - t0, 3)
     built["images_per_s"] = (hi - lo) / max(built["decode_s"], 1e-9)
 

@@ -172,6 +172,28 @@ def log_line(msg: str) -> None:
     print(f"[cirjax] {msg}", file=sys.stderr, flush=True)
 
 
+class BuildProgress:
+  """`progress(done)` during a build: a log line every `every_s` seconds (and at the end)
+  with rows done, rows/s and the time left, so a build of tens of minutes (CIRR's feature
+  store on CPU) is not silent. Each process reports its own share."""
+
+  def __init__(self, what: str, total: int, log: Callable[[str], None] = log_line,
+               every_s: float = 30.0):
+    self.what, self.total, self.log, self.every_s = what, int(total), log, float(every_s)
+    self.t0 = self.last = time.perf_counter()
+
+  def __call__(self, done: int) -> None:
+    now = time.perf_counter()
+    if now - self.last < self.every_s and done < self.total:
+      return
+    self.last = now
+    rate = done / max(now - self.t0, 1e-9)
+    left = (self.total - done) / rate if rate > 0 else float("inf")
+    self.log(f"{self.what}: {done}/{self.total} rows ({rate:.1f}/s, about {left:.0f} s left)"
+             if done < self.total else f"{self.what}: {done}/{self.total} rows in "
+             f"{now - self.t0:.0f} s ({rate:.1f}/s)")
+
+
 def _publish(directory: Path, kind: str, key: str, shape: tuple, dtype: str, tmp: Path,
              extra: dict, drop_stale: bool) -> None:
   data, side = paths(directory, kind, key)

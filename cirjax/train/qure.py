@@ -50,7 +50,9 @@ from cirjax.convert import registry
 from cirjax.data import images as images_lib
 from cirjax.data import text
 from cirjax.data import pixel_store
-from cirjax.data.loader import Pixels, default_text, file_image_source
+from cirjax.data import row_store
+from cirjax.data.loader import (Pixels, Prefetcher, default_text, default_workers,
+                                file_image_source)
 from cirjax.data.records import CIRSplit, DataError
 from cirjax.data.training_splits import read_splits
 from cirjax.eval import encode as encode_lib
@@ -623,14 +625,19 @@ def _open_store(task: QuReTask, params) -> feature_store.FeatureStore:
     single = jax.process_count() == 1
     mesh = task.mesh if single else retrieval.make_mesh(jax.local_devices())
     enc_params = params if single else _host_tree(params)
-    pixels = ((task._pixels(np.arange(i, min(hi, i + task.encode_batch))),)
-              for i in range(lo, hi, task.encode_batch))
+    workers = task.config.data.get("workers", -1)
+    workers = default_workers() if workers is None or workers < 0 else int(workers)
 
     def sink(start, y):
       rows[lo + start:lo + start + len(y)] = y
 
-    encode_lib.encode(task._fns["vision"], enc_params, pixels, mesh=mesh,
-                      batch_size=task.encode_batch, dtype=rows.dtype, sink=sink)
+    # Decoding is most of a shallow ViT's encoding time: worker threads decode ahead.
+    with Prefetcher(lambda i: (task._pixels(np.arange(i, min(hi, i + task.encode_batch))),),
+                    range(lo, hi, task.encode_batch), workers=workers,
+                    name="feature-store") as pixels:
+      encode_lib.encode(task._fns["vision"], enc_params, pixels, mesh=mesh,
+                        batch_size=task.encode_batch, dtype=rows.dtype, sink=sink,
+                        progress=row_store.BuildProgress("feature store", hi - lo, _log))
     built["encode_s"] = time.perf_counter() - t1
     built["images_per_s"] = (hi - lo) / max(built["encode_s"], 1e-9)
 
