@@ -2,7 +2,7 @@
 
 Both sides run the same weights (a random HF `Blip2ForImageTextRetrieval` converted to
 cirjax) on the same inputs, on the same machine, in fp32 (cirjax with matmul precision
-'highest', torch eager attention):
+'highest'; torch: eager attention on CPU, HF's default SDPA on GPU):
 
 * `encode_image` — corpus/target encoding: ViT -> ln_vision -> Q-Former over the 32 queries
   -> vision_projection -> L2-normalise, `[B, 32, 256]`. torch: HF's ITC image path.
@@ -50,7 +50,9 @@ def _hf_model(sz: dict, tdev: str):
       encoder_hidden_size=1408, vocab_size=30523, use_qformer_text_input=True)
   cfg = transformers.Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
                                  num_query_tokens=32, image_text_hidden_size=256)
-  cfg._attn_implementation = "eager"  # pylint: disable=protected-access
+  # PyTorch's side as its users run it: HF's default fused attention (SDPA) on GPU; the
+  # exact eager formulation on the CPU path (parity-grade numerics).
+  cfg._attn_implementation = "sdpa" if tdev == "cuda" else "eager"  # pylint: disable=protected-access
   torch.manual_seed(0)
   m = transformers.Blip2ForImageTextRetrieval(cfg).eval()
   with torch.no_grad():  # HF zero-inits query tokens; make them matter

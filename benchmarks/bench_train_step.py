@@ -48,6 +48,10 @@ def _sizes(device: str, quick: bool) -> dict:
   return {"batch": 4, "vision_layers": 2, "qformer_layers": 2, "iters": 3, "warmup": 1, **dtype}
 
 
+def torch_attention(sz: dict) -> str:
+  return "sdpa" if sz["dtype"] == "bfloat16" else "eager"
+
+
 def _hf_model(sz: dict, tdev: str):
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
@@ -60,7 +64,9 @@ def _hf_model(sz: dict, tdev: str):
       encoder_hidden_size=1024, vocab_size=30523, use_qformer_text_input=True)
   cfg = transformers.Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
                                  num_query_tokens=32, image_text_hidden_size=256)
-  cfg._attn_implementation = "eager"  # pylint: disable=protected-access
+  # PyTorch's side as its users run it: HF's default fused attention (SDPA) on the
+  # bf16 GPU path; the exact eager formulation on the fp32 CPU path (parity-grade numerics).
+  cfg._attn_implementation = torch_attention(sz)  # pylint: disable=protected-access
   torch.manual_seed(0)
   m = transformers.Blip2ForImageTextRetrieval(cfg)
   with torch.no_grad():  # HF zero-inits the query tokens; make them matter
