@@ -142,7 +142,7 @@ MP_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow  # two JAX processes (gloo): start-up and compilation, ~15 s on a shared CPU
+@pytest.mark.slow  # two JAX processes (gloo): 3 s alone, far more beside other jobs
 def test_two_processes_rank_as_one(tmp_path):
   sys.path.insert(0, str(REPO / "launch"))
   import multiprocess  # pylint: disable=import-outside-toplevel

@@ -13,6 +13,7 @@ parameters stay sharded); anything else is replicated over the mesh once per cal
 from __future__ import annotations
 
 import collections
+import functools
 import threading
 from typing import Any, Callable, Iterable
 
@@ -164,6 +165,13 @@ def _concat_rows(outs: list[tuple[jax.Array, int]], mesh: jax.sharding.Mesh,
   pad = -n % ndev if pad_rows else 0
   out_sh = row_sharding(mesh, outs[0][0].ndim) if (n + pad) % ndev == 0 else \
       NamedSharding(mesh, P())
+  return _concatenation(counts, pad, out_sh)(*(y for y, _ in outs))
+
+
+@functools.lru_cache(maxsize=16)
+def _concatenation(counts: tuple[int, ...], pad: int, out_sh: NamedSharding) -> Callable:
+  """One jitted concatenation per layout, so that a training run's repeated mining rounds
+  and evaluations compile it once."""
 
   def cat(*ys):
     rows = [y[:m] for y, m in zip(ys, counts)]
@@ -171,4 +179,4 @@ def _concat_rows(outs: list[tuple[jax.Array, int]], mesh: jax.sharding.Mesh,
       rows.append(jnp.zeros((pad,) + ys[0].shape[1:], ys[0].dtype))
     return jnp.concatenate(rows)
 
-  return jax.jit(cat, out_shardings=out_sh)(*(y for y, _ in outs))
+  return jax.jit(cat, out_shardings=out_sh)

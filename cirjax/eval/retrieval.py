@@ -118,11 +118,18 @@ def _rows_on_mesh(x, n: int, mesh: jax.sharding.Mesh) -> jax.Array:
   return jax.make_array_from_callback((rows,) + x.shape[1:], sh, rows_of)
 
 
-@functools.partial(jax.jit, static_argnames=("nq", "nc"))
-def _all_finite(q, c, *, nq, nc):
-  fq = jnp.isfinite(q).reshape(q.shape[0], -1).all(1) | (jnp.arange(q.shape[0]) >= nq)
-  fc = jnp.isfinite(c).reshape(c.shape[0], -1).all(1) | (jnp.arange(c.shape[0]) >= nc)
-  return fq.all() & fc.all()
+def _finite(x, n: int) -> bool:
+  """Whether the first `n` rows are finite: NumPy on the host, device arrays where they are
+  (one flag comes back)."""
+  if not isinstance(x, jax.Array):
+    return bool(np.isfinite(x[:n]).all())
+  return bool(_to_host(_rows_finite(x, n=n)))
+
+
+@functools.partial(jax.jit, static_argnames=("n",))
+def _rows_finite(x, *, n):
+  ok = jnp.isfinite(x).reshape(x.shape[0], -1).all(1) | (jnp.arange(x.shape[0]) >= n)
+  return ok.all()
 
 
 # ----------------------------------------------------------------------------- scorers
@@ -171,11 +178,10 @@ class FeatureScorer(Scorer):
     self.tokens = int(corpus_feats.shape[1])
     self.mesh = _mesh_of(corpus_feats) or _mesh_of(query_feats) or mesh or make_mesh()
     self._given = (query_feats, corpus_feats)
+    if not _finite(query_feats, self.num_queries) or not _finite(corpus_feats, self.num_corpus):
+      raise ValueError("non-finite (NaN/inf) features: refusing to rank")
     self.query_rows = _rows_on_mesh(query_feats, self.num_queries, self.mesh)
     self.corpus_rows = _rows_on_mesh(corpus_feats, self.num_corpus, self.mesh)
-    if not _to_host(_all_finite(self.query_rows, self.corpus_rows, nq=self.num_queries,
-                                nc=self.num_corpus)):
-      raise ValueError("non-finite (NaN/inf) features: refusing to rank")
 
   @property
   def query(self) -> np.ndarray | jax.Array:
@@ -252,7 +258,11 @@ def _rank_local(q, c, rows, exclude, *, k, block, num_corpus, devices, axes):
     cb = (c if block == n else lax.dynamic_slice_in_dim(c, start, block)).astype(jnp.float32)
     return _merge(*carry, max_token_scores(qb, cb), idx, keep, k), None
 
-  (top_s, top_i), _ = lax.scan(step, init, jnp.arange(-(-n // block), dtype=jnp.int32))
+  blocks = -(-n // block)
+  if blocks == 1:  # no loop to compile
+    top_s, top_i = step(init, jnp.int32(0))[0]
+  else:
+    (top_s, top_i), _ = lax.scan(step, init, jnp.arange(blocks, dtype=jnp.int32))
   all_s, all_i = _gather_lists(top_s, top_i, devices, axes)
   best, pos = lax.top_k(all_s, k)
   return best, jnp.take_along_axis(all_i, pos, axis=1)
