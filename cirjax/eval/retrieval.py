@@ -165,7 +165,12 @@ class FeatureScorer(Scorer):
   def __init__(self, query_feats, corpus_feats, *, mesh: jax.sharding.Mesh | None = None,
                num_queries: int | None = None, num_corpus: int | None = None):
     query_feats = _feature_array(query_feats)
-    corpus_feats = as_tokens(_feature_array(corpus_feats))
+    # [N, D] stays 2-D on device (the kernels add the token axis for free): no copy.
+    corpus_feats = _feature_array(corpus_feats)
+    if corpus_feats.ndim not in (2, 3):
+      raise ValueError(f"target features must be [N, D] or [N, Q, D], got shape "
+                       f"{corpus_feats.shape}")
+    tokens = 1 if corpus_feats.ndim == 2 else corpus_feats.shape[1]
     if query_feats.ndim != 2 or query_feats.shape[1] != corpus_feats.shape[-1]:
       raise ValueError(f"query features {query_feats.shape} do not match corpus features "
                        f"{corpus_feats.shape} (need [Nq, D] and [N, Q, D])")
@@ -175,7 +180,7 @@ class FeatureScorer(Scorer):
                        ("corpus", corpus_feats, self.num_corpus)):
       if not 0 < n <= x.shape[0]:
         raise ValueError(f"{what} features have {x.shape[0]} rows; cannot score {n} of them")
-    self.tokens = int(corpus_feats.shape[1])
+    self.tokens = int(tokens)
     self.mesh = _mesh_of(corpus_feats) or _mesh_of(query_feats) or mesh or make_mesh()
     self._given = (query_feats, corpus_feats)
     if not _finite(query_feats, self.num_queries) or not _finite(corpus_feats, self.num_corpus):
@@ -193,14 +198,15 @@ class FeatureScorer(Scorer):
   def corpus(self) -> np.ndarray | jax.Array:
     """[N, Q, D] corpus features as given (device arrays: a copy without padding rows)."""
     c = self._given[1]
-    return c if c.shape[0] == self.num_corpus else c[:self.num_corpus]
+    return as_tokens(c if c.shape[0] == self.num_corpus else c[:self.num_corpus])
 
   def pairs(self, query_idx, corpus_idx, chunk: int = 512):
     query_idx, corpus_idx = np.asarray(query_idx), np.asarray(corpus_idx)
     for what, idx, n in (("query", query_idx, self.num_queries),
                          ("corpus", corpus_idx, self.num_corpus)):
       if idx.size and (idx.min() < 0 or idx.max() >= n):
-        raise IndexError(f"{what} index out of range [0, {n}): {int(idx.min())}..{int(idx.max())}")
+        raise IndexError(f"{what} index out of range [0, {n}): "
+                         f"{int(idx.min())}..{int(idx.max())}")
     fn = _pair_scorer(self.mesh)
     out = []
     for i in range(0, len(query_idx), chunk):  # bounded memory: [chunk, S, Q, D] at a time
@@ -245,6 +251,7 @@ def _rank_local(q, c, rows, exclude, *, k, block, num_corpus, devices, axes):
   `block` rows (the last one shifted back to end at the last row, its repeats masked), then
   the devices' top-k lists merged. Returns ([B, k] scores, [B, k] corpus indices)."""
   qb = _gather_rows(q, rows, axes).astype(jnp.float32)
+  c = as_tokens(c)
   n = c.shape[0]
   first = lax.axis_index(axes) * n
   init = lax.pcast((jnp.full((rows.shape[0], k), NEG, jnp.float32),
@@ -284,6 +291,7 @@ def _pairs_local(q, c, qi, ci, *, axes):
   """shard_map body: scores [M, S] of queries `qi` [M] against corpus items `ci` [M, S];
   each item is scored by its owner (max over the devices, the others masked)."""
   qs = _gather_rows(q, qi, axes).astype(jnp.float32)
+  c = as_tokens(c)
   n = c.shape[0]
   local = ci - lax.axis_index(axes) * n
   cs = jnp.take(c, jnp.clip(local, 0, n - 1), axis=0).astype(jnp.float32)
