@@ -97,22 +97,19 @@ def _interleaved(fns: dict, iters: int, dry_run=None, program: str = "") -> dict
 
 
 def _dry_compile_step(name: str, scorer, mesh, dry_run) -> None:
-  """A dry run's build / compile / CUDA lowering of the jitted block step `top_k` runs (at
-  the block shapes it picks), recorded as `name`."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  """A dry run's build / compile / CUDA lowering of the jitted ranking program `top_k` runs
+  for each query block (at the block shapes it picks), recorded as `name`."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
   from cirjax import benchmarking  # pylint: disable=g-import-not-at-top
   from cirjax.eval import retrieval  # pylint: disable=g-import-not-at-top
-  ndev = mesh.devices.size
-  qb = -(-min(256, -(-scorer.num_queries // ndev) * ndev) // ndev) * ndev  # as top_k rounds
-  cb = min(retrieval.default_corpus_block(scorer, qb), scorer.num_corpus)
-  sds = jax.ShapeDtypeStruct
-  tokens, dim = scorer.corpus.shape[1:]
-  args = (sds((qb, K), jnp.float32), sds((qb, K), jnp.int32), sds((qb, dim), jnp.float32),
-          sds((cb, tokens, dim), jnp.float32), sds((), jnp.int32), sds((), jnp.int32),
-          sds((qb,), jnp.int32))
-  # pylint: disable-next=protected-access  # the kernel top_k runs per (query, corpus) block
-  benchmarking.compile_program(name, retrieval._step_features, *args, dry_run=dry_run, k=K)
+  qb = min(256, scorer.num_queries)  # as top_k's default query block
+  n_local = scorer.corpus_rows.shape[0] // mesh.devices.size
+  block = max(1, min(retrieval.default_corpus_block(scorer, qb), n_local))
+  # pylint: disable-next=protected-access  # the program top_k runs per query block
+  rank = retrieval._ranker(mesh, K, block, scorer.num_corpus)
+  rows = retrieval._replicated(np.arange(qb, dtype=np.int32), mesh)  # pylint: disable=protected-access
+  benchmarking.compile_program(name, rank, scorer.query_rows, scorer.corpus_rows, rows, rows,
+                               dry_run=dry_run)
 
 
 def _retrieval_rows(name: str, sz: dict, tokens: int, device: str, dry_run=None) -> list[dict]:
