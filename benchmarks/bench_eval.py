@@ -5,8 +5,8 @@ Rows (`run(device, quick) -> list[dict]`):
 
 * `retrieve_qure`  — QuRe/BLIP-2 scoring: queries [Nq, 256] against corpus features
   [N, 32, 256], score = max over the 32 tokens, top 50 per query, the reference excluded.
-  jax: `cirjax.eval.retrieval.top_k` (corpus rows split over devices, streamed in blocks,
-  running `lax.top_k`). torch: the same scores with `einsum` + `amax` + `topk` per query
+  jax: `cirjax.eval.retrieval.top_k` (corpus rows split over devices, streamed in blocks
+  whose token-score tile fits the cache on CPU, running `lax.top_k`). torch: the same scores with `einsum` + `amax` + `topk` per query
   block over the whole corpus. The jax row's `speedup_vs_torch` = torch time / jax time.
   Both start from host (NumPy) features and end with host results, so transfers are
   counted on both sides; samples/s = queries ranked per second. jax and torch are timed in

@@ -1,5 +1,5 @@
-"""Retrieval's corpus blocking is a speed knob: the default (a cache-sized tile for one
-feature per image, 4,096 rows for multi-token features) ranks exactly as small blocks do."""
+"""Retrieval's corpus blocking is a speed knob: the default (a cache-sized score tile: one
+feature per image, and multi-token features on CPU) ranks exactly as small blocks do."""
 
 import numpy as np
 import pytest
@@ -29,3 +29,7 @@ def test_default_corpus_block_sizes():
   assert retrieval.default_corpus_block(one, 256) == 8192    # 8 MiB fp32 score tile
   assert retrieval.default_corpus_block(one, 4096) == 4096
   assert retrieval.default_corpus_block(many, 256) == 4096
+  qure = retrieval.FeatureScorer(np.zeros((2, 4), np.float32), np.zeros((5, 32, 4), np.float32))
+  assert retrieval.default_corpus_block(qure, 256) == 256     # 8 MiB of CPU token scores
+  assert retrieval.default_corpus_block(qure, 128) == 512
+  assert retrieval.default_corpus_block(qure, 4096) == 256    # the floor
