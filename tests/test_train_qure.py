@@ -215,3 +215,28 @@ def test_feature_store_is_reused_on_resume_and_rebuilt_for_changed_vision(synth_
   assert rebuilt.store_stats["store_built"]
   assert rebuilt.store_stats["store_path"] != first.store_stats["store_path"]
   assert not Path(first.store_stats["store_path"]).exists()  # the stale store is gone
+
+
+def test_scan_layers_trains_mines_and_exports_like_the_loop(synth_root, tmp_path):
+  """The tiny run (mining at epoch 1, evaluation, export) with scan_layers: the state holds
+  the ViT and Q-Former layers stacked, losses, metrics and parameters are the looped run's
+  (fp32, 1e-5), and the exported model directory has the looped run's files and parameter
+  tree."""
+  from cirjax.models import blip2
+  import cirjax
+  over = [f"data.root={synth_root}"]
+  cfg = config_utils.load_config(str(REPO / "configs/synthetic.py") + ":tiny", over)
+  loop = _train(cfg, tmp_path / "loop")
+  scan = _train(config_utils.load_config(str(REPO / "configs/synthetic.py") + ":tiny",
+                                         over + ["scan_layers=True"]), tmp_path / "scan")
+  assert "layer_groups" in scan["state"].params["qformer"]
+  assert "layers" in scan["state"].params["vision"]
+  np.testing.assert_allclose(scan["losses"], loop["losses"], rtol=1e-5)
+  assert scan["final_metrics"].keys() == loop["final_metrics"].keys()
+  model = cirjax.load_blip2(tmp_path / "scan" / "model")
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), model.params,
+               blip2.unstack_layers(_params(scan), model.config))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               _params(loop), jax.tree.map(np.asarray, model.params))
+  assert sorted(p.name for p in (tmp_path / "scan" / "model").iterdir()) == \
+      sorted(p.name for p in (tmp_path / "loop" / "model").iterdir())
