@@ -65,6 +65,23 @@ def test_qformer_scan_matches_loop():
     blip2.tiny_config(num_layers=3, scan_layers=True)
 
 
+def test_qformer_groups_of_one_layer_stack_like_the_scan():
+  """cross_attention_frequency=1 (every layer cross-attends): a scan step is a group module
+  holding one layer, `layer_groups/layer_0`, which the stacked layout must name too."""
+  cfg = qf.QFormerConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                         encoder_hidden_size=24, vocab_size=50, cross_attention_frequency=1)
+  x = jnp.zeros((1, 3, 32))
+  enc = jnp.zeros((1, 5, 24))
+  args = (x, None, enc, 3)
+  params = jax.eval_shape(lambda: qf.QFormer(cfg).init(jax.random.PRNGKey(0), *args)["params"])
+  scanned = jax.eval_shape(lambda: qf.QFormer(cfg, scan_layers=True).init(
+      jax.random.PRNGKey(0), *args)["params"])
+  stacked = layer_stack.stack(params, qf.layer_stacks(cfg))
+  assert jax.tree.map(lambda a: a.shape, stacked) == jax.tree.map(lambda a: a.shape, scanned)
+  _same_tree(jax.tree.map(lambda a: a.shape, layer_stack.unstack(stacked, qf.layer_stacks(cfg))),
+             jax.tree.map(lambda a: a.shape, params))
+
+
 def _blip2_case():
   cfg = blip2.tiny_config(num_layers=2)
   params = blip2.init_blip2(jax.random.PRNGKey(0), cfg)

@@ -224,7 +224,10 @@ def test_scan_layers_trains_mines_and_exports_like_the_loop(synth_root, tmp_path
   tree."""
   from cirjax.models import blip2
   import cirjax
-  over = [f"data.root={synth_root}"]
+  # Adam's eps 1e-6 (config: 1e-8): a parameter whose exact gradient is 0 (a key bias, by
+  # softmax's shift invariance) then stays put instead of moving by float noise / eps, which
+  # differs between any two formulations; every other parameter trains as configured.
+  over = [f"data.root={synth_root}", "train.eps=1e-6"]
   cfg = config_utils.load_config(str(REPO / "configs/synthetic.py") + ":tiny", over)
   loop = _train(cfg, tmp_path / "loop")
   scan = _train(config_utils.load_config(str(REPO / "configs/synthetic.py") + ":tiny",
@@ -237,6 +240,6 @@ def test_scan_layers_trains_mines_and_exports_like_the_loop(synth_root, tmp_path
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), model.params,
                blip2.unstack_layers(_params(scan), model.config))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               _params(loop), jax.tree.map(np.asarray, model.params))
+               jax.tree.map(np.asarray, model.params), _params(loop))
   assert sorted(p.name for p in (tmp_path / "scan" / "model").iterdir()) == \
       sorted(p.name for p in (tmp_path / "loop" / "model").iterdir())

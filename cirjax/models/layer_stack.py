@@ -29,14 +29,15 @@ class Stack(NamedTuple):
   stacked: name of the scanned module in the stacked layout ('layers').
   num_layers: blocks in the run.
   group: blocks per scan step (1, or the Q-Former's cross-attention frequency).
-  member: name format of a block inside one scan step when group > 1 ('layer_{}').
+  member: name format of a block inside one scan step ('layer_{}', the Q-Former's group
+    module, also when a group is one layer), or None: the scan step is the block itself.
   """
   parent: tuple
   per_layer: str
   stacked: str
   num_layers: int
   group: int = 1
-  member: str = "layer_{}"
+  member: str | None = None
 
 
 def prefixed(stacks: Sequence[Stack], prefix: tuple) -> list[Stack]:
@@ -117,7 +118,7 @@ def stack(tree: Mapping, stacks: Sequence[Stack], combine: Callable | None = Non
       raise ValueError(f"{'/'.join(s.parent) or 'model'}: {s.num_layers} layers do not "
                        f"form whole scan steps of {s.group}")
     where = "/".join(s.parent + (s.per_layer.format("*"),))
-    if s.group == 1:
+    if s.member is None:
       stacked = _stack_trees([node[n] for n in names], where, combine)
     else:
       steps = s.num_layers // s.group
@@ -140,7 +141,7 @@ def unstack(tree: Mapping, stacks: Sequence[Stack]) -> Any:
     new = {k: v for k, v in node.items() if k != s.stacked}
     for i in range(s.num_layers):
       g, j = divmod(i, s.group)
-      sub = stacked if s.group == 1 else stacked[s.member.format(j)]
+      sub = stacked if s.member is None else stacked[s.member.format(j)]
       new[s.per_layer.format(i)] = jax.tree.map(lambda x, g=g: _index(x, g), sub)
     tree = _with(tree, s.parent, new)
   return tree
