@@ -217,6 +217,7 @@ def test_feature_store_is_reused_on_resume_and_rebuilt_for_changed_vision(synth_
   assert not Path(first.store_stats["store_path"]).exists()  # the stale store is gone
 
 
+@pytest.mark.slow
 def test_scan_layers_trains_mines_and_exports_like_the_loop(synth_root, tmp_path):
   """The tiny run (mining at epoch 1, evaluation, export) with scan_layers: the state holds
   the ViT and Q-Former layers stacked, losses, metrics and parameters are the looped run's
