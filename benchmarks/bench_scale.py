@@ -16,7 +16,8 @@ overrides below) in subprocesses while a thread samples each one's /proc/<pid>/s
 * `baseline_1k`: the same run with a 1,000-image training corpus, for the memory that does
   not grow with the corpus;
 * `uncached`: pixels through the (frozen) ViT every step, a few steps, for the share of step
-  time spent waiting for decoded images.
+  time spent waiting for data; its images come from the pixel store (decoded once, before
+  training, into `<workdir>/pixel_store`; its size and build time are reported).
 
 Every row reports peak RSS per process (VmHWM, and the peaks of its anonymous and file-backed
 parts, sampled every 0.2 s: mapped store pages are file-backed and shared by the processes),
@@ -25,8 +26,12 @@ split into encoding, scoring and set extraction, and the data-wait share of step
 FashionIQ-scale estimate (clearly labelled `extrapolated`) scales the measured per-image and
 per-query costs to FashionIQ's official split sizes.
 
-  python benchmarks/bench_scale.py [--quick] [--fraction F] [--cache-dir DIR]
+  python benchmarks/bench_scale.py [--quick] [--fraction F] [--cache-dir DIR] [--rows R,...]
   cirjax bench --suite scale [--quick]      # fraction from CIRJAX_SCALE_FRACTION
+
+`--rows` (or CIRJAX_SCALE_ROWS) runs only the named rows (`cached_2proc`, `cached`,
+`baseline_1k`, `uncached`); the script then replaces those rows in an existing results
+file and keeps the others. Each row records the machine's load average before and after it.
 
 `--quick` uses a 2 % corpus and a depth-0 vision tower (patch embedding only): a smoke run.
 """
@@ -158,7 +163,8 @@ def _overrides(root: Path, sizes: dict, vit_layers: int, cached: bool, steps: in
                batch: int) -> list[str]:
   steps_per_epoch = sizes["train_queries"] // batch
   o = {"data.root": str(root), "data.tokenizer": str(root / "vocab.txt"),
-       "data.max_text_length": 16, "data.cache_images": False, "data.workers": -1,
+       "data.max_text_length": 16, "data.workers": -1,
+       "data.pixel_store": "auto" if cached else "on",
        "model.vision.image_size": 224, "model.vision.patch_size": 14,
        "model.vision.hidden_size": 1024, "model.vision.intermediate_size": 4096,
        "model.vision.num_heads": 16, "model.vision.num_layers": vit_layers,
@@ -232,6 +238,13 @@ def _read_metrics(workdir: Path) -> dict:
   res = workdir / "final_metrics.json"
   if res.is_file():
     out["step_time_s"] = json.loads(res.read_text()).get("step_time_s")
+  for side in (workdir / "pixel_store").glob("pixels_*.json"):
+    meta = json.loads(side.read_text())
+    out.update(pixel_store_path=str(side.with_suffix(".bin")), pixel_store_shape=meta["shape"],
+               pixel_store_dtype=meta["dtype"],
+               pixel_store_bytes=side.with_suffix(".bin").stat().st_size,
+               pixel_store_build_s=meta.get("build_s"),
+               pixel_store_images_per_s=meta.get("images_per_s"))
   for side in (workdir / "feature_store").glob("vision_*.json"):
     meta = json.loads(side.read_text())
     out.update(store_path=str(side.with_suffix(".bin")), store_shape=meta["shape"],
@@ -258,22 +271,39 @@ def _fashioniq_estimate(row: dict, sizes: dict) -> dict:
   return {"name": "fashioniq_estimate", "variant": "extrapolated", "impl": "jax",
           "store_images": all_imgs, "store_bytes": all_imgs * per_image,
           "store_bytes_train_split_only": train_imgs * per_image,
+          "pixel_store_bytes": all_imgs * 224 * 224 * 3,
           "store_build_s_at_measured_rate": all_imgs / ips,
           "mining_score_s": score * pairs / measured_pairs,
           "mining_sets_s": sets * pairs / measured_pairs,
           "note": "extrapolated from the measured CIRR-fraction row: store = images x 257 x "
                   "1024 x 2 B (fp16; 62k = the three categories' train+val image splits), "
+                  "pixel store (runs that feed pixels) = images x 224 x 224 x 3 B, "
                   "mining cost scaled by queries x corpus entries (per-category corpora of "
                   "~6k triplet targets), encode time at the measured images/s; not run"}
 
 
+ROWS = ("cached_2proc", "cached", "baseline_1k", "uncached")
+
+
+def _rows_arg(rows) -> tuple[str, ...]:
+  if rows is None:
+    rows = os.environ.get("CIRJAX_SCALE_ROWS", "") or ROWS
+  if isinstance(rows, str):
+    rows = [r.strip() for r in rows.split(",") if r.strip()]
+  bad = [r for r in rows if r not in ROWS]
+  if bad or not rows:
+    raise ValueError(f"rows {bad or rows!r}: choose from {', '.join(ROWS)}")
+  return tuple(rows)
+
+
 def run(device: str = "cpu", quick: bool = False, fraction: float | None = None,
         cache_dir: str | None = None, vit_layers: int | None = None, steps: int = 4,
-        query_fraction: float | None = None) -> dict:
+        query_fraction: float | None = None, rows: str | tuple | None = None) -> dict:
   """The suite: rows for the baseline, the cached run (1 and 2 processes) and the uncached
-  run, plus the FashionIQ estimate."""
+  run, plus the FashionIQ estimate (when the cached row ran); `rows` picks some of them."""
   if device != "cpu":
     raise ValueError("the scale rehearsal runs on CPU (it measures host memory)")
+  only = _rows_arg(rows)
   if fraction is None:
     fraction = float(os.environ.get("CIRJAX_SCALE_FRACTION", "0.02" if quick else "1.0"))
   if query_fraction is None and os.environ.get("CIRJAX_SCALE_QUERY_FRACTION"):
@@ -285,7 +315,7 @@ def run(device: str = "cpu", quick: bool = False, fraction: float | None = None,
   work.mkdir(parents=True, exist_ok=True)
   sizes = _sizes(fraction, query_fraction)
   base_sizes = _sizes(fraction, query_fraction, train_images=1000)
-  rows, gen = [], {}
+  out_rows, gen = [], {}
   batch = 32
   # The uncached run measures input throughput: a small validation set keeps its final
   # evaluation (pixels through the ViT) short.
@@ -293,28 +323,33 @@ def run(device: str = "cpu", quick: bool = False, fraction: float | None = None,
   plan = [("cached_2proc", sizes, True, 2), ("cached", sizes, True, 1),
           ("baseline_1k", base_sizes, True, 1), ("uncached", uncached_sizes, False, 1)]
   for name, sz, cached, nproc in plan:
-    if name == "baseline_1k" and sz == sizes:
-      continue  # the measured corpus is not larger than the baseline's
+    if name not in only or (name == "baseline_1k" and sz == sizes):
+      continue  # not asked for, or the measured corpus is not larger than the baseline's
     root, gen[name] = ensure_corpus(cache, sz)
     wd = work / name
     subprocess.run(["rm", "-rf", str(wd)], check=True)
     print(f"[scale] {name}: {sz} ({nproc} process(es))", flush=True)
+    load0 = os.getloadavg()[0]
     res = run_train(wd, _overrides(root, sz, vit_layers, cached, steps, batch), nproc)
     procs = res.pop("processes")
+    res.update(load_avg_1m_before=load0, load_avg_1m_after=os.getloadavg()[0],
+               measured=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     row = {"name": name, "impl": "jax", "variant": f"{nproc}proc", "batch": batch,
            "fraction": fraction,
            "query_fraction": fraction if query_fraction is None else query_fraction,
-           "vit_layers": vit_layers, **{f"n_{k}": v for k, v in sz.items()},
+           "vit_layers": vit_layers, "steps": steps,
+           **{f"n_{k}": v for k, v in sz.items()},
            **res}
     for i, p in enumerate(procs):
       row.update({f"p{i}_{k}": v for k, v in p.items()})
     row["peak_memory_mib"] = max(p["peak_VmHWM_mib"] for p in procs)
-    rows.append(row)
+    out_rows.append(row)
     print(f"[scale] {name}: " + json.dumps({k: v for k, v in row.items()
                                              if not k.startswith("n_")}, default=str), flush=True)
-  cached = next(r for r in rows if r["name"] == "cached")
-  rows.append(_fashioniq_estimate(cached, sizes))
-  return {"rows": rows, "corpus_generation_s": gen, "cache_dir": str(cache),
+  cached = next((r for r in out_rows if r["name"] == "cached"), None)
+  if cached is not None:
+    out_rows.append(_fashioniq_estimate(cached, sizes))
+  return {"rows": out_rows, "corpus_generation_s": gen, "cache_dir": str(cache),
           "label": f"CIRR images x {fraction:g}, queries x "
                    f"{fraction if query_fraction is None else query_fraction:g}, ViT depth "
                    f"{vit_layers}, measured on CPU ({os.cpu_count()} cores, shared)"}
@@ -332,15 +367,43 @@ def main(argv=None) -> int:
                   "(default $CIRJAX_SCALE_CACHE or ~/.cache/cirjax/scale)")
   ap.add_argument("--vit-layers", type=int, default=None, help="vision depth (default 1, quick 0)")
   ap.add_argument("--steps", type=int, default=4, help="steps after the mining round")
+  ap.add_argument("--rows", default=None,
+                  help=f"comma-separated rows to run (default all: {','.join(ROWS)}); the "
+                       "others of an existing results file are kept")
+  ap.add_argument("--note", default="", help="conditions to record with the rows run")
   ap.add_argument("--out", default=str(HERE / "results"))
   args = ap.parse_args(argv)
   from cirjax import benchmarking  # pylint: disable=g-import-not-at-top
+  only = _rows_arg(args.rows)
   res = run("cpu", args.quick, args.fraction, args.cache_dir, args.vit_layers, args.steps,
-            args.query_fraction)
+            args.query_fraction, only)
   rows = res.pop("rows")
-  path = benchmarking.write_results("scale_cpu", rows, args.out, extra={"quick": args.quick, **res})
+  for r in rows:
+    r.update(label=res["label"], **({"note": args.note} if args.note else {}))
+  path = Path(args.out) / "scale_cpu.json"
+  if set(only) != set(ROWS) and path.is_file():
+    path = _merge_rows(path, rows)
+  else:
+    path = benchmarking.write_results("scale_cpu", rows, args.out,
+                                      extra={"quick": args.quick, **res})
   print(f"[scale] wrote {path}")
   return 0
+
+
+def _merge_rows(path: Path, rows: list[dict]) -> Path:
+  """Replaces the rows of `path` that have the names of `rows` (each labelled with its own
+  conditions) and keeps the others and the file's other fields."""
+  payload = json.loads(path.read_text())
+  new = {r["name"]: r for r in rows}
+  kept = [r for r in payload.get("rows", []) if r.get("name") not in new]
+  order = [r.get("name") for r in payload.get("rows", [])]
+  merged = kept + list(new.values())
+  merged.sort(key=lambda r: order.index(r["name"]) if r.get("name") in order else len(order))
+  payload["rows"] = merged
+  tmp = path.with_suffix(".json.tmp")
+  tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+  os.replace(tmp, path)
+  return path
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ def get_config(arg=None):
   c.data = dict(source="jsonl", train_file="", image_root="", eval_file="", eval_image_root="",
                 on_missing="skip", tokenizer="", transform="clip", max_length=512,
                 cache_images=False, cache_images_max_bytes=1 << 30, root="",
+                pixel_store="auto", pixel_store_dir="",  # docs/train.md, "Memory at scale"
                 train_split="train", eval_split="val",
                 synth=dict(seed=0, resolution=64, num_images=(1500, 1000, 500),
                            num_queries=(4000, 1000, 500)),

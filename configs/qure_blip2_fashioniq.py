@@ -30,6 +30,7 @@ def get_config(arg=None):
   c.data = dict(dataset="fashioniq", root="", train_split="train", eval_split="val",
                 categories=("dress", "shirt", "toptee"), transform="targetpad",
                 max_text_length=32, tokenizer="", cache_images=False, cache_images_max_bytes=1 << 30,
+                pixel_store="auto", pixel_store_dir="",  # docs/train.md, "Memory at scale"
                 workers=-1)  # batch-building threads: -1 the machine's cores (<= 8), 0 none
   c.model = dict(init="", num_query_tokens=32, embed_dim=256, vision=dict(CLIP_L_VISION),
                  qformer=dict(BERT_QFORMER))

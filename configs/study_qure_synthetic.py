@@ -63,6 +63,7 @@ def get_config(arg=None):
       dataset="synthetic", root=os.path.join(data_home, "synthetic_study_q8k"),
       train_split="train", eval_split="val", transform="targetpad", max_text_length=16,
       tokenizer="", cache_images=True, cache_images_max_bytes=1 << 30, workers=-1,
+      pixel_store="auto", pixel_store_dir="",  # docs/train.md, "Memory at scale"
       synth=dict(seed=0, resolution=64, num_images=(1500, 1000, 500),
                  num_queries=(8000, 1000, 500)))
   c.model = dict(

@@ -42,6 +42,7 @@ def get_config(arg=None):
       root=os.path.join(data_home, "synthetic_q16k"),
       train_split="train", eval_split="val", transform="targetpad", max_text_length=16,
       tokenizer="", cache_images=False, cache_images_max_bytes=1 << 30,
+      pixel_store="auto", pixel_store_dir="",  # docs/train.md, "Memory at scale"
       workers=-1,  # batch-building threads: -1 the machine's cores (at most 8), 0 none
       synth=dict(seed=0, resolution=64, num_images=(1500, 1000, 500),
                  num_queries=(16000, 1000, 500)))

@@ -1,12 +1,13 @@
-"""The frozen-feature store: built once, reused by a resumed run, rebuilt when the vision
-parameters change or the file on disk is damaged; the bounded pixel cache; encode's sink."""
+"""The frozen-feature store (a store of the `cirjax.data.row_store` engine): built once,
+reused by a resumed run, rebuilt when the vision parameters change or the file on disk is
+damaged; stores of other kinds in its directory are left alone; encode's sink."""
 
 import jax
 import ml_dtypes
 import numpy as np
 import pytest
 
-from cirjax.data.loader import ImageCache
+from cirjax.data import row_store
 from cirjax.eval import encode as encode_lib
 from cirjax.eval import retrieval
 from cirjax.train import feature_store as fs
@@ -101,31 +102,16 @@ def test_bad_precision_is_a_clear_error(tmp_path):
     fs.storage_dtype("int8")
 
 
-def test_pixel_cache_is_off_by_default_and_bounded(tmp_path):
-  decoded = []
+def test_other_kinds_in_the_directory_stay(tmp_path):
+  def fill(rows, lo, hi):
+    rows[lo:hi] = 7
 
-  class Split:
-    name, images = "s", {}
-
-  def source(name):
-    decoded.append(name)
-    return name
-
-  def transform(_):
-    return np.zeros((10, 10, 3), np.float32)  # 1200 bytes
-
-  off = ImageCache(Split(), transform, image_source=source)
-  off("a"), off("a")
-  assert decoded == ["a", "a"] and off.nbytes == 0
-  decoded.clear()
-  on = ImageCache(Split(), transform, enabled=True, image_source=source, max_bytes=2500)
-  for n in "abcab":
-    on(n)
-  assert decoded == ["a", "b", "c"] and on.nbytes == 2400  # c never fit
-  on("c")
-  assert decoded[-1] == "c" and len(decoded) == 4
-  with pytest.raises(ValueError, match="max_bytes"):
-    ImageCache(Split(), transform, enabled=True, image_source=source, max_bytes=-1)
+  other = row_store.open_or_build(tmp_path, "pixels", "d" * 64, (4, 2, 2, 3), "uint8", fill,
+                                  log=lambda m: None)
+  _build(tmp_path, "e" * 64)
+  _build(tmp_path, "f" * 64)  # a new feature store drops the stale one, not the pixels
+  assert other.path.is_file() and len(list(tmp_path.glob("vision_*.bin"))) == 1
+  assert (other[[1]] == 7).all() and other.built
 
 
 def _double(x):

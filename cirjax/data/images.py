@@ -6,7 +6,8 @@
   RGB, scale to [0, 1], OpenAI CLIP mean/std.
 * `squarepad_transform(dim)` — the same with pad-to-square.
 * `clip_transform(dim)` — CLIP/LLaVA: resize shortest edge (bicubic), centre crop.
-Outputs are float32 HWC (NHWC when batched), the layout the JAX models take.
+Outputs are float32 HWC (NHWC when batched), the layout the JAX models take; `Transform.pixels`
+gives the uint8 image before normalisation (what `cirjax.data.pixel_store` keeps).
 
 torchvision semantics reproduced: `Resize(int)` makes the short side `size` and the long side
 `int(size * long / short)`; `CenterCrop` uses `int(round((H - h) / 2))` offsets; `F.pad`
@@ -118,24 +119,36 @@ def center_crop(im: Image.Image, size: int) -> Image.Image:
   return im.crop((left, top, left + size, top + size))
 
 
+def normalize_pixels(x: np.ndarray, mean=CLIP_MEAN, std=CLIP_STD) -> np.ndarray:
+  """uint8 RGB [..., H, W, 3] -> float32, (x/255 - mean) / std. Element by element, so a
+  batch of stored uint8 images normalises to the same bits as each image did alone."""
+  x = np.asarray(x, dtype=np.float32) / 255.0
+  return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
 def normalize(im: Image.Image, mean=CLIP_MEAN, std=CLIP_STD) -> np.ndarray:
   """RGB uint8 -> float32 HWC, (x/255 - mean) / std."""
-  x = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-  return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+  return normalize_pixels(np.asarray(im.convert("RGB")), mean, std)
 
 
 @dataclasses.dataclass(frozen=True)
 class Transform:
-  """A named preprocessing pipeline: PIL image -> float32 [dim, dim, 3]."""
+  """A named preprocessing pipeline: PIL image -> float32 [dim, dim, 3], in two halves:
+  `pixels` (pad, resize, crop: uint8, what the pixel store keeps) and `normalize_pixels`.
+  Every step is deterministic (no random augmentation), so stored pixels are exact."""
   name: str
   dim: int
   pad: Callable[[Image.Image], Image.Image] | None
 
-  def __call__(self, im: Image.Image) -> np.ndarray:
+  def pixels(self, im: Image.Image) -> np.ndarray:
+    """The preprocessed image before normalisation: uint8 [dim, dim, 3]."""
     im = im.convert("RGB")
     if self.pad is not None:
       im = self.pad(im)
-    return normalize(center_crop(resize_shortest(im, self.dim), self.dim))
+    return np.asarray(center_crop(resize_shortest(im, self.dim), self.dim).convert("RGB"))
+
+  def __call__(self, im: Image.Image) -> np.ndarray:
+    return normalize_pixels(self.pixels(im))
 
 
 def targetpad_transform(target_ratio: float = QURE_TARGET_RATIO, dim: int = 224) -> Transform:

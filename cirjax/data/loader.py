@@ -7,6 +7,10 @@
   (seed, epoch, i) and the state set at the epoch's start, so a resumed run asks for the same
   batches. Threads suffice: PIL decodes and resizes outside the GIL, and nothing here
   touches an accelerator.
+* `Pixels(transform, source)`: a batch's preprocessed pixels by image name, gathered from
+  the run's pixel store (`cirjax.data.pixel_store`, opened by `Pixels.open_store`) and
+  normalised, or decoded when there is none: the training tasks read every image through
+  it, so with a store no step waits for a decode.
 * Evaluation (`image_batches`, `query_batches`): the corpus images in order, and the queries
   (reference pixels + tokens) in order, for encoding.
 
@@ -20,12 +24,14 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import os
-import threading
+import time
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from cirjax.data import images as images_lib
+from cirjax.data import pixel_store
+from cirjax.data import row_store
 from cirjax.data import text as text_lib
 from cirjax.data.records import CIRSplit, DataError, Query
 
@@ -49,41 +55,60 @@ def default_text(query: Query) -> str:
   return query.extra.get("blip2_text", query.text)
 
 
-DEFAULT_CACHE_BYTES = 1 << 30
+class Pixels:
+  """Preprocessed float32 pixels of named images, [B, dim, dim, 3]: rows of the run's pixel
+  store once `open_store` found or built one (names it does not hold are decoded), else
+  decoded and preprocessed by the calling thread. The same bits either way: the store keeps
+  the transform's uint8 output and both paths normalise it with `normalize_pixels`."""
 
+  def __init__(self, transform: images_lib.Transform, source: ImageSource):
+    self.transform, self.source = transform, source
+    self.store: pixel_store.PixelStore | None = None
+    self._row: dict[str, int] = {}
 
-class ImageCache:
-  """Preprocessed images by name, shared by worker threads; off unless `enabled`.
+  def __call__(self, names: Sequence[str]) -> np.ndarray:
+    d = self.transform.dim
+    out = np.empty((len(names), d, d, 3), np.uint8)
+    rows = [self._row.get(n) for n in names]
+    hit = [i for i, r in enumerate(rows) if r is not None]
+    if hit:
+      out[hit] = self.store[[rows[i] for i in hit]]
+    for i, r in enumerate(rows):
+      if r is None:
+        out[i] = self.transform.pixels(self.source(names[i]))
+    return images_lib.normalize_pixels(out)
 
-  A decoded image is float32 (0.6 MB at 224 px), so a corpus-sized cache does not fit a
-  process: the cache keeps images until they fill `max_bytes` (default 1 GiB), then
-  decodes the rest each time they are asked for.
-  """
-
-  def __init__(self, split: CIRSplit, transform: Callable, enabled: bool = False,
-               image_source: ImageSource | None = None,
-               max_bytes: int = DEFAULT_CACHE_BYTES):
-    if int(max_bytes) < 0:
-      raise ValueError(f"image cache max_bytes={max_bytes} must be >= 0")
-    self.split, self.transform = split, transform
-    self.enabled, self.max_bytes = bool(enabled) and int(max_bytes) > 0, int(max_bytes)
-    self.source = image_source or file_image_source(split)
-    self._cache: dict[str, np.ndarray] = {}
-    self.nbytes = 0
-    self._lock = threading.Lock()
-
-  def __call__(self, name: str) -> np.ndarray:
-    if self.enabled:
-      x = self._cache.get(name)
-      if x is not None:
-        return x
-    x = self.transform(self.source(name))
-    if self.enabled and self.nbytes + x.nbytes <= self.max_bytes:
-      with self._lock:
-        if name not in self._cache:
-          self._cache[name] = x
-          self.nbytes += x.nbytes
-    return x
+  def open_store(self, dc, workdir: str, names: Sequence[str], refs: dict[str, Any],
+                 reads_per_image: float, log: Callable[[str], None] | None = None) -> dict:
+    """Opens (or builds) the pixel store of `names` when `config.data.pixel_store` (`dc`)
+    asks for one for a run reading each image `reads_per_image` times on average (see
+    `pixel_store.wanted`); call it on every process, outside worker threads (a build
+    synchronises the processes). Returns the store's facts for the run's records ({} when
+    the run decodes)."""
+    log = log or row_store.log_line
+    m = pixel_store.mode(dc)
+    if self.store is not None or not pixel_store.wanted(m, reads_per_image):
+      return {}
+    directory, owned = pixel_store.store_dir(dc, workdir)
+    workers = int(dc.get("workers", -1)) if dc is not None else -1
+    t0 = time.perf_counter()
+    try:
+      store = pixel_store.open_or_build(
+          directory, names, refs, self.transform, self.source,
+          workers=default_workers() if workers <= 0 else workers, drop_stale=owned, log=log)
+    except row_store.NoSpaceError as e:
+      if m == "on":
+        raise
+      log(f"pixel store off, images are decoded at every use: {e}")
+      return {}
+    self.store, self._row = store, {n: i for i, n in enumerate(names)}
+    log(store.describe())
+    meta = store.meta
+    return {"pixel_store_path": str(store.path), "pixel_store_bytes": store.nbytes,
+            "pixel_store_shape": list(store.shape), "pixel_store_built": store.built,
+            "pixel_store_open_s": time.perf_counter() - t0,
+            **{f"pixel_store_{k}": meta[k] for k in ("build_s", "decode_s", "images_per_s")
+               if k in meta}}
 
 
 def default_workers() -> int:

@@ -67,7 +67,7 @@ from cirjax.convert import registry
 from cirjax.data import images as images_lib
 from cirjax.data import synth
 from cirjax.data.instructcir_examples import Example, jsonl_examples, synthetic_examples
-from cirjax.data.loader import DEFAULT_CACHE_BYTES, ImageCache
+from cirjax.data.loader import Pixels
 from cirjax.data.records import CIRSplit, DataError
 from cirjax.data.training_splits import ensure_synthetic
 from cirjax.data.word_tokenizer import build_word_tokenizer, load_tokenizer
@@ -384,11 +384,9 @@ class InstructCIRTask(Task):
     self.cfg, self.tokenizer = self.source.cfg, self.source.tokenizer
     self._tokenizer_lock = threading.Lock()
     self.tokenizer_dir = self.source.tokenizer_dir
-    self._images = ImageCache(None, images_lib.make_transform(dc.get("transform", "clip"),
-                                                              self.cfg.vision.image_size),
-                              enabled=bool(dc.get("cache_images", False)),
-                              image_source=_open_image,
-                              max_bytes=int(dc.get("cache_images_max_bytes", DEFAULT_CACHE_BYTES)))
+    self._images = Pixels(images_lib.make_transform(dc.get("transform", "clip"),
+                                                   self.cfg.vision.image_size), _open_image)
+    self.pixel_store_stats: dict | None = None  # None: not asked yet
     self.n_img = self.cfg.num_image_tokens
     self.q_len, self.t_len = prompt_lengths(
         self.tokenizer, self.stage, self.train + self.eval_examples, self.n_img,
@@ -500,7 +498,20 @@ class InstructCIRTask(Task):
     return spec
 
   def _pixels(self, paths) -> np.ndarray:
-    return np.stack([self._images(str(p)) for p in paths])
+    return self._images([str(p) for p in paths])
+
+  def _ensure_pixels(self) -> None:
+    """Opens the pixel store (`config.data.pixel_store`) once per run, on every process:
+    with 'auto' when training reads its images at least twice on average (several epochs,
+    or images shared by records); it holds the evaluation's images too."""
+    if self.pixel_store_stats is None:
+      names, reads = _run_images(self)
+      self.pixel_store_stats = self._images.open_store(
+          self.config.data, self.workdir, names, {n: n for n in names}, reads, log=_log)
+
+  def begin_epoch(self, epoch, params, first_step_in_epoch=0):
+    self._ensure_pixels()
+    return None
 
   def _tokenize(self, rendered: list[str], **kw) -> dict[str, np.ndarray]:
     # HF fast tokenizers set padding state on their Rust object per call: calls from the
@@ -589,6 +600,7 @@ class InstructCIRTask(Task):
   def evaluate(self, params):
     if not self.config.get("evaluate", True):
       return None
+    self._ensure_pixels()
     exs = self.eval_examples
     limit = int(self.config.get("eval_max", 0) or 0)
     if limit:
@@ -689,6 +701,24 @@ def export_model(workdir: Path, config: ml_collections.ConfigDict, cfg: llava.Ll
                        tokenizer_dir=tokenizer_dir)
     written.append("model_hf")
   _log(f"exported {', '.join(str(workdir / w) for w in written)}")
+
+
+def _run_images(task: InstructCIRTask) -> tuple[list[str], float]:
+  """(every image path the run reads: training, then evaluation; how many times training
+  reads each training image on average)."""
+  train = list(dict.fromkeys(str(e.image) for e in task.train))
+  tc = task.config.train
+  steps = int(tc.epochs) * task.steps_per_epoch
+  if int(tc.get("max_steps", -1) or -1) > 0:
+    steps = min(steps, int(tc.max_steps))
+  limit = int(task.config.get("eval_max", 0) or 0) or None
+  evals = [str(e.image) for e in task.eval_examples[:limit]]
+  if task.eval_split is not None:
+    s = task.eval_split
+    evals += [str(s.images[n].path) for n in s.corpus]
+    evals += [str(s.images[q.reference].path) for q in s.queries[:limit]]
+  names = list(dict.fromkeys(train + (evals if task.config.get("evaluate", True) else [])))
+  return names, steps * task.global_batch / max(1, len(train))
 
 
 def _open_image(path: str):

@@ -49,7 +49,10 @@ from cirjax import sampling as sampling_lib
 from cirjax.convert import registry
 from cirjax.data import images as images_lib
 from cirjax.data import text
-from cirjax.data.loader import DEFAULT_CACHE_BYTES, ImageCache, default_text
+from cirjax.data import pixel_store
+from cirjax.data import row_store
+from cirjax.data.loader import (Pixels, Prefetcher, default_text, default_workers,
+                                file_image_source)
 from cirjax.data.records import CIRSplit, DataError
 from cirjax.data.training_splits import read_splits
 from cirjax.eval import encode as encode_lib
@@ -291,9 +294,9 @@ class QuReTask(Task):
                                 qc.get("sampling", "walk"))
 
     self._setup_encoders(config)
-    self._images = ImageCache(
-        _AllImages(refs), self.transform, enabled=bool(config.data.get("cache_images", False)),
-        max_bytes=int(config.data.get("cache_images_max_bytes", DEFAULT_CACHE_BYTES)))
+    self._refs = refs
+    self._images = Pixels(self.transform, file_image_source(_AllImages(refs)))
+    self.pixel_store_stats: dict | None = None  # None: not asked yet
     self.mined_epoch = -1
     _log(f"qure data: {len(self.queries)} training queries, {self.n_train_images} training "
          f"images, {len(self.image_names) - self.n_train_images} more for evaluation "
@@ -403,7 +406,7 @@ class QuReTask(Task):
 
   # ---------------------------------------------------------------- encoding
   def _pixels(self, idx: np.ndarray) -> np.ndarray:
-    return np.stack([self._images(self.image_names[int(i)]) for i in idx])
+    return self._images([self.image_names[int(i)] for i in idx])
 
   def _inputs(self, idx: np.ndarray, *extra: np.ndarray) -> Iterator[tuple[np.ndarray, ...]]:
     """Encoder input batches for global images `idx` (cached features or decoded pixels, one
@@ -423,6 +426,8 @@ class QuReTask(Task):
     return out
 
   def _ensure_features(self, params) -> None:
+    if self.pixel_store_stats is None:
+      self.pixel_store_stats = _open_pixel_store(self)
     if not self.cache or self._feats is not None:
       return
     self._feats = _open_store(self, params)
@@ -443,20 +448,24 @@ class QuReTask(Task):
 
   # ---------------------------------------------------------------- epochs, mining, sampling
   def begin_epoch(self, epoch, params, first_step_in_epoch=0):
-    """Caches features on first use; brings the sampler state to the start of `epoch`;
-    re-mines at QuRe's mining epochs (not again when a run resumes inside an epoch whose
-    mining is in the checkpoint)."""
+    """Caches features (or pixels) on first use; brings the sampler state to the start of
+    `epoch`; re-mines at QuRe's mining epochs (not again when a run resumes inside an epoch
+    whose mining is in the checkpoint); draws the first batch's negatives once (discarded:
+    draws are pure) so that the jitted draws compile here, not while the first step waits
+    for its batch."""
     self._ensure_features(params)
     self.sampler.advance(epoch, self._epoch_rows, first_step_in_epoch)
     last_mining = (epoch // self.mine_every) * self.mine_every if self.mine_every else 0
+    stats = None
     if last_mining > 0 and self.mined_epoch != last_mining:
       if first_step_in_epoch and self.mined_epoch < last_mining:
         raise RuntimeError(f"resuming mid-epoch {epoch} without the mining of epoch "
                            f"{last_mining} in the checkpoint")
       stats = self.mine(params)
       self.mined_epoch = last_mining
-      return stats
-    return None
+    b, i = self.global_batch, first_step_in_epoch
+    self.sampler.sample(epoch, i, self._epoch_rows(epoch)[i * b:(i + 1) * b])
+    return stats
 
   def _epoch_rows(self, epoch: int) -> np.ndarray:
     """The global query rows of `epoch` in batch order (the tail that fills no batch is
@@ -605,7 +614,7 @@ def _open_store(task: QuReTask, params) -> feature_store.FeatureStore:
   vision = blip2.unstack_layers({"vision": _host_tree(params["vision"])}, task.cfg)["vision"]
   spec = {"vision": repr(vcfg), "compute_dtype": task.compute_dtype.name, "dtype": dtype,
           "transform": str(task.config.data.get("transform", "targetpad")),
-          "images": [(k, repr(task._images.split.images[k])) for k in task.image_names]}
+          "images": [pixel_store.image_identity(k, task._refs[k]) for k in task.image_names]}
   key = feature_store.store_key(vision, spec)
   directory = qc.get("feature_store_dir", "") or os.path.join(task.workdir, "feature_store")
   t0 = time.perf_counter()
@@ -619,14 +628,19 @@ def _open_store(task: QuReTask, params) -> feature_store.FeatureStore:
     single = jax.process_count() == 1
     mesh = task.mesh if single else retrieval.make_mesh(jax.local_devices())
     enc_params = params if single else _host_tree(params)
-    pixels = ((task._pixels(np.arange(i, min(hi, i + task.encode_batch))),)
-              for i in range(lo, hi, task.encode_batch))
+    workers = task.config.data.get("workers", -1)
+    workers = default_workers() if workers is None or workers < 0 else int(workers)
 
     def sink(start, y):
       rows[lo + start:lo + start + len(y)] = y
 
-    encode_lib.encode(task._fns["vision"], enc_params, pixels, mesh=mesh,
-                      batch_size=task.encode_batch, dtype=rows.dtype, sink=sink)
+    # Decoding is most of a shallow ViT's encoding time: worker threads decode ahead.
+    with Prefetcher(lambda i: (task._pixels(np.arange(i, min(hi, i + task.encode_batch))),),
+                    range(lo, hi, task.encode_batch), workers=workers,
+                    name="feature-store") as pixels:
+      encode_lib.encode(task._fns["vision"], enc_params, pixels, mesh=mesh,
+                        batch_size=task.encode_batch, dtype=rows.dtype, sink=sink,
+                        progress=row_store.BuildProgress("feature store", hi - lo, _log))
     built["encode_s"] = time.perf_counter() - t1
     built["images_per_s"] = (hi - lo) / max(built["encode_s"], 1e-9)
 
@@ -641,6 +655,15 @@ def _open_store(task: QuReTask, params) -> feature_store.FeatureStore:
   return store
 
 
+def _open_pixel_store(task: QuReTask) -> dict:
+  """Opens the pixel store of every image of the run (`config.data.pixel_store`), on every
+  process; its facts ({} when the run decodes). Without the feature cache every step, mining
+  round and evaluation reads pixels; with it each image is read once, for the feature store."""
+  return task._images.open_store(  # pylint: disable=protected-access
+      task.config.data, task.workdir, task.image_names, task._refs,  # pylint: disable=protected-access
+      reads_per_image=1.0 if task.cache else float("inf"), log=_log)
+
+
 def _host_tree(tree):
   """A host copy of a tree of (possibly sharded, possibly multi-process) global arrays."""
   if jax.process_count() == 1:
@@ -650,7 +673,7 @@ def _host_tree(tree):
 
 
 class _AllImages:
-  """The `split` an ImageCache needs (`.images`, `.name`), over every split's images."""
+  """The `split` `file_image_source` needs (`.images`, `.name`), over every split's images."""
 
   def __init__(self, refs):
     self.images = dict(refs)
