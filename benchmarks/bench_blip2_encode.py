@@ -2,7 +2,7 @@
 
 Both sides run the same weights (a random HF `Blip2ForImageTextRetrieval` converted to
 cirjax) on the same inputs, on the same machine, in fp32 (cirjax with matmul precision
-'highest', torch eager attention):
+'highest'; torch: eager attention on CPU, HF's default SDPA on GPU):
 
 * `encode_image` — corpus/target encoding: ViT -> ln_vision -> Q-Former over the 32 queries
   -> vision_projection -> L2-normalise, `[B, 32, 256]`. torch: HF's ITC image path.
@@ -38,7 +38,7 @@ def _sizes(device: str, quick: bool) -> dict:
   return {"batch": 4, "vision_layers": 2, "qformer_layers": 2, "iters": 3, "warmup": 1}
 
 
-def _hf_model(sz: dict, device: str):
+def _hf_model(sz: dict, tdev: str):
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   vision = transformers.Blip2VisionConfig(
@@ -50,15 +50,17 @@ def _hf_model(sz: dict, device: str):
       encoder_hidden_size=1408, vocab_size=30523, use_qformer_text_input=True)
   cfg = transformers.Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
                                  num_query_tokens=32, image_text_hidden_size=256)
-  cfg._attn_implementation = "eager"  # pylint: disable=protected-access
+  # PyTorch's side as its users run it: HF's default fused attention (SDPA) on GPU; the
+  # exact eager formulation on the CPU path (parity-grade numerics).
+  cfg._attn_implementation = "sdpa" if tdev == "cuda" else "eager"  # pylint: disable=protected-access
   torch.manual_seed(0)
   m = transformers.Blip2ForImageTextRetrieval(cfg).eval()
   with torch.no_grad():  # HF zero-inits query tokens; make them matter
     m.query_tokens.normal_(0, 0.5)
-  return m.to("cuda" if device == "gpu" else "cpu")
+  return m.to(tdev)
 
 
-def _torch_fns(m, device):
+def _torch_fns(m):
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
 
@@ -86,8 +88,8 @@ def _torch_fns(m, device):
   return encode_image, compose
 
 
-def _torch_peak(device: str, fn) -> int | None:
-  if device != "gpu":
+def _torch_peak(tdev: str, fn) -> int | None:
+  if tdev != "cuda":
     return None
   import torch  # pylint: disable=g-import-not-at-top
   torch.cuda.reset_peak_memory_stats()
@@ -102,20 +104,22 @@ def _rel(a, b) -> float:
   return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-def run(device: str = "cpu", quick: bool = False) -> list[dict]:
-  """Rows for encode_image and compose, jax and torch (see the module docstring)."""
+def run(device: str = "cpu", quick: bool = False, dry_run=None) -> list[dict]:
+  """Rows for encode_image and compose, jax and torch (see the module docstring).
+  `dry_run`: a `benchmarking.DryRun`: the `device` path run once on the CPU."""
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   from cirjax import benchmarking  # pylint: disable=g-import-not-at-top
   from cirjax.models import blip2, blip2_convert  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_default_matmul_precision", "highest")
-  if device == "gpu":
+  tdev = benchmarking.torch_device(device, dry_run)
+  if tdev == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
   sz = _sizes(device, quick)
   print(f"[bench_blip2] building HF model (EVA 1408 x {sz['vision_layers']}, Q-Former 768 x "
         f"{sz['qformer_layers']}) and converting", file=sys.stderr, flush=True)
-  m = _hf_model(sz, device)
+  m = _hf_model(sz, tdev)
   state = {k: v.detach().float().cpu().numpy() for k, v in m.state_dict().items()}
   cfg = blip2_convert.config_from_hf(m.config.to_dict())
   params = jax.device_put(blip2_convert.params_from_hf_state(state, cfg))
@@ -126,11 +130,10 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
   mask = np.ones((b, text_len), np.int32)
   mask[1::2, text_len // 2:] = 0  # half the rows padded
   px_j, ids_j, mask_j = jax.device_put((pixels, ids, mask))
-  tdev = "cuda" if device == "gpu" else "cpu"
   px_t = torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy()).to(tdev)
   ids_t = torch.from_numpy(ids).long().to(tdev)
   mask_t = torch.from_numpy(mask).long().to(tdev)
-  t_enc, t_comp = _torch_fns(m, device)
+  t_enc, t_comp = _torch_fns(m)
 
   enc_j = jax.jit(lambda p, x: blip2.encode_image(p, cfg, x))
   comp_j = jax.jit(lambda p, x, i, k: blip2.compose(p, cfg, x, i, k))
@@ -145,28 +148,38 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
   rows = []
   for name, fn, args, torch_fn in cases:
     print(f"[bench_blip2] {name}: compiling and timing", file=sys.stderr, flush=True)
-    compiled = fn.lower(*args).compile()
+    compiled = benchmarking.compile_program(name, fn, *args, dry_run=dry_run, attention=True)
     cost = benchmarking.compiled_cost(compiled)
-    t = benchmarking.time_fn(lambda: compiled(*args), warmup=sz["warmup"], iters=sz["iters"])
-    tt = benchmarking.time_fn(torch_fn, warmup=sz["warmup"], iters=sz["iters"])
+    t = benchmarking.time_fn(lambda: compiled(*args), warmup=sz["warmup"], iters=sz["iters"],
+                             dry_run=dry_run, program=name)
+    tt = benchmarking.time_fn(torch_fn, warmup=sz["warmup"], iters=sz["iters"],
+                              dry_run=dry_run, program=name, impl="torch_eager")
     err = _rel(np.asarray(compiled(*args)), torch_fn().float().cpu().numpy())
     common = {"name": name, "batch": b, "flops": cost["flops"], "shapes": shapes,
+              "precision": "fp32",
               "max_rel_diff_vs_torch": err}
     rows.append({**common, "impl": "jax", "step_time_s": t["median_s"],
                  "samples_per_s": b / t["median_s"], "mfu": None,
                  "peak_memory_bytes": cost["peak_memory_bytes"], "timing": t})
     rows.append({**common, "impl": "torch", "step_time_s": tt["median_s"],
                  "samples_per_s": b / tt["median_s"], "mfu": None,
-                 "peak_memory_bytes": _torch_peak(device, torch_fn), "timing": tt})
+                 "peak_memory_bytes": _torch_peak(tdev, torch_fn), "timing": tt})
   return rows
 
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+  p.add_argument("--device", default=None, choices=["cpu", "gpu"], help="default cpu")
   p.add_argument("--quick", action="store_true", help="smallest sizes: a smoke run")
   p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+  p.add_argument("--dry-run", action="store_true",
+                 help="the --device gpu path once through on this CPU at quick sizes (as "
+                 "`cirjax bench --dry-run`); writes <out>/dryrun/")
   args = p.parse_args(argv)
+  if args.dry_run:
+    from cirjax.commands import bench  # pylint: disable=g-import-not-at-top
+    return bench.script_dry_run(__file__, args.device, args.out)
+  args.device = args.device or "cpu"
   if args.device == "cpu":
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
     import jax  # pylint: disable=g-import-not-at-top

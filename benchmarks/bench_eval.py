@@ -5,7 +5,7 @@ Rows (`run(device, quick) -> list[dict]`):
 
 * `retrieve_qure`  — QuRe/BLIP-2 scoring: queries [Nq, 256] against corpus features
   [N, 32, 256], score = max over the 32 tokens, top 50 per query, the reference excluded.
-  jax: `cirjax.eval.retrieval.top_k` (queries sharded over devices, corpus streamed in blocks,
+  jax: `cirjax.eval.retrieval.top_k` (corpus rows split over devices, streamed in blocks,
   running `lax.top_k`). torch: the same scores with `einsum` + `amax` + `topk` per query
   block over the whole corpus. The jax row's `speedup_vs_torch` = torch time / jax time.
   Both start from host (NumPy) features and end with host results, so transfers are
@@ -56,9 +56,9 @@ def _features(nq: int, n: int, tokens: int, dim: int, seed: int = 0):
   return q, c, exclude
 
 
-def _torch_topk(q_np, c_np, exclude, k, device, query_block=256):
+def _torch_topk(q_np, c_np, exclude, k, tdev, query_block=256):
   import torch  # pylint: disable=g-import-not-at-top
-  dev = torch.device("cuda" if device == "gpu" else "cpu")
+  dev = torch.device(tdev)
   c = torch.from_numpy(c_np).to(dev)
   q_all = torch.from_numpy(q_np).to(dev)
   ex = torch.from_numpy(exclude.astype(np.int64)).to(dev)
@@ -75,11 +75,14 @@ def _torch_topk(q_np, c_np, exclude, k, device, query_block=256):
   return torch.cat(out_s).cpu().numpy(), torch.cat(out_i).cpu().numpy()
 
 
-def _interleaved(fns: dict, iters: int) -> dict:
+def _interleaved(fns: dict, iters: int, dry_run=None, program: str = "") -> dict:
   """Median/min/mean seconds of each function, timed in alternation (`iters` rounds after
   one warm-up call each): a shared machine's load drifts, and alternating exposes every
-  implementation to the same drift (timing them one after the other did not)."""
+  implementation to the same drift (timing them one after the other did not). In a dry run:
+  each called once."""
   from cirjax import benchmarking  # pylint: disable=g-import-not-at-top
+  if dry_run is not None:
+    return {name: dry_run.run_once(program, fn, name)[0] for name, fn in fns.items()}
   for fn in fns.values():
     benchmarking.block(fn())
   samples = {name: [] for name in fns}
@@ -93,25 +96,47 @@ def _interleaved(fns: dict, iters: int) -> dict:
                  "interleaved": True} for name, s in samples.items()}
 
 
-def _retrieval_rows(name: str, sz: dict, tokens: int, device: str) -> list[dict]:
+def _dry_compile_step(name: str, scorer, mesh, dry_run) -> None:
+  """A dry run's build / compile / CUDA lowering of the jitted ranking program `top_k` runs
+  for each query block (at the block shapes it picks), recorded as `name`."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from cirjax import benchmarking  # pylint: disable=g-import-not-at-top
+  from cirjax.eval import retrieval  # pylint: disable=g-import-not-at-top
+  qb = min(256, scorer.num_queries)  # as top_k's default query block
+  n_local = scorer.corpus_rows.shape[0] // mesh.devices.size
+  block = max(1, min(retrieval.default_corpus_block(scorer, qb), n_local))
+  # pylint: disable-next=protected-access  # the program top_k runs per query block
+  rank = retrieval._ranker(mesh, K, block, scorer.num_corpus)
+  rows = retrieval._replicated(np.arange(qb, dtype=np.int32), mesh)  # pylint: disable=protected-access
+  benchmarking.compile_program(name, rank, scorer.query_rows, scorer.corpus_rows, rows, rows,
+                               dry_run=dry_run)
+
+
+def _retrieval_rows(name: str, sz: dict, tokens: int, device: str, dry_run=None) -> list[dict]:
+  from cirjax import benchmarking  # pylint: disable=g-import-not-at-top
   from cirjax.eval import retrieval  # pylint: disable=g-import-not-at-top
   nq, n, dim = sz["nq"], sz["n"], sz["dim"]
   q, c, exclude = _features(nq, n, tokens, dim)
   feats = c if tokens > 1 else c[:, 0]
   mesh = retrieval.make_mesh()
   scorer = retrieval.FeatureScorer(q, feats)
+  tdev = benchmarking.torch_device(device, dry_run)
+  if dry_run is not None:
+    _dry_compile_step(name, scorer, mesh, dry_run)
   flops = 2.0 * nq * n * tokens * dim
   shapes = {"queries": nq, "corpus": n, "tokens": tokens, "dim": dim, "k": K,
             "devices": mesh.devices.size}
   rows = []
-  fns = {"jax": lambda: retrieval.top_k(scorer, K, exclude, mesh)}
+  # A scorer per call: it places the host features on the mesh, so the transfer is timed.
+  fns = {"jax": lambda: retrieval.top_k(retrieval.FeatureScorer(q, feats, mesh=mesh), K,
+                                        exclude, mesh)}
   try:
     import torch  # pylint: disable=g-import-not-at-top
     fns["torch"] = lambda: _torch_topk(q, feats if tokens > 1 else feats[:, None], exclude,
-                                       K, device)
+                                       K, tdev)
   except ImportError:
     torch = None
-  timing = _interleaved(fns, sz["iters"])
+  timing = _interleaved(fns, sz["iters"], dry_run, name)
   t = timing["jax"]
   js, ji = retrieval.top_k(scorer, K, exclude, mesh)
   rows.append({"name": name, "impl": "jax", "step_time_s": t["median_s"],
@@ -120,7 +145,7 @@ def _retrieval_rows(name: str, sz: dict, tokens: int, device: str) -> list[dict]
   if torch is None:
     return rows
   t = timing["torch"]
-  ts, ti = _torch_topk(q, c if tokens > 1 else c[:, :1], exclude, K, device)
+  ts, ti = _torch_topk(q, c if tokens > 1 else c[:, :1], exclude, K, tdev)
   # Same embeddings, same answer: ids agree wherever scores are not tied within fp32 noise.
   agree = float((ji == ti).mean())
   np.testing.assert_allclose(js, ts, rtol=1e-4, atol=1e-5)
@@ -133,7 +158,7 @@ def _retrieval_rows(name: str, sz: dict, tokens: int, device: str) -> list[dict]
   return rows
 
 
-def _encode_rows(sz: dict) -> list[dict]:
+def _encode_rows(sz: dict, dry_run=None) -> list[dict]:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from cirjax.data import images, loader, synth, text  # pylint: disable=g-import-not-at-top
   from cirjax.eval import encoders, evaluate, retrieval  # pylint: disable=g-import-not-at-top
@@ -155,13 +180,17 @@ def _encode_rows(sz: dict) -> list[dict]:
     tf = images.make_transform("targetpad", 224)
     mesh = retrieval.make_mesh()
     threads = min(8, os.cpu_count() or 1)
-    # Warm-up (compilation), then one timed pass.
-    evaluate.encode_split(trivial, split, tf, loader.bert_tokenize_fn(tok), 64, mesh=mesh,
-                          num_threads=threads, log=None)
-    t0 = time.perf_counter()
-    _, timings = evaluate.encode_split(trivial, split, tf, loader.bert_tokenize_fn(tok), 64,
-                                       mesh=mesh, num_threads=threads, log=None)
-    total = time.perf_counter() - t0
+    def encode():
+      return evaluate.encode_split(trivial, split, tf, loader.bert_tokenize_fn(tok), 64,
+                                   mesh=mesh, num_threads=threads, log=None)
+    if dry_run is None:
+      encode()  # warm-up (compilation), then one timed pass
+      t0 = time.perf_counter()
+      _, timings = encode()
+      total = time.perf_counter() - t0
+    else:
+      t, (_, timings) = dry_run.run_once("encode_pipeline", encode)
+      total = t["median_s"]
   return [{"name": "encode_pipeline", "impl": "jax", "step_time_s": total,
            "samples_per_s": timings["corpus_images_per_s"],
            "queries_per_s": timings["queries_encoded_per_s"], "batch": 64,
@@ -171,21 +200,29 @@ def _encode_rows(sz: dict) -> list[dict]:
            "note": "trivial jitted encoder: load + preprocess + transfer throughput"}]
 
 
-def run(device: str = "cpu", quick: bool = False) -> list[dict]:
-  """Benchmark rows (see the module docstring)."""
+def run(device: str = "cpu", quick: bool = False, dry_run=None) -> list[dict]:
+  """Benchmark rows (see the module docstring); `dry_run`: a `benchmarking.DryRun`: the
+  `device` path run once on the CPU."""
   sz = _sizes(device, quick)
-  rows = _retrieval_rows("retrieve_qure", sz, sz["tokens"], device)
-  rows += _retrieval_rows("retrieve_single", sz, 1, device)
-  rows += _encode_rows(sz)
+  rows = _retrieval_rows("retrieve_qure", sz, sz["tokens"], device, dry_run)
+  rows += _retrieval_rows("retrieve_single", sz, 1, device, dry_run)
+  rows += _encode_rows(sz, dry_run)
   return rows
 
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+  p.add_argument("--device", default=None, choices=["cpu", "gpu"], help="default cpu")
   p.add_argument("--quick", action="store_true")
   p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+  p.add_argument("--dry-run", action="store_true",
+                 help="the --device gpu path once through on this CPU at quick sizes (as "
+                 "`cirjax bench --dry-run`); writes <out>/dryrun/")
   args = p.parse_args(argv)
+  if args.dry_run:
+    from cirjax.commands import bench  # pylint: disable=g-import-not-at-top
+    return bench.script_dry_run(__file__, args.device, args.out)
+  args.device = args.device or "cpu"
   if args.device == "cpu":
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
     import jax  # pylint: disable=g-import-not-at-top

@@ -47,12 +47,14 @@ from cirjax.models import llava, llava_convert  # noqa: E402  pylint: disable=g-
 
 
 def _sizes(device: str, quick: bool) -> dict:
+  # The GPU path (bf16, attention_impl 'auto': cuDNN's fused kernels) holds at quick sizes too.
   if quick:
     return dict(vision=dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
                             num_hidden_layers=2, image_size=56, patch_size=14),
                 text=dict(vocab_size=512, hidden_size=128, intermediate_size=256,
                           num_hidden_layers=2, num_attention_heads=4),
-                batch=4, text_len=24, iters=2, rank=8, dtype="float32")
+                batch=4, text_len=24, iters=2, rank=8,
+                dtype="bfloat16" if device == "gpu" else "float32")
   real_v = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
                 image_size=224, patch_size=14)
   real_t = dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192,
@@ -76,7 +78,9 @@ def build(sz: dict, seed: int = 0):
                                bos_token_id=1, eos_token_id=2)
   vc = transformers.CLIPVisionConfig(**sz["vision"])
   cfg = transformers.LlavaConfig(vision_config=vc, text_config=tc, image_token_index=3)
-  cfg._attn_implementation = "eager"  # pylint: disable=protected-access
+  # PyTorch's side as its users run it: HF's default fused attention (SDPA) on the
+  # bf16 GPU path; the exact eager formulation on the fp32 CPU path (parity-grade numerics).
+  cfg._attn_implementation = "sdpa" if sz["dtype"] == "bfloat16" else "eager"  # pylint: disable=protected-access
   model = transformers.LlavaForConditionalGeneration(cfg).eval()
   with torch.no_grad():  # move norms/biases off their init so nothing is trivially 0 or 1
     g = torch.Generator().manual_seed(seed)
@@ -148,19 +152,26 @@ def _progress(row: dict) -> None:
         file=sys.stderr, flush=True)
 
 
-def _torch_device(device: str):
+def _torch_device(device: str, dry_run=None):
   # torch is the optional PyTorch reference (the `torch` extra).
   import torch  # pylint: disable=g-import-not-at-top
-  return torch.device("cuda" if device == "gpu" else "cpu")
+  return torch.device(benchmarking.torch_device(device, dry_run))
 
 
-def _embed_rows(sz, device, model, params, config) -> list[dict]:
+def _run_config(config, sz: dict):
+  """The run's model config: its compute dtype; on bf16 (the GPU path) attention 'auto', which
+  takes cuDNN's fused kernels on a GPU, as InstructCIR's training configs do."""
+  return config.replace(dtype=sz["dtype"], param_dtype=sz["dtype"],
+                        attention_impl="auto" if sz["dtype"] == "bfloat16" else "xla")
+
+
+def _embed_rows(sz, device, model, params, config, dry_run=None) -> list[dict]:
   # torch is the optional PyTorch reference (the `torch` extra).
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
-  dev = _torch_device(device)
+  dev = _torch_device(device, dry_run)
   tdtype = torch.bfloat16 if sz["dtype"] == "bfloat16" else torch.float32
-  cfg = config.replace(dtype=sz["dtype"], param_dtype=sz["dtype"])
+  cfg = _run_config(config, sz)
   p = jax.device_put(llava.cast_params(params, cfg))
   tmodel = model.to(dev, tdtype)
   f = jax.jit(llava.embed, static_argnames=("config",))
@@ -170,15 +181,17 @@ def _embed_rows(sz, device, model, params, config) -> list[dict]:
     b, seq = ids.shape
     j_ids, j_mask = jnp.asarray(ids), jnp.asarray(mask)
     j_pix = None if pix is None else jnp.asarray(pix)
-    compiled = f.lower(p, cfg, j_ids, j_mask, j_pix).compile()
+    compiled = benchmarking.compile_program(name, f, p, cfg, j_ids, j_mask, j_pix,
+                                            dry_run=dry_run, attention=True)
     cost = benchmarking.compiled_cost(compiled)
     flops = analytic_flops(config, b, seq, images)
     shapes = {"batch": b, "seq_len": seq, "image_tokens": config.num_image_tokens if images
               else 0, "image_size": config.vision.image_size,
               "vision_layers": config.vision.num_layers, "text_layers": config.text.num_layers,
-              "hidden": config.text.hidden_size, "dtype": sz["dtype"]}
+              "hidden": config.text.hidden_size, "dtype": sz["dtype"],
+              "attention_impl": cfg.attention_impl}
     t = benchmarking.time_fn(lambda: compiled(p, j_ids, j_mask, j_pix), warmup=1,
-                             iters=sz["iters"])
+                             iters=sz["iters"], dry_run=dry_run, program=name)
     got = np.asarray(compiled(p, j_ids, j_mask, j_pix), np.float32)
     rows.append({"name": name, "impl": "jax", "step_time_s": t["median_s"],
                  "samples_per_s": b / t["median_s"], "flops": flops,
@@ -197,7 +210,8 @@ def _embed_rows(sz, device, model, params, config) -> list[dict]:
         return F.normalize(out.hidden_states[-1][:, -1].float(), dim=-1)
     if dev.type == "cuda":
       torch.cuda.reset_peak_memory_stats()
-    t = benchmarking.time_fn(torch_embed, warmup=1, iters=sz["iters"])
+    t = benchmarking.time_fn(torch_embed, warmup=1, iters=sz["iters"], dry_run=dry_run,
+                             program=name, impl="torch_eager")
     want = torch_embed().cpu().numpy()
     rows[-1]["max_abs_diff_vs_torch"] = float(np.max(np.abs(got - want)))
     rows.append({"name": name, "impl": "torch", "step_time_s": t["median_s"],
@@ -210,7 +224,8 @@ def _embed_rows(sz, device, model, params, config) -> list[dict]:
   return rows
 
 
-def run_lora_step(device: str = "cpu", quick: bool = False, *, built=None) -> list[dict]:
+def run_lora_step(device: str = "cpu", quick: bool = False, *, built=None, dry_run=None
+                  ) -> list[dict]:
   """One InstructCIR stage-2 LoRA train step (see module docstring), jax vs PyTorch+PEFT."""
   # peft and torch are the optional PyTorch reference (the `torch` extra).
   import peft  # pylint: disable=g-import-not-at-top
@@ -218,7 +233,7 @@ def run_lora_step(device: str = "cpu", quick: bool = False, *, built=None) -> li
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   sz = _sizes(device, quick)
   model, params, config = built or build(sz)
-  cfg = config.replace(dtype=sz["dtype"], param_dtype=sz["dtype"])
+  cfg = _run_config(config, sz)
   p = jax.device_put(llava.cast_params(params, cfg))
   b = sz["batch"]
   q_ids, q_mask, pix = inputs(config, b, sz["text_len"], True, seed=1)
@@ -248,7 +263,8 @@ def run_lora_step(device: str = "cpu", quick: bool = False, *, built=None) -> li
   batch = jax.device_put({"q_ids": q_ids, "q_mask": q_mask, "pix": pix, "c_ids": c_ids,
                           "c_mask": c_mask})
   args = (adapter.params, opt, jax.random.PRNGKey(1), p, batch)
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(*args).compile()
+  compiled = benchmarking.compile_program("llava_lora_step", jax.jit(step, donate_argnums=(0, 1)),
+                                          *args, dry_run=dry_run, attention=True)
   cost = benchmarking.compiled_cost(compiled)
   state = {"ap": adapter.params, "opt": opt, "i": 0}
 
@@ -262,14 +278,16 @@ def run_lora_step(device: str = "cpu", quick: bool = False, *, built=None) -> li
   shapes = {"batch": b, "query_seq_len": seq_q, "caption_seq_len": seq_c,
             "text_layers": config.text.num_layers, "vision_layers": config.vision.num_layers,
             "hidden": config.text.hidden_size, "lora_rank": lcfg.rank,
-            "lora_params": adapter.num_params(), "dtype": sz["dtype"]}
-  t = benchmarking.time_fn(jax_step, warmup=1, iters=sz["iters"])
+            "lora_params": adapter.num_params(), "dtype": sz["dtype"],
+            "attention_impl": cfg.attention_impl}
+  t = benchmarking.time_fn(jax_step, warmup=1, iters=sz["iters"], dry_run=dry_run,
+                           program="llava_lora_step")
   rows = [{"name": "llava_lora_step", "impl": "jax", "step_time_s": t["median_s"],
            "samples_per_s": b / t["median_s"], "flops": flops, "xla_flops": cost["flops"],
            "peak_memory_bytes": cost["peak_memory_bytes"], "batch": b, "shapes": shapes,
            "timing": t}]
   _progress(rows[-1])
-  dev = _torch_device(device)
+  dev = _torch_device(device, dry_run)
   tdtype = torch.bfloat16 if sz["dtype"] == "bfloat16" else torch.float32
   pcfg = peft.LoraConfig(r=lcfg.rank, lora_alpha=16, lora_dropout=0.05,
                          target_modules=lora.DEFAULT_TARGET_MODULES)
@@ -294,34 +312,44 @@ def run_lora_step(device: str = "cpu", quick: bool = False, *, built=None) -> li
     return loss.detach()
   if dev.type == "cuda":
     torch.cuda.reset_peak_memory_stats()
-  t = benchmarking.time_fn(torch_step, warmup=1, iters=sz["iters"])
+  t = benchmarking.time_fn(torch_step, warmup=1, iters=sz["iters"], dry_run=dry_run,
+                           program="llava_lora_step", impl="torch_peft")
   rows.append({"name": "llava_lora_step", "impl": "torch", "step_time_s": t["median_s"],
                "samples_per_s": b / t["median_s"], "flops": flops,
                "peak_memory_bytes": (torch.cuda.max_memory_allocated() if dev.type == "cuda"
                                      else None),
                "batch": b, "shapes": shapes, "timing": t, "torch_threads": torch.get_num_threads(),
-               "note": "PEFT LoRA + torch.optim.AdamW, eager attention"})
+               "note": "PEFT LoRA + torch.optim.AdamW, "
+                       + ("SDPA" if sz["dtype"] == "bfloat16" else "eager") + " attention"})
   _progress(rows[-1])
   return rows
 
 
-def run(device: str = "cpu", quick: bool = False) -> list[dict]:
-  """Benchmark rows (see the module docstring)."""
+def run(device: str = "cpu", quick: bool = False, dry_run=None) -> list[dict]:
+  """Benchmark rows (see the module docstring); `dry_run`: a `benchmarking.DryRun`: the
+  `device` path run once on the CPU."""
   sz = _sizes(device, quick)
   print(f"bench_llava_embed: building the models ({device}, quick={quick})", file=sys.stderr,
         flush=True)
   built = build(sz)
-  rows = _embed_rows(sz, device, *built)
-  rows += run_lora_step(device, quick, built=built)
+  rows = _embed_rows(sz, device, *built, dry_run=dry_run)
+  rows += run_lora_step(device, quick, built=built, dry_run=dry_run)
   return rows
 
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+  p.add_argument("--device", default=None, choices=["cpu", "gpu"], help="default cpu")
   p.add_argument("--quick", action="store_true")
   p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+  p.add_argument("--dry-run", action="store_true",
+                 help="the --device gpu path once through on this CPU at quick sizes (as "
+                 "`cirjax bench --dry-run`); writes <out>/dryrun/")
   args = p.parse_args(argv)
+  if args.dry_run:
+    from cirjax.commands import bench  # pylint: disable=g-import-not-at-top
+    return bench.script_dry_run(__file__, args.device, args.out)
+  args.device = args.device or "cpu"
   if args.device == "cpu":
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
     jax.config.update("jax_platforms", "cpu")

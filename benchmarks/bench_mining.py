@@ -55,17 +55,17 @@ from cirjax import benchmarking, mining  # noqa: E402  pylint: disable=g-import-
 
 THRESHOLD = 1
 TEMP = 0.07
-# Peak memory bandwidth by device kind (datasheets), for the bandwidth floor.
-_GPU_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
+# Peak memory bandwidth by device kind (datasheets), for the bandwidth floor; matched as a
+# substring of `device_kind` in this order (PCIe / NVL variants before the SXM parts).
+_GPU_BANDWIDTH = {"H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H200": 4.8e12, "H100": 3.35e12,
+                  "A100": 2.0e12}
 
 
 def _problems(device: str, quick: bool) -> list[dict]:
   """`loop_queries`: queries the per-query loops are timed on (all of them when >= q; the
   row then says it is measured in full, else that its full-size time is extrapolated)."""
   if quick:
-    return [{"name": "cirr_small", "q": 512, "n": 2048, "loop_queries": 512, "iters": 2},
-            {"name": "fashioniq_small", "q": 384, "n": 1024, "repeat_ids": True,
-             "loop_queries": 384, "iters": 2}]
+    return _quick_problems(device)
   probs = [{"name": "2k_x_17k", "q": 2000, "n": 17000, "loop_queries": 2000, "iters": 2},
            {"name": "cirr", "q": 28225, "n": 16939, "loop_queries": 2000, "iters": 1},
            {"name": "fashioniq", "q": 5985, "n": 5985, "repeat_ids": True,
@@ -75,6 +75,16 @@ def _problems(device: str, quick: bool) -> list[dict]:
       p.update(iters=5, loop_queries=200)
     probs.append({"name": "100k", "q": 100_000, "n": 100_000, "matmul_blocks": True,
                   "loop_queries": 50, "iters": 2})
+  return probs
+
+
+def _quick_problems(device: str) -> list[dict]:
+  probs = [{"name": "cirr_small", "q": 512, "n": 2048, "loop_queries": 512, "iters": 2},
+           {"name": "fashioniq_small", "q": 384, "n": 1024, "repeat_ids": True,
+            "loop_queries": 384, "iters": 2}]
+  if device == "gpu":  # the 100k problem's path: scores made block by block on device
+    probs.append({"name": "matmul_small", "q": 512, "n": 1024, "matmul_blocks": True,
+                  "loop_queries": 64, "iters": 2})
   return probs
 
 
@@ -194,9 +204,9 @@ def torch_per_block(score_block_fn, targets, q: int, n: int, threshold: int = TH
 # ---------------------------------------------------------------------------------------
 
 
-def _bandwidth_floor(q: int, n: int, device: str) -> tuple[float | None, str]:
+def _bandwidth_floor(q: int, n: int, device: str, dry_run=None) -> tuple[float | None, str]:
   """Seconds to read the fp32 scores once and write + read 8-byte sort keys once."""
-  if device != "gpu":
+  if device != "gpu" or dry_run is not None:
     return None, "cpu: no fixed bandwidth figure"
   kind = getattr(jax.devices()[0], "device_kind", "")
   for key, bw in _GPU_BANDWIDTH.items():
@@ -205,9 +215,11 @@ def _bandwidth_floor(q: int, n: int, device: str) -> tuple[float | None, str]:
   return None, f"unknown GPU {kind!r}"
 
 
-def _timed(fn, warm_fn, iters: int):
+def _timed(fn, warm_fn, iters: int, dry_run=None, program: str = "", impl: str = "jax"):
   """(timing dict like `benchmarking.time_fn`, last output). `warm_fn` compiles on a small
-  slice, so big problems are not run an extra time just to warm up."""
+  slice, so big problems are not run an extra time just to warm up. A dry run: one call."""
+  if dry_run is not None:
+    return dry_run.run_once(program, fn, impl)
   benchmarking.block(warm_fn())
   samples, out = [], None
   for _ in range(iters):
@@ -257,17 +269,22 @@ def sort_floor_s(host: np.ndarray, rows: int = 1024) -> float:
   return total
 
 
-def _loop_row(p, name, impl, variant, fn, scores, targets, ref_sets, shapes, device):
+def _loop_row(p, name, impl, variant, fn, scores, targets, ref_sets, shapes, tdev, dry_run=None):
   """A per-query loop timed on `loop_queries` queries; its full-size time is measured when
-  that is every query, else extrapolated (rows are independent) and labelled so."""
+  that is every query, else extrapolated (rows are independent) and labelled so. A dry run
+  runs the loop on 8 queries."""
   q = p["q"]
-  nl = min(p["loop_queries"], q)
+  nl = min(p["loop_queries"], q, 8 if dry_run is not None else q)
   print(f"[{p['name']}] timing {impl} {variant} on {nl} queries", file=sys.stderr, flush=True)
+
+  def loop():
+    out = fn(scores, targets, num=nl)
+    if tdev == "cuda":
+      import torch  # pylint: disable=g-import-not-at-top
+      torch.cuda.synchronize()
+    return out
   t0 = time.perf_counter()
-  out = fn(scores, targets, num=nl)
-  if device == "gpu":
-    import torch  # pylint: disable=g-import-not-at-top
-    torch.cuda.synchronize()
+  out = loop() if dry_run is None else dry_run.run_once(name, loop, variant)[1]
   dt = time.perf_counter() - t0
   as_np = lambda x: x.cpu().numpy() if hasattr(x, "cpu") else np.asarray(x)  # noqa: E731
   same = all(np.array_equal(as_np(out[i]), ref_sets[i]) for i in range(nl))
@@ -282,7 +299,18 @@ def _loop_row(p, name, impl, variant, fn, scores, targets, ref_sets, shapes, dev
           "identical_to_jax": same}
 
 
-def _problem_rows(p: dict, device: str) -> list[dict]:
+def _dry_compile_kernel(name: str, rows: int, n: int, dry_run) -> None:
+  """A dry run's build / compile / CUDA lowering of the jitted XLA mining kernel at the block
+  shape `hard_negative_sets(method="xla")` runs (default options, no mesh)."""
+  args = (jax.ShapeDtypeStruct((rows, n), jnp.float32), jax.ShapeDtypeStruct((rows,), jnp.int32),
+          np.int32(min(THRESHOLD, n)), np.bool_(False))
+  with jax.enable_x64(True):  # the kernel sorts packed 64-bit keys, as the driver runs it
+    # pylint: disable-next=protected-access  # the kernel the driver calls once per block
+    kernel = mining._compiled("qure", (("top_drops", 32),), None, None)
+    benchmarking.compile_program(name, kernel, *args, dry_run=dry_run)
+
+
+def _problem_rows(p: dict, device: str, dry_run=None) -> list[dict]:
   """Long because: one problem's seven rows, each timed and checked against the others."""
   q, n = p["q"], p["n"]
   qf, cf, targets = _features(q, n)
@@ -323,14 +351,16 @@ def _problem_rows(p: dict, device: str) -> list[dict]:
                                      image_ids=image_ids, consecutive_threshold=THRESHOLD,
                                      block_size=block, method=method)
   name = f"mine_{p['name']}"
+  if dry_run is not None:
+    _dry_compile_kernel(name, block, n, dry_run)
   timed = {}
   for method in (("xla",) if device == "gpu" else ("numpy", "xla")):
     print(f"[{p['name']}] timing cirjax {method}", file=sys.stderr, flush=True)
     timed[method] = _timed(lambda m=method: run_jax(m), lambda m=method: run_jax(m, block),
-                           p["iters"])
+                           p["iters"], dry_run, name)
   rows = []
   for method, (t, (sets, stats)) in timed.items():
-    floor, floor_src = _bandwidth_floor(q, n, device)
+    floor, floor_src = _bandwidth_floor(q, n, device, dry_run)
     rows.append({"name": name, "impl": "jax", "variant": f"cirjax_{method}",
                  "step_time_s": t["median_s"], "samples_per_s": q / t["median_s"],
                  "batch": q, "shapes": shapes, "timing": t,
@@ -344,18 +374,19 @@ def _problem_rows(p: dict, device: str) -> list[dict]:
                                        and np.array_equal(a.indices, b.indices))
   if host is not None:
     print(f"[{p['name']}] timing the sort floor", file=sys.stderr, flush=True)
-    fl = min(sort_floor_s(host) for _ in range(max(1, p["iters"])))
+    fl = min(sort_floor_s(host) for _ in range(1 if dry_run else max(1, p["iters"])))
     # impl "floor": not a reference implementation, so `cirjax bench` ratios skip it.
     rows.append({"name": name, "impl": "floor", "variant": "sort_floor", "step_time_s": fl,
                  "samples_per_s": q / fl, "batch": q, "shapes": shapes,
                  "note": "np.sort of every row's packed 64-bit keys alone, one thread"})
   # Position sets (before de-duplication by image id) are what the baselines compute.
   ref_sets = (timed[next(iter(timed))][1][0] if ids is None
-              else run_jax("auto", image_ids=None)[0])
-  rows += _torch_rows(p, name, host, qf, cf, targets, ids, ref_sets, shapes, device)
+              else run_jax(next(iter(timed)), image_ids=None)[0])
+  tdev = benchmarking.torch_device(device, dry_run)
+  rows += _torch_rows(p, name, host, qf, cf, targets, ids, ref_sets, shapes, tdev, dry_run)
   if host is not None:
     rows.append(_loop_row(p, name, "numpy", "numpy_per_query_loop", numpy_per_query_loop,
-                          host, targets, ref_sets, shapes, device))
+                          host, targets, ref_sets, shapes, tdev, dry_run))
   _add_ratios(rows)
   return rows
 
@@ -372,14 +403,14 @@ def _add_ratios(rows: list[dict]) -> None:
         r[key] = (r["step_time_s"] / t) if other == "sort_floor" else t / r["step_time_s"]
 
 
-def _torch_rows(p, name, host, qf, cf, targets, ids, ref_sets, shapes, device):
+def _torch_rows(p, name, host, qf, cf, targets, ids, ref_sets, shapes, tdev, dry_run=None):
   try:
     # torch is optional here: without it only the cirjax rows are measured.
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
     return []
   q, n = p["q"], p["n"]
-  tdev = torch.device("cuda" if device == "gpu" else "cpu")
+  tdev = torch.device(tdev)
   if host is None:
     qt, ct = torch.from_numpy(qf).to(tdev), torch.from_numpy(cf).to(tdev)
     tt = torch.from_numpy(targets.astype(np.int64)).to(tdev)
@@ -395,7 +426,8 @@ def _torch_rows(p, name, host, qf, cf, targets, ids, ref_sets, shapes, device):
 
   def run_block(nq=q):
     return torch_per_block(torch_block_fn, targets, nq, n, device=tdev)
-  t_blk, (off, flat) = _timed(run_block, lambda: run_block(min(q, 1024)), p["iters"])
+  t_blk, (off, flat) = _timed(run_block, lambda: run_block(min(q, 1024)), p["iters"], dry_run,
+                              name, "torch_per_block")
   if ids is not None:  # the same unique-ids-minus-target post-processing, timed apart
     t0 = time.perf_counter()
     mining._dedup_minus_target(off, ids[flat], ids[targets])  # pylint: disable=protected-access
@@ -410,18 +442,20 @@ def _torch_rows(p, name, host, qf, cf, targets, ids, ref_sets, shapes, device):
            "identical_to_jax": same_block, "torch_threads": torch.get_num_threads()}]
   loop_scores = torch_block_fn(0, min(p["loop_queries"], q))
   row = _loop_row(p, name, "torch", "torch_per_query_loop", torch_per_query_loop,
-                  loop_scores, targets, ref_sets, shapes, device)
+                  loop_scores, targets, ref_sets, shapes, tdev.type, dry_run)
   row["torch_threads"] = torch.get_num_threads()
   return rows + [row]
 
 
-def run(device: str = "cpu", quick: bool = False, only: list[str] | None = None) -> list[dict]:
-  """Benchmark rows (see the module docstring); `only` restricts to named problems."""
+def run(device: str = "cpu", quick: bool = False, only: list[str] | None = None,
+        dry_run=None) -> list[dict]:
+  """Benchmark rows (see the module docstring); `only` restricts to named problems;
+  `dry_run`: a `benchmarking.DryRun`: the `device` path run once on the CPU."""
   rows = []
   for p in _problems(device, quick):
     if only and p["name"] not in only:
       continue
-    rows += _problem_rows(p, device)
+    rows += _problem_rows(p, device, dry_run)
   return rows
 
 
@@ -432,11 +466,18 @@ def _loop_ratio(row: dict, impl: str) -> float:
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+  ap.add_argument("--device", default=None, choices=["cpu", "gpu"], help="default cpu")
   ap.add_argument("--quick", action="store_true", help="small shapes (seconds)")
   ap.add_argument("--only", nargs="*", help="problem names (cirr, fashioniq, 100k, ...)")
   ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+  ap.add_argument("--dry-run", action="store_true",
+                  help="the --device gpu path once through on this CPU at quick sizes (as "
+                  "`cirjax bench --dry-run`); writes <out>/dryrun/")
   args = ap.parse_args(argv)
+  if args.dry_run:
+    from cirjax.commands import bench  # pylint: disable=g-import-not-at-top
+    return bench.script_dry_run(__file__, args.device, args.out)
+  args.device = args.device or "cpu"
   if args.device == "cpu":
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
     jax.config.update("jax_platforms", "cpu")

@@ -151,10 +151,12 @@ def estimate_rows(results_dir: Path = HERE / "results") -> list[dict]:
   vit = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes["vision"]))
   qformer_trainable = total - vit
 
-  measured = {}
+  measured, gpu_kind = {}, "GPU"
   gpu = results_dir / "bench_gpu.json"
   if gpu.is_file():
-    for r in json.loads(gpu.read_text()).get("rows", []):
+    payload = json.loads(gpu.read_text())
+    gpu_kind = ", ".join(sorted(set(payload.get("machine", {}).get("devices", [])))) or "GPU"
+    for r in payload.get("rows", []):
       if r.get("impl") == "jax" and r.get("name", "").startswith("qure_step") and r.get("step_time_s"):
         measured.setdefault(r["name"], r)
   qure_batch = 32
@@ -163,10 +165,10 @@ def estimate_rows(results_dir: Path = HERE / "results") -> list[dict]:
     r = measured.get(name)
     if r and r.get("batch"):
       # Rescale a measured step to the papers' per-GPU batch (compute scales with batch).
-      return r["step_time_s"] * qure_batch / r["batch"], f"measured on {r.get('device', 'GPU')}"
+      return r["step_time_s"] * qure_batch / r["batch"], f"measured on {gpu_kind}"
     return est.modelled_step_s(flops), "modelled: analytic FLOPs at 40% MFU of H100 bf16"
 
-  t_full, src_full = step_for("qure_step", est.qure_step_flops(qure_batch))
+  t_full, src_full = step_for("qure_step_pixels", est.qure_step_flops(qure_batch))
   t_cached, src_cached = step_for("qure_step_cached",
                                   est.qure_step_flops(qure_batch, cached_features=True))
   # Phi-3.5-mini (3.82 B) + CLIP-L; LoRA r=64 on every linear of the decoder (~100 M).
@@ -183,7 +185,13 @@ def estimate_rows(results_dir: Path = HERE / "results") -> list[dict]:
   return est.table(workloads)
 
 
-def run(device: str = "cpu", quick: bool = False) -> dict:
+def run(device: str = "cpu", quick: bool = False, dry_run=None) -> dict:
+  """The fake-device sweep (CPU only) and the DP/FSDP estimate; on GPU the estimate alone
+  (from this GPU's measured train step, when bench_gpu.json has one). `dry_run`: a
+  `benchmarking.DryRun`: the `device` path once on the CPU."""
+  if dry_run is not None and device == "gpu":
+    _, estimate = dry_run.run_once("dp_fsdp_estimate", estimate_rows, "host")
+    return {"rows": [], "estimate": estimate}
   sizes = _sizes(quick)
   rows = []
   if device == "cpu":

@@ -13,11 +13,13 @@ update (weight decay 0.05). Two cases:
 
 PyTorch runs HF `Blip2ForImageTextRetrieval` modules with the same weights (converted with
 `cirjax.models.blip2_convert`), `torch.optim.AdamW` on the same trainable set, eager and, where
-it compiles, `torch.compile`. Both sides fp32 (cirjax with matmul precision 'highest').
+it compiles, `torch.compile`. On CPU both sides fp32 (cirjax with matmul precision 'highest');
+on GPU as training runs: bf16 compute over fp32 weights (cirjax with `attention_impl='auto'`,
+cuDNN's fused attention where the model allows; torch under bf16 autocast).
 The HF vision tower is EVA-style (BLIP-2's own), at CLIP-L widths: same FLOPs as CLIP-L.
 Depth is reduced on CPU (`_sizes`), full (23 ViT + 12 Q-Former layers) on GPU.
 FLOPs are XLA's count of the compiled cirjax step; MFU = FLOPs / step time / peak
-(datasheet on GPU, a measured matmul ceiling on CPU).
+(datasheet bf16 dense on GPU, a measured matmul ceiling on CPU).
 
 `python benchmarks/bench_train_step.py [--device cpu|gpu] [--quick]` writes
 benchmarks/results/train_step_<device>.json.
@@ -34,11 +36,20 @@ import numpy as np
 
 
 def _sizes(device: str, quick: bool) -> dict:
+  # On GPU the step runs as training does (configs/qure_blip2_cirr.py): bf16 compute over fp32
+  # master weights, attention_impl 'auto' (cuDNN's fused kernels where the model allows);
+  # on CPU in fp32. `quick` shrinks the shapes, never the GPU path.
+  dtype = {"dtype": "bfloat16" if device == "gpu" else "float32"}
   if quick:
-    return {"batch": 2, "vision_layers": 1, "qformer_layers": 2, "iters": 2, "warmup": 1}
+    return {"batch": 2, "vision_layers": 1, "qformer_layers": 2, "iters": 2, "warmup": 1, **dtype}
   if device == "gpu":
-    return {"batch": 32, "vision_layers": 23, "qformer_layers": 12, "iters": 10, "warmup": 3}
-  return {"batch": 4, "vision_layers": 2, "qformer_layers": 2, "iters": 3, "warmup": 1}
+    return {"batch": 32, "vision_layers": 23, "qformer_layers": 12, "iters": 10, "warmup": 3,
+            **dtype}
+  return {"batch": 4, "vision_layers": 2, "qformer_layers": 2, "iters": 3, "warmup": 1, **dtype}
+
+
+def torch_attention(sz: dict) -> str:
+  return "sdpa" if sz["dtype"] == "bfloat16" else "eager"
 
 
 def _hf_model(sz: dict, tdev: str):
@@ -53,7 +64,9 @@ def _hf_model(sz: dict, tdev: str):
       encoder_hidden_size=1024, vocab_size=30523, use_qformer_text_input=True)
   cfg = transformers.Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
                                  num_query_tokens=32, image_text_hidden_size=256)
-  cfg._attn_implementation = "eager"  # pylint: disable=protected-access
+  # PyTorch's side as its users run it: HF's default fused attention (SDPA) on the
+  # bf16 GPU path; the exact eager formulation on the fp32 CPU path (parity-grade numerics).
+  cfg._attn_implementation = torch_attention(sz)  # pylint: disable=protected-access
   torch.manual_seed(0)
   m = transformers.Blip2ForImageTextRetrieval(cfg)
   with torch.no_grad():  # HF zero-inits the query tokens; make them matter
@@ -61,8 +74,9 @@ def _hf_model(sz: dict, tdev: str):
   return m.to(tdev)
 
 
-def _torch_step(m, cached: bool, compile_: bool):
-  """A closure running one QuRe step in PyTorch (frozen ViT, trained rest, AdamW)."""
+def _torch_step(m, cached: bool, compile_: bool, dtype: str = "float32"):
+  """A closure running one QuRe step in PyTorch (frozen ViT, trained rest, AdamW); bf16:
+  under autocast (fp32 weights, bf16 matmuls), as the reference trains in mixed precision."""
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   trained = [p for n, p in m.named_parameters()
@@ -97,11 +111,15 @@ def _torch_step(m, cached: bool, compile_: bool):
   if compile_:
     loss_fn = torch.compile(loss_fn)
 
+  autocast = torch.autocast(m.query_tokens.device.type, dtype=torch.bfloat16,
+                            enabled=dtype == "bfloat16")
+
   def step(ref, pos, neg, ids, mask):
-    if not cached:
-      ref, pos, neg = vit(ref), vit(pos), vit(neg)
-    opt.zero_grad(set_to_none=True)
-    loss = loss_fn(ref, pos, neg, ids, mask)
+    with autocast:
+      if not cached:
+        ref, pos, neg = vit(ref), vit(pos), vit(neg)
+      opt.zero_grad(set_to_none=True)
+      loss = loss_fn(ref, pos, neg, ids, mask)
     loss.backward()
     opt.step()
     return loss.detach()
@@ -109,8 +127,9 @@ def _torch_step(m, cached: bool, compile_: bool):
   return step
 
 
-def _jax_step(cfg, params, cached: bool):
-  """The cirjax train step (cirjax.train.step.make_train_step) and its initial state."""
+def _jax_step(cfg, params, cached: bool, dtype: str = "float32"):
+  """The cirjax train step (cirjax.train.step.make_train_step) and its initial state; `cfg` is
+  the run config (compute dtype, attention kernel), as `QuReTask._run_cfg` makes it."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
@@ -139,32 +158,38 @@ def _jax_step(cfg, params, cached: bool):
   tcfg = ml_collections.ConfigDict(dict(lr=1e-5, schedule="constant", weight_decay=0.05))
   tx, _ = st.make_optimizer(tcfg, mask, 1, 1)
   state = st.init_state(params, tx)
-  return jax.jit(make_train_step(loss_fn, tx, mask), donate_argnums=(0,)), state
+  step = make_train_step(loss_fn, tx, mask, compute_dtype=dtype)
+  return jax.jit(step, donate_argnums=(0,)), state
 
 
-def run(device: str = "cpu", quick: bool = False, torch_compile: bool | None = None
-        ) -> list[dict]:
+def run(device: str = "cpu", quick: bool = False, torch_compile: bool | None = None,
+        dry_run=None) -> list[dict]:
   """Rows for the cached-feature and pixel QuRe steps, jax and torch (eager, compiled).
 
   `torch_compile`: also time `torch.compile` (default: on GPU only; inductor's C++ build
-  takes minutes on a small CPU machine).
+  takes minutes on a small CPU machine; never in a dry run). `dry_run`: a
+  `benchmarking.DryRun`: the `device` path run once on the CPU.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   from cirjax import benchmarking  # pylint: disable=g-import-not-at-top
   from cirjax.models import blip2_convert  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_default_matmul_precision", "highest")
-  tdev = "cuda" if device == "gpu" else "cpu"
-  if device == "gpu":
+  tdev = benchmarking.torch_device(device, dry_run)
+  if tdev == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
   sz = _sizes(device, quick)
   print(f"[bench_train_step] HF BLIP-2 (ViT 1024 x {sz['vision_layers']}, Q-Former 768 x "
-        f"{sz['qformer_layers']}), batch {sz['batch']}", file=sys.stderr, flush=True)
+        f"{sz['qformer_layers']}), batch {sz['batch']}, {sz['dtype']}", file=sys.stderr,
+        flush=True)
   m = _hf_model(sz, tdev)
   state_dict = {k: v.detach().float().cpu().numpy() for k, v in m.state_dict().items()}
   cfg = blip2_convert.config_from_hf(m.config.to_dict())
   params = blip2_convert.params_from_hf_state(state_dict, cfg)
+  bf16 = sz["dtype"] == "bfloat16"
+  run_cfg = cfg.replace(dtype=sz["dtype"], vision_dtype=None,
+                        attention_impl="auto" if bf16 else "xla")
   b, text_len = sz["batch"], 32
   seq = (224 // 14) ** 2 + 1
   rng = np.random.default_rng(0)
@@ -172,7 +197,8 @@ def run(device: str = "cpu", quick: bool = False, torch_compile: bool | None = N
   mask = np.ones((b, text_len), np.int32)
   mask[1::2, text_len // 2:] = 0
   ids_t, mask_t = torch.from_numpy(ids).long().to(tdev), torch.from_numpy(mask).long().to(tdev)
-  peak, peak_src = benchmarking.device_peak_flops("fp32")
+  precision = "bf16" if bf16 else "fp32"
+  peak = None if dry_run else benchmarking.device_peak_flops(precision)[0]
   rows = []
   for cached in (True, False):
     name = "qure_step_cached" if cached else "qure_step_pixels"
@@ -185,12 +211,14 @@ def run(device: str = "cpu", quick: bool = False, torch_compile: bool | None = N
     shapes = {"batch": b, "text_len": text_len, "image_size": 224, "vision": "1024/16 (CLIP-L)",
               "vision_layers": sz["vision_layers"], "qformer": "768/12",
               "qformer_layers": sz["qformer_layers"], "queries": 32, "embed_dim": 256,
-              "inputs": "vision features" if cached else "pixels", "dtype": "float32"}
+              "inputs": "vision features" if cached else "pixels", "dtype": sz["dtype"],
+              "attention_impl": run_cfg.attention_impl}
     print(f"[bench_train_step] {name}: jax compile + time", file=sys.stderr, flush=True)
-    step, state = _jax_step(cfg, jax.device_put(params), cached)
+    step, state = _jax_step(run_cfg, jax.device_put(params), cached, sz["dtype"])
     batch = jax.device_put({"ref": imgs[0], "pos": imgs[1], "neg": imgs[2], "ids": ids,
                             "mask": mask})
-    compiled = step.lower(state, batch).compile()
+    compiled = benchmarking.compile_program(name, step, state, batch, dry_run=dry_run,
+                                            attention=True)
     cost = benchmarking.compiled_cost(compiled)
     holder = {"s": state}
 
@@ -198,28 +226,33 @@ def run(device: str = "cpu", quick: bool = False, torch_compile: bool | None = N
       holder["s"], metrics = compiled(holder["s"], batch)
       return metrics
 
-    t = benchmarking.time_fn(jstep, warmup=sz["warmup"], iters=sz["iters"])
+    t = benchmarking.time_fn(jstep, warmup=sz["warmup"], iters=sz["iters"], dry_run=dry_run,
+                             program=name)
     flops = cost["flops"]
-    rows.append({"name": name, "impl": "jax", "variant": "jit", "step_time_s": t["median_s"],
+    rows.append({"name": name, "impl": "jax", "variant": "jit", "precision": precision,
+                 "step_time_s": t["median_s"],
                  "samples_per_s": b / t["median_s"], "flops": flops,
                  "mfu": flops / t["median_s"] / peak if flops and peak else None,
                  "peak_memory_bytes": cost["peak_memory_bytes"], "shapes": shapes, "timing": t})
     if torch_compile is None:
       torch_compile = device == "gpu" and not quick
-    for variant in ("eager", "compile") if torch_compile else ("eager",):
+    for variant in ("eager", "compile") if torch_compile and not dry_run else ("eager",):
       print(f"[bench_train_step] {name}: torch {variant}", file=sys.stderr, flush=True)
       try:
-        tstep = _torch_step(_hf_model(sz, tdev), cached, variant == "compile")
-        if device == "gpu":
+        tstep = _torch_step(_hf_model(sz, tdev), cached, variant == "compile", sz["dtype"])
+        if tdev == "cuda":
           torch.cuda.reset_peak_memory_stats()
         tt = benchmarking.time_fn(lambda: tstep(*imgs_t, ids_t, mask_t), warmup=sz["warmup"],
-                                  iters=sz["iters"])
+                                  iters=sz["iters"], dry_run=dry_run, program=name,
+                                  impl=f"torch_{variant}")
       except Exception as e:  # pylint: disable=broad-except  # torch.compile may not work here
+        if dry_run:  # the eager reference must run: a dry run reports its failure
+          raise
         rows.append({"name": name, "impl": "torch", "variant": variant, "error": repr(e)[:300],
                      "shapes": shapes})
         continue
-      mem = int(torch.cuda.max_memory_allocated()) if device == "gpu" else None
-      rows.append({"name": name, "impl": "torch", "variant": variant,
+      mem = int(torch.cuda.max_memory_allocated()) if tdev == "cuda" else None
+      rows.append({"name": name, "impl": "torch", "variant": variant, "precision": precision,
                    "step_time_s": tt["median_s"], "samples_per_s": b / tt["median_s"],
                    "flops": flops, "mfu": flops / tt["median_s"] / peak if flops and peak else None,
                    "peak_memory_bytes": mem, "shapes": shapes, "timing": tt})
@@ -228,19 +261,25 @@ def run(device: str = "cpu", quick: bool = False, torch_compile: bool | None = N
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+  p.add_argument("--device", default=None, choices=["cpu", "gpu"], help="default cpu")
   p.add_argument("--quick", action="store_true", help="smallest sizes: a smoke run")
   p.add_argument("--torch-compile", action="store_true", default=None,
                  help="also time torch.compile on CPU (always on for --device gpu)")
   p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+  p.add_argument("--dry-run", action="store_true", help="the --device gpu path once through on this CPU at quick "
+                 "sizes (as `cirjax bench --dry-run`); writes <out>/dryrun/")
   args = p.parse_args(argv)
+  if args.dry_run:
+    from cirjax.commands import bench  # pylint: disable=g-import-not-at-top
+    return bench.script_dry_run(__file__, args.device, args.out)
+  args.device = args.device or "cpu"
   if args.device == "cpu":
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
     import jax  # pylint: disable=g-import-not-at-top
     jax.config.update("jax_platforms", "cpu")
   from cirjax import benchmarking  # pylint: disable=g-import-not-at-top
   rows = run(args.device, args.quick, args.torch_compile)
-  peak, peak_src = benchmarking.device_peak_flops("fp32")
+  peak, peak_src = benchmarking.device_peak_flops("bf16" if args.device == "gpu" else "fp32")
   path = benchmarking.write_results(f"train_step_{args.device}", rows, args.out,
                                     extra={"quick": args.quick, "peak_flops": peak,
                                            "peak_source": peak_src})

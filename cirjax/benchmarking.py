@@ -7,6 +7,7 @@ helpers, so the two sides are measured the same way in the same run: warm-up cal
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -20,13 +21,19 @@ import flax
 import jax
 import numpy as np
 
-# Dense peak FLOP/s per device by precision (vendor datasheets, no sparsity).
-# MFU is model FLOPs per second over this number.
+# Dense peak FLOP/s per device by precision: NVIDIA's datasheets, whose tensor-core figures
+# are "with sparsity" (halved here). MFU is model FLOPs per second over this number. Matched
+# as a substring of `device_kind` in this order: the PCIe / NVL variants (lower clocks and
+# power) before the SXM parts, whose kinds read e.g. "NVIDIA H100 80GB HBM3" / "NVIDIA H200".
 _GPU_PEAKS = {
-    # device_kind substring: {precision: flop/s}
-    "H200": {"bf16": 989e12, "fp16": 989e12, "tf32": 494e12, "fp32": 67e12},
-    "H100": {"bf16": 989e12, "fp16": 989e12, "tf32": 494e12, "fp32": 67e12},
-    "A100": {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
+    # device_kind substring: (datasheet, {precision: flop/s})
+    "H100 PCIe": ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51e12}),
+    "H100 NVL": ("H100 NVL", {"bf16": 835e12, "fp16": 835e12, "tf32": 418e12, "fp32": 60e12}),
+    "H200 NVL": ("H200 NVL", {"bf16": 835e12, "fp16": 835e12, "tf32": 418e12, "fp32": 60e12}),
+    "H200": ("H200 SXM", {"bf16": 989e12, "fp16": 989e12, "tf32": 494e12, "fp32": 67e12}),
+    "H100": ("H100 SXM", {"bf16": 989e12, "fp16": 989e12, "tf32": 494e12, "fp32": 67e12}),
+    "A100": ("A100 SXM/PCIe", {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12,
+                               "fp32": 19.5e12}),
 }
 
 
@@ -45,12 +52,16 @@ def block(x: Any) -> Any:
 
 
 def time_fn(fn: Callable[[], Any], *, warmup: int = 2, iters: int = 5,
-            min_time_s: float = 0.0) -> dict:
+            min_time_s: float = 0.0, dry_run: "DryRun | None" = None, program: str = "",
+            impl: str = "jax") -> dict:
   """Times `fn()` (which must return its outputs) after `warmup` calls.
 
   Returns median/min/mean seconds and all samples. With `min_time_s`, keeps running past
   `iters` until that much time was spent measuring, so tiny steps get enough samples.
+  With `dry_run`, runs `fn` once instead, recorded as `program` (see `DryRun`).
   """
+  if dry_run is not None:
+    return dry_run.run_once(program, fn, impl)[0]
   for _ in range(warmup):
     block(fn())
   samples = []
@@ -68,6 +79,118 @@ def time_fn(fn: Callable[[], Any], *, warmup: int = 2, iters: int = 5,
       "iters": len(samples),
       "warmup": warmup,
   }
+
+
+# ------------------------------------------------------------------ dry runs of the GPU path
+
+CUDNN_NOTE = ("lowered for CUDA with XLA attention: cuDNN's fused attention cannot be lowered "
+              "without cuDNN present, so whether attention_impl='auto' selects the cuDNN "
+              "kernels (and that they accept these shapes) can only be checked on a GPU")
+_STAGES = ("built", "compiled", "ran", "cuda_lowered")
+
+
+class DryRun:
+  """A suite's GPU code path taken once through on the CPU (`cirjax bench --dry-run`).
+
+  The suite runs with `device="gpu"` (the GPU branch's sizes, dtypes, attention kernel,
+  mining method) while JAX and torch execute on the CPU: every program the GPU run would
+  time is built, compiled and run once (`compile_program`, `time_fn(dry_run=...)`,
+  `run_once`), and each main JAX program is also lowered for CUDA with `jax.export`, so a
+  broken GPU path shows here. One record per (program, impl): each stage True, False (with
+  `error`) or None (not applicable), and its seconds.
+  """
+
+  def __init__(self, suite: str = ""):
+    self.suite = suite
+    self._records: dict[tuple[str, str], dict] = {}
+
+  def record(self, program: str, impl: str = "jax", **info) -> dict:
+    key = (program, impl)
+    if key not in self._records:
+      self._records[key] = {"suite": self.suite, "program": program, "impl": impl,
+                            **{s: None for s in _STAGES}, "error": None}
+    self._records[key].update(info)
+    return self._records[key]
+
+  @property
+  def records(self) -> list[dict]:
+    return list(self._records.values())
+
+  def failures(self) -> list[dict]:
+    return failed_programs(self.records)
+
+  @contextlib.contextmanager
+  def stage(self, program: str, stage: str, impl: str = "jax"):
+    """Records `stage` of `program` as done (with its seconds), or failed with the error."""
+    rec = self.record(program, impl)
+    t0 = time.perf_counter()
+    try:
+      yield rec
+    except Exception as e:
+      rec[stage] = False
+      rec["error"] = f"{stage}: {type(e).__name__}: {e}"[:2000]
+      raise
+    rec[stage] = True
+    rec[f"{stage}_s"] = time.perf_counter() - t0
+
+  def run_once(self, program: str, fn: Callable[[], Any], impl: str = "jax") -> tuple[dict, Any]:
+    """(a one-sample timing dict like `time_fn`'s, the output) of one recorded call."""
+    with self.stage(program, "ran", impl) as rec:
+      out = block(fn())
+    t = rec["ran_s"]
+    return {"median_s": t, "min_s": t, "mean_s": t, "iters": 1, "warmup": 0,
+            "dry_run": True}, out
+
+  def lower_for_cuda(self, program: str, jitted, *args, attention: bool = False,
+                     **kwargs) -> None:
+    """Lowers `jitted` for the CUDA platform from the shapes of `args` (`jax.export`). A
+    failure is recorded, not raised: the CPU run of the suite goes on."""
+    rec = self.record(program)
+    if attention:
+      rec["cuda_note"] = CUDNN_NOTE
+    t0 = time.perf_counter()
+    try:
+      jax.export.export(jitted, platforms=("cuda",))(*abstract(args), **abstract(kwargs))
+    except Exception as e:  # pylint: disable=broad-except  # recorded: the point of a dry run
+      rec["cuda_lowered"] = False
+      rec["error"] = (rec["error"] or "") + f"cuda_lowered: {type(e).__name__}: {e}"[:2000]
+      return
+    rec["cuda_lowered"] = True
+    rec["cuda_lowered_s"] = time.perf_counter() - t0
+
+
+def failed_programs(records: Sequence[dict]) -> list[dict]:
+  """The dry-run records with a failed stage."""
+  return [r for r in records if any(r.get(s) is False for s in _STAGES)]
+
+
+def abstract(tree):
+  """Arrays (JAX, NumPy, NumPy scalars) as `jax.ShapeDtypeStruct`s; anything else as is."""
+  def one(x):
+    if isinstance(x, (jax.Array, np.ndarray, np.generic)):
+      return jax.ShapeDtypeStruct(np.shape(x), x.dtype)
+    return x
+  return jax.tree.map(one, tree)
+
+
+def compile_program(program: str, jitted, *args, dry_run: DryRun | None = None,
+                    attention: bool = False, **kwargs):
+  """`jitted.lower(*args, **kwargs).compile()`. In a dry run also recorded (built = traced
+  and lowered, compiled) and lowered for CUDA; `attention`: the program has attention (its
+  CUDA lowering uses XLA's, see `CUDNN_NOTE`)."""
+  if dry_run is None:
+    return jitted.lower(*args, **kwargs).compile()
+  with dry_run.stage(program, "built"):
+    lowered = jitted.lower(*args, **kwargs)
+  with dry_run.stage(program, "compiled"):
+    compiled = lowered.compile()
+  dry_run.lower_for_cuda(program, jitted, *args, attention=attention, **kwargs)
+  return compiled
+
+
+def torch_device(device: str, dry_run: DryRun | None = None) -> str:
+  """Where the PyTorch side runs: 'cuda' for device 'gpu', the CPU otherwise and in a dry run."""
+  return "cuda" if device == "gpu" and dry_run is None else "cpu"
 
 
 def compiled_cost(compiled) -> dict:
@@ -111,13 +234,20 @@ def device_peak_flops(precision: str = "fp32", device=None) -> tuple[float | Non
   device = device or jax.local_devices()[0]
   kind = getattr(device, "device_kind", "") or ""
   if device.platform == "gpu":
-    for key, peaks in _GPU_PEAKS.items():
-      if key in kind:
-        return peaks.get(precision), f"datasheet {key} {precision} dense"
-    return None, f"unknown GPU {kind!r}"
+    return gpu_peak_flops(kind, precision)
   if device.platform == "cpu":
     return measure_cpu_matmul_peak(), "measured jitted fp32 2048^3 matmul on this CPU (fastest of 10)"
   return None, f"no peak known for {device.platform}"
+
+
+def gpu_peak_flops(device_kind: str, precision: str = "bf16") -> tuple[float | None, str]:
+  """(datasheet dense peak FLOP/s, its source) of a GPU named by its JAX `device_kind`."""
+  for key, (sheet, peaks) in _GPU_PEAKS.items():
+    if key in device_kind:
+      how = "" if precision == "fp32" else " (half the datasheet's 'with sparsity' figure)"
+      return peaks.get(precision), (f"NVIDIA {sheet} datasheet, {precision} dense{how}, "
+                                    f"for {device_kind!r}")
+  return None, f"unknown GPU {device_kind!r}: no datasheet peak, MFU left empty"
 
 
 def machine_info() -> dict:

@@ -128,7 +128,7 @@ def search(encoder: RetrievalFns, corpus: Corpus, corpus_feats: np.ndarray,
       if Path(p).resolve() == resolved:
         ex = i
         break
-  scorer = retrieval.FeatureScorer(q, corpus_feats)
+  scorer = retrieval.FeatureScorer(q, corpus_feats, mesh=mesh)
   n_cand = len(corpus.names) - (ex >= 0)
   k = min(k, n_cand)
   if k < 1:

@@ -86,3 +86,40 @@ def test_missing_script_and_markers_are_clear_errors(tmp_path, capsys):
   assert rc == 2
   assert "markers not found" in capsys.readouterr().err
   assert readme.read_text() == "no markers\n"
+
+
+def test_gpu_run_bookkeeping_with_an_unknown_gpu(tmp_path, monkeypatch, capsys):
+  """The --device gpu run's own code (device checks stubbed: no GPU here): JSON named *_gpu,
+  an unknown GPU's missing peak leaves MFU empty instead of failing the run."""
+  from cirjax import benchmarking  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(bench, "_set_device", lambda device, dry_run=False: None)
+  monkeypatch.setattr(benchmarking, "device_peak_flops",
+                      lambda precision="fp32", device=None: (None, "unknown GPU 'NVIDIA X1'"))
+  bdir = tmp_path / "benchmarks"
+  bdir.mkdir()
+  (bdir / "bench_mining.py").write_text(FAKE_SUITE)
+  payload = bench.run_suites(["mining"], "gpu", True, bdir, tmp_path / "r")
+  assert (tmp_path / "r" / "mining_gpu.json").is_file()
+  assert (tmp_path / "r" / "bench_gpu.md").is_file()
+  assert payload["peak_source"] == "unknown GPU 'NVIDIA X1'"
+  assert all(r.get("mfu") is None for r in payload["rows"])
+  assert "peak=unknown" in capsys.readouterr().out
+
+
+def test_scaling_estimate_reads_the_gpu_train_rows(tmp_path):
+  """The DP/FSDP estimate takes the GPU run's measured steps (bench_train_step's row names)."""
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, str(bench.repo_root() / "benchmarks"))
+  try:
+    import bench_scaling  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.pop(0)
+  rows = [{"name": n, "impl": "jax", "step_time_s": t, "batch": 32}
+          for n, t in (("qure_step_pixels", 0.5), ("qure_step_cached", 0.1))]
+  (tmp_path / "bench_gpu.json").write_text(json.dumps(
+      {"machine": {"devices": ["NVIDIA H100 80GB HBM3"]}, "rows": rows}))
+  est = bench_scaling.estimate_rows(tmp_path)
+  src = {r["workload"]: r["step_source"] for r in est}
+  assert src["qure (ViT in step)"] == "measured on NVIDIA H100 80GB HBM3"
+  assert src["qure (cached ViT features)"] == "measured on NVIDIA H100 80GB HBM3"
+  assert src["instructcir stage 2 (LoRA)"].startswith("modelled")

@@ -41,3 +41,25 @@ def test_write_results_and_table(tmp_path):
   assert data["machine"]["jax"] == jax.__version__
   table = benchmarking.format_table(rows, ["name", "samples_per_s", "ratio", "missing"])
   assert "| x | 1,234 | 0.5 | - |" in table
+
+
+def test_gpu_peaks_know_h100_and_h200_variants_and_say_where_from():
+  peak, src = benchmarking.gpu_peak_flops("NVIDIA H100 80GB HBM3", "bf16")
+  assert peak == 989e12 and "H100 SXM datasheet" in src and "sparsity" in src
+  assert benchmarking.gpu_peak_flops("NVIDIA H200", "bf16")[0] == 989e12
+  assert benchmarking.gpu_peak_flops("NVIDIA H100 PCIe", "bf16")[0] == 756e12
+  assert benchmarking.gpu_peak_flops("NVIDIA H100 NVL", "fp32")[0] == 60e12
+  peak, src = benchmarking.gpu_peak_flops("NVIDIA L4", "bf16")
+  assert peak is None and "unknown GPU 'NVIDIA L4'" in src
+
+
+def test_dry_run_records_stages_and_lowers_for_cuda():
+  dry = benchmarking.DryRun("unit")
+  x = jnp.ones((4, 4))
+  compiled = benchmarking.compile_program("mm", jax.jit(lambda a: a @ a), x, dry_run=dry,
+                                          attention=True)
+  t = benchmarking.time_fn(lambda: compiled(x), warmup=5, iters=5, dry_run=dry, program="mm")
+  assert t["iters"] == 1
+  (rec,) = dry.records
+  assert [rec[s] for s in ("built", "compiled", "ran", "cuda_lowered")] == [True] * 4
+  assert "cuDNN" in rec["cuda_note"] and not dry.failures()

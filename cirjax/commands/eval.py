@@ -41,8 +41,9 @@ a metrics table with the chance level beside each metric.
 paper's zero-shot prompts) model directory, a LAVIS BLIP-2 .pth, or a training workdir: its
 exported model, or its latest checkpoint when the run exported none (the model is rebuilt
 from the run's config.json).
-The corpus is encoded in jitted batches sharded over all devices; retrieval is a blocked
-matmul + top_k on device. Splits without ground truth (CIRR test1, CIRCO test) produce
+The corpus is encoded in jitted batches sharded over all devices and its features stay there
+(rows split); retrieval is a blocked matmul + top_k on device, and only the top-k lists reach
+the host. Splits without ground truth (CIRR test1, CIRCO test) produce
 submission files only. Counts of skipped images/queries (--skip-missing) are always shown.
 """
 

@@ -13,6 +13,7 @@ parameters stay sharded); anything else is replicated over the mesh once per cal
 from __future__ import annotations
 
 import collections
+import functools
 import threading
 from typing import Any, Callable, Iterable
 
@@ -81,8 +82,8 @@ def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
 
 
 def encode(fn: Callable, params: Any, data: Any, *, mesh: jax.sharding.Mesh,
-           batch_size: int | None = None, sharded: bool = False, dtype: Any = None,
-           progress: Callable[[int], None] | None = None,
+           batch_size: int | None = None, sharded: bool = False, pad_rows: bool = False,
+           dtype: Any = None, progress: Callable[[int], None] | None = None,
            sink: Callable[[int, np.ndarray], None] | None = None
            ) -> np.ndarray | jax.Array | None:
   """Runs `fn(params, *batch)` (or `fn(*batch)` when `params` is None) over all rows.
@@ -100,6 +101,9 @@ def encode(fn: Callable, params: Any, data: Any, *, mesh: jax.sharding.Mesh,
       each batch's own size.
     sharded: return one jax.Array on the mesh (rows split over it when their number divides
       the device count, else replicated) instead of host numpy.
+    pad_rows: with `sharded`, append zero rows up to a multiple of the device count so that
+      the rows are always split over the mesh, never replicated (evaluation's features;
+      the caller keeps the real row count, e.g. `retrieval.FeatureScorer(num_corpus=...)`).
     dtype: host result dtype, applied batch by batch (bounded host memory for large outputs).
     progress: called with the number of rows done after each batch.
     sink: called as `sink(first_row, rows)` with each batch's host result (in `dtype`)
@@ -108,13 +112,16 @@ def encode(fn: Callable, params: Any, data: Any, *, mesh: jax.sharding.Mesh,
 
   Returns:
     `[N, ...]` results in input order: host numpy (every process gets all rows), a
-    jax.Array with `sharded=True`, or None with a `sink`.
+    jax.Array with `sharded=True` (`pad_rows`: N rounded up to the device count), or None
+    with a `sink`.
   """
   ndev = mesh.devices.size
   if batch_size:
     batch_size = max(ndev, batch_size // ndev * ndev)
   if sink is not None and sharded:
     raise ValueError("encode: a sink takes host rows; it cannot be combined with sharded=True")
+  if pad_rows and not sharded:
+    raise ValueError("encode: pad_rows lays out a sharded result; pass sharded=True")
   jfn = _jitted(fn, mesh, sharded)
   if params is not None:
     params = _on_mesh(params, mesh)
@@ -147,16 +154,29 @@ def encode(fn: Callable, params: Any, data: Any, *, mesh: jax.sharding.Mesh,
     return None
   if not sharded:
     return np.concatenate(outs)
-  return _concat_rows(outs, mesh)
+  return _concat_rows(outs, mesh, pad_rows)
 
 
-def _concat_rows(outs: list[tuple[jax.Array, int]], mesh: jax.sharding.Mesh) -> jax.Array:
+def _concat_rows(outs: list[tuple[jax.Array, int]], mesh: jax.sharding.Mesh,
+                 pad_rows: bool) -> jax.Array:
   counts = tuple(m for _, m in outs)
   n = sum(counts)
-  out_sh = row_sharding(mesh, outs[0][0].ndim) if n % mesh.devices.size == 0 else \
+  ndev = mesh.devices.size
+  pad = -n % ndev if pad_rows else 0
+  out_sh = row_sharding(mesh, outs[0][0].ndim) if (n + pad) % ndev == 0 else \
       NamedSharding(mesh, P())
+  return _concatenation(counts, pad, out_sh)(*(y for y, _ in outs))
+
+
+@functools.lru_cache(maxsize=16)
+def _concatenation(counts: tuple[int, ...], pad: int, out_sh: NamedSharding) -> Callable:
+  """One jitted concatenation per layout, so that a training run's repeated mining rounds
+  and evaluations compile it once."""
 
   def cat(*ys):
-    return jnp.concatenate([y[:m] for y, m in zip(ys, counts)])
+    rows = [y[:m] for y, m in zip(ys, counts)]
+    if pad:
+      rows.append(jnp.zeros((pad,) + ys[0].shape[1:], ys[0].dtype))
+    return jnp.concatenate(rows)
 
-  return jax.jit(cat, out_shardings=out_sh)(*(y for y, _ in outs))
+  return jax.jit(cat, out_shardings=out_sh)

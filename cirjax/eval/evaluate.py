@@ -70,7 +70,8 @@ def encode_split(encoder: Any, split: CIRSplit, transform: Callable, tokenize_fn
   `encoder` is a `cirjax.eval.encoders.RetrievalFns` (`encoders.retrieval_fns(model, split)`):
   `image(params, pixels NHWC)` -> [B, Q, D] (or [B, D]) and `compose(params, pixels,
   input_ids, attention_mask)` -> [B, D], both L2-normalised and jittable. Returns the scorer
-  and timings (images/s, queries/s). `image_source` (name -> PIL image) replaces reading the
+  (its features stay on `mesh`, rows split over the devices) and timings (images/s,
+  queries/s). `image_source` (name -> PIL image) replaces reading the
   split's image files (TFDS builds).
   """
   mesh = mesh or retrieval.make_mesh()
@@ -86,19 +87,36 @@ def encode_split(encoder: Any, split: CIRSplit, transform: Callable, tokenize_fn
     return f
 
   t0 = time.perf_counter()
-  corpus = encode.encode(
+  corpus, nc = encode_on_mesh(
       encoder.image, encoder.params,
       loader.image_batches(split, split.corpus, transform, batch_size, num_threads, image_source),
-      mesh=mesh, batch_size=batch_size, progress=prog("corpus images", n_img))
+      mesh, batch_size, prog("corpus images", n_img))
   t1 = time.perf_counter()
-  queries = encode.encode(
+  queries, nq = encode_on_mesh(
       encoder.compose, encoder.params,
       loader.query_batches(split, transform, tokenize_fn, batch_size, text_fn, num_threads,
                            image_source),
-      mesh=mesh, batch_size=batch_size, progress=prog("queries", n_q))
+      mesh, batch_size, prog("queries", n_q))
   t2 = time.perf_counter()
   timings = {"corpus_images_per_s": n_img / (t1 - t0), "queries_encoded_per_s": n_q / (t2 - t1)}
-  return retrieval.FeatureScorer(queries, corpus), timings
+  return retrieval.FeatureScorer(queries, corpus, num_queries=nq, num_corpus=nc), timings
+
+
+def encode_on_mesh(fn: Callable, params: Any, data: Any, mesh, batch_size: int,
+                   progress: Callable[[int], None] | None = None) -> tuple[jax.Array, int]:
+  """(features, rows): `fn` over `data` (`cirjax.eval.encode.encode`), the result left on
+  `mesh` with its rows split over the devices (zero rows appended up to a multiple of the
+  device count), as `retrieval.FeatureScorer` ranks it; `rows` is the real row count."""
+  done = [0]
+
+  def count(n):
+    done[0] = n
+    if progress is not None:
+      progress(n)
+
+  out = encode.encode(fn, params, data, mesh=mesh, batch_size=batch_size, sharded=True,
+                      pad_rows=True, progress=count)
+  return jax.block_until_ready(out), done[0]
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -110,13 +128,14 @@ def evaluate_encoded(split: CIRSplit, params: Any, image_fn: Callable, compose_f
   `image_fn(params, *corpus_batch)` encodes `corpus` (rows or batches in `split.corpus`
   order, see `cirjax.eval.encode.encode`) and `compose_fn(params, *query_batch)` encodes
   `queries` (in `split.queries` order), data-parallel over `mesh` with the parameters as they
-  are sharded there; the ranking runs on this process's devices and is scored by the split's
-  protocol (`evaluate_split`).
+  are sharded there. The features stay on `mesh` (each process holds its devices' rows), the
+  ranking runs there too, and only the top-k lists (and the few pair scores a protocol needs)
+  reach the host, where the split's protocol scores them (`evaluate_split`).
   """
-  corpus_feats = encode.encode(image_fn, params, corpus, mesh=mesh, batch_size=batch_size)
-  query_feats = encode.encode(compose_fn, params, queries, mesh=mesh, batch_size=batch_size)
-  return evaluate_split(split, retrieval.FeatureScorer(query_feats, corpus_feats),
-                        mesh=retrieval.make_mesh(jax.local_devices()))
+  corpus_feats, nc = encode_on_mesh(image_fn, params, corpus, mesh, batch_size)
+  query_feats, nq = encode_on_mesh(compose_fn, params, queries, mesh, batch_size)
+  return evaluate_split(split, retrieval.FeatureScorer(query_feats, corpus_feats,
+                                                       num_queries=nq, num_corpus=nc))
 
 
 def headline_metrics(result: EvalResult, keep: Sequence[str] | None = None, prefix: str = ""
