@@ -21,7 +21,7 @@ read it as the size of the program, not a GPU measurement. Compile seconds on a 
 are inflated by its other load.
 
 `python benchmarks/bench_compile.py [--quick] [--vision-layers N] [--text-layers N]
-[--qformer-layers N] [--no-loop]` writes benchmarks/results/compile_cpu.json;
+[--qformer-layers N] [--no-loop [--keep-loop-rows]] [--remat] [--remat-policy NAME]` writes benchmarks/results/compile_cpu.json;
 `cirjax bench --suite compile` runs the same at full depth.
 """
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import sys
 import time
 import types
@@ -44,6 +45,7 @@ import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-positi
 from cirjax import benchmarking  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cirjax import lora as lora_lib  # pylint: disable=wrong-import-position
 from cirjax.models import blip2, llava  # pylint: disable=wrong-import-position
+from cirjax.models.remat import REMAT_POLICIES  # pylint: disable=wrong-import-position
 from cirjax.train import instructcir, qure  # pylint: disable=wrong-import-position
 from cirjax.train import state as st  # pylint: disable=wrong-import-position
 from cirjax.train.step import make_train_step, memory_summary  # pylint: disable=wrong-import-position
@@ -72,10 +74,23 @@ def _sizes(quick: bool, overrides: dict) -> dict:
   return s
 
 
-def _compile(loss_fn, abstract_params, config, batch_spec) -> dict:
-  """Lowers and compiles the real step on abstract state; seconds and memory."""
+def _run_options(config: ml_collections.ConfigDict, sz: dict, scan: bool) -> None:
+  """The run's layer loop and remat settings, where the tasks read them (`task.run_options`)."""
+  config.scan_layers = scan
+  if sz.get("remat"):
+    config.remat = True
+  if sz.get("remat_policy"):
+    config.remat_policy = sz["remat_policy"]
+
+
+def _compile(loss_fn, abstract_params, config, batch_spec, stacks) -> dict:
+  """Lowers and compiles the real step on abstract state; seconds and memory. Under
+  `scan_layers` the state holds `stacks` stacked, as the trainer's does (no stacking in the
+  step)."""
   mask = st.trainable_mask(abstract_params, tuple(config.get("freeze", ())),
                            tuple(config.get("train_only", ())))
+  if config.scan_layers:
+    abstract_params, mask = st.stacked_params_and_mask(abstract_params, mask, stacks)
   tx, schedule = st.make_optimizer(config.train, mask, 1000, 10000)
   step = make_train_step(loss_fn, tx, mask, schedule=schedule,
                          compute_dtype=config.get("compute_dtype", "float32"))
@@ -98,7 +113,7 @@ def _compile(loss_fn, abstract_params, config, batch_spec) -> dict:
 
 def _qure(sz: dict, scan: bool, cached: bool) -> dict:
   config = _config(QURE_CONFIG)
-  config.scan_layers = scan  # the task's run config reads it (QuReTask._run_cfg)
+  _run_options(config, sz, scan)
   mc = config.model
   if sz["vision_layers"]:
     mc.vision.num_layers = sz["vision_layers"]
@@ -112,15 +127,17 @@ def _qure(sz: dict, scan: bool, cached: bool) -> dict:
   task.cache, task.loss_kind = cached, config.qure.get("loss", "pairwise")
   task.global_batch, task.max_len = sz["qure_batch"], int(config.data.max_text_length)
   task.image_size = cfg.vision.image_size
-  row = _compile(task.loss_fn, blip2.abstract_params(cfg), config, task.batch_spec())
+  row = _compile(task.loss_fn, blip2.abstract_params(cfg), config, task.batch_spec(),
+                 task.layer_stacks())
   return {"name": "qure_step_cached" if cached else "qure_step_pixels", "batch": task.global_batch,
           "vision_layers": cfg.vision.num_layers, "qformer_layers": cfg.qformer.num_layers,
-          "remat": bool(config.remat), "compute_dtype": config.compute_dtype, **row}
+          "remat": bool(config.remat), "remat_policy": config.remat_policy,
+          "compute_dtype": config.compute_dtype, **row}
 
 
 def _instructcir(sz: dict, scan: bool) -> dict:
   config = _config(INSTRUCTCIR_CONFIG)
-  config.scan_layers = scan
+  _run_options(config, sz, scan)
   mc = config.model
   if sz["vision_layers"]:
     mc.vision.num_layers = sz["vision_layers"]
@@ -128,13 +145,12 @@ def _instructcir(sz: dict, scan: bool) -> dict:
     mc.text.num_layers = sz["text_layers"]
   cfg = instructcir.model_config(mc, LLAVA_VOCAB, IMAGE_TOKEN, config.compute_dtype)
   lora_cfg = instructcir.lora_config(config.lora)
-  # Adapters are made on the per-layer tree (PEFT's names), then both trees stacked.
+  # Adapters are made on the per-layer tree (PEFT's names); `_compile` stacks both trees.
   base = llava.abstract_params(cfg)
   adapter = jax.eval_shape(lambda r: lora_lib.init_lora(base, lora_cfg, r).params,
                            jax.random.PRNGKey(0))
   cfg = cfg.replace(scan_layers=scan)
-  params = {"base": llava.stack_layers(base, cfg) if scan else base,
-            "lora": llava.stack_layers(adapter, cfg) if scan else adapter}
+  params = {"base": base, "lora": adapter}
   task = object.__new__(instructcir.InstructCIRTask)
   task.config, task.stage, task.cfg, task.lora_cfg = config, 2, cfg, lora_cfg
   task.remat = bool(config.remat)
@@ -143,11 +159,12 @@ def _instructcir(sz: dict, scan: bool) -> dict:
   task.use_hard_negatives = bool(config.loss.hard_negatives)
   task.hn_scope = config.loss.hard_negative_scope
   task.global_batch, task.q_len, task.t_len = sz["ic_batch"], sz["q_len"], sz["t_len"]
-  row = _compile(task.loss_fn, params, config, task.batch_spec())
+  row = _compile(task.loss_fn, params, config, task.batch_spec(), task.layer_stacks())
   return {"name": "instructcir_lora_step", "batch": task.global_batch,
           "vision_layers": cfg.vision.num_layers, "text_layers": cfg.text.num_layers,
           "q_len": task.q_len, "t_len": task.t_len, "lora_rank": lora_cfg.rank,
-          "remat": task.remat, "compute_dtype": config.compute_dtype, **row}
+          "remat": task.remat, "remat_policy": config.remat_policy,
+          "compute_dtype": config.compute_dtype, **row}
 
 
 def _programs(sz: dict):
@@ -184,6 +201,24 @@ def run(device: str = "cpu", quick: bool = False, overrides: dict | None = None,
   return {"rows": rows, "sizes": sz}
 
 
+def keep_loop_rows(rows: list, sizes: dict, old: dict | None) -> list:
+  """`rows` (scanned only) with the looped rows of the same programs and sizes from the
+  earlier results `old`, each marked with that run's date (`from_run`); the scanned rows'
+  `scan_speedup` is then against those rows. The looped programs do not depend on the
+  scanned layout, but their seconds were measured under that run's load."""
+  if not old or old.get("sizes") != sizes:
+    return rows
+  loops = {r["name"]: r for r in old.get("rows", []) if r.get("variant") == "loop"}
+  out = []
+  for row in rows:
+    out.append(row)
+    prev = loops.get(row["name"])
+    if prev is not None:
+      out.append({**prev, "from_run": old.get("machine", {}).get("date")})
+      row["scan_speedup"] = prev["compile_total_s"] / row["compile_total_s"]
+  return out
+
+
 def _mib(n) -> str:
   return "?" if n is None else f"{n / 2**20:.0f}"
 
@@ -196,15 +231,31 @@ def main(argv=None) -> int:
   p.add_argument("--qformer-layers", type=int, default=None, help="override Q-Former depth")
   p.add_argument("--text-layers", type=int, default=None, help="override Phi-3 depth")
   p.add_argument("--no-loop", action="store_true", help="compile the scanned programs only")
+  p.add_argument("--keep-loop-rows", action="store_true",
+                 help="with --no-loop: keep the looped rows of the same sizes from the results "
+                 "file being replaced (marked with that run's date)")
+  p.add_argument("--remat", action="store_true", help="remat on in both programs (QuRe's "
+                 "config has it off)")
+  p.add_argument("--remat-policy", default=None, choices=sorted(REMAT_POLICIES),
+                 help="remat policy (default: the configs', full)")
   p.add_argument("--out", default=str(HERE / "results"))
   a = p.parse_args(argv)
   jax.config.update("jax_platforms", "cpu")
   overrides = dict(vision_layers=a.vision_layers, qformer_layers=a.qformer_layers,
-                   text_layers=a.text_layers)
+                   text_layers=a.text_layers, remat=a.remat or None,
+                   remat_policy=a.remat_policy)
   extra = {"quick": a.quick, "sizes": _sizes(a.quick, overrides)}
+  previous = None
+  if a.keep_loop_rows:  # read before the partial writes replace it
+    try:
+      previous = json.loads((Path(a.out) / "compile_cpu.json").read_text())
+    except (OSError, ValueError):
+      pass
   partial = lambda rows: benchmarking.write_results("compile_cpu", rows, a.out,
                                                     extra={**extra, "complete": False})
   result = run("cpu", a.quick, overrides, loop=not a.no_loop, on_row=partial)
+  if a.no_loop and a.keep_loop_rows:
+    result["rows"] = keep_loop_rows(result["rows"], extra["sizes"], previous)
   path = benchmarking.write_results("compile_cpu", result["rows"], a.out,
                                     extra={**extra, "complete": True})
   print(benchmarking.format_table(result["rows"], [

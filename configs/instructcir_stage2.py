@@ -63,6 +63,9 @@ def get_config(arg=None):
                  grad_clip_norm=0.0, accum_steps=1, max_steps=-1)
   c.compute_dtype = "bfloat16"   # the paper trains in fp16; bf16 needs no loss scaling
   c.remat = True
+  # What a rematerialised layer keeps: full | dots_saveable | dots_with_no_batch_dims_saveable
+  # (cirjax/models/remat.py; docs/train.md).
+  c.remat_policy = "full"
   # cuDNN's fused attention on GPU in bf16/fp16, XLA's otherwise (docs/architecture.md).
   c.attention_impl = "auto"
   # One compiled layer body instead of an unrolled stack: shorter compiles at full depth.

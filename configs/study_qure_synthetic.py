@@ -87,6 +87,9 @@ def get_config(arg=None):
     c.train.update(epochs=4, lr=1e-3)
   c.compute_dtype = "float32"
   c.remat = False
+  # What a rematerialised layer keeps: full | dots_saveable | dots_with_no_batch_dims_saveable
+  # (cirjax/models/remat.py; docs/train.md).
+  c.remat_policy = "full"
   # cuDNN's fused attention on GPU in bf16/fp16, XLA's otherwise (docs/architecture.md).
   c.attention_impl = "auto"
   # One compiled layer body instead of an unrolled stack: shorter compiles at full depth.

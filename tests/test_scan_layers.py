@@ -65,6 +65,23 @@ def test_qformer_scan_matches_loop():
     blip2.tiny_config(num_layers=3, scan_layers=True)
 
 
+def test_qformer_groups_of_one_layer_stack_like_the_scan():
+  """cross_attention_frequency=1 (every layer cross-attends): a scan step is a group module
+  holding one layer, `layer_groups/layer_0`, which the stacked layout must name too."""
+  cfg = qf.QFormerConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                         encoder_hidden_size=24, vocab_size=50, cross_attention_frequency=1)
+  x = jnp.zeros((1, 3, 32))
+  enc = jnp.zeros((1, 5, 24))
+  args = (x, None, enc, 3)
+  params = jax.eval_shape(lambda: qf.QFormer(cfg).init(jax.random.PRNGKey(0), *args)["params"])
+  scanned = jax.eval_shape(lambda: qf.QFormer(cfg, scan_layers=True).init(
+      jax.random.PRNGKey(0), *args)["params"])
+  stacked = layer_stack.stack(params, qf.layer_stacks(cfg))
+  assert jax.tree.map(lambda a: a.shape, stacked) == jax.tree.map(lambda a: a.shape, scanned)
+  _same_tree(jax.tree.map(lambda a: a.shape, layer_stack.unstack(stacked, qf.layer_stacks(cfg))),
+             jax.tree.map(lambda a: a.shape, params))
+
+
 def _blip2_case():
   cfg = blip2.tiny_config(num_layers=2)
   params = blip2.init_blip2(jax.random.PRNGKey(0), cfg)
@@ -141,3 +158,81 @@ def test_llava_scan_with_lora_and_round_trip(tmp_path):
   config2, params2 = llava_convert.from_hf(out)
   assert config2 == config
   _same_tree(params2, params)
+
+
+# ---------------------------------------------------------------- remat policies
+def _vit_case():
+  cfg = vit.ViTConfig(image_size=28, patch_size=14, hidden_size=32, intermediate_size=64,
+                      num_layers=2, num_heads=4, variant="clip")
+  px = jax.random.normal(jax.random.PRNGKey(1), (2, 28, 28, 3))
+
+  def loss(p, **kw):
+    return jnp.sum(vit.VisionTransformer(cfg, **kw).apply({"params": p}, px).pooled ** 2)
+  return vit.init_vit_params(cfg), vit.layer_stacks(cfg), loss
+
+
+def _qformer_case():
+  cfg = qf.QFormerConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                         encoder_hidden_size=24, vocab_size=50)
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 7, 32))
+  enc = jax.random.normal(jax.random.PRNGKey(2), (2, 5, 24))
+  mask = jnp.array([[1] * 7, [1] * 5 + [0] * 2])
+  params = qf.QFormer(cfg).init(jax.random.PRNGKey(0), x, mask, enc, 3)["params"]
+
+  def loss(p, **kw):
+    return jnp.sum(qf.QFormer(cfg, **kw).apply({"params": p}, x, mask, enc, 3) ** 2)
+  return params, qf.layer_stacks(cfg), loss
+
+
+def _phi3_case():
+  from cirjax.models import phi3
+  cfg = phi3.Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                        num_heads=4, num_kv_heads=2, max_position_embeddings=64)
+  ids = jnp.array([[3, 5, 7, 9, 11], [0, 0, 4, 6, 8]])
+  mask = (ids > 0).astype(jnp.int32)
+  run = lambda m, i, a: m(m.embed(i), a)[0]
+  params = phi3.Phi3Decoder(cfg).init(jax.random.PRNGKey(0), ids, mask, method=run)["params"]
+
+  def loss(p, **kw):
+    return jnp.sum(phi3.Phi3Decoder(cfg, **kw).apply({"params": p}, ids, mask, method=run) ** 2)
+  return params, phi3.layer_stacks(cfg), loss
+
+
+_CASES = {"vit": _vit_case, "qformer": _qformer_case, "phi3": _phi3_case}
+
+
+# The default suite runs one case per tower, together covering every policy and both stacks;
+# the other combinations are slow.
+_DEFAULT_REMAT_CASES = {("vit", "dots_with_no_batch_dims_saveable", True),
+                        ("qformer", "dots_saveable", False), ("phi3", "full", True)}
+
+
+def _remat_case(name, policy, scan):
+  marks = () if (name, policy, scan) in _DEFAULT_REMAT_CASES else (pytest.mark.slow,)
+  return pytest.param(name, policy, scan, marks=marks,
+                      id=f"{name}-{policy}-{'scan' if scan else 'loop'}")
+
+
+@pytest.mark.parametrize("name,policy,scan", [
+    _remat_case(n, p, s) for n in _CASES
+    for p in ("full", "dots_saveable", "dots_with_no_batch_dims_saveable") for s in (False, True)])
+def test_remat_policies_keep_the_gradients(name, policy, scan):
+  """A policy in the looped or the scanned stack of a tower: the gradients of the same stack
+  without remat (fp32; the parity measure, max |diff| / max |gradient|, at layer tolerance)."""
+  params, stacks, loss = _CASES[name]()
+  p = layer_stack.stack(params, stacks) if scan else params
+  want = jax.grad(lambda p: loss(p, scan_layers=scan))(p)
+  got = jax.grad(lambda p: loss(p, scan_layers=scan, remat=True, remat_policy=policy))(p)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  flat = lambda t: np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(t)])
+  assert_close(flat(got), flat(want), TOL_LAYER, f"{name} gradients, remat_policy={policy}")
+
+
+def test_remat_policy_is_checked_by_the_model_configs():
+  from cirjax.models import remat
+  assert set(remat.REMAT_POLICIES) == {"full", "dots_saveable",
+                                       "dots_with_no_batch_dims_saveable"}
+  with pytest.raises(ValueError, match=r"Blip2Config.remat_policy must be one of"):
+    blip2.tiny_config(remat_policy="everything")
+  cfg = blip2.tiny_config(remat=True, remat_policy="dots_saveable")
+  assert blip2.Blip2Config.from_dict(cfg.to_dict()) == cfg

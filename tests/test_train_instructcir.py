@@ -281,3 +281,40 @@ def test_one_device_equals_four(stage1, synth_root, tmp_path):
   np.testing.assert_allclose(one["losses"], four["losses"], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                _host(one["state"].params["lora"]), _host(four["state"].params["lora"]))
+
+
+def _close(a, b):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
+
+
+@pytest.mark.slow
+def test_scan_layers_trains_on_the_stacked_state_and_exports_per_layer(synth_root, tmp_path):
+  """Stage 1 with scan_layers: the state holds base and adapter stacked, the losses and
+  parameters are the looped run's (fp32, 1e-5; LoRA dropout off: a scan draws its layers'
+  dropout masks from another stream than the loop), the exports have the per-layer files of
+  the looped run and hold the state's values, and stage 2 starts from the stacked checkpoint."""
+  from cirjax import lora
+  from cirjax.convert import io
+  from cirjax.models import llava
+  # eps 1e-6 as in test_train_qure: no parameter moves by float noise / eps.
+  over = ("lora.dropout=0.0", "evaluate=False", "train.eps=1e-6")
+  r = _train(_config(1, synth_root, *over), tmp_path / "loop")
+  rs = _train(_config(1, synth_root, *over, "scan_layers=True"), tmp_path / "scan")
+  wd, sd = tmp_path / "loop", tmp_path / "scan"
+  params = _host(rs["state"].params)
+  assert "layers" in params["base"]["language_model"] and "layers" in params["lora"]["language_model"]
+  np.testing.assert_allclose(rs["losses"], r["losses"], rtol=1e-5)
+  cfg = llava.LlavaConfig.from_dict(json.loads((sd / "llava_config.json").read_text()))
+  unstacked = {k: llava.unstack_layers(v, cfg) for k, v in params.items()}
+  _close(unstacked, _host(r["state"].params))
+  for d in ("adapter", "model", "model_hf"):
+    assert sorted(p.name for p in (sd / d).iterdir()) == sorted(p.name for p in (wd / d).iterdir())
+  for f in ("adapter/adapter_model.safetensors", "model_hf"):
+    assert set(io.read_state_dict(sd / f)) == set(io.read_state_dict(wd / f)), f
+  ad = lora.load_peft(sd / "adapter", unstacked["base"])
+  jax.tree.map(np.testing.assert_array_equal, ad.params, unstacked["lora"])
+  # Stage 2 reads a stacked stage-1 checkpoint as the per-layer start it needs.
+  from cirjax.train.instructcir import InstructCIRTask
+  task = InstructCIRTask(_config(2, synth_root, f"init_from={sd}"), _mesh(1), str(tmp_path / "s2"))
+  start = task.initial_params(jax.eval_shape(task.init_params, jax.random.PRNGKey(0)))
+  jax.tree.map(np.testing.assert_array_equal, _host(start), unstacked)

@@ -215,3 +215,32 @@ def test_feature_store_is_reused_on_resume_and_rebuilt_for_changed_vision(synth_
   assert rebuilt.store_stats["store_built"]
   assert rebuilt.store_stats["store_path"] != first.store_stats["store_path"]
   assert not Path(first.store_stats["store_path"]).exists()  # the stale store is gone
+
+
+@pytest.mark.slow
+def test_scan_layers_trains_mines_and_exports_like_the_loop(synth_root, tmp_path):
+  """The tiny run (mining at epoch 1, evaluation, export) with scan_layers: the state holds
+  the ViT and Q-Former layers stacked, losses, metrics and parameters are the looped run's
+  (fp32, 1e-5), and the exported model directory has the looped run's files and parameter
+  tree."""
+  from cirjax.models import blip2
+  import cirjax
+  # Adam's eps 1e-6 (config: 1e-8): a parameter whose exact gradient is 0 (a key bias, by
+  # softmax's shift invariance) then stays put instead of moving by float noise / eps, which
+  # differs between any two formulations; every other parameter trains as configured.
+  over = [f"data.root={synth_root}", "train.eps=1e-6"]
+  cfg = config_utils.load_config(str(REPO / "configs/synthetic.py") + ":tiny", over)
+  loop = _train(cfg, tmp_path / "loop")
+  scan = _train(config_utils.load_config(str(REPO / "configs/synthetic.py") + ":tiny",
+                                         over + ["scan_layers=True"]), tmp_path / "scan")
+  assert "layer_groups" in scan["state"].params["qformer"]
+  assert "layers" in scan["state"].params["vision"]
+  np.testing.assert_allclose(scan["losses"], loop["losses"], rtol=1e-5)
+  assert scan["final_metrics"].keys() == loop["final_metrics"].keys()
+  model = cirjax.load_blip2(tmp_path / "scan" / "model")
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), model.params,
+               blip2.unstack_layers(_params(scan), model.config))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               jax.tree.map(np.asarray, model.params), _params(loop))
+  assert sorted(p.name for p in (tmp_path / "scan" / "model").iterdir()) == \
+      sorted(p.name for p in (tmp_path / "loop" / "model").iterdir())

@@ -110,6 +110,7 @@ def model_from_checkpoint(ck: encoders.WorkdirCheckpoint) -> Model:
     else:  # the Q-Former's vocabulary is the run's tokenizer's: read it off the embeddings
       vocab = params["embeddings"]["word_embeddings"].shape[0]
       cfg = qure.model_config(config.model, vocab)
+    params = qure.blip2.unstack_layers(params, cfg)  # a scan_layers run's state is stacked
     vocab_src = config.data.get("tokenizer") or config.data.get("root") or ""
     has_vocab = vocab_src and os.path.exists(os.path.expanduser(vocab_src))
     return Model("blip2", cfg, params, os.path.expanduser(vocab_src) if has_vocab else None,
@@ -125,6 +126,7 @@ def model_from_checkpoint(ck: encoders.WorkdirCheckpoint) -> Model:
     tok_dir = next((d for d in tok_dirs if d and os.path.isdir(os.path.expanduser(d))), None)
     if tok_dir is None:
       raise CirjaxError(f"{ck.workdir}: no tokenizer (looked in {', '.join(map(str, tok_dirs))})")
+    params = {k: llava.unstack_layers(v, cfg) for k, v in params.items()}  # as above
     adapter = lora_lib.Adapter(params["lora"], instructcir.lora_config(config.lora))
     merged = jax.tree.map(np.asarray, lora_lib.merge(params["base"], adapter))
     return Model("llava", cfg, merged, load_tokenizer(os.path.expanduser(tok_dir)), source)

@@ -42,6 +42,7 @@ import numpy as np
 from flax import linen as nn
 
 from cirjax.models import layer_stack
+from cirjax.models.remat import DEFAULT_POLICY, check_remat_policy
 from cirjax.models import qformer as qf
 from cirjax.models import vit as vit_lib
 from cirjax.models.attention import check_attention_impl
@@ -71,6 +72,8 @@ class Blip2Config:
     param_dtype: dtype of the Q-Former, query-token and projection params (ViT, LayerNorms
       and `temp` stay fp32).
     remat: rematerialise ViT and Q-Former layers in the backward pass.
+    remat_policy: what a rematerialised layer keeps ('full' | 'dots_saveable' |
+      'dots_with_no_batch_dims_saveable', see `cirjax.models.remat`).
     attention_impl: attention kernel of the ViT and Q-Former ('xla' | 'cudnn' | 'auto' |
       'einsum', see `cirjax.models.attention`); parity runs use 'xla' in fp32.
     scan_layers: run the ViT blocks and the Q-Former's layer pairs as `nn.scan`s (one compiled
@@ -91,9 +94,11 @@ class Blip2Config:
   remat: bool = False
   attention_impl: str = "xla"
   scan_layers: bool = False
+  remat_policy: str = DEFAULT_POLICY
 
   def __post_init__(self):
     check_attention_impl("Blip2Config", self.attention_impl)
+    check_remat_policy("Blip2Config", self.remat_policy)
     if self.scan_layers:
       qf.check_scannable(self.qformer)
     if self.vision.post_layernorm:
@@ -183,14 +188,15 @@ class Blip2(nn.Module):
     cfg = self.config
     dt, pdt = cfg.compute_dtype, jnp.dtype(cfg.param_dtype)
     self.vision = vit_lib.VisionTransformer(cfg.vision, cfg.vision_compute_dtype, cfg.remat,
-                                            cfg.attention_impl, cfg.scan_layers)
+                                            cfg.attention_impl, cfg.scan_layers,
+                                            cfg.remat_policy)
     self.ln_vision = LayerNorm(cfg.ln_vision_eps, jnp.float32)
     self.query_tokens = self.param(
         "query_tokens", nn.initializers.normal(0.02),
         (1, cfg.num_query_tokens, cfg.qformer.hidden_size), pdt)
     self.embeddings = qf.TextEmbeddings(cfg.qformer, dt, pdt)
     self.qformer = qf.QFormer(cfg.qformer, dt, cfg.remat, pdt, cfg.attention_impl,
-                              cfg.scan_layers)
+                              cfg.scan_layers, cfg.remat_policy)
     self.vision_projection = _proj(cfg.embed_dim, "vision_projection", pdt)
     self.text_projection = _proj(cfg.embed_dim, "text_projection", pdt)
     if cfg.itm_head:

@@ -36,6 +36,7 @@ from flax import linen as nn
 from cirjax import prompts as prompts_lib
 from cirjax.models.phi3 import Linear, Phi3Config, Phi3Decoder, check_positions
 from cirjax.models import layer_stack
+from cirjax.models.remat import DEFAULT_POLICY, check_remat_policy
 from cirjax.models.attention import check_attention_impl
 from cirjax.models.phi3 import layer_stacks as phi3_layer_stacks
 from cirjax.models.vit import ViTConfig, VisionTransformer, check_dtype, check_pixels
@@ -61,6 +62,7 @@ class LlavaConfig:
     param_dtype: dtype the language model and projector params are stored in (the CLIP
       tower keeps fp32 params).
     remat: rematerialise the CLIP and decoder layers in the backward pass.
+    remat_policy: what a rematerialised layer keeps (`cirjax.models.remat`).
     attention_impl: attention kernel of CLIP and the decoder ('xla' | 'cudnn' | 'auto' |
       'einsum', see `cirjax.models.attention`); parity runs use 'xla' in fp32.
     scan_layers: run the CLIP blocks and the decoder layers as `nn.scan`s with params (and
@@ -79,9 +81,11 @@ class LlavaConfig:
   remat: bool = False
   attention_impl: str = "xla"
   scan_layers: bool = False
+  remat_policy: str = DEFAULT_POLICY
 
   def __post_init__(self):
     check_attention_impl("LlavaConfig", self.attention_impl)
+    check_remat_policy("LlavaConfig", self.remat_policy)
     if self.vision_feature_select_strategy not in ("default", "full"):
       raise ValueError("vision_feature_select_strategy must be 'default' or 'full', got "
                        f"{self.vision_feature_select_strategy!r}")
@@ -194,7 +198,8 @@ class LlavaModel(nn.Module):
     dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     self.vision_tower = VisionTransformer(c.vision, dtype=dt, remat=c.remat,
                                           attention_impl=c.attention_impl,
-                                          scan_layers=c.scan_layers)
+                                          scan_layers=c.scan_layers,
+                                          remat_policy=c.remat_policy)
     self.multi_modal_projector = Projector(
         c.text.hidden_size, c.projector_hidden_act, c.projector_bias, dtype=dt,
         param_dtype=pdt, lora_scale=self.lora_scale, lora_dropout=self.lora_dropout)
@@ -202,7 +207,8 @@ class LlavaModel(nn.Module):
                                       lora_scale=self.lora_scale,
                                       lora_dropout=self.lora_dropout, remat=c.remat,
                                       attention_impl=c.attention_impl,
-                                      scan_layers=c.scan_layers)
+                                      scan_layers=c.scan_layers,
+                                      remat_policy=c.remat_policy)
 
   def vision_features(self, pixels: Array) -> Array:
     """The selected CLIP hidden state(s) before the projector, [n_images, P, D]."""

@@ -34,6 +34,7 @@ from flax import linen as nn
 from cirjax.models.attention import dot_attention
 from cirjax.models import layer_stack
 from cirjax.models.layer_stack import Stack
+from cirjax.models.remat import DEFAULT_POLICY, remat_layer
 from cirjax.models.vit import scanned_blocks
 
 Array = jax.Array
@@ -421,6 +422,7 @@ class Phi3Decoder(nn.Module):
   remat: bool = False
   attention_impl: str = "xla"
   scan_layers: bool = False
+  remat_policy: str = DEFAULT_POLICY
 
   def setup(self):
     c = self.config
@@ -433,10 +435,11 @@ class Phi3Decoder(nn.Module):
       # Broadcast arguments reach the body unchanged: `deterministic`/`collect` stay static.
       blocks = scanned_blocks(DecoderLayer, length=c.num_layers, remat=self.remat,
                               in_axes=(nn.broadcast,) * 5, static_argnums=(5, 6),
-                              collections=("params", "lora"))
+                              collections=("params", "lora"), remat_policy=self.remat_policy)
       self.layers = blocks(c, scanned=True, **kw)
     else:
-      layer_cls = nn.remat(DecoderLayer, static_argnums=(5,)) if self.remat else DecoderLayer
+      layer_cls = (remat_layer(DecoderLayer, self.remat_policy, static_argnums=(5,))
+                   if self.remat else DecoderLayer)
       self.layers = [layer_cls(c, name=f"layers_{i}", **kw) for i in range(c.num_layers)]
     self.norm = RMSNorm(c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
 

@@ -24,6 +24,7 @@ import numpy as np
 from flax import linen as nn
 
 from cirjax.models.layer_stack import Stack
+from cirjax.models.remat import DEFAULT_POLICY, remat_layer
 from cirjax.models.vit import LayerNorm, activation, attention, scanned_blocks
 
 # Added to the attention logits of padded keys. Finite (no -inf in anything gradients touch)
@@ -176,12 +177,14 @@ class QFormerLayerGroup(nn.Module):
   param_dtype: Any = jnp.float32
   attention_impl: str = "xla"
   remat: bool = False
+  remat_policy: str = DEFAULT_POLICY
 
   @nn.compact
   def __call__(self, x, mask, encoder_hidden_states):
     layer_cls = QFormerLayer
     if self.remat:
-      layer_cls = nn.remat(QFormerLayer, static_argnums=(4,), prevent_cse=False)
+      layer_cls = remat_layer(QFormerLayer, self.remat_policy, static_argnums=(4,),
+                              prevent_cse=False)
     for j in range(self.config.cross_attention_frequency):
       x = layer_cls(self.config, j, self.dtype, self.param_dtype, self.attention_impl,
                     name=f"layer_{j}")(x, mask, encoder_hidden_states, self.query_length)
@@ -208,6 +211,7 @@ class QFormer(nn.Module):
   param_dtype: Any = jnp.float32
   attention_impl: str = "xla"
   scan_layers: bool = False
+  remat_policy: str = DEFAULT_POLICY
 
   @nn.compact
   def __call__(self, embeds, attention_mask=None, encoder_hidden_states=None,
@@ -220,9 +224,11 @@ class QFormer(nn.Module):
       groups = scanned_blocks(QFormerLayerGroup, remat=False, in_axes=(nn.broadcast,) * 2,
                               length=cfg.num_layers // cfg.cross_attention_frequency)
       x, _ = groups(cfg, query_length, self.dtype, self.param_dtype, self.attention_impl,
-                    self.remat, name="layer_groups")(x, mask, encoder_hidden_states)
+                    self.remat, self.remat_policy, name="layer_groups")(
+                        x, mask, encoder_hidden_states)
       return x
-    layer_cls = nn.remat(QFormerLayer, static_argnums=(4,)) if self.remat else QFormerLayer
+    layer_cls = (remat_layer(QFormerLayer, self.remat_policy, static_argnums=(4,))
+                 if self.remat else QFormerLayer)
     # One named module per layer (`layer_{i}`, the converters' tree).
     for i in range(cfg.num_layers):
       x = layer_cls(cfg, i, self.dtype, self.param_dtype, self.attention_impl,

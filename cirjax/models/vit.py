@@ -30,6 +30,7 @@ from flax import linen as nn
 
 from cirjax.models.attention import dot_attention
 from cirjax.models.layer_stack import Stack
+from cirjax.models.remat import DEFAULT_POLICY, remat_layer
 
 ACTIVATIONS = ("gelu", "quick_gelu")
 # Compute / storage dtypes a model config may name (strings: hashable, JSON round-trips).
@@ -252,13 +253,15 @@ def scan_result(x, scanned: int):
 
 
 def scanned_blocks(block_cls, *, length: int, remat: bool, in_axes=(), static_argnums=(),
-                   collections=("params",)):
+                   collections=("params",), remat_policy: str = DEFAULT_POLICY):
   """`block_cls` as an `nn.scan` over `length` steps, params stacked on a leading axis.
 
-  Under remat each step is rematerialised (`prevent_cse=False`: the scan already keeps XLA
-  from merging the recomputation with the forward)."""
+  Under remat each step is rematerialised with `remat_policy` (`cirjax.models.remat`;
+  `prevent_cse=False`: the scan already keeps XLA from merging the recomputation with the
+  forward)."""
   if remat:
-    block_cls = nn.remat(block_cls, prevent_cse=False, static_argnums=static_argnums)
+    block_cls = remat_layer(block_cls, remat_policy, prevent_cse=False,
+                            static_argnums=static_argnums)
   return nn.scan(block_cls, variable_axes={c: 0 for c in collections},
                  split_rngs={"params": True, "dropout": True}, in_axes=in_axes, length=length)
 
@@ -289,6 +292,7 @@ class VisionTransformer(nn.Module):
     config: the ViTConfig.
     dtype: compute dtype (params stay fp32; LayerNorms and CLIP's softmax run in fp32).
     remat: rematerialise each block in the backward pass (saves activation memory).
+    remat_policy: what a rematerialised block keeps (`cirjax.models.remat`).
     attention_impl: see `cirjax.models.attention` ('xla', 'cudnn', 'auto', 'einsum').
     scan_layers: run the blocks as one `nn.scan` (params stacked under `layers`, see
       `layer_stacks`) instead of a Python loop (`layers_{i}`): one compiled block.
@@ -298,6 +302,7 @@ class VisionTransformer(nn.Module):
   remat: bool = False
   attention_impl: str = "xla"
   scan_layers: bool = False
+  remat_policy: str = DEFAULT_POLICY
 
   @nn.compact
   def __call__(self, pixels, *, output_hidden_states: bool = False,
@@ -340,7 +345,7 @@ class VisionTransformer(nn.Module):
     if self.scan_layers:
       x, hidden = self._scan(x, n, output_hidden_states)
     else:  # one named module per block (`layers_{i}`, the converters' tree)
-      layer_cls = nn.remat(ViTLayer) if self.remat else ViTLayer
+      layer_cls = remat_layer(ViTLayer, self.remat_policy) if self.remat else ViTLayer
       hidden = [x] if output_hidden_states else None
       for i in range(n):
         x = layer_cls(cfg, self.dtype, self.attention_impl, name=f"layers_{i}")(x)
@@ -364,7 +369,8 @@ class VisionTransformer(nn.Module):
     (the scan runs every block: its params have one leading length)."""
     cfg = self.config
     collect = output_hidden_states or n < cfg.num_layers
-    blocks = scanned_blocks(ViTLayer, length=cfg.num_layers, remat=self.remat)
+    blocks = scanned_blocks(ViTLayer, length=cfg.num_layers, remat=self.remat,
+                            remat_policy=self.remat_policy)
     last, ys = blocks(cfg, self.dtype, self.attention_impl, 2 if collect else 1,
                       name="layers")(x)
     if not collect:

@@ -126,11 +126,17 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state: Any, host_keys: tuple[str, ...] = ("step",)
               ) -> tuple[Any, dict, dict]:
-    """Restores `step` into the shardings of `abstract_state` (ShapeDtypeStructs); raises
-    `StepDamage` naming the file when one is missing, truncated or garbled, or when the host
-    state lacks one of `host_keys`."""
+    """Restores `step` into the shardings of `abstract_state` (ShapeDtypeStructs, or a function
+    of the step's host-state JSON returning them: a run reading checkpoints saved in another
+    parameter layout); raises `StepDamage` naming the file when one is missing, truncated or
+    garbled, or when the host state lacks one of `host_keys` or names no known layout."""
     self._check_files(step)
     host = self._read_host(step, host_keys)
+    if callable(abstract_state):
+      try:
+        abstract_state = abstract_state(host)
+      except (KeyError, ValueError) as e:
+        raise StepDamage(_host_path(self.step_dir(step)), str(e)) from e
     restored = _read_or_damage(lambda: self.manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                       arrays=ocp.args.StandardRestore())), self.step_dir(step))

@@ -75,12 +75,12 @@ from cirjax.eval import encode as encode_lib
 from cirjax.eval import evaluate as ev
 from cirjax.eval import metrics
 from cirjax.losses import info_nce_loss, info_nce_logits
-from cirjax.models import llava
+from cirjax.models import layer_stack, llava
 from cirjax.models.phi3 import Phi3Config
 from cirjax.models.vit import ViTConfig
 from cirjax.train import sharding as shd
 from cirjax.train.checkpointing import Checkpointer
-from cirjax.train.task import Task
+from cirjax.train.task import Task, run_options
 
 HARD_NEGATIVE_SCOPES = ("batch", "own")
 LLAVA_CONFIG_FILE = "llava_config.json"
@@ -325,31 +325,25 @@ def model_source(config: ml_collections.ConfigDict, init_from: str, workdir: str
   return ModelSource(cfg, tokenizer, tok_dir, base_params, ckpt_dir, adapter_dir)
 
 
-def stage1_params(ckpt_dir: str, abstract_params, init_from: str):
+def stage1_params(ckpt_dir: str, abstract_params, init_from: str, cfg: llava.LlavaConfig):
   """The latest checkpoint of a stage-1 workdir (base and adapter), on the host."""
   ck = Checkpointer(ckpt_dir, keep=1000, async_save=False)
   step = ck.latest_step()
   if step is None:
     raise FileNotFoundError(f"config.init_from: no checkpoint in {ckpt_dir}")
-  try:
-    params = ck.restore_params(step, abstract_params)
-  except ValueError as e:
-    raise ValueError(f"config.init_from={init_from}: {e}; stage 2 needs the same model "
-                     "and LoRA settings (lora.rank, lora.target_modules) as stage 1") from e
+  params = jax.tree.map(np.asarray, jax.device_get(ck.restore_params(step)))
   ck.close()
+  # A stage-1 run with scan_layers saved its layers stacked: per-layer, as initial_params gives.
+  params = {k: llava.unstack_layers(v, cfg) for k, v in params.items()}
+  if jax.tree.structure(params) != jax.tree.structure(abstract_params):
+    raise ValueError(f"config.init_from={init_from}: checkpoint {ckpt_dir}/{step}: parameter "
+                     "tree differs from the model's; stage 2 needs the same model and LoRA "
+                     "settings (lora.rank, lora.target_modules) as stage 1")
   _log(f"stage 2 starts from {ckpt_dir}/{step} (base and adapter)")
-  return jax.tree.map(np.asarray, jax.device_get(params))  # host: the trainer shards it
+  return params  # host: the trainer shards it
 
 
 # ------------------------------------------------------------------------------ the task
-
-def run_options(config: ml_collections.ConfigDict) -> dict:
-  """The `LlavaConfig` fields a run sets from its config: remat, the attention kernel and the
-  layer loop (they change how the model runs, never its parameters)."""
-  return dict(remat=bool(config.get("remat", False)),
-              attention_impl=str(config.get("attention_impl", "xla")),
-              scan_layers=bool(config.get("scan_layers", False)))
-
 
 class InstructCIRTask(Task):
   """InstructCIR stage 1 or 2: LoRA on LLaVA-Phi's language model, InfoNCE."""
@@ -430,7 +424,7 @@ class InstructCIRTask(Task):
   def initial_params(self, abstract_params):
     src = self.source
     if src.ckpt_dir is not None:
-      return stage1_params(src.ckpt_dir, abstract_params, self.init_from)
+      return stage1_params(src.ckpt_dir, abstract_params, self.init_from, self.cfg)
     if src.base_params is None:
       return None
     out = {"base": src.base_params}
@@ -449,6 +443,10 @@ class InstructCIRTask(Task):
           lambda r: lora_lib.init_lora(base_abs, self.lora_cfg, r).params)(
               jax.random.split(jax.random.PRNGKey(self.seed))[1]))
     return out
+
+  def layer_stacks(self):
+    stacks = llava.layer_stacks(self.cfg)  # the adapter tree mirrors the base's paths
+    return layer_stack.prefixed(stacks, ("base",)) + layer_stack.prefixed(stacks, ("lora",))
 
   def adapter(self, params) -> lora_lib.Adapter:
     return lora_lib.Adapter(params["lora"], self.lora_cfg)
@@ -678,7 +676,8 @@ def export_model(workdir: Path, config: ml_collections.ConfigDict, cfg: llava.Ll
   host = jax.device_get(jax.jit(lambda p: p, out_shardings=shd.replicated(mesh))(params))
   if jax.process_index() != 0:
     return
-  host = jax.tree.map(np.asarray, host)
+  # PEFT names, the converters and LoRA merging read the per-layer layout.
+  host = {k: llava.unstack_layers(jax.tree.map(np.asarray, v), cfg) for k, v in host.items()}
   adapter = lora_lib.Adapter(host["lora"], lora_cfg)
   init_from = os.path.expanduser(config.get("init_from", "") or "")
   merged_src = init_from and not (Path(init_from) / "checkpoints").is_dir() and not (

@@ -62,7 +62,7 @@ from cirjax.models import blip2
 from cirjax.train import feature_store
 from cirjax.train import sharding as shd
 from cirjax.train import state as st
-from cirjax.train.task import Task
+from cirjax.train.task import Task, run_options
 
 LOSSES = ("pairwise", "infonce", "infonce_inbatch")
 
@@ -352,13 +352,14 @@ class QuReTask(Task):
     p = self._pretrained_params
     return None if p is None else jax.tree.map(np.asarray, p)
 
+  def layer_stacks(self):
+    return blip2.layer_stacks(self.cfg)
+
   def _run_cfg(self):
-    """The model config the steps and encoders run: the compute dtype, remat, attention kernel
-    and layer loop of the run (none of them changes the parameters)."""
+    """The model config the steps and encoders run: the compute dtype and the run options
+    (`cirjax.train.task.run_options`: remat, attention kernel, layer loop)."""
     return self.cfg.replace(dtype=self.compute_dtype.name, vision_dtype=None,
-                            remat=bool(self.config.get("remat", False)),
-                            attention_impl=str(self.config.get("attention_impl", "xla")),
-                            scan_layers=bool(self.config.get("scan_layers", False)))
+                            **run_options(self.config))
 
   def loss_fn(self, params, batch, rng):
     run_cfg = self._run_cfg()
@@ -589,7 +590,8 @@ def export_model(path: Path, config: ml_collections.ConfigDict, cfg: blip2.Blip2
   host = jax.device_get(jax.jit(lambda p: p, out_shardings=shd.replicated(mesh))(params))
   if jax.process_index() != 0:
     return
-  registry.save(path, "blip2", cfg, jax.tree.map(np.asarray, host), overwrite=True,
+  host = blip2.unstack_layers(jax.tree.map(np.asarray, host), cfg)  # the converters' layout
+  registry.save(path, "blip2", cfg.replace(scan_layers=False), host, overwrite=True,
                 extra={"trained_by": "cirjax train", "train_config": config.get("config_spec", "")})
   try:
     src = config.data.get("tokenizer") or os.path.expanduser(config.data.root)
@@ -608,7 +610,8 @@ def _open_store(task: QuReTask, params) -> feature_store.FeatureStore:
   vcfg = task.cfg.vision
   shape = (n, (task.image_size // vcfg.patch_size) ** 2 + 1, vcfg.hidden_size)
   dtype = str(qc.get("feature_dtype", "float16"))
-  vision = _host_tree(params["vision"])
+  # Keyed by the per-layer tree: a run that changes scan_layers reuses the store.
+  vision = blip2.unstack_layers({"vision": _host_tree(params["vision"])}, task.cfg)["vision"]
   spec = {"vision": repr(vcfg), "compute_dtype": task.compute_dtype.name, "dtype": dtype,
           "transform": str(task.config.data.get("transform", "targetpad")),
           "images": [pixel_store.image_identity(k, task._refs[k]) for k in task.image_names]}

@@ -78,14 +78,20 @@ def fsdp_spec(shape: Sequence[int], axis_size: int, min_size: int, axis: str = "
 
 def param_specs(abstract: Any, mesh: jax.sharding.Mesh,
                 rules: Sequence[tuple[str, str]] = ((".*", "fsdp"),),
-                fsdp_min_size: int = 2 ** 14) -> Any:
+                fsdp_min_size: int = 2 ** 14, stacked: Sequence[str] = ()) -> Any:
   """PartitionSpecs for a pytree of ShapeDtypeStructs: first matching regex rule wins.
 
   Rules: `fsdp` (size rule above) or `replicate`. A rule's regex matches a parameter path
   ('qformer/layer_0/query/kernel') or any path ending in one, so the same rules shard the
   optimizer moments ('opt_state/.../mu/qformer/...') like their parameters.
   Unmatched leaves are replicated.
+
+  `stacked`: paths ('vision/layers') of scanned runs of layers, whose leaves carry a leading
+  layer axis: that axis stays whole (a scan step reads one layer on every device) and the rule
+  applies to one layer's shape, so a layer is sharded as in the per-layer layout.
   """
+  in_run = (re.compile(r"(?:^|/)(?:" + "|".join(map(re.escape, stacked)) + r")/")
+            if stacked else None)
   compiled = [(re.compile(r"(?:^|.*/)(?:" + r + r")$"), rule) for r, rule in rules]
   for _, rule in rules:
     if rule not in ("fsdp", "replicate"):
@@ -97,7 +103,11 @@ def param_specs(abstract: Any, mesh: jax.sharding.Mesh,
     shape = getattr(leaf, "shape", ())
     for rx, rule in compiled:
       if rx.match(name):
-        return fsdp_spec(shape, fsdp, fsdp_min_size) if rule == "fsdp" else P()
+        if rule != "fsdp":
+          return P()
+        if in_run is not None and shape and in_run.search(name):
+          return P(None, *fsdp_spec(shape[1:], fsdp, fsdp_min_size))
+        return fsdp_spec(shape, fsdp, fsdp_min_size)
     return P()
 
   return jax.tree_util.tree_map_with_path(one, abstract)

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cirjax.models import layer_stack
 from cirjax.train.sharding import path_str
 
 
@@ -55,6 +56,14 @@ def trainable_mask(params: Any, freeze: Sequence[str] = (), train_only: Sequence
     raise ValueError(f"freeze/train_only regex(es) {unused} match no parameter; "
                      f"parameter names look like {names[:6]}")
   return mask
+
+
+def stacked_params_and_mask(params: Any, mask: Any, stacks: Sequence) -> tuple[Any, Any]:
+  """Per-layer params (arrays or ShapeDtypeStructs) and trainable mask -> the `scan_layers`
+  layout of `stacks` (`cirjax.models.layer_stack`): each run of layers one stacked parameter,
+  trained only if it is in every layer (a mixed run is a ValueError naming it)."""
+  return (layer_stack.stack(params, stacks),
+          layer_stack.stack(mask, stacks, combine=layer_stack.same_flag))
 
 
 def count_params(params: Any, mask: Any | None = None) -> tuple[int, int]:

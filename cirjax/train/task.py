@@ -9,13 +9,26 @@ import jax
 import ml_collections
 import numpy as np
 
-from cirjax.train.config_utils import load_module
+from cirjax.models.remat import DEFAULT_POLICY, REMAT_POLICIES
+from cirjax.train.config_utils import ConfigError, load_module
 
 # config.task -> "module:factory". A config may also name "path/to/file.py:factory".
 TASKS = {
     "qure": "cirjax.train.qure:QuReTask",
     "instructcir": "cirjax.train.instructcir:InstructCIRTask",
 }
+
+
+def run_options(config: ml_collections.ConfigDict) -> dict:
+  """The model-config fields a run sets from its top-level keys: remat and its policy, the
+  attention kernel and the layer loop (they change how the model runs, never its math or its
+  parameters, so each may change on resume). Raises ConfigError for an unknown remat_policy."""
+  policy = config.get("remat_policy", DEFAULT_POLICY)
+  if policy not in REMAT_POLICIES:
+    raise ConfigError(f"config.remat_policy={policy!r}: use one of {sorted(REMAT_POLICIES)}")
+  return dict(remat=bool(config.get("remat", False)), remat_policy=str(policy),
+              attention_impl=str(config.get("attention_impl", "xla")),
+              scan_layers=bool(config.get("scan_layers", False)))
 
 
 class Task:
@@ -43,6 +56,14 @@ class Task:
   def initial_params(self, abstract_params: Any) -> Any | None:
     """Parameters to start from instead of `init_params` (pretrained, previous stage)."""
     return None
+
+  def layer_stacks(self) -> list:
+    """The runs of repeated layers (`cirjax.models.layer_stack.Stack`, paths from the root of
+    the `init_params` tree) that a `scan_layers` run holds stacked in its train state.
+    `init_params` / `initial_params` always give the per-layer layout; the trainer stacks
+    them once, and every other method (loss, encoders, `evaluate`, `finish`) receives the
+    state's layout: the model functions accept either, exports must unstack."""
+    return []
 
   def loss_fn(self, params: Any, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
     """(fp32 scalar loss, dict of fp32 scalars). Honour `config.remat` by rematerialising the

@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 
 from cirjax.data.loader import Prefetcher, default_workers
+from cirjax.models import layer_stack
 from cirjax.train import sharding as shd
 from cirjax.train import state as st
 from cirjax.train import workdir as workdir_lib
@@ -38,6 +39,8 @@ from cirjax.train.step import DEFAULT_FP32_PARAMS, compile_step, make_train_step
 from cirjax.train.task import build_task
 
 STOP_AFTER_ENV = "CIRJAX_STOP_AFTER_STEP"  # tests: stop (as if killed) after this many steps
+# The train state's parameter layout, recorded in every checkpoint's host state.
+LAYOUT_KEY, PER_LAYER, STACKED = "param_layout", "per_layer", "stacked"
 
 
 def _log(msg: str) -> None:
@@ -136,27 +139,55 @@ class Trainer:
                        f"{jax.device_count()} devices")
 
   def _abstract_state(self) -> None:
-    """Parameter shapes, trainable mask, optimizer and the state's shardings (no arrays)."""
+    """Parameter shapes, trainable mask, optimizer and the state's shardings (no arrays), in
+    the run's parameter layout: with `scan_layers`, the task's runs of layers stacked."""
     config = self.config
     self.seed = int(config.get("seed", 0))
     self.init_rng = jax.random.PRNGKey(self.seed)
+    # The task's (per-layer) tree: what init_params / initial_params give and the regexes name.
     self.abstract_params = jax.eval_shape(self.task.init_params, self.init_rng)
-    self.mask = st.trainable_mask(self.abstract_params, tuple(config.get("freeze", ())),
-                                  tuple(config.get("train_only", ())))
-    total, trainable = st.count_params(self.abstract_params, self.mask)
-    _log(f"{self.task.name}: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trained; "
-         f"{self.steps_per_epoch} steps/epoch x {self.epochs} epochs, "
-         f"global batch {self.global_batch}")
+    mask = st.trainable_mask(self.abstract_params, tuple(config.get("freeze", ())),
+                             tuple(config.get("train_only", ())))
+    total, trainable = st.count_params(self.abstract_params, mask)
+    self.stacks = self.task.layer_stacks()
+    self.layout = STACKED if bool(config.get("scan_layers", False)) and self.stacks else PER_LAYER
+    _log(f"{self.task.name}: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trained "
+         f"({self.layout.replace('_', '-')} layout); {self.steps_per_epoch} steps/epoch x "
+         f"{self.epochs} epochs, global batch {self.global_batch}")
+    run_params, self.mask = self.abstract_params, mask
+    if self.layout == STACKED:
+      run_params, self.mask = st.stacked_params_and_mask(run_params, mask, self.stacks)
     self.tx, self.schedule = st.make_optimizer(self.tcfg, self.mask, self.steps_per_epoch,
                                                self.steps_per_epoch * self.epochs)
-    abstract = jax.eval_shape(lambda p: st.init_state(p, self.tx), self.abstract_params)
+    abstract = jax.eval_shape(lambda p: st.init_state(p, self.tx), run_params)
+    self.abstract, self.state_sharding = self._sharded(abstract)
+    # A checkpoint of the other layout (scan_layers changed on resume) restores into this one,
+    # then converts (`_restore_or_init`).
+    other = PER_LAYER if self.layout == STACKED else STACKED
+    self.abstract_by_layout = {self.layout: self.abstract, other: self._sharded(
+        layer_stack.nested_to_layout(abstract, self.stacks, other == STACKED))[0]}
+
+  def in_layout(self, tree: Any) -> Any:
+    """A per-layer param tree (or one of either layout) in the run's layout."""
+    return layer_stack.to_layout(tree, self.stacks, self.layout == STACKED)
+
+  def _sharded(self, abstract: Any) -> tuple[Any, Any]:
+    """(abstract state with shardings, the shardings) by the config's sharding rules."""
+    config = self.config
     rules = tuple(tuple(r) for r in config.get("sharding_rules", ((".*", "fsdp"),)))
-    specs = shd.param_specs(abstract, self.mesh, rules,
-                            int(config.get("fsdp_min_size", 2 ** 14)))
-    self.state_sharding = shd.to_shardings(specs, self.mesh)
-    self.abstract = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-        self.state_sharding)
+    specs = shd.param_specs(abstract, self.mesh, rules, int(config.get("fsdp_min_size", 2 ** 14)),
+                            stacked=layer_stack.stacked_paths(self.stacks))
+    sharding = shd.to_shardings(specs, self.mesh)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, sharding), sharding
+
+  def _abstract_for(self, host: dict) -> Any:
+    """The abstract state a checkpoint with host-state JSON `host` was saved in."""
+    layout = host.get(LAYOUT_KEY, PER_LAYER)  # checkpoints before the key: per-layer
+    if layout not in self.abstract_by_layout:
+      raise ValueError(f"{LAYOUT_KEY}={layout!r} is not a parameter layout "
+                       f"({PER_LAYER!r} or {STACKED!r})")
+    return self.abstract_by_layout[layout]
 
   def _open_outputs(self) -> None:
     self.ckpt_cfg = self.config.get("checkpoint", ml_collections.ConfigDict())
@@ -171,18 +202,27 @@ class Trainer:
     """The newest restorable checkpoint's state and step (its host state loaded into the task),
     or a fresh state at step 0."""
     # Falls back past damaged steps, moving them aside (checkpointing.py's docstring).
-    restored = self.ckpt.restore_newest(self.abstract, self.task.load_host_state, _log)
+    restored = self.ckpt.restore_newest(self._abstract_for, self.task.load_host_state, _log)
     if restored is not None:
-      _log(f"resuming from {self.ckpt.step_dir(restored[1])}")
-      self.resumed_from = restored[1]
-      return restored
+      state, step = restored
+      _log(f"resuming from {self.ckpt.step_dir(step)}")
+      self.resumed_from = step
+      if jax.tree.structure(state) != jax.tree.structure(self.abstract):
+        # Saved in the other layout (scan_layers changed): stack / unstack params and moments.
+        _log(f"converting the checkpoint's parameters and optimizer state to the {self.layout} "
+             "layout of this run's scan_layers")
+        state = jax.jit(lambda s: layer_stack.nested_to_layout(s, self.stacks,
+                                                               self.layout == STACKED),
+                        out_shardings=self.state_sharding)(state)
+      return state, step
+    # Stacked once here (initial params: on the host), never inside the step.
     params0 = self.task.initial_params(self.abstract_params)
     if params0 is None:
-      state = jax.jit(lambda: st.init_state(self.task.init_params(self.init_rng), self.tx),
-                      out_shardings=self.state_sharding)()
+      state = jax.jit(lambda: st.init_state(self.in_layout(self.task.init_params(self.init_rng)),
+                                            self.tx), out_shardings=self.state_sharding)()
     else:
       state = jax.jit(lambda p: st.init_state(p, self.tx),
-                      out_shardings=self.state_sharding)(params0)
+                      out_shardings=self.state_sharding)(self.in_layout(params0))
     return state, 0
 
   def _compile(self) -> None:
@@ -252,8 +292,8 @@ class Trainer:
   def save(self, step: int, metrics: dict | None = None) -> None:
     """Checkpoints the state and the task's host state as of `step` (asynchronously)."""
     host_json, arrays = self.host_snapshot or self.task.host_state()
-    self.ckpt.save(step, self.state, {"step": step, "task": host_json}, arrays,
-                   metrics=metrics, force=True)
+    self.ckpt.save(step, self.state, {"step": step, "task": host_json, LAYOUT_KEY: self.layout},
+                   arrays, metrics=metrics, force=True)
 
   # ------------------------------------------------------------------ the loop
   def _workers(self) -> int:

@@ -28,7 +28,7 @@ RESUMABLE = ("train.max_steps", "log_every_steps", "eval_every_epochs", "eval_ev
              "eval_metrics", "tensorboard", "checkpoint.keep", "checkpoint.every_steps",
              "checkpoint.async_save", "checkpoint.best_metric", "checkpoint.best_mode",
              "data.workers", "data.encode_batch_size", "qure.encode_batch_size",
-             "qure.mining_method", "remat", "attention_impl", "scan_layers",
+             "qure.mining_method", "remat", "remat_policy", "attention_impl", "scan_layers",
              "data.pixel_store", "data.pixel_store_dir")
 
 
