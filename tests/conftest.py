@@ -14,6 +14,18 @@ jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_num_cpu_devices", 4)
 # docs/reference_semantics.md#parity: parity is measured at fp32 with the highest matmul precision.
 jax.config.update("jax_default_matmul_precision", "highest")
+# Many tests build their own trainers and models, so identical programs are traced by
+# different jitted functions: a compilation cache shared by the session (an empty directory
+# per run, deleted at exit) compiles each of them once. Override with JAX_COMPILATION_CACHE_DIR.
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+  import atexit  # noqa: E402
+  import shutil  # noqa: E402
+  import tempfile  # noqa: E402
+  _CACHE = tempfile.mkdtemp(prefix="cirjax-test-xla-cache-")
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+  jax.config.update("jax_compilation_cache_dir", _CACHE)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture(scope="module")

@@ -203,8 +203,9 @@ _CASES = {"vit": _vit_case, "qformer": _qformer_case, "phi3": _phi3_case}
 
 # The default suite runs one case per tower, together covering every policy and both stacks;
 # the other combinations are slow.
-_DEFAULT_REMAT_CASES = {("vit", "dots_with_no_batch_dims_saveable", True),
-                        ("qformer", "dots_saveable", False), ("phi3", "full", True)}
+# One case in the default suite (a non-trivial policy under scan); the default suite's time
+# budget leaves the others to `-m slow`.
+_DEFAULT_REMAT_CASES = {("vit", "dots_with_no_batch_dims_saveable", True)}
 
 
 def _remat_case(name, policy, scan):
