@@ -42,13 +42,19 @@ def test_vit_scan_matches_loop(variant):
     assert_close(got.pooled, want.pooled, TOL_LAYER, f"{variant} pooled")
 
 
-def test_qformer_scan_matches_loop():
-  cfg = qf.QFormerConfig(hidden_size=32, num_layers=4, num_heads=4, intermediate_size=64,
-                         encoder_hidden_size=24, vocab_size=50)
+def _qformer_inputs(num_layers: int):
+  """(config, hidden states, mask with padding, encoder states, params) of a tiny Q-Former."""
+  cfg = qf.QFormerConfig(hidden_size=32, num_layers=num_layers, num_heads=4,
+                         intermediate_size=64, encoder_hidden_size=24, vocab_size=50)
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 7, 32))
   enc = jax.random.normal(jax.random.PRNGKey(2), (2, 5, 24))
   mask = jnp.array([[1] * 7, [1] * 5 + [0] * 2])
   params = qf.QFormer(cfg).init(jax.random.PRNGKey(0), x, mask, enc, 3)["params"]
+  return cfg, x, mask, enc, params
+
+
+def test_qformer_scan_matches_loop():
+  cfg, x, mask, enc, params = _qformer_inputs(4)
   stacked = layer_stack.stack(params, qf.layer_stacks(cfg))
   # two scan steps of (cross-attending layer, self-only layer)
   groups = stacked["layer_groups"]
@@ -172,12 +178,7 @@ def _vit_case():
 
 
 def _qformer_case():
-  cfg = qf.QFormerConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
-                         encoder_hidden_size=24, vocab_size=50)
-  x = jax.random.normal(jax.random.PRNGKey(1), (2, 7, 32))
-  enc = jax.random.normal(jax.random.PRNGKey(2), (2, 5, 24))
-  mask = jnp.array([[1] * 7, [1] * 5 + [0] * 2])
-  params = qf.QFormer(cfg).init(jax.random.PRNGKey(0), x, mask, enc, 3)["params"]
+  cfg, x, mask, enc, params = _qformer_inputs(2)
 
   def loss(p, **kw):
     return jnp.sum(qf.QFormer(cfg, **kw).apply({"params": p}, x, mask, enc, 3) ** 2)
