@@ -725,21 +725,46 @@ def _check_image_ids(image_ids, n: int) -> Optional[np.ndarray]:
   return ids.astype(np.int32)
 
 
-def _dedup_minus_target(offsets, flat, target_ids):
+def _first_occurrences(seg: np.ndarray, flat: np.ndarray, key_bits: int = 63) -> np.ndarray:
+  """Bool per element: the first occurrence of its value within its segment.
+
+  One sort of packed int64 keys (segment, value, element index) when they fit in `key_bits`
+  bits -- every key unique, so an unstable sort keeps the order of first occurrence: a value
+  sort is ~2x faster than a stable argsort and the index comes back with the key. Otherwise a
+  stable argsort of (segment, value)."""
+  first = np.zeros(flat.size, bool)
+  if not flat.size:
+    return first
+  q = int(seg[-1]) + 1
+  m = int(flat.max()) + 1
+  pbits = max(1, int(flat.size - 1).bit_length())
+  if (q * m - 1).bit_length() + pbits <= key_bits:
+    key = seg * m
+    key += flat
+    key <<= pbits
+    key |= np.arange(flat.size, dtype=np.int64)
+    key.sort()
+    group = key >> pbits
+    starts = np.empty(key.size, bool)
+    starts[0] = True
+    np.not_equal(group[1:], group[:-1], out=starts[1:])
+    first[key[starts] & ((1 << pbits) - 1)] = True
+    return first
+  key = seg * m + flat.astype(np.int64)
+  order = np.argsort(key, kind="stable")
+  ks = key[order]
+  starts = np.ones(ks.size, bool)
+  starts[1:] = ks[1:] != ks[:-1]
+  first[order] = starts
+  return first
+
+
+def _dedup_minus_target(offsets, flat, target_ids, key_bits: int = 63):
   """Per segment: unique values in order of first occurrence, minus the target's id."""
   q = len(offsets) - 1
   seg = np.repeat(np.arange(q, dtype=np.int64), np.diff(offsets))
   keep = flat != target_ids[seg]
-  if flat.size:
-    # First occurrence of each (segment, id): stable sort by the pair, then compare neighbours.
-    key = seg * (np.int64(flat.max()) + 1) + flat.astype(np.int64)
-    order = np.argsort(key, kind="stable")
-    ks = key[order]
-    first = np.ones(ks.size, bool)
-    first[1:] = ks[1:] != ks[:-1]
-    is_first = np.empty_like(first)
-    is_first[order] = first
-    keep &= is_first
+  keep &= _first_occurrences(seg, flat, key_bits)
   sizes = np.bincount(seg[keep], minlength=q) if q else np.zeros(0, np.int64)
   new_offsets = np.zeros(q + 1, np.int64)
   np.cumsum(sizes, out=new_offsets[1:])
@@ -840,6 +865,8 @@ def hard_negative_sets(
     chunk = functools.partial(
         {"qure": _np_qure, "topk": _np_topk, "after_target_topk": _np_after_topk}[strategy],
         **_np_options(strategy, consecutive_threshold, strict_below, k, top_drops))
+    if ids is not None:  # de-duplicated chunk by chunk, in the threads, while cache-hot
+      chunk = functools.partial(_np_dedup_chunk, chunk, ids)
     rows = int(block_size) if block_size else block_rows_for_budget(n, memory_budget_bytes)
     offsets, flat, st = _mine_numpy(block_fn, targets, q, n, min(rows, max(q, 1)), chunk,
                                     threads, progress)
@@ -847,9 +874,12 @@ def hard_negative_sets(
     offsets, flat, st = _mine_xla(block_fn, targets, q, n, strategy, block_size,
                                   memory_budget_bytes, mesh, mesh_axes, top_drops, k,
                                   consecutive_threshold, strict_below, progress)
-  span = np.diff(offsets)
+  span = st.pop("span", None)
+  if span is None:
+    span = np.diff(offsets)
+    if ids is not None:
+      offsets, flat = _dedup_minus_target(offsets, ids[flat], ids[targets])
   if ids is not None:
-    offsets, flat = _dedup_minus_target(offsets, ids[flat], ids[targets])
     emptied = (np.diff(offsets) == 0) & (span > 0)
     st["status"] = np.where(emptied, STATUS_EMPTY_AFTER_DEDUP, st["status"]).astype(np.int32)
   sets = HardNegativeSets(offsets=offsets, indices=flat)
@@ -918,7 +948,19 @@ def _assemble(sizes: list, pieces: list, stat_pieces: list):
           else np.zeros(0, np.int32))
   st = {key: (np.concatenate([p[key] for p in stat_pieces]).astype(dt) if stat_pieces
               else np.zeros(0, dt)) for key, dt in _STAT_DTYPES.items()}
+  if stat_pieces and "span" in stat_pieces[0]:  # sets were de-duplicated chunk by chunk
+    st["span"] = np.concatenate([p["span"] for p in stat_pieces])
   return offsets, flat, st
+
+
+def _np_dedup_chunk(chunk_fn, ids, s, target):
+  """`chunk_fn`'s sets as unique image ids minus the target's (`_dedup_minus_target` on one
+  chunk's rows); their sizes before it go back as the `span` stat."""
+  flat, size, stats = chunk_fn(s, target)
+  offsets = np.zeros(len(size) + 1, np.int64)
+  np.cumsum(size, out=offsets[1:])
+  offsets, flat = _dedup_minus_target(offsets, ids[flat], ids[target])
+  return flat, np.diff(offsets), dict(stats, span=np.asarray(size, np.int64))
 
 
 def _np_chunk(chunk_fn, s, target):

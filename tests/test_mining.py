@@ -326,3 +326,23 @@ def test_whole_corpus_sets():
   with pytest.raises(ValueError, match="single image id"):
     mining.whole_corpus_sets([0], image_ids=[4, 4])
   np.testing.assert_array_equal(mining.first_positions(ids, [3, 2, 5]), [0, 3, 4])
+
+
+@pytest.mark.parametrize("key_bits", [63, 8])
+def test_dedup_keeps_first_occurrences_in_order(key_bits):
+  # key_bits=8 cannot hold (segment, id, index): the stable-argsort branch must agree.
+  rng = np.random.default_rng(3)
+  sizes = rng.integers(0, 40, 30)
+  offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+  flat = rng.integers(0, 12, int(offsets[-1])).astype(np.int32)
+  target_ids = rng.integers(0, 12, 30).astype(np.int32)
+  got_off, got = mining._dedup_minus_target(offsets, flat, target_ids, key_bits=key_bits)  # pylint: disable=protected-access
+  want = []
+  for r in range(30):
+    seen = []
+    for v in flat[offsets[r]:offsets[r + 1]]:
+      if v != target_ids[r] and v not in seen:
+        seen.append(v)
+    want.append(seen)
+  assert list(np.diff(got_off)) == [len(w) for w in want]
+  assert list(got) == [v for w in want for v in w]
