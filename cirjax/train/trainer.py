@@ -231,7 +231,8 @@ class Trainer:
         self.task.loss_fn, self.tx, self.mask, schedule=self.schedule, seed=self.seed,
         accum_steps=int(self.tcfg.get("accum_steps", 1)),
         compute_dtype=config.get("compute_dtype", "float32"),
-        fp32_params=config.get("fp32_params", None) or DEFAULT_FP32_PARAMS)
+        fp32_params=config.get("fp32_params", None) or DEFAULT_FP32_PARAMS,
+        cast_in_layers=self.stacks if self.layout == STACKED else ())
     abstract_batch = {
         k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shd.batch_sharding(self.mesh, len(v.shape)))
         for k, v in self.task.batch_spec().items()}
