@@ -15,6 +15,13 @@ is used. Programs:
   + Phi-3.5-mini (32 layers), LoRA r=64 on every LLM projection, remat, bf16, per-device
   batch 64, query prompts of 640 tokens (576 image tokens), captions of 64.
 
+With the loop, a third row per program (`loop_one_step`) compiles the same step with each run
+of layers cut to one scan step (one ViT / Phi-3 layer, one Q-Former pair), unrolled: no layer
+loop compiles less code than that, so `scan_speedup_ceiling` (loop seconds / its seconds, on
+the scanned row) bounds what scanning can save. `kernels` / `unique_kernels` count the fused
+computations of the optimized program and the distinct ones: XLA's CPU backend generates code
+once per distinct fusion, so an unrolled stack adds HLO passes but little code generation.
+
 `flops` is XLA's static count of the looped program (it counts a scan's body once, so scanned
 rows leave it empty). On CPU the memory is the CPU compiler's plan (its fusion and scheduling differ from a GPU's):
 read it as the size of the program, not a GPU measurement. Compile seconds on a shared CPU
@@ -93,7 +100,8 @@ def _compile(loss_fn, abstract_params, config, batch_spec, stacks) -> dict:
     abstract_params, mask = st.stacked_params_and_mask(abstract_params, mask, stacks)
   tx, schedule = st.make_optimizer(config.train, mask, 1000, 10000)
   step = make_train_step(loss_fn, tx, mask, schedule=schedule,
-                         compute_dtype=config.get("compute_dtype", "float32"))
+                         compute_dtype=config.get("compute_dtype", "float32"),
+                         cast_in_layers=stacks if config.scan_layers else ())
   abstract = jax.eval_shape(lambda p: st.init_state(p, tx), abstract_params)
   t0, c0 = time.perf_counter(), time.process_time()
   lowered = jax.jit(step, donate_argnums=(0,)).lower(abstract, batch_spec)
@@ -103,12 +111,14 @@ def _compile(loss_fn, abstract_params, config, batch_spec, stacks) -> dict:
   total, trained = st.count_params(abstract_params, mask)
   mem = memory_summary(compiled)
   cost = benchmarking.compiled_cost(compiled)
+  kernels, unique = benchmarking.kernel_counts(compiled)
   # CPU seconds too: wall time on a shared machine also counts the other processes' load.
   return {"lower_s": t1 - t0, "compile_s": t2 - t1, "compile_total_s": t2 - t0,
           "compile_cpu_s": c2 - c0,
           "params": total, "trained_params": trained,
           **{f"{k}_bytes": v for k, v in mem.items()},
-          "peak_memory_bytes": cost["peak_memory_bytes"], "flops": cost["flops"]}
+          "peak_memory_bytes": cost["peak_memory_bytes"], "flops": cost["flops"],
+          "kernels": kernels, "unique_kernels": unique}
 
 
 def _qure(sz: dict, scan: bool, cached: bool) -> dict:
@@ -167,17 +177,28 @@ def _instructcir(sz: dict, scan: bool) -> dict:
           "compute_dtype": config.compute_dtype, **row}
 
 
+def _one_step(sz: dict, name: str) -> dict:
+  """Sizes with each layer run cut to one scan step (one ViT / Phi-3 layer, one Q-Former
+  pair of layers): that step's layers unrolled are the least code any layer loop compiles."""
+  if name.startswith("qure"):
+    pair = int(_config(QURE_CONFIG).model.qformer.cross_attention_frequency)
+    return {**sz, "vision_layers": 1, "qformer_layers": pair}
+  return {**sz, "vision_layers": 1, "text_layers": 1}
+
+
 def _programs(sz: dict):
-  yield "qure_step_cached", lambda scan: _qure(sz, scan, cached=True)
-  yield "qure_step_pixels", lambda scan: _qure(sz, scan, cached=False)
-  yield "instructcir_lora_step", lambda scan: _instructcir(sz, scan)
+  yield "qure_step_cached", lambda scan, s=sz: _qure(s, scan, cached=True)
+  yield "qure_step_pixels", lambda scan, s=sz: _qure(s, scan, cached=False)
+  yield "instructcir_lora_step", lambda scan, s=sz: _instructcir(s, scan)
 
 
 def run(device: str = "cpu", quick: bool = False, overrides: dict | None = None,
-        loop: bool = True, on_row=None) -> dict:
+        loop: bool = True, on_row=None, one_step: bool = True) -> dict:
   """Rows: one per (program, layers scanned / looped), plus `scan_speedup` on scanned rows (the
-  scanned program first: it is the quicker one). `on_row(rows)` after each row (partial
-  results survive an interrupted run)."""
+  scanned program first: it is the quicker one). With the loop and `one_step`, a third row per
+  program (`loop_one_step`): the same step with each run of layers cut to one scan step,
+  unrolled, and `scan_speedup_ceiling` = loop seconds / its seconds on the scanned row.
+  `on_row(rows)` after each row (partial results survive an interrupted run)."""
   sz = _sizes(quick, overrides or {})
   rows = []
   for name, build in _programs(sz):
@@ -195,6 +216,20 @@ def run(device: str = "cpu", quick: bool = False, overrides: dict | None = None,
       by_mode[scan] = row
       if len(by_mode) == 2:
         by_mode[True]["scan_speedup"] = row["compile_total_s"] / by_mode[True]["compile_total_s"]
+      rows.append(row)
+      if on_row is not None:
+        on_row(rows)
+    if loop and one_step:
+      print(f"[compile] {name} one scan step unrolled ...", file=sys.stderr, flush=True)
+      row = build(False, _one_step(sz, name))
+      row.update(impl="jax", variant="loop_one_step", scan_layers=False, device=device,
+                 shapes={"batch": row["batch"]})
+      # No layer loop compiles less than its one step unrolled: the most scan could save.
+      by_mode[True]["scan_speedup_ceiling"] = (by_mode[False]["compile_total_s"]
+                                               / row["compile_total_s"])
+      print(f"[compile] {name} loop_one_step: lower {row['lower_s']:.1f}s, compile "
+            f"{row['compile_s']:.1f}s; scan speed-up ceiling "
+            f"{by_mode[True]['scan_speedup_ceiling']:.2f}x", file=sys.stderr, flush=True)
       rows.append(row)
       if on_row is not None:
         on_row(rows)

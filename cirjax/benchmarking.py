@@ -12,6 +12,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import time
 from pathlib import Path
@@ -214,6 +215,21 @@ def compiled_cost(compiled) -> dict:
   except Exception:  # pylint: disable=broad-except
     pass
   return out
+
+
+def kernel_counts(compiled) -> tuple[int, int]:
+  """(fused computations, distinct ones) in a compiled program's optimized HLO. Distinct:
+  equal once instruction names and metadata are dropped -- XLA's CPU backend generates code
+  once for identical fusions, so unrolled copies of a layer add HLO but little codegen."""
+  blocks = [b for b in re.split(r"\n\s*\n", compiled.as_text())
+            if b.lstrip().startswith("%fused")]
+  distinct = set()
+  for block in blocks:
+    head, _, body = block.strip().partition("\n")
+    head = re.sub(r"%[\w.\-]+|[\w.\-]+:", "", head)
+    body = re.sub(r", metadata=\{[^}]*\}", "", re.sub(r"%[\w.\-]+", "%", body))
+    distinct.add(head + body)
+  return len(blocks), len(distinct)
 
 
 def measure_cpu_matmul_peak(n: int = 2048, dtype=np.float32) -> float:

@@ -63,3 +63,14 @@ def test_dry_run_records_stages_and_lowers_for_cuda():
   (rec,) = dry.records
   assert [rec[s] for s in ("built", "compiled", "ran", "cuda_lowered")] == [True] * 4
   assert "cuDNN" in rec["cuda_note"] and not dry.failures()
+
+
+def test_kernel_counts_see_repeated_fusions_as_one():
+  def layer(x):
+    return jnp.tanh(x * 3.0 + 1.0) * x
+
+  def two(x, y):  # the same fusion twice, on two same-shaped inputs: one kernel to generate
+    return layer(x) @ layer(y).T
+  x = jnp.ones((8, 8))
+  total, distinct = benchmarking.kernel_counts(jax.jit(two).lower(x, x + 1).compile())
+  assert total >= 2 and distinct < total
