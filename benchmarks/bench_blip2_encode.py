@@ -160,7 +160,8 @@ def run(device: str = "cpu", quick: bool = False, dry_run=None) -> list[dict]:
               "max_rel_diff_vs_torch": err}
     rows.append({**common, "impl": "jax", "step_time_s": t["median_s"],
                  "samples_per_s": b / t["median_s"], "mfu": None,
-                 "peak_memory_bytes": cost["peak_memory_bytes"], "timing": t})
+                 "peak_memory_bytes": cost["peak_memory_bytes"],
+                 "cudnn_attention_calls": cost["cudnn_attention_calls"], "timing": t})
     rows.append({**common, "impl": "torch", "step_time_s": tt["median_s"],
                  "samples_per_s": b / tt["median_s"], "mfu": None,
                  "peak_memory_bytes": _torch_peak(tdev, torch_fn), "timing": tt})

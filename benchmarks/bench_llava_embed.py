@@ -196,6 +196,7 @@ def _embed_rows(sz, device, model, params, config, dry_run=None) -> list[dict]:
     rows.append({"name": name, "impl": "jax", "step_time_s": t["median_s"],
                  "samples_per_s": b / t["median_s"], "flops": flops,
                  "xla_flops": cost["flops"], "peak_memory_bytes": cost["peak_memory_bytes"],
+                 "cudnn_attention_calls": cost["cudnn_attention_calls"],
                  "batch": b, "shapes": shapes, "timing": t})
     _progress(rows[-1])
     t_ids = torch.from_numpy(ids.astype(np.int64)).to(dev)
@@ -284,7 +285,8 @@ def run_lora_step(device: str = "cpu", quick: bool = False, *, built=None, dry_r
                            program="llava_lora_step")
   rows = [{"name": "llava_lora_step", "impl": "jax", "step_time_s": t["median_s"],
            "samples_per_s": b / t["median_s"], "flops": flops, "xla_flops": cost["flops"],
-           "peak_memory_bytes": cost["peak_memory_bytes"], "batch": b, "shapes": shapes,
+           "peak_memory_bytes": cost["peak_memory_bytes"],
+           "cudnn_attention_calls": cost["cudnn_attention_calls"], "batch": b, "shapes": shapes,
            "timing": t}]
   _progress(rows[-1])
   dev = _torch_device(device, dry_run)

@@ -233,7 +233,9 @@ def run(device: str = "cpu", quick: bool = False, torch_compile: bool | None = N
                  "step_time_s": t["median_s"],
                  "samples_per_s": b / t["median_s"], "flops": flops,
                  "mfu": flops / t["median_s"] / peak if flops and peak else None,
-                 "peak_memory_bytes": cost["peak_memory_bytes"], "shapes": shapes, "timing": t})
+                 "peak_memory_bytes": cost["peak_memory_bytes"],
+                 "cudnn_attention_calls": cost["cudnn_attention_calls"], "shapes": shapes,
+                 "timing": t})
     if torch_compile is None:
       torch_compile = device == "gpu" and not quick
     for variant in ("eager", "compile") if torch_compile and not dry_run else ("eager",):

@@ -195,8 +195,10 @@ def torch_device(device: str, dry_run: DryRun | None = None) -> str:
 
 
 def compiled_cost(compiled) -> dict:
-  """FLOPs, bytes accessed and peak memory of a `jax.jit(...).lower(...).compile()` result."""
-  out = {"flops": None, "bytes_accessed": None, "peak_memory_bytes": None}
+  """FLOPs, bytes accessed, peak memory and cuDNN fused-attention calls of a
+  `jax.jit(...).lower(...).compile()` result."""
+  out = {"flops": None, "bytes_accessed": None, "peak_memory_bytes": None,
+         "cudnn_attention_calls": cudnn_attention_calls(compiled)}
   try:
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
@@ -215,6 +217,17 @@ def compiled_cost(compiled) -> dict:
   except Exception:  # pylint: disable=broad-except
     pass
   return out
+
+
+def cudnn_attention_calls(compiled) -> int | None:
+  """cuDNN fused-attention kernels (forward and backward custom calls) in a compiled program:
+  on a GPU, > 0 shows `attention_impl` 'auto' / 'cudnn' reached cuDNN's kernels; 0 means XLA's
+  attention ran. None if the program's text is unavailable."""
+  try:
+    text = compiled.as_text()
+  except Exception:  # pylint: disable=broad-except  # not every backend gives its HLO
+    return None
+  return len(re.findall(r'custom_call_target="__cudnn\$fmha', text or ""))
 
 
 def kernel_counts(compiled) -> tuple[int, int]:

@@ -74,3 +74,15 @@ def test_kernel_counts_see_repeated_fusions_as_one():
   x = jnp.ones((8, 8))
   total, distinct = benchmarking.kernel_counts(jax.jit(two).lower(x, x + 1).compile())
   assert total >= 2 and distinct < total
+
+
+def test_cudnn_attention_calls_counted_from_the_compiled_program():
+  q = jnp.ones((1, 4, 2, 8), jnp.float32)
+  f = jax.jit(lambda q: jax.nn.dot_product_attention(q, q, q, implementation="xla"))
+  assert benchmarking.compiled_cost(f.lower(q).compile())["cudnn_attention_calls"] == 0
+
+  class GpuProgram:  # the custom calls a GPU compile of cuDNN attention holds (fwd + bwd)
+    def as_text(self):
+      return ('%a = custom-call(...), custom_call_target="__cudnn$fmhaSoftmax"\n'
+              '%b = custom-call(...), custom_call_target="__cudnn$fmhaSoftmaxBackward"\n')
+  assert benchmarking.cudnn_attention_calls(GpuProgram()) == 2
