@@ -123,3 +123,38 @@ def test_scaling_estimate_reads_the_gpu_train_rows(tmp_path):
   assert src["qure (ViT in step)"] == "measured on NVIDIA H100 80GB HBM3"
   assert src["qure (cached ViT features)"] == "measured on NVIDIA H100 80GB HBM3"
   assert src["instructcir stage 2 (LoRA)"].startswith("modelled")
+
+
+def test_merge_replaces_only_the_suites_run(tmp_path, capsys):
+  bdir = tmp_path / "benchmarks"
+  bdir.mkdir()
+  (bdir / "bench_mining.py").write_text(FAKE_SUITE)
+  (bdir / "bench_eval.py").write_text(FAKE_SUITE.replace('"matmul"', '"retrieve"'))
+  out = tmp_path / "results"
+  readme = tmp_path / "README.md"
+  readme.write_text(f"# x\n{bench.README_START}\n{bench.README_END}\n")
+  common = ["--benchmarks-dir", str(bdir), "--out", str(out), "--readme", str(readme)]
+  assert cli.main(["bench", "--suite", "mining,eval", *common]) == 0
+  first = json.loads((out / "bench_cpu.json").read_text())
+  mining_rows = [r for r in first["rows"] if r["suite"] == "mining"]
+  assert cli.main(["bench", "--suite", "eval", "--merge", "--update-readme", *common]) == 0
+  merged = json.loads((out / "bench_cpu.json").read_text())
+  assert merged["suites"] == ["mining", "eval"]
+  assert [r for r in merged["rows"] if r["suite"] == "mining"] == mining_rows  # kept as they were
+  assert [r["suite"] for r in merged["rows"]] == ["mining"] * 2 + ["eval"] * 2
+  assert merged["suite_dates"]["mining"] == first["machine"]["date"]
+  assert set(merged["suite_peak_flops"]) == {"mining", "eval"}
+  assert merged["eval_note"] == merged["mining_note"] == "fake"
+  assert "per suite (mining " in readme.read_text()
+  # Without --merge the run's suites alone are the combined file.
+  assert cli.main(["bench", "--suite", "eval", *common]) == 0
+  assert json.loads((out / "bench_cpu.json").read_text())["suites"] == ["eval"]
+  # A merge that cannot be done fails before running anything and leaves the file as it was.
+  (out / "bench_cpu.json").write_text("{not json")
+  capsys.readouterr()
+  assert cli.main(["bench", "--suite", "eval", "--merge", *common]) == 2
+  assert "bench_cpu.json is not valid JSON" in capsys.readouterr().err
+  assert (out / "bench_cpu.json").read_text() == "{not json"
+  (out / "bench_cpu.json").write_text(json.dumps({"rows": [], "quick": False}))
+  assert cli.main(["bench", "--suite", "eval", "--merge", "--quick", *common]) == 2
+  assert "full-size results; this run is quick" in capsys.readouterr().err

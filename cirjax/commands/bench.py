@@ -45,8 +45,13 @@ results; every suite runs even after a failure, and any failed program makes the
 2, naming suite and program. --device must be gpu or omitted with --dry-run; scale has no GPU
 path and is skipped.
 
+--merge keeps the other suites' rows of an existing <out>/bench_<device>.json and replaces
+only the suites run now (each suite's date and peak are kept with it): re-measure one suite,
+or run the GPU suites one command at a time, and still get one combined file and table.
+
 Examples:
   cirjax bench --suite all --device cpu
+  cirjax bench --suite mining --merge --update-readme   # re-measure one suite in place
   cirjax bench --suite mining --quick
   cirjax bench --dry-run                                  # here, before a GPU is there
   cirjax bench --suite all --device gpu --update-readme   # on the GPU machine
@@ -91,6 +96,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--readme-only", action="store_true",
                  help="run nothing; only regenerate README.md's results section from the JSON in --out")
   p.add_argument("--readme", default=None, help="README to update (default: <repo>/README.md)")
+  p.add_argument("--merge", action="store_true",
+                 help="replace only the suites run now in an existing <out>/bench_<device>.json "
+                 "(the other suites' rows, dates and peaks are kept)")
   p.add_argument("--keep-going", action="store_true",
                  help="record a failing suite as an error row and go on (default: stop)")
   p.add_argument("--dry-run", action="store_true",
@@ -213,12 +221,65 @@ def _release_gpu_memory() -> None:
   torch.cuda.empty_cache()
 
 
+def _previous(out_dir: Path, device: str, quick: bool) -> dict | None:
+  """The combined results a `--merge` run adds to (None if there are none yet); a file that
+  is not valid results JSON, or of the other size (quick / full), is an error before any
+  suite runs, so nothing is overwritten."""
+  path = out_dir / f"bench_{device}.json"
+  if not path.is_file():
+    return None
+  try:
+    old = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"--merge: {path} is not valid JSON ({e}); move it away or drop --merge")
+  if not isinstance(old, dict) or not isinstance(old.get("rows"), list):
+    raise ValueError(f"--merge: {path} holds no 'rows' list: not a `cirjax bench` results file")
+  if bool(old.get("quick")) != bool(quick):
+    raise ValueError(f"--merge: {path} holds {'quick' if old.get('quick') else 'full-size'} "
+                     f"results; this run is {'quick' if quick else 'full-size'}: the two do "
+                     "not belong in one table")
+  return old
+
+
+def _merged(old: dict, suites: list[str], rows: list[dict], extra: dict,
+            date: str) -> tuple[list[dict], dict]:
+  """`old`'s rows and extras of the suites not run now, plus this run's; each suite keeps
+  its own measurement date and peak (`suite_dates`, `suite_peak_flops`)."""
+  old_suites = [s for s in (old.get("suites") or []) if s not in suites]
+  old_date = (old.get("machine") or {}).get("date")
+  dates = {s: old_date for s in old_suites}
+  dates.update({k: v for k, v in (old.get("suite_dates") or {}).items() if k in old_suites})
+  peaks = {s: old.get("peak_flops") for s in old_suites}
+  peaks.update({k: v for k, v in (old.get("suite_peak_flops") or {}).items()
+                if k in old_suites})
+  dates.update({s: date for s in suites})
+  peaks.update({s: extra["peak_flops"] for s in suites})
+  order = {s: i for i, s in enumerate(SUITES)}
+  kept = [r for r in old["rows"] if r.get("suite") not in suites]
+  all_rows = sorted(kept + rows, key=lambda r: order.get(r.get("suite"), len(order)))
+  named = sorted(set(old_suites) | set(suites), key=lambda s: order.get(s, len(order)))
+  carried = {k: v for k, v in old.items()
+             if k not in ("benchmark", "machine", "rows", "quick", "suites", "peak_flops",
+                          "peak_source", "failures", "suite_dates", "suite_peak_flops")
+             and not any(k.startswith(f"{s}_") for s in suites)}
+  failures = {k: v for k, v in (old.get("failures") or {}).items() if k not in suites}
+  failures.update(extra["failures"])
+  merged = {**carried, **extra, "suites": named, "failures": failures,
+            "suite_dates": {s: dates.get(s) for s in named},
+            "suite_peak_flops": {s: peaks.get(s) for s in named},
+            "peak_source": extra["peak_source"] + "; merged (--merge): each suite's MFU is "
+                           "against the peak measured in its own run (suite_peak_flops)"}
+  return all_rows, merged
+
+
 def run_suites(suites: list[str], device: str, quick: bool, bench_dir: Path, out_dir: Path,
-               keep_going: bool = False) -> dict:
+               keep_going: bool = False, merge: bool = False) -> dict:
   """Runs each suite, writes `<out>/<suite>_<device>.json` and the combined
-  `<out>/bench_<device>.json` + `.md`; returns the combined payload."""
+  `<out>/bench_<device>.json` + `.md` (with `merge`, the other suites' rows of the existing
+  combined file kept); returns the combined payload."""
   # cirjax.benchmarking imports jax: loaded on use so that `cirjax --help` stays fast.
   from cirjax import benchmarking  # pylint: disable=g-import-not-at-top
+  previous = _previous(out_dir, device, quick) if merge else None
   _set_device(device)
   peak, peak_src = benchmarking.device_peak_flops("bf16" if device == "gpu" else "fp32")
   # An unknown GPU has no peak (None): MFU stays empty, the run goes on.
@@ -263,6 +324,9 @@ def run_suites(suites: list[str], device: str, quick: bool, bench_dir: Path, out
     peak_src += "; highest of one measurement before each suite"
   payload_extra = {"quick": quick, "suites": suites, "peak_flops": peak, "peak_source": peak_src,
                    "failures": failures, **extras}
+  if previous is not None:
+    all_rows, payload_extra = _merged(previous, suites, all_rows, payload_extra,
+                                      benchmarking.machine_info()["date"])
   path = benchmarking.write_results(f"bench_{device}", all_rows, out_dir, extra=payload_extra)
   (out_dir / f"bench_{device}.md").write_text(render_markdown(json.loads(path.read_text())))
   print(f"[bench] wrote {path} and {path.with_suffix('.md')}", flush=True)
@@ -365,13 +429,21 @@ def normalise_rows_peak(rows: list[dict], peak_flops: float | None) -> list[dict
   return out
 
 
+def _dates(payload: dict, machine: dict) -> str:
+  """The run's date, or each suite's after `--merge` runs."""
+  dates = payload.get("suite_dates")
+  if not dates:
+    return str(machine.get("date"))
+  return "per suite (" + ", ".join(f"{s} {d}" for s, d in dates.items()) + ")"
+
+
 def render_markdown(payload: dict) -> str:
   # cirjax.benchmarking imports jax: loaded on use so that `cirjax --help` stays fast.
   from cirjax import benchmarking  # pylint: disable=g-import-not-at-top
   m = payload.get("machine", {})
   lines = [f"### {payload.get('benchmark', '')}: {', '.join(sorted(set(m.get('devices', []))))}"
            f" ({m.get('cpu_count')} host cores)", "",
-           f"Measured {m.get('date')} with jax {m.get('jax')}, flax {m.get('flax')}, "
+           f"Measured {_dates(payload, m)} with jax {m.get('jax')}, flax {m.get('flax')}, "
            f"torch {m.get('torch')}, transformers {m.get('transformers')}, python {m.get('python')}"
            f"{' — quick sizes (smoke run)' if payload.get('quick') else ''}. "
            f"MFU against {payload.get('peak_source')}.", ""]
@@ -423,13 +495,13 @@ def run(args) -> int:
       if device != "gpu":
         raise ValueError("--dry-run rehearses the GPU path on this CPU: --device must be gpu "
                          "or omitted")
-      if args.update_readme or args.readme_only:
+      if args.update_readme or args.readme_only or args.merge:
         raise ValueError("--dry-run measures nothing to publish: drop --update-readme / "
-                         "--readme-only")
+                         "--readme-only / --merge")
       return run_dry(parse_suites(args.suite), bench_dir, out_dir)
     if not args.readme_only:
       suites = parse_suites(args.suite)
-      run_suites(suites, device, args.quick, bench_dir, out_dir, args.keep_going)
+      run_suites(suites, device, args.quick, bench_dir, out_dir, args.keep_going, args.merge)
     if args.update_readme or args.readme_only:
       update_readme(readme, out_dir)
   except (ValueError, FileNotFoundError, RuntimeError, AttributeError) as e:
