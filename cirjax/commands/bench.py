@@ -434,7 +434,8 @@ def _dates(payload: dict, machine: dict) -> str:
   dates = payload.get("suite_dates")
   if not dates:
     return str(machine.get("date"))
-  return "per suite (" + ", ".join(f"{s} {d}" for s, d in dates.items()) + ")"
+  return ("per suite (" + ", ".join(f"{s} {d}" for s, d in dates.items())
+          + "); the latest run")
 
 
 def render_markdown(payload: dict) -> str:
