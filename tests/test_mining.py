@@ -14,6 +14,14 @@ def method(request):
   return request.param
 
 
+@pytest.fixture(params=["numpy", pytest.param("xla", marks=pytest.mark.slow)])
+def property_method(request):
+  """The generated-problem tests: the XLA path's run is slow (a compile per problem shape).
+  By default it is held to the reference through the NumPy path, which
+  tests/test_mining_paths.py checks bit for bit against it on adversarial problems."""
+  return request.param
+
+
 # ---------------------------------------------------------------------------------------
 # The reference: the algorithm of docs/mining.md, step by step, one query at a time.
 
@@ -220,8 +228,8 @@ def check_qure(problem, threshold, strict, top_drops, method):
 # top_drops=2 forces the full-ranking fallback.
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(problems(), st.sampled_from([0, 1, 3]), st.booleans(), st.sampled_from([2, 32]))
-def test_qure_matches_reference(method, problem, threshold, strict, top_drops):
-  check_qure(problem, threshold, strict, top_drops, method)
+def test_qure_matches_reference(property_method, problem, threshold, strict, top_drops):
+  check_qure(problem, threshold, strict, top_drops, property_method)
 
 
 @pytest.mark.slow
@@ -248,13 +256,13 @@ def test_subnormal_scores_are_ordered_as_the_reference(method):
 @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
 @given(problems(), st.integers(0, 5), st.sampled_from(["qure", "topk", "after_target_topk"]),
        st.sampled_from([2, 5]))
-def test_image_ids_match_reference(method, problem, id_count, strategy, k):
+def test_image_ids_match_reference(property_method, problem, id_count, strategy, k):
   scores, targets = problem
   n = scores.shape[1]
   ids = (np.arange(n) * 7 + id_count) % (id_count + 1) if id_count else np.arange(n)
   k = min(k, n)
   sets, _ = mining.hard_negative_sets(scores, targets, image_ids=ids, strategy=strategy, k=k,
-                                      method=method)
+                                      method=property_method)
   if strategy == "qure":
     pos = [ref_qure(scores[i], targets[i]) for i in range(ROWS)]
   elif strategy == "topk":
@@ -266,14 +274,14 @@ def test_image_ids_match_reference(method, problem, id_count, strategy, k):
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(problems(), st.sampled_from([1, 3, 8]), st.booleans())
-def test_topk_strategies_match_reference(method, problem, k, strict):
+def test_topk_strategies_match_reference(property_method, problem, k, strict):
   scores, targets = problem
   n = scores.shape[1]
   k = min(k, n)
-  a, _ = mining.hard_negative_sets(scores, targets, strategy="topk", k=k, method=method)
+  a, _ = mining.hard_negative_sets(scores, targets, strategy="topk", k=k, method=property_method)
   assert_sets_equal(a, [ref_topk(scores[i], targets[i], k) for i in range(ROWS)])
   b, _ = mining.hard_negative_sets(scores, targets, strategy="after_target_topk", k=k,
-                                   strict_below=strict, method=method)
+                                   strict_below=strict, method=property_method)
   assert_sets_equal(b, [ref_after_topk(scores[i], targets[i], k, strict) for i in range(ROWS)])
 
 

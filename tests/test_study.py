@@ -70,6 +70,7 @@ def test_summary_and_report_from_a_constructed_study(tmp_path):
   assert (tmp_path / "study_metrics.png").stat().st_size > 1000
 
 
+@pytest.mark.slow  # an end-to-end run, 40 s: the default suite keeps the report's tests
 def test_quick_study_runs_end_to_end(synth_root, tmp_path, monkeypatch):
   """Plumbing, not the outcome: a warm-up, one arm trained from its export, scored."""
   from cirjax import cli
