@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cirjax import lora as lora_lib
-from cirjax.models import blip2, llava, llava_parity, phi3, vit
+from cirjax.models import blip2, llava, llava_parity
 from cirjax.train import state as st
 from cirjax.train.sharding import path_str
 from cirjax.train.step import frozen_in_layers, make_train_step
@@ -86,12 +86,7 @@ def test_frozen_vit_layers_cast_in_the_scan_same_bits():
 
 @pytest.mark.slow
 def test_llava_frozen_base_cast_in_the_scan_same_bits():
-  cfg = llava.LlavaConfig(
-      vision=vit.ViTConfig(image_size=28, patch_size=14, hidden_size=32, intermediate_size=64,
-                           num_layers=2, num_heads=4, variant="clip", post_layernorm=False),
-      text=phi3.Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
-                           num_heads=4, num_kv_heads=2), image_token_id=63,
-      dtype="bfloat16")
+  cfg = llava.tiny_config(dtype="bfloat16")
   base = llava.init_params(cfg, jax.random.PRNGKey(0))  # per-layer: what adapters are made on
   adapter = lora_lib.init_lora(base, lora_lib.LoraConfig(rank=4, init="random"),
                                jax.random.PRNGKey(3))

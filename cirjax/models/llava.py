@@ -247,6 +247,16 @@ class LlavaModel(nn.Module):
 # ----------------------------------------------------------------------------- params
 
 
+def tiny_config(*, num_layers: int = 2, **kw) -> LlavaConfig:
+  """A few-kilobyte LLaVA (CLIP ViT + GQA Phi-3) for tests and smoke runs; 4 image tokens,
+  image token id 63. `kw`: further LlavaConfig fields (e.g. dtype='bfloat16')."""
+  vision = ViTConfig(image_size=28, patch_size=14, hidden_size=32, intermediate_size=64,
+                     num_layers=num_layers, num_heads=4, variant="clip", post_layernorm=False)
+  text = Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=48,
+                    num_layers=num_layers, num_heads=4, num_kv_heads=2)
+  return LlavaConfig(vision=vision, text=text, image_token_id=63, **kw)
+
+
 def _dummy_inputs(config: LlavaConfig):
   v = config.vision
   ids = jnp.zeros((1, 4), jnp.int32)
