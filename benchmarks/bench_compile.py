@@ -39,7 +39,6 @@ import importlib.util
 import json
 import sys
 import time
-import types
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
