@@ -1,0 +1,260 @@
+"""Starting under every launcher, the workdir lock, and preemption.
+
+* `launcher_settings` picks the start-up from the variables each launcher sets;
+* 2 processes x 2 CPU devices started as Open MPI's mpirun and as a Kubernetes indexed Job
+  start them (no coordinator flags) form one 4-device mesh and train alike (slow);
+* a second run on a workdir in use is refused; stale locks are taken over;
+* SIGTERM / SIGUSR1 mid-epoch saves the step every process agrees on and stops with status
+  75; resumed to the end, the parameters and metrics equal an uninterrupted run's bit for bit
+  (1 process in-process and through the CLI, 2 processes slow).
+
+This file is also the config file of the runs (the toy task of test_train_core.py, which
+signals itself while building batch `TOY_SIGNAL_AT`).
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from cirjax.errors import UsageError
+from cirjax.train import distributed
+from cirjax.train.preemption import PREEMPTED_EXIT
+from cirjax.train.workdir_lock import LOCK_NAME, WorkdirLock, WorkdirLockError
+from tests.test_train_core import REPO, ToyTask, _cli, _restore_params, _run, get_config as toy_config
+
+HERE = os.path.abspath(__file__)
+SIGNAL_AT, SIGNAL_NAME, SIGNAL_RANK = "TOY_SIGNAL_AT", "TOY_SIGNAL", "TOY_SIGNAL_RANK"
+
+
+class SignalToyTask(ToyTask):
+  """The toy task; process `TOY_SIGNAL_RANK` (default 0) sends itself `TOY_SIGNAL` (TERM or
+  USR1) while building global batch `TOY_SIGNAL_AT`, then builds each later batch slowly, so
+  that the step the processes agree on comes before the end of the run."""
+
+  def batch(self, epoch, index):
+    at = int(os.environ.get(SIGNAL_AT, "-1"))
+    step = epoch * self.steps_per_epoch + index
+    if at >= 0 and jax.process_index() == int(os.environ.get(SIGNAL_RANK, "0")):
+      if step == at:
+        os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get(SIGNAL_NAME, "TERM")))
+      elif step > at:
+        time.sleep(0.15)
+    return super().batch(epoch, index)
+
+
+def get_config(arg=None):
+  c = toy_config(arg)
+  c.task = HERE + ":SignalToyTask"
+  c.train.epochs = 3  # 24 steps
+  c.progress_every_s = 30.0
+  c.profile_steps = ""
+  c.wandb = dict(project="", entity="", name="", mode="offline")
+  return c
+
+
+def _records(workdir):
+  recs = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl")) if l.strip()]
+  return [{k: v for k, v in r.items() if k not in ("time", "data_wait_fraction", "data_wait_s")}
+          for r in recs if r["kind"] in ("train", "eval")]
+
+
+def _assert_same_run(ref_dir, other_dir, total=24):
+  s1, p1 = _restore_params(str(ref_dir))
+  s2, p2 = _restore_params(str(other_dir))
+  assert s1 == s2 == total
+  jax.tree.map(np.testing.assert_array_equal, p1, p2)
+  r1, r2 = _records(ref_dir), _records(other_dir)
+  assert [r["step"] for r in r2 if r["kind"] == "train"] == list(range(1, total + 1))
+  assert r1 == r2
+
+
+# ---------------------------------------------------------------- start-up under launchers
+def test_launcher_settings_from_each_launchers_variables():
+  ls = distributed.launcher_settings
+  assert ls(environ={}).mode == "single"
+  assert ls(environ={"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}).mode == "single"
+  slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "16",
+           "SLURM_PROCID": "3", "SLURM_LOCALID": "3"}
+  assert ls(environ=slurm).cluster == "slurm"
+  ompi = {"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "1",
+          "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:1"}
+  assert ls(environ=ompi).cluster == "ompi"
+  # Open MPI 5 sets no orte URI: a coordinator must be given, then the ranks are Open MPI's.
+  ompi5 = {k: v for k, v in ompi.items() if k != "OMPI_MCA_orte_hnp_uri"}
+  with pytest.raises(UsageError, match="JAX_COORDINATOR_ADDRESS=HOST:PORT"):
+    ls(environ=ompi5)
+  s = ls(environ=dict(ompi5, JAX_COORDINATOR_ADDRESS="h0:1234"))
+  assert (s.mode, s.coordinator, s.num_processes, s.process_id) == ("explicit", "h0:1234", 4, 1)
+  # Kubernetes indexed Job: the manifest's two variables + the pod's completion index.
+  k8s = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "JOB_COMPLETION_INDEX": "2"}
+  with pytest.raises(UsageError, match="JAX_NUM_PROCESSES"):
+    ls(environ=k8s, kubernetes_client=False)
+  assert ls(environ=k8s, kubernetes_client=True).cluster == "k8s"
+  s = ls(environ=dict(k8s, JAX_COORDINATOR_ADDRESS="job-0.svc:1234", JAX_NUM_PROCESSES="3"),
+         kubernetes_client=False)
+  assert (s.mode, s.num_processes, s.process_id, s.source) == (
+      "explicit", 3, 2, "JAX_NUM_PROCESSES, JOB_COMPLETION_INDEX")
+  assert ls(environ={"KUBERNETES_SERVICE_HOST": "x"}).mode == "single"  # a plain pod
+  assert ls(environ={"TPU_WORKER_HOSTNAMES": "a,b"}).cluster == "gketpu"
+  # Flags beat variables; --cluster picks a detector; contradictions are named.
+  s = ls("h:1", 2, 1, environ=dict(ompi5, JAX_COORDINATOR_ADDRESS="h0:1234"))
+  assert (s.coordinator, s.num_processes, s.process_id, s.source) == ("h:1", 2, 1, "flags")
+  assert ls(cluster="gcetpu", environ={}).cluster == "gcetpu"
+  assert ls(cluster="none", environ=slurm).mode == "single"
+  with pytest.raises(UsageError, match="need --coordinator"):
+    ls(None, 2, 0, environ={})
+  with pytest.raises(UsageError, match="no process id"):
+    ls("h:1", 2, None, environ={})
+  with pytest.raises(UsageError, match="not in 0..1"):
+    ls("h:1", 2, 2, environ={})
+  with pytest.raises(UsageError, match="expected one of"):
+    ls(cluster="pbs", environ={})
+
+
+@pytest.fixture(scope="module")
+def ompi_run(tmp_path_factory):
+  """The toy trained by 2 processes x 2 CPU devices started as mpirun starts them."""
+  sys.path.insert(0, os.path.join(REPO, "launch"))
+  import multiprocess  # pylint: disable=import-outside-toplevel
+  wd = tmp_path_factory.mktemp("launch") / "ompi"
+  status = multiprocess.launch(["--config", HERE, "--workdir", str(wd)], timeout=240,
+                               env={"CIRJAX_CPU_DEVICES": ""}, style="ompi")
+  return multiprocess, wd, status
+
+
+@pytest.mark.slow
+def test_mpirun_and_kubernetes_styles_form_one_mesh_and_train_alike(ompi_run, tmp_path, capfd):
+  multiprocess, ompi_wd, status = ompi_run
+  assert status == 0
+  wd = tmp_path / "k8s"
+  assert multiprocess.launch(["--config", HERE, "--workdir", str(wd)], timeout=240,
+                             env={"CIRJAX_CPU_DEVICES": ""}, style="k8s") == 0
+  out = capfd.readouterr().out
+  assert "process 1/2: 2 local of 4 devices (explicit: JAX_NUM_PROCESSES, JOB_COMPLETION_INDEX)" \
+      in out, out[-3000:]
+  assert "mesh {'data': 4, 'fsdp': 1} over 4 cpu device(s), 2 process(es)" in out
+  _assert_same_run(ompi_wd, wd)
+  assert not (wd / LOCK_NAME).exists() and not (ompi_wd / LOCK_NAME).exists()
+
+
+# ---------------------------------------------------------------- the workdir lock
+def test_workdir_lock_refuses_a_live_holder_and_takes_over_stale_ones(tmp_path, monkeypatch):
+  monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+  live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  try:
+    lock_path = tmp_path / LOCK_NAME
+    held = {"host": socket.gethostname(), "pid": live.pid, "pid_start": None, "processes": 2,
+            "job": None, "started": "2026-01-01T00:00:00+00:00"}
+    lock_path.write_text(json.dumps(held))
+    with pytest.raises(WorkdirLockError) as e:
+      WorkdirLock(str(tmp_path)).acquire(1)
+    msg = str(e.value)
+    assert f"pid {live.pid}" in msg and "run of 2 process(es)" in msg and str(lock_path) in msg
+    assert json.loads(lock_path.read_text()) == held  # untouched
+    # Another host: cannot be checked, the error says how to clear it.
+    lock_path.write_text(json.dumps(dict(held, host="elsewhere")))
+    with pytest.raises(WorkdirLockError, match=f"delete {lock_path}"):
+      WorkdirLock(str(tmp_path)).acquire(1)
+    # The same scheduler job (a requeued SLURM job on another node) takes it over.
+    lock_path.write_text(json.dumps(dict(held, host="elsewhere", job="77")))
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    lock = WorkdirLock(str(tmp_path))
+    lock.acquire(1)
+    assert lock.took_over["job"] == "77" and json.loads(lock_path.read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not lock_path.exists()
+  finally:
+    live.kill()
+    live.wait()
+  # A dead pid on this host (a SIGKILLed run): taken over.
+  lock_path.write_text(json.dumps(dict(held, pid=live.pid)))
+  lock = WorkdirLock(str(tmp_path))
+  lock.acquire(1)
+  assert lock.took_over["pid"] == live.pid
+  lock.release()
+
+
+def test_a_second_process_0_on_a_workdir_is_refused(tmp_path):
+  """`cirjax train` on a workdir whose lock names a live process 0: one error, exit 1, the
+  workdir unchanged; a run that ends removes its lock."""
+  wd = tmp_path / "run"
+  wd.mkdir()
+  live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+  try:
+    held = {"host": socket.gethostname(), "pid": live.pid, "pid_start": None, "processes": 1,
+            "job": None, "started": "2026-01-01T00:00:00+00:00"}
+    (wd / LOCK_NAME).write_text(json.dumps(held))
+    r = _cli(["--config", HERE, "--workdir", str(wd), "--config.train.max_steps=2"],
+             env={"SLURM_JOB_ID": ""})
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert f"cirjax train: error: --workdir {wd} is in use by process 0" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert sorted(os.listdir(wd)) == [LOCK_NAME]
+  finally:
+    live.kill()
+    live.wait()
+  cfg = get_config()
+  cfg.train.max_steps = 2
+  assert _run(cfg, wd)["status"] == "done"  # the dead holder's lock is taken over
+  assert not (wd / LOCK_NAME).exists()
+
+
+# ---------------------------------------------------------------- preemption
+@pytest.mark.parametrize("signame", ["TERM", "USR1"])
+def test_signal_mid_epoch_saves_stops_and_resumes_bit_exactly(tmp_path, monkeypatch, signame):
+  ref = _run(get_config(), tmp_path / "ref")
+  assert ref["status"] == "done"
+  monkeypatch.setenv(SIGNAL_AT, "5")
+  monkeypatch.setenv(SIGNAL_NAME, signame)
+  cut = tmp_path / "cut"
+  r = _run(get_config(), cut)
+  assert r["status"] == "preempted" and 1 <= r["step"] < 8  # in epoch 0 of 3
+  # Saved at the step it stopped, whatever every_steps says.
+  assert _restore_params(str(cut))[0] == r["step"]
+  assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
+  monkeypatch.delenv(SIGNAL_AT)
+  assert _run(get_config(), cut)["status"] == "done"
+  _assert_same_run(tmp_path / "ref", cut)
+
+
+@pytest.mark.slow
+def test_cli_sigterm_exits_75_then_resumes_bit_exactly(tmp_path):
+  args = ["--config", HERE]
+  assert _cli(args + ["--workdir", str(tmp_path / "ref")]).returncode == 0
+  r = _cli(args + ["--workdir", str(tmp_path / "cut")], env={SIGNAL_AT: "9"})
+  assert r.returncode == PREEMPTED_EXIT, r.stderr[-3000:]
+  assert "SIGTERM received: saving a checkpoint" in r.stderr
+  assert "cirjax train: preempted at step" in r.stderr and "Traceback" not in r.stderr
+  assert not (tmp_path / "cut" / LOCK_NAME).exists()
+  r = _cli(args + ["--workdir", str(tmp_path / "cut")])
+  assert r.returncode == 0 and "resuming from" in r.stderr, r.stderr[-3000:]
+  _assert_same_run(tmp_path / "ref", tmp_path / "cut")
+
+
+@pytest.mark.slow
+def test_two_processes_sigterm_on_one_rank_saves_and_resumes_bit_exactly(ompi_run, tmp_path,
+                                                                         capfd):
+  """Rank 1 alone gets SIGTERM (JAX's preemption notifier takes it): both processes save the
+  same step, both exit 75; resumed, the run equals the uninterrupted 2-process run."""
+  multiprocess, ref_wd, status = ompi_run
+  assert status == 0
+  wd = tmp_path / "cut"
+  args = ["--config", HERE, "--workdir", str(wd)]
+  env = {"CIRJAX_CPU_DEVICES": ""}
+  assert multiprocess.launch(args, timeout=240, env=dict(env, **{SIGNAL_AT: "6",
+                                                                 SIGNAL_RANK: "1"})) == 75
+  out = capfd.readouterr().out
+  assert "[rank 1] " in out and "SIGTERM caught" in out, out[-3000:]
+  assert out.count("saved on a preemption signal and stopped") == 2
+  saved = _restore_params(str(wd))[0]
+  assert 6 <= saved < 24
+  assert multiprocess.launch(args, timeout=240, env=env) == 0
+  _assert_same_run(ref_wd, wd)
