@@ -161,8 +161,8 @@ def launch(train_args: list[str], num_processes: int = 2, devices_per_process: i
         status = 124
         break
       running -= 1
-      if code == PREEMPTED_EXIT and not status:
-        status = code
+      if code == PREEMPTED_EXIT:
+        status = status or code
         _say(f"rank {rank} (pid {procs[rank].pid}) saved on a preemption signal and stopped")
         continue
       if code and first_failure is None:

@@ -251,10 +251,14 @@ def test_two_processes_sigterm_on_one_rank_saves_and_resumes_bit_exactly(ompi_ru
   env = {"CIRJAX_CPU_DEVICES": ""}
   assert multiprocess.launch(args, timeout=240, env=dict(env, **{SIGNAL_AT: "6",
                                                                  SIGNAL_RANK: "1"})) == 75
-  out = capfd.readouterr().out
-  assert "[rank 1] " in out and "SIGTERM caught" in out, out[-3000:]
-  assert out.count("saved on a preemption signal and stopped") == 2
+  cap = capfd.readouterr()
+  out = cap.out + cap.err  # the launcher's own lines go to stderr
+  assert out.count("saved on a preemption signal and stopped") == 2, out[-3000:]
   saved = _restore_params(str(wd))[0]
   assert 6 <= saved < 24
+  for rank in (0, 1):  # both agreed on the saved step
+    assert (f"[rank {rank}] WARNING:absl:[process={rank}][thread=MainThread] Reached preemption "
+            f"sync point, step={saved}") in out, out[-3000:]
+  assert f"[rank 0] [cirjax] preempted (a signal to some process): saved step {saved}" in out
   assert multiprocess.launch(args, timeout=240, env=env) == 0
   _assert_same_run(ref_wd, wd)

@@ -343,7 +343,8 @@ class Trainer:
       self.save(info.step, info.eval_metrics)
     self.ckpt.wait()
     self.result["status"] = "preempted"
-    _log(f"preempted ({self.preemption.signal_name or 'signal'}): saved step {info.step} to "
+    _log(f"preempted ({self.preemption.signal_name or 'a signal to some process'}): saved "
+         f"step {info.step} to "
          f"{self.ckpt.step_dir(info.step)}; run the same command to resume")
 
   def save(self, step: int, metrics: dict | None = None) -> None:
