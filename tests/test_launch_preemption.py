@@ -74,6 +74,7 @@ def _assert_same_run(ref_dir, other_dir, total=24):
   r1, r2 = _records(ref_dir), _records(other_dir)
   assert [r["step"] for r in r2 if r["kind"] == "train"] == list(range(1, total + 1))
   assert r1 == r2
+  assert not os.path.exists(os.path.join(other_dir, LOCK_NAME))  # released at the end
 
 
 # ---------------------------------------------------------------- start-up under launchers
@@ -184,7 +185,7 @@ def test_workdir_lock_refuses_a_live_holder_and_takes_over_stale_ones(tmp_path, 
 
 def test_a_second_process_0_on_a_workdir_is_refused(tmp_path):
   """`cirjax train` on a workdir whose lock names a live process 0: one error, exit 1, the
-  workdir unchanged; a run that ends removes its lock."""
+  workdir unchanged (the other tests check that a run that ends removes its lock)."""
   wd = tmp_path / "run"
   wd.mkdir()
   live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
@@ -201,28 +202,24 @@ def test_a_second_process_0_on_a_workdir_is_refused(tmp_path):
   finally:
     live.kill()
     live.wait()
-  cfg = get_config()
-  cfg.train.max_steps = 2
-  assert _run(cfg, wd)["status"] == "done"  # the dead holder's lock is taken over
-  assert not (wd / LOCK_NAME).exists()
 
 
 # ---------------------------------------------------------------- preemption
-@pytest.mark.parametrize("signame", ["TERM", "USR1"])
-def test_signal_mid_epoch_saves_stops_and_resumes_bit_exactly(tmp_path, monkeypatch, signame):
-  ref = _run(get_config(), tmp_path / "ref")
-  assert ref["status"] == "done"
-  monkeypatch.setenv(SIGNAL_AT, "5")
-  monkeypatch.setenv(SIGNAL_NAME, signame)
-  cut = tmp_path / "cut"
-  r = _run(get_config(), cut)
-  assert r["status"] == "preempted" and 1 <= r["step"] < 8  # in epoch 0 of 3
-  # Saved at the step it stopped, whatever every_steps says.
-  assert _restore_params(str(cut))[0] == r["step"]
-  assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
-  monkeypatch.delenv(SIGNAL_AT)
-  assert _run(get_config(), cut)["status"] == "done"
-  _assert_same_run(tmp_path / "ref", cut)
+def test_a_signal_mid_epoch_saves_stops_and_resumes_bit_exactly(tmp_path, monkeypatch):
+  """SIGTERM, and SLURM's warning SIGUSR1, in epoch 0 of 3: the run saves the step it stops
+  at (not a checkpoint step by every_steps=3 in general), then resumes to the end."""
+  assert _run(get_config(), tmp_path / "ref")["status"] == "done"
+  for signame in ("TERM", "USR1"):
+    monkeypatch.setenv(SIGNAL_AT, "5")
+    monkeypatch.setenv(SIGNAL_NAME, signame)
+    cut = tmp_path / signame
+    r = _run(get_config(), cut)
+    assert r["status"] == "preempted" and 1 <= r["step"] < 8, (signame, r["step"])
+    assert _restore_params(str(cut))[0] == r["step"]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
+    monkeypatch.delenv(SIGNAL_AT)
+    assert _run(get_config(), cut)["status"] == "done"
+    _assert_same_run(tmp_path / "ref", cut)
 
 
 @pytest.mark.slow

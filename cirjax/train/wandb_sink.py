@@ -15,6 +15,7 @@ it drops the repeated steps' records with a warning.
 from __future__ import annotations
 
 import os
+import uuid
 from typing import Any
 
 import ml_collections
@@ -50,7 +51,7 @@ class WandbSink:
       with open(id_path) as f:
         run_id = f.read().strip()
     else:
-      run_id = wandb.util.generate_id()
+      run_id = uuid.uuid4().hex[:12]  # wandb ids: letters and digits
       with open(id_path + ".tmp", "w") as f:
         f.write(run_id + "\n")
       os.replace(id_path + ".tmp", id_path)
