@@ -259,3 +259,56 @@ def test_two_processes_sigterm_on_one_rank_saves_and_resumes_bit_exactly(ompi_ru
   assert f"[rank 0] [cirjax] preempted (a signal to some process): saved step {saved}" in out
   assert multiprocess.launch(args, timeout=240, env=env) == 0
   _assert_same_run(ref_wd, wd)
+
+
+# ---------------------------------------------------------------- the example launch files
+def test_slurm_script_forwards_the_warning_and_requeues_on_75(tmp_path):
+  """launch/slurm.sbatch with stand-ins for srun (a task that saves and exits 75 on SIGUSR1)
+  and scontrol (records its arguments): SLURM's SIGUSR1 to the batch shell reaches the task,
+  and exit status 75 requeues the job; another status does not."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "srun").write_text(
+      "#!/usr/bin/env bash\necho \"srun $*\" >> \"$LOG\"\n"
+      "trap 'echo task got USR1 >> \"$LOG\"; exit ${TASK_STATUS}' USR1\n"
+      "touch \"$LOG.ready\"\nwhile true; do sleep 0.05; done\n")
+  (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\necho \"scontrol $*\" >> \"$LOG\"\n")
+  for f in bin_dir.iterdir():
+    f.chmod(0o755)
+  for task_status, requeued in ((75, True), (1, False)):
+    log = tmp_path / f"log{task_status}"
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", LOG=str(log),
+               TASK_STATUS=str(task_status), CONFIG="configs/synthetic.py", WORKDIR="/w",
+               SLURM_JOB_ID="123")
+    p = subprocess.Popen(["bash", os.path.join(REPO, "launch", "slurm.sbatch")], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 20
+    while not os.path.exists(f"{log}.ready") and time.monotonic() < deadline:
+      time.sleep(0.05)
+    p.send_signal(signal.SIGUSR1)
+    out, _ = p.communicate(timeout=20)
+    lines = log.read_text().splitlines()
+    assert lines[0].startswith("srun --kill-on-bad-exit=1 python -m cirjax train --config "
+                               "configs/synthetic.py --workdir /w"), lines
+    assert "task got USR1" in lines and p.returncode == task_status, out
+    assert ("scontrol requeue 123" in lines) == requeued, (lines, out)
+
+
+def test_kubernetes_manifest_gives_each_pod_its_place():
+  yaml = pytest.importorskip("yaml")
+  service, job = yaml.safe_load_all(open(os.path.join(REPO, "launch", "k8s_indexed_job.yaml")))
+  spec = job["spec"]
+  assert spec["completionMode"] == "Indexed" and spec["parallelism"] == spec["completions"]
+  assert spec["template"]["spec"]["subdomain"] == service["metadata"]["name"]
+  assert service["spec"]["clusterIP"] == "None"
+  (container,) = spec["template"]["spec"]["containers"]
+  env = {e["name"]: e["value"] for e in container["env"]}
+  assert env["JAX_COORDINATOR_ADDRESS"].startswith(f"{job['metadata']['name']}-0."
+                                                   f"{service['metadata']['name']}:")
+  for index in range(spec["parallelism"]):  # what Kubernetes adds to each pod
+    s = distributed.launcher_settings(
+        environ=dict(env, KUBERNETES_SERVICE_HOST="10.96.0.1", JOB_COMPLETION_INDEX=str(index)),
+        kubernetes_client=False)
+    assert (s.mode, s.num_processes, s.process_id) == ("explicit", spec["parallelism"], index)
+  rule = spec["podFailurePolicy"]["rules"][0]
+  assert rule["action"] == "Ignore" and rule["onExitCodes"]["values"] == [PREEMPTED_EXIT]
