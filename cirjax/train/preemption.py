@@ -85,3 +85,21 @@ class PreemptionWatch:
     if self._jax_sync:
       return bool(multihost_utils.reached_preemption_sync_point(step))
     return distributed.all_processes(self._flag)
+
+
+def hook(trainer):
+  """The trainer hook (added last, after the checkpoint hook): after a preemption signal, save
+  this step unless the checkpoint hook just did, wait for the write, stop the run with status
+  `preempted`. Every process calls `requested` after every step."""
+  def after_step(info) -> None:
+    if not trainer.preemption.requested(info.step) or info.last:
+      return  # at the last step the run is about to end by itself
+    if trainer.ckpt.saved_step != info.step:
+      trainer.save(info.step, info.eval_metrics)
+    trainer.ckpt.wait()
+    trainer.result["status"] = "preempted"
+    if jax.process_index() == 0:
+      print(f"[cirjax] preempted ({trainer.preemption.signal_name or 'a signal to some process'}"
+            f"): saved step {info.step} to {trainer.ckpt.step_dir(info.step)}; run the same "
+            "command to resume", file=sys.stderr, flush=True)
+  return after_step

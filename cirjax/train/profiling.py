@@ -56,6 +56,11 @@ class StepProfiler:
       jax.block_until_ready(state)  # the traced steps' device work inside the trace
       self.stop()
 
+  def on_step(self, step: int, state) -> None:
+    """The trainer's hook after step `step` (steps done)."""
+    self.after_step(step, state)
+    self.before_step(step + 1)
+
   def stop(self) -> None:
     if self.active:
       self.active = False

@@ -31,16 +31,14 @@ import numpy as np
 
 from cirjax.data.loader import Prefetcher, default_workers
 from cirjax.models import layer_stack
-from cirjax.train import distributed
 from cirjax.train import sharding as shd
 from cirjax.train import state as st
-from cirjax.train import wandb_sink
+from cirjax.train import preemption, wandb_sink
 from cirjax.train import workdir as workdir_lib
+from cirjax.train import workdir_lock
 from cirjax.train.checkpointing import Checkpointer
 from cirjax.train.logging import MetricLogger, NonFiniteLossError, Progress, check_finite
-from cirjax.train.preemption import PreemptionWatch
 from cirjax.train.profiling import StepProfiler, parse_steps
-from cirjax.train.workdir_lock import WorkdirLock, WorkdirLockError
 from cirjax.train.step import DEFAULT_FP32_PARAMS, compile_step, make_train_step
 from cirjax.train.task import build_task
 
@@ -107,14 +105,9 @@ class Trainer:
     config_changes = workdir_lib.check_resume(config, self.workdir)
     wandb_sink.check_installed(config)
     self.profiler = StepProfiler(parse_steps(config.get("profile_steps", "")), self.workdir)
-    self.preemption = PreemptionWatch()
-    self.saved_step: int | None = None
-    self._lock_workdir()
-    try:
-      self._set_up(config, mesh, config_changes)
-    except BaseException:
-      self.lock.release()
-      raise
+    self.preemption = preemption.PreemptionWatch()
+    self.lock = workdir_lock.lock_run(self.workdir, _log)
+    workdir_lock.release_on_error(self.lock, self._set_up, config, mesh, config_changes)
 
   def _set_up(self, config, mesh, config_changes) -> None:
     self.mesh = mesh or shd.make_mesh(
@@ -144,23 +137,6 @@ class Trainer:
     self.progress = Progress(self.total_steps, self.step, self.global_batch, desc=self.task.name,
                              every_s=float(config.get("progress_every_s", 30.0)))
     self._add_default_hooks()
-
-  def _lock_workdir(self) -> None:
-    """Process 0 takes the workdir lock (`cirjax.train.workdir_lock`); every process stops
-    when it is refused."""
-    self.lock = WorkdirLock(self.workdir)
-    refused = None
-    if jax.process_index() == 0:
-      try:
-        self.lock.acquire(jax.process_count())
-      except WorkdirLockError as e:
-        refused = e
-      if self.lock.took_over:
-        _log(f"took over the stale workdir lock of pid {self.lock.took_over.get('pid')} on "
-             f"{self.lock.took_over.get('host')} ({self.lock.path})")
-    if not distributed.all_processes(refused is None):
-      raise refused or WorkdirLockError(f"--workdir {self.workdir}: process 0 found it in "
-                                        "use by another run (its error names the run)")
 
   # ------------------------------------------------------------------ set-up phases
   def _plan_steps(self) -> None:
@@ -233,8 +209,7 @@ class Trainer:
                              best_mode=c.get("best_mode", "max"),
                              async_save=bool(c.get("async_save", True)))
     self.logger = MetricLogger(self.workdir, tensorboard=bool(self.config.get("tensorboard", True)))
-    if self.logger.active and wandb_sink.enabled(self.config):
-      self.logger.sinks.append(wandb_sink.WandbSink(self.config, self.workdir))
+    self.logger.sinks += wandb_sink.sinks(self.config, self.workdir, self.logger.active)
 
   def _restore_or_init(self) -> tuple[Any, int]:
     """The newest restorable checkpoint's state and step (its host state loaded into the task),
@@ -293,8 +268,8 @@ class Trainer:
     stop_after = int(os.environ.get(STOP_AFTER_ENV, "0") or 0)
     if stop_after:
       self.add_hook(lambda info: self._stop_after_hook(info, stop_after))
-    self.add_hook(self._profile_hook)
-    self.add_hook(self._preemption_hook)  # last: it sees whether this step was saved
+    self.add_hook(lambda info: self.profiler.on_step(info.step, self.state))
+    self.add_hook(preemption.hook(self))  # last: it sees whether this step was saved
 
   def _progress_hook(self, info: StepInfo) -> None:
     self.progress.update(info.loss, info.epoch,
@@ -330,29 +305,11 @@ class Trainer:
       self.ckpt.wait()
       self.result["status"] = "stopped"
 
-  def _profile_hook(self, info: StepInfo) -> None:
-    self.profiler.after_step(info.step, self.state)
-    self.profiler.before_step(info.step + 1)
-
-  def _preemption_hook(self, info: StepInfo) -> None:
-    """After a preemption signal (`cirjax.train.preemption`): save this step unless the
-    checkpoint hook just did, wait for the write, stop. Every process calls `requested`."""
-    if not self.preemption.requested(info.step) or info.last:
-      return  # at the last step the run is about to end by itself
-    if self.saved_step != info.step:
-      self.save(info.step, info.eval_metrics)
-    self.ckpt.wait()
-    self.result["status"] = "preempted"
-    _log(f"preempted ({self.preemption.signal_name or 'a signal to some process'}): saved "
-         f"step {info.step} to "
-         f"{self.ckpt.step_dir(info.step)}; run the same command to resume")
-
   def save(self, step: int, metrics: dict | None = None) -> None:
     """Checkpoints the state and the task's host state as of `step` (asynchronously)."""
     host_json, arrays = self.host_snapshot or self.task.host_state()
     self.ckpt.save(step, self.state, {"step": step, "task": host_json, LAYOUT_KEY: self.layout},
                    arrays, metrics=metrics, force=True)
-    self.saved_step = step
 
   # ------------------------------------------------------------------ the loop
   def _workers(self) -> int:

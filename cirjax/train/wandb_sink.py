@@ -40,6 +40,11 @@ def check_installed(config: ml_collections.ConfigDict) -> None:
                      "empty)") from None
 
 
+def sinks(config: ml_collections.ConfigDict, workdir: str, active: bool) -> list:
+  """[a WandbSink] when wandb is on and this process writes logs (process 0), else []."""
+  return [WandbSink(config, workdir)] if active and enabled(config) else []
+
+
 class WandbSink:
   """`log(step, kind, record)` / `close()` over one wandb run."""
 

@@ -23,7 +23,10 @@ import json
 import os
 import socket
 
+import jax
+
 from cirjax.errors import CirjaxError
+from cirjax.train import distributed
 
 LOCK_NAME = "cirjax.lock"
 _JOB_VARS = ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID")
@@ -146,3 +149,31 @@ class WorkdirLock:
         os.remove(self.path)
       except OSError:
         pass
+
+
+def lock_run(workdir: str, log) -> WorkdirLock:
+  """Process 0 takes the lock of `workdir`; when it is refused, every process raises (the
+  others with a pointer to process 0's error). Returns the lock (held on process 0 only)."""
+  lock = WorkdirLock(workdir)
+  refused = None
+  if jax.process_index() == 0:
+    try:
+      lock.acquire(jax.process_count())
+    except WorkdirLockError as e:
+      refused = e
+    if lock.took_over:
+      log(f"took over the stale workdir lock of pid {lock.took_over.get('pid')} on "
+          f"{lock.took_over.get('host')} ({lock.path})")
+  if not distributed.all_processes(refused is None):
+    raise refused or WorkdirLockError(f"--workdir {workdir}: process 0 found it in use by "
+                                      "another run (its error names the run)")
+  return lock
+
+
+def release_on_error(lock: WorkdirLock, fn, *args):
+  """`fn(*args)`, releasing `lock` if it raises (a run that fails to start leaves no lock)."""
+  try:
+    return fn(*args)
+  except BaseException:
+    lock.release()
+    raise
