@@ -181,6 +181,13 @@ def test_workdir_lock_refuses_a_live_holder_and_takes_over_stale_ones(tmp_path, 
   lock.acquire(1)
   assert lock.took_over["pid"] == live.pid
   lock.release()
+  # Directories made for a lock that is released before the run wrote anything go with it.
+  fresh = tmp_path / "new" / "wd"
+  lock = WorkdirLock(str(fresh))
+  lock.acquire(1)
+  assert json.loads((fresh / LOCK_NAME).read_text())["pid"] == os.getpid()
+  lock.release()
+  assert not (tmp_path / "new").exists()
 
 
 def test_a_second_process_0_on_a_workdir_is_refused(tmp_path):

@@ -12,8 +12,10 @@ exists. A lock found there is
   * otherwise refused with one `WorkdirLockError` naming the holder. A lock left on another
     host by a run that died there (a node failure) cannot be checked from here: the error
     says to delete the file once that run is known to be gone.
-The lock is removed when the run ends (done, stopped, preempted, an error); a SIGKILLed run
-leaves it, and its next start on the same host takes it over.
+The lock is removed when the run ends (done, stopped, preempted, an error), and with it the
+workdir if the lock created it and the run wrote nothing else (a run that fails to start
+leaves the disk as it was); a SIGKILLed run leaves it, and its next start on the same host
+takes it over.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class WorkdirLock:
     self.path = os.path.join(workdir, LOCK_NAME)
     self.held = False
     self.took_over: dict | None = None
+    self._created: list[str] = []  # directories made for the lock, deepest first
 
   def read(self) -> dict | None:
     try:
@@ -85,6 +88,10 @@ class WorkdirLock:
       return {}  # unreadable (a torn write cannot happen: it was linked complete)
 
   def acquire(self, num_processes: int) -> None:
+    d = os.path.abspath(self.workdir)
+    while not os.path.exists(d):
+      self._created.append(d)
+      d = os.path.dirname(d)
     os.makedirs(self.workdir, exist_ok=True)
     mine = _record(num_processes)
     tmp = f"{self.path}.{os.getpid()}.tmp"
@@ -149,6 +156,12 @@ class WorkdirLock:
         os.remove(self.path)
       except OSError:
         pass
+    for d in self._created:  # a run that failed before writing anything leaves no directory
+      try:
+        os.rmdir(d)
+      except OSError:
+        break  # not empty: the run wrote there
+    self._created = []
 
 
 def lock_run(workdir: str, log) -> WorkdirLock:
