@@ -244,17 +244,19 @@ def test_cli_sigterm_exits_75_then_resumes_bit_exactly(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_sigterm_on_one_rank_saves_and_resumes_bit_exactly(ompi_run, tmp_path,
-                                                                         capfd):
-  """Rank 1 alone gets SIGTERM (JAX's preemption notifier takes it): both processes save the
-  same step, both exit 75; resumed, the run equals the uninterrupted 2-process run."""
+@pytest.mark.parametrize("signame", ["TERM", "USR1"])
+def test_two_processes_signal_to_one_rank_saves_and_resumes_bit_exactly(ompi_run, tmp_path,
+                                                                        capfd, signame):
+  """Rank 1 alone gets SIGTERM (JAX's preemption notifier takes it) or SIGUSR1 (cirjax hands
+  it on as a SIGTERM): both processes save the same step, both exit 75; resumed, the run
+  equals the uninterrupted 2-process run."""
   multiprocess, ref_wd, status = ompi_run
   assert status == 0
   wd = tmp_path / "cut"
   args = ["--config", HERE, "--workdir", str(wd)]
   env = {"CIRJAX_CPU_DEVICES": ""}
-  assert multiprocess.launch(args, timeout=240, env=dict(env, **{SIGNAL_AT: "6",
-                                                                 SIGNAL_RANK: "1"})) == 75
+  assert multiprocess.launch(args, timeout=240, env=dict(env, **{
+      SIGNAL_AT: "6", SIGNAL_RANK: "1", SIGNAL_NAME: signame})) == 75
   cap = capfd.readouterr()
   out = cap.out + cap.err  # the launcher's own lines go to stderr
   assert out.count("saved on a preemption signal and stopped") == 2, out[-3000:]
