@@ -235,7 +235,7 @@ def test_cli_sigterm_exits_75_then_resumes_bit_exactly(tmp_path):
   assert _cli(args + ["--workdir", str(tmp_path / "ref")]).returncode == 0
   r = _cli(args + ["--workdir", str(tmp_path / "cut")], env={SIGNAL_AT: "9"})
   assert r.returncode == PREEMPTED_EXIT, r.stderr[-3000:]
-  assert "SIGTERM received: saving a checkpoint" in r.stderr
+  assert "[cirjax] process 0: SIGTERM received: saving a checkpoint" in r.stderr
   assert "cirjax train: preempted at step" in r.stderr and "Traceback" not in r.stderr
   assert not (tmp_path / "cut" / LOCK_NAME).exists()
   r = _cli(args + ["--workdir", str(tmp_path / "cut")])
@@ -260,6 +260,8 @@ def test_two_processes_signal_to_one_rank_saves_and_resumes_bit_exactly(ompi_run
   cap = capfd.readouterr()
   out = cap.out + cap.err  # the launcher's own lines go to stderr
   assert out.count("saved on a preemption signal and stopped") == 2, out[-3000:]
+  if signame == "USR1":  # SIGTERM goes to JAX's notifier, which logs it in C++
+    assert "[rank 1] [cirjax] process 1: SIGUSR1 received" in out
   saved = _restore_params(str(wd))[0]
   assert 6 <= saved < 24
   for rank in (0, 1):  # both agreed on the saved step
@@ -301,6 +303,36 @@ def test_slurm_script_forwards_the_warning_and_requeues_on_75(tmp_path):
                                "configs/synthetic.py --workdir /w"), lines
     assert "task got USR1" in lines and p.returncode == task_status, out
     assert ("scontrol requeue 123" in lines) == requeued, (lines, out)
+
+
+def test_mpirun_script_passes_a_coordinator_only_where_jax_cannot_find_one(tmp_path):
+  """launch/mpirun.sh with a stand-in mpirun: one rank per GPU of each host; Open MPI 4 is
+  left to JAX's detection, Open MPI 5 gets JAX_COORDINATOR_ADDRESS = the first host; each
+  rank's command is `cirjax train` with the arguments given."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "mpirun").write_text(
+      "#!/usr/bin/env bash\n"
+      "if [[ $1 == --version ]]; then echo \"mpirun (Open MPI) $MPI_VERSION\"; exit 0; fi\n"
+      "printf '%s\\0' \"$@\" > \"$LOG\"\n")
+  (bin_dir / "mpirun").chmod(0o755)
+  hostfile = tmp_path / "hosts"
+  hostfile.write_text("# the nodes\nnode1 slots=2\nnode2 slots=2\n")
+  for version, coordinator in (("4.1.5", False), ("5.0.3", True)):
+    log = tmp_path / f"args{version}"
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", LOG=str(log),
+               MPI_VERSION=version)
+    r = subprocess.run(["bash", os.path.join(REPO, "launch", "mpirun.sh"), str(hostfile), "2",
+                        "configs/synthetic.py", "/w", "--config.seed=1"], env=env,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    args = log.read_text().split("\0")[:-1]
+    assert args[args.index("-np") + 1] == "4" and "ppr:2:node" in args
+    assert ("JAX_COORDINATOR_ADDRESS=node1:54321" in args) == coordinator, args
+    cmd = args[args.index("bash"):]
+    assert "python -m cirjax train" in cmd[2] and "JAX_LOCAL_DEVICE_IDS" in cmd[2]
+    assert cmd[3:] == ["cirjax", "--config", "configs/synthetic.py", "--workdir", "/w",
+                       "--config.seed=1"]
 
 
 def test_kubernetes_manifest_gives_each_pod_its_place():

@@ -51,6 +51,7 @@ class PreemptionWatch:
   def __init__(self):
     self.signal_name: str | None = None
     self._flag = False
+    self._announced = False
     self._previous: dict[int, object] = {}
     self._jax_sync = False
 
@@ -69,19 +70,22 @@ class PreemptionWatch:
     self._previous = {}
 
   def _handle(self, signum, frame) -> None:  # pylint: disable=unused-argument
+    # Nothing printed here: the main thread may be inside a write to stderr (re-entrant I/O
+    # raises); `requested` reports it.
     self.signal_name = signal.Signals(signum).name
+    self._flag = True
     if self._jax_sync:
       # Hand it to JAX's notifier, which tells the coordination service.
       os.kill(os.getpid(), signal.SIGTERM)
-    else:
-      self._flag = True
-    if jax.process_index() == 0 or not self._jax_sync:
-      print(f"[cirjax] {self.signal_name} received: saving a checkpoint at the next step "
-            "boundary, then stopping", file=sys.stderr, flush=True)
 
   def requested(self, step: int) -> bool:
     """Whether to save and stop after `step` (a collective in multi-process runs: every process
     calls it after every step, with the same steps)."""
+    if self._flag and not self._announced:
+      self._announced = True
+      print(f"[cirjax] process {jax.process_index()}: {self.signal_name} received: saving a "
+            "checkpoint at the step all processes agree on, then stopping", file=sys.stderr,
+            flush=True)
     if self._jax_sync:
       return bool(multihost_utils.reached_preemption_sync_point(step))
     return distributed.all_processes(self._flag)
