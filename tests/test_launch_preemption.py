@@ -37,9 +37,11 @@ SIGNAL_AT, SIGNAL_NAME, SIGNAL_RANK = "TOY_SIGNAL_AT", "TOY_SIGNAL", "TOY_SIGNAL
 class SignalToyTask(ToyTask):
   """The toy task; process `TOY_SIGNAL_RANK` (default 0) sends itself `TOY_SIGNAL` (TERM or
   USR1) while building global batch `TOY_SIGNAL_AT`, then builds each later batch slowly, so
-  that the step the processes agree on comes before the end of the run."""
+  that the step the processes agree on comes before the end of the run; every batch takes
+  `TOY_STEP_SLEEP` seconds more."""
 
   def batch(self, epoch, index):
+    time.sleep(float(os.environ.get("TOY_STEP_SLEEP", "0")))  # a run that lasts a while
     at = int(os.environ.get(SIGNAL_AT, "-1"))
     step = epoch * self.steps_per_epoch + index
     if at >= 0 and jax.process_index() == int(os.environ.get(SIGNAL_RANK, "0")):
@@ -190,25 +192,34 @@ def test_workdir_lock_refuses_a_live_holder_and_takes_over_stale_ones(tmp_path, 
   assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.slow
 def test_a_second_process_0_on_a_workdir_is_refused(tmp_path):
-  """`cirjax train` on a workdir whose lock names a live process 0: one error, exit 1, the
-  workdir unchanged (the other tests check that a run that ends removes its lock)."""
+  """Two independent `cirjax train` on one workdir: while the first runs, the second stops
+  with one error naming it (exit 1, nothing changed); the first ends normally and removes its
+  lock. (tests/test_bad_inputs.py has the same refusal in the default run.)"""
   wd = tmp_path / "run"
-  wd.mkdir()
-  live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+  env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3",
+             CIRJAX_CPU_DEVICES="4", TOY_STEP_SLEEP="0.5", SLURM_JOB_ID="")
+  cmd = [sys.executable, "-m", "cirjax", "train", "--config", HERE, "--workdir", str(wd)]
+  first = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
   try:
-    held = {"host": socket.gethostname(), "pid": live.pid, "pid_start": None, "processes": 1,
-            "job": None, "started": "2026-01-01T00:00:00+00:00"}
-    (wd / LOCK_NAME).write_text(json.dumps(held))
-    r = _cli(["--config", HERE, "--workdir", str(wd), "--config.train.max_steps=2"],
-             env={"SLURM_JOB_ID": ""})
+    deadline = time.monotonic() + 120
+    while not (wd / LOCK_NAME).exists() and time.monotonic() < deadline:
+      time.sleep(0.1)
+    before = sorted(p.name for p in wd.iterdir())
+    r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert first.poll() is None, "the first run ended before the second started"
     assert r.returncode == 1, r.stderr[-2000:]
-    assert f"cirjax train: error: --workdir {wd} is in use by process 0" in r.stderr
+    assert (f"cirjax train: error: --workdir {wd} is in use by process 0 of a run of 1 "
+            f"process(es) on host {socket.gethostname()}, pid {first.pid}") in r.stderr
     assert "Traceback" not in r.stderr
-    assert sorted(os.listdir(wd)) == [LOCK_NAME]
+    assert json.loads((wd / LOCK_NAME).read_text())["pid"] == first.pid
+    assert set(before) <= {p.name for p in wd.iterdir()}
   finally:
-    live.kill()
-    live.wait()
+    out, err = first.communicate(timeout=300)
+  assert first.returncode == 0, err[-3000:]
+  assert _restore_params(str(wd))[0] == 24 and not (wd / LOCK_NAME).exists()
 
 
 # ---------------------------------------------------------------- preemption
