@@ -224,20 +224,21 @@ def test_a_second_process_0_on_a_workdir_is_refused(tmp_path):
 
 # ---------------------------------------------------------------- preemption
 def test_a_signal_mid_epoch_saves_stops_and_resumes_bit_exactly(tmp_path, monkeypatch):
-  """SIGTERM, and SLURM's warning SIGUSR1, in epoch 0 of 3: the run saves the step it stops
-  at (not a checkpoint step by every_steps=3 in general), then resumes to the end."""
-  assert _run(get_config(), tmp_path / "ref")["status"] == "done"
-  for signame in ("TERM", "USR1"):
-    monkeypatch.setenv(SIGNAL_AT, "5")
+  """SIGTERM in epoch 0 of 3: the run saves the step it stops at (in general not a checkpoint
+  step of every_steps=3), then resumes to the end of an uninterrupted run, bit for bit.
+  SLURM's warning SIGUSR1 stops and saves the same way."""
+  monkeypatch.setenv(SIGNAL_AT, "5")
+  for signame in ("USR1", "TERM"):
     monkeypatch.setenv(SIGNAL_NAME, signame)
     cut = tmp_path / signame
     r = _run(get_config(), cut)
     assert r["status"] == "preempted" and 1 <= r["step"] < 8, (signame, r["step"])
     assert _restore_params(str(cut))[0] == r["step"]
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
-    monkeypatch.delenv(SIGNAL_AT)
-    assert _run(get_config(), cut)["status"] == "done"
-    _assert_same_run(tmp_path / "ref", cut)
+  monkeypatch.delenv(SIGNAL_AT)
+  assert _run(get_config(), cut)["status"] == "done"
+  assert _run(get_config(), tmp_path / "ref")["status"] == "done"
+  _assert_same_run(tmp_path / "ref", cut)
 
 
 @pytest.mark.slow
