@@ -101,6 +101,12 @@ def test_launcher_settings_from_each_launchers_variables():
   with pytest.raises(UsageError, match="JAX_NUM_PROCESSES"):
     ls(environ=k8s, kubernetes_client=False)
   assert ls(environ=k8s, kubernetes_client=True).cluster == "k8s"
+  # Every detector cirjax may name is one JAX selects by that name (Kubernetes': by detection).
+  from jax._src import clusters  # pylint: disable=import-outside-toplevel
+  names = {c.name for c in clusters.ClusterEnv._cluster_types}  # pylint: disable=protected-access
+  for cluster in distributed.CLUSTERS[2:]:
+    method = distributed.jax_detection_method(cluster)
+    assert method in names or (method is None and cluster == "k8s"), cluster
   s = ls(environ=dict(k8s, JAX_COORDINATOR_ADDRESS="job-0.svc:1234", JAX_NUM_PROCESSES="3"),
          kubernetes_client=False)
   assert (s.mode, s.num_processes, s.process_id, s.source) == (

@@ -12,8 +12,9 @@ flags and the environment alone, so tests check each case without starting anyth
     `JAX_LOCAL_DEVICE_IDS` says otherwise). launch/multiprocess.py and
     launch/k8s_indexed_job.yaml use this;
   * `--cluster NAME` / `CIRJAX_CLUSTER=NAME`: one of JAX's detectors by name (`slurm`,
-    `ompi`, `k8s`, `gcetpu`, `gketpu`, `mpi4py`), e.g. a multi-host Cloud TPU VM, whose
-    hosts are known only to the TPU metadata server;
+    `ompi`, `k8s`, `gcetpu`, `gketpu`, `mpi4py`; `k8s` runs JAX's general detection, as its
+    Kubernetes detector has no name), e.g. a multi-host Cloud TPU VM, whose hosts are known
+    only to the TPU metadata server;
   * detected (`--cluster auto`, the default) from the variables JAX's detectors read:
     SLURM (`SLURM_JOB_ID`, `SLURM_STEP_NODELIST`, `SLURM_NTASKS` > 1, `SLURM_PROCID`,
     `SLURM_LOCALID`: inside `srun`), Open MPI 4 `mpirun` (`OMPI_MCA_orte_hnp_uri`,
@@ -180,6 +181,12 @@ def _detect(env, kubernetes_client: bool) -> LaunchSettings:
   return LaunchSettings("single")
 
 
+def jax_detection_method(cluster: str) -> str | None:
+  """The `cluster_detection_method` for `cluster`. JAX's Kubernetes detector has no name to
+  select it by (JAX 0.10): it runs in JAX's own detection, which tries every detector."""
+  return None if cluster == "k8s" else cluster
+
+
 def _use_gloo_on_cpu(platform: str | None) -> None:
   if platform == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -212,7 +219,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     _use_gloo_on_cpu(platform)
     # JAX reads the launcher's variables: coordinator, process count and id, and (SLURM,
     # Open MPI) the local rank's GPU.
-    jax.distributed.initialize(cluster_detection_method=settings.cluster,
+    jax.distributed.initialize(cluster_detection_method=jax_detection_method(settings.cluster),
                                heartbeat_timeout_seconds=heartbeat_timeout())
     info.update(cluster=settings.cluster, source=settings.source)
   if info["mode"] != "single":
