@@ -6,6 +6,7 @@ import io
 import json
 import os
 import struct
+import sys
 
 import pytest
 
@@ -136,3 +137,13 @@ def _wandb_history(wandb, run_dir):  # pylint: disable=unused-argument
       row = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
       rows.append((int(row["_step"]), row))
   return rows
+
+
+def test_wandb_project_without_wandb_is_an_error_before_anything_is_written(tmp_path,
+                                                                            monkeypatch):
+  monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+  cfg = _config(wandb=dict(project="p", entity="", name="", mode="offline"))
+  with pytest.raises(UsageError, match=r"config.wandb.project='p' but wandb is not installed: "
+                     r"pip install 'cirjax\[wandb\]'"):
+    _run(cfg, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
