@@ -65,6 +65,12 @@ def get_config(arg=None):
   c.eval_metrics = None
   c.log_every_steps = 20
   c.tensorboard = True
+  # Off a terminal (a SLURM log), one plain progress line every this many seconds.
+  c.progress_every_s = 30.0
+  # "FIRST,LAST": a jax.profiler trace of those steps in WORKDIR/profile ("" none).
+  c.profile_steps = ""
+  # Weights & Biases, on when project is set (pip install 'cirjax[wandb]'; docs/train.md).
+  c.wandb = dict(project="", entity="", name="", mode="offline")
   c.export = True
 
   if arg.tiny:

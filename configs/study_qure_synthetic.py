@@ -105,6 +105,12 @@ def get_config(arg=None):
                     "rel@5")
   c.log_every_steps = 25
   c.tensorboard = False
+  # Off a terminal (a SLURM log), one plain progress line every this many seconds.
+  c.progress_every_s = 30.0
+  # "FIRST,LAST": a jax.profiler trace of those steps in WORKDIR/profile ("" none).
+  c.profile_steps = ""
+  # Weights & Biases, on when project is set (pip install 'cirjax[wandb]'; docs/train.md).
+  c.wandb = dict(project="", entity="", name="", mode="offline")
   c.export = True
   c.study = dict(arm=a.arm, arms=ARMS, seeds=tuple(range(int(a.seeds))),
                  preference_seed=0)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -109,6 +110,13 @@ def files(tmp_path_factory, synth_root):
   wd.mkdir()
   (wd / "notes.txt").write_text("mine")
   f["workdir"] = wd
+  # a workdir in use: its lock names a live process 0 on this host (pid 1 is always alive)
+  locked = d / "locked"
+  locked.mkdir()
+  (locked / "cirjax.lock").write_text(json.dumps(
+      {"host": socket.gethostname(), "pid": 1, "pid_start": None, "processes": 2, "job": None,
+       "started": "2026-01-01T00:00:00+00:00"}))
+  f["locked"] = locked
   # a training workdir (run config + checkpoints/) with neither export nor checkpoint
   run = d / "run"
   (run / "checkpoints").mkdir(parents=True)
@@ -152,6 +160,16 @@ TRAIN_CASES = {
                            lambda f: ["train.nope"]),
     "config file not Python": (None, lambda f: [], "workdir", 2,
                                lambda f: [f"{f['badpy']}:1", "not valid Python"]),
+    "bad profile_steps": (SYNTH, lambda f: [f"data.root={f['root']}", "profile_steps=5,2"],
+                          "workdir", 2, lambda f: ["config.profile_steps='5,2'"]),
+    "process id without a coordinator": (SYNTH, lambda f: ["--num_processes", "2",
+                                                            "--process_id", "0"], "workdir", 2,
+                                         lambda f: ["--coordinator HOST:PORT"]),
+    "unknown --cluster": (SYNTH, lambda f: ["--cluster", "pbs"], "workdir", 2,
+                          lambda f: ["--cluster", "pbs"]),
+    "workdir in use by another run": (SYNTH, lambda f: [f"data.root={f['root']}"], "locked", 1,
+                                      lambda f: [f"--workdir {f['locked']} is in use",
+                                                 "pid 1", f["locked"] / "cirjax.lock"]),
 }
 
 

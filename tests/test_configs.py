@@ -17,7 +17,8 @@ ADDED = {("data", "workers"): -1, ("data", "cache_images_max_bytes"): 1 << 30,
          ("qure", "mining_method"): "auto", ("qure", "feature_store_dir"): "",
          ("qure", "feature_store_verify"): True, ("attention_impl",): "auto",
          ("scan_layers",): False, ("remat_policy",): "full", ("data", "pixel_store"): "auto",
-         ("data", "pixel_store_dir"): ""}
+         ("data", "pixel_store_dir"): "", ("progress_every_s",): 30.0, ("profile_steps",): "",
+         ("wandb",): {"project": "", "entity": "", "name": "", "mode": "offline"}}
 # Values changed on purpose since, by config file: (key path, old value) -> new value. The
 # pixel cache is off by default (bounded in bytes when on); the frozen-feature store keeps the
 # reference's fp16 ViT precision instead of bf16.

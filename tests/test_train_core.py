@@ -360,9 +360,10 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
   # is complete.
   r = _cli(args + ["--workdir", cut], env={"TOY_SIGKILL_AT": "11"})
   assert r.returncode == -signal.SIGKILL
+  assert os.path.exists(os.path.join(cut, "cirjax.lock"))  # the killed run's, now stale
   r = _cli(args + ["--workdir", cut])
   assert r.returncode == 0, r.stderr[-3000:]
-  assert "resuming from" in r.stderr
+  assert "resuming from" in r.stderr and "took over the stale workdir lock" in r.stderr
   s1, p1 = _restore_params(ref)
   s2, p2 = _restore_params(cut)
   assert s1 == s2 == 16

@@ -12,6 +12,7 @@ import jax
 from cirjax.errors import CirjaxError, UsageError
 from cirjax.train import distributed
 from cirjax.train.config_utils import load_config, split_config_overrides
+from cirjax.train.preemption import PREEMPTED_EXIT
 from cirjax.train.trainer import format_table, train
 
 HELP = "train QuRe / InstructCIR / the synthetic demo from a config file (resumable)"
@@ -24,13 +25,19 @@ Train from an ml_collections config file, resuming from the workdir's latest che
 
 After the colon: the file's variants and key=value arguments (see its docstring).
 Overrides: --config.key=value (or key=value after the flags); the key must exist.
-Several processes: --coordinator HOST:PORT --num_processes N --process_id I (or run under
-SLURM, auto-detected); see launch/ and docs/train.md.
+Several processes: started by srun (SLURM), mpirun (Open MPI), a Kubernetes indexed Job or on
+a TPU pod, JAX's cluster detection joins them (--cluster NAME picks a detector); anywhere else
+--coordinator HOST:PORT --num_processes N --process_id I (or JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID); see launch/ and docs/train.md. A second run on a workdir
+in use is refused (WORKDIR/cirjax.lock).
+SIGTERM or SIGUSR1 (SLURM's --signal warning) saves a checkpoint at the next step boundary all
+processes agree on, then stops with exit status 75; the same command resumes.
 Before anything is read or written, the config's paths (data.root, model.init, init_from,
 data.train_file, ...) must exist and its batch sizes and epochs be positive; an error names
 the key and leaves the workdir unchanged.
-Exit status: 0 done, 1 an error (e.g. a dataset file that cannot be read), 2 a bad argument
-or config value, 3 stopped on a non-finite loss (the last good checkpoint is kept).
+Exit status: 0 done, 1 an error (e.g. a dataset file that cannot be read, a workdir in use),
+2 a bad argument or config value, 3 stopped on a non-finite loss (the last good checkpoint is
+kept), 75 preempted (saved on SIGTERM / SIGUSR1; run the same command to resume).
 """
 
 # Config keys naming a file or directory that must exist when set (an empty value: unused).
@@ -50,6 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--cpu_devices", type=int, default=None,
                       help="fake CPU devices per process (testing sharded code on CPU)")
   parser.add_argument("--platform", default=None, help="force a JAX platform (cpu, gpu)")
+  parser.add_argument("--cluster", default=None, choices=distributed.CLUSTERS,
+                      help="multi-process start-up: auto (default: detect SLURM, Open MPI, "
+                      "a Kubernetes indexed Job, a TPU pod), none (one process), or one of "
+                      "JAX's cluster detectors by name (or CIRJAX_CLUSTER)")
   parser.add_argument("overrides", nargs="*", default=[], metavar="key=value",
                       help="config overrides (same as --config.key=value)")
   # `--config.key=value` items are not argparse options: pull them out before parsing.
@@ -107,7 +118,7 @@ def check_run(config, workdir: str) -> None:
 def run(args: argparse.Namespace) -> int:
   # Distributed start-up must precede any use of a JAX backend.
   distributed.initialize(args.coordinator, args.num_processes, args.process_id,
-                         args.cpu_devices, args.platform)
+                         args.cpu_devices, args.platform, args.cluster)
   overrides = list(getattr(args, "config_overrides", [])) + list(args.overrides or [])
   try:
     config = load_config(args.config, overrides)  # a ConfigError is a usage error (exit 2)
@@ -119,6 +130,11 @@ def run(args: argparse.Namespace) -> int:
   if result["status"] == "nonfinite":
     print(f"cirjax train: {result['error']}", file=sys.stderr)
     return 3
+  if result["status"] == "preempted":
+    if jax.process_index() == 0:
+      print(f"cirjax train: preempted at step {result['step']}: checkpoint saved in "
+            f"{args.workdir}; run the same command to resume", file=sys.stderr)
+    return PREEMPTED_EXIT
   if jax.process_index() == 0 and result["status"] == "done":
     print(format_table(result["final_metrics"], f"final metrics ({args.workdir})",
                        result.get("chance")))

@@ -89,6 +89,7 @@ class Checkpointer:
         create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "host", "arrays"))
+    self.saved_step: int | None = None  # the last step `save` started (a save-now hook checks)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -113,6 +114,7 @@ class Checkpointer:
     host = dict(host, _empty_arrays=empty)
     if metrics is not None and self.best_metric and self.best_metric not in metrics:
       metrics = None
+    self.saved_step = step
     return self.manager.save(
         step,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state),

@@ -1,4 +1,5 @@
-"""Training observability: progress bar, JSON lines, TensorBoard events, end-of-run plots.
+"""Training observability: progress (a bar, or plain lines off a terminal), JSON lines,
+TensorBoard events (and wandb, `cirjax.train.wandb_sink`), end-of-run plots.
 
 Only process 0 writes files and draws the bar; every process may call these methods.
 """
@@ -40,6 +41,7 @@ class MetricLogger:
     self.workdir = workdir
     self.active = jax.process_index() == 0
     self.history: list[dict] = []
+    self.sinks: list = []  # more destinations (wandb): `log(step, kind, record)`, `close()`
     self._tb = None
     self._open_tb = None
     if not self.active:
@@ -92,6 +94,8 @@ class MetricLogger:
         if k in ("step", "kind", "time") or not isinstance(v, (int, float)):
           continue
         self._tb.add_scalar(f"{kind}/{k}", v, step)
+    for sink in self.sinks:
+      sink.log(step, kind, rec)
 
   def flush(self) -> None:
     if self._tb is not None:
@@ -101,6 +105,9 @@ class MetricLogger:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+    for sink in self.sinks:
+      sink.close()
+    self.sinks = []
 
   def plot(self, filename: str = "curves.png") -> str | None:
     """PNG of the loss, evaluation recall/mAP and hard-negative set size curves."""
@@ -141,18 +148,42 @@ class MetricLogger:
     return out
 
 
-class Progress:
-  """tqdm bar over the steps of the run with loss, samples/s and ETA."""
+def _clock(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
-  def __init__(self, total_steps: int, initial: int, batch_size: int, desc: str = "train"):
+
+class Progress:
+  """Progress over the steps of the run with loss, samples/s and ETA (process 0 shows it).
+
+  On a terminal: a tqdm bar. When stderr is not a terminal (a SLURM log, a pipe, a file), a
+  bar's carriage-return redraws would fill the file, so it prints one plain line every
+  `every_s` seconds instead (and at the last step):
+  `[cirjax] toy: step 120/1000 (12.0%), epoch 1, loss 0.1234, 45.1 samples/s, data wait 3%,
+  eta 0:10:02`.
+  """
+
+  def __init__(self, total_steps: int, initial: int, batch_size: int, desc: str = "train",
+               every_s: float = 30.0, stream=None):
     self.batch_size = batch_size
+    self.total, self.n, self.desc = total_steps, initial, desc
+    self.stream = stream if stream is not None else sys.stderr
+    self.every_s = float(every_s)
     self.bar = None
+    self.plain = False
     self._t = None
-    self._n = 0
     self._rate = None
-    if jax.process_index() == 0:
+    self._printed_at = time.monotonic()
+    self._printed_n = initial
+    self._line = ""
+    if jax.process_index() != 0:
+      return
+    isatty = getattr(self.stream, "isatty", None)
+    if isatty is not None and isatty():
       self.bar = tqdm(total=total_steps, initial=initial, desc=desc, unit="step",
-                      dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+                      dynamic_ncols=True, file=self.stream, mininterval=1.0)
+    else:
+      self.plain = True
 
   def update(self, loss: float, epoch: int, extra: dict | None = None) -> None:
     now = time.perf_counter()
@@ -161,14 +192,30 @@ class Progress:
       rate = self.batch_size / max(dt, 1e-9)
       self._rate = rate if self._rate is None else 0.9 * self._rate + 0.1 * rate
     self._t = now
+    self.n += 1
+    post = {"epoch": epoch, "loss": f"{loss:.4f}"}
+    if self._rate is not None:
+      post["samples/s"] = f"{self._rate:.1f}"
+    if extra:
+      post.update(extra)
     if self.bar is not None:
-      post = {"epoch": epoch, "loss": f"{loss:.4f}"}
-      if self._rate is not None:
-        post["samples/s"] = f"{self._rate:.1f}"
-      if extra:
-        post.update(extra)
       self.bar.set_postfix(post, refresh=False)
       self.bar.update(1)
+    elif self.plain:
+      self._line = self._plain_line(post)
+      if time.monotonic() - self._printed_at >= self.every_s or self.n >= self.total:
+        self._print_line()
+
+  def _plain_line(self, post: dict) -> str:
+    parts = [f"step {self.n}/{self.total} ({100 * self.n / max(self.total, 1):.1f}%)"]
+    parts += [f"{k} {v}" for k, v in post.items()]
+    if self._rate:
+      parts.append("eta " + _clock((self.total - self.n) * self.batch_size / self._rate))
+    return f"[cirjax] {self.desc}: " + ", ".join(parts)
+
+  def _print_line(self) -> None:
+    print(self._line, file=self.stream, flush=True)
+    self._printed_at, self._printed_n = time.monotonic(), self.n
 
   def pause(self) -> None:
     """Forget the last timestamp (evaluation/mining in between is not step time)."""
@@ -180,11 +227,15 @@ class Progress:
 
   def write(self, text: str) -> None:
     if self.bar is not None:
-      self.bar.write(text, file=sys.stderr)
+      self.bar.write(text, file=self.stream)
     elif jax.process_index() == 0:
-      print(text, file=sys.stderr)
+      print(text, file=self.stream, flush=True)
 
   def close(self) -> None:
     if self.bar is not None:
       self.bar.close()
       self.bar = None
+    if self.plain:
+      if self.n > self._printed_n and self._line:  # the last position, e.g. when stopped
+        self._print_line()
+      self.plain = False

@@ -7,8 +7,9 @@ mesh and shardings, the optimizer, the compiled step, checkpoints and resume, lo
 
 `Trainer` has three phases: set-up (`__init__`), the loop and finalisation (`run`). After each
 step the hooks run (`add_hook(fn, every=n)`; by default the progress bar, metric logging,
-evaluation, checkpointing and the `CIRJAX_STOP_AFTER_STEP` test stop), and every exit goes
-through `shutdown`. Each epoch's batches come from a `cirjax.data.loader.Prefetcher` started
+evaluation, checkpointing, the `CIRJAX_STOP_AFTER_STEP` test stop, the profiler and the
+preemption check), and every exit goes through `shutdown`. Process 0 holds the workdir lock
+from set-up to shutdown. Each epoch's batches come from a `cirjax.data.loader.Prefetcher` started
 after `task.begin_epoch`; a task with `stateful_batches` gets one worker called in step order
 and its host state is taken with each batch, so a checkpoint holds the state as of the step it
 saves, not of the batches built ahead. docs/train.md has the details.
@@ -32,9 +33,12 @@ from cirjax.data.loader import Prefetcher, default_workers
 from cirjax.models import layer_stack
 from cirjax.train import sharding as shd
 from cirjax.train import state as st
+from cirjax.train import preemption, wandb_sink
 from cirjax.train import workdir as workdir_lib
+from cirjax.train import workdir_lock
 from cirjax.train.checkpointing import Checkpointer
 from cirjax.train.logging import MetricLogger, NonFiniteLossError, Progress, check_finite
+from cirjax.train.profiling import StepProfiler, parse_steps
 from cirjax.train.step import DEFAULT_FP32_PARAMS, compile_step, make_train_step
 from cirjax.train.task import build_task
 
@@ -99,6 +103,13 @@ class Trainer:
     self.config, self.tcfg = config, config.train
     self.workdir = os.path.abspath(workdir)
     config_changes = workdir_lib.check_resume(config, self.workdir)
+    wandb_sink.check_installed(config)
+    self.profiler = StepProfiler(parse_steps(config.get("profile_steps", "")), self.workdir)
+    self.preemption = preemption.PreemptionWatch()
+    self.lock = workdir_lock.lock_run(self.workdir, _log)
+    workdir_lock.release_on_error(self.lock, self._set_up, config, mesh, config_changes)
+
+  def _set_up(self, config, mesh, config_changes) -> None:
     self.mesh = mesh or shd.make_mesh(
         tuple(tuple(a) for a in config.get("mesh", (("data", -1), ("fsdp", 1)))))
     _log(f"mesh {dict(self.mesh.shape)} over {jax.device_count()} "
@@ -123,7 +134,8 @@ class Trainer:
     self.last_eval: dict[str, float] = {}
     self.host_snapshot: tuple[dict, dict] | None = None
     self._wait_s = self._busy_s = 0.0  # this epoch's seconds waiting for data / stepping
-    self.progress = Progress(self.total_steps, self.step, self.global_batch, desc=self.task.name)
+    self.progress = Progress(self.total_steps, self.step, self.global_batch, desc=self.task.name,
+                             every_s=float(config.get("progress_every_s", 30.0)))
     self._add_default_hooks()
 
   # ------------------------------------------------------------------ set-up phases
@@ -197,6 +209,7 @@ class Trainer:
                              best_mode=c.get("best_mode", "max"),
                              async_save=bool(c.get("async_save", True)))
     self.logger = MetricLogger(self.workdir, tensorboard=bool(self.config.get("tensorboard", True)))
+    self.logger.sinks += wandb_sink.sinks(self.config, self.workdir, self.logger.active)
 
   def _restore_or_init(self) -> tuple[Any, int]:
     """The newest restorable checkpoint's state and step (its host state loaded into the task),
@@ -255,6 +268,8 @@ class Trainer:
     stop_after = int(os.environ.get(STOP_AFTER_ENV, "0") or 0)
     if stop_after:
       self.add_hook(lambda info: self._stop_after_hook(info, stop_after))
+    self.add_hook(lambda info: self.profiler.on_step(info.step, self.state))
+    self.add_hook(preemption.hook(self))  # last: it sees whether this step was saved
 
   def _progress_hook(self, info: StepInfo) -> None:
     self.progress.update(info.loss, info.epoch,
@@ -316,6 +331,7 @@ class Trainer:
 
   def _loop(self) -> None:
     """Epochs from the current step until `total_steps` or a hook stops the run."""
+    self.profiler.before_step(self.step + 1)
     while self.step < self.total_steps and self.result["status"] == "done":
       epoch, first = divmod(self.step, self.steps_per_epoch)
       self._begin_epoch(epoch, first)
@@ -371,6 +387,7 @@ class Trainer:
         # damaged checkpoints it moved aside.
         self.logger.truncate_after(self.resumed_from)
       nonfinite = None
+      self.preemption.install()
       try:
         self._loop()
       except NonFiniteLossError as e:
@@ -423,16 +440,20 @@ class Trainer:
   def shutdown(self) -> None:
     """The one exit path (also on exceptions): progress bar, pending checkpoint, logger,
     checkpointer."""
+    self.profiler.stop()
+    self.preemption.uninstall()
     self._drain()
     self.logger.close()
     self.ckpt.close()
+    self.lock.release()
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding.Mesh | None = None
           ) -> TrainResult:
   """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
-  Returns a TrainResult with `status` ("done", "nonfinite" or "stopped"), the last
+  Returns a TrainResult with `status` ("done", "nonfinite", "stopped" or "preempted": saved on
+  a preemption signal, see `cirjax.train.preemption`), the last
   evaluation metrics, the losses and the measured step throughput.
   """
   return Trainer(config, workdir, mesh=mesh).run()

@@ -4,7 +4,7 @@ On resume (the workdir has a checkpoint) the requested config is compared with t
 `config.json`. A difference in a key that changes the parameter tree, the data or the
 optimizer is refused, listing each differing key with both values; keys that are safe to
 change on resume (`RESUMABLE`: step limit, logging, evaluation frequency, checkpoint
-retention, data workers) are allowed and recorded in `config_history.jsonl`.
+retention, data workers, progress, profiling, wandb) are allowed and recorded in `config_history.jsonl`.
 `config.json` is written atomically, and only once the run has restored its checkpoint or
 initialised a fresh state, so a run that fails before that changes nothing in the workdir.
 """
@@ -29,7 +29,8 @@ RESUMABLE = ("train.max_steps", "log_every_steps", "eval_every_epochs", "eval_ev
              "checkpoint.async_save", "checkpoint.best_metric", "checkpoint.best_mode",
              "data.workers", "data.encode_batch_size", "qure.encode_batch_size",
              "qure.mining_method", "remat", "remat_policy", "attention_impl", "scan_layers",
-             "data.pixel_store", "data.pixel_store_dir")
+             "data.pixel_store", "data.pixel_store_dir", "progress_every_s", "profile_steps",
+             "wandb")
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
