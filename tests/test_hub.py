@@ -199,3 +199,53 @@ def test_real_data_configs_refuse_a_random_vit(spec):
   assert config_utils.model_init(cfg) == REPO_ID
   for variant in ("tiny", "real_width"):  # the smoke variants stay random
     assert config_utils.model_init(config_utils.load_config(str(REPO / spec) + ":" + variant)) == ""
+
+
+def test_what_an_online_resolve_fetches(tmp_path, monkeypatch):
+  """Online (HF_HUB_OFFLINE unset), `snapshot_download` is asked for configs, tokenizer files
+  and one copy of the weights: safetensors, or the pickles when a repository has none; a
+  tokenizer gets no weights. A fake hub stands in for the network."""
+  import fnmatch
+  import huggingface_hub
+  from huggingface_hub import errors as hf_errors
+
+  class NotFound(hf_errors.RepositoryNotFoundError):
+    def __init__(self, message):  # without an HTTP response object of whichever client
+      Exception.__init__(self, message)  # pylint: disable=non-parent-init-called
+
+  remote = {"org/st": ["config.json", "vocab.txt", "model.safetensors", "pytorch_model.bin",
+                       "README.md", "tokenizer.model"],
+            "org/bin": ["config.json", "tokenizer.json", "pytorch_model.bin"]}
+  calls = []
+
+  def fake(repo_id, *, revision=None, cache_dir=None, local_files_only=False,
+           allow_patterns=None, **kw):
+    calls.append((repo_id, local_files_only, tuple(allow_patterns)))
+    if repo_id not in remote:
+      raise NotFound(f"404 {repo_id}")
+    d = Path(cache_dir) / repo_id / "snapshots" / COMMIT
+    d.mkdir(parents=True, exist_ok=True)
+    for name in remote[repo_id]:
+      if any(fnmatch.fnmatch(name, p) for p in allow_patterns):
+        (d / name).write_text("x")
+    return str(d)
+
+  monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+  monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+  monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "c"))
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+  files = lambda d: sorted(p.name for p in d.iterdir())
+  assert files(hub.resolve("org/st")) == ["config.json", "model.safetensors", "tokenizer.model",
+                                          "vocab.txt"]
+  assert len(calls) == 1 and calls[0][1] is False
+  assert files(hub.resolve("org/bin")) == ["config.json", "pytorch_model.bin", "tokenizer.json"]
+  assert len(calls) == 3  # safetensors first, then the pickles
+  calls.clear()
+  tok = tmp_path / "c" / "org/st" / "snapshots" / COMMIT
+  for f in tok.iterdir():
+    f.unlink()
+  assert files(hub.resolve("org/st", weights=False)) == ["config.json", "tokenizer.model",
+                                                        "vocab.txt"]
+  assert len(calls) == 1
+  with pytest.raises(hub.HubError, match="no hub repository org/absent"):
+    hub.resolve("org/absent")

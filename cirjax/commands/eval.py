@@ -148,7 +148,7 @@ def load_model(path) -> tuple[Model, Path]:
 def tokenizer_source(args, model: Model, model_dir) -> str:
   """--tokenizer, else a checkpoint's run's vocab, else the model's, else the dataset's."""
   if args.tokenizer:
-    return str(hub.resolve(args.tokenizer))
+    return str(hub.resolve(args.tokenizer, weights=False))
   if isinstance(model.tokenizer, str):
     return model.tokenizer
   return encoders.find_tokenizer_source(Path(model_dir), args.root)

@@ -68,7 +68,7 @@ def encode_with_checkpoint(checkpoint: str, split: CIRSplit, root: str | None, *
   llava = model.family == "llava"
   tokenize_fn = None
   if not llava:
-    tok = text.load_bert_tokenizer(hub.resolve(tokenizer) if tokenizer else
+    tok = text.load_bert_tokenizer(hub.resolve(tokenizer, weights=False) if tokenizer else
                                    encoders.find_tokenizer_source(model_dir, root))
     tokenize_fn = loader.bert_tokenize_fn(tok, max_length)
   dim = image_size or encoders.model_image_size(model)

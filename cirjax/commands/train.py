@@ -102,7 +102,10 @@ def check_run(config, workdir: str) -> None:
     if key == "model.init" and v == config_utils.RANDOM_INIT:
       continue
     # A hub id is fetched now (or found in the HF cache), so a bad one fails before the run.
-    path = hub.resolve(str(v)) if v and key in MODEL_KEYS else Path(os.path.expanduser(str(v)))
+    if v and key in MODEL_KEYS:
+      path = hub.resolve(str(v), weights=key != "data.tokenizer")
+    else:
+      path = Path(os.path.expanduser(str(v)))
     if v and not path.exists():
       raise CirjaxError(f"config.{key}={v}: no such file or directory" + (
           " (nor a Hugging Face hub id ORG/NAME[@REVISION])" if key in MODEL_KEYS else ""))

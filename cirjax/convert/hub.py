@@ -13,7 +13,8 @@ path: every command and config key that takes a model (`cirjax convert` / `parit
   directory (`models--ORG--NAME/snapshots/<commit>`) is returned. `HF_HUB_OFFLINE=1` (or
   `TRANSFORMERS_OFFLINE=1`) reads the cache only; both variables are read at call time.
   Only configs, tokenizer files and safetensors weights are fetched (`.bin` / `.pth` only when
-  the repository has no safetensors), never both copies of the weights.
+  the repository has no safetensors), never both copies of the weights; for a tokenizer
+  (`weights=False`: `data.tokenizer`, `--tokenizer`) no weights at all.
 * Anything else comes back unchanged, for the caller to report as a missing path.
 
 A hub id that cannot be resolved (offline and not in the cache, no such repository or
@@ -85,8 +86,9 @@ def repo_folder(repo_id: str) -> Path:
   return cache_dir() / ("models--" + repo_id.replace("/", "--"))
 
 
-def resolve(path_or_id: str | os.PathLike) -> Path:
-  """A local path for a path or a hub id (see the module docstring)."""
+def resolve(path_or_id: str | os.PathLike, *, weights: bool = True) -> Path:
+  """A local path for a path or a hub id (see the module docstring); `weights=False` fetches
+  a repository's configs and tokenizer files only."""
   text = os.fspath(path_or_id)
   local = Path(text).expanduser()
   if local.exists():
@@ -94,7 +96,7 @@ def resolve(path_or_id: str | os.PathLike) -> Path:
   hub_id = parse(text)
   if hub_id is None:
     return local
-  return _snapshot(text, *hub_id)
+  return _snapshot(text, *hub_id, weights=weights)
 
 
 def _download(repo_id: str, revision: str | None, patterns) -> Path:
@@ -109,12 +111,12 @@ def _has_weights(d: Path, suffixes) -> bool:
   return any(f.suffix in suffixes for f in d.rglob("*") if f.is_file())
 
 
-def _snapshot(text: str, repo_id: str, revision: str | None) -> Path:
+def _snapshot(text: str, repo_id: str, revision: str | None, *, weights: bool = True) -> Path:
   from huggingface_hub import errors as hf_errors  # pylint: disable=g-import-not-at-top
   where = repo_folder(repo_id)
   try:
-    d = _download(repo_id, revision, META_PATTERNS + WEIGHT_PATTERNS)
-    if not _has_weights(d, (".safetensors",)) and not offline():
+    d = _download(repo_id, revision, META_PATTERNS + (WEIGHT_PATTERNS if weights else ()))
+    if weights and not _has_weights(d, (".safetensors",)) and not offline():
       d = _download(repo_id, revision, META_PATTERNS + PICKLE_PATTERNS)
   except hf_errors.LocalEntryNotFoundError as e:
     if type(e).__name__ == "IncompleteSnapshotError":  # huggingface_hub >= 1.x

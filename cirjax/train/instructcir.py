@@ -273,7 +273,7 @@ def model_source(config: ml_collections.ConfigDict, init_from: str, workdir: str
   init = config_utils.model_init(config)
   init = str(hub.resolve(init)) if init else ""
   tok_dir = config.data.get("tokenizer", "") or ""
-  tok_dir = str(hub.resolve(tok_dir)) if tok_dir else ""
+  tok_dir = str(hub.resolve(tok_dir, weights=False)) if tok_dir else ""
   src = str(hub.resolve(init_from)) if init_from else ""
   cfg = base_params = ckpt_dir = adapter_dir = None
   if src and (Path(src) / "checkpoints").is_dir():

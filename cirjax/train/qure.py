@@ -590,7 +590,7 @@ def tokenizer_source(config: ml_collections.ConfigDict) -> str:
   tokenizer_config.json); else `data.root` (the synthetic set's vocab.txt)."""
   named = config.data.get("tokenizer") or ""
   if named:
-    return str(hub.resolve(named))
+    return str(hub.resolve(named, weights=False))
   init = config_utils.model_init(config, check=False)
   beside = registry.tokenizer_dir(init) if init else None
   if beside is not None:
