@@ -33,8 +33,8 @@ def get_config(arg=None):
                 pixel_store="auto", pixel_store_dir="",  # docs/train.md, "Memory at scale"
                 workers=-1)  # batch-building threads: -1 the machine's cores (<= 8), 0 none
   # require_init: an empty init is refused (`--config.model.init=random` to mean it).
-  c.model = dict(init="", require_init=True, num_query_tokens=32, embed_dim=256, vision=dict(CLIP_L_VISION),
-                 qformer=dict(BERT_QFORMER))
+  c.model = dict(init="", require_init=True, num_query_tokens=32, embed_dim=256,
+                 vision=dict(CLIP_L_VISION), qformer=dict(BERT_QFORMER))
   # Trained (reference): ln_vision, Q-Former, query tokens, projections, temp. Frozen: the
   # ViT, and the ITM head the loss never uses.
   c.freeze = ("vision/.*", "itm_head/.*")

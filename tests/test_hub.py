@@ -71,7 +71,8 @@ def test_cache_layout_is_huggingface_hubs(tmp_path, tiny_hf):
     (f"org/name@{COMMIT}", ("org/name", COMMIT)),
     ("org/name@refs/pr/1", ("org/name", "refs/pr/1")),
     ("/abs/org/name", None), ("./org/name", None), ("~/org", None), ("a/b/c", None),
-    ("runs/model.pth", None), ("name", None), ("org--x/name", None), ("org/na..me", None),
+    ("runs/model.pth", None), ("tok/vocab.txt", None), ("name", None), ("org--x/name", None),
+    ("org/na..me", None),
     ("-org/name", None), ("org/name-", None), ("org/", None),
 ])
 def test_what_reads_as_a_hub_id(text, want):
@@ -249,3 +250,24 @@ def test_what_an_online_resolve_fetches(tmp_path, monkeypatch):
   assert len(calls) == 1
   with pytest.raises(hub.HubError, match="no hub repository org/absent"):
     hub.resolve("org/absent")
+
+
+def test_instructcir_model_init_hub_id(tmp_path, offline_cache):
+  """InstructCIR's `model.init` as a hub id: the LLaVA base and its tokenizer come from the
+  snapshot (nothing compiled)."""
+  from cirjax.train import instructcir
+  from tests import llava_fixtures as fx
+  src = tmp_path / "llava_hf"
+  fx.llava_model(fx.phi3_config(num_key_value_heads=2), seed=11).save_pretrained(str(src))
+  fx.make_tokenizer(src)
+  hub_fixtures.populate(offline_cache, "cirjax-test/tiny-llava", src, commit=COMMIT)
+  cfg = config_utils.load_config(str(REPO / "configs/instructcir_stage1.py") + ":tiny",
+                                 ["model.init=cirjax-test/tiny-llava"])
+  got = instructcir.model_source(cfg, "", str(tmp_path / "run"), ["a red dog"])
+  assert got.tokenizer_dir == str(offline_cache / "models--cirjax-test--tiny-llava" /
+                                  "snapshots" / COMMIT)
+  want = registry.load(src, family="llava")
+  assert got.cfg.text.hidden_size == want.config.text.hidden_size
+  want = {k: v for k, v in want.params.items() if k != "lm_head"}  # training leaves it out
+  jax.tree.map(np.testing.assert_array_equal, got.base_params,
+               jax.tree.map(lambda x: np.asarray(x, np.float32), want))

@@ -8,10 +8,11 @@ path: every command and config key that takes a model (`cirjax convert` / `parit
 * A path that exists on this machine is always taken as the path, even if it also reads as a
   hub id (a directory `Salesforce/blip2-itm-vit-g` beside you wins over the hub).
 * A string that does not exist and reads as a hub id (exactly one `/`, hub repo-name rules,
-  no weight-file suffix) is fetched with `huggingface_hub.snapshot_download` into the HF cache
-  (`HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`) and the snapshot
-  directory (`models--ORG--NAME/snapshots/<commit>`) is returned. `HF_HUB_OFFLINE=1` (or
-  `TRANSFORMERS_OFFLINE=1`) reads the cache only; both variables are read at call time.
+  no file suffix such as `.pth` or `.txt`) is fetched with `huggingface_hub.snapshot_download`
+  into the HF cache (`HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`)
+  and the snapshot directory (`models--ORG--NAME/snapshots/<commit>`) is returned.
+  `HF_HUB_OFFLINE=1` (or `TRANSFORMERS_OFFLINE=1`) reads the cache only; both variables are
+  read at call time.
   Only configs, tokenizer files and safetensors weights are fetched (`.bin` / `.pth` only when
   the repository has no safetensors), never both copies of the weights; for a tokenizer
   (`weights=False`: `data.tokenizer`, `--tokenizer`) no weights at all.
@@ -34,7 +35,9 @@ from cirjax.errors import CirjaxError
 META_PATTERNS = ("*.json", "*.txt", "*.model", "*.jinja")
 WEIGHT_PATTERNS = ("*.safetensors",)
 PICKLE_PATTERNS = ("*.bin", "*.pth", "*.pt")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
+# A name ending like a file is a missing local file, not a repository (`ckpt/model.pth`,
+# `tok/vocab.txt`): the error is then the caller's "no such file".
+_FILE_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".txt", ".json", ".jsonl")
 
 # The hub's repo-name rules (huggingface_hub.utils.validate_repo_id): letters, digits, '-',
 # '_', '.'; no '--' or '..'; not starting or ending with '-' or '.'; at most 96 characters.
@@ -72,13 +75,9 @@ def parse(text: str) -> tuple[str, str | None] | None:
   m = _HUB_ID.match(text)
   if m is None or "--" in m["repo"] or ".." in m["repo"]:
     return None
-  if m["repo"].lower().endswith(_WEIGHT_SUFFIXES):  # `runs/model.pth`: a file, not a repo
+  if m["repo"].lower().endswith(_FILE_SUFFIXES):
     return None
   return m["repo"], m["rev"]
-
-
-def is_hub_id(text: str | os.PathLike) -> bool:
-  return parse(os.fspath(text)) is not None
 
 
 def repo_folder(repo_id: str) -> Path:
