@@ -271,3 +271,16 @@ def test_instructcir_model_init_hub_id(tmp_path, offline_cache):
   want = {k: v for k, v in want.params.items() if k != "lm_head"}  # training leaves it out
   jax.tree.map(np.testing.assert_array_equal, got.base_params,
                jax.tree.map(lambda x: np.asarray(x, np.float32), want))
+
+
+def test_a_run_from_before_require_init_resumes(tmp_path):
+  """`model.require_init` only guards a new run: a workdir whose config.json predates it
+  resumes under the config that has it."""
+  from cirjax.train import workdir
+  cfg = config_utils.load_config(str(REPO / "configs/qure_blip2_cirr.py"),
+                                 [f"model.init={REPO_ID}"])
+  stored = json.loads(cfg.to_json_best_effort())
+  del stored["model"]["require_init"]
+  (tmp_path / "checkpoints" / "5").mkdir(parents=True)
+  (tmp_path / workdir.CONFIG_NAME).write_text(json.dumps(stored))
+  assert workdir.check_resume(cfg, str(tmp_path)) == [("model.require_init", "<absent>", True)]
