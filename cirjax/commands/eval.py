@@ -124,8 +124,9 @@ def model_from_checkpoint(ck: encoders.WorkdirCheckpoint) -> Model:
     cfg = llava.LlavaConfig.from_dict(json.loads(cfg_file.read_text())).replace(dtype="float32")
     tok_dirs = [str(ck.workdir / instructcir.TOKENIZER_DIR), config.data.get("tokenizer"),
                 config_utils.model_init(config, check=False)]
-    tok_dir = next((str(hub.resolve(d)) for d in tok_dirs if d and hub.resolve(d).is_dir()),
-                   None)
+    # paths or hub ids; of data.tokenizer only the tokenizer files are fetched
+    found = [hub.resolve(d, weights=i == 2) for i, d in enumerate(tok_dirs) if d]
+    tok_dir = next((str(d) for d in found if d.is_dir()), None)
     if tok_dir is None:
       raise CirjaxError(f"{ck.workdir}: no tokenizer (looked in {', '.join(map(str, tok_dirs))})")
     params = {k: llava.unstack_layers(v, cfg) for k, v in params.items()}  # as above
