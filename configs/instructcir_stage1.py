@@ -1,4 +1,4 @@
-# COMMAND: cirjax train --config configs/instructcir_stage1.py --workdir runs/ic_stage1 --config.model.init=/ckpt/llava-phi35-clip224 --config.data.train_file=/data/llava_pretrain/pairs.jsonl --config.data.image_root=/data/llava_pretrain/images
+# COMMAND: cirjax train --config configs/instructcir_stage1.py --workdir runs/ic_stage1 --config.model.init=xtuner/llava-phi-3-mini-hf --config.data.train_file=/data/llava_pretrain/pairs.jsonl --config.data.image_root=/data/llava_pretrain/images
 r"""InstructCIR stage 1: image-caption InfoNCE with the one-word summarisation prompts.
 
 The paper's settings (appendix E, table 12): LoRA r 64 / alpha 16 / dropout 0.05 on every

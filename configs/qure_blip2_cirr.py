@@ -1,4 +1,4 @@
-# COMMAND: cirjax train --config configs/qure_blip2_cirr.py --workdir runs/qure_cirr --config.data.root=/data/CIRR --config.model.init=/ckpt/blip2_pretrain_vitL.pth --config.data.tokenizer=/ckpt/bert-base-uncased
+# COMMAND: cirjax train --config configs/qure_blip2_cirr.py --workdir runs/qure_cirr --config.data.root=/data/CIRR --config.model.init=/ckpt/blip2_pretrained_vitL.pth --config.data.tokenizer=google-bert/bert-base-uncased
 r"""QuRe on CIRR with BLIP-2 (CLIP ViT-L, frozen) — the paper's / reference code's settings.
 
 AdamW (weight decay 0.05), batch 32, lr 1e-5 with the per-epoch cosine to lr/100, 50 epochs,

@@ -1,4 +1,4 @@
-# COMMAND: cirjax train --config configs/qure_blip2_fashioniq.py --workdir runs/qure_fiq --config.data.root=/data/FashionIQ --config.model.init=/ckpt/blip2_pretrain_vitL.pth --config.data.tokenizer=/ckpt/bert-base-uncased
+# COMMAND: cirjax train --config configs/qure_blip2_fashioniq.py --workdir runs/qure_fiq --config.data.root=/data/FashionIQ --config.model.init=/ckpt/blip2_pretrained_vitL.pth --config.data.tokenizer=google-bert/bert-base-uncased
 r"""QuRe on FashionIQ (dress, shirt, toptee together) with BLIP-2 (CLIP ViT-L, frozen).
 
 The paper's / reference code's settings: AdamW (weight decay 0.05), batch 32, lr 5e-6 with
