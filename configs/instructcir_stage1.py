@@ -1,4 +1,4 @@
-# COMMAND: cirjax train --config configs/instructcir_stage1.py --workdir runs/ic_stage1 --config.model.init=/ckpt/llava-phi35-clip224 --config.data.train_file=/data/llava_pretrain/pairs.jsonl --config.data.image_root=/data/llava_pretrain/images
+# COMMAND: cirjax train --config configs/instructcir_stage1.py --workdir runs/ic_stage1 --config.model.init=xtuner/llava-phi-3-mini-hf --config.data.train_file=/data/llava_pretrain/pairs.jsonl --config.data.image_root=/data/llava_pretrain/images
 r"""InstructCIR stage 1: image-caption InfoNCE with the one-word summarisation prompts.
 
 The paper's settings (appendix E, table 12): LoRA r 64 / alpha 16 / dropout 0.05 on every
@@ -7,8 +7,10 @@ linear warm-up over 3 % of the steps then cosine to 0, weight decay 0, one epoch
 192 (4 GPUs x 48), prompts of at most 512 tokens, InfoNCE on cosine / 0.05 over the global
 batch. Compute in bf16 (the paper: fp16) with fp32 parameters, losses and norms; remat on.
 
-`model.init`: the LLaVA-Phi to adapt (an HF LLaVA directory, e.g. xtuner/llava-phi-3-mini-hf
-or InstructCIR's LLaVA-Phi-3.5, or a cirjax LLaVA dir); its tokenizer is used.
+`model.init`: the LLaVA-Phi to adapt (an HF LLaVA directory or hub id, e.g.
+xtuner/llava-phi-3-mini-hf or InstructCIR's LLaVA-Phi-3.5, or a cirjax LLaVA dir; see
+docs/weights.md); its tokenizer is used. Required on real data (`data.source=jsonl`): an empty
+one is refused; `--config.model.init=random` trains from random weights on purpose.
 `data.train_file`: JSON lines of {"image", "caption"} (or LLaVA-Pretrain's "conversations"),
 images under `data.image_root`; `data.eval_file`: held-out pairs for image -> caption
 Recall@K. The result (`<workdir>/checkpoints`, `adapter`, `model`, `model_hf`) is what
@@ -50,7 +52,9 @@ def get_config(arg=None):
                 synth=dict(seed=0, resolution=64, num_images=(1500, 1000, 500),
                            num_queries=(4000, 1000, 500)),
                 workers=-1)  # batch-building threads: -1 the machine's cores (<= 8), 0 none
-  c.model = dict(init="", vision=dict(CLIP_L), text=dict(PHI35_MINI), vision_feature_layer=-2)
+  # require_init: on real data an empty init is refused (`--config.model.init=random`).
+  c.model = dict(init="", require_init=True, vision=dict(CLIP_L), text=dict(PHI35_MINI),
+                 vision_feature_layer=-2)
   c.init_from = ""               # stage 2: the stage-1 workdir (or adapter / merged model dir)
   c.allow_scratch_stage2 = False
   c.lora = dict(rank=64, alpha=16.0, dropout=0.05, target_modules="", use_rslora=False,
@@ -94,6 +98,7 @@ def get_config(arg=None):
 
   if arg.tiny or arg.synthetic:  # a tiny random LLaVA on synthetic data
     c.data.source = "synthetic"
+    c.model.require_init = False
     c.data.cache_images = True
     c.model.vision = dict(TINY_LLAVA_VISION)
     c.model.text = dict(TINY_LLAVA_TEXT)
@@ -122,6 +127,7 @@ def get_config(arg=None):
     c.eval_every_steps = 20
   if arg.real_width:
     c.model.init = ""
+    c.model.require_init = False
     c.model.vision = dict(CLIP_L, num_layers=2)
     c.model.text = dict(PHI35_MINI, num_layers=2)
     c.data.source = "synthetic"

@@ -1,4 +1,4 @@
-# COMMAND: cirjax train --config configs/qure_blip2_cirr.py --workdir runs/qure_cirr --config.data.root=/data/CIRR --config.model.init=/ckpt/blip2_pretrain_vitL.pth --config.data.tokenizer=/ckpt/bert-base-uncased
+# COMMAND: cirjax train --config configs/qure_blip2_cirr.py --workdir runs/qure_cirr --config.data.root=/data/CIRR --config.model.init=/ckpt/blip2_pretrained_vitL.pth --config.data.tokenizer=google-bert/bert-base-uncased
 r"""QuRe on CIRR with BLIP-2 (CLIP ViT-L, frozen) — the paper's / reference code's settings.
 
 AdamW (weight decay 0.05), batch 32, lr 1e-5 with the per-epoch cosine to lr/100, 50 epochs,
@@ -7,8 +7,11 @@ seed 1000 (docs/reference_semantics.md#qure-training). The frozen ViT's features
 (bf16: ~9 GB of host memory for CIRR's ~17k training images at 224 px).
 
 `model.init`: a BLIP-2 checkpoint to start from (LAVIS `pretrain_vitL` model.pth, an HF
-Blip2ForImageTextRetrieval directory or a cirjax model dir). `data.tokenizer`: a directory or
-vocab.txt of bert-base-uncased ([DEC] is added).
+Blip2ForImageTextRetrieval directory or hub id such as Salesforce/blip2-itm-vit-g, or a cirjax
+model dir; docs/weights.md says where each lives). Required: an empty one is refused;
+`--config.model.init=random` trains from random weights on purpose. `data.tokenizer`: a
+directory, vocab.txt or hub id of bert-base-uncased ([DEC] is added); empty: the tokenizer
+beside `model.init` (an HF directory's, a LAVIS file's directory's), if it has one.
 
 Arguments (`configs/qure_blip2_cirr.py:tiny,batch_size=8`):
   tiny          a random tiny BLIP-2 for a few steps (give --config.data.root and
@@ -33,8 +36,9 @@ def get_config(arg=None):
                 max_text_length=32, tokenizer="", cache_images=False, cache_images_max_bytes=1 << 30,
                 pixel_store="auto", pixel_store_dir="",  # docs/train.md, "Memory at scale"
                 workers=-1)  # batch-building threads: -1 the machine's cores (<= 8), 0 none
-  c.model = dict(init="", num_query_tokens=32, embed_dim=256, vision=dict(CLIP_L_VISION),
-                 qformer=dict(BERT_QFORMER))
+  # require_init: an empty init is refused (`--config.model.init=random` to mean it).
+  c.model = dict(init="", require_init=True, num_query_tokens=32, embed_dim=256,
+                 vision=dict(CLIP_L_VISION), qformer=dict(BERT_QFORMER))
   # Trained (reference): ln_vision, Q-Former, query tokens, projections, temp. Frozen: the
   # ViT, and the ITM head the loss never uses.
   c.freeze = ("vision/.*", "itm_head/.*")
@@ -75,6 +79,7 @@ def get_config(arg=None):
 
   if arg.tiny:
     c.model.init = ""
+    c.model.require_init = False
     c.model.vision = dict(TINY_CLIP_VISION)
     c.model.qformer = dict(TINY_QFORMER)
     c.model.num_query_tokens = 4
@@ -92,6 +97,7 @@ def get_config(arg=None):
     c.tensorboard = False
   if arg.real_width:
     c.model.init = ""
+    c.model.require_init = False
     c.model.vision = dict(CLIP_L_VISION, num_layers=2)
     c.model.qformer = dict(BERT_QFORMER, num_layers=2)
   c.train.batch_size = arg.batch_size or c.train.batch_size

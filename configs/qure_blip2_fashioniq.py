@@ -1,4 +1,4 @@
-# COMMAND: cirjax train --config configs/qure_blip2_fashioniq.py --workdir runs/qure_fiq --config.data.root=/data/FashionIQ --config.model.init=/ckpt/blip2_pretrain_vitL.pth --config.data.tokenizer=/ckpt/bert-base-uncased
+# COMMAND: cirjax train --config configs/qure_blip2_fashioniq.py --workdir runs/qure_fiq --config.data.root=/data/FashionIQ --config.model.init=/ckpt/blip2_pretrained_vitL.pth --config.data.tokenizer=google-bert/bert-base-uncased
 r"""QuRe on FashionIQ (dress, shirt, toptee together) with BLIP-2 (CLIP ViT-L, frozen).
 
 The paper's / reference code's settings: AdamW (weight decay 0.05), batch 32, lr 5e-6 with
@@ -32,8 +32,9 @@ def get_config(arg=None):
                 max_text_length=32, tokenizer="", cache_images=False, cache_images_max_bytes=1 << 30,
                 pixel_store="auto", pixel_store_dir="",  # docs/train.md, "Memory at scale"
                 workers=-1)  # batch-building threads: -1 the machine's cores (<= 8), 0 none
-  c.model = dict(init="", num_query_tokens=32, embed_dim=256, vision=dict(CLIP_L_VISION),
-                 qformer=dict(BERT_QFORMER))
+  # require_init: an empty init is refused (`--config.model.init=random` to mean it).
+  c.model = dict(init="", require_init=True, num_query_tokens=32, embed_dim=256,
+                 vision=dict(CLIP_L_VISION), qformer=dict(BERT_QFORMER))
   # Trained (reference): ln_vision, Q-Former, query tokens, projections, temp. Frozen: the
   # ViT, and the ITM head the loss never uses.
   c.freeze = ("vision/.*", "itm_head/.*")
@@ -74,6 +75,7 @@ def get_config(arg=None):
 
   if arg.tiny:
     c.model.init = ""
+    c.model.require_init = False
     c.model.vision = dict(TINY_CLIP_VISION)
     c.model.qformer = dict(TINY_QFORMER)
     c.model.num_query_tokens = 4
@@ -91,6 +93,7 @@ def get_config(arg=None):
     c.tensorboard = False
   if arg.real_width:
     c.model.init = ""
+    c.model.require_init = False
     c.model.vision = dict(CLIP_L_VISION, num_layers=2)
     c.model.qformer = dict(BERT_QFORMER, num_layers=2)
   c.train.batch_size = arg.batch_size or c.train.batch_size

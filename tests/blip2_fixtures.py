@@ -217,3 +217,21 @@ def lavis_model(variant: str, *, seed=5, vision_kw=None, qformer_kw=None, num_qu
   ref = TorchReference(vision, ln, m.query_tokens, m.embeddings, m.qformer, m.vision_projection,
                        m.text_projection)
   return state, ref
+
+
+def save_runner_checkpoint(path, state, frozen=("visual_encoder.",), epoch=3):
+  """What LAVIS's `RunnerBase._save_checkpoint` writes: the parameters that required
+  gradients (here: all but the frozen ViT) under "model", beside the optimizer state, the
+  run's config, the AMP scaler and the epoch."""
+  import torch  # pylint: disable=g-import-not-at-top
+  trained = {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()
+             if not k.startswith(frozen)}
+  torch.save({"model": trained,
+              "optimizer": {"state": {0: {"step": torch.tensor(10.0),
+                                          "exp_avg": torch.zeros(3)}},
+                            "param_groups": [{"lr": 1e-5, "weight_decay": 0.05,
+                                              "params": [0]}]},
+              "config": {"run": {"task": "image_text_pretrain", "max_epoch": 10},
+                         "model": {"arch": "blip2", "freeze_vit": True}},
+              "scaler": None, "epoch": epoch}, path)
+  return sorted(trained)

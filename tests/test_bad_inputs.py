@@ -23,7 +23,7 @@ import pytest
 
 from cirjax import cli
 from cirjax.convert import io
-from tests.blip2_fixtures import hf_retrieval_model
+from tests.blip2_fixtures import hf_retrieval_model, lavis_model, save_runner_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,6 +132,9 @@ def files(tmp_path_factory, synth_root):
   (d / "cache.npz").write_bytes(b"not an npz" * 8)
   f["badcache"] = d / "cache.npz"
   f["ref"] = sorted((synth_root / "images" / "val").iterdir())[0]
+  # a LAVIS training-runner checkpoint: the trained tensors only, no frozen ViT
+  save_runner_checkpoint(d / "checkpoint_best.pth", lavis_model("clip")[0])
+  f["runner"] = d / "checkpoint_best.pth"
   return f
 
 
@@ -170,6 +173,10 @@ TRAIN_CASES = {
     "workdir in use by another run": (SYNTH, lambda f: [f"data.root={f['root']}"], "locked", 1,
                                       lambda f: [f"--workdir {f['locked']} is in use",
                                                  "pid 1", f["locked"] / "cirjax.lock"]),
+    "real-data config without model.init": ("configs/qure_blip2_cirr.py",
+                                            lambda f: [f"data.root={f['root']}"], None, 2,
+                                            lambda f: ["config.model.init",
+                                                       "--config.model.init=random"]),
 }
 
 
@@ -193,6 +200,11 @@ CONVERT_CASES = {
     "missing source": (lambda f: [f["tmp"] / "nosrc"], 1, lambda f: [f["tmp"] / "nosrc"]),
     "negative heads": (lambda f: [f["hf"], "--vision-heads", "-1"], 2,
                        lambda f: ["--vision-heads"]),
+    "runner checkpoint without --base": (lambda f: [f["runner"], "--vision-heads", "4"], 1,
+                                         lambda f: [f["runner"], "visual_encoder.*",
+                                                    "--base PRETRAINED.pth"]),
+    "--base for an HF source": (lambda f: [f["hf"], "--base", f["runner"]], 2,
+                                lambda f: ["--base", f["runner"]]),
 }
 
 
@@ -204,6 +216,32 @@ def test_convert(case, files, capsys):
   check(["convert", args[0], dst] + args[1:], status, culprits(files), [dst, Path(args[0])],
         capsys)
   assert not dst.exists()
+
+
+@pytest.fixture
+def offline_hub(files, monkeypatch):
+  """No network, and an empty HF cache: a hub id resolves to nothing."""
+  cache = files["tmp"] / "hf_cache"
+  cache.mkdir(exist_ok=True)
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+  return cache
+
+
+UNKNOWN_HUB_ID = "cirjax-test/no-such-model"
+HUB_CULPRITS = [UNKNOWN_HUB_ID, "HF_HUB_OFFLINE", "hf download"]
+
+
+def test_unknown_hub_id_offline(files, offline_hub, capsys):
+  dst = files["tmp"] / "convert-out"
+  check(["convert", UNKNOWN_HUB_ID, dst], 1, HUB_CULPRITS + [str(offline_hub)],
+        [dst, offline_hub], capsys)
+  wd = files["tmp"] / "new-hub-run"
+  check(["train", "--config", REPO / CIRR, "--workdir", wd, f"--config.data.root={files['root']}",
+         f"--config.model.init={UNKNOWN_HUB_ID}"], 1, HUB_CULPRITS, [wd, offline_hub], capsys)
+  out = files["tmp"] / "eval.json"
+  check(["eval", "--dataset", "synthetic", "--root", files["root"], "--checkpoint",
+         UNKNOWN_HUB_ID, "--out", out], 1, HUB_CULPRITS, [out, offline_hub], capsys)
 
 
 def test_convert_existing_destination_is_untouched(files, capsys):

@@ -2,13 +2,14 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 import torch
 
 from cirjax import cli
 from cirjax.convert import io
-from tests.blip2_fixtures import hf_retrieval_model, lavis_model
+from tests.blip2_fixtures import hf_retrieval_model, lavis_model, save_runner_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +99,41 @@ def test_lavis_convert_and_parity(tmp_path, capsys):
   # parity against the torch reference built from the LAVIS keys
   from cirjax.models import blip2_parity
   rows = blip2_parity.run_parity(path, converted=dst)
+  assert all(r.ok for r in rows), blip2_parity.format_table(rows)
+
+
+def test_lavis_runner_checkpoint_with_base_converts_like_the_full_state_dict(tmp_path, capsys):
+  """A runner checkpoint (trained tensors only) + --base (the pretrained state dict: every
+  tensor, the trained ones at their values before training) gives exactly the conversion of
+  the full trained state dict, and parity with the PyTorch reference of it."""
+  state, _ = lavis_model("clip")
+  heads = ["--vision-heads", "4", "--qformer-heads", "4"]
+  full = tmp_path / "full.pth"
+  torch.save({"model": {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}}, full)
+  runner = tmp_path / "checkpoint_best.pth"
+  trained = save_runner_checkpoint(runner, state)
+  assert trained and not any(k.startswith("visual_encoder.") for k in trained)
+  rng = np.random.default_rng(7)  # the base: the trained tensors before training
+  base_state = {k: np.asarray(np.asarray(v) + rng.standard_normal(np.shape(v)).astype(
+      np.asarray(v).dtype) if k in trained and np.issubdtype(np.asarray(v).dtype, np.floating)
+      else v) for k, v in state.items()}
+  base = tmp_path / "blip2_pretrained.pth"
+  torch.save({"model": {k: torch.from_numpy(v) for k, v in base_state.items()}}, base)
+  # without --base: the missing groups and what to pass; nothing written
+  dst = tmp_path / "cj_runner"
+  assert cli.main(["convert", str(runner), str(dst)] + heads) == 1
+  err = capsys.readouterr().err
+  assert "visual_encoder.* (the ViT)" in err and "--base PRETRAINED.pth" in err
+  assert "ln_vision.*" not in err and not dst.exists()  # trained: in the checkpoint
+  assert cli.main(["convert", str(runner), str(dst), "--base", str(base)] + heads) == 0
+  assert "taken from --base" in capsys.readouterr().err
+  assert cli.main(["convert", str(full), str(tmp_path / "cj_full")] + heads) == 0
+  got, want = io.load_model_dir(dst)[2], io.load_model_dir(tmp_path / "cj_full")[2]
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, got),
+               jax.tree.map(np.asarray, want))
+  assert json.loads((dst / "cirjax_config.json").read_text())["base"] == str(base)
+  from cirjax.models import blip2_parity
+  rows = blip2_parity.run_parity(full, converted=dst)
   assert all(r.ok for r in rows), blip2_parity.format_table(rows)
 
 

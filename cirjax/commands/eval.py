@@ -15,14 +15,14 @@ import ml_collections
 import numpy as np
 
 from cirjax import lora as lora_lib
-from cirjax.convert import io, registry
+from cirjax.convert import hub, io, registry
 from cirjax.data import genecis, images, loader, text, tfds_builders
 from cirjax.data.records import DataError
 from cirjax.data.word_tokenizer import load_tokenizer
 from cirjax.errors import CirjaxError
 from cirjax.eval import encoders, evaluate, retrieval, submission
 from cirjax.models import Model, llava
-from cirjax.train import instructcir, qure
+from cirjax.train import config_utils, instructcir, qure
 
 HELP = "evaluate a checkpoint or a baseline on FashionIQ, CIRR, CIRCO, GeneCIS, HP-FashionIQ or synthetic"
 DESCRIPTION = """\
@@ -77,8 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       "categories, or CATEGORY.SPLIT; GeneCIS: the task, required; CIRR test: "
                       "test1)")
   src = parser.add_mutually_exclusive_group(required=True)
-  src.add_argument("--checkpoint", help="model directory, LAVIS .pth or training workdir "
-                   "(its export, else its latest checkpoint)")
+  src.add_argument("--checkpoint", help="model directory, LAVIS .pth, training workdir "
+                   "(its export, else its latest checkpoint) or Hugging Face hub id "
+                   "ORG/NAME[@REVISION]")
   src.add_argument("--baseline", choices=("random", "oracle"),
                    help="score a uniformly random model (chance) or the ground truth (1.0)")
   parser.add_argument("--transform", default=None, choices=("targetpad", "squarepad", "clip"),
@@ -104,14 +105,14 @@ def model_from_checkpoint(ck: encoders.WorkdirCheckpoint) -> Model:
   params = jax.tree.map(np.asarray, params["params"])
   task, source = config.get("task"), str(ck.step_dir)
   if task == "qure":
-    init = config.model.get("init")
+    init = config_utils.model_init(config, check=False)
     if init:
       cfg = registry.load(init, family="blip2").config
     else:  # the Q-Former's vocabulary is the run's tokenizer's: read it off the embeddings
       vocab = params["embeddings"]["word_embeddings"].shape[0]
       cfg = qure.model_config(config.model, vocab)
     params = qure.blip2.unstack_layers(params, cfg)  # a scan_layers run's state is stacked
-    vocab_src = config.data.get("tokenizer") or config.data.get("root") or ""
+    vocab_src = qure.tokenizer_source(config)
     has_vocab = vocab_src and os.path.exists(os.path.expanduser(vocab_src))
     return Model("blip2", cfg, params, os.path.expanduser(vocab_src) if has_vocab else None,
                  source)
@@ -122,8 +123,10 @@ def model_from_checkpoint(ck: encoders.WorkdirCheckpoint) -> Model:
                         f"{instructcir.LLAVA_CONFIG_FILE}; export the model from the run")
     cfg = llava.LlavaConfig.from_dict(json.loads(cfg_file.read_text())).replace(dtype="float32")
     tok_dirs = [str(ck.workdir / instructcir.TOKENIZER_DIR), config.data.get("tokenizer"),
-                config.model.get("init")]
-    tok_dir = next((d for d in tok_dirs if d and os.path.isdir(os.path.expanduser(d))), None)
+                config_utils.model_init(config, check=False)]
+    # paths or hub ids; of data.tokenizer only the tokenizer files are fetched
+    found = [hub.resolve(d, weights=i == 2) for i, d in enumerate(tok_dirs) if d]
+    tok_dir = next((str(d) for d in found if d.is_dir()), None)
     if tok_dir is None:
       raise CirjaxError(f"{ck.workdir}: no tokenizer (looked in {', '.join(map(str, tok_dirs))})")
     params = {k: llava.unstack_layers(v, cfg) for k, v in params.items()}  # as above
@@ -146,7 +149,7 @@ def load_model(path) -> tuple[Model, Path]:
 def tokenizer_source(args, model: Model, model_dir) -> str:
   """--tokenizer, else a checkpoint's run's vocab, else the model's, else the dataset's."""
   if args.tokenizer:
-    return args.tokenizer
+    return str(hub.resolve(args.tokenizer, weights=False))
   if isinstance(model.tokenizer, str):
     return model.tokenizer
   return encoders.find_tokenizer_source(Path(model_dir), args.root)

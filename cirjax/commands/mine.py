@@ -13,6 +13,7 @@ import numpy as np
 from cirjax import mining, mining_audit, mining_plots
 from cirjax.commands.data import positive_int, read_split
 from cirjax.commands.eval import add_encoder_args
+from cirjax.convert import hub
 from cirjax.data import images, loader, text
 from cirjax.data.records import CIRSplit, DataError
 from cirjax.eval import encoders, evaluate, retrieval
@@ -38,7 +39,8 @@ DATASETS = ("synthetic", "circo", "cirr")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--checkpoint", required=True, help="model directory or training workdir")
+  parser.add_argument("--checkpoint", required=True, help="model directory, training workdir "
+                      "or Hugging Face hub id ORG/NAME[@REVISION]")
   parser.add_argument("--dataset", required=True, choices=DATASETS)
   parser.add_argument("--root", required=True, help="dataset root directory")
   parser.add_argument("--split", default="train",
@@ -66,7 +68,8 @@ def encode_with_checkpoint(checkpoint: str, split: CIRSplit, root: str | None, *
   llava = model.family == "llava"
   tokenize_fn = None
   if not llava:
-    tok = text.load_bert_tokenizer(tokenizer or encoders.find_tokenizer_source(model_dir, root))
+    tok = text.load_bert_tokenizer(hub.resolve(tokenizer, weights=False) if tokenizer else
+                                   encoders.find_tokenizer_source(model_dir, root))
     tokenize_fn = loader.bert_tokenize_fn(tok, max_length)
   dim = image_size or encoders.model_image_size(model)
   transform = images.make_transform("clip" if llava else "targetpad", dim)

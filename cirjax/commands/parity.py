@@ -38,7 +38,8 @@ EXPECTED_ERRORS = (OSError, ValueError, RuntimeError)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-  p.add_argument("path", help="the PyTorch checkpoint: HF directory or LAVIS BLIP-2 file")
+  p.add_argument("path", help="the PyTorch checkpoint: HF directory, LAVIS BLIP-2 file or "
+                 "Hugging Face hub id ORG/NAME[@REVISION]")
   p.add_argument("--converted", default=None,
                  help="cirjax directory converted from PATH (default: convert in memory)")
   p.add_argument("--batch", type=positive_int, default=2, help="random inputs per run (default 2)")
@@ -54,9 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
   # On use, so that `cirjax --help` stays free of jax and the models (see cirjax.commands).
-  from cirjax.convert import parity, registry  # pylint: disable=g-import-not-at-top
+  from cirjax.convert import hub, parity, registry  # pylint: disable=g-import-not-at-top
   from cirjax.models import blip2_parity, llava_parity  # pylint: disable=g-import-not-at-top
-  path = Path(args.path)
+  path = hub.resolve(args.path)  # a hub id: its snapshot in the HF cache
   t0 = time.time()
   model_type, kind = registry.sniff(path)
   if kind == "cirjax":

@@ -34,7 +34,8 @@ features between runs (re-encoded when the model, preprocessing or file list cha
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--checkpoint", required=True,
-                      help="model directory, LAVIS .pth or training workdir (see cirjax eval)")
+                      help="model directory, LAVIS .pth, training workdir or Hugging Face hub "
+                      "id (see cirjax eval)")
   parser.add_argument("--corpus", default=None, help="directory of corpus images")
   parser.add_argument("--dataset", default=None,
                       choices=("synthetic", "cirr", "fashioniq", "circo"),

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import jax
 
 # Importing these touches no JAX backend, so `distributed.initialize` in `run` still comes first.
 from cirjax.errors import CirjaxError, UsageError
-from cirjax.train import distributed
+from cirjax.convert import hub
+from cirjax.train import config_utils, distributed
 from cirjax.train.config_utils import load_config, split_config_overrides
 from cirjax.train.preemption import PREEMPTED_EXIT
 from cirjax.train.trainer import format_table, train
@@ -34,7 +36,11 @@ SIGTERM or SIGUSR1 (SLURM's --signal warning) saves a checkpoint at the next ste
 processes agree on, then stops with exit status 75; the same command resumes.
 Before anything is read or written, the config's paths (data.root, model.init, init_from,
 data.train_file, ...) must exist and its batch sizes and epochs be positive; an error names
-the key and leaves the workdir unchanged.
+the key and leaves the workdir unchanged. model.init, init_from and data.tokenizer also take
+a Hugging Face hub id ORG/NAME[@REVISION] (fetched into the HF cache, HF_HUB_CACHE / HF_HOME;
+HF_HUB_OFFLINE=1 reads the cache only; a local path of that name wins). The real-data configs
+refuse an empty model.init; --config.model.init=random trains from random weights on purpose.
+Without data.tokenizer, the tokenizer beside model.init is used when there is one.
 Exit status: 0 done, 1 an error (e.g. a dataset file that cannot be read, a workdir in use),
 2 a bad argument or config value, 3 stopped on a non-finite loss (the last good checkpoint is
 kept), 75 preempted (saved on SIGTERM / SIGUSR1; run the same command to resume).
@@ -43,6 +49,8 @@ kept), 75 preempted (saved on SIGTERM / SIGUSR1; run the same command to resume)
 # Config keys naming a file or directory that must exist when set (an empty value: unused).
 PATH_KEYS = ("model.init", "init_from", "data.tokenizer", "data.train_file", "data.image_root",
              "data.eval_file", "data.eval_image_root")
+# Of those, the keys naming a model or tokenizer: a Hugging Face hub id is taken too.
+MODEL_KEYS = ("model.init", "init_from", "data.tokenizer")
 # Config keys that must be positive integers when present.
 POSITIVE_KEYS = ("train.batch_size", "train.epochs", "train.accum_steps", "eval_batch_size",
                  "data.encode_batch_size", "qure.encode_batch_size")
@@ -99,10 +107,19 @@ def check_run(config, workdir: str) -> None:
     v = _get(config, key)
     if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
       raise UsageError(f"config.{key}={v!r}: must be a positive integer")
+  config_utils.model_init(config)  # refuses an empty one where the config needs weights
   for key in PATH_KEYS:
     v = _get(config, key)
-    if v and not os.path.exists(os.path.expanduser(str(v))):
-      raise CirjaxError(f"config.{key}={v}: no such file or directory")
+    if key == "model.init" and v == config_utils.RANDOM_INIT:
+      continue
+    # A hub id is fetched now (or found in the HF cache), so a bad one fails before the run.
+    if v and key in MODEL_KEYS:
+      path = hub.resolve(str(v), weights=key != "data.tokenizer")
+    else:
+      path = Path(os.path.expanduser(str(v)))
+    if v and not path.exists():
+      raise CirjaxError(f"config.{key}={v}: no such file or directory" + (
+          " (nor a Hugging Face hub id ORG/NAME[@REVISION])" if key in MODEL_KEYS else ""))
   data = config.get("data") or {}
   synthetic = "synthetic" in (data.get("dataset"), data.get("source"))
   if data.get("dataset") and not synthetic:

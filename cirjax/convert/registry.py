@@ -13,7 +13,9 @@ for BLIP-2, the LAVIS state-dict reader. On top of them:
 
 Sources: an HF directory (config.json `model_type` 'blip-2' or 'llava'), a LAVIS BLIP-2
 state-dict file (.pth/.pt/.bin/.ckpt/.safetensors), or a cirjax model directory
-(`cirjax_config.json`, format version 1, see `cirjax.convert.io`).
+(`cirjax_config.json`, format version 1, see `cirjax.convert.io`); wherever a path is taken,
+a Hugging Face hub id (`ORG/NAME[@REVISION]`) is too (`cirjax.convert.hub.resolve`: a local
+path wins; the id becomes its snapshot directory in the HF cache).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from cirjax.convert import io
+from cirjax.convert import hub, io
 from cirjax.models import Model, blip2, blip2_convert, llava, llava_convert
 
 LAVIS_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
@@ -136,10 +138,11 @@ def _hf_family(config_file: Path) -> str:
 
 def sniff(path: str | os.PathLike) -> tuple[str, str]:
   """(family, kind) of a source; kind is 'cirjax', 'hf' or 'lavis'. Raises with the reason
-  for anything else."""
-  p = Path(path)
+  for anything else. A hub id is resolved first (`hub.resolve`)."""
+  p = hub.resolve(path)
   if not p.exists():
-    raise FileNotFoundError(f"{p}: no such file or directory")
+    raise FileNotFoundError(f"{p}: no such file or directory (nor a Hugging Face hub id "
+                            "ORG/NAME[@REVISION])")
   if io.is_cirjax_dir(p):
     mt = io.read_cirjax_config(p)["model_type"]
     if mt not in FAMILIES:
@@ -169,8 +172,9 @@ def detect(path: str | os.PathLike) -> str:
 def load(path: str | os.PathLike, *, family: Optional[str] = None, **kw) -> Loaded:
   """Reads any supported source. `family`, if given, is checked against the detected one;
   `kw` goes to the family's HF / LAVIS reader (e.g. `vision_heads` for LAVIS, `report`
-  for LLaVA)."""
-  p = Path(path)
+  for LLaVA). `path` may be a hub id (`hub.resolve`); `Loaded.source` is then the local
+  snapshot directory."""
+  p = hub.resolve(path)
   found, kind = sniff(p)
   if family is not None and family != found:
     raise io.WeightFileError(f"{p}: a {kind} '{found}' model, not '{family}' (use "
@@ -184,6 +188,17 @@ def load(path: str | os.PathLike, *, family: Optional[str] = None, **kw) -> Load
   else:
     config, params = fam.from_file(p, **kw)
   return Loaded(found, config, params, str(p), kind)
+
+
+def tokenizer_dir(path_or_id: str | os.PathLike) -> Optional[Path]:
+  """The directory of a model (a directory, or the directory of a LAVIS file; a hub id is
+  resolved) if it holds a tokenizer (vocab.txt, tokenizer.json or tokenizer_config.json),
+  else None: where a run's tokenizer comes from when none is named."""
+  p = hub.resolve(path_or_id)
+  d = p if p.is_dir() else p.parent
+  if any((d / n).is_file() for n in ("vocab.txt", "tokenizer.json", "tokenizer_config.json")):
+    return d
+  return None
 
 
 def tokenizer_files(directory: str | os.PathLike) -> dict[str, Path]:
@@ -227,6 +242,7 @@ def lm_head(path: str | os.PathLike) -> Any:
   """The [hidden, vocab] LM-head kernel of a LLaVA model directory (HF: only that tensor is
   read; cirjax: the whole directory), or None when it has none or is no LLaVA directory."""
   try:
+    path = hub.resolve(path)
     found, kind = sniff(path)
   except (OSError, ValueError):
     return None
@@ -264,4 +280,5 @@ def load_llava(path: str | os.PathLike, *, dtype: str | None = None,
   config = loaded.config.replace(**overrides) if overrides else loaded.config
   # The embedder never reads the LM head (hidden x vocab, 0.4 GB for Phi-3): not on device.
   params = llava.cast_params({k: v for k, v in loaded.params.items() if k != "lm_head"}, config)
-  return llava.LlavaEmbedder(params, config, llava.load_tokenizer(path), source=str(path))
+  return llava.LlavaEmbedder(params, config, llava.load_tokenizer(loaded.source),
+                             source=str(path))

@@ -7,7 +7,9 @@ family's functional API as pure functions of explicit params,
 * `image(params, pixels [B, H, W, 3] float32) -> [B, Q, D]` (or `[B, D]`), L2-normalised;
 * `compose(params, pixels, input_ids [B, L] int32, attention_mask [B, L]) -> [B, D]`.
 
-Accepted paths (`--checkpoint` of `cirjax eval` / `search`):
+Accepted paths (`--checkpoint` of `cirjax eval` / `search` / `mine`):
+* a Hugging Face hub id `ORG/NAME[@REVISION]` when no such local path exists
+  (`cirjax.convert.hub.resolve`: its snapshot in the HF cache, then as below);
 * a cirjax model directory (`cirjax_config.json`, written by `cirjax convert` or by the
   trainer's export), an HF BLIP-2 / LLaVA directory, or a LAVIS BLIP-2 `.pth`/`.pt`/`.bin`
   file: the family is told by `cirjax.convert.registry.sniff`;
@@ -29,7 +31,7 @@ from typing import Any, Callable, NamedTuple
 import jax.numpy as jnp
 
 from cirjax import prompts
-from cirjax.convert import io, registry
+from cirjax.convert import hub, io, registry
 from cirjax.data import text
 from cirjax.errors import CirjaxError
 from cirjax.models import Model, blip2, llava
@@ -40,7 +42,7 @@ _LOOKED_FOR = ("a cirjax model directory (cirjax_config.json), an HF directory (
                f"({'/'.join(registry.LAVIS_SUFFIXES)}), or a training "
                f"workdir (config.json + checkpoints/) holding an exported model "
                f"({', '.join(_WORKDIR_CANDIDATES)}, or any subdirectory with cirjax_config.json) "
-               "or a checkpoint")
+               "or a checkpoint, or a Hugging Face hub id ORG/NAME[@REVISION]")
 
 
 class WorkdirCheckpoint(NamedTuple):
@@ -64,7 +66,7 @@ def latest_checkpoint(workdir: Path) -> Path | None:
 def resolve_model_dir(path: str | os.PathLike) -> Path:
   """The model for `path` (itself, or the newest model dir of a workdir); see the module
   docstring."""
-  p = Path(path)
+  p = hub.resolve(path)
   if not p.exists():
     raise FileNotFoundError(f"checkpoint path does not exist: {p}; expected {_LOOKED_FOR}")
   if p.is_file():

@@ -2,8 +2,10 @@
 
 * `from_hf(dir)`: an HF directory (config.json + safetensors or `.bin`, sharded or not) of
   `Blip2ForImageTextRetrieval` (EVA tower, e.g. `Salesforce/blip2-itm-vit-g`).
-* `from_lavis(file)`: a LAVIS `Blip2Qformer`-layout state dict (`model.pth` of QuRe, SPRC,
-  `blip2_feature_extractor`), EVA (`eva_clip_g`) or CLIP-L (`clip_L`, `pretrain_vitL`) tower.
+* `from_lavis(file, base=None)`: a LAVIS `Blip2Qformer`-layout state dict (`model.pth` of
+  QuRe, SPRC, `blip2_feature_extractor`), EVA (`eva_clip_g`) or CLIP-L (`clip_L`,
+  `pretrain_vitL`) tower; a LAVIS training-runner checkpoint (trained parameters only) with
+  the pretrained state dict it started from as `base`.
   Widths, depths, patch size, cross-attention frequency and the number of kept ViT blocks
   are read from the tensors (LAVIS versions kept 21-23 CLIP-L blocks, 39 EVA blocks).
 * `to_hf(params, cfg, dir)`: safetensors + config.json that
@@ -479,8 +481,63 @@ def params_from_lavis_state(state: Mapping[str, np.ndarray], cfg: Blip2Config, *
   return params
 
 
-def from_lavis(path: str | os.PathLike, **kw) -> tuple[Blip2Config, dict]:
-  """Reads a LAVIS BLIP-2 checkpoint (`model.pth` / `.pt` / `.bin` / `.safetensors`)."""
+# The parameter groups (top-level names) every LAVIS `Blip2Qformer` state dict holds, and
+# what each is; `itm_head` and `temp` are optional.
+LAVIS_GROUPS = {"visual_encoder": "the ViT", "ln_vision": "the LayerNorm after the ViT",
+                "Qformer": "the Q-Former", "query_tokens": "the query tokens",
+                "vision_proj": "the image projection", "text_proj": "the text projection"}
+
+
+def missing_lavis_groups(keys) -> list[str]:
+  """The `LAVIS_GROUPS` of which a state dict holds no tensor."""
+  present = {k.split(".", 1)[0] for k in keys}
+  return [g for g in LAVIS_GROUPS if g not in present]
+
+
+def _refuse_partial(state: Mapping[str, Any], source: str) -> None:
+  """A LAVIS training runner (`RunnerBase._save_checkpoint`) saves only the parameters that
+  required gradients, under {"model": ..., "optimizer": ..., "config": ..., "epoch": ...}:
+  with a frozen ViT there is no `visual_encoder.*` at all. Say so, and what to pass."""
+  missing = missing_lavis_groups(state)
+  if not missing or not any(k.startswith(("Qformer.", "query_tokens")) for k in state):
+    return
+  groups = ", ".join(f"{g}.* ({LAVIS_GROUPS[g]})" for g in missing)
+  raise ConfigError(
+      f"{source}: a partial LAVIS BLIP-2 state dict ({len(state)} tensors), as LAVIS's "
+      f"training runner saves it: it keeps only the trained parameters, and these parameter "
+      f"groups are missing: {groups}. Pass the pretrained checkpoint the run started from, "
+      f"which holds the frozen ones: cirjax convert {source} DST --base PRETRAINED.pth (e.g. "
+      "LAVIS's blip2_pretrained.pth, or blip2_pretrained_vitL.pth for QuRe / SPRC; see "
+      "docs/weights.md)")
+
+
+def from_lavis(path: str | os.PathLike, *, base: str | os.PathLike | None = None,
+               **kw) -> tuple[Blip2Config, dict]:
+  """Reads a LAVIS BLIP-2 checkpoint (`model.pth` / `.pt` / `.bin` / `.safetensors`).
+
+  `base`: the full pretrained state dict a training-runner checkpoint (trained parameters
+  only) started from; every tensor the checkpoint lacks is taken from it, every tensor it has
+  wins. Key accounting then runs on the union, as on a full state dict."""
   state = io.read_state_dict(path)
-  cfg = config_from_lavis(state, source=str(path), **kw)
-  return cfg, params_from_lavis_state(state, cfg, source=str(path))
+  source = str(path)
+  if base is not None:
+    base_state = io.read_state_dict(base)
+    if missing_lavis_groups(base_state):
+      raise ConfigError(f"--base {base}: not a full LAVIS BLIP-2 state dict (no "
+                        f"{', '.join(g + '.*' for g in missing_lavis_groups(base_state))})")
+    filled = sorted(set(base_state) - set(state))
+    groups = sorted({k.split(".", 1)[0] for k in filled})
+    print(f"note: {path}: {len(filled)} tensor(s) taken from --base {base} "
+          f"({', '.join(groups) or 'none'})", file=sys.stderr)
+    state = {**base_state, **state}
+    source = f"{path} + --base {base}"
+  else:
+    _refuse_partial(state, source)
+  cfg = config_from_lavis(state, source=source, **kw)
+  try:
+    return cfg, params_from_lavis_state(state, cfg, source=source)
+  except engine.KeyAccountingError as e:
+    if base is None and e.missing and not (e.unexpected or e.mismatched or e.mistyped):
+      e.args = (f"{e}\n  (a LAVIS training-runner checkpoint keeps only the trained "
+                "parameters: pass the pretrained checkpoint as --base PRETRAINED.pth)",)
+    raise

@@ -24,6 +24,31 @@ class ConfigError(UsageError, ValueError):
   """A config file, variant or override that cannot be used; the message says which."""
 
 
+# `--config.model.init=random`: train from random weights where a config asks for a
+# checkpoint (`model.require_init`, the real-data configs).
+RANDOM_INIT = "random"
+
+
+def model_init(config: ml_collections.ConfigDict, *, check: bool = True) -> str:
+  """`config.model.init` (a path or hub id), or '' for random weights.
+
+  A config that sets `model.require_init` (QuRe on CIRR / FashionIQ, InstructCIR stage 1 on
+  real data) refuses an empty `model.init` with a ConfigError unless it is `random`: a run
+  of many epochs from a random ViT is almost never what was meant. `check=False` reads a
+  finished run's config without refusing."""
+  model = config.get("model") or {}
+  init = str(model.get("init", "") or "")
+  if init == RANDOM_INIT:
+    return ""
+  if not init and check and model.get("require_init", False):
+    raise ConfigError(
+        "config.model.init is empty: this config trains from pretrained weights (a BLIP-2 / "
+        "LLaVA checkpoint path or Hugging Face hub id, see docs/weights.md), e.g. "
+        "--config.model.init=Salesforce/blip2-itm-vit-g; to train from random weights on "
+        f"purpose pass --config.model.init={RANDOM_INIT}")
+  return init
+
+
 def _split_spec(spec: str) -> tuple[str, str | None]:
   # A Windows-free world: the variant is whatever follows the last colon after `.py`.
   if ".py:" in spec:

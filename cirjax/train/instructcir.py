@@ -63,7 +63,7 @@ from jax.experimental import multihost_utils
 
 from cirjax import lora as lora_lib
 from cirjax import prompts
-from cirjax.convert import registry
+from cirjax.convert import hub, registry
 from cirjax.data import images as images_lib
 from cirjax.data import synth
 from cirjax.data.instructcir_examples import Example, jsonl_examples, synthetic_examples
@@ -78,6 +78,7 @@ from cirjax.losses import info_nce_loss, info_nce_logits
 from cirjax.models import layer_stack, llava
 from cirjax.models.phi3 import Phi3Config
 from cirjax.models.vit import ViTConfig
+from cirjax.train import config_utils
 from cirjax.train import sharding as shd
 from cirjax.train.checkpointing import Checkpointer
 from cirjax.train.task import Task, run_options
@@ -268,9 +269,12 @@ def model_source(config: ml_collections.ConfigDict, init_from: str, workdir: str
   word-level tokenizer built over `texts` (saved in `<workdir>/tokenizer`)."""
   mc = config.model
   compute_dtype = str(config.get("compute_dtype", "float32"))
-  init = os.path.expanduser(mc.get("init", "") or "")
-  tok_dir = os.path.expanduser(config.data.get("tokenizer", "") or "")
-  src = init_from
+  # Paths or hub ids (`hub.resolve`: a local path wins, an id is its HF-cache snapshot).
+  init = config_utils.model_init(config)
+  init = str(hub.resolve(init)) if init else ""
+  tok_dir = config.data.get("tokenizer", "") or ""
+  tok_dir = str(hub.resolve(tok_dir, weights=False)) if tok_dir else ""
+  src = str(hub.resolve(init_from)) if init_from else ""
   cfg = base_params = ckpt_dir = adapter_dir = None
   if src and (Path(src) / "checkpoints").is_dir():
     # A stage-1 workdir: its model config, tokenizer and latest checkpoint.
@@ -682,7 +686,8 @@ def export_model(workdir: Path, config: ml_collections.ConfigDict, cfg: llava.Ll
   init_from = os.path.expanduser(config.get("init_from", "") or "")
   merged_src = init_from and not (Path(init_from) / "checkpoints").is_dir() and not (
       Path(init_from) / lora_lib.CONFIG_NAME).is_file()  # a merged model: the adapter's base
-  base = init_from if merged_src else os.path.expanduser(config.model.get("init", "") or "")
+  # A hub id stays one: PEFT's base_model_name_or_path names the base as the hub does.
+  base = init_from if merged_src else config_utils.model_init(config, check=False)
   lora_lib.save_peft(adapter, workdir / "adapter", base_model_name_or_path=base or None,
                      extra_files=registry.tokenizer_files(tokenizer_dir))
   merged = jax.tree.map(np.asarray, lora_lib.merge(host["base"], adapter))

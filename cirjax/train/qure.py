@@ -46,7 +46,7 @@ from cirjax import losses
 from cirjax import mining
 from cirjax import mining_audit
 from cirjax import sampling as sampling_lib
-from cirjax.convert import registry
+from cirjax.convert import hub, registry
 from cirjax.data import images as images_lib
 from cirjax.data import text
 from cirjax.data import pixel_store
@@ -59,7 +59,7 @@ from cirjax.eval import encode as encode_lib
 from cirjax.eval import evaluate as ev
 from cirjax.eval import retrieval
 from cirjax.models import blip2
-from cirjax.train import feature_store
+from cirjax.train import config_utils, feature_store
 from cirjax.train import sharding as shd
 from cirjax.train import state as st
 from cirjax.train.task import Task, run_options
@@ -256,7 +256,7 @@ class QuReTask(Task):
     self.compute_dtype = jnp.dtype(config.get("compute_dtype", "float32"))
     t0 = time.perf_counter()
     self.train_splits, self.eval_splits = read_splits(config.data)
-    tok_src = config.data.get("tokenizer") or os.path.expanduser(config.data.root)
+    tok_src = tokenizer_source(config)
     self.tokenizer = text.load_bert_tokenizer(tok_src)
     self.max_len = int(config.data.get("max_text_length", 32))
     self._init_model(config)
@@ -304,9 +304,9 @@ class QuReTask(Task):
 
   def _init_model(self, config) -> None:
     """Random (synthetic) or pretrained (an HF / LAVIS / cirjax BLIP-2 directory) model."""
-    self.pretrained = config.model.get("init") or ""
+    self.pretrained = config_utils.model_init(config)
     if self.pretrained:
-      loaded = registry.load(os.path.expanduser(self.pretrained), family="blip2")
+      loaded = registry.load(self.pretrained, family="blip2")  # a path or a hub id
       self.cfg, self._pretrained_params = loaded.config, loaded.params
       if len(self.tokenizer) > self.cfg.qformer.vocab_size:
         raise ValueError(f"{self.pretrained}: Q-Former vocabulary {self.cfg.qformer.vocab_size} "
@@ -584,6 +584,20 @@ class QuReTask(Task):
       export_model(Path(self.workdir) / "model", self.config, self.cfg, params, self.mesh)
 
 
+def tokenizer_source(config: ml_collections.ConfigDict) -> str:
+  """The run's BERT tokenizer: `data.tokenizer` (a path or hub id); else the one beside
+  `model.init` (its directory, or a LAVIS file's, when it holds vocab.txt / tokenizer.json /
+  tokenizer_config.json); else `data.root` (the synthetic set's vocab.txt)."""
+  named = config.data.get("tokenizer") or ""
+  if named:
+    return str(hub.resolve(named, weights=False))
+  init = config_utils.model_init(config, check=False)
+  beside = registry.tokenizer_dir(init) if init else None
+  if beside is not None:
+    return str(beside)
+  return os.path.expanduser(config.data.get("root") or "")
+
+
 def export_model(path: Path, config: ml_collections.ConfigDict, cfg: blip2.Blip2Config, params,
                  mesh: jax.sharding.Mesh) -> None:
   """Writes the trained model as a cirjax BLIP-2 directory at `path`, with the run's vocab."""
@@ -594,8 +608,7 @@ def export_model(path: Path, config: ml_collections.ConfigDict, cfg: blip2.Blip2
   registry.save(path, "blip2", cfg.replace(scan_layers=False), host, overwrite=True,
                 extra={"trained_by": "cirjax train", "train_config": config.get("config_spec", "")})
   try:
-    src = config.data.get("tokenizer") or os.path.expanduser(config.data.root)
-    (path / "vocab.txt").write_text(text.find_vocab(src).read_text())
+    (path / "vocab.txt").write_text(text.find_vocab(tokenizer_source(config)).read_text())
   except FileNotFoundError:
     pass
   _log(f"exported the trained model to {path}")

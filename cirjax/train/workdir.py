@@ -30,7 +30,8 @@ RESUMABLE = ("train.max_steps", "log_every_steps", "eval_every_epochs", "eval_ev
              "data.workers", "data.encode_batch_size", "qure.encode_batch_size",
              "qure.mining_method", "remat", "remat_policy", "attention_impl", "scan_layers",
              "data.pixel_store", "data.pixel_store_dir", "progress_every_s", "profile_steps",
-             "wandb")
+             "wandb",
+             "model.require_init")  # a guard on an empty model.init; runs before it lack it
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
