@@ -29,7 +29,9 @@ RESUMABLE = ("train.max_steps", "log_every_steps", "eval_every_epochs", "eval_ev
              "checkpoint.async_save", "checkpoint.best_metric", "checkpoint.best_mode",
              "data.workers", "data.encode_batch_size", "qure.encode_batch_size",
              "qure.mining_method", "remat", "remat_policy", "attention_impl", "scan_layers",
-             "data.pixel_store", "data.pixel_store_dir")
+             "data.pixel_store", "data.pixel_store_dir",
+             # Both input pipelines feed the same examples in the same order (docs/data.md#grain).
+             "data.pipeline", "data.tfds_dir", "data.grain_workers")
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
