@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from cirjax.data import grain_pipeline, synth, text, tfds_builders, training_splits
+from cirjax.data.records import DataError
 from cirjax.errors import UsageError
 from cirjax.train import config_utils, sharding as shd
 
@@ -65,7 +66,7 @@ def test_two_hosts_split_every_batch_disjointly(tfds_dir, synth_root):
     np.testing.assert_array_equal(np.concatenate(parts), whole)
     seen += [r for p in parts for r in p]
   assert sorted(seen) == sorted(training_splits.epoch_rows(SEED, 0, 64, STEPS, B))
-  with pytest.raises(Exception, match="not divisible"):
+  with pytest.raises(DataError, match="not divisible"):
     _feed(tfds_dir, synth_root, shard=(0, 3))
 
 
@@ -89,7 +90,7 @@ def test_saved_state_resumes_at_the_exact_example(tfds_dir, synth_root):
                                 training_splits.epoch_rows(SEED, 0, 64, STEPS, B)[B:2 * B])
   # A state of another shard is refused.
   other, *_ = _feed(tfds_dir, synth_root, shard=(1, 2), tok=tok)
-  with pytest.raises(Exception, match="shard"):
+  with pytest.raises(DataError, match="shard"):
     other.load_state(state)
 
 

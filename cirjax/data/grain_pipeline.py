@@ -24,6 +24,7 @@ step, so a feed out of step with the trainer fails loudly instead of training on
 
 from __future__ import annotations
 
+import collections
 import json
 from typing import Sequence
 
@@ -154,7 +155,8 @@ class GrainFeed:
     self._start = 0          # the step the open iterator started at
     self._next_step = None   # the step its next element holds
     self._pending: dict | None = None
-    self.yielded: list[tuple[int, np.ndarray]] = []  # (step, rows) of every batch taken
+    # (step, rows) of the batches taken, the latest 4096: what a test compares.
+    self.yielded: collections.deque = collections.deque(maxlen=4096)
 
   def _open(self, step: int) -> None:
     self.close()
