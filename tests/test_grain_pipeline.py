@@ -75,6 +75,8 @@ def test_saved_state_resumes_at_the_exact_example(tfds_dir, synth_root):
   for step in range(3):
     feed.next(step)
   state = feed.state()
+  feed.start(3)  # reads step 3 ahead (an epoch's start): not taken, not in the state
+  assert feed.state() == state
   rest = [feed.next(s)["row"] for s in range(3, EPOCHS * STEPS)]
   again, *_ = _feed(tfds_dir, synth_root, tok=tok)
   again.load_state(state)
@@ -92,6 +94,36 @@ def test_saved_state_resumes_at_the_exact_example(tfds_dir, synth_root):
   other, *_ = _feed(tfds_dir, synth_root, shard=(1, 2), tok=tok)
   with pytest.raises(DataError, match="shard"):
     other.load_state(state)
+
+
+def test_several_training_splits_are_one_row_space(tmp_path):
+  """FashionIQ's categories: rows run split after split, as the QuRe task numbers them."""
+  import sys
+  sys.path.insert(0, str(Path(__file__).parent))
+  from test_train_qure import _fashioniq  # the tiny FashionIQ in its published layout
+  root, vocab = tmp_path / "fiq", tmp_path / "vocab.txt"
+  vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "is", "red"]))
+  _fashioniq(root, vocab)
+  tfds_builders.build("fashioniq", root, tmp_path / "tfds")
+  import ml_collections
+  dc = ml_collections.ConfigDict({"dataset": "fashioniq", "pipeline": "grain",
+                                  "tfds_dir": str(tmp_path / "tfds"), "train_split": "train",
+                                  "eval_split": "val", "categories": ("dress", "shirt")})
+  train, evals, source = training_splits.read_training_data(dc)
+  assert [len(s.queries) for s in train] == [24, 24] and len(evals) == 2
+  queries = [q for s in train for q in s.queries]
+  names = {n: i for i, n in enumerate(dict.fromkeys(
+      n for s in train + evals for n in s.images))}
+  assert np.asarray(source(queries[30].target)).shape[-1] == 3
+  feed = grain_pipeline.GrainFeed(
+      str(tmp_path / "tfds"), "fashioniq", ["dress_train", "shirt_train"],
+      tokenizer=text.load_bert_tokenizer(vocab), max_length=8, image_index=names, seed=3,
+      epochs=1, steps_per_epoch=6, global_batch=8)
+  for step in range(6):
+    got = feed.next(step)
+    want = training_splits.epoch_rows(3, 0, 48, 6, 8)[step * 8:(step + 1) * 8]
+    np.testing.assert_array_equal(got["row"], want)
+    np.testing.assert_array_equal(got["target"], [names[queries[r].target] for r in want])
 
 
 def test_pipeline_config_is_checked():

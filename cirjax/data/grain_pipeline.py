@@ -12,6 +12,8 @@ QuRe training from the `<builder>/queries` ArrayRecords (docs/data.md#grain):
   of `jax.process_count()`).
 * Workers: `workers > 0` decode records and tokenize texts in that many grain worker
   processes (`mp_prefetch`); 0 does it in the calling thread.
+* Start-up: `GrainFeed.start(step)` (QuRe's `begin_epoch`) starts the workers and reads the
+  epoch's first batch before the loop waits for it.
 * State: `GrainFeed.state()` is grain's iterator state (JSON) as of the last batch taken, plus
   the position the iterator started from and its worker count. The trainer checkpoints it
   with each step's host state; `load_state` puts a resumed run's iterator at the next batch
@@ -155,6 +157,7 @@ class GrainFeed:
     self._start = 0          # the step the open iterator started at
     self._next_step = None   # the step its next element holds
     self._pending: dict | None = None
+    self._ahead: tuple[int, dict, dict] | None = None  # (step, batch, state before it)
     # (step, rows) of the batches taken, the latest 4096: what a test compares.
     self.yielded: collections.deque = collections.deque(maxlen=4096)
 
@@ -180,7 +183,23 @@ class GrainFeed:
       self._it.set_state(state["grain"])
     self._start, self._next_step = start, step
 
+  def start(self, step: int) -> None:
+    """Opens the iterator at `step` and reads its batch ahead, so that the worker processes
+    start here (an epoch's start) and not while the first step waits; `next(step)` returns
+    that batch, and `state()` stays the one before it until then."""
+    if self._ahead is None or self._ahead[0] != step:
+      if self._it is None or self._next_step != step:
+        self._open(step)
+      before = self.state()
+      self._ahead = (step, self._read(step), before)
+
   def next(self, step: int) -> dict[str, np.ndarray]:
+    ahead, self._ahead = self._ahead, None
+    batch = ahead[1] if ahead is not None and ahead[0] == step else self._read(step)
+    self.yielded.append((step, batch["row"].copy()))
+    return batch
+
+  def _read(self, step: int) -> dict[str, np.ndarray]:
     if self._it is None or self._next_step != step:
       self._open(step)
     try:
@@ -191,11 +210,12 @@ class GrainFeed:
     if got != step:
       raise RuntimeError(f"grain feed out of step: asked for step {step}, got {got}")
     self._next_step = step + 1
-    self.yielded.append((step, batch["row"].copy()))
     return batch
 
   def state(self) -> dict | None:
     """The iterator state as of the last batch taken (JSON), or the restored one not yet used."""
+    if self._ahead is not None:
+      return self._ahead[2]
     if self._it is None:
       return self._pending
     return {"start": self._start, "next_step": self._next_step, "workers": self.workers,
@@ -209,6 +229,7 @@ class GrainFeed:
     self._pending = state
 
   def close(self) -> None:
+    self._ahead = None
     if self._it is not None:
       close = getattr(self._it, "close", None)
       if close is not None:

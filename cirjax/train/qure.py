@@ -458,8 +458,8 @@ class QuReTask(Task):
     """Caches features (or pixels) on first use; brings the sampler state to the start of
     `epoch`; re-mines at QuRe's mining epochs (not again when a run resumes inside an epoch
     whose mining is in the checkpoint); draws the first batch's negatives once (discarded:
-    draws are pure) so that the jitted draws compile here, not while the first step waits
-    for its batch."""
+    draws are pure) so that the jitted draws compile here (and grain's workers start), not
+    while the first step waits for its batch."""
     self._ensure_features(params)
     self.sampler.advance(epoch, self._epoch_rows, first_step_in_epoch)
     last_mining = (epoch // self.mine_every) * self.mine_every if self.mine_every else 0
@@ -472,6 +472,7 @@ class QuReTask(Task):
       self.mined_epoch = last_mining
     b, i = self.global_batch, first_step_in_epoch
     self.sampler.sample(epoch, i, self._epoch_rows(epoch)[i * b:(i + 1) * b])
+    _start_feed(self, epoch * self.steps_per_epoch + i)
     return stats
 
   def mine(self, params) -> dict:
@@ -675,6 +676,12 @@ def _queries(task: QuReTask, step: int, rows: np.ndarray):
                        f"{rows[:4]}...")
   return ({"input_ids": ex["input_ids"], "attention_mask": ex["attention_mask"]},
           ex["reference"], ex["target"])
+
+
+def _start_feed(task: QuReTask, step: int) -> None:
+  """The grain pipeline's workers start, and read `step`'s batch, at the epoch's start."""
+  if task.feed is not None:
+    task.feed.start(step)
 
 
 def _grain_feed(task: QuReTask, config):
