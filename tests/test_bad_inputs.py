@@ -152,6 +152,15 @@ TRAIN_CASES = {
                            lambda f: ["train.nope"]),
     "config file not Python": (None, lambda f: [], "workdir", 2,
                                lambda f: [f"{f['badpy']}:1", "not valid Python"]),
+    "unknown input pipeline": (SYNTH, lambda f: [f"data.root={f['root']}",
+                                                 "data.pipeline=tf.data"], "workdir", 2,
+                               lambda f: ["config.data.pipeline='tf.data'"]),
+    "grain without a TFDS build": (SYNTH, lambda f: [f"data.root={f['root']}",
+                                                     "data.pipeline=grain"], "workdir", 2,
+                                   lambda f: ["config.data.tfds_dir"]),
+    "grain from an unbuilt TFDS dir": (SYNTH, lambda f: [
+        "data.pipeline=grain", f"data.tfds_dir={f['tmp'] / 'notfds'}"], "workdir", 1,
+        lambda f: [f["tmp"] / "notfds", "cirjax data tfds"]),
 }
 
 
