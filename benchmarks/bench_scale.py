@@ -35,8 +35,8 @@ per-query costs to FashionIQ's official split sizes.
   cirjax bench --suite scale [--quick]      # fraction from CIRJAX_SCALE_FRACTION
 
 `--rows` (or CIRJAX_SCALE_ROWS) runs only the named rows (`cached_2proc`, `cached`,
-`baseline_1k`, `uncached`, `uncached_grain`); the script then replaces those rows in an existing results
-file and keeps the others. Each row records the machine's load average before and after it.
+`baseline_1k`, `uncached`, `uncached_grain`); the script then replaces those rows in an
+existing results file and keeps the others. Each row records the machine's load average before and after it.
 
 `--quick` uses a 2 % corpus and a depth-0 vision tower (patch embedding only): a smoke run.
 """

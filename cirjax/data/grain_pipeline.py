@@ -46,11 +46,12 @@ class QueryRecords:
   each query's record is read once from the records' `index` field."""
 
   def __init__(self, data_dir: str, dataset: str, splits: Sequence[str]):
-    b = tfds_builders.builder_class(dataset)(config="queries", data_dir=str(data_dir))
-    self.features = b.info.features if b.is_prepared() else None
+    files = [tfds_builders.split_files(data_dir, dataset, "queries", s) for s in splits]
+    self.features = tfds_builders.builder_class(dataset)(
+        config="queries", data_dir=str(data_dir)).info.features
     self.sources, self.positions, self.offsets = [], [], [0]
-    for split in splits:
-      src = grain.sources.ArrayRecordDataSource(tfds_builders.split_files(data_dir, dataset, "queries", split))
+    for split_files in files:
+      src = grain.sources.ArrayRecordDataSource(split_files)
       index = np.array([int(self._decode(src[i])["index"]) for i in range(len(src))])
       pos = np.empty(len(src), np.int64)
       pos[index] = np.arange(len(src))
