@@ -17,7 +17,12 @@ overrides below) in subprocesses while a thread samples each one's /proc/<pid>/s
   not grow with the corpus;
 * `uncached`: pixels through the (frozen) ViT every step, a few steps, for the share of step
   time spent waiting for data; its images come from the pixel store (decoded once, before
-  training, into `<workdir>/pixel_store`; its size and build time are reported).
+  training, into `<workdir>/pixel_store`; its size and build time are reported);
+* `uncached_grain`: the same run through the grain pipeline (`data.pipeline=grain`): the
+  corpus is built once as TFDS ArrayRecords (`cirjax data tfds`, into `<cache>/tfds`, its
+  build time reported), the queries are read from them by `GRAIN_WORKERS` grain worker
+  processes and the pixel store is decoded from their images. Run right after `uncached`
+  in one invocation, the two rows give both pipelines' data wait under the same load.
 
 Every row reports peak RSS per process (VmHWM, and the peaks of its anonymous and file-backed
 parts, sampled every 0.2 s: mapped store pages are file-backed and shared by the processes),
@@ -30,8 +35,8 @@ per-query costs to FashionIQ's official split sizes.
   cirjax bench --suite scale [--quick]      # fraction from CIRJAX_SCALE_FRACTION
 
 `--rows` (or CIRJAX_SCALE_ROWS) runs only the named rows (`cached_2proc`, `cached`,
-`baseline_1k`, `uncached`); the script then replaces those rows in an existing results
-file and keeps the others. Each row records the machine's load average before and after it.
+`baseline_1k`, `uncached`, `uncached_grain`); the script then replaces those rows in an
+existing results file and keeps the others. Each row records the machine's load average before and after it.
 
 `--quick` uses a 2 % corpus and a depth-0 vision tower (patch embedding only): a smoke run.
 """
@@ -63,6 +68,7 @@ WORDS = ("red blue green black white small large striped dotted plain left right
          "change make it the a with without more less and to is are bigger smaller brighter "
          "darker two one dog cat car tree house person").split()
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+GRAIN_WORKERS = 2  # the configs' default data.grain_workers
 
 
 # ------------------------------------------------------------------------------ the corpus
@@ -122,6 +128,20 @@ def ensure_corpus(cache_dir: Path, sizes: dict) -> tuple[Path, float]:
   (root / "vocab.txt").write_text("\n".join(SPECIALS + sorted(set(WORDS))) + "\n")
   (root / "done").write_text(json.dumps(sizes))
   return root, time.perf_counter() - t0
+
+
+def ensure_tfds(cache_dir: Path, root: Path) -> tuple[Path, float]:
+  """The TFDS (ArrayRecord) build of the corpus at `root`, made once under
+  `<cache_dir>/tfds/<corpus>`; (its data_dir, seconds spent building, 0 when it was there)."""
+  from cirjax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+  data_dir = cache_dir / "tfds" / root.name
+  done = data_dir / "done"
+  if done.is_file():
+    return data_dir, 0.0
+  t0 = time.perf_counter()
+  tfds_builders.build("cirr", root, data_dir)
+  done.write_text(str(root))
+  return data_dir, time.perf_counter() - t0
 
 
 # ------------------------------------------------------------------------------ memory sampling
@@ -282,7 +302,7 @@ def _fashioniq_estimate(row: dict, sizes: dict) -> dict:
                   "~6k triplet targets), encode time at the measured images/s; not run"}
 
 
-ROWS = ("cached_2proc", "cached", "baseline_1k", "uncached")
+ROWS = ("cached_2proc", "cached", "baseline_1k", "uncached", "uncached_grain")
 
 
 def _rows_arg(rows) -> tuple[str, ...]:
@@ -321,23 +341,31 @@ def run(device: str = "cpu", quick: bool = False, fraction: float | None = None,
   # evaluation (pixels through the ViT) short.
   uncached_sizes = dict(base_sizes, val_images=60, val_queries=64)
   plan = [("cached_2proc", sizes, True, 2), ("cached", sizes, True, 1),
-          ("baseline_1k", base_sizes, True, 1), ("uncached", uncached_sizes, False, 1)]
+          ("baseline_1k", base_sizes, True, 1), ("uncached", uncached_sizes, False, 1),
+          ("uncached_grain", uncached_sizes, False, 1)]
   for name, sz, cached, nproc in plan:
     if name not in only or (name == "baseline_1k" and sz == sizes):
       continue  # not asked for, or the measured corpus is not larger than the baseline's
     root, gen[name] = ensure_corpus(cache, sz)
     wd = work / name
     subprocess.run(["rm", "-rf", str(wd)], check=True)
+    overrides = _overrides(root, sz, vit_layers, cached, steps, batch)
+    facts = {"pipeline": "prefetch"}
+    if name.endswith("_grain"):
+      tfds_dir, facts["tfds_build_s"] = ensure_tfds(cache, root)
+      overrides += ["--config.data.pipeline=grain", f"--config.data.tfds_dir={tfds_dir}",
+                    f"--config.data.grain_workers={GRAIN_WORKERS}"]
+      facts.update(pipeline="grain", grain_workers=GRAIN_WORKERS)
     print(f"[scale] {name}: {sz} ({nproc} process(es))", flush=True)
     load0 = os.getloadavg()[0]
-    res = run_train(wd, _overrides(root, sz, vit_layers, cached, steps, batch), nproc)
+    res = run_train(wd, overrides, nproc)
     procs = res.pop("processes")
     res.update(load_avg_1m_before=load0, load_avg_1m_after=os.getloadavg()[0],
                measured=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     row = {"name": name, "impl": "jax", "variant": f"{nproc}proc", "batch": batch,
            "fraction": fraction,
            "query_fraction": fraction if query_fraction is None else query_fraction,
-           "vit_layers": vit_layers, "steps": steps,
+           "vit_layers": vit_layers, "steps": steps, **facts,
            **{f"n_{k}": v for k, v in sz.items()},
            **res}
     for i, p in enumerate(procs):

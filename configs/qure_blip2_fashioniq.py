@@ -31,7 +31,10 @@ def get_config(arg=None):
                 categories=("dress", "shirt", "toptee"), transform="targetpad",
                 max_text_length=32, tokenizer="", cache_images=False, cache_images_max_bytes=1 << 30,
                 pixel_store="auto", pixel_store_dir="",  # docs/train.md, "Memory at scale"
-                workers=-1)  # batch-building threads: -1 the machine's cores (<= 8), 0 none
+                workers=-1,  # batch-building threads: -1 the machine's cores (<= 8), 0 none
+                # 'prefetch' (the dataset root's files) or 'grain' (the ArrayRecords of a
+                # `cirjax data tfds` build in tfds_dir, grain_workers worker processes).
+                pipeline="prefetch", tfds_dir="", grain_workers=2)  # docs/data.md#grain
   # require_init: an empty init is refused (`--config.model.init=random` to mean it).
   c.model = dict(init="", require_init=True, num_query_tokens=32, embed_dim=256,
                  vision=dict(CLIP_L_VISION), qformer=dict(BERT_QFORMER))

@@ -44,6 +44,9 @@ def get_config(arg=None):
       tokenizer="", cache_images=False, cache_images_max_bytes=1 << 30,
       pixel_store="auto", pixel_store_dir="",  # docs/train.md, "Memory at scale"
       workers=-1,  # batch-building threads: -1 the machine's cores (at most 8), 0 none
+      # 'prefetch' (the files under root) or 'grain' (the ArrayRecords of a `cirjax data
+      # tfds` build in tfds_dir, grain_workers worker processes): docs/data.md#grain
+      pipeline="prefetch", tfds_dir="", grain_workers=2,
       synth=dict(seed=0, resolution=64, num_images=(1500, 1000, 500),
                  num_queries=(16000, 1000, 500)))
   c.model = dict(

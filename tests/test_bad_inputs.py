@@ -177,6 +177,15 @@ TRAIN_CASES = {
                                             lambda f: [f"data.root={f['root']}"], None, 2,
                                             lambda f: ["config.model.init",
                                                        "--config.model.init=random"]),
+    "unknown input pipeline": (SYNTH, lambda f: [f"data.root={f['root']}",
+                                                 "data.pipeline=tf.data"], "workdir", 2,
+                               lambda f: ["config.data.pipeline='tf.data'"]),
+    "grain without a TFDS build": (SYNTH, lambda f: [f"data.root={f['root']}",
+                                                     "data.pipeline=grain"], "workdir", 2,
+                                   lambda f: ["config.data.tfds_dir"]),
+    "grain from an unbuilt TFDS dir": (SYNTH, lambda f: [
+        "data.pipeline=grain", f"data.tfds_dir={f['tmp'] / 'notfds'}"], "workdir", 1,
+        lambda f: [f["tmp"] / "notfds", "cirjax data tfds"]),
 }
 
 

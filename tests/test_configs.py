@@ -19,6 +19,10 @@ ADDED = {("data", "workers"): -1, ("data", "cache_images_max_bytes"): 1 << 30,
          ("scan_layers",): False, ("remat_policy",): "full", ("data", "pixel_store"): "auto",
          ("data", "pixel_store_dir"): "", ("progress_every_s",): 30.0, ("profile_steps",): "",
          ("wandb",): {"project": "", "entity": "", "name": "", "mode": "offline"}}
+# Keys added since to some config files only (the QuRe configs' input pipeline).
+ADDED_BY_FILE = {name: {("data", "pipeline"): "prefetch", ("data", "tfds_dir"): "",
+                        ("data", "grain_workers"): 2}
+                 for name in ("synthetic", "qure_blip2_cirr", "qure_blip2_fashioniq")}
 # Values changed on purpose since, by config file: (key path, old value) -> new value. The
 # pixel cache is off by default (bounded in bytes when on); the frozen-feature store keeps the
 # reference's fp16 ViT precision instead of bf16.
@@ -40,7 +44,7 @@ def _as_json(config) -> dict:
 
 def _with_added(d: dict, name: str = "") -> dict:
   d = json.loads(json.dumps(d))
-  for path, value in ADDED.items():
+  for path, value in {**ADDED, **ADDED_BY_FILE.get(name, {})}.items():
     node = d
     for k in path[:-1]:
       node = node.get(k)

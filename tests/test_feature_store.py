@@ -62,8 +62,9 @@ def test_changed_vision_params_give_a_new_store_and_drop_the_old(tmp_path):
   store = _build(tmp_path, k2, data=_feats(1), calls=calls)
   assert calls == [(0, 10)]
   np.testing.assert_array_equal(store[[2]], _feats(1)[[2]].astype(np.float16))
-  assert sorted(p.name for p in tmp_path.iterdir()) == sorted([store.path.name,
-                                                               store.path.with_suffix(".json").name])
+  # The old store is gone; the build lock file stays (docs/data.md#build-locks).
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+      [store.path.name, store.path.with_suffix(".json").name, ".vision.lock"])
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "no_sidecar"])

@@ -29,6 +29,7 @@ Suites (each a script in benchmarks/ exposing run(device, quick) -> rows):
   eval     blocked retrieval (matmul + top-k) vs torch
   scaling  step time vs number of (fake CPU) devices, and a DP/FSDP efficiency estimate
   scale    CIRR-scale QuRe run on CPU: peak RSS per process, feature store, mining, data wait
+           of both input pipelines (prefetch threads, grain over ArrayRecord)
            (long; not in `all`; corpus share from CIRJAX_SCALE_FRACTION)
   compile  lower + compile (never run) the full-depth QuRe and InstructCIR steps, with and
            without scan_layers: compile seconds and XLA's memory analysis (long; not in `all`)

@@ -68,6 +68,8 @@ def wanted(mode_name: str, reads_per_image: float) -> bool:
 def image_identity(name: str, ref: ImageRef | str | os.PathLike) -> list:
   """[name, reference, file size, modification time in ns] of one image."""
   path = ref.path if isinstance(ref, ImageRef) else ref
+  if "#" in str(path) and not os.path.exists(path):  # FILE#name: an image inside an ArrayRecord
+    path = str(path).rsplit("#", 1)[0]
   try:
     st = os.stat(path)
   except FileNotFoundError:

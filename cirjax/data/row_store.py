@@ -18,10 +18,14 @@ uint8 pixels) are stores of this one engine.
   directory (e.g. the workdir on a shared file system). Process 0 decides whether to build,
   checks the free space, creates the file, checksums and publishes it, with a barrier
   between the phases; every process takes process 0's key and decisions.
+* Concurrent builders: process 0 holds `<directory>/.<kind>.lock` (`cirjax.data.build_lock`)
+  from its decision to the publication, so a second run building a store of the same kind
+  in the same directory waits, then opens the finished store (or builds its own key's).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -35,6 +39,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from cirjax.data import build_lock
 from cirjax.errors import CirjaxError
 
 DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16),
@@ -251,30 +256,37 @@ def open_or_build(directory: str | os.PathLike, kind: str, key: str, shape: tupl
     raise ValueError(f"a {what} needs at least one row, got shape {shape}")
   np_dtype = store_dtype(dtype)
   key = _agree_key(key)
-  ok = jax.process_index() == 0 and _usable(directory, kind, key, shape, dtype, verify, log,
-                                            what)
-  built = False
-  if not agree(ok):
-    space = _space_error(directory, nbytes_of(shape, dtype)) if jax.process_index() == 0 else ""
-    if not agree(not space):
-      raise NoSpaceError(space or f"{directory}: not enough free space for the {what} "
-                         "(reported by process 0)")
-    t0 = time.perf_counter()
-    tmp = directory / f".{kind}_{key[:24]}.bin.tmp"
-    if jax.process_index() == 0:
-      np.memmap(tmp, dtype=np_dtype, mode="w+", shape=shape).flush()
-    barrier(f"{kind}_store_created")
-    rows = np.memmap(tmp, dtype=np_dtype, mode="r+", shape=shape)
-    lo, hi = share(shape[0], jax.process_count(), jax.process_index())
-    if hi > lo:
-      fill(rows, lo, hi)
-    rows.flush()
-    del rows
-    barrier(f"{kind}_store_filled")
-    if jax.process_index() == 0:
-      _publish(directory, kind, key, shape, dtype, tmp,
-               {**(extra or {}), "build_s": round(time.perf_counter() - t0, 3)}, drop_stale)
-    barrier(f"{kind}_store_published")
-    built = True
-  data, side = paths(directory, kind, key)
-  return cls(data, {**json.loads(side.read_text()), "built_now": built})
+  # Another run building this kind of store in this directory: wait for it, then (usually)
+  # open what it built. Process 0 decides for its run, so it alone takes the lock.
+  lock = (build_lock.build_lock(directory / f".{kind}.lock", what, log)
+          if jax.process_index() == 0 else contextlib.nullcontext())
+  with lock:
+    ok = jax.process_index() == 0 and _usable(directory, kind, key, shape, dtype, verify, log,
+                                              what)
+    built = False
+    if not agree(ok):
+      space = (_space_error(directory, nbytes_of(shape, dtype)) if jax.process_index() == 0
+               else "")
+      if not agree(not space):
+        raise NoSpaceError(space or f"{directory}: not enough free space for the {what} "
+                           "(reported by process 0)")
+      t0 = time.perf_counter()
+      tmp = directory / f".{kind}_{key[:24]}.bin.tmp"
+      if jax.process_index() == 0:
+        np.memmap(tmp, dtype=np_dtype, mode="w+", shape=shape).flush()
+      barrier(f"{kind}_store_created")
+      rows = np.memmap(tmp, dtype=np_dtype, mode="r+", shape=shape)
+      lo, hi = share(shape[0], jax.process_count(), jax.process_index())
+      if hi > lo:
+        fill(rows, lo, hi)
+      rows.flush()
+      del rows
+      barrier(f"{kind}_store_filled")
+      if jax.process_index() == 0:
+        _publish(directory, kind, key, shape, dtype, tmp,
+                 {**(extra or {}), "build_s": round(time.perf_counter() - t0, 3)}, drop_stale)
+      barrier(f"{kind}_store_published")
+      built = True
+    # Opened under the lock, before a build of another key may drop it (drop_stale).
+    data, side = paths(directory, kind, key)
+    return cls(data, {**json.loads(side.read_text()), "built_now": built})

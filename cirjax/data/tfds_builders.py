@@ -36,12 +36,13 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
-from cirjax.data import circo, cirr, fashioniq, genecis, hpfashioniq, images, records, synth
+from cirjax.data import (build_lock, circo, cirr, fashioniq, genecis, hpfashioniq, images,
+                         records, synth)
 from cirjax.data.records import CIRSplit, DataError, ImageRef, Query
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -222,16 +223,22 @@ def builder_class(dataset: str) -> type:
 
 def build(dataset: str, root: str | os.PathLike | None, data_dir: str | os.PathLike,
           synth_config: Any = None, fashioniq_root: str | os.PathLike | None = None) -> Path:
-  """Builds both configs of a dataset into `data_dir`; returns the builder's directory."""
+  """Builds both configs of a dataset into `data_dir`; returns the builder's directory.
+  Concurrent builds of one dataset into one `data_dir` take turns (`cirjax.data.build_lock`):
+  the second finds the first's output and reuses it."""
   tfds = _tfds()
   out = None
-  for cfg in ("queries", "images"):
-    b = builder_class(dataset)(config=cfg, data_dir=str(data_dir), root=root,
-                               synth_config=synth_config, fashioniq_root=fashioniq_root,
-                               file_format="array_record")
-    b.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=str(root) if root else None))
-    out = Path(b.data_dir).parent.parent
+  # A second build of this dataset into this data_dir (another run, another job) waits for
+  # the first, then finds both configs prepared and reuses them.
+  with build_lock.build_lock(Path(data_dir) / f".{BUILDERS[dataset]}.lock",
+                             f"TFDS build of {BUILDERS[dataset]}", log=print):
+    for cfg in ("queries", "images"):
+      b = builder_class(dataset)(config=cfg, data_dir=str(data_dir), root=root,
+                                 synth_config=synth_config, fashioniq_root=fashioniq_root,
+                                 file_format="array_record")
+      b.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          manual_dir=str(root) if root else None))
+      out = Path(b.data_dir).parent.parent
   return out
 
 
@@ -296,6 +303,39 @@ def load_split(data_dir: str | os.PathLike, dataset: str, split: str
   s = CIRSplit(ds_name, sp, queries, corpus, image_refs)
   return records.validate_split(s), TfdsImageSource(meta_src, names)
 
+
+def split_files(data_dir: str, dataset: str, config: str, split: str) -> list[str]:
+  """The ArrayRecord files of one split of a `cirjax data tfds` build (DataError if the
+  build or the split is missing)."""
+  b = builder_class(dataset)(config=config, data_dir=str(data_dir))
+  if not b.is_prepared():
+    raise DataError(f"{b.name}/{config} is not built in {data_dir}: run "
+                    f"`cirjax data tfds --dataset {dataset} --root ROOT --data-dir {data_dir}`")
+  if split not in b.info.splits:
+    raise DataError(f"{b.name}/{config} in {data_dir}: no split {split!r} "
+                    f"(have {sorted(b.info.splits)})")
+  return [str(p) for p in b.info.splits[split].filepaths]
+
+
+def image_source_for(data_dir: str | Path, dataset: str, splits: Sequence[str]):
+  """(CIRSplit per split, one image source over all of them) of a TFDS build; each split's
+  image references name its `images` ArrayRecord file (`FILE#name`), so the stores' image
+  identities change when the build does."""
+  out, sources = [], {}
+  for split in splits:
+    s, source = load_split(data_dir, dataset, split)
+    files = split_files(str(data_dir), dataset, "images", split)
+    s.images.update({n: ImageRef(Path(f"{files[0]}#{n}")) for n in s.images})
+    for n in s.images:
+      sources.setdefault(n, source)
+    out.append(s)
+
+  def load(name: str):
+    src = sources.get(name)
+    if src is None:
+      raise DataError(f"image {name!r} is in no split of the TFDS build in {data_dir}")
+    return src(name)
+  return out, load
 
 
 def register_all() -> None:

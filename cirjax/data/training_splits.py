@@ -8,10 +8,12 @@ import sys
 
 import jax
 import ml_collections
+import numpy as np
 from jax.experimental import multihost_utils
 
 from cirjax.data import cirr, fashioniq, synth
 from cirjax.data.records import CIRSplit, DataError
+from cirjax.errors import UsageError
 
 
 def _log(msg: str) -> None:
@@ -36,6 +38,52 @@ def ensure_synthetic(root: str, synth_cfg: ml_collections.ConfigDict | None) -> 
     os.replace(tmp, root)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("cirjax_synthetic_data")
+
+
+def epoch_rows(seed: int, epoch: int, num_queries: int, steps_per_epoch: int,
+               global_batch: int) -> np.ndarray:
+  """The global query rows of `epoch` in batch order (the tail that fills no batch is
+  dropped): the one definition of a training epoch's order, for both input pipelines."""
+  order = np.random.default_rng([seed, epoch]).permutation(num_queries)
+  return order[:steps_per_epoch * global_batch]
+
+
+PIPELINES = ("prefetch", "grain")
+
+
+def pipeline(dc: ml_collections.ConfigDict) -> str:
+  """`config.data.pipeline`, checked: 'grain' needs `config.data.tfds_dir`."""
+  p = str(dc.get("pipeline", "prefetch") or "prefetch")
+  if p not in PIPELINES:
+    raise UsageError(f"config.data.pipeline={p!r}: use one of {PIPELINES}")
+  if p == "grain" and not dc.get("tfds_dir"):
+    raise UsageError("config.data.pipeline='grain' reads a `cirjax data tfds` build: set "
+                      "config.data.tfds_dir to its --data-dir")
+  return p
+
+
+def train_split_names(dc: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:
+  """The TFDS split names of the training and evaluation splits `config.data` names."""
+  if dc.dataset == "fashioniq":
+    cats = list(dc.categories)
+    return [f"{c}_{dc.train_split}" for c in cats], [f"{c}_{dc.eval_split}" for c in cats]
+  return [dc.train_split], [dc.eval_split]
+
+
+def read_training_data(dc: ml_collections.ConfigDict):
+  """(training splits, evaluation splits, image source) of `config.data`: from the dataset
+  root (image source None: the files), or for the grain pipeline from the TFDS build in
+  `config.data.tfds_dir` (images decoded from its ArrayRecords)."""
+  if pipeline(dc) != "grain":
+    return (*read_splits(dc), None)
+  from cirjax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+  if dc.dataset not in ("synthetic", "cirr", "fashioniq"):
+    raise DataError(f"config.data.dataset={dc.dataset!r}: QuRe trains on synthetic, cirr or "
+                    "fashioniq")
+  train, evals = train_split_names(dc)
+  splits, source = tfds_builders.image_source_for(os.path.expanduser(dc.tfds_dir), dc.dataset,
+                                                   train + evals)
+  return splits[:len(train)], splits[len(train):], source
 
 
 def read_splits(dc: ml_collections.ConfigDict) -> tuple[list[CIRSplit], list[CIRSplit]]:

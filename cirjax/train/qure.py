@@ -54,7 +54,7 @@ from cirjax.data import row_store
 from cirjax.data.loader import (Pixels, Prefetcher, default_text, default_workers,
                                 file_image_source)
 from cirjax.data.records import CIRSplit, DataError
-from cirjax.data.training_splits import read_splits
+from cirjax.data import training_splits
 from cirjax.eval import encode as encode_lib
 from cirjax.eval import evaluate as ev
 from cirjax.eval import retrieval
@@ -255,7 +255,10 @@ class QuReTask(Task):
     self.seed = int(config.get("seed", 0))
     self.compute_dtype = jnp.dtype(config.get("compute_dtype", "float32"))
     t0 = time.perf_counter()
-    self.train_splits, self.eval_splits = read_splits(config.data)
+    self.pipeline = training_splits.pipeline(config.data)
+    self.stateful_batches = self.pipeline == "grain"  # grain's iterator: taken in step order
+    self.train_splits, self.eval_splits, image_source = training_splits.read_training_data(
+        config.data)
     tok_src = tokenizer_source(config)
     self.tokenizer = text.load_bert_tokenizer(tok_src)
     self.max_len = int(config.data.get("max_text_length", 32))
@@ -284,6 +287,9 @@ class QuReTask(Task):
       raise DataError(f"{len(self.queries)} training queries is fewer than one batch of "
                       f"{self.global_batch} (config.train.batch_size)")
     self.epochs = int(tc.epochs)
+    self._epoch_rows = functools.partial(  # epoch -> its global query rows in batch order
+        training_splits.epoch_rows, self.seed, num_queries=len(self.queries),
+        steps_per_epoch=self.steps_per_epoch, global_batch=self.global_batch)
     n_def = int(qc.get("n_def", 6))
     self.mine_every = max(1, self.epochs // n_def) if n_def > 0 else 0
     self.strategy = qc.get("strategy", "qure")
@@ -295,7 +301,8 @@ class QuReTask(Task):
 
     self._setup_encoders(config)
     self._refs = refs
-    self._images = Pixels(self.transform, file_image_source(_AllImages(refs)))
+    self._images = Pixels(self.transform, image_source or file_image_source(_AllImages(refs)))
+    self.feed = _grain_feed(self, config) if self.pipeline == "grain" else None
     self.pixel_store_stats: dict | None = None  # None: not asked yet
     self.mined_epoch = -1
     _log(f"qure data: {len(self.queries)} training queries, {self.n_train_images} training "
@@ -451,8 +458,8 @@ class QuReTask(Task):
     """Caches features (or pixels) on first use; brings the sampler state to the start of
     `epoch`; re-mines at QuRe's mining epochs (not again when a run resumes inside an epoch
     whose mining is in the checkpoint); draws the first batch's negatives once (discarded:
-    draws are pure) so that the jitted draws compile here, not while the first step waits
-    for its batch."""
+    draws are pure) so that the jitted draws compile here (and grain's workers start), not
+    while the first step waits for its batch."""
     self._ensure_features(params)
     self.sampler.advance(epoch, self._epoch_rows, first_step_in_epoch)
     last_mining = (epoch // self.mine_every) * self.mine_every if self.mine_every else 0
@@ -465,13 +472,8 @@ class QuReTask(Task):
       self.mined_epoch = last_mining
     b, i = self.global_batch, first_step_in_epoch
     self.sampler.sample(epoch, i, self._epoch_rows(epoch)[i * b:(i + 1) * b])
+    _start_feed(self, epoch * self.steps_per_epoch + i)
     return stats
-
-  def _epoch_rows(self, epoch: int) -> np.ndarray:
-    """The global query rows of `epoch` in batch order (the tail that fills no batch is
-    dropped)."""
-    order = np.random.default_rng([self.seed, epoch]).permutation(len(self.queries))
-    return order[:self.steps_per_epoch * self.global_batch]
 
   def mine(self, params) -> dict:
     """Re-encodes every group's corpus and queries and re-mines the hard-negative sets.
@@ -530,8 +532,7 @@ class QuReTask(Task):
     neg = self.sampler.sample(epoch, index, rows)
     mine = shd.process_rows(self.global_batch)
     rows, neg = rows[mine], neg[mine]
-    out = {"input_ids": self.q_ids[rows], "attention_mask": self.q_mask[rows]}
-    ref, pos = self.q_ref[rows], self.q_tgt[rows]
+    out, ref, pos = _queries(self, epoch * self.steps_per_epoch + index, rows)
     if self.cache:
       out.update(ref_feats=self._feats[ref], pos_feats=self._feats[pos],
                  neg_feats=self._feats[neg])
@@ -542,8 +543,9 @@ class QuReTask(Task):
 
   # ---------------------------------------------------------------- checkpointed host state
   def host_state(self):
+    feed = {} if self.feed is None else {"grain": self.feed.state()}
     return {"mined_epoch": self.mined_epoch, "num_groups": len(self.groups),
-            "sampler_epoch": self.sampler.epoch}, self.sampler.to_arrays()
+            "sampler_epoch": self.sampler.epoch, **feed}, self.sampler.to_arrays()
 
   def load_host_state(self, host, arrays):
     if host.get("num_groups", len(self.groups)) != len(self.groups):
@@ -552,6 +554,12 @@ class QuReTask(Task):
     self.mined_epoch = int(host.get("mined_epoch", -1))
     epoch = host.get("sampler_epoch")
     self.sampler.load(None if epoch is None else int(epoch), arrays)
+    if self.feed is not None:
+      self.feed.load_state(host.get("grain"))
+
+  def close(self):
+    if self.feed is not None:
+      self.feed.close()
 
   # ---------------------------------------------------------------- evaluation and export
   def evaluate(self, params):
@@ -666,6 +674,38 @@ def _open_store(task: QuReTask, params) -> feature_store.FeatureStore:
                       "store_open_s": time.perf_counter() - t0,
                       **{f"store_{k}": v for k, v in built.items()}}
   return store
+
+
+def _queries(task: QuReTask, step: int, rows: np.ndarray):
+  """(token ids and mask, reference and target image indices) of this process's `rows` of
+  `step`: as read from the ArrayRecords by grain (checked to be those rows), or from the
+  task's tables."""
+  if task.feed is None:
+    return ({"input_ids": task.q_ids[rows], "attention_mask": task.q_mask[rows]},
+            task.q_ref[rows], task.q_tgt[rows])
+  ex = task.feed.next(step)
+  if not np.array_equal(ex["row"], rows):
+    raise RuntimeError(f"grain fed rows {ex['row'][:4]}... for step {step}, whose rows are "
+                       f"{rows[:4]}...")
+  return ({"input_ids": ex["input_ids"], "attention_mask": ex["attention_mask"]},
+          ex["reference"], ex["target"])
+
+
+def _start_feed(task: QuReTask, step: int) -> None:
+  """The grain pipeline's workers start, and read `step`'s batch, at the epoch's start."""
+  if task.feed is not None:
+    task.feed.start(step)
+
+
+def _grain_feed(task: QuReTask, config):
+  """The training queries through grain from `config.data.tfds_dir` (docs/data.md#grain)."""
+  from cirjax.data import grain_pipeline  # pylint: disable=g-import-not-at-top
+  train, _ = training_splits.train_split_names(config.data)
+  return grain_pipeline.GrainFeed(
+      os.path.expanduser(config.data.tfds_dir), config.data.dataset, train,
+      tokenizer=task.tokenizer, max_length=task.max_len, image_index=task.image_index,
+      seed=task.seed, epochs=task.epochs, steps_per_epoch=task.steps_per_epoch,
+      global_batch=task.global_batch, workers=int(config.data.get("grain_workers", 0) or 0))
 
 
 def _open_pixel_store(task: QuReTask) -> dict:

@@ -100,6 +100,9 @@ class Task:
   def finish(self, params: Any) -> None:
     """End of a completed run (e.g. export to HF format)."""
 
+  def close(self) -> None:
+    """Every exit of the trainer (stops input workers the task started)."""
+
 
 def build_task(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdir: str) -> Task:
   """Instantiates `config.task` (a registered name, `module:attr` or `file.py:attr`)."""

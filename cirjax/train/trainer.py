@@ -439,13 +439,15 @@ class Trainer:
 
   def shutdown(self) -> None:
     """The one exit path (also on exceptions): progress bar, pending checkpoint, logger,
-    checkpointer."""
+    checkpointer, the task's input workers."""
     self.profiler.stop()
     self.preemption.uninstall()
     self._drain()
     self.logger.close()
     self.ckpt.close()
     self.lock.release()
+    if hasattr(self, "task"):
+      self.task.close()
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding.Mesh | None = None

@@ -31,6 +31,8 @@ RESUMABLE = ("train.max_steps", "log_every_steps", "eval_every_epochs", "eval_ev
              "qure.mining_method", "remat", "remat_policy", "attention_impl", "scan_layers",
              "data.pixel_store", "data.pixel_store_dir", "progress_every_s", "profile_steps",
              "wandb",
+             # Both input pipelines feed the same examples in the same order (docs/data.md#grain).
+             "data.pipeline", "data.tfds_dir", "data.grain_workers",
              "model.require_init")  # a guard on an empty model.init; runs before it lack it
 
 
