@@ -95,6 +95,20 @@ class StepInfo:
 Hook = Callable[[StepInfo], None]
 
 
+class DataWait:
+  """This epoch's seconds waiting for a batch and stepping (the trainer's data-wait log)."""
+
+  def __init__(self):
+    self.reset()
+
+  def reset(self) -> None:
+    self.wait_s = self.busy_s = 0.0
+
+  @property
+  def fraction(self) -> float:
+    return self.wait_s / max(self.wait_s + self.busy_s, 1e-9)
+
+
 class Trainer:
   """Set up in `__init__`, trained by `run()`; see the module docstring."""
 
@@ -133,7 +147,7 @@ class Trainer:
                               memory=self.memory)
     self.last_eval: dict[str, float] = {}
     self.host_snapshot: tuple[dict, dict] | None = None
-    self._wait_s = self._busy_s = 0.0  # this epoch's seconds waiting for data / stepping
+    self.wait = DataWait()
     self.progress = Progress(self.total_steps, self.step, self.global_batch, desc=self.task.name,
                              every_s=float(config.get("progress_every_s", 30.0)))
     self._add_default_hooks()
@@ -273,7 +287,7 @@ class Trainer:
 
   def _progress_hook(self, info: StepInfo) -> None:
     self.progress.update(info.loss, info.epoch,
-                         extra={"data wait": f"{100 * self._wait_fraction():.0f}%"})
+                         extra={"data wait": f"{100 * self.wait.fraction:.0f}%"})
 
   def _log_hook(self, info: StepInfo) -> None:
     if info.step % int(self.config.get("log_every_steps", 1) or 1) == 0 or info.last:
@@ -336,14 +350,14 @@ class Trainer:
       epoch, first = divmod(self.step, self.steps_per_epoch)
       self._begin_epoch(epoch, first)
       end = min(self.steps_per_epoch, first + self.total_steps - self.step)
-      self._wait_s = self._busy_s = 0.0
+      self.wait.reset()
       with Prefetcher(lambda i, e=epoch: self._make_batch(e, i), range(first, end),
                       workers=self._workers(), name=f"{self.task.name}-batches") as batches:
         for index in range(first, end):
           t0 = time.perf_counter()
           local, self.host_snapshot = next(batches)
           batch = shd.global_batch(local, self.mesh)
-          self._wait_s += time.perf_counter() - t0
+          self.wait.wait_s += time.perf_counter() - t0
           self._run_step(epoch, index, batch)
           if self.result["status"] != "done":
             break
@@ -353,7 +367,7 @@ class Trainer:
     self.state, metrics = self.compiled(self.state, batch)
     metrics = jax.device_get(metrics)
     dt = time.perf_counter() - ts
-    self._busy_s += dt
+    self.wait.busy_s += dt
     self.result["step_times"].append(dt)
     loss = float(metrics["loss"])
     check_finite(self.step, loss, epoch)
@@ -368,15 +382,12 @@ class Trainer:
       if self.step % every == 0:
         hook(info)
 
-  def _wait_fraction(self) -> float:
-    return self._wait_s / max(self._wait_s + self._busy_s, 1e-9)
-
   def _report_data_wait(self, epoch: int) -> None:
-    frac = self._wait_fraction()
+    frac = self.wait.fraction
     self.logger.write(self.step, {"epoch": epoch, "data_wait_fraction": frac,
-                                  "data_wait_s": self._wait_s}, kind="data")
+                                  "data_wait_s": self.wait.wait_s}, kind="data")
     self.progress.write(f"epoch {epoch}: {100 * frac:.1f}% of step time waiting for data "
-                        f"({self._wait_s:.1f}s, {self._workers()} worker(s))")
+                        f"({self.wait.wait_s:.1f}s, {self._workers()} worker(s))")
 
   # ------------------------------------------------------------------ run, finalise, shut down
   def run(self) -> TrainResult:
