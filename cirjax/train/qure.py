@@ -65,6 +65,9 @@ from cirjax.train import state as st
 from cirjax.train.task import Task, run_options
 
 LOSSES = ("pairwise", "infonce", "infonce_inbatch")
+# The QuRe study's oracle: top-k with every true false negative removed (needs a dataset
+# that knows every relevant image, mining_audit.FULL_RELEVANT_DATASETS).
+ORACLE_STRATEGY = "topk_oracle"
 
 
 def _log(msg: str) -> None:
@@ -287,6 +290,11 @@ class QuReTask(Task):
     n_def = int(qc.get("n_def", 6))
     self.mine_every = max(1, self.epochs // n_def) if n_def > 0 else 0
     self.strategy = qc.get("strategy", "qure")
+    if (self.strategy == ORACLE_STRATEGY
+        and config.data.dataset not in mining_audit.FULL_RELEVANT_DATASETS):
+      raise ValueError(f"config.qure.strategy={ORACLE_STRATEGY!r} needs every relevant image: "
+                       f"use one of {mining_audit.FULL_RELEVANT_DATASETS}, not "
+                       f"{config.data.dataset!r}")
     if qc.get("mining_method", "auto") not in mining.METHODS:  # fail now, not at epoch 8
       raise ValueError(f"config.qure.mining_method={qc.get('mining_method')!r}; expected "
                        f"one of {mining.METHODS}")
@@ -350,7 +358,12 @@ class QuReTask(Task):
     # Host copies: loaded device arrays may be committed to one device, which the trainer's
     # jit onto a multi-device mesh refuses.
     p = self._pretrained_params
-    return None if p is None else jax.tree.map(np.asarray, p)
+    if p is None:
+      return None
+    p = jax.tree.map(np.asarray, p)
+    # The study resets a warm start's learned temperature to QuRe's initial 0.07.
+    temp = float(self.config.qure.get("init_temp", 0.0) or 0.0)
+    return {**p, "temp": np.asarray(temp, np.float32)} if temp > 0 else p
 
   def layer_stacks(self):
     return blip2.layer_stacks(self.cfg)
@@ -483,7 +496,11 @@ class QuReTask(Task):
     t0 = time.perf_counter()
     sets, stats_all, audits = [], [], []
     qc = self.config.qure
-    kw = {} if self.strategy == "qure" else {"k": int(qc.get("k", 100))}
+    oracle = self.strategy == ORACLE_STRATEGY
+    strategy = "topk" if oracle else self.strategy
+    kw = {} if strategy == "qure" else {"k": int(qc.get("k", 100))}
+    temp = float(np.asarray(params["temp"]))
+    pairs = []
     mesh = retrieval.make_mesh(jax.local_devices())
     times = {"encode_s": 0.0, "score_s": 0.0}
     for g in self.groups:
@@ -503,11 +520,18 @@ class QuReTask(Task):
         return s
 
       hs, stats = mining.hard_negative_sets(
-          block, g.target_pos, strategy=self.strategy, image_ids=g.corpus,
+          block, g.target_pos, strategy=strategy, image_ids=g.corpus,
           consecutive_threshold=int(qc.get("consecutive_threshold", 1)),
           strict_below=bool(qc.get("strict_below", False)), mesh=mesh,
           method=str(qc.get("mining_method", "auto")),
           num_queries=len(g.queries), corpus_size=len(g.corpus), **kw)
+      if oracle:
+        hs = mining_audit.without_relevant(hs, mining_audit.relevant_ids(
+            [self.queries[i] for i in g.queries], self.image_index.get))
+      positions = np.zeros(int(g.corpus.max()) + 1, np.int64)
+      positions[g.corpus] = np.arange(len(g.corpus))   # copies of an image score alike
+      pairs.append((mining_audit.pair_stats(block, g.target_pos, hs, positions, temp),
+                    len(g.queries)))
       sets.append(hs)
       stats_all.append(stats)
       if self.config.data.dataset in mining_audit.FULL_RELEVANT_DATASETS:
@@ -520,6 +544,11 @@ class QuReTask(Task):
            "mining_s": total, "mining_encode_s": times["encode_s"],
            "mining_score_s": times["score_s"],
            "mining_sets_s": total - times["encode_s"] - times["score_s"]}
+    # What the next epochs' pairs look like: QuRe's loss and accuracy on the mined negatives.
+    for key in ("pair_loss", "pair_acc"):
+      w = np.array([n for p, n in pairs if np.isfinite(p[key])], np.float64)
+      v = np.array([p[key] for p, _ in pairs if np.isfinite(p[key])], np.float64)
+      out[f"mined_{key}"] = float((w * v).sum() / w.sum()) if w.size else float("nan")
     if audits:
       out.update(mining_audit.audit_metrics(mining_audit.merge(audits)))
     _log("mining: " + ", ".join(f"{k} {v:.4g}" for k, v in out.items()))
