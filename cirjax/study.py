@@ -187,7 +187,7 @@ def run_cell(config, workdir: Path, what: str, log: Callable[[str], None],
     return json.loads(result.read_text())
   # The trainer pulls in the whole training stack: only a study that trains needs it.
   from cirjax.train.trainer import Trainer  # pylint: disable=g-import-not-at-top
-  t0 = time.perf_counter()
+  t0, cpu0 = time.perf_counter(), time.process_time()
   status = "done"
   if not ((workdir / "final_metrics.json").is_file() and (workdir / "model").is_dir()):
     log(f"[study] training {what} in {workdir}")
@@ -209,7 +209,9 @@ def run_cell(config, workdir: Path, what: str, log: Callable[[str], None],
   scores = score_model(workdir / "model", config, config.study.report_split, log)
   out = {"what": what, "lr": float(config.train.lr), "seed": int(config.seed),
          "status": "done", "steps": int(final.get("steps", 0)), "train_s": train_s,
-         "score_s": time.perf_counter() - t1, "val": final["final_metrics"],
+         "score_s": time.perf_counter() - t1,
+         "cpu_s": time.process_time() - cpu0,   # all threads: the cost on an idle machine
+         "val": final["final_metrics"],
          "test": scores, **read_log(workdir)}
   write_json_atomic(result, out)
   return out
@@ -283,6 +285,10 @@ def run_study(spec: str, workdir: str | Path, out: str | Path | None = None, *,
   from cirjax import study_report  # pylint: disable=g-import-not-at-top
   t_start = time.perf_counter()
   workdir = Path(workdir)
+  # The workdir's own report is rewritten by every rerun; any other directory that holds
+  # files (the committed report) only with `overwrite`.
+  if out:
+    check_out(Path(out), overwrite)
   out = Path(out) if out else workdir / "report"
   base = config_utils.load_config(arm_spec(spec, "warmup"))
   arms = list(arms or base.study.arms)
@@ -294,7 +300,6 @@ def run_study(spec: str, workdir: str | Path, out: str | Path | None = None, *,
   if bad:
     raise UsageError(f"--densities {','.join(bad)}: {spec} has "
                      f"{', '.join(base.study.densities)}")
-  check_out(out, overwrite)
   workdir.mkdir(parents=True, exist_ok=True)
   _use_compilation_cache(workdir)
   results = {d: run_density(spec, workdir, d, arms, log) for d in densities}

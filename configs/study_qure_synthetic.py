@@ -25,8 +25,8 @@ The protocol, fixed before any test1 number was seen:
                 (`DENSITIES`), so top-k's false-negative share is about 2, 10 and 30 %
 
 Arguments (after the colon, comma-separated): an arm name (or `arm=NAME`, default
-`warmup`), `density=low|mid|high` (default low), `quick` (tiny data and model: plumbing,
-not an outcome), `spotcheck` (the previous study's data and model size, today's size:
+`warmup`), `density=low|mid|high` (default low), `quick` (tiny data and model, 2 warm-ups x
+1 seed, lrs 1e-4/1e-3, scored on val: plumbing, not an outcome), `spotcheck` (the previous study's data and model size, today's size:
 pairwise_qure against pairwise_topk at one density), `warmups=N`, `seeds=N` (per warm-up),
 `lrs=1e-5/3e-5` (the tuning grid, `/`-separated).
 
@@ -54,8 +54,10 @@ _ARM = {"warmup": ("infonce", None),
         "pairwise_qure": ("pairwise", "qure"),
         "infonce_qure": ("infonce", "qure")}
 # Images per attribute combination (uniform in [min, max]): the false-negative density.
-DENSITIES = {"low": (1, 3), "mid": (8, 12), "high": (24, 32)}
-QUICK_DENSITIES = {"low": (1, 6), "mid": (3, 6), "high": (5, 8)}
+DENSITIES = {"low": (1, 6), "mid": (16, 24), "high": (40, 56)}
+QUICK_DENSITIES = {"low": (1, 6), "mid": (2, 4), "high": (3, 6)}   # 60-image corpora
+# `quick` unless given: fewer replicates and lrs, so its whole study runs in minutes.
+QUICK_DEFAULTS = {"warmups": 2, "seeds": 1, "lrs": "1e-4/1e-3"}
 LRS = "1e-5/3e-5/1e-4/3e-4"
 
 
@@ -64,6 +66,11 @@ def _parse(arg):
   items = [f"arm={x}" if x in _ARM else x for x in items]
   a = config_utils.parse_arg(",".join(items), arm="warmup", density="low", quick=False,
                              spotcheck=False, warmups=3, seeds=2, lrs=LRS)
+  if a.quick:
+    given = {x.partition("=")[0] for x in items}
+    for k, v in QUICK_DEFAULTS.items():
+      if k not in given:
+        a[k] = v
   if a.arm not in _ARM:
     raise config_utils.ConfigError(f"arm={a.arm!r}: use one of warmup, {', '.join(ARMS)}")
   if a.density not in DENSITIES:
@@ -162,6 +169,7 @@ def get_config(arg=None):
     c.study.plateau = dict(metric="mAP@10", patience=1, min_delta=0.0)
     c.study.bootstrap = 200
     c.study.report_split = "val"   # the tiny test1 corpus is too small for R@50
+    c.study.widen_max = 1
   elif a.spotcheck:   # the previous protocol's sizes: 3,000 images, 8,000 training queries
     c.data.root = os.path.join(data_home, "synthetic_study_q8k")
     c.data.synth = dict(seed=0, resolution=64, num_images=(1500, 1000, 500),
