@@ -289,12 +289,7 @@ class QuReTask(Task):
     self.epochs = int(tc.epochs)
     n_def = int(qc.get("n_def", 6))
     self.mine_every = max(1, self.epochs // n_def) if n_def > 0 else 0
-    self.strategy = qc.get("strategy", "qure")
-    if (self.strategy == ORACLE_STRATEGY
-        and config.data.dataset not in mining_audit.FULL_RELEVANT_DATASETS):
-      raise ValueError(f"config.qure.strategy={ORACLE_STRATEGY!r} needs every relevant image: "
-                       f"use one of {mining_audit.FULL_RELEVANT_DATASETS}, not "
-                       f"{config.data.dataset!r}")
+    self.strategy = _check_strategy(qc.get("strategy", "qure"), config.data.dataset)
     if qc.get("mining_method", "auto") not in mining.METHODS:  # fail now, not at epoch 8
       raise ValueError(f"config.qure.mining_method={qc.get('mining_method')!r}; expected "
                        f"one of {mining.METHODS}")
@@ -358,12 +353,7 @@ class QuReTask(Task):
     # Host copies: loaded device arrays may be committed to one device, which the trainer's
     # jit onto a multi-device mesh refuses.
     p = self._pretrained_params
-    if p is None:
-      return None
-    p = jax.tree.map(np.asarray, p)
-    # The study resets a warm start's learned temperature to QuRe's initial 0.07.
-    temp = float(self.config.qure.get("init_temp", 0.0) or 0.0)
-    return {**p, "temp": np.asarray(temp, np.float32)} if temp > 0 else p
+    return None if p is None else _with_init_temp(jax.tree.map(np.asarray, p), self.config)
 
   def layer_stacks(self):
     return blip2.layer_stacks(self.cfg)
@@ -526,12 +516,8 @@ class QuReTask(Task):
           method=str(qc.get("mining_method", "auto")),
           num_queries=len(g.queries), corpus_size=len(g.corpus), **kw)
       if oracle:
-        hs = mining_audit.without_relevant(hs, mining_audit.relevant_ids(
-            [self.queries[i] for i in g.queries], self.image_index.get))
-      positions = np.zeros(int(g.corpus.max()) + 1, np.int64)
-      positions[g.corpus] = np.arange(len(g.corpus))   # copies of an image score alike
-      pairs.append((mining_audit.pair_stats(block, g.target_pos, hs, positions, temp),
-                    len(g.queries)))
+        hs = _without_relevant(self, g, hs)
+      pairs.append((_pair_stats(block, g, hs, temp), len(g.queries)))
       sets.append(hs)
       stats_all.append(stats)
       if self.config.data.dataset in mining_audit.FULL_RELEVANT_DATASETS:
@@ -544,11 +530,7 @@ class QuReTask(Task):
            "mining_s": total, "mining_encode_s": times["encode_s"],
            "mining_score_s": times["score_s"],
            "mining_sets_s": total - times["encode_s"] - times["score_s"]}
-    # What the next epochs' pairs look like: QuRe's loss and accuracy on the mined negatives.
-    for key in ("pair_loss", "pair_acc"):
-      w = np.array([n for p, n in pairs if np.isfinite(p[key])], np.float64)
-      v = np.array([p[key] for p, _ in pairs if np.isfinite(p[key])], np.float64)
-      out[f"mined_{key}"] = float((w * v).sum() / w.sum()) if w.size else float("nan")
+    out.update(_merge_pair_stats(pairs))
     if audits:
       out.update(mining_audit.audit_metrics(mining_audit.merge(audits)))
     _log("mining: " + ", ".join(f"{k} {v:.4g}" for k, v in out.items()))
@@ -728,6 +710,44 @@ def _audit_group(block, g: _Group, hs, task, qc) -> dict:
       consecutive_threshold=int(qc.get("consecutive_threshold", 1)),
       strict_below=bool(qc.get("strict_below", False)), num_queries=len(g.queries),
       corpus_size=len(g.corpus), mined={task.strategy: hs})
+
+
+def _with_init_temp(params: dict, config) -> dict:
+  """The study resets a warm start's learned temperature (`qure.init_temp` > 0, e.g. QuRe's
+  initial 0.07)."""
+  temp = float(config.qure.get("init_temp", 0.0) or 0.0)
+  return {**params, "temp": np.asarray(temp, np.float32)} if temp > 0 else params
+
+
+def _without_relevant(task: QuReTask, g: _Group, hs):
+  """The oracle top-k: `hs` minus every image relevant to its query."""
+  return mining_audit.without_relevant(hs, mining_audit.relevant_ids(
+      [task.queries[i] for i in g.queries], task.image_index.get))
+
+
+def _check_strategy(strategy: str, dataset: str) -> str:
+  if strategy == ORACLE_STRATEGY and dataset not in mining_audit.FULL_RELEVANT_DATASETS:
+    raise ValueError(f"config.qure.strategy={ORACLE_STRATEGY!r} needs every relevant image: "
+                     f"use one of {mining_audit.FULL_RELEVANT_DATASETS}, not {dataset!r}")
+  return strategy
+
+
+def _pair_stats(block, g: _Group, hs, temp: float) -> dict:
+  """QuRe's loss and pair accuracy on one group's freshly mined negatives."""
+  positions = np.zeros(int(g.corpus.max()) + 1, np.int64)
+  positions[g.corpus] = np.arange(len(g.corpus))   # copies of an image score alike
+  return mining_audit.pair_stats(block, g.target_pos, hs, positions, temp)
+
+
+def _merge_pair_stats(pairs) -> dict:
+  """What the next epochs' pairs look like (`mined_pair_loss`, `mined_pair_acc`): the
+  groups' numbers weighted by their query counts."""
+  out = {}
+  for key in ("pair_loss", "pair_acc"):
+    w = np.array([n for p, n in pairs if np.isfinite(p[key])], np.float64)
+    v = np.array([p[key] for p, _ in pairs if np.isfinite(p[key])], np.float64)
+    out[f"mined_{key}"] = float((w * v).sum() / w.sum()) if w.size else float("nan")
+  return out
 
 
 @jax.jit
