@@ -235,11 +235,27 @@ def _use_compilation_cache(workdir: Path) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
+def check_data(config) -> None:
+  """A data directory made earlier with other generator settings (another density) would be
+  read as it is: refuse it, naming the setting."""
+  meta = Path(config.data.root).expanduser() / "meta.json"
+  if not meta.is_file():
+    return
+  have = json.loads(meta.read_text())
+  for k, v in dict(config.data.synth).items():
+    want = list(v) if isinstance(v, (list, tuple)) else v
+    got = have.get(k, 1 if k == "min_duplicates" else None)   # before the knob existed: 1
+    if got != want:
+      raise UsageError(f"{meta}: {k} = {got!r}, but the study config wants {want!r}; "
+                       "point $CIRJAX_DATA elsewhere or remove that directory")
+
+
 def run_density(spec: str, workdir: Path, density: str, arms: Sequence[str],
                 log: Callable[[str], None]) -> dict:
   """Warm-ups, tuning and final replicates of one density (see the module docstring)."""
   base = config_utils.load_config(arm_spec(spec, "warmup", density=density))
   st = base.study
+  check_data(base)
   wd = workdir / density
   warmups = {}
   for w in range(int(st.warmups)):

@@ -279,3 +279,17 @@ def test_quick_study_runs_end_to_end(synth_root, tmp_path, monkeypatch):
     assert all(len(r) == 2 for r in d["final"].values()) if "final" in d else True
     assert d["verdict"] and all(math.isfinite(c["p_holm"]) for c in d["secondary"])
     assert d["mining_rounds"]["pairwise_topk_oracle"][0]["fn_share"] == 0.0
+
+
+def test_data_made_with_other_generator_settings_is_refused(tmp_path, monkeypatch):
+  monkeypatch.setenv("CIRJAX_DATA", str(tmp_path))
+  cfg = config_utils.load_config(CONFIG + ":density=mid")
+  root = tmp_path / "synthetic_study_mid"
+  root.mkdir()
+  meta = {"generator": "cirjax.data.synth", **dict(cfg.data.synth)}
+  (root / "meta.json").write_text(json.dumps(meta))
+  study.check_data(cfg)
+  meta.pop("min_duplicates")   # written before the knob: 1 image at least, not 16
+  (root / "meta.json").write_text(json.dumps(meta))
+  with pytest.raises(study.UsageError, match="min_duplicates = 1, but the study config wants 16"):
+    study.check_data(cfg)
