@@ -736,7 +736,10 @@ def _pair_stats(block, g: _Group, hs, temp: float) -> dict:
   """QuRe's loss and pair accuracy on one group's freshly mined negatives."""
   positions = np.zeros(int(g.corpus.max()) + 1, np.int64)
   positions[g.corpus] = np.arange(len(g.corpus))   # copies of an image score alike
-  return mining_audit.pair_stats(block, g.target_pos, hs, positions, temp)
+  # The mining's own block rows: the block function is compiled per block shape.
+  rows = min(mining.block_rows_for_budget(len(g.corpus), mining.DEFAULT_MEMORY_BUDGET),
+             max(len(g.queries), 1))
+  return mining_audit.pair_stats(block, g.target_pos, hs, positions, temp, block_rows=rows)
 
 
 def _merge_pair_stats(pairs) -> dict:
