@@ -141,12 +141,13 @@ def build(spec: str, st: dict, arms, results: dict, *, elapsed_s: float) -> dict
          "primary_pair": list(pair), "warmups": st["warmups"], "seeds": st["seeds"],
          "densities": {}, "elapsed_s": elapsed_s}
   secondary = []
-  n_runs, compute_s = 0, 0.0
+  n_runs, compute_s, cpu_s = 0, 0.0, 0.0
   for name, dens in results.items():
     all_runs = list(dens["warmups"].values()) + list({
         id(r): r for runs in dens["final"].values() for r in runs.values()}.values())
     n_runs += len(all_runs)
     compute_s += sum(r["train_s"] + r["score_s"] for r in all_runs)
+    cpu_s += sum(r.get("cpu_s", 0.0) for r in all_runs)
     prim = compare(dens, pair[0], pair[1], primary, n_boot)
     d = {"synth": dens["synth"], "k": dens["k"], "lr": dens["lr"], "tuning": dens["tuning"],
          "fn_measured": _fn_measured(dens),
@@ -170,6 +171,7 @@ def build(spec: str, st: dict, arms, results: dict, *, elapsed_s: float) -> dict
     c["holds"] = bool(math.isfinite(p) and p < 1 - study_stats.LEVEL)
   out["runs"] = n_runs
   out["compute_s"] = compute_s
+  out["cpu_s"] = cpu_s
   out["results"] = results
   return out
 
@@ -196,8 +198,9 @@ def markdown(report: dict, figures: list[str]) -> str:
         f"warm-ups x {r['seeds']} seeds (95 % t interval; bootstrap over warm-ups, then seeds). "
         "Secondary comparisons: Holm-adjusted p over all densities. Every arm: the same step "
         "budget, its lr tuned on validation, mean ± sd over replicates on the report split. "
-        f"{r['runs']} runs, {r['compute_s'] / 60:.1f} min of training and scoring "
-        f"({r['elapsed_s'] / 60:.1f} min wall time in this invocation).", ""]
+        f"{r['runs']} runs, {r['compute_s'] / 60:.1f} min of training and scoring, "
+        f"{r.get('cpu_s', 0.0) / 60:.1f} CPU-min ({r['elapsed_s'] / 60:.1f} min wall time in "
+        "this invocation).", ""]
   for name, d in r["densities"].items():
     fn = d["fn_measured"]
     md += [f"## Density `{name}`: {d['synth'].get('min_duplicates', 1)}–"
