@@ -156,16 +156,19 @@ def read_log(workdir: str | Path) -> dict:
 class PlateauStop:
   """Trainer hook: ends the run (normally: finalised and exported) at the end of the epoch
   where the validation `metric` has not beaten its best by `min_delta` for `patience`
-  epochs. The history is read back from the workdir, so a resumed warm-up keeps it."""
+  epochs, never before `min_epochs` (an early best epoch of a noisy curve is no plateau).
+  The history is read back from the workdir, so a resumed warm-up keeps it."""
 
-  def __init__(self, trainer, metric: str, patience: int, min_delta: float):
+  def __init__(self, trainer, metric: str, patience: int, min_delta: float,
+               min_epochs: int = 0):
     self.trainer, self.metric = trainer, metric
     self.patience, self.min_delta = int(patience), float(min_delta)
+    self.min_epochs = int(min_epochs)
     self.values = [r[metric] for r in read_log(trainer.workdir)["curve"] if metric in r]
 
   def plateaued(self) -> bool:
     v = self.values
-    if len(v) <= self.patience:
+    if len(v) <= self.patience or len(v) < self.min_epochs:
       return False
     best_before = max(v[:-self.patience])
     return max(v[-self.patience:]) < best_before + self.min_delta

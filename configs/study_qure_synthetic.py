@@ -54,7 +54,7 @@ _ARM = {"warmup": ("infonce", None),
         "pairwise_qure": ("pairwise", "qure"),
         "infonce_qure": ("infonce", "qure")}
 # Images per attribute combination (uniform in [min, max]): the false-negative density.
-DENSITIES = {"low": (1, 6), "mid": (16, 24), "high": (40, 56)}
+DENSITIES = {"low": (1, 6), "mid": (12, 18), "high": (28, 40)}
 QUICK_DENSITIES = {"low": (1, 6), "mid": (2, 4), "high": (3, 6)}   # 60-image corpora
 # `quick` unless given: fewer replicates and lrs, so its whole study runs in minutes.
 QUICK_DEFAULTS = {"warmups": 2, "seeds": 1, "lrs": "1e-4/1e-3"}
@@ -148,7 +148,7 @@ def get_config(arg=None):
       warmups=int(a.warmups), seeds=int(a.seeds), lrs=lrs, widen_max=2,
       primary="mAP@10", primary_pair=("pairwise_qure", "pairwise_topk"),
       tune_split="val", report_split="test1", preference_seed=0, bootstrap=10000,
-      plateau=dict(metric="mAP@10", patience=3, min_delta=0.1))
+      plateau=dict(metric="mAP@10", patience=3, min_delta=0.1, min_epochs=8))
 
   if a.quick:
     c.data.root = os.path.join(data_home, "synthetic_tiny" if a.density == "low"
@@ -166,7 +166,7 @@ def get_config(arg=None):
     c.qure.n_def = 3 if strategy else 0
     c.qure.k = 20
     c.log_every_steps = 1
-    c.study.plateau = dict(metric="mAP@10", patience=1, min_delta=0.0)
+    c.study.plateau = dict(metric="mAP@10", patience=1, min_delta=0.0, min_epochs=2)
     c.study.bootstrap = 200
     c.study.report_split = "val"   # the tiny test1 corpus is too small for R@50
     c.study.widen_max = 1

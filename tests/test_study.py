@@ -126,6 +126,13 @@ def test_plateau_stop_ends_the_run_after_patience_epochs(tmp_path):
   for step, v in [(10, 1.0), (20, 2.0), (30, 2.05), (40, 1.9)]:
     hook(info(step, v))
   assert trainer.total_steps == 40   # 2.05 and 1.9 did not beat 2.0 by 0.1
+  trainer.total_steps = 1000
+  hook = study.PlateauStop(trainer, metric="mAP@10", patience=2, min_delta=0.1, min_epochs=5)
+  for step, v in [(10, 3.0), (20, 2.0), (30, 2.05), (40, 1.9)]:
+    hook(info(step, v))
+  assert trainer.total_steps == 1000  # a plateau, but only 4 epochs
+  hook(info(50, 2.5))
+  assert trainer.total_steps == 50
   # A resumed run reads the evaluations back from its log.
   (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(
       {"kind": "eval", "epoch": e, "mAP@10": v}) for e, v in enumerate([1.0, 3.0, 2.0])))
@@ -291,5 +298,5 @@ def test_data_made_with_other_generator_settings_is_refused(tmp_path, monkeypatc
   study.check_data(cfg)
   meta.pop("min_duplicates")   # written before the knob: 1 image at least, not 16
   (root / "meta.json").write_text(json.dumps(meta))
-  with pytest.raises(study.UsageError, match="min_duplicates = 1, but the study config wants 16"):
+  with pytest.raises(study.UsageError, match="min_duplicates = 1, but the study config wants 12"):
     study.check_data(cfg)
