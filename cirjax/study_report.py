@@ -15,7 +15,8 @@ from cirjax import study_stats
 
 HEADLINE = ("mAP@10", "R@10", "Rsubset@1", "rel@5", "preference_rate", "R@1", "R@50")
 # The pool each arm draws its negatives from in training (None: in-batch only).
-OWN_POOL = {"infonce_inbatch": None, "pairwise_topk": "topk", "pairwise_topk_oracle": "topk",
+OWN_POOL = {"infonce_inbatch": None, "pairwise_topk": "topk",
+            "pairwise_topk_oracle": "topk_oracle",
             "pairwise_corpus": "corpus", "pairwise_qure": "qure", "infonce_qure": "qure"}
 # Secondary comparisons, (a, b, metric), b = "start" for the arm's own warm-up; Holm-adjusted
 # together over every density.
@@ -97,7 +98,7 @@ def _mining_rounds(dens: dict) -> dict:
                    "pair_loss": _mean_sd(x.get("mined_pair_loss") for x in recs)["mean"],
                    "pair_acc": _mean_sd(x.get("mined_pair_acc") for x in recs)["mean"],
                    "fn_share": (_mean_sd(x.get(f"fn_share/{pool}") for x in recs)["mean"]
-                                if pool and arm != "pairwise_topk_oracle" else 0.0)})
+                                if pool else float("nan"))})
     if rows:
       out[arm] = rows
   return out

@@ -281,11 +281,14 @@ def test_quick_study_runs_end_to_end(synth_root, tmp_path, monkeypatch):
                    str(tmp_path / "w")]) == 0
   rep = json.loads((tmp_path / "w" / "report" / "study.json").read_text())
   assert set(rep["densities"]) == {"low", "mid", "high"}
-  for d in rep["densities"].values():
-    assert set(d["summary"]) == set(config_utils.load_config(CONFIG).study.arms)
-    assert all(len(r) == 2 for r in d["final"].values()) if "final" in d else True
+  arms = set(config_utils.load_config(CONFIG).study.arms)
+  for name, d in rep["densities"].items():
+    assert set(d["summary"]) == arms and set(d["lr"]) == arms
+    assert all(len(r) == 2 for r in rep["results"][name]["final"].values())   # 2 warm-ups
     assert d["verdict"] and all(math.isfinite(c["p_holm"]) for c in d["secondary"])
-    assert d["mining_rounds"]["pairwise_topk_oracle"][0]["fn_share"] == 0.0
+    rounds = d["mining_rounds"]
+    assert all(x["fn_share"] == 0.0 for x in rounds["pairwise_topk_oracle"])   # audited
+    assert all(math.isfinite(x["pair_acc"]) for x in rounds["pairwise_qure"])
 
 
 def test_data_made_with_other_generator_settings_is_refused(tmp_path, monkeypatch):

@@ -703,13 +703,17 @@ def _on_local_mesh(x: jax.Array, mesh: jax.sharding.Mesh) -> jax.Array:
 
 def _audit_group(block, g: _Group, hs, task, qc) -> dict:
   """Every strategy's pools from this mining's scores, audited against the full relevant
-  sets (docs/mining.md#false-negatives); the trained strategy's sets are reused."""
+  sets (docs/mining.md#false-negatives); the trained strategy's sets are reused, and the
+  oracle's own pools are audited too (`fn_share/topk_oracle`: 0 unless the filter failed)."""
   rel = mining_audit.relevant_ids([task.queries[i] for i in g.queries], task.image_index.get)
-  return mining_audit.audit_strategies(
+  out = mining_audit.audit_strategies(
       block, g.target_pos, rel, image_ids=g.corpus, k=int(qc.get("k", 100)),
       consecutive_threshold=int(qc.get("consecutive_threshold", 1)),
       strict_below=bool(qc.get("strict_below", False)), num_queries=len(g.queries),
       corpus_size=len(g.corpus), mined={task.strategy: hs})
+  if task.strategy == ORACLE_STRATEGY:
+    out[ORACLE_STRATEGY] = mining_audit.audit_pools(hs, rel, target_ids=g.corpus[g.target_pos])
+  return out
 
 
 def _with_init_temp(params: dict, config) -> dict:
