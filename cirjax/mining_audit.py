@@ -241,6 +241,51 @@ def audit_split(scorer: retrieval.FeatureScorer, split, *, k: int = 100,
   return SplitAudit(audits, sets, stats, target)
 
 
+def without_relevant(sets: mining.HardNegativeSets, relevant) -> mining.HardNegativeSets:
+  """`sets` with every relevant member removed: the oracle top-k of the QuRe study, which
+  knows each query's full relevant set (same ids as `sets`; order kept)."""
+  roff, rflat = _ragged(relevant)
+  if len(roff) - 1 != sets.num_queries:
+    raise ValueError(f"relevant sets for {len(roff) - 1} queries, sets for {sets.num_queries}")
+  flat = sets.indices.astype(np.int64)
+  width = int(max(flat.max(initial=0), rflat.max(initial=0))) + 1
+  keep = ~np.isin(_pair_keys(sets.offsets, flat, width), _pair_keys(roff, rflat, width))
+  seg = np.repeat(np.arange(sets.num_queries, dtype=np.int64), sets.sizes)
+  sizes = np.bincount(seg[keep], minlength=sets.num_queries)
+  return mining.HardNegativeSets(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+                                 sets.indices[keep])
+
+
+def pair_stats(scores: mining.ScoresOrBlockFn, target_index, sets: mining.HardNegativeSets,
+               positions: np.ndarray, temp: float, *, block_rows: int = 1024,
+               ) -> dict[str, float]:
+  """QuRe's pairwise loss and pair accuracy on the mined negatives, as the next epochs will
+  draw them (uniformly from each non-empty set; an empty set falls back to the corpus and is
+  left out here): per query the mean over its set of `-log sigma((s_t - s_n) / temp)` and
+  of `s_t > s_n`, then the mean over queries.
+
+  `scores`: `[Q, N]` or a block function `(a, b) -> [b - a, N]` (as mining takes);
+  `positions[id]`: the corpus column of set member `id` (sets hold image ids).
+  """
+  tgt = np.asarray(target_index, np.int64)
+  q = sets.num_queries
+  losses_, accs = [], []
+  for a in range(0, q, block_rows):
+    b = min(q, a + block_rows)
+    s = np.asarray(scores(a, b) if callable(scores) else np.asarray(scores)[a:b], np.float64)
+    for i in range(a, b):
+      members = sets[i]
+      if members.size == 0:
+        continue
+      row = s[i - a]
+      d = (row[tgt[i]] - row[positions[members]]) / float(temp)
+      losses_.append(np.logaddexp(0.0, -d).mean())
+      accs.append((d > 0).mean())
+  if not losses_:
+    return {"pair_loss": float("nan"), "pair_acc": float("nan")}
+  return {"pair_loss": float(np.mean(losses_)), "pair_acc": float(np.mean(accs))}
+
+
 def relevant_ids(queries, index: Callable[[str], Optional[int]]) -> list[np.ndarray]:
   """Each query's relevant set as ids (`index(name)`), the target included; images
   `index` does not know (None: outside the corpus, so in no pool) are left out."""
@@ -251,5 +296,5 @@ def relevant_ids(queries, index: Callable[[str], Optional[int]]) -> list[np.ndar
   return out
 
 
-__all__ = ["PoolAudit", "SplitAudit", "audit_split", "score_rows", "audit_pools", "audit_strategies", "audit_metrics", "concat", "merge",
+__all__ = ["without_relevant", "pair_stats", "PoolAudit", "SplitAudit", "audit_split", "score_rows", "audit_pools", "audit_strategies", "audit_metrics", "concat", "merge",
            "relevant_ids", "STRATEGIES", "METRICS", "FULL_RELEVANT_DATASETS"]

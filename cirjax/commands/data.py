@@ -40,7 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   p.add_argument("--num-val-queries", type=int, default=1000)
   p.add_argument("--num-test-queries", type=int, default=500)
   p.add_argument("--max-duplicates", type=positive_int, default=6,
-                 help="images per attribute combination are uniform in 1..N (default 6)")
+                 help="images per attribute combination are uniform in MIN..N (default 6)")
+  p.add_argument("--min-duplicates", type=positive_int, default=1,
+                 help="the least images per attribute combination (default 1); more means "
+                      "more false negatives per query")
   p.add_argument("--force", action="store_true", help="write into a non-empty directory")
 
   c = sub.add_parser("check", help="read and validate a dataset, decode every image, print "
@@ -231,7 +234,7 @@ def _synth(args) -> int:
       seed=args.seed, resolution=args.resolution,
       num_images=(args.num_images, args.num_val_images, args.num_test_images),
       num_queries=(args.num_triplets, args.num_val_queries, args.num_test_queries),
-      max_duplicates=args.max_duplicates)
+      max_duplicates=args.max_duplicates, min_duplicates=args.min_duplicates)
   t0 = time.time()
   summary = synth.generate(out, cfg, progress=lambda s: print(s, flush=True))
   print(f"[synth] done in {time.time() - t0:.1f}s: {out}")

@@ -87,7 +87,10 @@ class SynthConfig:
   resolution: int = 64
   num_images: tuple[int, int, int] = (1500, 1000, 500)      # train, val, test1 corpora
   num_queries: tuple[int, int, int] = (4000, 1000, 500)     # train triplets, val, test1 queries
-  max_duplicates: int = 6   # images per attribute combination: uniform 1..max_duplicates
+  max_duplicates: int = 6   # images per attribute combination: uniform min..max_duplicates
+  # More images per combination, more false negatives in every pool (the QuRe study's
+  # density axis); 1 draws exactly what the generator drew before the knob existed.
+  min_duplicates: int = 1
   two_change_prob: float = 0.4
   set_size: int = 6         # CIRR img_set members (reference + target + 4 others)
 
@@ -203,14 +206,17 @@ class _Split:
   queries: list[dict]
 
 
-def _make_corpus(rng: np.random.Generator, split: str, n_images: int, max_dup: int):
+def _make_corpus(rng: np.random.Generator, split: str, n_images: int, max_dup: int,
+                 min_dup: int = 1):
+  if not 1 <= min_dup <= max_dup:
+    raise ValueError(f"min_duplicates={min_dup} must lie in 1..max_duplicates={max_dup}")
   combos = all_combos()
   order = rng.permutation(len(combos))
   img_combos: list[tuple[int, ...]] = []
   for ci in order:
     if len(img_combos) >= n_images:
       break
-    m = int(rng.integers(1, max_dup + 1))
+    m = int(rng.integers(min_dup, max_dup + 1))
     img_combos.extend([combos[ci]] * m)
   if len(img_combos) < n_images:
     raise ValueError(f"{n_images} images need more than the {len(combos)} attribute combinations "
@@ -279,7 +285,8 @@ def generate(out: str | os.PathLike, cfg: SynthConfig = SynthConfig(),
   pairid = 0
   for si, split in enumerate(SPLITS):
     rng = np.random.default_rng([cfg.seed, si])
-    names, img_combos, jitters = _make_corpus(rng, split, cfg.num_images[si], cfg.max_duplicates)
+    names, img_combos, jitters = _make_corpus(rng, split, cfg.num_images[si], cfg.max_duplicates,
+                                              cfg.min_duplicates)
     queries = _make_queries(rng, cfg, names, img_combos, cfg.num_queries[si], pairid)
     pairid += len(queries)
     img_dir = out / "images" / split

@@ -65,6 +65,9 @@ from cirjax.train import state as st
 from cirjax.train.task import Task, run_options
 
 LOSSES = ("pairwise", "infonce", "infonce_inbatch")
+# The QuRe study's oracle: top-k with every true false negative removed (needs a dataset
+# that knows every relevant image, mining_audit.FULL_RELEVANT_DATASETS).
+ORACLE_STRATEGY = "topk_oracle"
 
 
 def _log(msg: str) -> None:
@@ -292,7 +295,7 @@ class QuReTask(Task):
         steps_per_epoch=self.steps_per_epoch, global_batch=self.global_batch)
     n_def = int(qc.get("n_def", 6))
     self.mine_every = max(1, self.epochs // n_def) if n_def > 0 else 0
-    self.strategy = qc.get("strategy", "qure")
+    self.strategy = _check_strategy(qc.get("strategy", "qure"), config.data.dataset)
     if qc.get("mining_method", "auto") not in mining.METHODS:  # fail now, not at epoch 8
       raise ValueError(f"config.qure.mining_method={qc.get('mining_method')!r}; expected "
                        f"one of {mining.METHODS}")
@@ -357,7 +360,7 @@ class QuReTask(Task):
     # Host copies: loaded device arrays may be committed to one device, which the trainer's
     # jit onto a multi-device mesh refuses.
     p = self._pretrained_params
-    return None if p is None else jax.tree.map(np.asarray, p)
+    return None if p is None else _with_init_temp(jax.tree.map(np.asarray, p), self.config)
 
   def layer_stacks(self):
     return blip2.layer_stacks(self.cfg)
@@ -485,7 +488,11 @@ class QuReTask(Task):
     t0 = time.perf_counter()
     sets, stats_all, audits = [], [], []
     qc = self.config.qure
-    kw = {} if self.strategy == "qure" else {"k": int(qc.get("k", 100))}
+    oracle = self.strategy == ORACLE_STRATEGY
+    strategy = "topk" if oracle else self.strategy
+    kw = {} if strategy == "qure" else {"k": int(qc.get("k", 100))}
+    temp = float(np.asarray(params["temp"]))
+    pairs = []
     mesh = retrieval.make_mesh(jax.local_devices())
     times = {"encode_s": 0.0, "score_s": 0.0}
     for g in self.groups:
@@ -505,11 +512,14 @@ class QuReTask(Task):
         return s
 
       hs, stats = mining.hard_negative_sets(
-          block, g.target_pos, strategy=self.strategy, image_ids=g.corpus,
+          block, g.target_pos, strategy=strategy, image_ids=g.corpus,
           consecutive_threshold=int(qc.get("consecutive_threshold", 1)),
           strict_below=bool(qc.get("strict_below", False)), mesh=mesh,
           method=str(qc.get("mining_method", "auto")),
           num_queries=len(g.queries), corpus_size=len(g.corpus), **kw)
+      if oracle:
+        hs = _without_relevant(self, g, hs)
+      pairs.append((_pair_stats(block, g, hs, temp), len(g.queries)))
       sets.append(hs)
       stats_all.append(stats)
       if self.config.data.dataset in mining_audit.FULL_RELEVANT_DATASETS:
@@ -522,6 +532,7 @@ class QuReTask(Task):
            "mining_s": total, "mining_encode_s": times["encode_s"],
            "mining_score_s": times["score_s"],
            "mining_sets_s": total - times["encode_s"] - times["score_s"]}
+    out.update(_merge_pair_stats(pairs))
     if audits:
       out.update(mining_audit.audit_metrics(mining_audit.merge(audits)))
     _log("mining: " + ", ".join(f"{k} {v:.4g}" for k, v in out.items()))
@@ -745,13 +756,58 @@ def _on_local_mesh(x: jax.Array, mesh: jax.sharding.Mesh) -> jax.Array:
 
 def _audit_group(block, g: _Group, hs, task, qc) -> dict:
   """Every strategy's pools from this mining's scores, audited against the full relevant
-  sets (docs/mining.md#false-negatives); the trained strategy's sets are reused."""
+  sets (docs/mining.md#false-negatives); the trained strategy's sets are reused, and the
+  oracle's own pools are audited too (`fn_share/topk_oracle`: 0 unless the filter failed)."""
   rel = mining_audit.relevant_ids([task.queries[i] for i in g.queries], task.image_index.get)
-  return mining_audit.audit_strategies(
+  out = mining_audit.audit_strategies(
       block, g.target_pos, rel, image_ids=g.corpus, k=int(qc.get("k", 100)),
       consecutive_threshold=int(qc.get("consecutive_threshold", 1)),
       strict_below=bool(qc.get("strict_below", False)), num_queries=len(g.queries),
       corpus_size=len(g.corpus), mined={task.strategy: hs})
+  if task.strategy == ORACLE_STRATEGY:
+    out[ORACLE_STRATEGY] = mining_audit.audit_pools(hs, rel, target_ids=g.corpus[g.target_pos])
+  return out
+
+
+def _with_init_temp(params: dict, config) -> dict:
+  """The study resets a warm start's learned temperature (`qure.init_temp` > 0, e.g. QuRe's
+  initial 0.07)."""
+  temp = float(config.qure.get("init_temp", 0.0) or 0.0)
+  return {**params, "temp": np.asarray(temp, np.float32)} if temp > 0 else params
+
+
+def _without_relevant(task: QuReTask, g: _Group, hs):
+  """The oracle top-k: `hs` minus every image relevant to its query."""
+  return mining_audit.without_relevant(hs, mining_audit.relevant_ids(
+      [task.queries[i] for i in g.queries], task.image_index.get))
+
+
+def _check_strategy(strategy: str, dataset: str) -> str:
+  if strategy == ORACLE_STRATEGY and dataset not in mining_audit.FULL_RELEVANT_DATASETS:
+    raise ValueError(f"config.qure.strategy={ORACLE_STRATEGY!r} needs every relevant image: "
+                     f"use one of {mining_audit.FULL_RELEVANT_DATASETS}, not {dataset!r}")
+  return strategy
+
+
+def _pair_stats(block, g: _Group, hs, temp: float) -> dict:
+  """QuRe's loss and pair accuracy on one group's freshly mined negatives."""
+  positions = np.zeros(int(g.corpus.max()) + 1, np.int64)
+  positions[g.corpus] = np.arange(len(g.corpus))   # copies of an image score alike
+  # The mining's own block rows: the block function is compiled per block shape.
+  rows = min(mining.block_rows_for_budget(len(g.corpus), mining.DEFAULT_MEMORY_BUDGET),
+             max(len(g.queries), 1))
+  return mining_audit.pair_stats(block, g.target_pos, hs, positions, temp, block_rows=rows)
+
+
+def _merge_pair_stats(pairs) -> dict:
+  """What the next epochs' pairs look like (`mined_pair_loss`, `mined_pair_acc`): the
+  groups' numbers weighted by their query counts."""
+  out = {}
+  for key in ("pair_loss", "pair_acc"):
+    w = np.array([n for p, n in pairs if np.isfinite(p[key])], np.float64)
+    v = np.array([p[key] for p, _ in pairs if np.isfinite(p[key])], np.float64)
+    out[f"mined_{key}"] = float((w * v).sum() / w.sum()) if w.size else float("nan")
+  return out
 
 
 @jax.jit
