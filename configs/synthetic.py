@@ -52,7 +52,9 @@ def get_config(arg=None):
       vision=dict(variant="eva", image_size=64, patch_size=8, hidden_size=128,
                   intermediate_size=256, num_layers=2, num_heads=4),
       qformer=dict(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256,
-                   cross_attention_frequency=1, vocab_size=0, max_position_embeddings=64))
+                   cross_attention_frequency=1, vocab_size=0, max_position_embeddings=64,
+                   # BERT's dropout, in training steps only (docs/blip2.md#dropout).
+                   hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1))
   c.freeze = ("vision/.*", "itm_head/.*")
   c.train_only = ()
   c.qure = dict(n_def=3, strategy="qure", consecutive_threshold=1, strict_below=False,
