@@ -18,6 +18,13 @@ ADDED = {("data", "workers"): -1, ("data", "cache_images_max_bytes"): 1 << 30,
          ("qure", "feature_store_verify"): True, ("attention_impl",): "auto",
          ("scan_layers",): False, ("remat_policy",): "full", ("data", "pixel_store"): "auto",
          ("data", "pixel_store_dir"): ""}
+# Keys added since in some config files only, by file: key path -> value. The Q-Former's
+# dropout rates (None: the checkpoint's).
+_DROPOUT = (("model", "qformer", "hidden_dropout_prob"),
+            ("model", "qformer", "attention_probs_dropout_prob"))
+ADDED_IN = {"synthetic": dict.fromkeys(_DROPOUT, 0.1),
+            "qure_blip2_cirr": dict.fromkeys(_DROPOUT, None),
+            "qure_blip2_fashioniq": dict.fromkeys(_DROPOUT, None)}
 # Values changed on purpose since, by config file: (key path, old value) -> new value. The
 # pixel cache is off by default (bounded in bytes when on); the frozen-feature store keeps the
 # reference's fp16 ViT precision instead of bf16.
@@ -32,7 +39,7 @@ def _as_json(config) -> dict:
 
 def _with_added(d: dict, name: str = "") -> dict:
   d = json.loads(json.dumps(d))
-  for path, value in ADDED.items():
+  for path, value in list(ADDED.items()) + list(ADDED_IN.get(name, {}).items()):
     node = d
     for k in path[:-1]:
       node = node.get(k)
