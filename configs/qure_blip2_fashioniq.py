@@ -22,6 +22,12 @@ from cirjax.train import config_utils
 from cirjax.train.widths import BERT_QFORMER, CLIP_L_VISION, TINY_CLIP_VISION, TINY_QFORMER
 
 
+# BERT's dropout in training steps (docs/blip2.md#dropout). None: the checkpoint's rates
+# (an HF config.json's; a LAVIS model.pth's are bert-base-uncased's 0.1, as QuRe trains), or
+# 0.1 for a random model; a number overrides them.
+QFORMER_DROPOUT = dict(hidden_dropout_prob=None, attention_probs_dropout_prob=None)
+
+
 def get_config(arg=None):
   arg = config_utils.parse_arg(arg, tiny=False, real_width=False, batch_size=0, epochs=0)
   c = ml_collections.ConfigDict()
@@ -37,7 +43,7 @@ def get_config(arg=None):
                 pipeline="prefetch", tfds_dir="", grain_workers=2)  # docs/data.md#grain
   # require_init: an empty init is refused (`--config.model.init=random` to mean it).
   c.model = dict(init="", require_init=True, num_query_tokens=32, embed_dim=256,
-                 vision=dict(CLIP_L_VISION), qformer=dict(BERT_QFORMER))
+                 vision=dict(CLIP_L_VISION), qformer=dict(BERT_QFORMER, **QFORMER_DROPOUT))
   # Trained (reference): ln_vision, Q-Former, query tokens, projections, temp. Frozen: the
   # ViT, and the ITM head the loss never uses.
   c.freeze = ("vision/.*", "itm_head/.*")
@@ -80,7 +86,7 @@ def get_config(arg=None):
     c.model.init = ""
     c.model.require_init = False
     c.model.vision = dict(TINY_CLIP_VISION)
-    c.model.qformer = dict(TINY_QFORMER)
+    c.model.qformer = dict(TINY_QFORMER, **QFORMER_DROPOUT)
     c.model.num_query_tokens = 4
     c.model.embed_dim = 16
     c.data.max_text_length = 16
@@ -98,7 +104,7 @@ def get_config(arg=None):
     c.model.init = ""
     c.model.require_init = False
     c.model.vision = dict(CLIP_L_VISION, num_layers=2)
-    c.model.qformer = dict(BERT_QFORMER, num_layers=2)
+    c.model.qformer = dict(BERT_QFORMER, num_layers=2, **QFORMER_DROPOUT)
   c.train.batch_size = arg.batch_size or c.train.batch_size
   c.train.epochs = arg.epochs or c.train.epochs
   return c

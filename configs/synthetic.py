@@ -55,7 +55,9 @@ def get_config(arg=None):
       vision=dict(variant="eva", image_size=64, patch_size=8, hidden_size=128,
                   intermediate_size=256, num_layers=2, num_heads=4),
       qformer=dict(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256,
-                   cross_attention_frequency=1, vocab_size=0, max_position_embeddings=64))
+                   cross_attention_frequency=1, vocab_size=0, max_position_embeddings=64,
+                   # BERT's dropout, in training steps only (docs/blip2.md#dropout).
+                   hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1))
   c.freeze = ("vision/.*", "itm_head/.*")
   c.train_only = ()
   c.qure = dict(n_def=3, strategy="qure", consecutive_threshold=1, strict_below=False,
@@ -100,7 +102,8 @@ def get_config(arg=None):
     c.model.vision = dict(variant="eva", image_size=32, patch_size=16, hidden_size=32,
                           intermediate_size=64, num_layers=1, num_heads=2)
     c.model.qformer = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
-                           cross_attention_frequency=1, vocab_size=0, max_position_embeddings=64)
+                           cross_attention_frequency=1, vocab_size=0, max_position_embeddings=64,
+                           hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
     c.model.num_query_tokens = 4
     c.model.embed_dim = 16
     c.train.batch_size = 16

@@ -19,10 +19,14 @@ ADDED = {("data", "workers"): -1, ("data", "cache_images_max_bytes"): 1 << 30,
          ("scan_layers",): False, ("remat_policy",): "full", ("data", "pixel_store"): "auto",
          ("data", "pixel_store_dir"): "", ("progress_every_s",): 30.0, ("profile_steps",): "",
          ("wandb",): {"project": "", "entity": "", "name": "", "mode": "offline"}}
-# Keys added since to some config files only (the QuRe configs' input pipeline).
-ADDED_BY_FILE = {name: {("data", "pipeline"): "prefetch", ("data", "tfds_dir"): "",
-                        ("data", "grain_workers"): 2}
-                 for name in ("synthetic", "qure_blip2_cirr", "qure_blip2_fashioniq")}
+# Keys added since to some config files only, by file: key path -> value (the QuRe configs'
+# input pipeline; the Q-Former's dropout rates, None: the checkpoint's).
+_DROPOUT = (("model", "qformer", "hidden_dropout_prob"),
+            ("model", "qformer", "attention_probs_dropout_prob"))
+_PIPELINE = {("data", "pipeline"): "prefetch", ("data", "tfds_dir"): "", ("data", "grain_workers"): 2}
+ADDED_BY_FILE = {"synthetic": {**_PIPELINE, **dict.fromkeys(_DROPOUT, 0.1)},
+                 "qure_blip2_cirr": {**_PIPELINE, **dict.fromkeys(_DROPOUT, None)},
+                 "qure_blip2_fashioniq": {**_PIPELINE, **dict.fromkeys(_DROPOUT, None)}}
 # Values changed on purpose since, by config file: (key path, old value) -> new value. The
 # pixel cache is off by default (bounded in bytes when on); the frozen-feature store keeps the
 # reference's fp16 ViT precision instead of bf16.

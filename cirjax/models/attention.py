@@ -18,6 +18,11 @@ A model whose softmax runs in the compute dtype (`softmax_fp32=False`: HF BLIP-2
 cannot be expressed by `dot_product_attention`, whose softmax is always fp32; under 'xla' such a
 model keeps the einsum path in bf16/fp16 so HF's numerics hold, under 'auto' too. 'cudnn' is an
 explicit opt-in to the fused kernel (fp32 softmax inside) for it.
+
+Attention-probability dropout (`dropout_rate` with a `dropout_rng`: the Q-Former in a training
+step) runs on the einsum path whatever `impl` says: `dot_product_attention` never exposes the
+probabilities, so it cannot drop them. Without a `dropout_rng` (every encode, mining and
+evaluation call) nothing changes.
 """
 
 from __future__ import annotations
@@ -46,7 +51,16 @@ def resolve_impl(impl: str, dtype) -> str:
   return impl
 
 
-def _einsum_attention(q, k, v, bias, softmax_fp32):
+def dropout(x: jax.Array, rate: float, rng: Optional[jax.Array]) -> jax.Array:
+  """Inverted dropout as `torch.nn.Dropout` in train mode: each element zeroed with
+  probability `rate`, the rest scaled by 1 / (1 - rate). Identity without an `rng` (eval)."""
+  if rng is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype)).astype(x.dtype)
+
+
+def _einsum_attention(q, k, v, bias, softmax_fp32, dropout_rate=0.0, dropout_rng=None):
   b, tq, n, hd = q.shape
   tk, nkv = k.shape[1], k.shape[2]
   # Query head i reads key/value head i // (n / nkv) (grouped-query attention).
@@ -58,19 +72,23 @@ def _einsum_attention(q, k, v, bias, softmax_fp32):
     bias = bias.reshape(bias.shape[0], 1, bias.shape[1], *bias.shape[2:]) \
         if bias.shape[1] == 1 else bias.reshape(bias.shape[0], nkv, n // nkv, *bias.shape[2:])
     logits = logits + bias.astype(logits.dtype)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  probs = dropout(jax.nn.softmax(logits, axis=-1).astype(v.dtype), dropout_rate, dropout_rng)
   out = jnp.einsum("bgrqk,bkgd->bqgrd", probs, v)
   return out.reshape(b, tq, n, hd)
 
 
 def dot_attention(q, k, v, *, bias: Optional[jax.Array] = None, softmax_fp32: bool = True,
-                  impl: str = "xla") -> jax.Array:
+                  impl: str = "xla", dropout_rate: float = 0.0,
+                  dropout_rng: Optional[jax.Array] = None) -> jax.Array:
   """Attention on `[B, T, N, H]` queries and `[B, S, K, H]` keys/values (K divides N).
 
   `bias` is additive, broadcastable to `[B, N, T, S]` with a singleton or full head axis
   (padding / causal masks as large negative values). Scale is `H ** -0.5`. Returns
-  `[B, T, N, H]` in the dtype of `v`.
+  `[B, T, N, H]` in the dtype of `v`. With a `dropout_rng` and `dropout_rate` > 0 the
+  probabilities are dropped (einsum path, see the module docstring).
   """
+  if dropout_rng is not None and dropout_rate > 0.0:
+    return _einsum_attention(q, k, v, bias, softmax_fp32, dropout_rate, dropout_rng)
   if impl == "auto" and not softmax_fp32:
     impl = "xla"  # the fused kernels' softmax is fp32, not this model's: 'cudnn' only when asked
   impl = resolve_impl(impl, q.dtype)

@@ -28,6 +28,13 @@ compiled per (cfg, shapes): eager calls are jitted, and calls inside a caller's 
 inline. All outputs of the encoders are fp32 and L2-normalised. `vision_features` stops
 *before* the final vision LayerNorm (`ln_vision`, HF's `post_layernorm`), which QuRe trains:
 a trainer caches the frozen ViT output once and runs `*_from_features` in its step.
+
+Dropout: `encode_target_from_features`, `compose_from_features`, `encode_image`, `compose`
+and `encode_text` take a keyword `dropout_rng`; given one (a training step), the Q-Former
+drops at its config's rates (`QFormerConfig.hidden_dropout_prob`,
+`attention_probs_dropout_prob`), as the reference trains in `model.train()` mode. Without one
+(the default: encoding, mining, evaluation, export, the feature cache) the model is
+deterministic and the rates change nothing.
 """
 
 from __future__ import annotations
@@ -216,36 +223,38 @@ class Blip2(nn.Module):
     q = jnp.broadcast_to(self.query_tokens, (batch,) + self.query_tokens.shape[1:])
     return q.astype(self.config.compute_dtype)
 
-  def query_hidden_states(self, feats):
+  def query_hidden_states(self, feats, dropout_rng=None):
     """[B, Q, H]: Q-Former over the query tokens alone, cross-attending to the image."""
     ctx = self._image_context(feats)
-    return self.qformer(self._queries(feats.shape[0]), None, ctx, self.config.num_query_tokens)
+    return self.qformer(self._queries(feats.shape[0]), None, ctx, self.config.num_query_tokens,
+                        dropout_rng)
 
-  def text_hidden_states(self, input_ids, attention_mask):
+  def text_hidden_states(self, input_ids, attention_mask, dropout_rng=None):
     """[B, L, H]: Q-Former over the text alone (no image, text FFNs)."""
-    return self.qformer(self.embeddings(input_ids), attention_mask, None, 0)
+    return self.qformer(self.embeddings(input_ids), attention_mask, None, 0, dropout_rng)
 
-  def joint_hidden_states(self, feats, input_ids, attention_mask):
+  def joint_hidden_states(self, feats, input_ids, attention_mask, dropout_rng=None):
     """[B, Q+L, H]: queries and text jointly, queries cross-attending (HF's ITM pass)."""
     b = feats.shape[0]
     nq = self.config.num_query_tokens
     ctx = self._image_context(feats)
     embeds = jnp.concatenate([self._queries(b), self.embeddings(input_ids)], axis=1)
     mask = jnp.concatenate([jnp.ones((b, nq), attention_mask.dtype), attention_mask], axis=1)
-    return self.qformer(embeds, mask, ctx, nq)
+    return self.qformer(embeds, mask, ctx, nq, dropout_rng)
 
   # -- heads -------------------------------------------------------------------------------
 
-  def target_from_features(self, feats):
-    h = self.query_hidden_states(feats).astype(jnp.float32)
+  def target_from_features(self, feats, dropout_rng=None):
+    h = self.query_hidden_states(feats, dropout_rng).astype(jnp.float32)
     return l2_normalize(self.vision_projection(h))
 
-  def text_feature(self, input_ids, attention_mask):
-    h = self.text_hidden_states(input_ids, attention_mask).astype(jnp.float32)
+  def text_feature(self, input_ids, attention_mask, dropout_rng=None):
+    h = self.text_hidden_states(input_ids, attention_mask, dropout_rng).astype(jnp.float32)
     return l2_normalize(self.text_projection(h[:, 0]))
 
-  def compose_from_features(self, feats, input_ids, attention_mask):
-    h = self.joint_hidden_states(feats, input_ids, attention_mask).astype(jnp.float32)
+  def compose_from_features(self, feats, input_ids, attention_mask, dropout_rng=None):
+    h = self.joint_hidden_states(feats, input_ids, attention_mask,
+                                 dropout_rng).astype(jnp.float32)
     q = self.text_projection(h[:, :self.config.num_query_tokens])
     return l2_normalize(q.mean(axis=1))
 
@@ -373,41 +382,53 @@ def vision_features(params: Mapping, cfg: Blip2Config, pixels: jax.Array) -> jax
   return _apply(params, cfg, "vision_features", pixels)
 
 
-def encode_target_from_features(params: Mapping, cfg: Blip2Config,
-                                feats: jax.Array) -> jax.Array:
-  """[B, Q, D] L2-normalised target features from cached `vision_features`."""
+def _rng(dropout_rng) -> tuple:
+  # Eval calls pass no key at all: their jitted programs are the ones they always were.
+  return () if dropout_rng is None else (dropout_rng,)
+
+
+def encode_target_from_features(params: Mapping, cfg: Blip2Config, feats: jax.Array, *,
+                                dropout_rng: Optional[jax.Array] = None) -> jax.Array:
+  """[B, Q, D] L2-normalised target features from cached `vision_features` (dropout only
+  with a `dropout_rng`, see the module docstring)."""
   _check_feats(feats, cfg)
-  return _apply(params, cfg, "target_from_features", feats)
+  return _apply(params, cfg, "target_from_features", feats, *_rng(dropout_rng))
 
 
-def encode_image(params: Mapping, cfg: Blip2Config, pixels: jax.Array) -> jax.Array:
+def encode_image(params: Mapping, cfg: Blip2Config, pixels: jax.Array, *,
+                 dropout_rng: Optional[jax.Array] = None) -> jax.Array:
   """[B, Q, D] L2-normalised target features: vision_projection of the query outputs."""
-  return encode_target_from_features(params, cfg, vision_features(params, cfg, pixels))
+  return encode_target_from_features(params, cfg, vision_features(params, cfg, pixels),
+                                     dropout_rng=dropout_rng)
 
 
 def encode_text(params: Mapping, cfg: Blip2Config, input_ids: jax.Array,
-                attention_mask: Optional[jax.Array] = None) -> jax.Array:
+                attention_mask: Optional[jax.Array] = None, *,
+                dropout_rng: Optional[jax.Array] = None) -> jax.Array:
   """[B, D] L2-normalised ITC text feature: text_projection of the CLS output."""
-  return _apply(params, cfg, "text_feature", *_text(input_ids, attention_mask, cfg))
+  return _apply(params, cfg, "text_feature", *_text(input_ids, attention_mask, cfg),
+                *_rng(dropout_rng))
 
 
 def compose_from_features(params: Mapping, cfg: Blip2Config, feats: jax.Array,
                           input_ids: jax.Array,
-                          attention_mask: Optional[jax.Array] = None) -> jax.Array:
+                          attention_mask: Optional[jax.Array] = None, *,
+                          dropout_rng: Optional[jax.Array] = None) -> jax.Array:
   """[B, D] QuRe composed query from cached reference-image `vision_features`."""
   _check_feats(feats, cfg)
   return _apply(params, cfg, "compose_from_features", feats,
-                *_text(input_ids, attention_mask, cfg, feats.shape[0]))
+                *_text(input_ids, attention_mask, cfg, feats.shape[0]), *_rng(dropout_rng))
 
 
 def compose(params: Mapping, cfg: Blip2Config, pixels: jax.Array, input_ids: jax.Array,
-            attention_mask: Optional[jax.Array] = None) -> jax.Array:
+            attention_mask: Optional[jax.Array] = None, *,
+            dropout_rng: Optional[jax.Array] = None) -> jax.Array:
   """[B, D] QuRe composed query: text_projection of the joint pass's query outputs, mean,
   L2-normalised."""
   vit_lib.check_pixels(pixels, cfg.vision)
   _text(input_ids, attention_mask, cfg, pixels.shape[0])
   return compose_from_features(params, cfg, vision_features(params, cfg, pixels), input_ids,
-                               attention_mask)
+                               attention_mask, dropout_rng=dropout_rng)
 
 
 def query_hidden_states(params: Mapping, cfg: Blip2Config, feats: jax.Array) -> jax.Array:

@@ -93,7 +93,10 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> Blip2C
         layer_norm_eps=float(qc.get("layer_norm_eps", 1e-12)),
         hidden_act=str(qc.get("hidden_act", "gelu")),
         use_text_input=_text_input_flag(qc, source),
-        pad_token_id=int(qc.get("pad_token_id", 0) or 0))
+        pad_token_id=int(qc.get("pad_token_id", 0) or 0),
+        # Training-only (cirjax.models.qformer); HF's Blip2QFormerConfig defaults are 0.1.
+        hidden_dropout_prob=float(qc.get("hidden_dropout_prob", 0.1)),
+        attention_probs_dropout_prob=float(qc.get("attention_probs_dropout_prob", 0.1)))
     if qformer.hidden_act not in vit_lib.ACTIVATIONS:
       raise ValueError(f"qformer hidden_act {qformer.hidden_act!r} is not supported")
     return Blip2Config(vision=vision, qformer=qformer,
@@ -128,7 +131,9 @@ def config_to_hf(cfg: Blip2Config) -> dict:
                  layer_norm_eps=q.layer_norm_eps, pad_token_id=q.pad_token_id,
                  cross_attention_frequency=q.cross_attention_frequency,
                  encoder_hidden_size=q.encoder_hidden_size, vocab_size=q.vocab_size,
-                 use_qformer_text_input=q.use_text_input)
+                 use_qformer_text_input=q.use_text_input,
+                 hidden_dropout_prob=q.hidden_dropout_prob,
+                 attention_probs_dropout_prob=q.attention_probs_dropout_prob)
   return {"architectures": [HF_ARCH], "model_type": "blip-2", "vision_config": vision,
           "qformer_config": qformer, "num_query_tokens": cfg.num_query_tokens,
           "image_text_hidden_size": cfg.embed_dim, "image_token_index": None,
@@ -394,6 +399,8 @@ def config_from_lavis(state: Mapping[str, np.ndarray], *, source: str = "state d
   enc = _shape(state, _QB + "encoder.layer.0.crossattention.self.key.weight", source)[1]
   q_inter = _shape(state, _QB + "encoder.layer.0.intermediate_query.dense.weight", source)[0]
   has_text = _QB + "encoder.layer.0.intermediate.dense.weight" in state
+  # Dropout rates are not in the weights: QFormerConfig's defaults are bert-base-uncased's
+  # 0.1, the config LAVIS (and QuRe) build the Q-Former from.
   qformer = qf.QFormerConfig(hidden_size=hidden, num_layers=q_layers,
                              num_heads=qformer_heads or _default_heads(hidden, "qformer",
                                                                        source),

@@ -11,6 +11,15 @@ part of `QFormer`; `TextEmbeddings` is word + absolute position only, as in HF.
 
 `dtype` (compute) and `param_dtype` (dense and embedding params) are module attributes set
 from the model config (`Blip2Config`); LayerNorms and the softmax always run in fp32.
+
+Dropout (BERT's, where HF / LAVIS have it): after the input LayerNorm (`hidden_dropout_prob`),
+on the attention probabilities (`attention_probs_dropout_prob`), after each attention output
+dense (self and cross) and after each FFN output dense (text and query FFN), before the
+residual LayerNorm. It runs only when `QFormer.__call__` gets a `dropout_rng` (a training
+step); without one the Q-Former is deterministic and computes exactly what it did before
+dropout existed. Each site's mask comes from `fold_in(dropout_rng, ...)` by the layer's index
+in the whole stack and the site (`_SITES`), so a `scan_layers` run and a looped run drop the
+same units, and remat recomputes the same masks.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from cirjax.models.attention import dropout
 from cirjax.models.layer_stack import Stack
 from cirjax.models.remat import DEFAULT_POLICY, remat_layer
 from cirjax.models.vit import LayerNorm, activation, attention, scanned_blocks
@@ -30,6 +40,14 @@ from cirjax.models.vit import LayerNorm, activation, attention, scanned_blocks
 # Added to the attention logits of padded keys. Finite (no -inf in anything gradients touch)
 # and large enough that exp() underflows to exactly 0 in fp32 and bf16, as HF's finfo.min does.
 MASK_VALUE = -1e9
+
+# fold_in indices of a layer's dropout sites (the embeddings' mask is fold_in(rng, 0); layer i's
+# key is fold_in(rng, 1 + i)); inside an attention block 0 = probabilities, 1 = output.
+_SITES = {"attention": 0, "crossattention": 1, "ffn_query": 2, "ffn": 3}
+
+
+def _key(rng: Optional[jax.Array], index) -> Optional[jax.Array]:
+  return None if rng is None else jax.random.fold_in(rng, index)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +59,10 @@ class QFormerConfig:
       features and the composed query. HF's `use_qformer_text_input` (old spelling
       `qformer_text_input`).
     encoder_hidden_size: width of the image features cross-attended to (ViT width).
+    hidden_dropout_prob: dropout after the input LayerNorm and after each attention output
+      and FFN output dense (BERT's; 0.1 in bert-base-uncased and HF's Blip2QFormerConfig).
+    attention_probs_dropout_prob: dropout on the attention probabilities (0.1 likewise).
+      Both act only in training steps (a `dropout_rng`; see the module docstring).
   """
   hidden_size: int = 768
   num_layers: int = 12
@@ -54,8 +76,13 @@ class QFormerConfig:
   hidden_act: str = "gelu"
   use_text_input: bool = True
   pad_token_id: int = 0
+  hidden_dropout_prob: float = 0.1
+  attention_probs_dropout_prob: float = 0.1
 
   def __post_init__(self):
+    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        raise ValueError(f"QFormerConfig.{name} must be in [0, 1), got {getattr(self, name)}")
     if self.hidden_size % self.num_heads:
       raise ValueError(f"QFormerConfig.hidden_size {self.hidden_size} is not divisible by "
                        f"num_heads {self.num_heads}")
@@ -98,15 +125,16 @@ class QFormerAttention(nn.Module):
   attention_impl: str = "xla"
 
   @nn.compact
-  def __call__(self, x, context=None, mask=None):
+  def __call__(self, x, context=None, mask=None, rng=None):
     cfg = self.config
     kv = x if context is None else context.astype(self.dtype)
     dense = lambda name: _dense(cfg.hidden_size, name, self.dtype, self.param_dtype)
     q, k, v = dense("query")(x), dense("key")(kv), dense("value")(kv)
     # The Q-Former is fp16-unstable: softmax always in fp32 (identical in fp32).
     out = attention(q, k, v, num_heads=cfg.num_heads, mask=mask, softmax_fp32=True,
-                    impl=self.attention_impl)
-    out = dense("dense")(out)
+                    impl=self.attention_impl, dropout_rate=cfg.attention_probs_dropout_prob,
+                    dropout_rng=_key(rng, 0))
+    out = dropout(dense("dense")(out), cfg.hidden_dropout_prob, _key(rng, 1))
     return LayerNorm(cfg.layer_norm_eps, self.dtype, name="LayerNorm")(out + x)
 
 
@@ -117,15 +145,17 @@ class FeedForward(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, rng=None):
     cfg = self.config
     h = _dense(cfg.intermediate_size, "intermediate", self.dtype, self.param_dtype)(x)
     h = activation(cfg.hidden_act, h)
-    h = _dense(cfg.hidden_size, "output", self.dtype, self.param_dtype)(h)
+    h = dropout(_dense(cfg.hidden_size, "output", self.dtype, self.param_dtype)(h),
+                cfg.hidden_dropout_prob, rng)
     return LayerNorm(cfg.layer_norm_eps, self.dtype, name="LayerNorm")(h + x)
 
 
 class QFormerLayer(nn.Module):
+  """One BERT layer; `rng` (this layer's dropout key, None in eval) is its last argument."""
   config: QFormerConfig
   layer_idx: int
   dtype: Any = jnp.float32
@@ -133,10 +163,12 @@ class QFormerLayer(nn.Module):
   attention_impl: str = "xla"
 
   @nn.compact
-  def __call__(self, x, mask, encoder_hidden_states, query_length: int):
+  def __call__(self, x, mask, encoder_hidden_states, query_length: int, rng=None):
     cfg = self.config
     dt = (self.dtype, self.param_dtype)
-    x = QFormerAttention(cfg, *dt, self.attention_impl, name="attention")(x, mask=mask)
+    site = lambda name: _key(rng, _SITES[name])
+    x = QFormerAttention(cfg, *dt, self.attention_impl, name="attention")(
+        x, mask=mask, rng=site("attention"))
     cross = (QFormerAttention(cfg, *dt, self.attention_impl, name="crossattention")
              if cfg.has_cross_attention(self.layer_idx) else None)
     ffn_query = FeedForward(cfg, *dt, name="ffn_query")
@@ -153,24 +185,26 @@ class QFormerLayer(nn.Module):
     if query_length == 0:
       if ffn_text is None:
         raise ValueError(no_text)
-      return ffn_text(x)
+      return ffn_text(x, site("ffn"))
     q = x[:, :query_length]
     if cross is not None:
       if encoder_hidden_states is None:
         raise ValueError(f"Q-Former layer {self.layer_idx} cross-attends: image features "
                          "(encoder_hidden_states) are required when queries are present")
-      q = cross(q, context=encoder_hidden_states)
-    out = ffn_query(q)
+      q = cross(q, context=encoder_hidden_states, rng=site("crossattention"))
+    out = ffn_query(q, site("ffn_query"))
     if x.shape[1] > query_length:
       if ffn_text is None:
         raise ValueError(no_text)
-      out = jnp.concatenate([out, ffn_text(x[:, query_length:])], axis=1)
+      out = jnp.concatenate([out, ffn_text(x[:, query_length:], site("ffn"))], axis=1)
     return out
 
 
 class QFormerLayerGroup(nn.Module):
   """One scan step: `cross_attention_frequency` consecutive layers (`layer_{j}`), the first
-  with cross-attention; every step has the same parameter tree, so the steps stack."""
+  with cross-attention; every step has the same parameter tree, so the steps stack. `group`
+  (the scanned step index) gives each layer its index in the whole stack for its dropout
+  key."""
   config: QFormerConfig
   query_length: int
   dtype: Any = jnp.float32
@@ -180,25 +214,29 @@ class QFormerLayerGroup(nn.Module):
   remat_policy: str = DEFAULT_POLICY
 
   @nn.compact
-  def __call__(self, x, mask, encoder_hidden_states):
+  def __call__(self, x, mask, encoder_hidden_states, rng, group):
     layer_cls = QFormerLayer
     if self.remat:
       layer_cls = remat_layer(QFormerLayer, self.remat_policy, static_argnums=(4,),
                               prevent_cse=False)
-    for j in range(self.config.cross_attention_frequency):
+    freq = self.config.cross_attention_frequency
+    for j in range(freq):
       x = layer_cls(self.config, j, self.dtype, self.param_dtype, self.attention_impl,
-                    name=f"layer_{j}")(x, mask, encoder_hidden_states, self.query_length)
+                    name=f"layer_{j}")(x, mask, encoder_hidden_states, self.query_length,
+                                       _key(rng, 1 + group * freq + j))
     return x, None
 
 
 class QFormer(nn.Module):
   """HF `Blip2QFormerModel`: input LayerNorm, then the layers.
 
-  `__call__(embeds, attention_mask, encoder_hidden_states, query_length)`:
+  `__call__(embeds, attention_mask, encoder_hidden_states, query_length, dropout_rng)`:
     embeds: `[B, T, D]` (query tokens, optionally followed by text embeddings).
     attention_mask: `[B, T]` 1 = attend, 0 = padding; None = all ones.
     encoder_hidden_states: `[B, S, E]` image features (needed when query_length > 0).
     query_length: how many leading positions are queries (0 = text only). Static.
+    dropout_rng: a PRNG key in training steps (dropout at the config's rates); None (eval,
+      default) = deterministic.
   Returns the last hidden state `[B, T, D]`.
 
   With `scan_layers` the layers run as one `nn.scan` over groups of
@@ -215,24 +253,28 @@ class QFormer(nn.Module):
 
   @nn.compact
   def __call__(self, embeds, attention_mask=None, encoder_hidden_states=None,
-               query_length: int = 0):
+               query_length: int = 0, dropout_rng=None):
     cfg = self.config
     x = LayerNorm(cfg.layer_norm_eps, self.dtype, name="layernorm")(embeds)
+    x = dropout(x, cfg.hidden_dropout_prob, _key(dropout_rng, 0))
     mask = additive_mask(attention_mask)
     if self.scan_layers:
       check_scannable(cfg)
-      groups = scanned_blocks(QFormerLayerGroup, remat=False, in_axes=(nn.broadcast,) * 2,
-                              length=cfg.num_layers // cfg.cross_attention_frequency)
+      n_groups = cfg.num_layers // cfg.cross_attention_frequency
+      groups = scanned_blocks(QFormerLayerGroup, remat=False, in_axes=(nn.broadcast,) * 3 + (0,),
+                              length=n_groups)
       x, _ = groups(cfg, query_length, self.dtype, self.param_dtype, self.attention_impl,
                     self.remat, self.remat_policy, name="layer_groups")(
-                        x, mask, encoder_hidden_states)
+                        x, mask, encoder_hidden_states, dropout_rng,
+                        jnp.arange(n_groups, dtype=jnp.int32))
       return x
     layer_cls = (remat_layer(QFormerLayer, self.remat_policy, static_argnums=(4,))
                  if self.remat else QFormerLayer)
     # One named module per layer (`layer_{i}`, the converters' tree).
     for i in range(cfg.num_layers):
       x = layer_cls(cfg, i, self.dtype, self.param_dtype, self.attention_impl,
-                    name=f"layer_{i}")(x, mask, encoder_hidden_states, query_length)
+                    name=f"layer_{i}")(x, mask, encoder_hidden_states, query_length,
+                                       _key(dropout_rng, 1 + i))
     return x
 
 

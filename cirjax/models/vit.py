@@ -191,15 +191,17 @@ def _dense(features, name, dtype, use_bias=True):
                   kernel_init=nn.initializers.normal(0.02), name=name)
 
 
-def attention(q, k, v, *, num_heads, mask=None, softmax_fp32=True, impl="xla"):
+def attention(q, k, v, *, num_heads, mask=None, softmax_fp32=True, impl="xla",
+              dropout_rate=0.0, dropout_rng=None):
   """Multi-head attention on `[B, T, D]` projections. `mask` is additive, `[B, 1|H, Tq, Tk]`;
-  `impl` as `cirjax.models.attention` ('xla', 'cudnn', 'auto', 'einsum')."""
+  `impl` as `cirjax.models.attention` ('xla', 'cudnn', 'auto', 'einsum'); attention-probability
+  dropout only with a `dropout_rng`."""
   b, tq, d = q.shape
   tk = k.shape[1]
   hd = d // num_heads
   out = dot_attention(q.reshape(b, tq, num_heads, hd), k.reshape(b, tk, num_heads, hd),
                       v.reshape(b, tk, num_heads, hd), bias=mask, softmax_fp32=softmax_fp32,
-                      impl=impl)
+                      impl=impl, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
   return out.reshape(b, tq, d)
 
 

@@ -97,10 +97,19 @@ def model_config(mc: ml_collections.ConfigDict, vocab_size: int) -> blip2.Blip2C
       intermediate_size=int(q.intermediate_size),
       cross_attention_frequency=int(q.cross_attention_frequency),
       encoder_hidden_size=int(v.hidden_size), vocab_size=vs,
-      max_position_embeddings=int(q.get("max_position_embeddings", 512)))
+      max_position_embeddings=int(q.get("max_position_embeddings", 512)),
+      **dropout_rates(q))
   return blip2.Blip2Config(vision=vision, qformer=qformer,
                            num_query_tokens=int(mc.num_query_tokens), embed_dim=int(mc.embed_dim),
                            ln_vision_eps=1e-5 if clip else 1e-6)
+
+
+DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob")
+
+
+def dropout_rates(q: ml_collections.ConfigDict) -> dict:
+  """The Q-Former dropout rates `config.model.qformer` sets (absent: the model's own)."""
+  return {k: float(q[k]) for k in DROPOUT_KEYS if q.get(k) is not None}
 
 
 class _Group:
@@ -318,6 +327,10 @@ class QuReTask(Task):
     if self.pretrained:
       loaded = registry.load(self.pretrained, family="blip2")  # a path or a hub id
       self.cfg, self._pretrained_params = loaded.config, loaded.params
+      # The checkpoint's dropout rates (HF config.json; LAVIS: bert-base's 0.1) unless the
+      # run config sets them.
+      rates = dropout_rates(config.model.get("qformer") or ml_collections.ConfigDict())
+      self.cfg = self.cfg.replace(qformer=dataclasses.replace(self.cfg.qformer, **rates))
       if len(self.tokenizer) > self.cfg.qformer.vocab_size:
         raise ValueError(f"{self.pretrained}: Q-Former vocabulary {self.cfg.qformer.vocab_size} "
                          f"< tokenizer's {len(self.tokenizer)}")
@@ -372,7 +385,10 @@ class QuReTask(Task):
                             **run_options(self.config))
 
   def loss_fn(self, params, batch, rng):
+    """The training step's loss. `rng` (the step's key) drives the Q-Former's dropout in both
+    passes, as the reference trains in `model.train()` mode; nothing else here is random."""
     run_cfg = self._run_cfg()
+    rng_query, rng_target = jax.random.split(rng)
     if self.cache:
       ref, pos, neg = batch["ref_feats"], batch["pos_feats"], batch["neg_feats"]
     else:
@@ -382,8 +398,9 @@ class QuReTask(Task):
       ref, pos, neg = feats[:b], feats[b:2 * b], feats[2 * b:]
     b = ref.shape[0]
     q = blip2.compose_from_features(params, run_cfg, ref, batch["input_ids"],
-                                    batch["attention_mask"])
-    t = blip2.encode_target_from_features(params, run_cfg, jnp.concatenate([pos, neg]))
+                                    batch["attention_mask"], dropout_rng=rng_query)
+    t = blip2.encode_target_from_features(params, run_cfg, jnp.concatenate([pos, neg]),
+                                          dropout_rng=rng_target)
     temp = params["temp"].astype(jnp.float32)
     if self.loss_kind == "pairwise":
       s_pos = losses.qure_scores(q, t[:b], temp)
