@@ -396,21 +396,12 @@ class QuReTask(Task):
       pix = jnp.concatenate([batch["ref_pixels"], batch["pos_pixels"], batch["neg_pixels"]])
       feats = blip2.vision_features(params, run_cfg, pix)
       ref, pos, neg = feats[:b], feats[b:2 * b], feats[2 * b:]
-    b = ref.shape[0]
     q = blip2.compose_from_features(params, run_cfg, ref, batch["input_ids"],
                                     batch["attention_mask"], dropout_rng=rng_query)
     t = blip2.encode_target_from_features(params, run_cfg, jnp.concatenate([pos, neg]),
                                           dropout_rng=rng_target)
     temp = params["temp"].astype(jnp.float32)
-    if self.loss_kind == "pairwise":
-      s_pos = losses.qure_scores(q, t[:b], temp)
-      s_neg = losses.qure_scores(q, t[b:], temp)
-      loss = losses.pairwise_sigmoid_loss(s_pos, s_neg)
-    else:  # every positive and (but for infonce_inbatch) negative of the global batch as columns
-      logits = losses.qure_logits(q, t if self.loss_kind == "infonce" else t[:b], temp)
-      loss = losses.info_nce_from_logits(logits)
-      s_pos = jnp.diagonal(logits[:, :b])
-      s_neg = losses.qure_scores(q, t[b:], temp)
+    loss, s_pos, s_neg = _loss_and_scores(self.loss_kind, q, t, temp)
     acc = jnp.mean((s_pos > s_neg).astype(jnp.float32))
     return loss, {"pair_acc": acc, "temp": temp}
 
@@ -420,16 +411,13 @@ class QuReTask(Task):
             "attention_mask": jax.ShapeDtypeStruct((b, lng), jnp.int32)}
     if self.cache:
       s = (self.image_size // self.cfg.vision.patch_size) ** 2 + 1
+      dtype = feature_store.storage_dtype(self.config.qure.get("feature_dtype", "float16"))
       for k in ("ref_feats", "pos_feats", "neg_feats"):
-        spec[k] = jax.ShapeDtypeStruct((b, s, self.cfg.vision.hidden_size), self._feat_dtype)
+        spec[k] = jax.ShapeDtypeStruct((b, s, self.cfg.vision.hidden_size), dtype)
     else:
       for k in ("ref_pixels", "pos_pixels", "neg_pixels"):
         spec[k] = jax.ShapeDtypeStruct((b, self.image_size, self.image_size, 3), jnp.float32)
     return spec
-
-  @property
-  def _feat_dtype(self):
-    return feature_store.storage_dtype(self.config.qure.get("feature_dtype", "float16"))
 
   # ---------------------------------------------------------------- encoding
   def _pixels(self, idx: np.ndarray) -> np.ndarray:
@@ -542,13 +530,7 @@ class QuReTask(Task):
       if self.config.data.dataset in mining_audit.FULL_RELEVANT_DATASETS:
         audits.append(_audit_group(block, g, hs, self, qc))
     self.sampler.set_mined(sets)
-    sizes = np.concatenate([s.set_size for s in stats_all])
-    total = time.perf_counter() - t0
-    out = {"set_size_mean": float(sizes.mean()), "set_size_median": float(np.median(sizes)),
-           "set_size_max": int(sizes.max()), "empty_fraction": float((sizes == 0).mean()),
-           "mining_s": total, "mining_encode_s": times["encode_s"],
-           "mining_score_s": times["score_s"],
-           "mining_sets_s": total - times["encode_s"] - times["score_s"]}
+    out = _mining_summary(stats_all, times, time.perf_counter() - t0)
     out.update(_merge_pair_stats(pairs))
     if audits:
       out.update(mining_audit.audit_metrics(mining_audit.merge(audits)))
@@ -618,6 +600,30 @@ class QuReTask(Task):
     `cirjax.load_blip2`, `cirjax eval`; `cirjax convert` turns it into HF format)."""
     if self.config.get("export", True):
       export_model(Path(self.workdir) / "model", self.config, self.cfg, params, self.mesh)
+
+
+def _loss_and_scores(loss_kind: str, q, t, temp):
+  """The step's loss and each query's positive / negative scores, `t` = [positives;
+  negatives] of the batch: QuRe's pairwise loss, or InfoNCE with every positive and (but for
+  infonce_inbatch) negative of the global batch as columns."""
+  b = q.shape[0]
+  if loss_kind == "pairwise":
+    s_pos = losses.qure_scores(q, t[:b], temp)
+    s_neg = losses.qure_scores(q, t[b:], temp)
+    return losses.pairwise_sigmoid_loss(s_pos, s_neg), s_pos, s_neg
+  logits = losses.qure_logits(q, t if loss_kind == "infonce" else t[:b], temp)
+  return (losses.info_nce_from_logits(logits), jnp.diagonal(logits[:, :b]),
+          losses.qure_scores(q, t[b:], temp))
+
+
+def _mining_summary(stats_all, times: dict, total: float) -> dict:
+  """A mining round's set-size statistics and where its seconds went."""
+  sizes = np.concatenate([s.set_size for s in stats_all])
+  return {"set_size_mean": float(sizes.mean()), "set_size_median": float(np.median(sizes)),
+          "set_size_max": int(sizes.max()), "empty_fraction": float((sizes == 0).mean()),
+          "mining_s": total, "mining_encode_s": times["encode_s"],
+          "mining_score_s": times["score_s"],
+          "mining_sets_s": total - times["encode_s"] - times["score_s"]}
 
 
 def tokenizer_source(config: ml_collections.ConfigDict) -> str:
