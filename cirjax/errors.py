@@ -32,6 +32,10 @@ class UsageError(CirjaxError):
   exit_code = 2
 
 
+class MissingDependencyError(CirjaxError):
+  """An optional package a command needs is not installed; the message names the extra."""
+
+
 _OS_WHAT = {
     errno.ENOENT: "no such file or directory",
     errno.ENOTDIR: "not a directory (a path component is a file)",

@@ -1,4 +1,5 @@
-"""Test-wide JAX settings: 4 fake CPU devices, fp32 matmuls at highest precision."""
+"""Test-wide settings: 4 fake CPU JAX devices, fp32 matmuls at highest precision, and the
+Hypothesis profile (fixed examples unless asked for random ones)."""
 
 import os
 
@@ -7,8 +8,17 @@ import os
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import hypothesis  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Property tests draw the same examples on every run (CI included), so a failure reproduces and
+# a pass means the same thing everywhere. HYPOTHESIS_PROFILE=random (or pytest's
+# `--hypothesis-profile=random`) draws new examples each run; a failure prints the
+# `@reproduce_failure` / `--hypothesis-seed` to rerun it (README, "Tests").
+hypothesis.settings.register_profile("fixed", derandomize=True, print_blob=True)
+hypothesis.settings.register_profile("random", derandomize=False, print_blob=True)
+hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fixed"))
 
 jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_num_cpu_devices", 4)

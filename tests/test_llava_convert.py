@@ -124,8 +124,11 @@ def test_key_formats_equivalent(hf_dir):
   config, params = llava_convert.from_hf(d)
   hf5 = {}
   for k, v in state.items():
+    # save_pretrained writes the CLIP tower as `vision_tower.vision_model.*` with transformers
+    # 5.0.0 (constraints/oldest.txt) and as `vision_tower.*` with 5.24 (constraints/tested.txt).
     for old, new in (("language_model.model.", "model.language_model."),
                      ("language_model.lm_head.", "lm_head."),
+                     ("vision_tower.vision_model.", "model.vision_tower.vision_model."),
                      ("vision_tower.", "model.vision_tower.vision_model."),
                      ("multi_modal_projector.", "model.multi_modal_projector.")):
       if k.startswith(old):

@@ -120,10 +120,11 @@ def _no_image_tokenizer(tmp_path):
 def test_matches_llava_processor(tok):
   """Our image-token expansion = transformers' LlavaProcessor on the same prompt."""
   # The torchvision-free processor by name: without torchvision (the tests' CPU install),
-  # `CLIPImageProcessor` falls back to it with a warning (transformers 5.23-5.24).
+  # `CLIPImageProcessor` falls back to it with a warning (transformers 5.23-5.24). Older
+  # releases (constraints/oldest.txt) have no `...Pil` class: their `CLIPImageProcessor` is it.
+  processor = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
   proc = transformers.LlavaProcessor(
-      image_processor=transformers.CLIPImageProcessorPil(size={"shortest_edge": 28},
-                                                         crop_size={"height": 28, "width": 28}),
+      image_processor=processor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}),
       tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
       num_additional_image_tokens=1, image_token="<image>")
   p = prompts.render(prompts.inference_template("cirr", "query"), tok, modifier="make it red")

@@ -1,7 +1,14 @@
 """TFDS builders (ArrayRecord, no TensorFlow): the built split reads back identical to the
-on-disk reader, feeds the loader and the evaluator, and bad input fails the build clearly."""
+on-disk reader, feeds the loader and the evaluator, and bad input fails the build clearly.
+TFDS and array_record are the optional `tfds` extra (the `test` extra includes it): without
+them every test but the missing-extra one skips, and the commands fail with one clear error."""
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +17,10 @@ from PIL import Image
 from cirjax.data import images, loader, read_fashioniq, synth, tfds_builders, text
 from cirjax.data.records import DataError
 from cirjax.eval import evaluate, retrieval
+
+NEEDS_TFDS = pytest.mark.skipif(
+    not tfds_builders.installed(),
+    reason="the optional `tfds` extra (tensorflow-datasets, array_record) is not installed")
 
 TINY = synth.SynthConfig(seed=4, resolution=16, num_images=(120, 90, 40),
                          num_queries=(20, 12, 6))
@@ -31,6 +42,7 @@ def test_tensorflow_is_not_needed():
     pytest.skip("tensorflow is installed here; nothing to check")
 
 
+@NEEDS_TFDS
 def test_built_split_reads_back_identical(built):
   root, data_dir = built
   for split in synth.SPLITS:
@@ -49,6 +61,7 @@ def test_built_split_reads_back_identical(built):
     tfds_builders.load_split(data_dir, "synthetic", "nope")
 
 
+@NEEDS_TFDS
 def test_loader_and_eval_from_tfds(built):
   root, data_dir = built
   tok = text.load_bert_tokenizer(root / "vocab.txt")
@@ -70,6 +83,7 @@ def test_loader_and_eval_from_tfds(built):
   assert res.metrics["R@1"] == 100.0 and res.metrics["mAP@5"] == pytest.approx(100.0)
 
 
+@NEEDS_TFDS
 def test_generated_synthetic_and_not_built_error(tmp_path):
   cfg = synth.SynthConfig(seed=1, resolution=8, num_images=(100, 80, 40), num_queries=(5, 5, 5))
   tfds_builders.build("synthetic", None, tmp_path / "gen", synth_config=cfg)
@@ -79,6 +93,7 @@ def test_generated_synthetic_and_not_built_error(tmp_path):
     tfds_builders.load_split(tmp_path / "empty", "cirr", "val")
 
 
+@NEEDS_TFDS
 def test_fashioniq_build_and_bad_input(tmp_path):
   root = tmp_path / "fiq"
   names = ["B001", "B002", "B003"]
@@ -105,6 +120,7 @@ def test_fashioniq_build_and_bad_input(tmp_path):
     tfds_builders.available_splits("cirr", tmp_path / "nothing")
 
 
+@NEEDS_TFDS
 def test_cli_eval_from_a_tfds_build(built, tmp_path):
   from cirjax import cli
   root, data_dir = built
@@ -117,6 +133,7 @@ def test_cli_eval_from_a_tfds_build(built, tmp_path):
   assert cli.main(["eval", "--dataset", "synthetic", "--baseline", "random"]) == 1
 
 
+@NEEDS_TFDS
 def test_registered_with_tfds(built):
   import tensorflow_datasets as tfds
   root, data_dir = built
@@ -125,3 +142,33 @@ def test_registered_with_tfds(built):
   src = tfds.data_source("cirjax_synthetic/images", split="val", data_dir=str(data_dir),
                          decoders={"image": tfds.decode.SkipDecoding()})
   assert len(src) == len(synth.read_synthetic(root, "val").images)
+
+
+def test_without_the_tfds_extra_commands_fail_with_one_clear_error(tmp_path):
+  # A fresh interpreter in which neither optional package can be imported (a None entry in
+  # sys.modules blocks an import): importing cirjax's commands still works, and both commands
+  # that need the extra exit 1 naming it, before anything is written.
+  script = textwrap.dedent("""
+      import sys
+      sys.modules["tensorflow_datasets"] = None
+      sys.modules["array_record"] = None
+      from cirjax import cli
+      from cirjax.data import tfds_builders
+      assert not tfds_builders.installed()
+      out = sys.argv[1]
+      print("RC", cli.main(["data", "tfds", "--dataset", "synthetic", "--root", out,
+                            "--data-dir", out + "/tfds"]))
+      print("RC", cli.main(["eval", "--dataset", "synthetic", "--tfds-dir", out + "/tfds",
+                            "--baseline", "random"]))
+      """)
+  env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+  r = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
+                     text=True, env=env, timeout=300)
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.split() == ["RC", "1", "RC", "1"], r.stdout
+  errors = [l for l in r.stderr.splitlines() if "error:" in l]
+  assert len(errors) == 2, r.stderr
+  for line in errors:
+    assert "tensorflow_datasets, array_record" in line and "'.[tfds]'" in line, line
+  assert "Traceback" not in r.stderr
+  assert not (tmp_path / "tfds").exists()

@@ -32,10 +32,16 @@ def _from_hf(source, prefix, config):
   return engine.convert(source, _rows(config, prefix), vit.abstract_vit_params(config))
 
 
+def _own_prefix(model):
+  """The prefix of the tower's own state-dict keys: `vision_model.` for CLIPVisionModel with
+  transformers 5.0.0 (constraints/oldest.txt), none with 5.24 (constraints/tested.txt)."""
+  return "vision_model." if any(k.startswith("vision_model.") for k in model.state_dict()) else ""
+
+
 def _convert(cfg, model, variant):
   config = vit.vit_config_from_hf(cfg.to_dict(), variant)
   state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-  return config, _from_hf(state, "", config)
+  return config, _from_hf(state, _own_prefix(model), config)
 
 
 def _run_both(variant, batch=2, **kw):
@@ -96,7 +102,7 @@ def test_remat_same_params_and_output():
 def test_hf_round_trip_exact(variant):
   cfg, model = _hf(variant)
   config, params = _convert(cfg, model, variant)
-  back = engine.export(params, _rows(config))
+  back = engine.export(params, _rows(config, _own_prefix(model)))
   state = model.state_dict()
   assert set(back) == set(state)
   for k, v in state.items():
@@ -111,7 +117,8 @@ def test_hf_round_trip_exact(variant):
 def test_prefix_and_strict_accounting():
   cfg, model = _hf("clip")
   config = vit.vit_config_from_hf(cfg.to_dict(), "clip")
-  state = {"vision_tower.vision_model." + k: v.numpy() for k, v in model.state_dict().items()}
+  own = len(_own_prefix(model))
+  state = {"vision_tower.vision_model." + k[own:]: v.numpy() for k, v in model.state_dict().items()}
   params = _from_hf(dict(state), "vision_tower.vision_model.", config)
   assert params["layers_1"]["self_attn"]["q_proj"]["kernel"].shape == (32, 32)
   bad = dict(state)

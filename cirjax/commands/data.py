@@ -209,8 +209,9 @@ def run(args: argparse.Namespace) -> int:
       print(json.dumps({"splits": stats, "total": total}, indent=2))
     return 0
   if args.data_command == "tfds":
-    # tfds_builders imports tensorflow_datasets' helpers: only `data tfds` needs them.
+    # The `tfds` extra is optional: only `data tfds` (and `eval --tfds-dir`) import it.
     from cirjax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+    tfds_builders.require()
     splits = tfds_builders.available_splits(args.dataset, args.root)
     print(f"[tfds] building {tfds_builders.BUILDERS[args.dataset]} (queries + images) for "
           f"splits {', '.join(splits)} into {args.data_dir}", flush=True)

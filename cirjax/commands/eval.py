@@ -16,7 +16,7 @@ import numpy as np
 
 from cirjax import lora as lora_lib
 from cirjax.convert import hub, io, registry
-from cirjax.data import genecis, images, loader, text, tfds_builders
+from cirjax.data import genecis, images, loader, text
 from cirjax.data.records import DataError
 from cirjax.data.word_tokenizer import load_tokenizer
 from cirjax.errors import CirjaxError
@@ -170,6 +170,8 @@ def _splits(args) -> list[tuple[str, object, object]]:
   out = []
   for n in names:
     if args.tfds_dir is not None:
+      # The `tfds` extra is optional: only reading a TFDS build imports it.
+      from cirjax.data import tfds_builders  # pylint: disable=g-import-not-at-top
       # TFDS split names cannot hold a dot: dress.val is the build's dress_val.
       s, source = tfds_builders.load_split(args.tfds_dir, args.dataset,
                                            (n or "val").replace(".", "_", 1))

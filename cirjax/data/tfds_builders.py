@@ -38,9 +38,12 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import importlib.util
+
 import numpy as np
 from PIL import Image
 
+from cirjax.errors import MissingDependencyError
 from cirjax.data import (build_lock, circo, cirr, fashioniq, genecis, hpfashioniq, images,
                          records, synth)
 from cirjax.data.records import CIRSplit, DataError, ImageRef, Query
@@ -52,8 +55,24 @@ BUILDERS = {"synthetic": "cirjax_synthetic", "cirr": "cirjax_cirr",
             "genecis": "cirjax_genecis", "hpfashioniq": "cirjax_hp_fashion_iq"}
 
 
-def _tfds():
+OPTIONAL = ("tensorflow_datasets", "array_record")  # the `tfds` extra (setup.cfg)
+
+
+def installed() -> bool:
+  """Whether the `tfds` extra is installed (TFDS and the ArrayRecord reader/writer)."""
+  return all(importlib.util.find_spec(m) is not None for m in OPTIONAL)
+
+
+def require():
+  """The tensorflow_datasets module; MissingDependencyError naming the `tfds` extra if absent."""
   # tensorflow_datasets is heavy and optional: only building or reading TFDS data needs it.
+  missing = [m for m in OPTIONAL if importlib.util.find_spec(m) is None]
+  if missing:
+    raise MissingDependencyError(
+        f"TFDS builds (`cirjax data tfds`, `cirjax eval --tfds-dir`) need the optional "
+        f"package(s) {', '.join(missing)}, not installed: install cirjax's `tfds` extra "
+        "(pip install -e '.[tfds]' in the cirjax checkout, or pip install tensorflow-datasets "
+        "array_record)")
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   return tfds
 
@@ -133,7 +152,7 @@ def image_records(split: CIRSplit) -> Iterator[tuple[str, dict]]:
 
 
 def _features(config: str):
-  tfds = _tfds()
+  tfds = require()
   f = tfds.features
   if config == "queries":
     return f.FeaturesDict({
@@ -148,8 +167,8 @@ def _features(config: str):
 # ----------------------------------------------------------------------------- builders
 
 def _make_builder_class(dataset: str, register: bool = True):
-  tfds = _tfds()
-  # tensorflow_datasets is heavy and optional (see _tfds).
+  tfds = require()
+  # tensorflow_datasets is heavy and optional (see require).
   from tensorflow_datasets.core import registered  # pylint: disable=g-import-not-at-top
   # Register under `cirjax_<dataset>` (so tfds.builder / tfds.data_source find it) unless a
   # class of that name is already registered (a module reload).
@@ -226,7 +245,7 @@ def build(dataset: str, root: str | os.PathLike | None, data_dir: str | os.PathL
   """Builds both configs of a dataset into `data_dir`; returns the builder's directory.
   Concurrent builds of one dataset into one `data_dir` take turns (`cirjax.data.build_lock`):
   the second finds the first's output and reuses it."""
-  tfds = _tfds()
+  tfds = require()
   out = None
   # A second build of this dataset into this data_dir (another run, another job) waits for
   # the first, then finds both configs prepared and reuses them.
@@ -281,7 +300,7 @@ def load_split(data_dir: str | os.PathLike, dataset: str, split: str
   qsrc = b_q.as_data_source(split=split)
   qrecs = sorted((qsrc[i] for i in range(len(qsrc))), key=lambda r: int(r["index"]))
   # Names and corpus positions without decoding any pixels (SkipDecoding keeps the bytes).
-  meta_src = b_i.as_data_source(split=split, decoders={"image": _tfds().decode.SkipDecoding()})
+  meta_src = b_i.as_data_source(split=split, decoders={"image": require().decode.SkipDecoding()})
   meta = [(_text(r["name"]), int(r["corpus_index"])) for r in (meta_src[i]
                                                                 for i in range(len(meta_src)))]
   names = [m[0] for m in meta]
@@ -339,9 +358,10 @@ def image_source_for(data_dir: str | Path, dataset: str, splits: Sequence[str]):
 
 
 def register_all() -> None:
-  """Creates (and registers with TFDS) every builder class; done on import."""
+  """Creates (and registers with TFDS) every builder class; done on import when installed."""
   for d in BUILDERS:
     builder_class(d)
 
 
-register_all()
+if installed():
+  register_all()

@@ -3,6 +3,7 @@ on first use."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -13,7 +14,7 @@ from jax.experimental import multihost_utils
 
 from cirjax.data import cirr, fashioniq, synth
 from cirjax.data.records import CIRSplit, DataError
-from cirjax.errors import UsageError
+from cirjax.errors import MissingDependencyError, UsageError
 
 
 def _log(msg: str) -> None:
@@ -59,6 +60,13 @@ def pipeline(dc: ml_collections.ConfigDict) -> str:
   if p == "grain" and not dc.get("tfds_dir"):
     raise UsageError("config.data.pipeline='grain' reads a `cirjax data tfds` build: set "
                       "config.data.tfds_dir to its --data-dir")
+  if p == "grain":
+    missing = [m for m in ("grain", "tensorflow_datasets", "array_record")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+      raise MissingDependencyError(
+          f"config.data.pipeline='grain' needs the optional package(s) {', '.join(missing)}, "
+          "not installed: install cirjax's `grain` extra (pip install -e '.[grain]')")
   return p
 
 
