@@ -54,7 +54,8 @@ def _vit_out(cfg, params, px, impl, dtype=jnp.float32):
   return out.hidden_states[-1]
 
 
-@pytest.mark.parametrize("variant", ["clip", "eva"])
+# clip runs with -m slow (default-suite budget; CI runs both)
+@pytest.mark.parametrize("variant", ["eva", pytest.param("clip", marks=pytest.mark.slow)])
 def test_vit_formulations_agree(variant):
   cfg = vit.ViTConfig(image_size=28, patch_size=14, hidden_size=32, intermediate_size=64,
                       num_layers=2, num_heads=4, variant=variant)
@@ -83,6 +84,7 @@ def test_qformer_formulations_agree():
   assert_close(_f32(run("xla", jnp.bfloat16)), want, TOL_BF16, "Q-Former bf16")
 
 
+@pytest.mark.slow  # default-suite budget: CI runs it with -m slow
 def test_phi3_formulations_agree():
   cfg = phi3.Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
                         num_heads=4, num_kv_heads=2, max_position_embeddings=64)

@@ -125,6 +125,7 @@ def test_scaling_estimate_reads_the_gpu_train_rows(tmp_path):
   assert src["instructcir stage 2 (LoRA)"].startswith("modelled")
 
 
+@pytest.mark.slow  # default-suite budget: CI runs it with -m slow
 def test_merge_replaces_only_the_suites_run(tmp_path, capsys):
   bdir = tmp_path / "benchmarks"
   bdir.mkdir()

@@ -121,6 +121,7 @@ def test_real_width_clip_l_lavis():
 
 # ------------------------------------------------------------------------ functional API
 
+@pytest.mark.slow  # default-suite budget: CI runs it with -m slow
 def test_init_and_train_from_scratch():
   # train a 1-layer model from scratch on cached features with QuRe's pairwise loss
   cfg = blip2.tiny_config(num_layers=1, cross_attention_frequency=1)

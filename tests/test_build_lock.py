@@ -95,6 +95,7 @@ print("BUILD_RETURNED", flush=True)
 """
 
 
+@pytest.mark.slow  # default-suite budget: CI runs it with -m slow
 def test_concurrent_tfds_builds_take_turns(tmp_path):
   root = tmp_path / "synth"
   synth.generate(root, synth.SynthConfig(seed=3, resolution=16, num_images=(60, 60, 20),

@@ -55,6 +55,7 @@ def _top_level_casts(step_fn, *args) -> set:
   return shapes
 
 
+@pytest.mark.slow  # default-suite budget: CI runs it with -m slow
 def test_frozen_vit_layers_cast_in_the_scan_same_bits():
   # The stacked ViT layers frozen, the patch embedding before them trained: the gradient
   # flows back through the layers cast in the scan.

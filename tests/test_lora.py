@@ -127,6 +127,7 @@ def test_import_peft_adapter(tmp_path):
                   fx.TOL_MODEL, "PEFT adapter loaded into cirjax")
 
 
+@pytest.mark.slow  # default-suite budget: CI runs it with -m slow
 def test_trained_adapter_exports_to_peft(tmp_path):
   """A few AdamW steps on an InfoNCE loss in cirjax; PyTorch+PEFT then gives the same
   embeddings. Only the adapter is optimised: the base params come out untouched."""

@@ -19,7 +19,8 @@ def _same_tree(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("variant", ["clip", "eva"])
+# clip runs with -m slow (default-suite budget; CI runs both)
+@pytest.mark.parametrize("variant", ["eva", pytest.param("clip", marks=pytest.mark.slow)])
 def test_vit_scan_matches_loop(variant):
   cfg = vit.ViTConfig(image_size=28, patch_size=14, hidden_size=32, intermediate_size=64,
                       num_layers=3, num_heads=4, variant=variant)
@@ -132,6 +133,7 @@ def test_blip2_hf_round_trip_through_stacked_layout(tmp_path):
     np.testing.assert_array_equal(np.asarray(back[k]), v, err_msg=k)
 
 
+@pytest.mark.slow  # default-suite budget: CI runs it with -m slow
 def test_llava_scan_with_lora_and_round_trip(tmp_path):
   from cirjax import lora as lora_lib
   from cirjax.models import llava_parity

@@ -84,6 +84,7 @@ def test_stage1_trains_checkpoints_and_exports(stage1):
   assert model.tokenizer is not None and (wd / "model_hf" / "config.json").is_file()
 
 
+@pytest.mark.slow  # default-suite budget: CI runs it with -m slow
 def test_trained_adapter_loads_with_peft(stage1, tmp_path):
   """Train (tiny) -> export -> load with transformers + PEFT -> cirjax's embedding: the
   trained adapter on the HF export of the run's base gives the merged model's embedding, and
@@ -133,6 +134,7 @@ def test_only_lora_changes(stage1, synth_root, tmp_path):
   assert set(final["base"]) == {"vision_tower", "multi_modal_projector", "language_model"}
 
 
+@pytest.mark.slow  # default-suite budget: CI runs it with -m slow
 def test_stage2_starts_from_stage1(stage1, synth_root, tmp_path):
   from cirjax.train.instructcir import InstructCIRTask
   wd, r1 = stage1
@@ -183,6 +185,7 @@ def _stage2_task(synth_root, tmp_path, mesh, *overrides):
   return InstructCIRTask(cfg, mesh, str(tmp_path))
 
 
+@pytest.mark.slow  # default-suite budget: CI runs it with -m slow
 def test_hard_negative_columns_and_device_count(synth_root, tmp_path):
   """The stage-2 loss is `info_nce_loss` with the original captions as extra columns (larger
   than without them: more terms in every row's logsumexp); 1 device and 4 give the same loss
