@@ -1,5 +1,6 @@
-"""Test-wide settings: 4 fake CPU JAX devices, fp32 matmuls at highest precision, and the
-Hypothesis profile (fixed examples unless asked for random ones)."""
+"""Test-wide settings: 4 fake CPU JAX devices, fp32 matmuls at highest precision, the
+Hypothesis profile (fixed examples unless asked for random ones), and how many test
+processes `-n auto` starts (pytest-xdist, setup.cfg)."""
 
 import os
 
@@ -36,6 +37,14 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
   jax.config.update("jax_compilation_cache_dir", _CACHE)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_xdist_auto_num_workers(config):
+  """`-n auto` (setup.cfg): one test process per core, at most 4 -- each holds JAX, torch and
+  its own compilation cache (about 1-2 GiB), and the suite's longest file bounds the gain."""
+  del config
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return max(1, min(4, cores or 1))
 
 
 @pytest.fixture(scope="module")
