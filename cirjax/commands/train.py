@@ -12,7 +12,7 @@ import jax
 # Importing these touches no JAX backend, so `distributed.initialize` in `run` still comes first.
 from cirjax.errors import CirjaxError, UsageError
 from cirjax.convert import hub
-from cirjax.train import config_utils, distributed
+from cirjax.train import config_utils, distributed, warm_start
 from cirjax.train.config_utils import load_config, split_config_overrides
 from cirjax.train.preemption import PREEMPTED_EXIT
 from cirjax.train.trainer import format_table, train
@@ -26,6 +26,8 @@ Train from an ml_collections config file, resuming from the workdir's latest che
   cirjax train --config configs/synthetic.py:tiny,batch_size=8,epochs=2 --workdir /tmp/t
 
 After the colon: the file's variants and key=value arguments (see its docstring).
+A config with `warm_start.overrides` (the main job) first trains itself with those overrides
+in WORKDIR/warm_start, then trains from that run's exported model (docs/train.md#warm-start).
 Overrides: --config.key=value (or key=value after the flags); the key must exist.
 Several processes: started by srun (SLURM), mpirun (Open MPI), a Kubernetes indexed Job or on
 a TPU pod, JAX's cluster detection joins them (--cluster NAME picks a detector); anywhere else
@@ -132,6 +134,11 @@ def check_run(config, workdir: str) -> None:
                         f"{data.get('dataset')} dataset root)")
 
 
+def _say(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(f"[cirjax] {msg}", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
   # Distributed start-up must precede any use of a JAX backend.
   distributed.initialize(args.coordinator, args.num_processes, args.process_id,
@@ -143,7 +150,9 @@ def run(args: argparse.Namespace) -> int:
     raise UsageError(f"{e.filename}:{e.lineno}: the config file is not valid Python "
                      f"({e.msg})") from e
   check_run(config, args.workdir)
-  result = train(config, args.workdir)
+  # A warm start made in this command (config.warm_start) trains first, in WORKDIR/warm_start.
+  config, stopped = warm_start.run(config, args.workdir, train, _say)
+  result = stopped or train(config, args.workdir)
   if result["status"] == "nonfinite":
     print(f"cirjax train: {result['error']}", file=sys.stderr)
     return 3
@@ -154,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     return PREEMPTED_EXIT
   if jax.process_index() == 0 and result["status"] == "done":
     print(format_table(result["final_metrics"], f"final metrics ({args.workdir})",
-                       result.get("chance")))
+                       result.get("chance"), result.get("start_metrics")))
     if result.get("samples_per_s"):
       print(f"step time {result['step_time_s'] * 1e3:.1f} ms (median), "
             f"{result['samples_per_s']:.1f} samples/s")

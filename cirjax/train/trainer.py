@@ -33,7 +33,7 @@ from cirjax.data.loader import Prefetcher, default_workers
 from cirjax.models import layer_stack
 from cirjax.train import sharding as shd
 from cirjax.train import state as st
-from cirjax.train import preemption, wandb_sink
+from cirjax.train import preemption, wandb_sink, warm_start
 from cirjax.train import workdir as workdir_lib
 from cirjax.train import workdir_lock
 from cirjax.train.checkpointing import Checkpointer
@@ -53,23 +53,25 @@ def _log(msg: str) -> None:
 
 
 def format_table(metrics: dict[str, Any], title: str = "final metrics",
-                 chance: dict[str, float] | None = None) -> str:
-  """A text table of scalar metrics, with a chance column where `chance` has the metric."""
+                 chance: dict[str, float] | None = None,
+                 start: dict[str, float] | None = None) -> str:
+  """A text table of scalar metrics, with a column for the model the run started from
+  (`start`) and one for chance where those have the metric."""
   rows = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float, np.floating, np.integer))]
   if not rows:
     return f"{title}: (none)"
-  chance = chance or {}
+  extra = [(name, col) for name, col in (("start", start or {}), ("chance", chance or {}))
+           if any(k in col for k, _ in rows)]
   w = max(len(k) for k, _ in rows)
-  with_chance = any(k in chance for k, _ in rows)
-  width = w + 14 + (12 if with_chance else 0)
+  width = w + 14 + 12 * len(extra)
   lines = [title, "-" * width]
-  if with_chance:
-    lines.append(f"{'metric':<{w}}  {'value':>10}  {'chance':>10}")
+  if extra:
+    lines.append(f"{'metric':<{w}}  {'value':>10}" + "".join(f"  {n:>10}" for n, _ in extra))
   for k, v in rows:
     line = f"{k:<{w}}  {float(v):>10.4f}"
-    if k in chance:
-      line += f"  {float(chance[k]):>10.4f}"
-    lines.append(line)
+    for _, col in extra:
+      line += f"  {float(col[k]):>10.4f}" if k in col else " " * 12
+    lines.append(line.rstrip())
   lines.append("-" * width)
   return "\n".join(lines)
 
@@ -398,6 +400,10 @@ class Trainer:
         # damaged checkpoints it moved aside.
         self.logger.truncate_after(self.resumed_from)
       nonfinite = None
+      if self.config.get("eval_at_start", False):
+        self.result["start_metrics"] = warm_start.start_metrics(
+            self.workdir, self.resumed_from is None and self.step == 0,
+            lambda: self.task.evaluate(self.state.params), jax.process_index() == 0)
       self.preemption.install()
       try:
         self._loop()
@@ -440,7 +446,8 @@ class Trainer:
       with open(os.path.join(self.workdir, "final_metrics.json"), "w") as f:
         json.dump({"final_metrics": self.last_eval, "step_time_s": self.result.get("step_time_s"),
                    "samples_per_s": self.result.get("samples_per_s"), "steps": self.step,
-                   "chance": self.task.chance_metrics()}, f, indent=2)
+                   "chance": self.task.chance_metrics(),
+                   "start_metrics": self.result.get("start_metrics", {})}, f, indent=2)
 
   def _drain(self) -> None:
     """Closes the progress bar (what follows prints below it) and completes the last save."""
