@@ -33,9 +33,11 @@ THRESHOLD = 1  # the reference's consecutive_threshold (configs: qure.consecutiv
 def _task(synth_root, tmp_path):
   from cirjax.train.qure import QuReTask
   cfg = config_utils.load_config(
-      str(REPO / "configs/synthetic.py") + ":tiny,pairwise",
+      str(REPO / "configs/synthetic.py") + ":tiny",   # QuRe's pairwise recipe
+      # Without the recipe's lr warm-up the first step moves `temp` by a full lr.
       [f"data.root={synth_root}", "model.qformer.hidden_dropout_prob=0.0",
-       "model.qformer.attention_probs_dropout_prob=0.0"])
+       "model.qformer.attention_probs_dropout_prob=0.0", "train.lr=1e-3",
+       "train.schedule=cosine_per_epoch"])
   assert cfg.qure.loss == "pairwise" and cfg.qure.consecutive_threshold == THRESHOLD
   mesh = shd.make_mesh((("data", -1), ("fsdp", 1)), jax.devices())
   return QuReTask(cfg, mesh, str(tmp_path / "run")), cfg
