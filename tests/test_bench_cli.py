@@ -268,3 +268,15 @@ def test_repeats_wait_for_the_load_and_judge_a_speed_goal(tmp_path, monkeypatch,
   assert "goal eval/retrieve_single speedup_vs_torch >= 1.2: held in 3 of 3 run(s)" in out
   md = (tmp_path / "r" / "bench_cpu.md").read_text()
   assert "| eval | retrieve_single | speedup_vs_torch >= 1.2 | 2, 2, 2 | 3 of 3 | met |" in md
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--repeats", "0"], "--repeats 0: must be at least 1"),
+    (["--max-wait", "-5"], "--max-wait -5.0: must be >= 0 seconds"),
+    (["--idle-load-per-core", "0"], "--idle-load-per-core 0.0: must be > 0"),
+])
+def test_bad_wait_and_repeat_values_fail_before_running(tmp_path, capsys, argv, message):
+  out = tmp_path / "results"
+  assert cli.main(["bench", "--suite", "mining", "--out", str(out), *argv]) == 2
+  assert f"cirjax bench: error: {message}" in capsys.readouterr().err
+  assert not out.exists()
