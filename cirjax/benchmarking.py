@@ -22,6 +22,8 @@ import flax
 import jax
 import numpy as np
 
+from cirjax import bench_load
+
 # Dense peak FLOP/s per device by precision: NVIDIA's datasheets, whose tensor-core figures
 # are "with sparsity" (halved here). MFU is model FLOPs per second over this number. Matched
 # as a substring of `device_kind` in this order: the PCIe / NVL variants (lower clocks and
@@ -292,6 +294,10 @@ def machine_info() -> dict:
       "devices": [getattr(d, "device_kind", str(d)) for d in jax.devices()],
   }
   info["flax"] = flax.__version__
+  # The load when the results were written, and XLA's intra-op threads: a script run on its
+  # own records at least these (`cirjax bench` records each suite run's start and end).
+  info["load_1m"] = bench_load.load_1m()
+  info["threads_jax"] = bench_load.xla_threads()[0]
   try:
     # torch and transformers are optional here: only their versions are recorded.
     import torch  # pylint: disable=g-import-not-at-top

@@ -13,6 +13,10 @@ import time
 import traceback
 from pathlib import Path
 
+from cirjax import bench_load
+from cirjax import bench_repeats
+from cirjax import errors
+
 HELP = "benchmark cirjax against PyTorch (train steps, encoding, mining, eval, scaling)"
 DESCRIPTION = """\
 Times cirjax and the PyTorch reference on the same shapes, machine and precision in one run
@@ -46,12 +50,22 @@ results; every suite runs even after a failure, and any failed program makes the
 2, naming suite and program. --device must be gpu or omitted with --dry-run; scale has no GPU
 path and is skipped.
 
+Before each suite run, a machine whose 1-minute load average exceeds --idle-load-per-core
+(0.75) per core is given up to --max-wait seconds (300) to settle, with a progress line;
+a run that still starts above it is measured and marked "loaded". Every row records the load
+and the threads of XLA's intra-op pool and torch at its run's start and end; the README table
+shows them per suite, and --update-readme / --readme-only refuse loaded rows unless
+--allow-loaded. --repeats N runs each suite N times (default: 3 for a suite with a speed goal
+on the device -- CPU: train, blip2, eval -- else 1; --quick 1; scale and compile once) and
+keeps every run's figures; a speed goal counts when it held in 3 of 3 idle runs.
+
 --merge keeps the other suites' rows of an existing <out>/bench_<device>.json and replaces
 only the suites run now (each suite's date and peak are kept with it): re-measure one suite,
 or run the GPU suites one command at a time, and still get one combined file and table.
 
 Examples:
   cirjax bench --suite all --device cpu
+  cirjax bench --suite eval --repeats 3 --max-wait 600   # a goal check: 3 idle runs
   cirjax bench --suite mining --merge --update-readme   # re-measure one suite in place
   cirjax bench --suite mining --quick
   cirjax bench --dry-run                                  # here, before a GPU is there
@@ -102,6 +116,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  "(the other suites' rows, dates and peaks are kept)")
   p.add_argument("--keep-going", action="store_true",
                  help="record a failing suite as an error row and go on (default: stop)")
+  p.add_argument("--repeats", type=int, default=None, metavar="N",
+                 help="run each suite N times, keeping every run's figures (default: 3 for a "
+                 "suite with a speed goal on the device, else 1; --quick: 1; scale and "
+                 "compile run once)")
+  p.add_argument("--max-wait", type=float, default=bench_load.DEFAULT_MAX_WAIT_S,
+                 metavar="SECONDS", help="before each suite run, wait at most this long for "
+                 "a loaded machine to settle, then measure and mark the run loaded (default "
+                 "%(default)g; 0: never wait)")
+  p.add_argument("--idle-load-per-core", type=float, default=bench_load.IDLE_LOAD_PER_CORE,
+                 metavar="LOAD", help="the 1-minute load average per CPU at most which the "
+                 "machine counts as idle (default %(default)g)")
+  p.add_argument("--allow-loaded", action="store_true",
+                 help="let --update-readme / --readme-only publish rows measured on a loaded "
+                 "machine (marked 'loaded' in the table); refused without it")
   p.add_argument("--dry-run", action="store_true",
                  help="take every suite's GPU code path once through on this CPU at --quick "
                  "sizes (build, compile, run once; lower for CUDA); results to <out>/dryrun/; "
@@ -245,7 +273,8 @@ def _previous(out_dir: Path, device: str, quick: bool) -> dict | None:
 def _merged(old: dict, suites: list[str], rows: list[dict], extra: dict,
             date: str) -> tuple[list[dict], dict]:
   """`old`'s rows and extras of the suites not run now, plus this run's; each suite keeps
-  its own measurement date and peak (`suite_dates`, `suite_peak_flops`)."""
+  its own measurement date, peak, conditions and goal verdicts (`suite_dates`,
+  `suite_peak_flops`, `suite_conditions`, `goals`)."""
   old_suites = [s for s in (old.get("suites") or []) if s not in suites]
   old_date = (old.get("machine") or {}).get("date")
   dates = {s: old_date for s in old_suites}
@@ -261,11 +290,18 @@ def _merged(old: dict, suites: list[str], rows: list[dict], extra: dict,
   named = sorted(set(old_suites) | set(suites), key=lambda s: order.get(s, len(order)))
   carried = {k: v for k, v in old.items()
              if k not in ("benchmark", "machine", "rows", "quick", "suites", "peak_flops",
-                          "peak_source", "failures", "suite_dates", "suite_peak_flops")
+                          "peak_source", "failures", "suite_dates", "suite_peak_flops",
+                          "suite_conditions", "goals")
              and not any(k.startswith(f"{s}_") for s in suites)}
   failures = {k: v for k, v in (old.get("failures") or {}).items() if k not in suites}
   failures.update(extra["failures"])
+  conditions = {k: v for k, v in (old.get("suite_conditions") or {}).items() if k in old_suites}
+  conditions.update(extra["suite_conditions"])
+  goals = sorted([g for g in old.get("goals") or [] if g.get("suite") in old_suites]
+                 + extra["goals"], key=lambda g: order.get(g.get("suite"), len(order)))
   merged = {**carried, **extra, "suites": named, "failures": failures,
+            "suite_conditions": {s: conditions[s] for s in named if s in conditions},
+            "goals": goals,
             "suite_dates": {s: dates.get(s) for s in named},
             "suite_peak_flops": {s: peaks.get(s) for s in named},
             "peak_source": extra["peak_source"] + "; merged (--merge): each suite's MFU is "
@@ -274,57 +310,79 @@ def _merged(old: dict, suites: list[str], rows: list[dict], extra: dict,
 
 
 def run_suites(suites: list[str], device: str, quick: bool, bench_dir: Path, out_dir: Path,
-               keep_going: bool = False, merge: bool = False) -> dict:
-  """Runs each suite, writes `<out>/<suite>_<device>.json` and the combined
-  `<out>/bench_<device>.json` + `.md` (with `merge`, the other suites' rows of the existing
-  combined file kept); returns the combined payload."""
+               keep_going: bool = False, merge: bool = False, repeats: int | None = None,
+               policy: bench_load.LoadPolicy | None = None) -> dict:
+  """Runs each suite (`repeats` times, or `bench_repeats.default_repeats`; each run after
+  `bench_load.wait_for_idle` under `policy`), writes `<out>/<suite>_<device>.json` and the
+  combined `<out>/bench_<device>.json` + `.md` (with `merge`, the other suites' rows of the
+  existing combined file kept); returns the combined payload."""
   # cirjax.benchmarking imports jax: loaded on use so that `cirjax --help` stays fast.
   from cirjax import benchmarking  # pylint: disable=g-import-not-at-top
+  policy = policy or bench_load.LoadPolicy()
   previous = _previous(out_dir, device, quick) if merge else None
   _set_device(device)
   peak, peak_src = benchmarking.device_peak_flops("bf16" if device == "gpu" else "fp32")
   # An unknown GPU has no peak (None): MFU stays empty, the run goes on.
   print(f"[bench] device={device} peak="
         f"{'unknown' if peak is None else f'{peak / 1e12:.3g} TFLOP/s'} ({peak_src})", flush=True)
-  all_rows, failures, extras = [], {}, {}
+  all_rows, failures, extras, conditions, verdicts = [], {}, {}, {}, []
   for i, suite in enumerate(suites):
     t0 = time.time()
-    if device == "cpu" and i > 0:
-      # A shared CPU's matmul peak drifts with load; the run keeps the highest measurement
-      # (a peak is what the machine can do), so a busy start cannot push MFU past 1.
-      again, _ = benchmarking.device_peak_flops("fp32")
-      if again and peak and again > peak:
-        print(f"[bench] CPU peak re-measured: {again / 1e12:.3g} TFLOP/s", flush=True)
-        peak = again
+    n_runs = 1 if suite in OPT_IN else (repeats or bench_repeats.default_repeats(device, suite,
+                                                                                quick))
     if device == "gpu" and i > 0:
       _release_gpu_memory()
-    print(f"[bench] suite {suite} ...", flush=True)
+    runs, records, extra = [], [], {}
     try:
       mod = _load_suite(bench_dir, suite)
-      result = mod.run(device=device, quick=quick)
+      for k in range(n_runs):
+        label = f"suite {suite}" + (f" run {k + 1} of {n_runs}" if n_runs > 1 else "")
+        wait = bench_load.wait_for_idle(policy, label)
+        if device == "cpu" and k == 0 and (i > 0 or wait["waited_s"] > 0):
+          # A shared CPU's matmul peak drifts with load; the run keeps the highest measurement
+          # (a peak is what the machine can do), so a busy start cannot push MFU past 1.
+          again, _ = benchmarking.device_peak_flops("fp32")
+          if again and peak and again > peak:
+            print(f"[bench] CPU peak re-measured: {again / 1e12:.3g} TFLOP/s", flush=True)
+            peak = again
+        print(f"[bench] {label} ...", flush=True)
+        start = bench_load.snapshot(policy)
+        result = mod.run(device=device, quick=quick)
+        record = bench_load.run_record(wait, start, bench_load.snapshot(policy))
+        if isinstance(result, dict):  # a suite may return {"rows": [...], <extra keys>}
+          extra = {key: v for key, v in result.items() if key != "rows"}
+          result = result["rows"]
+        records.append(record)
+        runs.append(bench_load.mark_rows(normalise_rows(suite, list(result), peak), record))
     except Exception as e:  # pylint: disable=broad-except
       if not keep_going:
         raise
       failures[suite] = f"{type(e).__name__}: {e}"
       print(f"[bench] suite {suite} FAILED: {failures[suite]}", flush=True)
       continue
-    extra = {}
-    if isinstance(result, dict):  # a suite may return {"rows": [...], <extra keys>}
-      extra = {k: v for k, v in result.items() if k != "rows"}
-      result = result["rows"]
-    rows = normalise_rows(suite, list(result), peak)
+    rows = bench_repeats.combine_runs(runs)
+    conditions[suite] = bench_load.suite_conditions(policy, records)
+    judged = bench_repeats.judge_goals(device, suite, rows)
+    verdicts += judged
     extras.update({f"{suite}_{k}": v for k, v in extra.items()})
     benchmarking.write_results(f"{suite}_{device}", rows, out_dir,
                                extra={"quick": quick, "peak_flops": peak,
-                                      "peak_source": peak_src, **extra})
+                                      "peak_source": peak_src, "conditions": conditions[suite],
+                                      "goals": judged, **extra})
     all_rows.extend(rows)
     print(benchmarking.format_table(rows, TABLE_COLUMNS), flush=True)
+    for v in judged:
+      print(f"[bench] {bench_repeats.verdict_line(v)}", flush=True)
+    if conditions[suite]["loaded"]:
+      print(f"[bench] suite {suite}: measured on a loaded machine, its rows are marked "
+            "loaded (--update-readme refuses them without --allow-loaded)", flush=True)
     print(f"[bench] suite {suite} done in {time.time() - t0:.0f}s", flush=True)
   all_rows = normalise_rows_peak(all_rows, peak)
   if device == "cpu" and len(suites) > 1:
     peak_src += "; highest of one measurement before each suite"
   payload_extra = {"quick": quick, "suites": suites, "peak_flops": peak, "peak_source": peak_src,
-                   "failures": failures, **extras}
+                   "failures": failures, "suite_conditions": conditions, "goals": verdicts,
+                   **extras}
   if previous is not None:
     all_rows, payload_extra = _merged(previous, suites, all_rows, payload_extra,
                                       benchmarking.machine_info()["date"])
@@ -449,7 +507,19 @@ def render_markdown(payload: dict) -> str:
            f"torch {m.get('torch')}, transformers {m.get('transformers')}, python {m.get('python')}"
            f"{' — quick sizes (smoke run)' if payload.get('quick') else ''}. "
            f"MFU against {payload.get('peak_source')}.", ""]
-  lines.append(benchmarking.format_table(payload.get("rows", []), TABLE_COLUMNS))
+  suites = list(payload.get("suites") or dict.fromkeys(r.get("suite") for r in payload.get("rows", [])))
+  dates = payload.get("suite_dates") or {s: m.get("date") for s in suites}
+  lines += ["How each suite was measured (docs/benchmarks.md#how-figures-are-taken):", "",
+            bench_load.conditions_table(suites, payload.get("suite_conditions") or {}, dates),
+            ""]
+  # A loaded suite's rows say so where their figures are read.
+  rows = [dict(r, suite=f"{r.get('suite')} (loaded)") if r.get("loaded") else r
+          for r in payload.get("rows", [])]
+  lines.append(benchmarking.format_table(rows, TABLE_COLUMNS))
+  if payload.get("goals"):
+    lines += ["", f"Speed goals (met: held in every one of at least "
+              f"{bench_repeats.RUNS_TO_COUNT} idle runs):", "",
+              bench_repeats.goals_table(payload["goals"])]
   for suite, err in (payload.get("failures") or {}).items():
     lines.append(f"\nSuite `{suite}` failed: {err}")
   est = payload.get("scaling_estimate")
@@ -460,8 +530,9 @@ def render_markdown(payload: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def update_readme(readme: Path, out_dir: Path) -> None:
-  """Replaces README's results section with the tables of every bench_<device>.json."""
+def update_readme(readme: Path, out_dir: Path, allow_loaded: bool = False) -> None:
+  """Replaces README's results section with the tables of every bench_<device>.json;
+  refuses (before writing) rows measured on a loaded machine unless `allow_loaded`."""
   text = readme.read_text()
   if README_START not in text or README_END not in text:
     raise ValueError(f"{readme}: results markers not found; add the two lines\n{README_START}\n"
@@ -471,9 +542,12 @@ def update_readme(readme: Path, out_dir: Path) -> None:
     p = out_dir / f"bench_{device}.json"
     if p.is_file():
       try:
-        parts.append(render_markdown(json.loads(p.read_text())))
+        payload = json.loads(p.read_text())
       except json.JSONDecodeError as e:
         raise ValueError(f"{p}: not valid JSON ({e})") from e
+      if not allow_loaded:
+        bench_load.refuse_loaded(p, payload)
+      parts.append(render_markdown(payload))
   if not parts:
     raise FileNotFoundError(f"no bench_cpu.json or bench_gpu.json in {out_dir}; run "
                             "`cirjax bench --suite all` first")
@@ -503,9 +577,14 @@ def run(args) -> int:
       return run_dry(parse_suites(args.suite), bench_dir, out_dir)
     if not args.readme_only:
       suites = parse_suites(args.suite)
-      run_suites(suites, device, args.quick, bench_dir, out_dir, args.keep_going, args.merge)
+      if args.repeats is not None and args.repeats < 1:
+        raise errors.UsageError(f"--repeats {args.repeats}: must be at least 1")
+      policy = bench_load.LoadPolicy(max_wait_s=args.max_wait,
+                                     per_core=args.idle_load_per_core)
+      run_suites(suites, device, args.quick, bench_dir, out_dir, args.keep_going, args.merge,
+                 args.repeats, policy)
     if args.update_readme or args.readme_only:
-      update_readme(readme, out_dir)
+      update_readme(readme, out_dir, args.allow_loaded)
   except (ValueError, FileNotFoundError, RuntimeError, AttributeError) as e:
     print(f"cirjax bench: error: {e}", file=sys.stderr)
     return 2
