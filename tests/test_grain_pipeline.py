@@ -186,7 +186,8 @@ def test_two_processes_read_their_halves_through_grain(tfds_dir, synth_root, tmp
   args = ["--config", str(REPO / "configs/synthetic.py") + ":tiny",
           f"--config.data.root={synth_root}", f"--config.data.tokenizer={synth_root / 'vocab.txt'}",
           "--config.eval_every_epochs=0", "--config.export=False",
-          "--config.mesh=(('data', 4), ('fsdp', 1))"]
+          "--config.mesh=(('data', 4), ('fsdp', 1))",
+          "--config.warm_start.overrides=()"]   # the recipe itself, from random weights
   one = _run(config_utils.load_config(args[1], [a[len("--config."):] for a in args[2:]]),
              tmp_path / "one")[0]
   status = multiprocess.launch(

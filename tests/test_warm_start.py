@@ -48,6 +48,18 @@ def test_start_metrics_are_kept_and_read_back_on_resume(tmp_path):
   assert not (other / warm_start.START_FILE).exists()
 
 
+def test_several_processes_are_told_to_make_the_warm_start_with_one(tmp_path, monkeypatch):
+  """Process 0 alone writes the warm start's export: a multi-process command that would
+  have to make it is refused, before anything is written."""
+  import jax
+  from cirjax.errors import UsageError
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  cfg = config_utils.load_config(SYNTH + ":tiny")
+  with pytest.raises(UsageError, match="made by a single process"):
+    warm_start.run(cfg, str(tmp_path / "w"), lambda *a: pytest.fail("trained"), print)
+  assert not (tmp_path / "w").exists()
+
+
 def test_table_shows_the_start_beside_the_final_metrics():
   table = format_table({"R@10": 30.0, "loss": 0.5}, "final", chance={"R@10": 1.0},
                        start={"R@10": 20.0})

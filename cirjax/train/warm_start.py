@@ -23,9 +23,11 @@ import json
 import os
 from typing import Any, Callable
 
+import jax
 import ml_collections
 
-from cirjax.train import config_utils
+from cirjax import errors
+from cirjax.train import config_utils, workdir_lock
 
 WARM_DIR = "warm_start"
 START_FILE = "start_metrics.json"
@@ -66,6 +68,16 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   if finished(workdir):
     log(f"warm start: done ({wdir}), training from its model")
   else:
+    if jax.process_count() > 1:
+      # Its export is written by process 0 alone, which the other processes could not wait
+      # for before loading it.
+      raise errors.UsageError(
+          f"config.warm_start: the warm start ({wdir}) is made by a single process: run this "
+          "command once with one process to make it (later runs with several processes find "
+          "it finished and train from it), or give the start as --config.model.init=DIR with "
+          "--config.warm_start.overrides=()")
+    # A workdir another run holds is refused before the warm start writes into it.
+    workdir_lock.lock_run(workdir, log).release()
     log(f"warm start: training {', '.join(config.warm_start.overrides)} in {wdir}")
     result = train_fn(warm, wdir)
     if result["status"] != "done":
