@@ -400,10 +400,7 @@ class Trainer:
         # damaged checkpoints it moved aside.
         self.logger.truncate_after(self.resumed_from)
       nonfinite = None
-      if self.config.get("eval_at_start", False):
-        self.result["start_metrics"] = warm_start.start_metrics(
-            self.workdir, self.resumed_from is None and self.step == 0,
-            lambda: self.task.evaluate(self.state.params), jax.process_index() == 0)
+      self.result["start_metrics"] = _start_metrics(self)
       self.preemption.install()
       try:
         self._loop()
@@ -444,10 +441,9 @@ class Trainer:
     self.logger.plot()
     if jax.process_index() == 0:
       with open(os.path.join(self.workdir, "final_metrics.json"), "w") as f:
-        json.dump({"final_metrics": self.last_eval, "step_time_s": self.result.get("step_time_s"),
-                   "samples_per_s": self.result.get("samples_per_s"), "steps": self.step,
-                   "chance": self.task.chance_metrics(),
-                   "start_metrics": self.result.get("start_metrics", {})}, f, indent=2)
+        kept = {k: self.result.get(k) for k in ("step_time_s", "samples_per_s", "start_metrics")}
+        json.dump({"final_metrics": self.last_eval, **kept, "steps": self.step,
+                   "chance": self.task.chance_metrics()}, f, indent=2)
 
   def _drain(self) -> None:
     """Closes the progress bar (what follows prints below it) and completes the last save."""
@@ -466,6 +462,16 @@ class Trainer:
     self.lock.release()
     if hasattr(self, "task"):
       self.task.close()
+
+
+def _start_metrics(trainer: Trainer) -> dict[str, float]:
+  """With `eval_at_start`, the metrics of the model the run starts from (evaluated on a fresh
+  run, read back on a resumed one; cirjax.train.warm_start); {} without."""
+  if not trainer.config.get("eval_at_start", False):
+    return {}
+  return warm_start.start_metrics(
+      trainer.workdir, trainer.resumed_from is None and trainer.step == 0,
+      lambda: trainer.task.evaluate(trainer.state.params), jax.process_index() == 0)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding.Mesh | None = None
