@@ -12,7 +12,7 @@ The protocol, fixed before any test1 number was seen:
                 pairwise_topk_oracle pairwise, top-k minus every true false negative
                 pairwise_corpus      pairwise, a random corpus image (never mined)
                 pairwise_qure        pairwise, QuRe's hard-negative sets (the paper's recipe)
-                infonce_qure         InfoNCE plus QuRe-mined negatives (the main job's loss)
+                infonce_qure         InfoNCE plus QuRe-mined negatives (configs/synthetic.py:infonce)
   budget        every arm the same: 12 epochs, batch 64, QuRe's schedule with n_def = 6
                 (random negatives in epochs 0-1, re-mined every 2 epochs), AdamW with a 5 %
                 linear lr warm-up then a cosine to lr/100 over the whole run; the warm
