@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from cirjax import mining
-from cirjax import mining_audit as ma
+from cirjax.mining import audit as ma
 
 # The worked example of docs/mining.md (QuRe set of query 0 = corpus [3, 4, 5, 6]); query 1
 # is its mirror image, so its set is [5, 4, 3, 2].

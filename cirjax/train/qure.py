@@ -44,8 +44,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cirjax import losses
 from cirjax import mining
-from cirjax import mining_audit
-from cirjax import sampling as sampling_lib
+from cirjax.mining import audit as mining_audit
+from cirjax.mining import sampling as sampling_lib
 from cirjax.convert import hub, registry
 from cirjax.data import images as images_lib
 from cirjax.data import text
