@@ -83,12 +83,12 @@ def tiny_model(synth_root, tmp_path_factory):
   import jax
   from cirjax.convert import registry
   from cirjax.models import blip2
-  from cirjax.train import config_utils, qure
+  from cirjax.train import config_utils
   from pathlib import Path
   cfg = config_utils.load_config(str(Path(__file__).parents[1] / "configs/synthetic.py")
                                  + ":tiny")
   vocab = (synth_root / "vocab.txt").read_text()
-  mcfg = qure.model_config(cfg.model, len(vocab.split()))
+  mcfg = blip2.model_config(cfg.model, len(vocab.split()))
   d = tmp_path_factory.mktemp("model") / "m"
   registry.save(d, "blip2", mcfg, jax.tree.map(np.asarray,
                                                blip2.init_blip2(jax.random.key(0), mcfg)))

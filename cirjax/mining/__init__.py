@@ -38,13 +38,15 @@ The package, one module per part of the job:
 * `blocks` -- the blocked loop's shared host pieces (block functions, the memory budget);
 * `cpu`, `accelerator` -- the two paths;
 * `driver` -- `hard_negative_sets`, which checks its arguments and picks the path;
-* `sampling` -- drawing one negative per query per step from the sets (`NegativeSampler`),
-  reproducibly and resumably;
+* `sampling` -- drawing one negative per query per step from the sets (`NegativeSampler`;
+  `GroupSampler` over a run's mining groups), reproducibly and resumably;
 * `audit` -- false negatives of each strategy's pools against full relevant sets;
-* `plots` -- the paper's figures of a mining (matplotlib, imported on use).
+* `plots` -- the paper's figures of a mining (matplotlib, imported on use);
+* `groups` -- a training run's mining corpora (one per training split);
+* `rounds` -- one mining round of a training run (encode, score on device, mine, measure).
 
-This module re-exports the mining's public names; `sampling`, `audit` and `plots` are
-imported as modules (`from cirjax.mining import sampling`).
+This module re-exports the mining's public names; `sampling`, `audit`, `plots`, `groups` and
+`rounds` are imported as modules (`from cirjax.mining import sampling`).
 """
 
 from cirjax.mining.blocks import (DEFAULT_MEMORY_BUDGET, ScoresOrBlockFn,
