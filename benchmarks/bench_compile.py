@@ -128,7 +128,7 @@ def _qure(sz: dict, scan: bool, cached: bool) -> dict:
     mc.vision.num_layers = sz["vision_layers"]
   if sz["qformer_layers"]:
     mc.qformer.num_layers = sz["qformer_layers"]
-  cfg = qure.model_config(mc, mc.qformer.vocab_size).replace(scan_layers=scan)
+  cfg = blip2.model_config(mc, mc.qformer.vocab_size).replace(scan_layers=scan)
   # The task's own loss and batch spec, without its data: the attributes they read.
   task = object.__new__(qure.QuReTask)
   task.config = config

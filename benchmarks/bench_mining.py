@@ -52,6 +52,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cirjax import benchmarking, mining  # noqa: E402  pylint: disable=g-import-not-at-top
+from cirjax.mining import accelerator, cpu  # noqa: E402  pylint: disable=g-import-not-at-top
+from cirjax.mining import sets as mining_sets  # noqa: E402  pylint: disable=g-import-not-at-top
 
 THRESHOLD = 1
 TEMP = 0.07
@@ -262,7 +264,7 @@ def sort_floor_s(host: np.ndarray, rows: int = 1024) -> float:
   total = 0.0
   for a in range(0, host.shape[0], rows):
     # pylint: disable-next=protected-access
-    keys = mining._np_pack(mining._np_desc_bits(host[a:a + rows]), cols)
+    keys = cpu._np_pack(cpu._np_desc_bits(host[a:a + rows]), cols)
     t0 = time.perf_counter()
     keys.sort(axis=1)
     total += time.perf_counter() - t0
@@ -306,7 +308,7 @@ def _dry_compile_kernel(name: str, rows: int, n: int, dry_run) -> None:
           np.int32(min(THRESHOLD, n)), np.bool_(False))
   with jax.enable_x64(True):  # the kernel sorts packed 64-bit keys, as the driver runs it
     # pylint: disable-next=protected-access  # the kernel the driver calls once per block
-    kernel = mining._compiled("qure", (("top_drops", 32),), None, None)
+    kernel = accelerator._compiled("qure", (("top_drops", 32),), None, None)
     benchmarking.compile_program(name, kernel, *args, dry_run=dry_run)
 
 
@@ -430,7 +432,7 @@ def _torch_rows(p, name, host, qf, cf, targets, ids, ref_sets, shapes, tdev, dry
                               name, "torch_per_block")
   if ids is not None:  # the same unique-ids-minus-target post-processing, timed apart
     t0 = time.perf_counter()
-    mining._dedup_minus_target(off, ids[flat], ids[targets])  # pylint: disable=protected-access
+    mining_sets.dedup_minus_target(off, ids[flat], ids[targets])
     dedup_s = time.perf_counter() - t0
     for key in ("median_s", "min_s", "mean_s"):
       t_blk[key] += dedup_s

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cirjax import mining_audit
 from cirjax import study_stats
+from cirjax.mining import audit as mining_audit
 
 HEADLINE = ("mAP@10", "R@10", "Rsubset@1", "rel@5", "preference_rate", "R@1", "R@50")
 # The pool each arm draws its negatives from in training (None: in-batch only).

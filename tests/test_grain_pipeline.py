@@ -161,9 +161,10 @@ def test_grain_training_killed_mid_epoch_resumes_bit_for_bit(tfds_dir, synth_roo
   monkeypatch.delenv("CIRJAX_STOP_AFTER_STEP")
   rest, t_rest = _run(grain_cfg, tmp_path / "grain")
   assert rest["status"] == "done" and t_rest.resumed_from == 3
-  fed = [s for s, _ in t_cut.task.feed.yielded if s < 3] + [s for s, _ in t_rest.task.feed.yielded]
+  cut_fed, rest_fed = t_cut.task.train_queries.feed.yielded, t_rest.task.train_queries.feed.yielded
+  fed = [s for s, _ in cut_fed if s < 3] + [s for s, _ in rest_fed]
   assert fed == list(range(EPOCHS * STEPS))
-  rows = [r for s, r in t_cut.task.feed.yielded if s < 3] + [r for _, r in t_rest.task.feed.yielded]
+  rows = [r for s, r in cut_fed if s < 3] + [r for _, r in rest_fed]
   want = [training_splits.epoch_rows(SEED, e, 64, STEPS, B)[i * B:(i + 1) * B]
           for e in range(EPOCHS) for i in range(STEPS)]
   for a, b in zip(rows, want):

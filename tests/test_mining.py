@@ -6,6 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from cirjax import mining
+from cirjax.mining import sets as mining_sets
 
 
 @pytest.fixture(params=["numpy", "xla"])
@@ -344,7 +345,7 @@ def test_dedup_keeps_first_occurrences_in_order(key_bits):
   offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
   flat = rng.integers(0, 12, int(offsets[-1])).astype(np.int32)
   target_ids = rng.integers(0, 12, 30).astype(np.int32)
-  got_off, got = mining._dedup_minus_target(offsets, flat, target_ids, key_bits=key_bits)  # pylint: disable=protected-access
+  got_off, got = mining_sets.dedup_minus_target(offsets, flat, target_ids, key_bits=key_bits)
   want = []
   for r in range(30):
     seen = []

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from cirjax import mining
-from cirjax import mining_audit as ma
+from cirjax.mining import audit as ma
 
 # The worked example of docs/mining.md (QuRe set of query 0 = corpus [3, 4, 5, 6]); query 1
 # is its mirror image, so its set is [5, 4, 3, 2].
@@ -83,12 +83,12 @@ def tiny_model(synth_root, tmp_path_factory):
   import jax
   from cirjax.convert import registry
   from cirjax.models import blip2
-  from cirjax.train import config_utils, qure
+  from cirjax.train import config_utils
   from pathlib import Path
   cfg = config_utils.load_config(str(Path(__file__).parents[1] / "configs/synthetic.py")
                                  + ":tiny")
   vocab = (synth_root / "vocab.txt").read_text()
-  mcfg = qure.model_config(cfg.model, len(vocab.split()))
+  mcfg = blip2.model_config(cfg.model, len(vocab.split()))
   d = tmp_path_factory.mktemp("model") / "m"
   registry.save(d, "blip2", mcfg, jax.tree.map(np.asarray,
                                                blip2.init_blip2(jax.random.key(0), mcfg)))

@@ -1,10 +1,11 @@
-"""cirjax.mining_plots writes real PNGs and marks what the mining found."""
+"""cirjax.mining.plots writes real PNGs and marks what the mining found."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from cirjax import mining, mining_plots
+from cirjax import mining
+from cirjax.mining import plots as mining_plots
 
 
 def _worked():

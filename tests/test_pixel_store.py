@@ -159,25 +159,24 @@ def _qure(root, wd, *overrides):
 
 
 def test_qure_batches_are_identical_with_the_store_and_it_is_reused(tmp_path):
-  from cirjax.train import qure
   root = tmp_path / "data"
   synth.generate(root, synth.SynthConfig(seed=0, resolution=32, num_images=(60, 60, 20),
                                          num_queries=(64, 32, 16)), progress=None)
   task = _qure(root, tmp_path / "wd")  # 'auto': uncached QuRe reads every image repeatedly
   task.begin_epoch(0, None)
-  stats = task.pixel_store_stats
+  stats = task.images.pixel_store_stats
   assert stats["pixel_store_built"] and stats["pixel_store_shape"][0] == len(task.image_names)
-  px = task._images  # pylint: disable=protected-access
+  px = task.images.decoded
   source, px.source = px.source, None  # nothing is decoded while the store is open
-  stored = [task.batch(0, i) for i in range(2)] + [task._pixels(np.arange(len(task.image_names)))]  # pylint: disable=protected-access
+  every = np.arange(len(task.image_names))
+  stored = [task.batch(0, i) for i in range(2)] + [task.images.pixels(every)]
   px.source, px.store, px._row = source, None, {}  # pylint: disable=protected-access  (decode)
-  decoded = [task.batch(0, i) for i in range(2)] + [task._pixels(np.arange(len(task.image_names)))]  # pylint: disable=protected-access
+  decoded = [task.batch(0, i) for i in range(2)] + [task.images.pixels(every)]
   assert "ref_pixels" in decoded[0]
   jax.tree.map(np.testing.assert_array_equal, stored, decoded)
-  task.cache = True
-  assert qure._open_pixel_store(task) == {}  # pylint: disable=protected-access  (cached features:
-  task.cache = False                          # each image is read once, for the feature store)
-  again = qure._open_pixel_store(task)  # pylint: disable=protected-access  (as a resumed run)
+  # Cached features: each image is read once, for the feature store.
+  assert task.images.open_pixel_store(cached=True) == {}
+  again = task.images.open_pixel_store(cached=False)  # as a resumed run
   assert not again["pixel_store_built"]
   assert again["pixel_store_path"] == stats["pixel_store_path"]
 

@@ -76,15 +76,15 @@ def mined(synth_root, tmp_path_factory):
   uniq_names = [task.image_names[int(i)] for i in uniq]
   rows = np.array([[scores[(c["reference"], c["caption"])][n] for n in uniq_names]
                    for c in captions], np.float32)
-  assert [q.reference for q in task.queries] == [c["reference"] for c in captions]
-  assert len(captions) == len(task.queries)
+  assert [q.reference for q in task.train_queries.queries] == [c["reference"] for c in captions]
+  assert len(captions) == len(task.train_queries)
 
   def encode_targets(params, idx, sharded=False):
     assert np.array_equal(idx, uniq)
     return jnp.eye(len(uniq), dtype=jnp.float32)[:, None, :]
 
   def encode_queries(params, ref_idx, ids, mask, sharded=False):
-    assert np.array_equal(ref_idx, task.q_ref[g.queries])
+    assert np.array_equal(ref_idx, task.train_queries.ref[g.queries])
     return jnp.asarray(rows[g.queries])
   task.encode_targets, task.encode_queries = encode_targets, encode_queries
   handed = []
@@ -115,12 +115,13 @@ def test_mined_epoch_batches_draw_their_negatives_from_the_sets(mined):
   its cached features) lies in that query's set, or (an empty set: the warm-up pool) is not
   its target."""
   task, want, captions = mined["task"], mined["want"], mined["captions"]
-  store = np.asarray(task._feats[np.arange(len(task.image_names))])  # pylint: disable=protected-access
+  store = np.asarray(task.images.features[np.arange(len(task.image_names))])
   by_row = {store[i].tobytes(): i for i in range(len(store))}
   assert len(by_row) == len(store)  # every image's cached features are distinct
   queries: dict = {}
   for q in range(len(captions)):
-    queries.setdefault((int(task.q_ref[q]), task.q_ids[q].tobytes()), []).append(q)
+    tq = task.train_queries
+    queries.setdefault((int(tq.ref[q]), tq.ids[q].tobytes()), []).append(q)
   drawn = 0
   for index in range(task.steps_per_epoch):
     b = task.batch(1, index)

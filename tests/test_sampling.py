@@ -1,10 +1,11 @@
-"""cirjax.sampling: walks without replacement, uniform within a pass, exact resume."""
+"""cirjax.mining.sampling: walks without replacement, uniform within a pass, exact resume."""
 
 import numpy as np
 import pytest
 from scipy import stats as sps
 
-from cirjax import mining, sampling
+from cirjax import mining
+from cirjax.mining import sampling
 
 
 def _sets(lists):

@@ -13,9 +13,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cirjax import mining, mining_audit, study, study_report, study_stats
+from cirjax import mining, study, study_report, study_stats
 from cirjax.data import synth
 from cirjax.eval import metrics
+from cirjax.mining import audit as mining_audit
 from cirjax.train import config_utils
 from cirjax.train import state as st
 

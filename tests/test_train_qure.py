@@ -154,7 +154,7 @@ def test_fashioniq_mining_target_is_the_first_copy():
   reference takes a query's target position as the first entry of its target image."""
   from cirjax import mining
   from cirjax.data.records import CIRSplit, Query
-  from cirjax.train import qure
+  from cirjax.mining import groups
   images = ["dress_0", "dress_1", "dress_2"]
   targets = [0, 1, 2, 0, 1, 2, 2]  # 7 triplets over 3 images; query 6 is the 3rd copy of 2
   queries = [Query(str(i), images[(t + 1) % 3], "x", target=images[t]) for i, t in
@@ -162,8 +162,8 @@ def test_fashioniq_mining_target_is_the_first_copy():
   split = CIRSplit("fashioniq", "dress.train", queries, images, {})
   names = {n: i for i, n in enumerate(images)}
   q_tgt = np.array(targets, np.int32)
-  first, = qure._mining_groups([split], names, q_tgt, per_triplet=True)
-  slot, = qure._mining_groups([split], names, q_tgt, per_triplet=True, target_position="slot")
+  first, = groups.mining_groups([split], names, q_tgt, per_triplet=True)
+  slot, = groups.mining_groups([split], names, q_tgt, per_triplet=True, target_position="slot")
   np.testing.assert_array_equal(first.corpus, targets)
   np.testing.assert_array_equal(first.target_pos, [0, 1, 2, 0, 1, 2, 2])
   np.testing.assert_array_equal(slot.target_pos, np.arange(7))
@@ -177,7 +177,7 @@ def test_fashioniq_mining_target_is_the_first_copy():
     sets[name] = hn.indices[hn.offsets[0]:hn.offsets[1]].tolist()
   assert sets["first"] != sets["slot"]
   with pytest.raises(ValueError, match="target_position"):
-    qure._mining_groups([split], names, q_tgt, per_triplet=True, target_position="last")
+    groups.mining_groups([split], names, q_tgt, per_triplet=True, target_position="last")
 
 
 def test_feature_store_is_reused_on_resume_and_rebuilt_for_changed_vision(synth_root, tmp_path):
@@ -192,28 +192,30 @@ def test_feature_store_is_reused_on_resume_and_rebuilt_for_changed_vision(synth_
 
   def opened(p):
     task = qure.QuReTask(cfg, mesh, str(tmp_path))
-    task._ensure_features(p)  # pylint: disable=protected-access
+    task.images.open(p)
     return task
 
   first = opened(params)
-  assert first.store_stats["store_built"] and first.store_stats["store_dtype"] == "float16"
+  stats = first.images.features.stats
+  assert stats["store_built"] and stats["store_dtype"] == "float16"
   n = len(first.image_names)
-  assert first.store_stats["store_shape"][0] == n
+  assert stats["store_shape"][0] == n
   want = np.asarray(jax.device_get(qure.blip2.vision_features(
-      params, first._run_cfg(), first._pixels(np.arange(3)))))  # pylint: disable=protected-access
-  np.testing.assert_allclose(first._feats[np.arange(3)].astype(np.float32), want,  # pylint: disable=protected-access
+      params, first._run_cfg(),  # pylint: disable=protected-access
+      first.images.pixels(np.arange(3)))))
+  np.testing.assert_allclose(first.images.features[np.arange(3)].astype(np.float32), want,
                              rtol=1e-2, atol=1e-2)  # fp16 rounding of the stored rows
   again = opened(params)
-  assert not again.store_stats["store_built"]
-  assert again.store_stats["store_path"] == first.store_stats["store_path"]
+  assert not again.images.features.stats["store_built"]
+  assert again.images.features.stats["store_path"] == stats["store_path"]
   changed = jax.tree.map(lambda x: x, params)
   leaf_path = next(iter(jax.tree_util.tree_leaves_with_path(changed["vision"])))[0]
   changed["vision"] = jax.tree_util.tree_map_with_path(
       lambda p, x: x + 1.0 if p == leaf_path else x, changed["vision"])
   rebuilt = opened(changed)
-  assert rebuilt.store_stats["store_built"]
-  assert rebuilt.store_stats["store_path"] != first.store_stats["store_path"]
-  assert not Path(first.store_stats["store_path"]).exists()  # the stale store is gone
+  assert rebuilt.images.features.stats["store_built"]
+  assert rebuilt.images.features.stats["store_path"] != stats["store_path"]
+  assert not Path(stats["store_path"]).exists()  # the stale store is gone
 
 
 @pytest.mark.slow

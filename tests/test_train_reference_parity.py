@@ -390,8 +390,8 @@ def test_dropout_acts_in_training_steps_and_never_in_encoding(synth_root, tmp_pa
   s = tasks[0.1].cfg.vision.num_positions
   batch = {k: jnp.asarray(rng.standard_normal((BATCH, s, 32)), jnp.float32)
            for k in ("ref_feats", "pos_feats", "neg_feats")}
-  batch.update(input_ids=jnp.asarray(tasks[0.1].q_ids[:BATCH]),
-               attention_mask=jnp.asarray(tasks[0.1].q_mask[:BATCH]))
+  batch.update(input_ids=jnp.asarray(tasks[0.1].train_queries.ids[:BATCH]),
+               attention_mask=jnp.asarray(tasks[0.1].train_queries.mask[:BATCH]))
   loss = {r: jax.jit(t.loss_fn) for r, t in tasks.items()}
   k1, k2 = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
   a, b = float(loss[0.1](params, batch, k1)[0]), float(loss[0.1](params, batch, k2)[0])

@@ -21,7 +21,7 @@ from cirjax.data.records import DataError
 from cirjax.data.word_tokenizer import load_tokenizer
 from cirjax.errors import CirjaxError
 from cirjax.eval import encoders, evaluate, retrieval, submission
-from cirjax.models import Model, llava
+from cirjax.models import Model, blip2, llava
 from cirjax.train import config_utils, instructcir, qure
 
 HELP = "evaluate a checkpoint or a baseline on FashionIQ, CIRR, CIRCO, GeneCIS, HP-FashionIQ or synthetic"
@@ -110,8 +110,8 @@ def model_from_checkpoint(ck: encoders.WorkdirCheckpoint) -> Model:
       cfg = registry.load(init, family="blip2").config
     else:  # the Q-Former's vocabulary is the run's tokenizer's: read it off the embeddings
       vocab = params["embeddings"]["word_embeddings"].shape[0]
-      cfg = qure.model_config(config.model, vocab)
-    params = qure.blip2.unstack_layers(params, cfg)  # a scan_layers run's state is stacked
+      cfg = blip2.model_config(config.model, vocab)
+    params = blip2.unstack_layers(params, cfg)  # a scan_layers run's state is stacked
     vocab_src = qure.tokenizer_source(config)
     has_vocab = vocab_src and os.path.exists(os.path.expanduser(vocab_src))
     return Model("blip2", cfg, params, os.path.expanduser(vocab_src) if has_vocab else None,

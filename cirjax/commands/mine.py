@@ -10,13 +10,15 @@ from pathlib import Path
 
 import numpy as np
 
-from cirjax import mining, mining_audit, mining_plots
+from cirjax import mining
 from cirjax.commands.data import positive_int, read_split
 from cirjax.commands.eval import add_encoder_args
 from cirjax.convert import hub
 from cirjax.data import images, loader, text
 from cirjax.data.records import CIRSplit, DataError
 from cirjax.eval import encoders, evaluate, retrieval
+from cirjax.mining import audit as mining_audit
+from cirjax.mining import plots as mining_plots
 
 HELP = "mine hard negatives of a split with a checkpoint: statistics, false negatives, figures"
 DESCRIPTION = """\

@@ -1,11 +1,12 @@
-"""The CIR splits a training config names (`config.data`), and the synthetic benchmark made
-on first use."""
+"""The CIR splits a training config names (`config.data`), the synthetic benchmark made on
+first use, and every image of a run by index."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
 import sys
+from typing import Any
 
 import jax
 import ml_collections
@@ -47,6 +48,27 @@ def epoch_rows(seed: int, epoch: int, num_queries: int, steps_per_epoch: int,
   dropped): the one definition of a training epoch's order, for both input pipelines."""
   order = np.random.default_rng([seed, epoch]).permutation(num_queries)
   return order[:steps_per_epoch * global_batch]
+
+
+def image_table(train_splits: list[CIRSplit], eval_splits: list[CIRSplit]
+                ) -> tuple[dict[str, int], dict[str, Any], int]:
+  """Every image of the run by name: (name -> global index, name -> image reference, number
+  of training images). Training images come first, then evaluation-only ones."""
+  names: dict[str, int] = {}
+  refs: dict[str, Any] = {}
+
+  def add(split, image_names):
+    for n in image_names:
+      if n not in names:
+        names[n] = len(names)
+        refs[n] = split.images[n]
+
+  for s in train_splits:
+    add(s, list(s.corpus) + [x for q in s.queries for x in (q.reference, q.target)])
+  n_train = len(names)
+  for s in eval_splits:
+    add(s, list(s.corpus) + [q.reference for q in s.queries])
+  return names, refs, n_train
 
 
 PIPELINES = ("prefetch", "grain")

@@ -48,6 +48,14 @@ def _jitted(fn: Callable, mesh: jax.sharding.Mesh, sharded: bool) -> Callable:
     return jfn
 
 
+def host_tree(tree: Any) -> Any:
+  """A host copy of a tree of (possibly sharded, possibly multi-process) global arrays."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def _on_mesh(params: Any, mesh: jax.sharding.Mesh) -> Any:
   rep = NamedSharding(mesh, P())
 

@@ -174,6 +174,40 @@ def tiny_config(*, vision_variant: str = "eva", cross_attention_frequency: int =
                      ln_vision_eps=1e-5 if clip else 1e-6, **kw)
 
 
+def model_config(mc, vocab_size: int) -> Blip2Config:
+  """The Blip2Config a run config's `model` section describes (`vision`, `qformer`,
+  `num_query_tokens`, `embed_dim`; random init shapes: a pretrained model brings its own).
+  `vocab_size` is the tokenizer's; `qformer.vocab_size` 0 takes it."""
+  v, q = mc.vision, mc.qformer
+  clip = v.variant == "clip"
+  vision = vit_lib.ViTConfig(
+      image_size=int(v.image_size), patch_size=int(v.patch_size), hidden_size=int(v.hidden_size),
+      intermediate_size=int(v.intermediate_size), num_layers=int(v.num_layers),
+      num_heads=int(v.num_heads), layer_norm_eps=1e-5 if clip else 1e-6,
+      hidden_act="quick_gelu" if clip else "gelu", variant=v.variant, post_layernorm=False)
+  vs = int(q.get("vocab_size", 0) or 0) or vocab_size  # 0: the tokenizer's size
+  if vocab_size > vs:
+    raise ValueError(f"config.model.qformer.vocab_size={vs} is smaller than the "
+                     f"tokenizer's {vocab_size} tokens")
+  qformer = qf.QFormerConfig(
+      hidden_size=int(q.hidden_size), num_layers=int(q.num_layers), num_heads=int(q.num_heads),
+      intermediate_size=int(q.intermediate_size),
+      cross_attention_frequency=int(q.cross_attention_frequency),
+      encoder_hidden_size=int(v.hidden_size), vocab_size=vs,
+      max_position_embeddings=int(q.get("max_position_embeddings", 512)),
+      **dropout_rates(q))
+  return Blip2Config(vision=vision, qformer=qformer, num_query_tokens=int(mc.num_query_tokens),
+                     embed_dim=int(mc.embed_dim), ln_vision_eps=1e-5 if clip else 1e-6)
+
+
+DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob")
+
+
+def dropout_rates(q) -> dict:
+  """The Q-Former dropout rates `config.model.qformer` sets (absent: the model's own)."""
+  return {k: float(q[k]) for k in DROPOUT_KEYS if q.get(k) is not None}
+
+
 def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
   """x / max(||x||, 1e-12), in fp32 (torch.nn.functional.normalize)."""
   x = x.astype(jnp.float32)

@@ -20,18 +20,23 @@ Uniform and warm-up draws use `fold_in(seed, epoch, step, batch row)`.
 
 Every draw is vectorised over the batch in `jax.jit`-compiled functions (padded to power-of-
 two widths so only a handful of shapes ever compile); the bookkeeping is numpy on the host.
+
+A training run whose queries mine against several corpora (FashionIQ's categories: one
+mining group each, `cirjax.mining.groups`) draws through `GroupSampler`, one
+`NegativeSampler` per group, holding every group's state at the start of an epoch.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cirjax.mining import HardNegativeSets, WholeCorpusSets
+from cirjax.mining.groups import MiningGroup
+from cirjax.mining.sets import HardNegativeSets, WholeCorpusSets, whole_corpus_sets
 
 SAMPLING_MODES = ("walk", "uniform")
 
@@ -275,5 +280,78 @@ def state_from_arrays(arrays: dict[str, np.ndarray]) -> SamplerState:
                       indices=vals["indices"].astype(np.int32))
 
 
-__all__ = ["NegativeSampler", "SamplerState", "SAMPLING_MODES", "state_to_arrays",
-           "state_from_arrays"]
+class GroupSampler:
+  """QuRe's negatives for queries spread over mining groups: one `NegativeSampler` per
+  group, holding each group's state at the start of epoch `epoch`."""
+
+  def __init__(self, groups: list[MiningGroup], num_queries: int, seed: int, sampling: str):
+    self.samplers = [NegativeSampler(
+        whole_corpus_sets(g.target_pos, image_ids=g.corpus), seed=seed,
+        sampling=sampling) for g in groups]
+    self.states = [smp.init() for smp in self.samplers]
+    self.epoch: int | None = 0   # None: restored from a checkpoint that stored every draw
+    self.q_group = np.zeros(num_queries, np.int32)     # query -> its group
+    self.q_in_group = np.zeros(num_queries, np.int32)  # query -> its row in the group
+    for gi, g in enumerate(groups):
+      self.q_group[g.queries] = gi
+      self.q_in_group[g.queries] = np.arange(len(g.queries))
+
+  def advance(self, epoch: int, epoch_rows: Callable[[int], np.ndarray],
+              first_step_in_epoch: int) -> None:
+    """Applies the draws of the epochs from `self.epoch` up to `epoch` (`epoch_rows(e)`: the
+    queries drawn in epoch e; each is drawn at most once per epoch, so an epoch's draws
+    never depend on each other)."""
+    if self.epoch is None:
+      if first_step_in_epoch:
+        raise RuntimeError("this checkpoint's sampler state predates per-epoch sampler "
+                           "states and cannot resume mid-epoch; resume from an epoch's end")
+      self.epoch = epoch
+    if epoch < self.epoch:
+      raise RuntimeError(f"begin_epoch({epoch}) after epoch {self.epoch}")
+    for e in range(self.epoch, epoch):
+      rows = epoch_rows(e)
+      self.states = [smp.advance(state, self.q_in_group[rows[self.q_group[rows] == gi]])
+                     for gi, (smp, state) in enumerate(zip(self.samplers, self.states))]
+    self.epoch = epoch
+
+  def set_mined(self, sets: list[HardNegativeSets]) -> None:
+    """Each group's new sets (in group order): every history resets."""
+    self.states = [smp.set_mined(state, hs)
+                   for smp, state, hs in zip(self.samplers, self.states, sets)]
+
+  def sample(self, epoch: int, index: int, rows: np.ndarray) -> np.ndarray:
+    """One negative image per query of the *global* batch `index` of `epoch` (every
+    process draws the same), from the state at the start of `epoch`."""
+    if self.epoch != epoch:
+      raise RuntimeError(f"batch of epoch {epoch} asked before begin_epoch({epoch})")
+    neg = np.zeros(len(rows), np.int32)
+    for gi, (smp, state) in enumerate(zip(self.samplers, self.states)):
+      sel = self.q_group[rows] == gi
+      if sel.any():
+        neg[sel], _ = smp.sample(state, self.q_in_group[rows[sel]], epoch=epoch,
+                                 step=index * len(self.samplers) + gi)
+    return neg
+
+  def to_arrays(self) -> dict[str, np.ndarray]:
+    """Every group's state as flat arrays (the trainer's host-state checkpoint)."""
+    arrays = {}
+    for gi, state in enumerate(self.states):
+      # "/" is a path separator to orbax: store sampler keys with "." instead.
+      arrays.update({f"group{gi}." + k.replace("/", "."): v
+                     for k, v in state_to_arrays(state).items()})
+    return arrays
+
+  def load(self, epoch: int | None, arrays: dict[str, np.ndarray]) -> None:
+    """Inverse of `to_arrays`, each state validated against its group's sampler."""
+    states = []
+    for gi, smp in enumerate(self.samplers):
+      pre = f"group{gi}."
+      state = state_from_arrays({k[len(pre):].replace(".", "/"): v
+                                              for k, v in arrays.items() if k.startswith(pre)})
+      smp.validate(state)
+      states.append(state)
+    self.states, self.epoch = states, epoch
+
+
+__all__ = ["NegativeSampler", "GroupSampler", "SamplerState", "SAMPLING_MODES",
+           "state_to_arrays", "state_from_arrays"]

@@ -38,6 +38,9 @@ METRICS = ("fn_share", "fn_share_pooled", "pool_size", "fn_queries", "empty")
 # Datasets whose queries carry every relevant image (CIRR's `relevant` is the target only,
 # so an audit there would count zero false negatives whatever the pool).
 FULL_RELEVANT_DATASETS = ("synthetic", "circo")
+# The QuRe study's oracle: top-k with every true false negative removed (needs a dataset
+# that knows every relevant image).
+ORACLE_STRATEGY = "topk_oracle"
 
 Pools = Union[mining.HardNegativeSets, mining.WholeCorpusSets]
 
@@ -286,6 +289,14 @@ def pair_stats(scores: mining.ScoresOrBlockFn, target_index, sets: mining.HardNe
   return {"pair_loss": float(np.mean(losses_)), "pair_acc": float(np.mean(accs))}
 
 
+def check_strategy(strategy: str, dataset: str) -> str:
+  """`config.qure.strategy`, checked: the oracle needs every relevant image of `dataset`."""
+  if strategy == ORACLE_STRATEGY and dataset not in FULL_RELEVANT_DATASETS:
+    raise ValueError(f"config.qure.strategy={ORACLE_STRATEGY!r} needs every relevant image: "
+                     f"use one of {FULL_RELEVANT_DATASETS}, not {dataset!r}")
+  return strategy
+
+
 def relevant_ids(queries, index: Callable[[str], Optional[int]]) -> list[np.ndarray]:
   """Each query's relevant set as ids (`index(name)`), the target included; images
   `index` does not know (None: outside the corpus, so in no pool) are left out."""
@@ -296,5 +307,7 @@ def relevant_ids(queries, index: Callable[[str], Optional[int]]) -> list[np.ndar
   return out
 
 
-__all__ = ["without_relevant", "pair_stats", "PoolAudit", "SplitAudit", "audit_split", "score_rows", "audit_pools", "audit_strategies", "audit_metrics", "concat", "merge",
-           "relevant_ids", "STRATEGIES", "METRICS", "FULL_RELEVANT_DATASETS"]
+__all__ = ["without_relevant", "pair_stats", "PoolAudit", "SplitAudit", "audit_split",
+           "score_rows", "audit_pools", "audit_strategies", "audit_metrics", "concat", "merge",
+           "relevant_ids", "check_strategy", "STRATEGIES", "METRICS", "FULL_RELEVANT_DATASETS",
+           "ORACLE_STRATEGY"]
