@@ -47,7 +47,7 @@ from flax import struct
 
 from cirjax.convert import io as weight_io
 from cirjax.errors import CirjaxError
-from cirjax.models.llava_convert import KEY_FORMATS, hf_module_name, module_path_from_hf
+from cirjax.convert.llava_convert import KEY_FORMATS, hf_module_name, module_path_from_hf
 
 # All attention and MLP projections of the LLM, in both layouts (Phi-3 fused, Llama split).
 LLM_PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj",

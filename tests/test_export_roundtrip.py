@@ -29,7 +29,8 @@ from PIL import Image
 from cirjax import cli, lora
 from cirjax.convert import io, registry
 from cirjax.data import images, text
-from cirjax.models import blip2, llava, llava_convert, llava_parity
+from cirjax.convert import llava_convert, llava_parity
+from cirjax.models import blip2, llava
 from tests import llava_fixtures as fx
 from tests.blip2_fixtures import TOL_MODEL, assert_close, random_pixels
 

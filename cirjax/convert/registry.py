@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 
 from cirjax.convert import hub, io
-from cirjax.models import Model, blip2, blip2_convert, llava, llava_convert
+from cirjax.convert import blip2_convert, llava_convert
+from cirjax.models import Model, blip2, llava
 
 LAVIS_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
