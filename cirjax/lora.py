@@ -111,6 +111,15 @@ class LoraConfig:
     return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
 
+def config_from(lc: Any) -> LoraConfig:
+  """A LoraConfig from a training config's `lora` block (rank, alpha, dropout, optional
+  target_modules, use_rslora, init)."""
+  targets = lc.get("target_modules") or DEFAULT_TARGET_MODULES
+  return LoraConfig(rank=int(lc.rank), alpha=float(lc.alpha), dropout=float(lc.dropout),
+                    target_modules=tuple(targets) if isinstance(targets, list) else targets,
+                    use_rslora=bool(lc.get("use_rslora", False)), init=lc.get("init", "kaiming"))
+
+
 @struct.dataclass
 class Adapter:
   """LoRA weights (a pytree: `params` are leaves, `config` is static)."""

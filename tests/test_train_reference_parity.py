@@ -91,8 +91,8 @@ def _recording(trainer) -> dict:
 
 
 def _vocab_size(synth_root: Path) -> int:
-  from cirjax.data import text
-  return len(text.load_bert_tokenizer(str(synth_root / "vocab.txt")))
+  from cirjax.data.tokenizer import load_tokenizer
+  return len(load_tokenizer(str(synth_root / "vocab.txt"), "blip2"))
 
 
 # ------------------------------------------------------------------------------ torch side

@@ -49,6 +49,7 @@ from cirjax import sampling as sampling_lib
 from cirjax.convert import hub, registry
 from cirjax.data import images as images_lib
 from cirjax.data import text
+from cirjax.data.tokenizer import find_vocab, load_tokenizer
 from cirjax.data import pixel_store
 from cirjax.data import row_store
 from cirjax.data.loader import (Pixels, Prefetcher, default_text, default_workers,
@@ -272,7 +273,7 @@ class QuReTask(Task):
     self.train_splits, self.eval_splits, image_source = training_splits.read_training_data(
         config.data)
     tok_src = tokenizer_source(config)
-    self.tokenizer = text.load_bert_tokenizer(tok_src)
+    self.tokenizer = load_tokenizer(tok_src, "blip2")
     self.max_len = int(config.data.get("max_text_length", 32))
     self._init_model(config)
     self.transform = images_lib.make_transform(config.data.get("transform", "targetpad"),
@@ -650,7 +651,7 @@ def export_model(path: Path, config: ml_collections.ConfigDict, cfg: blip2.Blip2
   registry.save(path, "blip2", cfg.replace(scan_layers=False), host, overwrite=True,
                 extra={"trained_by": "cirjax train", "train_config": config.get("config_spec", "")})
   try:
-    (path / "vocab.txt").write_text(text.find_vocab(tokenizer_source(config)).read_text())
+    (path / "vocab.txt").write_text(find_vocab(tokenizer_source(config)).read_text())
   except FileNotFoundError:
     pass
   _log(f"exported the trained model to {path}")
