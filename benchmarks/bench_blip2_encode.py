@@ -110,7 +110,8 @@ def run(device: str = "cpu", quick: bool = False, dry_run=None) -> list[dict]:
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   from cirjax import benchmarking  # pylint: disable=g-import-not-at-top
-  from cirjax.models import blip2, blip2_convert  # pylint: disable=g-import-not-at-top
+  from cirjax.convert import blip2_convert  # pylint: disable=g-import-not-at-top
+  from cirjax.models import blip2  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_default_matmul_precision", "highest")
   tdev = benchmarking.torch_device(device, dry_run)
   if tdev == "cuda":

@@ -50,7 +50,7 @@ import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-positi
 
 from cirjax import benchmarking  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cirjax import lora as lora_lib  # pylint: disable=wrong-import-position
-from cirjax.models import blip2, llava  # pylint: disable=wrong-import-position
+from cirjax.models import blip2, llava, llava_init  # pylint: disable=wrong-import-position
 from cirjax.models.remat import REMAT_POLICIES  # pylint: disable=wrong-import-position
 from cirjax.train import instructcir, qure  # pylint: disable=wrong-import-position
 from cirjax.train import state as st  # pylint: disable=wrong-import-position
@@ -152,8 +152,8 @@ def _instructcir(sz: dict, scan: bool) -> dict:
     mc.vision.num_layers = sz["vision_layers"]
   if sz["text_layers"]:
     mc.text.num_layers = sz["text_layers"]
-  cfg = instructcir.model_config(mc, LLAVA_VOCAB, IMAGE_TOKEN, config.compute_dtype)
-  lora_cfg = instructcir.lora_config(config.lora)
+  cfg = llava_init.config_from_widths(mc, LLAVA_VOCAB, IMAGE_TOKEN, config.compute_dtype)
+  lora_cfg = lora_lib.config_from(config.lora)
   # Adapters are made on the per-layer tree (PEFT's names); `_compile` stacks both trees.
   base = llava.abstract_params(cfg)
   adapter = jax.eval_shape(lambda r: lora_lib.init_lora(base, lora_cfg, r).params,

@@ -160,7 +160,8 @@ def _retrieval_rows(name: str, sz: dict, tokens: int, device: str, dry_run=None)
 
 def _encode_rows(sz: dict, dry_run=None) -> list[dict]:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from cirjax.data import images, loader, synth, text  # pylint: disable=g-import-not-at-top
+  from cirjax.data import images, loader, synth  # pylint: disable=g-import-not-at-top
+  from cirjax.data.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
   from cirjax.eval import encoders, evaluate, retrieval  # pylint: disable=g-import-not-at-top
   n = sz["enc_images"]
   nq = max(64, n // 4)
@@ -169,7 +170,7 @@ def _encode_rows(sz: dict, dry_run=None) -> list[dict]:
                             num_queries=(5, nq, 5))
     synth.generate(tmp, cfg, progress=None)
     split = synth.read_synthetic(tmp, "val")
-    tok = text.load_bert_tokenizer(Path(tmp) / "vocab.txt")
+    tok = load_tokenizer(Path(tmp) / "vocab.txt", "blip2")
     w = jnp.ones((3, 256), jnp.float32) / 3.0
 
     # A trivial stand-in for the model: isolates the input pipeline.

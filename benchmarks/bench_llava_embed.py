@@ -1,7 +1,7 @@
 """LLaVA-Phi embedding and the InstructCIR LoRA train step: cirjax (jitted) vs HF PyTorch.
 
 Both sides hold the same random weights (an HF `LlavaForConditionalGeneration` built from a
-config and converted with `cirjax.models.llava_convert`) and get the same inputs; the rows
+config and converted with `cirjax.convert.llava_convert`) and get the same inputs; the rows
 also record how far the two embeddings are apart, so a fast but wrong number cannot pass.
 
 Rows (`run(device, quick) -> list[dict]`):
@@ -43,7 +43,8 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cirjax import benchmarking, lora  # noqa: E402  pylint: disable=g-import-not-at-top
-from cirjax.models import llava, llava_convert  # noqa: E402  pylint: disable=g-import-not-at-top
+from cirjax.convert import llava_convert  # noqa: E402  pylint: disable=g-import-not-at-top
+from cirjax.models import llava  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def _sizes(device: str, quick: bool) -> dict:

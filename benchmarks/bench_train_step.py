@@ -12,7 +12,7 @@ update (weight decay 0.05). Two cases:
 * `qure_step_pixels` — pixels in; the frozen ViT runs forward for 3B images every step.
 
 PyTorch runs HF `Blip2ForImageTextRetrieval` modules with the same weights (converted with
-`cirjax.models.blip2_convert`), `torch.optim.AdamW` on the same trainable set, eager and, where
+`cirjax.convert.blip2_convert`), `torch.optim.AdamW` on the same trainable set, eager and, where
 it compiles, `torch.compile`. On CPU both sides fp32 (cirjax with matmul precision 'highest');
 on GPU as training runs: bf16 compute over fp32 weights (cirjax with `attention_impl='auto'`,
 cuDNN's fused attention where the model allows; torch under bf16 autocast).
@@ -173,7 +173,7 @@ def run(device: str = "cpu", quick: bool = False, torch_compile: bool | None = N
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   from cirjax import benchmarking  # pylint: disable=g-import-not-at-top
-  from cirjax.models import blip2_convert  # pylint: disable=g-import-not-at-top
+  from cirjax.convert import blip2_convert  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_default_matmul_precision", "highest")
   tdev = benchmarking.torch_device(device, dry_run)
   if tdev == "cuda":

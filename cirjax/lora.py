@@ -47,7 +47,7 @@ from flax import struct
 
 from cirjax.convert import io as weight_io
 from cirjax.errors import CirjaxError
-from cirjax.models.llava_convert import KEY_FORMATS, hf_module_name, module_path_from_hf
+from cirjax.convert.llava_convert import KEY_FORMATS, hf_module_name, module_path_from_hf
 
 # All attention and MLP projections of the LLM, in both layouts (Phi-3 fused, Llama split).
 LLM_PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj",
@@ -109,6 +109,15 @@ class LoraConfig:
   @property
   def scale(self) -> float:
     return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+
+def config_from(lc: Any) -> LoraConfig:
+  """A LoraConfig from a training config's `lora` block (rank, alpha, dropout, optional
+  target_modules, use_rslora, init)."""
+  targets = lc.get("target_modules") or DEFAULT_TARGET_MODULES
+  return LoraConfig(rank=int(lc.rank), alpha=float(lc.alpha), dropout=float(lc.dropout),
+                    target_modules=tuple(targets) if isinstance(targets, list) else targets,
+                    use_rslora=bool(lc.get("use_rslora", False)), init=lc.get("init", "kaiming"))
 
 
 @struct.dataclass

@@ -14,7 +14,7 @@ number of features the vision tower yields (256 at 224 px, 576 at 336 px, patch 
 CLS dropped), and left-pad, so the last position of every row is its EOS token.
 
 Tokenizers load from the checkpoint directory (`tokenizer.json` / `tokenizer_config.json`,
-see `cirjax.models.llava.load_tokenizer`).
+see `cirjax.data.tokenizer.load_tokenizer`).
 """
 
 from __future__ import annotations
@@ -283,6 +283,74 @@ def encode(tokenizer: Any, templates: str | Sequence[str], fields: Sequence[Mapp
   if "image_token" in render_kw:
     kw["image_token"] = render_kw["image_token"]
   return batch_encode(tokenizer, prompts, num_image_tokens=num_image_tokens, **kw)
+
+
+def training_prompts(tokenizer: Any, stage: int, records: Sequence[tuple[str, str, str]],
+                     seed: int, fixed: bool = False) -> list[tuple[str, str, str]]:
+  """(query, target, hard negative) prompts of an InstructCIR training batch, one per
+  `(instruction, caption, original caption)` record. Stage 1: the image prompt vs the caption
+  prompt (no hard negative); stage 2: `stage2_prompts`, drawn in order from one generator
+  seeded with `seed`, so every process and a resumed run draw the same templates."""
+  if stage == 1:
+    q = render(STAGE1_IMAGE, tokenizer, image=True)
+    return [(q, render(STAGE1_CAPTION, tokenizer, image=False, caption=c), "")
+            for _, c, _ in records]
+  rng = random.Random(seed)
+  return [stage2_prompts(rng, i, c, o, tokenizer, fixed=fixed) for i, c, o in records]
+
+
+def held_out_prompts(tokenizer: Any, stage: int, instructions: Sequence[str],
+                     captions: Sequence[str]) -> tuple[list[str], list[str]]:
+  """(query prompts, caption prompts) of InstructCIR's held-out evaluation, the first template
+  of each set: stage 1, the image prompt per record; stage 2, the image template with each
+  record's instruction; the caption prompt of every caption of the corpus."""
+  if stage == 1:
+    qt, ct = STAGE1_IMAGE, STAGE1_CAPTION
+    queries = [render(qt, tokenizer, image=True)] * len(instructions)
+  else:
+    qt, ct = STAGE2_IMAGE_TEMPLATES[0], STAGE2_CAPTION_TEMPLATES[0]
+    queries = [render(qt, tokenizer, image=True, modifier=i) for i in instructions]
+  return queries, [render(ct, tokenizer, image=False, caption=c) for c in captions]
+
+
+def prompt_lengths(tok: Any, stage: int, captions: Sequence[str], instructions: Sequence[str],
+                   n_img: int, max_length: int, max_positions: int) -> tuple[int, int]:
+  """Fixed (query, caption) prompt lengths of an InstructCIR stage's training prompts (one
+  compiled step): the longest template overhead plus the longest field (`captions`: the
+  target and original captions; `instructions`), with a small margin, rounded up to 8;
+  PromptError beyond `max_length` or the model's `max_positions`."""
+
+  def overhead(template, field, image):
+    fields = {field: "x"} if field else {}
+    enc = encode(tok, template, [fields], num_image_tokens=n_img, image=image)
+    return int(enc["attention_mask"].sum()) - (1 if field else 0)
+
+  def longest(texts):
+    texts = sorted(set(t for t in texts if t))
+    if not texts:
+      return 0
+    enc = tok(texts, add_special_tokens=False)["input_ids"]
+    return max(len(x) for x in enc)
+
+  def round8(n):
+    return -(-(n + 4) // 8) * 8
+
+  if stage == 1:
+    q_len = round8(overhead(STAGE1_IMAGE, None, True))
+    t_len = round8(overhead(STAGE1_CAPTION, "caption", False) + longest(captions))
+  else:
+    q_len = round8(max(overhead(t, "modifier", True) for t in STAGE2_IMAGE_TEMPLATES)
+                   + longest(instructions))
+    t_len = round8(max(overhead(t, "caption", False) for t in STAGE2_CAPTION_TEMPLATES)
+                   + longest(captions))
+  for name, n in (("query", q_len), ("caption", t_len)):
+    if n > max_length:
+      raise PromptError(f"the longest {name} prompt needs {n} tokens > config.data.max_length="
+                        f"{max_length}; shorten the texts or raise it")
+    if n > max_positions:
+      raise PromptError(f"{name} prompts of {n} tokens exceed the model's {max_positions} "
+                        "positions")
+  return q_len, t_len
 
 
 # ------------------------------------------------------------------ offline word tokenizers

@@ -33,11 +33,11 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from cirjax.commands.mine import encode_with_checkpoint
 from cirjax.data import synth
 from cirjax.errors import UsageError
 from cirjax.eval import evaluate, metrics
 from cirjax.mining import audit as mining_audit
+from cirjax.eval.encoders import encode_with_checkpoint
 from cirjax.train import config_utils
 
 RETRIEVAL = ("R@1", "R@5", "R@10", "R@50", "Rsubset@1", "mAP@5", "mAP@10", "mAP@25", "rel@5")

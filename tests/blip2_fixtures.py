@@ -196,7 +196,7 @@ def lavis_model(variant: str, *, seed=5, vision_kw=None, qformer_kw=None, num_qu
   """(LAVIS state dict, torch TorchReference over the original HF modules)."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  from cirjax.models.blip2_parity import TorchReference  # pylint: disable=g-import-not-at-top
+  from cirjax.convert.blip2_parity import TorchReference  # pylint: disable=g-import-not-at-top
   vision_kw = vision_kw or {}
   if variant == "clip":
     vcfg = hf_clip_config(**vision_kw)

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from cirjax.models import blip2, blip2_convert
-from cirjax.models.blip2_parity import STAGES, jax_stages
+from cirjax.convert import blip2_convert
+from cirjax.models import blip2
+from cirjax.convert.blip2_parity import STAGES, jax_stages
 from tests.blip2_fixtures import (TOL_LAYER, TOL_MODEL, assert_close, hf_clip_config,
                                   hf_eva_config, hf_qformer_config, hf_retrieval_model,
                                   lavis_model, random_pixels, random_text, to_np)
@@ -36,7 +37,7 @@ SLOW = pytest.mark.slow
                                       pytest.param(1, False, marks=SLOW),
                                       pytest.param(2, False, marks=SLOW)])
 def test_tiny_hf_model_all_stages(freq, pad):
-  from cirjax.models.blip2_parity import TorchReference
+  from cirjax.convert.blip2_parity import TorchReference
   m = hf_retrieval_model(qformer=hf_qformer_config(enc=32, freq=freq, layers=3))
   cfg, params = _hf_params(m)
   # the random-init tree (init_blip2, abstract_params) is exactly a converted checkpoint's
@@ -68,7 +69,7 @@ def test_tiny_hf_model_all_stages(freq, pad):
 def test_real_width_eva_hf_model():
   # EVA 1408 / 16 heads, Q-Former 768 / 12 heads (2 layers: with and without cross-attention),
   # 32 queries, 256-d projections, BERT vocab with [DEC].
-  from cirjax.models.blip2_parity import TorchReference
+  from cirjax.convert.blip2_parity import TorchReference
   m = hf_retrieval_model(
       vision=hf_eva_config(hidden=1408, heads=16, inter=6144, layers=1, image=224),
       qformer=hf_qformer_config(hidden=768, heads=12, inter=3072, layers=2, freq=2, enc=1408,

@@ -242,7 +242,7 @@ def _hf_state_and_config():
 
 
 def test_blip2_hf_key_accounting_names_every_problem():
-  from cirjax.models import blip2_convert
+  from cirjax.convert import blip2_convert
   _, state, hf = _hf_state_and_config()
   cfg = blip2_convert.config_from_hf(hf)
   bad = dict(state)
@@ -259,7 +259,7 @@ def test_blip2_hf_key_accounting_names_every_problem():
 
 
 def test_blip2_hf_export_is_exact_inverse():
-  from cirjax.models import blip2_convert
+  from cirjax.convert import blip2_convert
   _, state, hf = _hf_state_and_config()
   cfg = blip2_convert.config_from_hf(hf)
   back = blip2_convert.params_to_hf_state(blip2_convert.params_from_hf_state(state, cfg), cfg)
@@ -269,7 +269,7 @@ def test_blip2_hf_export_is_exact_inverse():
 
 
 def test_blip2_text_input_flag_spellings(tmp_path, capsys):
-  from cirjax.models import blip2_convert
+  from cirjax.convert import blip2_convert
   m, _, hf = _hf_state_and_config()
   q = dict(hf["qformer_config"])
   q.pop("use_qformer_text_input")
@@ -299,7 +299,7 @@ def test_blip2_text_input_flag_spellings(tmp_path, capsys):
 
 
 def test_blip2_config_errors(tmp_path):
-  from cirjax.models import blip2_convert
+  from cirjax.convert import blip2_convert
   _, _, hf = _hf_state_and_config()
   with pytest.raises(blip2_convert.ConfigError, match="model_type is 'llava'"):
     blip2_convert.config_from_hf({**hf, "model_type": "llava"})
@@ -313,7 +313,7 @@ def test_blip2_config_errors(tmp_path):
 
 
 def test_lavis_key_accounting_and_lm_head_skip(capsys):
-  from cirjax.models import blip2_convert
+  from cirjax.convert import blip2_convert
   from tests.blip2_fixtures import lavis_model
   state, _ = lavis_model("eva", qformer_kw={"freq": 1})
   kw = dict(vision_heads=4, qformer_heads=4)
@@ -344,7 +344,7 @@ def test_lavis_key_accounting_and_lm_head_skip(capsys):
 
 def test_lavis_depth_read_from_checkpoint():
   # LAVIS versions kept 21, 22 or 23 CLIP-L blocks: the count comes from the keys
-  from cirjax.models import blip2_convert
+  from cirjax.convert import blip2_convert
   from tests.blip2_fixtures import lavis_model
   state, _ = lavis_model("clip", vision_kw={"layers": 3})
   assert blip2_convert.config_from_lavis(state, vision_heads=4,

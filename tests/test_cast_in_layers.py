@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from cirjax import lora as lora_lib
-from cirjax.models import blip2, llava, llava_parity
+from cirjax.convert import llava_parity
+from cirjax.models import blip2, llava
 from cirjax.train import state as st
 from cirjax.train.sharding import path_str
 from cirjax.train.step import frozen_in_layers, make_train_step

@@ -14,7 +14,7 @@ import pytest
 from cirjax import cli
 from cirjax.commands.eval import load_model
 from cirjax.convert import registry
-from cirjax.data import text
+from cirjax.data.tokenizer import load_tokenizer
 from cirjax.models import blip2
 from cirjax.train import config_utils
 
@@ -26,7 +26,7 @@ def _qure_run(synth_root, wd: Path, export: bool):
   with `export`, model/), holding random tiny BLIP-2 params."""
   cfg = config_utils.load_config(str(REPO / "configs/synthetic.py") + ":tiny",
                                  [f"data.root={synth_root}"])
-  bcfg = blip2.model_config(cfg.model, len(text.load_bert_tokenizer(synth_root)))
+  bcfg = blip2.model_config(cfg.model, len(load_tokenizer(synth_root, "blip2")))
   params = jax.tree.map(np.asarray, blip2.init_blip2(jax.random.PRNGKey(1), bcfg))
   wd.mkdir(parents=True)
   (wd / "config.json").write_text(cfg.to_json_best_effort(indent=2))

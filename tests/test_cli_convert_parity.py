@@ -97,7 +97,7 @@ def test_lavis_convert_and_parity(tmp_path, capsys):
   assert cli.main(["convert", str(dst), str(tmp_path / "hf")]) == 1
   assert "EVA vision tower" in capsys.readouterr().err and not (tmp_path / "hf").exists()
   # parity against the torch reference built from the LAVIS keys
-  from cirjax.models import blip2_parity
+  from cirjax.convert import blip2_parity
   rows = blip2_parity.run_parity(path, converted=dst)
   assert all(r.ok for r in rows), blip2_parity.format_table(rows)
 
@@ -132,7 +132,7 @@ def test_lavis_runner_checkpoint_with_base_converts_like_the_full_state_dict(tmp
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, got),
                jax.tree.map(np.asarray, want))
   assert json.loads((dst / "cirjax_config.json").read_text())["base"] == str(base)
-  from cirjax.models import blip2_parity
+  from cirjax.convert import blip2_parity
   rows = blip2_parity.run_parity(full, converted=dst)
   assert all(r.ok for r in rows), blip2_parity.format_table(rows)
 
@@ -197,6 +197,6 @@ def test_llava_dispatch(tmp_path, capsys):
   for k, v in got.items():
     if k in want and "lm_head" not in k:
       np.testing.assert_array_equal(v.numpy(), want[k].numpy(), err_msg=k)
-  if importlib.util.find_spec("cirjax.models.llava_parity") is None:
+  if importlib.util.find_spec("cirjax.convert.llava_parity") is None:
     assert cli.main(["parity", str(src)]) == 2
     assert "llava_parity" in capsys.readouterr().err

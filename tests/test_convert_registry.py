@@ -9,7 +9,8 @@ import torch
 import transformers
 
 from cirjax.convert import engine, io, registry
-from cirjax.models import blip2, blip2_convert
+from cirjax.convert import blip2_convert
+from cirjax.models import blip2
 
 
 # ----------------------------------------------------------------------------- detection

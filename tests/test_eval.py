@@ -130,10 +130,11 @@ def test_synthetic_oracle_scores_100_random_near_chance(root, mesh):
 def test_encode_split_with_an_encoder(root, mesh):
   """Model-shaped retrieval functions (image / compose of params) through the loader and
   sharded encoding."""
-  from cirjax.data import images, text
+  from cirjax.data import images
+  from cirjax.data.tokenizer import load_tokenizer
   from cirjax.eval import encoders
   s = synth.read_synthetic(root, "val")
-  tok = text.load_bert_tokenizer(root / "vocab.txt")
+  tok = load_tokenizer(root / "vocab.txt", "blip2")
   rng = np.random.default_rng(0)
   params = {"pw": jnp.asarray(rng.standard_normal((3, 2, 8)), jnp.float32),
             "tw": jnp.asarray(rng.standard_normal((len(tok), 8)), jnp.float32)}
@@ -349,7 +350,8 @@ def test_cli_eval_and_search_with_a_blip2_checkpoint(root, tmp_path, capsys):
   from cirjax import cli
   from cirjax.convert import io, registry
   from cirjax.data import images, loader, text
-  tok = text.load_bert_tokenizer(root / "vocab.txt")
+  from cirjax.data.tokenizer import load_tokenizer
+  tok = load_tokenizer(root / "vocab.txt", "blip2")
   cfg = blip2.tiny_config()
   cfg = cfg.replace(qformer=dataclasses.replace(cfg.qformer, vocab_size=len(tok)))
   params = blip2.init_blip2(jax.random.PRNGKey(0), cfg)

@@ -17,7 +17,6 @@ convert back -> bitwise the same parameters.
 import json
 
 import jax
-import ml_collections
 import numpy as np
 import peft
 import pytest
@@ -29,7 +28,9 @@ from PIL import Image
 from cirjax import cli, lora
 from cirjax.convert import io, registry
 from cirjax.data import images, text
-from cirjax.models import blip2, llava, llava_convert, llava_parity
+from cirjax.data.tokenizer import load_tokenizer
+from cirjax.convert import llava_convert, llava_parity
+from cirjax.models import blip2, llava
 from tests import llava_fixtures as fx
 from tests.blip2_fixtures import TOL_MODEL, assert_close, random_pixels
 
@@ -64,7 +65,7 @@ def blip2_export(tmp_path_factory):
 
 def test_blip2_tokenizer_and_processor_load_with_auto_classes(blip2_export):
   cfg, _, vocab, hf = blip2_export
-  ours = text.load_bert_tokenizer(vocab)
+  ours = load_tokenizer(vocab, "blip2")
   tok = transformers.AutoTokenizer.from_pretrained(str(hf))
   assert "GPT2" not in type(tok).__name__ and len(tok) == len(ours) <= cfg.qformer.vocab_size
   want_ids, want_mask = text.tokenize(ours, TEXTS)
@@ -74,7 +75,7 @@ def test_blip2_tokenizer_and_processor_load_with_auto_classes(blip2_export):
   np.testing.assert_array_equal(got["attention_mask"], want_mask)
   assert tok("make it red")["input_ids"][1:-1] == ours.convert_tokens_to_ids(["make", "it", "red"])
   # cirjax's own loader reads the export's tokenizer back to the same ids
-  np.testing.assert_array_equal(text.tokenize(text.load_bert_tokenizer(hf), TEXTS)[0], want_ids)
+  np.testing.assert_array_equal(text.tokenize(load_tokenizer(hf, "blip2"), TEXTS)[0], want_ids)
 
   s = cfg.vision.image_size
   rng = np.random.default_rng(0)
@@ -101,7 +102,7 @@ def test_blip2_hf_model_gives_cirjax_features_and_converts_back(blip2_export):
   assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
   model.eval()
   pixels = random_pixels(3, cfg.vision.image_size, seed=1)
-  ids, mask = text.tokenize(text.load_bert_tokenizer(vocab), TEXTS)
+  ids, mask = text.tokenize(load_tokenizer(vocab, "blip2"), TEXTS)
   with torch.no_grad():
     out = model(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2)),
                 input_ids=torch.from_numpy(ids).long(),
@@ -212,10 +213,10 @@ def test_llava_tied_source_keeps_its_head(tmp_path):
 # ----------------------------------------------------------------------------- PEFT
 
 def test_instructcir_adapter_loads_with_peft(llava_src, tmp_path):
-  """InstructCIR's export (`export_model`, the trainer's end of run) on a LoRA'd base loaded
+  """InstructCIR's export (`llava_run.export`, the task's end of run) on a LoRA'd base loaded
   from `model.init`: the adapter loads with PEFT on the HF base and embeds as cirjax's merged
   model; the merged exports keep the base's LM head."""
-  from cirjax.train import instructcir, sharding as shd
+  from cirjax.convert import llava_run
   src, ref, tok = llava_src
   config, base = llava_convert.from_hf(src)
   lcfg = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.0, init="random")
@@ -223,10 +224,8 @@ def test_instructcir_adapter_loads_with_peft(llava_src, tmp_path):
   adapter = lora.Adapter(jax.device_get(jax.jit(  # one compile: faster than op by op
       lambda r: lora.init_lora(shapes, lcfg, r).params)(jax.random.PRNGKey(3))), lcfg)
   train_base = {k: v for k, v in base.items() if k != "lm_head"}  # as training holds it
-  run = ml_collections.ConfigDict({"model": {"init": str(src)}, "export_hf": True})
-  mesh = shd.make_mesh((("data", -1), ("fsdp", 1)), jax.devices()[:1])
-  instructcir.export_model(tmp_path, run, config, lcfg,
-                           {"base": train_base, "lora": adapter.params}, mesh, str(src), "test")
+  llava_run.export(tmp_path, {"base": train_base, "lora": adapter.params}, config, lcfg,
+                   str(src), "test", init=str(src), init_from="", export_hf=True)
   ad_dir = tmp_path / "adapter"
   ad_cfg = json.loads((ad_dir / lora.CONFIG_NAME).read_text())
   assert ad_cfg["base_model_name_or_path"] == str(src)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from cirjax.data import grain_pipeline, synth, text, tfds_builders, training_splits
+from cirjax.data.tokenizer import load_tokenizer
 from cirjax.data.records import DataError
 from cirjax.errors import UsageError
 from cirjax.train import config_utils, sharding as shd
@@ -29,7 +30,7 @@ def tfds_dir(synth_root, tmp_path_factory):
 def _feed(tfds_dir, synth_root, shard=(0, 1), workers=0, tok=None):
   split = synth.read_synthetic(synth_root, "train")
   names = {n: i for i, n in enumerate(split.images)}
-  tok = tok or text.load_bert_tokenizer(synth_root / "vocab.txt")
+  tok = tok or load_tokenizer(synth_root / "vocab.txt", "blip2")
   return grain_pipeline.GrainFeed(
       str(tfds_dir), "synthetic", ["train"], tokenizer=tok, max_length=16, image_index=names,
       seed=SEED, epochs=EPOCHS, steps_per_epoch=STEPS, global_batch=B, workers=workers,
@@ -117,7 +118,7 @@ def test_several_training_splits_are_one_row_space(tmp_path):
   assert np.asarray(source(queries[30].target)).shape[-1] == 3
   feed = grain_pipeline.GrainFeed(
       str(tmp_path / "tfds"), "fashioniq", ["dress_train", "shirt_train"],
-      tokenizer=text.load_bert_tokenizer(vocab), max_length=8, image_index=names, seed=3,
+      tokenizer=load_tokenizer(vocab, "blip2"), max_length=8, image_index=names, seed=3,
       epochs=1, steps_per_epoch=6, global_batch=8)
   for step in range(6):
     got = feed.next(step)

@@ -35,12 +35,12 @@ def offline_cache(tmp_path, monkeypatch):
 def tiny_hf(tmp_path_factory, synth_root):
   """A tiny HF BLIP-2 ITM directory holding a vocab (the synthetic one plus one word, so
   that a test can tell it from the dataset's) sized to the Q-Former's vocabulary."""
-  from cirjax.data import text
+  from cirjax.data.tokenizer import load_tokenizer
   d = tmp_path_factory.mktemp("tiny_hf") / "model"
   words = (synth_root / "vocab.txt").read_text().splitlines() + ["hubword"]
   vocab = tmp_path_factory.mktemp("v") / "vocab.txt"
   vocab.write_text("\n".join(words) + "\n")
-  n = len(text.load_bert_tokenizer(vocab))
+  n = len(load_tokenizer(vocab, "blip2"))
   vision = hf_eva_config(image=28, patch=14)
   hf_retrieval_model(seed=4, vision=vision,
                      qformer=hf_qformer_config(enc=vision.hidden_size, vocab=n)
@@ -255,7 +255,7 @@ def test_what_an_online_resolve_fetches(tmp_path, monkeypatch):
 def test_instructcir_model_init_hub_id(tmp_path, offline_cache):
   """InstructCIR's `model.init` as a hub id: the LLaVA base and its tokenizer come from the
   snapshot (nothing compiled)."""
-  from cirjax.train import instructcir
+  from cirjax.convert import llava_run
   from tests import llava_fixtures as fx
   src = tmp_path / "llava_hf"
   fx.llava_model(fx.phi3_config(num_key_value_heads=2), seed=11).save_pretrained(str(src))
@@ -263,7 +263,8 @@ def test_instructcir_model_init_hub_id(tmp_path, offline_cache):
   hub_fixtures.populate(offline_cache, "cirjax-test/tiny-llava", src, commit=COMMIT)
   cfg = config_utils.load_config(str(REPO / "configs/instructcir_stage1.py") + ":tiny",
                                  ["model.init=cirjax-test/tiny-llava"])
-  got = instructcir.model_source(cfg, "", str(tmp_path / "run"), ["a red dog"])
+  got = llava_run.model_source(cfg, config_utils.model_init(cfg), "", str(tmp_path / "run"),
+                               ["a red dog"])
   assert got.tokenizer_dir == str(offline_cache / "models--cirjax-test--tiny-llava" /
                                   "snapshots" / COMMIT)
   want = registry.load(src, family="llava")

@@ -1,20 +1,46 @@
-"""No import cycle among cirjax's modules, counting function-local imports.
+"""cirjax's import graph: no cycle, and no import from a lower layer to a higher one.
 
-A cycle that only a function-local import keeps from failing at import time still ties the
-modules together (neither can be read, tested or replaced alone), so every `import` /
-`from ... import` statement anywhere in a module counts, except those under
+`LAYERS` below is the one declaration of the layers (docs/architecture.md draws it, and
+`test_architecture_page_draws_the_layers` keeps the two equal): a module may import modules
+of its own layer and of the layers before it, never of a layer after it. Every module of
+cirjax belongs to exactly one layer.
+
+A cycle or an upward arrow that only a function-local import keeps from failing at import
+time still ties the modules together (neither can be read, tested or replaced alone), so
+every `import` / `from ... import` statement anywhere in a module counts, except those under
 `if TYPE_CHECKING:`. The graph is built from the source with `ast`; nothing is imported.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 PACKAGE = "cirjax"
 ROOT = Path(__file__).resolve().parent.parent / PACKAGE
+ARCHITECTURE = ROOT.parent / "docs" / "architecture.md"
+
+# The layers, lowest first. An entry names a package (its modules and subpackages too) or a
+# module; the longest entry holding a module decides (`cirjax.eval.encoders`, which turns any
+# checkpoint, a training run's included, into features, sits above `train`, the rest of
+# `cirjax.eval` below it). The package itself (`cirjax`, whose `load_blip2` / `load_llava`
+# call the registry) stands alone, with the entry points.
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("errors", ("cirjax.errors",)),
+    ("models", ("cirjax.models", "cirjax.prompts", "cirjax.losses")),
+    ("data", ("cirjax.data",)),
+    ("convert", ("cirjax.convert", "cirjax.lora")),
+    ("eval", ("cirjax.eval",)),
+    ("mining", ("cirjax.mining",)),
+    ("train", ("cirjax.train",)),
+    ("encoders", ("cirjax.eval.encoders", "cirjax.search")),
+    ("drivers", ("cirjax.study", "cirjax.study_report", "cirjax.study_stats",
+                 "cirjax.benchmarking", "cirjax.bench_load", "cirjax.bench_repeats")),
+    ("commands", ("cirjax.commands", "cirjax.cli", "cirjax.__main__", "cirjax")),
+)
 
 
 def module_files(root: Path = ROOT) -> dict[str, Path]:
@@ -150,6 +176,33 @@ def _cycle_in(graph: dict[str, set[str]], comp: list[str]) -> list[str]:
   return comp
 
 
+def layer_of(module: str, layers=LAYERS) -> int | None:
+  """Index in `layers` of the layer holding `module` (the longest matching entry), or None."""
+  best, best_len = None, -1
+  for i, (_, entries) in enumerate(layers):
+    for e in entries:
+      hit = module == e or (e != PACKAGE and module.startswith(e + "."))
+      if hit and len(e) > best_len:
+        best, best_len = i, len(e)
+  return best
+
+
+def upward_imports(graph: dict[str, set[str]], layers=LAYERS) -> list[str]:
+  """Every edge from a module to a module of a later (higher) layer, named with both layers,
+  and every module that no layer holds."""
+  out = []
+  for mod in sorted(graph):
+    src = layer_of(mod, layers)
+    if src is None:
+      out.append(f"{mod}: in no layer (add it to LAYERS and docs/architecture.md)")
+      continue
+    for dst in sorted(graph[mod]):
+      d = layer_of(dst, layers)
+      if d is not None and d > src:
+        out.append(f"{mod} ({layers[src][0]}) -> {dst} ({layers[d][0]})")
+  return out
+
+
 def test_graph_sees_local_imports(tmp_path):
   pkg = tmp_path / PACKAGE
   (pkg / "sub").mkdir(parents=True)
@@ -171,3 +224,39 @@ def test_no_import_cycles():
   cycles = find_cycles(import_graph())
   assert not cycles, "import cycles among cirjax modules:\n" + "\n".join(
       "  " + " -> ".join(c) for c in cycles)
+
+
+def test_the_layer_rule_names_the_offending_edge(tmp_path):
+  pkg = tmp_path / PACKAGE
+  (pkg / "low").mkdir(parents=True)
+  (pkg / "__init__.py").write_text("")
+  (pkg / "low" / "__init__.py").write_text("")
+  (pkg / "low" / "a.py").write_text("def f():\n  from cirjax import high\n")
+  (pkg / "high.py").write_text("from cirjax.low import a\n")
+  (pkg / "stray.py").write_text("")
+  layers = (("low", ("cirjax.low",)), ("high", ("cirjax.high", "cirjax")))
+  assert layer_of("cirjax", layers) == 1 and layer_of("cirjax.low.a", layers) == 0
+  assert layer_of("cirjax.stray", layers) is None  # the package entry holds only itself
+  assert upward_imports(import_graph(pkg), layers) == [
+      "cirjax.low.a (low) -> cirjax.high (high)",
+      "cirjax.stray: in no layer (add it to LAYERS and docs/architecture.md)"]
+
+
+def test_no_import_runs_from_a_lower_layer_to_a_higher_one():
+  bad = upward_imports(import_graph())
+  assert not bad, "imports against the layers (LAYERS, docs/architecture.md):\n" + "\n".join(
+      "  " + b for b in bad)
+
+
+def _drawn_layers(page: str) -> list[tuple[str, tuple[str, ...]]]:
+  """The layer table of docs/architecture.md: `| n | name | `module`, ... | ... |` rows."""
+  rows = []
+  for line in page.splitlines():
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if len(cells) >= 3 and cells[0].isdigit():
+      rows.append((cells[1], tuple(re.findall(r"`([\w.]+)`", cells[2]))))
+  return rows
+
+
+def test_architecture_page_draws_the_layers():
+  assert _drawn_layers(ARCHITECTURE.read_text()) == [(n, e) for n, e in LAYERS]

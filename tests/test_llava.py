@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from cirjax.models import llava, llava_convert, llava_parity
+from cirjax.convert import llava_convert, llava_parity
+from cirjax.models import llava
 from tests import llava_fixtures as fx
 
 

@@ -12,7 +12,8 @@ import transformers
 
 import cirjax
 from cirjax.convert import engine, io, registry
-from cirjax.models import llava, llava_convert, llava_parity
+from cirjax.convert import llava_convert, llava_parity
+from cirjax.models import llava
 from tests import llava_fixtures as fx
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cirjax.data import images, loader, synth, text
+from cirjax.data.tokenizer import load_tokenizer
 from cirjax.data.records import DataError
 
 TINY = synth.SynthConfig(seed=2, resolution=16, num_images=(120, 90, 40),
@@ -89,7 +90,7 @@ def test_eval_batches_are_in_order(split):
   got = np.concatenate(list(loader.image_batches(s, s.corpus[:9], tf, 4, num_threads=2)))
   want = np.stack([tf(images.load_image(s.images[n])) for n in s.corpus[:9]])
   np.testing.assert_array_equal(got, want)
-  tok = text.load_bert_tokenizer(root / "vocab.txt")
+  tok = load_tokenizer(root / "vocab.txt", "blip2")
   qb = list(loader.query_batches(s, tf, loader.bert_tokenize_fn(tok, 12), 8, num_threads=2))
   assert sum(b[0].shape[0] for b in qb) == len(s.queries)
   ids, _ = text.tokenize(tok, [s.queries[9].text], 12)

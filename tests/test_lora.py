@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from cirjax import lora
-from cirjax.models import llava, llava_convert
+from cirjax.convert import llava_convert
+from cirjax.models import llava
 from tests import llava_fixtures as fx
 
 _embed = jax.jit(llava.embed, static_argnames=("config", "deterministic"))

@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from cirjax.models import phi3
-from cirjax.models.llava_convert import decoder_params_from_hf
+from cirjax.convert.llava_convert import decoder_params_from_hf
 from tests import llava_fixtures as fx
 
 

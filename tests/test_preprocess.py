@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 from cirjax.data import images, text
+from cirjax.data.tokenizer import load_tokenizer
 from cirjax.data.records import DataError, ImageRef
 
 
@@ -80,7 +81,7 @@ def test_fashioniq_caption_join():
 def test_bert_tokenizer_from_vocab_adds_dec(tmp_path):
   words = list(text.SPECIAL_TOKENS) + ["make", "it", "red", "a", "circle", "."]
   (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
-  tok = text.load_bert_tokenizer(tmp_path)
+  tok = load_tokenizer(tmp_path, "blip2")
   assert len(tok) == len(words) + 1 and "[DEC]" in tok.get_vocab()
   ids, mask = text.tokenize(tok, ["Make it RED.", "a circle " * 40])
   assert ids.shape == (2, 32) and ids.dtype == np.int32
@@ -92,13 +93,31 @@ def test_bert_tokenizer_from_vocab_adds_dec(tmp_path):
   (tmp_path / "bad").mkdir()
   (tmp_path / "bad" / "vocab.txt").write_text("a\nb\n")
   with pytest.raises(ValueError, match="special tokens"):
-    text.load_bert_tokenizer(tmp_path / "bad")
+    load_tokenizer(tmp_path / "bad", "blip2")
+
+
+def test_one_loader_for_both_families(tmp_path):
+  """`load_tokenizer` reads a LLaVA run's HF tokenizer (left padding) and a BLIP-2 vocab;
+  a directory without one is FileNotFoundError, or None when not required."""
+  from cirjax.data.tokenizer import build_word_tokenizer
+  tok = build_word_tokenizer(["Make it red"], tmp_path / "llava")
+  again = load_tokenizer(tmp_path / "llava", "llava")
+  assert again.padding_side == tok.padding_side == "left" and len(again) == len(tok)
+  assert again("make it red")["input_ids"] == tok("make it red")["input_ids"]
+  (tmp_path / "empty").mkdir()
+  assert load_tokenizer(tmp_path / "empty", "llava", required=False) is None
+  assert load_tokenizer(tmp_path / "empty", "blip2", required=False) is None
+  for family in ("llava", "blip2"):
+    with pytest.raises(FileNotFoundError, match="empty"):
+      load_tokenizer(tmp_path / "empty", family)
+  with pytest.raises(ValueError, match="'bert'"):
+    load_tokenizer(tmp_path / "llava", "bert")
 
 
 def test_tokenizer_coverage_warns_naming_the_source(tmp_path):
   words = list(text.SPECIAL_TOKENS) + ["make", "it", "red", "a", "circle", "."]
   (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
-  tok = text.load_bert_tokenizer(tmp_path)
+  tok = load_tokenizer(tmp_path, "blip2")
   share, n = text.unknown_token_share(tok, ["make it red.", "a circle"])
   assert (share, n) == (0.0, 6)
   warned = []

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from cirjax.convert import io, registry
-from cirjax.models import blip2, blip2_convert, layer_stack, llava, llava_convert
+from cirjax.convert import blip2_convert, llava_convert
+from cirjax.models import blip2, layer_stack, llava
 from cirjax.models import qformer as qf
 from cirjax.models import vit
 from tests.blip2_fixtures import TOL_LAYER, assert_close
@@ -136,7 +137,7 @@ def test_blip2_hf_round_trip_through_stacked_layout(tmp_path):
 @pytest.mark.slow  # default-suite budget: CI runs it with -m slow
 def test_llava_scan_with_lora_and_round_trip(tmp_path):
   from cirjax import lora as lora_lib
-  from cirjax.models import llava_parity
+  from cirjax.convert import llava_parity
   from tests import llava_fixtures as fx
   model = fx.llava_model(fx.phi3_config(num_key_value_heads=2), seed=11)
   model.save_pretrained(str(tmp_path / "hf"))

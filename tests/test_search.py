@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from cirjax import search as search_lib
-from cirjax.data import images, loader, synth, text
+from cirjax.data import images, loader, synth
+from cirjax.data.tokenizer import load_tokenizer
 from cirjax.data.records import DataError
 from cirjax.eval import encoders
 from cirjax.models import Model
@@ -48,7 +49,7 @@ def root(tmp_path_factory):
 
 def test_search_ranks_like_brute_force_and_excludes_reference(root, tmp_path):
   split = synth.read_synthetic(root, "val")
-  tok = text.load_bert_tokenizer(root / "vocab.txt")
+  tok = load_tokenizer(root / "vocab.txt", "blip2")
   enc = FakeEncoder(len(tok))
   tf = images.make_transform("clip", 16)
   tk = loader.bert_tokenize_fn(tok, 16)
@@ -96,7 +97,7 @@ def test_html_page_marks_relevant_results(root, tmp_path):
 
 def test_cli_search_with_a_checkpoint(root, tmp_path, monkeypatch, capsys):
   from cirjax import cli
-  tok = text.load_bert_tokenizer(root / "vocab.txt")
+  tok = load_tokenizer(root / "vocab.txt", "blip2")
   enc = FakeEncoder(len(tok))
   model = Model("blip2", {"vision": {"image_size": 16}}, enc.fns.params)
   monkeypatch.setattr(encoders, "load_encoder", lambda path: (model, tmp_path))

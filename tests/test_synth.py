@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cirjax.data import read_cirr, synth, text
+from cirjax.data.tokenizer import load_tokenizer
 
 TINY = synth.SynthConfig(seed=3, resolution=32, num_images=(120, 90, 40),
                          num_queries=(60, 40, 20))
@@ -63,7 +64,7 @@ def test_queries_have_several_relevant_images(root):
 
 
 def test_vocab_covers_every_word(root):
-  tok = text.load_bert_tokenizer(root)
+  tok = load_tokenizer(root, "blip2")
   unk = tok.convert_tokens_to_ids("[UNK]")
   for split in synth.SPLITS:
     caps = [q.text for q in synth.read_synthetic(root, split).queries]

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cirjax.data import images, loader, read_fashioniq, synth, tfds_builders, text
+from cirjax.data import images, loader, read_fashioniq, synth, tfds_builders
+from cirjax.data.tokenizer import load_tokenizer
 from cirjax.data.records import DataError
 from cirjax.eval import evaluate, retrieval
 
@@ -64,7 +65,7 @@ def test_built_split_reads_back_identical(built):
 @NEEDS_TFDS
 def test_loader_and_eval_from_tfds(built):
   root, data_dir = built
-  tok = text.load_bert_tokenizer(root / "vocab.txt")
+  tok = load_tokenizer(root / "vocab.txt", "blip2")
   tf = images.make_transform("clip", 16)
   tk = loader.bert_tokenize_fn(tok, 12)
   s_tfds, source = tfds_builders.load_split(data_dir, "synthetic", "train")

@@ -95,7 +95,8 @@ def test_trained_adapter_loads_with_peft(stage1, tmp_path):
   import transformers
   import cirjax
   from cirjax.convert import registry
-  from cirjax.models import llava, llava_parity
+  from cirjax.convert import llava_parity
+  from cirjax.models import llava
   wd, r = stage1
   params = _host(r["state"].params)
   model = cirjax.load_llava(wd / "model")

@@ -28,7 +28,8 @@ import pytest
 
 from blip2_fixtures import TOL_LAYER, TOL_MODEL, rel_err
 from cirjax.models import attention as attention_lib
-from cirjax.models import blip2, blip2_convert
+from cirjax.convert import blip2_convert
+from cirjax.models import blip2
 from cirjax.models import qformer as qf
 from cirjax.train import config_utils, sharding as shd
 from cirjax.train.sharding import path_str
@@ -90,8 +91,8 @@ def _recording(trainer) -> dict:
 
 
 def _vocab_size(synth_root: Path) -> int:
-  from cirjax.data import text
-  return len(text.load_bert_tokenizer(str(synth_root / "vocab.txt")))
+  from cirjax.data.tokenizer import load_tokenizer
+  return len(load_tokenizer(str(synth_root / "vocab.txt"), "blip2"))
 
 
 # ------------------------------------------------------------------------------ torch side

@@ -15,14 +15,14 @@ import ml_collections
 import numpy as np
 
 from cirjax import lora as lora_lib
-from cirjax.convert import hub, io, registry
+from cirjax.convert import hub, io, llava_run, registry
 from cirjax.data import genecis, images, loader, text
 from cirjax.data.records import DataError
-from cirjax.data.word_tokenizer import load_tokenizer
+from cirjax.data.tokenizer import load_tokenizer
 from cirjax.errors import CirjaxError
 from cirjax.eval import encoders, evaluate, retrieval, submission
 from cirjax.models import Model, blip2, llava
-from cirjax.train import config_utils, instructcir, qure
+from cirjax.train import config_utils, qure
 
 HELP = "evaluate a checkpoint or a baseline on FashionIQ, CIRR, CIRCO, GeneCIS, HP-FashionIQ or synthetic"
 DESCRIPTION = """\
@@ -117,12 +117,12 @@ def model_from_checkpoint(ck: encoders.WorkdirCheckpoint) -> Model:
     return Model("blip2", cfg, params, os.path.expanduser(vocab_src) if has_vocab else None,
                  source)
   if task == "instructcir":
-    cfg_file = ck.workdir / instructcir.LLAVA_CONFIG_FILE
+    cfg_file = ck.workdir / llava_run.LLAVA_CONFIG_FILE
     if not cfg_file.is_file():
       raise CirjaxError(f"{ck.workdir}: an InstructCIR workdir without "
-                        f"{instructcir.LLAVA_CONFIG_FILE}; export the model from the run")
+                        f"{llava_run.LLAVA_CONFIG_FILE}; export the model from the run")
     cfg = llava.LlavaConfig.from_dict(json.loads(cfg_file.read_text())).replace(dtype="float32")
-    tok_dirs = [str(ck.workdir / instructcir.TOKENIZER_DIR), config.data.get("tokenizer"),
+    tok_dirs = [str(ck.workdir / llava_run.TOKENIZER_DIR), config.data.get("tokenizer"),
                 config_utils.model_init(config, check=False)]
     # paths or hub ids; of data.tokenizer only the tokenizer files are fetched
     found = [hub.resolve(d, weights=i == 2) for i, d in enumerate(tok_dirs) if d]
@@ -130,9 +130,9 @@ def model_from_checkpoint(ck: encoders.WorkdirCheckpoint) -> Model:
     if tok_dir is None:
       raise CirjaxError(f"{ck.workdir}: no tokenizer (looked in {', '.join(map(str, tok_dirs))})")
     params = {k: llava.unstack_layers(v, cfg) for k, v in params.items()}  # as above
-    adapter = lora_lib.Adapter(params["lora"], instructcir.lora_config(config.lora))
+    adapter = lora_lib.Adapter(params["lora"], lora_lib.config_from(config.lora))
     merged = jax.tree.map(np.asarray, lora_lib.merge(params["base"], adapter))
-    return Model("llava", cfg, merged, load_tokenizer(os.path.expanduser(tok_dir)), source)
+    return Model("llava", cfg, merged, load_tokenizer(os.path.expanduser(tok_dir), "llava"), source)
   raise CirjaxError(f"{ck.workdir / 'config.json'}: task {task!r}: cirjax rebuilds models of "
                     "'qure' and 'instructcir' runs only; export the model from the run")
 
@@ -202,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
       tok_src = f"{model_dir} (InstructCIR zero-shot prompts)"
     else:
       tok_src = tokenizer_source(args, model, model_dir)
-      tokenizer = text.load_bert_tokenizer(tok_src)
+      tokenizer = load_tokenizer(tok_src, "blip2")
       tokenize_fn = loader.bert_tokenize_fn(tokenizer, args.max_length)
       for _, s, _ in splits:  # a vocabulary built on other data turns words into [UNK]
         text.check_tokenizer_coverage(tokenizer, [loader.default_text(q) for q in s.queries],

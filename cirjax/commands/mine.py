@@ -13,10 +13,9 @@ import numpy as np
 from cirjax import mining
 from cirjax.commands.data import positive_int, read_split
 from cirjax.commands.eval import add_encoder_args
-from cirjax.convert import hub
-from cirjax.data import images, loader, text
-from cirjax.data.records import CIRSplit, DataError
-from cirjax.eval import encoders, evaluate, retrieval
+from cirjax.data.records import DataError
+from cirjax.eval import retrieval
+from cirjax.eval.encoders import encode_with_checkpoint
 from cirjax.mining import audit as mining_audit
 from cirjax.mining import plots as mining_plots
 
@@ -58,27 +57,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--plot-queries", type=positive_int, default=6,
                       help="queries drawn in score_curves.png")
   add_encoder_args(parser)
-
-
-def encode_with_checkpoint(checkpoint: str, split: CIRSplit, root: str | None, *,
-                           tokenizer: str | None = None, image_size: int | None = None,
-                           max_length: int = 32, batch_size: int = 64, num_workers: int = 4,
-                           log=print) -> retrieval.FeatureScorer:
-  """The features of `split` (corpus and queries) under a checkpoint, as `cirjax eval`
-  encodes them (`encoders.load_encoder`, `evaluate.encode_split`)."""
-  model, model_dir = encoders.load_encoder(checkpoint)
-  llava = model.family == "llava"
-  tokenize_fn = None
-  if not llava:
-    tok = text.load_bert_tokenizer(hub.resolve(tokenizer, weights=False) if tokenizer else
-                                   encoders.find_tokenizer_source(model_dir, root))
-    tokenize_fn = loader.bert_tokenize_fn(tok, max_length)
-  dim = image_size or encoders.model_image_size(model)
-  transform = images.make_transform("clip" if llava else "targetpad", dim)
-  enc, tk, text_fn = encoders.retrieval_fns(model, split)
-  scorer, _ = evaluate.encode_split(enc, split, transform, tk or tokenize_fn, batch_size,
-                                    text_fn=text_fn, num_threads=num_workers, log=log)
-  return scorer
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ whole-model tolerance (1e-4 relative; not adjustable; docs/reference_semantics.m
 BLIP-2 stages: vision features, Q-Former query outputs, target features, text feature,
 joint (query + text) Q-Former outputs, composed query, scores.
 LLaVA checkpoints (config.json model_type 'llava') are checked by
-cirjax.models.llava_parity.run_parity.
+cirjax.convert.llava_parity.run_parity.
 
 Exit status: 0 all stages within tolerance, 1 a stage above it, 2 the check could not run.
 
@@ -56,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
   # On use, so that `cirjax --help` stays free of jax and the models (see cirjax.commands).
   from cirjax.convert import hub, parity, registry  # pylint: disable=g-import-not-at-top
-  from cirjax.models import blip2_parity, llava_parity  # pylint: disable=g-import-not-at-top
+  from cirjax.convert import blip2_parity, llava_parity  # pylint: disable=g-import-not-at-top
   path = hub.resolve(args.path)  # a hub id: its snapshot in the HF cache
   t0 = time.time()
   model_type, kind = registry.sniff(path)

@@ -8,8 +8,9 @@ from pathlib import Path
 from cirjax import search as search_lib
 from cirjax.commands.data import check_output, positive_int, read_split
 from cirjax.commands.eval import load_model, tokenizer_source
-from cirjax.data import images, loader, text
+from cirjax.data import images, loader
 from cirjax.data.records import DataError
+from cirjax.data.tokenizer import load_tokenizer
 from cirjax.errors import UsageError
 from cirjax.eval import encoders, retrieval
 
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
                      "LLaVA-Phi checkpoints with `cirjax eval`")
   encoder, _, _ = encoders.retrieval_fns(model)
   tok_src = tokenizer_source(args, model, model_dir)
-  tokenize_fn = loader.bert_tokenize_fn(text.load_bert_tokenizer(tok_src), args.max_length)
+  tokenize_fn = loader.bert_tokenize_fn(load_tokenizer(tok_src, "blip2"), args.max_length)
   transform = images.make_transform(args.transform,
                                     args.image_size or encoders.model_image_size(model))
   mesh = retrieval.make_mesh()

@@ -31,7 +31,9 @@ import jax
 import jax.numpy as jnp
 
 from cirjax.convert import hub, io
-from cirjax.models import Model, blip2, blip2_convert, llava, llava_convert
+from cirjax.convert import blip2_convert, llava_convert
+from cirjax.data.tokenizer import load_tokenizer
+from cirjax.models import Model, blip2, llava
 
 LAVIS_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
@@ -82,7 +84,7 @@ def _blip2_init(config, rng: Optional[jax.Array] = None):
 def _llava_finish_hf(dst: Path, config: llava.LlavaConfig, tokenizer_dir: Optional[Path]) -> None:
   """The tokenizer's bos/eos/pad ids into `text_config` (generation reads them there); a
   warning when there is no tokenizer to copy."""
-  tok = llava.load_tokenizer(dst)
+  tok = load_tokenizer(dst, "llava", required=False)
   if tok is None:
     print(f"warning: {tokenizer_dir} holds no tokenizer (tokenizer.json / "
           f"tokenizer_config.json): the LLaVA export {dst} has none and no bos/eos/pad ids",
@@ -280,5 +282,5 @@ def load_llava(path: str | os.PathLike, *, dtype: str | None = None,
   config = loaded.config.replace(**overrides) if overrides else loaded.config
   # The embedder never reads the LM head (hidden x vocab, 0.4 GB for Phi-3): not on device.
   params = llava.cast_params({k: v for k, v in loaded.params.items() if k != "lm_head"}, config)
-  return llava.LlavaEmbedder(params, config, llava.load_tokenizer(loaded.source),
-                             source=str(path))
+  tokenizer = load_tokenizer(loaded.source, "llava", required=False)
+  return llava.LlavaEmbedder(params, config, tokenizer, source=str(path))

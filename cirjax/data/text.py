@@ -4,9 +4,8 @@
   `c0.strip('.?, ').capitalize() + " and " + c1.strip('.?, ')`.
 * CIRCO queries are phrased `"a photo of $ that {caption}"`
   (docs/reference_semantics.md#qure-model).
-* BLIP-2's tokenizer is BERT (uncased) plus the added `[DEC]` token (LAVIS
-  `init_tokenizer`: `add_special_tokens({"bos_token": "[DEC]"})`, vocab 30522 + 1), texts padded
-  to `max_length=32` and truncated.
+* BLIP-2's texts are padded to `max_length=32` and truncated; its tokenizer (BERT uncased
+  plus `[DEC]`) is loaded by `cirjax.data.tokenizer.load_tokenizer`.
 
 LLaVA-Phi prompts belong to `cirjax.prompts` (the LLaVA issue): pass its formatting function
 as `text_fn` to the loader/evaluator (see `cirjax.data.loader`), nothing here builds them.
@@ -14,15 +13,10 @@ as `text_fn` to the loader/evaluator (see `cirjax.data.loader`), nothing here bu
 
 from __future__ import annotations
 
-import inspect
-import os
 import sys
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-
-from cirjax.data.records import DataError
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 BLIP2_MAX_LENGTH = 32
@@ -39,49 +33,6 @@ def fashioniq_caption(captions: Sequence[str]) -> str:
 def circo_caption(relative_caption: str) -> str:
   """CIRCO query text as the reference evaluation phrases it."""
   return f"a photo of $ that {relative_caption}"
-
-
-def find_vocab(path: str | os.PathLike) -> Path:
-  """`vocab.txt` in a checkpoint/tokenizer directory (or the file itself)."""
-  p = Path(path)
-  if p.is_file():
-    return p
-  for cand in (p / "vocab.txt", p / "tokenizer" / "vocab.txt", p / "bert" / "vocab.txt"):
-    if cand.is_file():
-      return cand
-  raise FileNotFoundError(
-      f"no BERT vocab.txt in {p} (looked at vocab.txt, tokenizer/vocab.txt, bert/vocab.txt); "
-      "copy bert-base-uncased's vocab.txt next to the checkpoint")
-
-
-def load_bert_tokenizer(path: str | os.PathLike, add_dec_token: bool = True):
-  """A BERT WordPiece tokenizer from a directory's vocab (offline), as BLIP-2 uses it.
-
-  A directory with a `tokenizer.json`/`tokenizer_config.json` is loaded with
-  `AutoTokenizer` (it already carries whatever tokens were added); otherwise `vocab.txt`
-  builds an uncased `BertTokenizerFast`. `[DEC]` is added as the BOS token when absent, so
-  `len(tokenizer)` is the Q-Former's vocabulary size (30523 for bert-base-uncased).
-  """
-  # transformers is heavy: imported only when a tokenizer is loaded.
-  from transformers import AutoTokenizer, BertTokenizerFast  # pylint: disable=g-import-not-at-top
-  p = Path(path)
-  if p.is_dir() and ((p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file()):
-    tok = AutoTokenizer.from_pretrained(str(p))
-  else:
-    vocab = find_vocab(p)
-    with open(vocab, encoding="utf-8") as f:
-      words = [w.rstrip("\n") for w in f]
-    missing = [t for t in SPECIAL_TOKENS if t not in words]
-    if missing:
-      raise DataError(f"{vocab}: BERT vocab lacks the special tokens {missing}")
-    if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters:
-      # transformers 5 takes the vocabulary itself (line order = token id).
-      tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
-    else:
-      tok = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
-  if add_dec_token and "[DEC]" not in tok.get_vocab():
-    tok.add_special_tokens({"bos_token": "[DEC]"})
-  return tok
 
 
 def tokenize(tokenizer, texts: Sequence[str], max_length: int = BLIP2_MAX_LENGTH

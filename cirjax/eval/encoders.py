@@ -32,8 +32,11 @@ import jax.numpy as jnp
 
 from cirjax import prompts
 from cirjax.convert import hub, io, registry
-from cirjax.data import text
+from cirjax.data import images, loader
+from cirjax.data.records import CIRSplit
+from cirjax.data.tokenizer import find_vocab, load_tokenizer
 from cirjax.errors import CirjaxError
+from cirjax.eval import evaluate, retrieval
 from cirjax.models import Model, blip2, llava
 
 _WORKDIR_CANDIDATES = ("model", "export", "best", "final")
@@ -148,7 +151,7 @@ def find_tokenizer_source(model_dir: Path, dataset_root: str | os.PathLike | Non
   the dataset's vocab.txt (synthetic)."""
   model_dir = model_dir if model_dir.is_dir() else model_dir.parent
   try:
-    text.find_vocab(model_dir)
+    find_vocab(model_dir)
     return model_dir
   except FileNotFoundError:
     pass
@@ -229,3 +232,25 @@ def _llava_fns(model: Model, split: Any, pad_to_multiple_of: int):
     return enc["input_ids"], enc["attention_mask"]
 
   return RetrievalFns(model.params, image_fn, compose_fn), tokenize_fn, lambda q: q.text
+
+
+def encode_with_checkpoint(checkpoint: str, split: CIRSplit, root: str | None, *,
+                           tokenizer: str | None = None, image_size: int | None = None,
+                           max_length: int = 32, batch_size: int = 64, num_workers: int = 4,
+                           log=print) -> retrieval.FeatureScorer:
+  """The features of `split` (corpus and queries) under a checkpoint, as `cirjax eval`
+  encodes them (`load_encoder`, `evaluate.encode_split`); `cirjax mine` and the study
+  call it."""
+  model, model_dir = load_encoder(checkpoint)
+  is_llava = model.family == "llava"
+  tokenize_fn = None
+  if not is_llava:
+    tok = load_tokenizer(hub.resolve(tokenizer, weights=False) if tokenizer else
+                         find_tokenizer_source(model_dir, root), "blip2")
+    tokenize_fn = loader.bert_tokenize_fn(tok, max_length)
+  dim = image_size or model_image_size(model)
+  transform = images.make_transform("clip" if is_llava else "targetpad", dim)
+  enc, tk, text_fn = retrieval_fns(model, split)
+  scorer, _ = evaluate.encode_split(enc, split, transform, tk or tokenize_fn, batch_size,
+                                    text_fn=text_fn, num_threads=num_workers, log=log)
+  return scorer

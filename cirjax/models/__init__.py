@@ -1,5 +1,6 @@
-"""Flax models: the shared vision transformer (`vit`), BLIP-2 (`qformer`, `blip2`) and their
-weight converters and parity checks. Import the submodule you need; nothing heavy loads here.
+"""Flax models: the shared vision transformer (`vit`), BLIP-2 (`qformer`, `blip2`), LLaVA-Phi
+(`phi3`, `llava`). Their weight converters and parity checks live in `cirjax.convert`. Import
+the submodule you need; nothing heavy loads here.
 
 `Model` is how a loaded model is held: its family's functional API (`cirjax.models.blip2`,
 `cirjax.models.llava`) is called as `fn(model.params, model.config, ...)`.

@@ -24,8 +24,6 @@ Public API:
 from __future__ import annotations
 
 import dataclasses
-import os
-from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
@@ -470,15 +468,3 @@ class LlavaEmbedder:
     return (f"LlavaEmbedder(source={self.source!r}, text={self.config.text.model_type}/"
             f"{self.config.text.layout}, layers={self.config.text.num_layers}, "
             f"image={self.config.vision.image_size}px, dtype={self.config.dtype})")
-
-
-def load_tokenizer(path: str | os.PathLike):
-  """The HF tokenizer saved in `path` (tokenizer.json / tokenizer_config.json), or None."""
-  p = Path(path)
-  if not ((p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists()):
-    return None
-  # transformers is heavy and optional: only models saved with a tokenizer need it
-  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
-  tok = AutoTokenizer.from_pretrained(str(p))
-  tok.padding_side = "left"
-  return tok

@@ -46,6 +46,7 @@ from cirjax.convert import hub, registry
 from cirjax.data import text, training_splits
 from cirjax.data.loader import default_text
 from cirjax.data.records import DataError
+from cirjax.data.tokenizer import find_vocab, load_tokenizer
 from cirjax.data.training_queries import TrainingQueries
 from cirjax.eval import encode as encode_lib
 from cirjax.eval import evaluate as ev
@@ -90,7 +91,7 @@ class QuReTask(Task):
     self.train_splits, self.eval_splits, image_source = training_splits.read_training_data(
         config.data)
     tok_src = tokenizer_source(config)
-    self.tokenizer = text.load_bert_tokenizer(tok_src)
+    self.tokenizer = load_tokenizer(tok_src, "blip2")
     self.max_len = int(config.data.get("max_text_length", 32))
     self._init_model(config)
 
@@ -385,7 +386,7 @@ def export_model(path: Path, config: ml_collections.ConfigDict, cfg: blip2.Blip2
   registry.save(path, "blip2", cfg.replace(scan_layers=False), host, overwrite=True,
                 extra={"trained_by": "cirjax train", "train_config": config.get("config_spec", "")})
   try:
-    (path / "vocab.txt").write_text(text.find_vocab(tokenizer_source(config)).read_text())
+    (path / "vocab.txt").write_text(find_vocab(tokenizer_source(config)).read_text())
   except FileNotFoundError:
     pass
   _log(f"exported the trained model to {path}")

@@ -27,7 +27,8 @@ import numpy as np
 
 from cirjax.convert import registry
 from cirjax.convert.parity import TOLERANCE, ParityRow, compare, format_table
-from cirjax.models import llava, llava_convert
+from cirjax.convert import llava_convert
+from cirjax.models import llava
 
 
 def random_inputs(config: Any, batch: int = 2, text_len: int = 16, seed: int = 0,

@@ -24,7 +24,8 @@ import numpy as np
 
 from cirjax.convert import io, registry
 from cirjax.convert.parity import TOLERANCE, ParityRow, compare, format_table
-from cirjax.models import blip2, blip2_convert
+from cirjax.convert import blip2_convert
+from cirjax.models import blip2
 
 
 STAGES = ("vision features", "Q-Former query outputs", "target features", "text feature",

@@ -38,6 +38,7 @@ import numpy as np
 from cirjax.convert import engine, io
 from cirjax.data import images as images_lib
 from cirjax.data import text as text_lib
+from cirjax.data import tokenizer as tokenizer_lib
 from cirjax.errors import CirjaxError
 from cirjax.models import qformer as qf
 from cirjax.models import vit as vit_lib
@@ -256,10 +257,10 @@ def has_tokenizer(directory: str | os.PathLike | None) -> bool:
   if directory is None or not Path(directory).is_dir():
     return False
   d = Path(directory)
-  if (d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file():
+  if tokenizer_lib.has_hf_tokenizer(d):
     return True
   try:
-    text_lib.find_vocab(d)
+    tokenizer_lib.find_vocab(d)
     return True
   except FileNotFoundError:
     return False
@@ -276,7 +277,7 @@ NO_TOKENIZER_WARNING = (
 def write_hf_preprocessing(dst: str | os.PathLike, cfg: Blip2Config,
                            tokenizer_dir: str | os.PathLike | None, warn=None) -> list[str]:
   """Writes `preprocessor_config.json` and, from `tokenizer_dir`'s vocab.txt or HF tokenizer,
-  the tokenizer exactly as cirjax loads it (`cirjax.data.text.load_bert_tokenizer`: uncased
+  the tokenizer exactly as cirjax loads it (`cirjax.data.tokenizer.load_tokenizer`: uncased
   BERT + `[DEC]`, `model_max_length` 32), saved by transformers so `AutoTokenizer` gives
   cirjax's ids. Without a usable tokenizer, warns (`warn`, default stderr) naming the reason
   and writes no tokenizer files. Returns the file names written."""
@@ -288,7 +289,7 @@ def write_hf_preprocessing(dst: str | os.PathLike, cfg: Blip2Config,
     warn(NO_TOKENIZER_WARNING.format(src=tokenizer_dir, dst=dst))
     return written
   try:
-    tok = text_lib.load_bert_tokenizer(tokenizer_dir)
+    tok = tokenizer_lib.load_tokenizer(tokenizer_dir, "blip2")
     if len(tok) > cfg.qformer.vocab_size:
       raise ValueError(f"{tokenizer_dir}: the tokenizer has {len(tok)} tokens, the Q-Former's "
                        f"vocabulary only {cfg.qformer.vocab_size}: not this model's tokenizer")
