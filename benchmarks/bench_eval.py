@@ -161,7 +161,7 @@ def _retrieval_rows(name: str, sz: dict, tokens: int, device: str, dry_run=None)
 def _encode_rows(sz: dict, dry_run=None) -> list[dict]:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from cirjax.data import images, loader, synth, text  # pylint: disable=g-import-not-at-top
-  from cirjax.eval import encoders, evaluate, retrieval  # pylint: disable=g-import-not-at-top
+  from cirjax.eval import evaluate, model as model_lib, retrieval  # pylint: disable=g-import-not-at-top
   n = sz["enc_images"]
   nq = max(64, n // 4)
   with tempfile.TemporaryDirectory() as tmp:
@@ -173,7 +173,7 @@ def _encode_rows(sz: dict, dry_run=None) -> list[dict]:
     w = jnp.ones((3, 256), jnp.float32) / 3.0
 
     # A trivial stand-in for the model: isolates the input pipeline.
-    trivial = encoders.RetrievalFns(
+    trivial = model_lib.RetrievalFns(
         w, lambda w, px: jnp.einsum("bhwc,cd->bd", px, w)[:, None, :],
         lambda w, px, ids, mask: jnp.einsum("bhwc,cd->bd", px, w) + mask.sum(-1, keepdims=True))
 

@@ -113,7 +113,7 @@ def test_cache_directory_from_hf_home(tmp_path, tiny_hf, monkeypatch):
 
 
 def test_convert_eval_and_parity_take_a_hub_id(tmp_path, offline_cache, tiny_hf, capsys):
-  from cirjax.eval import encoders
+  from cirjax.train import workdir
   hub_fixtures.populate(offline_cache, REPO_ID, tiny_hf, commit=COMMIT)
   dst = tmp_path / "cj"
   assert cli.main(["convert", REPO_ID, str(dst)]) == 0
@@ -124,8 +124,8 @@ def test_convert_eval_and_parity_take_a_hub_id(tmp_path, offline_cache, tiny_hf,
   got = io.load_model_dir(dst)[2]
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, got), want)
   # eval / search / mine --checkpoint
-  model, model_dir = encoders.load_encoder(REPO_ID)
-  assert model.family == "blip2" and hub.revision_of(model_dir) == COMMIT
+  model = workdir.load_model(REPO_ID)
+  assert model.family == "blip2" and hub.revision_of(Path(model.source)) == COMMIT
   # parity: the PyTorch reference reads the snapshot too
   capsys.readouterr()
   assert cli.main(["parity", REPO_ID]) == 0

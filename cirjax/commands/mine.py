@@ -13,14 +13,13 @@ import numpy as np
 from cirjax import mining, mining_audit, mining_plots
 from cirjax.commands.data import positive_int, read_split
 from cirjax.commands.eval import add_encoder_args
-from cirjax.convert import hub
-from cirjax.data import images, loader, text
-from cirjax.data.records import CIRSplit, DataError
-from cirjax.eval import encoders, evaluate, retrieval
+from cirjax.data.records import DataError
+from cirjax.eval import encoders, retrieval
+from cirjax.train import workdir
 
 HELP = "mine hard negatives of a split with a checkpoint: statistics, false negatives, figures"
 DESCRIPTION = """\
-Encodes a split with a checkpoint (the evaluator's encode path), mines every query's QuRe
+Encodes a split with a checkpoint (`cirjax eval`'s encoding, any --checkpoint it takes), mines every query's QuRe
 hard-negative set over the split's corpus (target = the annotated one, as training mines CIRR
 and the synthetic set), and, where every query's full relevant set is known (synthetic,
 CIRCO), audits each strategy's negative pool: QuRe's set, top-k, after-target top-k and the
@@ -39,8 +38,9 @@ DATASETS = ("synthetic", "circo", "cirr")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--checkpoint", required=True, help="model directory, training workdir "
-                      "or Hugging Face hub id ORG/NAME[@REVISION]")
+  parser.add_argument("--checkpoint", required=True,
+                      help="model directory, LAVIS .pth, training workdir (its export, else "
+                      "its latest checkpoint) or Hugging Face hub id ORG/NAME[@REVISION]")
   parser.add_argument("--dataset", required=True, choices=DATASETS)
   parser.add_argument("--root", required=True, help="dataset root directory")
   parser.add_argument("--split", default="train",
@@ -58,27 +58,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   add_encoder_args(parser)
 
 
-def encode_with_checkpoint(checkpoint: str, split: CIRSplit, root: str | None, *,
-                           tokenizer: str | None = None, image_size: int | None = None,
-                           max_length: int = 32, batch_size: int = 64, num_workers: int = 4,
-                           log=print) -> retrieval.FeatureScorer:
-  """The features of `split` (corpus and queries) under a checkpoint, as `cirjax eval`
-  encodes them (`encoders.load_encoder`, `evaluate.encode_split`)."""
-  model, model_dir = encoders.load_encoder(checkpoint)
-  llava = model.family == "llava"
-  tokenize_fn = None
-  if not llava:
-    tok = text.load_bert_tokenizer(hub.resolve(tokenizer, weights=False) if tokenizer else
-                                   encoders.find_tokenizer_source(model_dir, root))
-    tokenize_fn = loader.bert_tokenize_fn(tok, max_length)
-  dim = image_size or encoders.model_image_size(model)
-  transform = images.make_transform("clip" if llava else "targetpad", dim)
-  enc, tk, text_fn = encoders.retrieval_fns(model, split)
-  scorer, _ = evaluate.encode_split(enc, split, transform, tk or tokenize_fn, batch_size,
-                                    text_fn=text_fn, num_threads=num_workers, log=log)
-  return scorer
-
-
 def run(args: argparse.Namespace) -> int:
   try:
     return _run(args)
@@ -94,9 +73,8 @@ def _run(args) -> int:
   split = read_split(args.dataset, args.root, args.split)
   print(f"[mine] {split.name}: {len(split.queries)} queries, {len(split.corpus)} images",
         flush=True)
-  scorer = encode_with_checkpoint(args.checkpoint, split, args.root, tokenizer=args.tokenizer,
-                                  image_size=args.image_size, max_length=args.max_length,
-                                  batch_size=args.batch_size, num_workers=args.num_workers)
+  scorer, _ = encoders.encode(workdir.load_model(args.checkpoint), split,
+                              encoders.EncodeOptions.from_args(args), root=args.root)
   full = args.dataset in mining_audit.FULL_RELEVANT_DATASETS
   res = mining_audit.audit_split(
       scorer, split, k=min(args.k, len(split.corpus) - 1),

@@ -71,8 +71,10 @@ from cirjax.data.loader import Pixels
 from cirjax.data.records import CIRSplit, DataError
 from cirjax.data.training_splits import ensure_synthetic
 from cirjax.data.word_tokenizer import build_word_tokenizer, load_tokenizer
+from cirjax.errors import CirjaxError
 from cirjax.eval import encode as encode_lib
 from cirjax.eval import evaluate as ev
+from cirjax.eval import model as model_lib
 from cirjax.eval import metrics
 from cirjax.losses import info_nce_loss, info_nce_logits
 from cirjax.models import layer_stack, llava
@@ -80,7 +82,7 @@ from cirjax.models.phi3 import Phi3Config
 from cirjax.models.vit import ViTConfig
 from cirjax.train import config_utils
 from cirjax.train import sharding as shd
-from cirjax.train.checkpointing import Checkpointer
+from cirjax.train import workdir as workdir_lib
 from cirjax.train.task import Task, run_options
 
 HARD_NEGATIVE_SCOPES = ("batch", "own")
@@ -330,30 +332,53 @@ def model_source(config: ml_collections.ConfigDict, init_from: str, workdir: str
 
 
 def stage1_params(ckpt_dir: str, abstract_params, init_from: str, cfg: llava.LlavaConfig):
-  """The latest checkpoint of a stage-1 workdir (base and adapter), on the host."""
-  ck = Checkpointer(ckpt_dir, keep=1000, async_save=False)
-  step = ck.latest_step()
-  if step is None:
+  """The latest restorable checkpoint of a stage-1 workdir (base and adapter), on the host."""
+  found = workdir_lib.Run(Path(ckpt_dir).parent).latest_params()
+  if found is None:
     raise FileNotFoundError(f"config.init_from: no checkpoint in {ckpt_dir}")
-  params = jax.tree.map(np.asarray, jax.device_get(ck.restore_params(step)))
-  ck.close()
+  step_dir, params = found
   # A stage-1 run with scan_layers saved its layers stacked: per-layer, as initial_params gives.
   params = {k: llava.unstack_layers(v, cfg) for k, v in params.items()}
   if jax.tree.structure(params) != jax.tree.structure(abstract_params):
-    raise ValueError(f"config.init_from={init_from}: checkpoint {ckpt_dir}/{step}: parameter "
+    raise ValueError(f"config.init_from={init_from}: checkpoint {step_dir}: parameter "
                      "tree differs from the model's; stage 2 needs the same model and LoRA "
                      "settings (lora.rank, lora.target_modules) as stage 1")
-  _log(f"stage 2 starts from {ckpt_dir}/{step} (base and adapter)")
+  _log(f"stage 2 starts from {step_dir} (base and adapter)")
   return params  # host: the trainer shards it
 
 
 # ------------------------------------------------------------------------------ the task
+
+def model_from_run(run, params, source: str):
+  """`InstructCIRTask.model_from_params`: the merged LLaVA (base + the run's adapter) with
+  the run's `llava_config.json` and tokenizer (its own, `data.tokenizer`, or `model.init`'s)."""
+  cfg_file = run.path / LLAVA_CONFIG_FILE
+  if not cfg_file.is_file():
+    raise CirjaxError(f"{run.path}: an InstructCIR workdir without {LLAVA_CONFIG_FILE}; "
+                      "export the model from the run")
+  cfg = llava.LlavaConfig.from_dict(json.loads(cfg_file.read_text())).replace(dtype="float32")
+  config = run.config
+  tok_dirs = [str(run.path / TOKENIZER_DIR), config.data.get("tokenizer"),
+              config_utils.model_init(config, check=False)]
+  # paths or hub ids; of data.tokenizer only the tokenizer files are fetched
+  found = [hub.resolve(d, weights=i == 2) for i, d in enumerate(tok_dirs) if d]
+  tok_dir = next((str(d) for d in found if d.is_dir()), None)
+  if tok_dir is None:
+    raise CirjaxError(f"{run.path}: no tokenizer (looked in {', '.join(map(str, tok_dirs))})")
+  params = {k: llava.unstack_layers(v, cfg) for k, v in params.items()}  # as the export
+  adapter = lora_lib.Adapter(params["lora"], lora_config(config.lora))
+  merged = jax.tree.map(np.asarray, lora_lib.merge(params["base"], adapter))
+  return model_lib.make_model("llava", cfg, merged,
+                              load_tokenizer(os.path.expanduser(tok_dir)), source)
+
 
 class InstructCIRTask(Task):
   """InstructCIR stage 1 or 2: LoRA on LLaVA-Phi's language model, InfoNCE."""
 
   name = "instructcir"
   stateful_batches = False  # batch(epoch, i): seeded by (seed, epoch, i); workers build ahead
+
+  model_from_params = staticmethod(model_from_run)  # `cirjax.load` of a checkpoint
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdir: str):
     super().__init__(config, mesh, workdir)

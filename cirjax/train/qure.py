@@ -57,6 +57,7 @@ from cirjax.data.records import CIRSplit, DataError
 from cirjax.data import training_splits
 from cirjax.eval import encode as encode_lib
 from cirjax.eval import evaluate as ev
+from cirjax.eval import model as model_lib
 from cirjax.eval import retrieval
 from cirjax.models import blip2
 from cirjax.train import config_utils, feature_store
@@ -251,12 +252,31 @@ class GroupSampler:
 
 # ------------------------------------------------------------------------------ the task
 
+def model_from_run(run, params, source: str):
+  """`QuReTask.model_from_params`: BLIP-2 with the config of `model.init` (from random
+  weights: `model_config`, the Q-Former's vocabulary read off the embeddings) and the run's
+  tokenizer."""
+  init = config_utils.model_init(run.config, check=False)
+  if init:
+    cfg = registry.load(init, family="blip2").config
+  else:
+    cfg = model_config(run.config.model, params["embeddings"]["word_embeddings"].shape[0])
+  params = blip2.unstack_layers(params, cfg)  # a scan_layers run's state is stacked
+  try:
+    tok = text.load_bert_tokenizer(tokenizer_source(run.config))
+  except FileNotFoundError:  # gone since: the encoder's --tokenizer / dataset vocab
+    tok = None
+  return model_lib.make_model("blip2", cfg, params, tok, source)
+
+
 class QuReTask(Task):
   """QuRe: frozen ViT, trained Q-Former, pairwise loss with re-mined hard negatives."""
 
   name = "qure"
   # batch(epoch, i) reads the sampler state set at the epoch's start: workers build ahead.
   stateful_batches = False
+
+  model_from_params = staticmethod(model_from_run)  # `cirjax.load` of a checkpoint
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdir: str):
     super().__init__(config, mesh, workdir)
@@ -596,8 +616,7 @@ class QuReTask(Task):
     return dict(getattr(self, "_chance", {}))
 
   def finish(self, params):
-    """Exports the final model as a cirjax BLIP-2 directory `<workdir>/model` (loadable by
-    `cirjax.load_blip2`, `cirjax eval`; `cirjax convert` turns it into HF format)."""
+    """Exports the final model as a cirjax BLIP-2 directory `<workdir>/model` (`cirjax.load`)."""
     if self.config.get("export", True):
       export_model(Path(self.workdir) / "model", self.config, self.cfg, params, self.mesh)
 

@@ -1,0 +1,161 @@
+"""Every `--checkpoint` kind through every command that takes one: `cirjax eval`, `mine`,
+`search` and the study's scoring accept a training workdir with and without an exported
+model, a cirjax directory, an HF directory, a LAVIS file and a hub id, and give the same
+features and the same outputs for the same model.
+
+One tiny random BLIP-2 (LAVIS layout, 64-wide towers so that LAVIS's head counts are
+inferred) is written in each kind: the LAVIS file is converted once, and the cirjax
+directory, the HF export, the hub snapshot, the workdir export and the workdir checkpoint all
+hold those parameters. The reference features are eager calls of `cirjax.models.blip2` on the
+converted parameters; the reference outputs are each command's on the cirjax directory.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import cirjax
+from cirjax import cli, study
+from cirjax.convert import registry
+from cirjax.data import images, loader, synth, text
+from cirjax.eval import encoders
+from cirjax.models import blip2
+from cirjax.train import config_utils
+from tests import hub_fixtures
+from tests.blip2_fixtures import lavis_model
+
+REPO = Path(__file__).resolve().parents[1]
+REPO_ID = "cirjax-test/tiny-qure"
+COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
+KINDS = ("workdir", "workdir_checkpoint", "cirjax", "hf", "lavis", "hub")
+
+
+def _save_checkpoint(step_dir: Path, params) -> None:
+  ck = ocp.StandardCheckpointer()
+  ck.save((step_dir / "state").absolute(), {"params": params, "step": 2})
+  ck.wait_until_finished()
+  ck.close()
+
+
+@pytest.fixture(scope="module")
+def kinds(synth_root, tmp_path_factory):
+  """{kind: path or hub id} of one model, the hub cache, the model's config and params."""
+  from safetensors.numpy import save_file
+  d = tmp_path_factory.mktemp("kinds")
+  vocab = synth_root / "vocab.txt"
+  n = len(text.load_bert_tokenizer(vocab))
+  state, _ = lavis_model("eva", vision_kw=dict(hidden=64, heads=1, inter=64, layers=1),
+                         qformer_kw=dict(hidden=64, heads=1, inter=64, vocab=n))
+  (d / "lavis").mkdir()
+  lavis = d / "lavis" / "model.safetensors"
+  save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(lavis))
+  shutil.copyfile(vocab, d / "lavis" / "vocab.txt")
+  loaded = registry.load(lavis)
+  cfg, params = loaded.config, jax.tree.map(np.asarray, loaded.params)
+  registry.save(d / "cirjax", "blip2", cfg, params, tokenizer_dir=d / "lavis")
+  registry.export_hf(d / "hf", "blip2", cfg, params, tokenizer_dir=d / "lavis")
+  cache = d / "hf_cache"
+  hub_fixtures.populate(cache, REPO_ID, d / "hf", commit=COMMIT)
+  run_cfg = config_utils.load_config(str(REPO / "configs/synthetic.py") + ":tiny",
+                                     [f"data.root={synth_root}", f"model.init={d / 'hf'}"])
+  for name, export in (("workdir", True), ("workdir_checkpoint", False)):
+    wd = d / name
+    wd.mkdir()
+    (wd / "config.json").write_text(run_cfg.to_json_best_effort(indent=2))
+    _save_checkpoint(wd / "checkpoints" / "2", params)
+    if export:
+      registry.save(wd / "model", "blip2", cfg, params, tokenizer_dir=d / "lavis")
+  paths = {k: str(d / k) for k in ("workdir", "workdir_checkpoint", "cirjax", "hf")}
+  return {**paths, "lavis": str(lavis), "hub": REPO_ID, "cache": cache, "config": cfg,
+          "params": params}
+
+
+@pytest.fixture(scope="module")
+def reference(kinds, synth_root, tmp_path_factory):
+  """Eager functional features of the val split, and every command's output on the cirjax
+  directory."""
+  cfg, params = kinds["config"], kinds["params"]
+  split = synth.read_synthetic(synth_root, "val")
+  tf = images.make_transform("targetpad", cfg.vision.image_size)
+  px = lambda names: np.stack([tf(images.load_image(split.images[n])) for n in names])
+  tok = text.load_bert_tokenizer(synth_root / "vocab.txt")
+  ids, mask = text.tokenize(tok, [loader.default_text(q) for q in split.queries], 32)
+  feats = {"corpus": np.asarray(blip2.encode_image(params, cfg, px(split.corpus))),
+           "queries": np.asarray(blip2.compose(params, cfg,
+                                               px([q.reference for q in split.queries]),
+                                               ids, mask))}
+  out = tmp_path_factory.mktemp("reference")
+  return {"features": feats, "split": split,
+          **_commands(kinds["cirjax"], synth_root, out, split.queries[3].query_id)}
+
+
+def _commands(ckpt: str, root: Path, out: Path, query_id: str) -> dict:
+  """Each command's output with `ckpt`, less what names the checkpoint or the time taken."""
+  got = {}
+  assert cli.main(["eval", "--dataset", "synthetic", "--root", str(root), "--checkpoint", ckpt,
+                   "--batch-size", "32", "--out", str(out / "eval.json")]) == 0
+  got["eval"] = json.loads((out / "eval.json").read_text())["splits"]["synthetic/val"]["metrics"]
+  assert cli.main(["mine", "--checkpoint", ckpt, "--dataset", "synthetic", "--root", str(root),
+                   "--out", str(out / "mine"), "--k", "10", "--plot-queries", "1"]) == 0
+  rep = json.loads((out / "mine" / "mining.json").read_text())
+  got["mine"] = {k: v for k, v in rep.items() if k not in ("checkpoint", "elapsed_s")}
+  study_cfg = ml_collections.ConfigDict({
+      "data": {"root": str(root), "max_text_length": 32, "train_split": "train"},
+      "study": {"preference_seed": 0}, "qure": {"k": 10, "consecutive_threshold": 1}})
+  got["study"] = study.score_model(ckpt, study_cfg, "val", log=lambda s: None)
+  return got
+
+
+def _search(ckpt: str, root: Path, out: Path, query_id: str, capsys) -> str:
+  capsys.readouterr()
+  assert cli.main(["search", "--checkpoint", ckpt, "--dataset", "synthetic", "--root",
+                   str(root), "--query-id", query_id, "--k", "5",
+                   "--html", str(out / "s.html")]) == 0
+  printed = capsys.readouterr().out
+  return printed[printed.index("  rank"):printed.index("[search] wrote")]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_command_takes_every_checkpoint_kind(kind, kinds, reference, synth_root,
+                                                  tmp_path, monkeypatch, capsys):
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.setenv("HF_HUB_CACHE", str(kinds["cache"]))
+  ckpt = kinds[kind]
+  # The one loader: the same model, the tokenizer beside it (or the run's).
+  model = cirjax.load(ckpt)
+  assert model.family == "blip2" and model.tokenizer is not None
+  for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(kinds["params"])):
+    np.testing.assert_array_equal(np.asarray(a), b)
+  # The one encode assembly: the eager functional features.
+  scorer, _ = encoders.encode(model, reference["split"], root=synth_root, log=None)
+  for what, got in (("corpus", scorer.corpus), ("queries", scorer.query)):
+    np.testing.assert_allclose(np.asarray(got), reference["features"][what], rtol=1e-5,
+                               atol=1e-6, err_msg=what)
+  # The model's verbs compute the same features.
+  split = reference["split"]
+  q = split.queries[0]
+  px = model.pixels([split.images[q.reference].path])
+  qv, tv = model.query(px, [loader.default_text(q)]), model.image(px)
+  np.testing.assert_allclose(qv, reference["features"]["queries"][:1], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(tv, reference["features"]["corpus"][
+      split.corpus.index(q.reference)][None], rtol=1e-5, atol=1e-6)
+  ids, mask = text.tokenize(model.tokenizer, ["a red cube"], 32)
+  np.testing.assert_allclose(model.text(["a red cube"]), blip2.encode_text(
+      kinds["params"], kinds["config"], ids, mask), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(model.score(qv, tv), blip2.score(qv, tv))
+  # Every command: the outputs of the same model.
+  query_id = split.queries[3].query_id
+  got = _commands(ckpt, synth_root, tmp_path, query_id)
+  for cmd in ("eval", "mine", "study"):
+    assert got[cmd] == reference[cmd], cmd
+  ref_hits = reference.setdefault("search", _search(kinds["cirjax"], synth_root, tmp_path,
+                                                    query_id, capsys))
+  assert _search(ckpt, synth_root, tmp_path, query_id, capsys) == ref_hits
