@@ -44,8 +44,12 @@ def test_workdir_export_and_checkpoint_give_the_same_model(synth_root, tmp_path,
   _qure_run(synth_root, tmp_path / "ckpt_only", export=False)
   exported = load_model(tmp_path / "exported")
   assert exported.source == str(tmp_path / "exported" / "model")
+  # A save the run has in flight (orbax's temporary directory) is left alone by a reader.
+  in_flight = tmp_path / "ckpt_only" / "checkpoints" / "3.orbax-checkpoint-tmp-1764900000"
+  in_flight.mkdir()
   rebuilt = load_model(tmp_path / "ckpt_only")
   assert rebuilt.source == str(tmp_path / "ckpt_only" / "checkpoints" / "2")
+  assert in_flight.is_dir()
   assert rebuilt.family == exported.family == "blip2" and rebuilt.config == exported.config
   for a, b, c in zip(jax.tree.leaves(rebuilt.params), jax.tree.leaves(exported.params),
                      jax.tree.leaves(params)):

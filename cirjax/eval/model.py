@@ -38,7 +38,7 @@ from cirjax.models import blip2, llava
 DEFAULT_IMAGE_SIZE = 224
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # equal only to itself: params are arrays
 class Model:
   """A loaded model: family ('blip2' | 'llava'), config, params on device, its tokenizer (or
   None where none was found beside it) and where it came from."""

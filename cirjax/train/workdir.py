@@ -179,7 +179,8 @@ class Run:
         CheckpointError, Checkpointer)
     if not (self.path / "checkpoints").is_dir():
       return None
-    ck = Checkpointer(str(self.path / "checkpoints"), keep=1 << 30, async_save=False)
+    ck = Checkpointer(str(self.path / "checkpoints"), keep=1 << 30, async_save=False,
+                      read_only=True)
     damaged = []
     try:
       for step in sorted(ck.all_steps(), reverse=True):
