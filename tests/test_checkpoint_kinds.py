@@ -3,11 +3,12 @@
 model, a cirjax directory, an HF directory, a LAVIS file and a hub id, and give the same
 features and the same outputs for the same model.
 
-One tiny random BLIP-2 (LAVIS layout, 64-wide towers so that LAVIS's head counts are
-inferred) is written in each kind: the LAVIS file is converted once, and the cirjax
-directory, the HF export, the hub snapshot, the workdir export and the workdir checkpoint all
-hold those parameters. The reference features are eager calls of `cirjax.models.blip2` on the
-converted parameters; the reference outputs are each command's on the cirjax directory.
+One tiny random BLIP-2 (an HF directory) is written in each kind: the cirjax directory, the
+hub snapshot, the workdir export and the workdir checkpoint hold its parameters. A LAVIS EVA
+model cannot be written as HF exactly (its ln_vision eps differs), so the LAVIS file holds a
+second model (64-wide towers, so that LAVIS's head counts are inferred) whose cirjax
+directory is its reference. The reference features are eager calls of `cirjax.models.blip2`
+on the parameters; the reference outputs are each command's on the cirjax directory.
 """
 
 from __future__ import annotations
@@ -51,21 +52,31 @@ def _save_checkpoint(step_dir: Path, params) -> None:
 
 @pytest.fixture(scope="module")
 def kinds(synth_root, tmp_path_factory):
-  """{kind: path or hub id} of one model, the hub cache, the model's config and params."""
-  from safetensors.numpy import save_file
+  """{kind: (path or hub id, the cirjax directory of the same model)}, the hub cache and
+  {cirjax directory: (config, params)}. A LAVIS EVA model cannot be written as HF exactly
+  (its ln_vision eps differs): the LAVIS file holds a second model."""
+  import torch
+  from tests.blip2_fixtures import hf_eva_config, hf_qformer_config, hf_retrieval_model
   d = tmp_path_factory.mktemp("kinds")
   vocab = synth_root / "vocab.txt"
   n = len(text.load_bert_tokenizer(vocab))
+  vision = hf_eva_config(image=28, patch=14)
+  hf_retrieval_model(seed=4, vision=vision, qformer=hf_qformer_config(
+      enc=vision.hidden_size, vocab=n)).save_pretrained(d / "hf")
+  shutil.copyfile(vocab, d / "hf" / "vocab.txt")
   state, _ = lavis_model("eva", vision_kw=dict(hidden=64, heads=1, inter=64, layers=1),
                          qformer_kw=dict(hidden=64, heads=1, inter=64, vocab=n))
   (d / "lavis").mkdir()
-  lavis = d / "lavis" / "model.safetensors"
-  save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(lavis))
+  lavis = d / "lavis" / "model.pth"  # as LAVIS saves one: the state dict under "model"
+  torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in state.items()}}, lavis)
   shutil.copyfile(vocab, d / "lavis" / "vocab.txt")
-  loaded = registry.load(lavis)
-  cfg, params = loaded.config, jax.tree.map(np.asarray, loaded.params)
-  registry.save(d / "cirjax", "blip2", cfg, params, tokenizer_dir=d / "lavis")
-  registry.export_hf(d / "hf", "blip2", cfg, params, tokenizer_dir=d / "lavis")
+  models = {}
+  for src, dst in ((d / "hf", d / "cirjax"), (lavis, d / "cirjax_lavis")):
+    loaded = registry.load(src)
+    models[str(dst)] = (loaded.config, jax.tree.map(np.asarray, loaded.params))
+    registry.save(dst, "blip2", *models[str(dst)], tokenizer_dir=Path(src).parent
+                  if Path(src).is_file() else src)
+  cfg, params = models[str(d / "cirjax")]
   cache = d / "hf_cache"
   hub_fixtures.populate(cache, REPO_ID, d / "hf", commit=COMMIT)
   run_cfg = config_utils.load_config(str(REPO / "configs/synthetic.py") + ":tiny",
@@ -76,29 +87,36 @@ def kinds(synth_root, tmp_path_factory):
     (wd / "config.json").write_text(run_cfg.to_json_best_effort(indent=2))
     _save_checkpoint(wd / "checkpoints" / "2", params)
     if export:
-      registry.save(wd / "model", "blip2", cfg, params, tokenizer_dir=d / "lavis")
-  paths = {k: str(d / k) for k in ("workdir", "workdir_checkpoint", "cirjax", "hf")}
-  return {**paths, "lavis": str(lavis), "hub": REPO_ID, "cache": cache, "config": cfg,
-          "params": params}
+      registry.save(wd / "model", "blip2", cfg, params, tokenizer_dir=d / "hf")
+  same = str(d / "cirjax")
+  paths = {k: (str(d / k), same) for k in ("workdir", "workdir_checkpoint", "cirjax", "hf")}
+  return {**paths, "lavis": (str(lavis), str(d / "cirjax_lavis")), "hub": (REPO_ID, same),
+          "cache": cache, "models": models}
 
 
 @pytest.fixture(scope="module")
 def reference(kinds, synth_root, tmp_path_factory):
-  """Eager functional features of the val split, and every command's output on the cirjax
-  directory."""
-  cfg, params = kinds["config"], kinds["params"]
+  """Per cirjax directory (lazily): eager functional features of the val split, and every
+  command's output on that directory."""
   split = synth.read_synthetic(synth_root, "val")
-  tf = images.make_transform("targetpad", cfg.vision.image_size)
-  px = lambda names: np.stack([tf(images.load_image(split.images[n])) for n in names])
-  tok = text.load_bert_tokenizer(synth_root / "vocab.txt")
-  ids, mask = text.tokenize(tok, [loader.default_text(q) for q in split.queries], 32)
-  feats = {"corpus": np.asarray(blip2.encode_image(params, cfg, px(split.corpus))),
-           "queries": np.asarray(blip2.compose(params, cfg,
-                                               px([q.reference for q in split.queries]),
-                                               ids, mask))}
-  out = tmp_path_factory.mktemp("reference")
-  return {"features": feats, "split": split,
-          **_commands(kinds["cirjax"], synth_root, out, split.queries[3].query_id)}
+  refs = {}
+
+  def get(cirjax_dir):
+    if cirjax_dir not in refs:
+      cfg, params = kinds["models"][cirjax_dir]
+      tf = images.make_transform("targetpad", cfg.vision.image_size)
+      px = lambda names: np.stack([tf(images.load_image(split.images[n])) for n in names])
+      tok = text.load_bert_tokenizer(synth_root / "vocab.txt")
+      ids, mask = text.tokenize(tok, [loader.default_text(q) for q in split.queries], 32)
+      feats = {"corpus": np.asarray(blip2.encode_image(params, cfg, px(split.corpus))),
+               "queries": np.asarray(blip2.compose(
+                   params, cfg, px([q.reference for q in split.queries]), ids, mask))}
+      out = tmp_path_factory.mktemp("reference")
+      refs[cirjax_dir] = {"features": feats, "config": cfg, "params": params,
+                          **_commands(cirjax_dir, synth_root, out, split.queries[3].query_id)}
+    return refs[cirjax_dir]
+
+  return split, get
 
 
 def _commands(ckpt: str, root: Path, out: Path, query_id: str) -> dict:
@@ -133,34 +151,34 @@ def test_every_command_takes_every_checkpoint_kind(kind, kinds, reference, synth
                                                   tmp_path, monkeypatch, capsys):
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   monkeypatch.setenv("HF_HUB_CACHE", str(kinds["cache"]))
-  ckpt = kinds[kind]
+  ckpt, same = kinds[kind]
+  split, get = reference
+  ref = get(same)
   # The one loader: the same model, the tokenizer beside it (or the run's).
   model = cirjax.load(ckpt)
   assert model.family == "blip2" and model.tokenizer is not None
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), model.params,
-               kinds["params"])
+               ref["params"])
   # The one encode assembly: the eager functional features.
-  scorer, _ = encoders.encode(model, reference["split"], root=synth_root, log=None)
+  scorer, _ = encoders.encode(model, split, root=synth_root, log=None)
   for what, got in (("corpus", scorer.corpus), ("queries", scorer.query)):
-    np.testing.assert_allclose(np.asarray(got), reference["features"][what], rtol=1e-5,
+    np.testing.assert_allclose(np.asarray(got), ref["features"][what], rtol=1e-5,
                                atol=1e-6, err_msg=what)
   # The model's verbs compute the same features.
-  split = reference["split"]
   q = split.queries[0]
   px = model.pixels([split.images[q.reference].path])
   qv, tv = model.query(px, [loader.default_text(q)]), model.image(px)
-  np.testing.assert_allclose(qv, reference["features"]["queries"][:1], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(tv, reference["features"]["corpus"][
+  np.testing.assert_allclose(qv, ref["features"]["queries"][:1], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(tv, ref["features"]["corpus"][
       split.corpus.index(q.reference)][None], rtol=1e-5, atol=1e-6)
   ids, mask = text.tokenize(model.tokenizer, ["a red cube"], 32)
   np.testing.assert_allclose(model.text(["a red cube"]), blip2.encode_text(
-      kinds["params"], kinds["config"], ids, mask), rtol=1e-5, atol=1e-6)
+      ref["params"], ref["config"], ids, mask), rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(model.score(qv, tv), blip2.score(qv, tv))
   # Every command: the outputs of the same model.
   query_id = split.queries[3].query_id
   got = _commands(ckpt, synth_root, tmp_path, query_id)
   for cmd in ("eval", "mine", "study"):
-    assert got[cmd] == reference[cmd], cmd
-  ref_hits = reference.setdefault("search", _search(kinds["cirjax"], synth_root, tmp_path,
-                                                    query_id, capsys))
+    assert got[cmd] == ref[cmd], cmd
+  ref_hits = ref.setdefault("search", _search(same, synth_root, tmp_path, query_id, capsys))
   assert _search(ckpt, synth_root, tmp_path, query_id, capsys) == ref_hits
