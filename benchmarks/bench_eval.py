@@ -162,7 +162,7 @@ def _encode_rows(sz: dict, dry_run=None) -> list[dict]:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from cirjax.data import images, loader, synth  # pylint: disable=g-import-not-at-top
   from cirjax.data.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
-  from cirjax.eval import encoders, evaluate, retrieval  # pylint: disable=g-import-not-at-top
+  from cirjax.eval import evaluate, model as model_lib, retrieval  # pylint: disable=g-import-not-at-top
   n = sz["enc_images"]
   nq = max(64, n // 4)
   with tempfile.TemporaryDirectory() as tmp:
@@ -174,7 +174,7 @@ def _encode_rows(sz: dict, dry_run=None) -> list[dict]:
     w = jnp.ones((3, 256), jnp.float32) / 3.0
 
     # A trivial stand-in for the model: isolates the input pipeline.
-    trivial = encoders.RetrievalFns(
+    trivial = model_lib.RetrievalFns(
         w, lambda w, px: jnp.einsum("bhwc,cd->bd", px, w)[:, None, :],
         lambda w, px, ids, mask: jnp.einsum("bhwc,cd->bd", px, w) + mask.sum(-1, keepdims=True))
 

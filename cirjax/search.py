@@ -25,7 +25,7 @@ import numpy as np
 from cirjax.data import images as images_lib
 from cirjax.data.records import DataError
 from cirjax.eval import encode, retrieval
-from cirjax.eval.encoders import RetrievalFns
+from cirjax.eval.model import RetrievalFns
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 

@@ -35,10 +35,10 @@ import numpy as np
 
 from cirjax.data import synth
 from cirjax.errors import UsageError
-from cirjax.eval import evaluate, metrics
+from cirjax.eval import encoders, evaluate, metrics
 from cirjax.mining import audit as mining_audit
-from cirjax.eval.encoders import encode_with_checkpoint
 from cirjax.train import config_utils
+from cirjax.train.workdir import load_model
 
 RETRIEVAL = ("R@1", "R@5", "R@10", "R@50", "Rsubset@1", "mAP@5", "mAP@10", "mAP@25", "rel@5")
 SET_SIZE = 5
@@ -113,11 +113,13 @@ def preference_pairs(split, root: str | Path, seed: int = 0):
 def score_model(model_dir: str | Path, config, split_name: str,
                 log: Callable[[str], None] = print) -> dict:
   """Retrieval and preference rate on `split_name`, and the false negatives of every
-  strategy when the model mines the training split (`final/...`)."""
+  strategy when the model mines the training split (`final/...`). `model_dir`: any
+  `--checkpoint` (`cirjax.load`), loaded once and encoded as `cirjax eval` encodes."""
   root = str(Path(config.data.root).expanduser())
+  model = load_model(model_dir)
+  options = encoders.EncodeOptions(max_length=int(config.data.max_text_length))
   split = synth.read_synthetic(root, split_name)
-  kw = dict(max_length=int(config.data.max_text_length), log=None)
-  scorer = encode_with_checkpoint(str(model_dir), split, root, **kw)
+  scorer, _ = encoders.encode(model, split, options, root=root, log=None)
   res = evaluate.evaluate_split(split, scorer)
   out = {k: float(res.metrics[k]) for k in RETRIEVAL if k in res.metrics}
   rows, s1, s2, pref = preference_pairs(split, root, int(config.study.preference_seed))
@@ -126,7 +128,7 @@ def score_model(model_dir: str | Path, config, split_name: str,
   out["preference_n"] = p["n_set1_higher"]
   train = synth.read_synthetic(root, config.data.train_split)
   audit = mining_audit.audit_split(
-      encode_with_checkpoint(str(model_dir), train, root, **kw), train,
+      encoders.encode(model, train, options, root=root, log=None)[0], train,
       k=min(int(config.qure.k), len(train.corpus) - 1),
       consecutive_threshold=int(config.qure.consecutive_threshold))
   out.update({f"final/{k}": v for k, v in mining_audit.audit_metrics(audit.audits).items()})

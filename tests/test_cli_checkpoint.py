@@ -1,4 +1,4 @@
-"""`--checkpoint` of eval/search: a training workdir's export, or its latest checkpoint when
+"""`--checkpoint` (`cirjax.load`): a training workdir's export, or its latest checkpoint when
 the run exported none (rebuilt with the run's config.json), give the same model, for QuRe
 and (slow: a real tiny run) InstructCIR workdirs."""
 
@@ -12,11 +12,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 from cirjax import cli
-from cirjax.commands.eval import load_model
 from cirjax.convert import registry
 from cirjax.data.tokenizer import load_tokenizer
 from cirjax.models import blip2
 from cirjax.train import config_utils
+from cirjax.train.workdir import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,10 +42,14 @@ def _qure_run(synth_root, wd: Path, export: bool):
 def test_workdir_export_and_checkpoint_give_the_same_model(synth_root, tmp_path, capsys):
   params = _qure_run(synth_root, tmp_path / "exported", export=True)
   _qure_run(synth_root, tmp_path / "ckpt_only", export=False)
-  exported, where = load_model(tmp_path / "exported")
-  assert where == tmp_path / "exported" / "model"
-  rebuilt, where = load_model(tmp_path / "ckpt_only")
-  assert where == tmp_path / "ckpt_only" / "checkpoints" / "2"
+  exported = load_model(tmp_path / "exported")
+  assert exported.source == str(tmp_path / "exported" / "model")
+  # A save the run has in flight (orbax's temporary directory) is left alone by a reader.
+  in_flight = tmp_path / "ckpt_only" / "checkpoints" / "3.orbax-checkpoint-tmp-1764900000"
+  in_flight.mkdir()
+  rebuilt = load_model(tmp_path / "ckpt_only")
+  assert rebuilt.source == str(tmp_path / "ckpt_only" / "checkpoints" / "2")
+  assert in_flight.is_dir()
   assert rebuilt.family == exported.family == "blip2" and rebuilt.config == exported.config
   for a, b, c in zip(jax.tree.leaves(rebuilt.params), jax.tree.leaves(exported.params),
                      jax.tree.leaves(params)):
@@ -70,11 +74,11 @@ def test_instructcir_checkpoint_rebuilds_the_exported_model(synth_root, tmp_path
       [f"data.root={synth_root}", "eval_max=16", "eval_cir=False", "model.text.num_layers=1"])
   wd = tmp_path / "run"
   assert train(cfg, str(wd))["status"] == "done"
-  exported, where = load_model(wd)
-  assert where == wd / "model"
+  exported = load_model(wd)
+  assert exported.source == str(wd / "model")
   shutil.rmtree(wd / "model")
-  rebuilt, where = load_model(wd)
-  assert where.parent == wd / "checkpoints" and rebuilt.family == "llava"
+  rebuilt = load_model(wd)
+  assert Path(rebuilt.source).parent == wd / "checkpoints" and rebuilt.family == "llava"
   assert rebuilt.config == exported.config
   for a, b in zip(jax.tree.leaves(rebuilt.params), jax.tree.leaves(exported.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -283,29 +283,30 @@ def test_cli_eval_baselines_and_submission(root, tmp_path, capsys):
 
 def test_checkpoint_resolution(tmp_path):
   from cirjax.convert import registry
-  from cirjax.eval import encoders
+  from cirjax.train import workdir
   wd = tmp_path / "workdir"
   (wd / "checkpoints").mkdir(parents=True)
   with pytest.raises(FileNotFoundError, match="export the trained model"):
-    encoders.resolve_model_dir(wd)
+    workdir.model_source(wd)
   # A real training workdir also holds the run's config.json (not an HF model config).
   (wd / "config.json").write_text(json.dumps({"seed": 0, "model": {"init": ""}}))
+  assert workdir.model_source(wd) == workdir.Run(wd)
   with pytest.raises(FileNotFoundError, match="training workdir without an exported model"):
-    encoders.resolve_model_dir(wd)
+    workdir.load_model(wd)
   (wd / "export").mkdir()
   (wd / "export" / "cirjax_config.json").write_text(json.dumps({"model_type": "vqgan",
                                                                 "config": {}}))
-  assert encoders.resolve_model_dir(wd) == wd / "export"
+  assert workdir.model_source(wd) == wd / "export"
   with pytest.raises(ValueError, match="a 'vqgan' checkpoint"):
-    encoders.load_encoder(wd)
+    workdir.load_model(wd)
   (tmp_path / "hf").mkdir()
   (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "llava"}))
   assert registry.detect(tmp_path / "hf") == "llava"
   (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "bert"}))
   with pytest.raises(ValueError, match="neither BLIP-2 nor LLaVA"):
-    encoders.load_encoder(tmp_path / "hf")
+    workdir.load_model(tmp_path / "hf")
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    encoders.resolve_model_dir(tmp_path / "missing")
+    workdir.model_source(tmp_path / "missing")
 
 
 def test_cirr_pipeline_matches_reference_code_on_random_features(mesh):
@@ -347,8 +348,9 @@ def test_cli_eval_and_search_with_a_blip2_checkpoint(root, tmp_path, capsys):
   and `cirjax search` through the sharded encode path agree with eager functional calls."""
   import dataclasses
   blip2 = pytest.importorskip("cirjax.models.blip2")
+  import cirjax
   from cirjax import cli
-  from cirjax.convert import io, registry
+  from cirjax.convert import io
   from cirjax.data import images, loader, text
   from cirjax.data.tokenizer import load_tokenizer
   tok = load_tokenizer(root / "vocab.txt", "blip2")
@@ -365,7 +367,7 @@ def test_cli_eval_and_search_with_a_blip2_checkpoint(root, tmp_path, capsys):
   assert "images clip 28px" in capsys.readouterr().out
   got = json.loads(out.read_text())["splits"]["synthetic/val"]["metrics"]
   # The same numbers from eager (input-checked) calls of the functional API.
-  model = registry.load_blip2(model_dir)
+  model = cirjax.load_blip2(model_dir)
   s = synth.read_synthetic(root, "val")
   tf = images.make_transform("clip", 28)
   px = lambda names: np.stack([tf(images.load_image(s.images[n])) for n in names])
@@ -410,7 +412,7 @@ def test_cli_eval_with_a_llava_checkpoint(root, tmp_path, capsys):
   from cirjax import cli, prompts
   from cirjax.models import llava
   from cirjax.data import images
-  from cirjax.eval import encoders
+  from cirjax.train import workdir
   from tests import llava_fixtures as fx
   d = tmp_path / "llava"
   fx.llava_model(fx.phi3_config(num_key_value_heads=2), seed=3).save_pretrained(str(d))
@@ -420,7 +422,7 @@ def test_cli_eval_with_a_llava_checkpoint(root, tmp_path, capsys):
                    "--batch-size", "32", "--out", str(out)]) == 0
   assert "images clip 28px" in capsys.readouterr().out
   got = json.loads(out.read_text())["splits"]["synthetic/val"]["metrics"]
-  model, _ = encoders.load_encoder(d)
+  model = workdir.load_model(d)
   s = synth.read_synthetic(root, "val")
   tf = images.make_transform("clip", 28)
   px = lambda names: np.stack([tf(images.load_image(s.images[n])) for n in names])

@@ -113,7 +113,7 @@ def test_cache_directory_from_hf_home(tmp_path, tiny_hf, monkeypatch):
 
 
 def test_convert_eval_and_parity_take_a_hub_id(tmp_path, offline_cache, tiny_hf, capsys):
-  from cirjax.eval import encoders
+  from cirjax.train import workdir
   hub_fixtures.populate(offline_cache, REPO_ID, tiny_hf, commit=COMMIT)
   dst = tmp_path / "cj"
   assert cli.main(["convert", REPO_ID, str(dst)]) == 0
@@ -124,8 +124,8 @@ def test_convert_eval_and_parity_take_a_hub_id(tmp_path, offline_cache, tiny_hf,
   got = io.load_model_dir(dst)[2]
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, got), want)
   # eval / search / mine --checkpoint
-  model, model_dir = encoders.load_encoder(REPO_ID)
-  assert model.family == "blip2" and hub.revision_of(model_dir) == COMMIT
+  model = workdir.load_model(REPO_ID)
+  assert model.family == "blip2" and hub.revision_of(Path(model.source)) == COMMIT
   # parity: the PyTorch reference reads the snapshot too
   capsys.readouterr()
   assert cli.main(["parity", REPO_ID]) == 0
@@ -172,19 +172,19 @@ def test_train_model_init_hub_id_takes_its_tokenizer(tmp_path, offline_cache, ti
 
 
 def test_tokenizer_source(tmp_path, synth_root, tiny_hf):
-  from cirjax.train import qure
+  from cirjax.train import blip2_run
   cfg = config_utils.load_config(str(REPO / "configs/qure_blip2_cirr.py") + ":tiny",
                                  [f"data.root={synth_root}"])
-  assert qure.tokenizer_source(cfg) == str(synth_root)  # no init: the dataset's vocab
+  assert blip2_run.tokenizer_source(cfg) == str(synth_root)  # no init: the dataset's vocab
   cfg.model.init = str(tiny_hf)
-  assert qure.tokenizer_source(cfg) == str(tiny_hf)
+  assert blip2_run.tokenizer_source(cfg) == str(tiny_hf)
   (tmp_path / "m.pth").write_bytes(b"")  # a LAVIS file: its directory, if it has a tokenizer
   cfg.model.init = str(tmp_path / "m.pth")
-  assert qure.tokenizer_source(cfg) == str(synth_root)
+  assert blip2_run.tokenizer_source(cfg) == str(synth_root)
   (tmp_path / "vocab.txt").write_text("[PAD]\n")
-  assert qure.tokenizer_source(cfg) == str(tmp_path)
+  assert blip2_run.tokenizer_source(cfg) == str(tmp_path)
   cfg.data.tokenizer = str(synth_root / "vocab.txt")  # named: always wins
-  assert qure.tokenizer_source(cfg) == str(synth_root / "vocab.txt")
+  assert blip2_run.tokenizer_source(cfg) == str(synth_root / "vocab.txt")
 
 
 @pytest.mark.parametrize("spec", ["configs/qure_blip2_cirr.py", "configs/qure_blip2_fashioniq.py",

@@ -164,44 +164,61 @@ def test_strict_key_accounting(hf_dir):
 def test_load_llava_hf_and_cirjax_dirs(hf_dir, tmp_path):
   d, model = hf_dir
   m = cirjax.load_llava(d)
+  assert m.family == "llava" and "lm_head" not in m.params  # never read by an embedder
   assert m.tokenizer is not None and m.tokenizer.padding_side == "left"
   inputs = _inputs(m.config)
-  e1 = np.asarray(m.embed(*inputs))
+  e1 = _emb(m.params, m.config, inputs)
   config, params = llava_convert.from_hf(d)
   registry.save(tmp_path / "cj", "llava", config, params, tokenizer_dir=d,
                 extra={"source": str(d)})
   m2 = cirjax.load_llava(tmp_path / "cj")
   assert m2.tokenizer is not None and m2.config == m.config
-  np.testing.assert_array_equal(np.asarray(m2.embed(*inputs)), e1)
-  hs = m2.hidden_states(*inputs)
+  np.testing.assert_array_equal(_emb(m2.params, m2.config, inputs), e1)
+  hs = llava.hidden_states(m2.params, m2.config, *inputs)
   assert len(hs) == config.text.num_layers + 1
   # against HF on the same inputs
   want = llava_parity.torch_stages(model, config, *inputs)["embedding"]
   fx.assert_close(e1, want, fx.TOL_MODEL, "load_llava embedding")
   # bf16 compute option
   m16 = cirjax.load_llava(tmp_path / "cj", dtype="bfloat16", param_dtype="bfloat16")
-  assert np.all(np.sum(np.asarray(m16.embed(*inputs)) * e1, -1) > 0.99)
-  with pytest.raises(FileNotFoundError, match="no config.json"):
-    cirjax.load_llava(tmp_path)
+  assert m16.config.dtype == "bfloat16"
+  assert np.all(np.sum(_emb(m16.params, m16.config, inputs) * e1, -1) > 0.99)
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match="none of the checkpoints cirjax reads"):
+    cirjax.load_llava(tmp_path / "empty")
 
 
-def test_embed_prompts_end_to_end(hf_dir):
-  """Templates -> chat template -> tokens -> embedding, against HF on the same token ids."""
+def test_verbs_end_to_end(hf_dir):
+  """The loaded model's verbs: templates -> chat template -> tokens -> embedding, against HF
+  on the same token ids (query: CIRR's zero-shot prompt; text: stage 1's caption prompt;
+  image: CIRR's image prompt); `score` is the dot product of the unit vectors."""
   from cirjax import prompts
   d, model = hf_dir
   m = cirjax.load_llava(d)
-  tok = m.tokenizer
-  q = prompts.render(prompts.inference_template("cirr", "query"), tok, image=True,
-                     modifier="make the dog red")
-  t = prompts.render(prompts.STAGE2_CAPTION_TEMPLATES[1], tok, caption="a red dog")
-  pix_t, pix = fx.pixels(1, 28, seed=3)
-  got = np.asarray(m.embed_prompts([q, t], pix))
-  enc = prompts.batch_encode(tok, [q, t], num_image_tokens=m.config.num_image_tokens,
-                             pad_to_multiple_of=16)
-  assert enc["input_ids"].shape[1] == 32
+  tok, n = m.tokenizer, m.config.num_image_tokens
+  pix_t, pix = fx.pixels(2, 28, seed=3)
+  q = m.query(pix, ["make the dog red", "a cat instead"])
+  enc = prompts.encode(tok, prompts.inference_template("cirr", "query"),
+                       [{"modifier": "make the dog red"}, {"modifier": "a cat instead"}],
+                       num_image_tokens=n, image=True, pad_to_multiple_of=16)
   want = llava_parity.torch_stages(model, m.config, enc["input_ids"], enc["attention_mask"],
                                    pix)["embedding"]
-  fx.assert_close(got, want, fx.TOL_MODEL, "prompt embeddings")
+  fx.assert_close(np.asarray(q), want, fx.TOL_MODEL, "query verb")
+  t = m.text(["a red dog"])
+  enc = prompts.encode(tok, prompts.STAGE1_CAPTION, [{"caption": "a red dog"}],
+                       num_image_tokens=n, image=False, pad_to_multiple_of=16)
+  want = llava_parity.torch_stages(model, m.config, enc["input_ids"], enc["attention_mask"],
+                                   None)["embedding"]
+  fx.assert_close(np.asarray(t), want, fx.TOL_MODEL, "text verb")
+  img = m.image(pix)
+  enc = prompts.encode(tok, prompts.inference_template("cirr", "image"), [{}, {}],
+                       num_image_tokens=n, image=True)
+  want = llava_parity.torch_stages(model, m.config, enc["input_ids"], enc["attention_mask"],
+                                   pix)["embedding"]
+  fx.assert_close(np.asarray(img), want, fx.TOL_MODEL, "image verb")
+  np.testing.assert_allclose(m.score(q, img), np.asarray(q) @ np.asarray(img).T, rtol=1e-6)
+  with pytest.raises(ValueError, match=r"pixels must be float \[B, 28, 28, 3\]"):
+    m.image(pix[:, :14])
 
 
 def test_full_size_tree_by_shape_only():

@@ -13,7 +13,8 @@ from cirjax.data import images, loader, synth
 from cirjax.data.tokenizer import load_tokenizer
 from cirjax.data.records import DataError
 from cirjax.eval import encoders
-from cirjax.models import Model
+from cirjax.eval.model import Model, RetrievalFns
+from cirjax.train import workdir
 
 TINY = synth.SynthConfig(seed=9, resolution=16, num_images=(120, 90, 40),
                          num_queries=(20, 15, 5))
@@ -21,14 +22,14 @@ TINY = synth.SynthConfig(seed=9, resolution=16, num_images=(120, 90, 40),
 
 class FakeEncoder:
   """Model-shaped retrieval functions: a fixed random projection of the pixels (and of the
-  tokens), as `encoders.RetrievalFns` (`.fns`) of explicit params."""
+  tokens), as `RetrievalFns` (`.fns`) of explicit params."""
 
   def __init__(self, vocab_size):
     rng = np.random.default_rng(0)
     params = {"pw": jnp.asarray(rng.standard_normal((3, 2, 8)), jnp.float32),
               "tw": jnp.asarray(rng.standard_normal((vocab_size, 8)), jnp.float32)}
     self.image_calls = 0
-    self.fns = encoders.RetrievalFns(params, self.encode_image, self.compose)
+    self.fns = RetrievalFns(params, self.encode_image, self.compose)
 
   def encode_image(self, p, px):
     self.image_calls += 1
@@ -100,8 +101,9 @@ def test_cli_search_with_a_checkpoint(root, tmp_path, monkeypatch, capsys):
   tok = load_tokenizer(root / "vocab.txt", "blip2")
   enc = FakeEncoder(len(tok))
   model = Model("blip2", {"vision": {"image_size": 16}}, enc.fns.params)
-  monkeypatch.setattr(encoders, "load_encoder", lambda path: (model, tmp_path))
-  monkeypatch.setattr(encoders, "retrieval_fns", lambda m, *a: (enc.fns, None, None))
+  monkeypatch.setattr(workdir, "load_model", lambda path: model)
+  monkeypatch.setattr(encoders, "retrieval_fns", lambda m, *a, **k: (
+      enc.fns, loader.bert_tokenize_fn(m.tokenizer, k["max_length"]), None))
   split = synth.read_synthetic(root, "val")
   q = split.queries[2]
   out = tmp_path / "s.html"

@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
 from cirjax.commands.data import (add_source_args, check_output, fashioniq_splits,
                                   positive_int, read_split_from_args)
-import jax
-import ml_collections
-import numpy as np
-
-from cirjax import lora as lora_lib
-from cirjax.convert import hub, io, llava_run, registry
-from cirjax.data import genecis, images, loader, text
+from cirjax.data import genecis
 from cirjax.data.records import DataError
-from cirjax.data.tokenizer import load_tokenizer
 from cirjax.errors import CirjaxError
 from cirjax.eval import encoders, evaluate, retrieval, submission
-from cirjax.models import Model, blip2, llava
-from cirjax.train import config_utils, qure
+from cirjax.train import workdir
 
 HELP = "evaluate a checkpoint or a baseline on FashionIQ, CIRR, CIRCO, GeneCIS, HP-FashionIQ or synthetic"
 DESCRIPTION = """\
@@ -55,7 +46,8 @@ DATASETS = ("synthetic", "cirr", "fashioniq", "circo", "genecis", "hpfashioniq")
 
 
 def add_encoder_args(parser: argparse.ArgumentParser) -> None:
-  """The encoding options of every command that encodes a split with a checkpoint (eval, mine)."""
+  """The encoding options of every command that encodes a split with a checkpoint (eval,
+  mine): `cirjax.eval.encoders.EncodeOptions`."""
   parser.add_argument("--tokenizer", default=None,
                       help="vocab.txt or tokenizer dir (default: the checkpoint's, else the "
                       "dataset's vocab.txt)")
@@ -94,67 +86,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--name", default="cirjax", help="submission file name suffix")
 
 
-def model_from_checkpoint(ck: encoders.WorkdirCheckpoint) -> Model:
-  """The model in a training workdir's latest checkpoint, built with the run's config (what
-  the task's export would have written; `encoders.load_encoder`'s `from_checkpoint`)."""
-  config = ml_collections.ConfigDict(ck.config)
-  params = io.read_params(ck.step_dir / "state")
-  if not isinstance(params, dict) or "params" not in params:
-    raise CirjaxError(f"{ck.step_dir / 'state'}: holds no 'params' (not a cirjax training "
-                      "checkpoint?)")
-  params = jax.tree.map(np.asarray, params["params"])
-  task, source = config.get("task"), str(ck.step_dir)
-  if task == "qure":
-    init = config_utils.model_init(config, check=False)
-    if init:
-      cfg = registry.load(init, family="blip2").config
-    else:  # the Q-Former's vocabulary is the run's tokenizer's: read it off the embeddings
-      vocab = params["embeddings"]["word_embeddings"].shape[0]
-      cfg = blip2.model_config(config.model, vocab)
-    params = blip2.unstack_layers(params, cfg)  # a scan_layers run's state is stacked
-    vocab_src = qure.tokenizer_source(config)
-    has_vocab = vocab_src and os.path.exists(os.path.expanduser(vocab_src))
-    return Model("blip2", cfg, params, os.path.expanduser(vocab_src) if has_vocab else None,
-                 source)
-  if task == "instructcir":
-    cfg_file = ck.workdir / llava_run.LLAVA_CONFIG_FILE
-    if not cfg_file.is_file():
-      raise CirjaxError(f"{ck.workdir}: an InstructCIR workdir without "
-                        f"{llava_run.LLAVA_CONFIG_FILE}; export the model from the run")
-    cfg = llava.LlavaConfig.from_dict(json.loads(cfg_file.read_text())).replace(dtype="float32")
-    tok_dirs = [str(ck.workdir / llava_run.TOKENIZER_DIR), config.data.get("tokenizer"),
-                config_utils.model_init(config, check=False)]
-    # paths or hub ids; of data.tokenizer only the tokenizer files are fetched
-    found = [hub.resolve(d, weights=i == 2) for i, d in enumerate(tok_dirs) if d]
-    tok_dir = next((str(d) for d in found if d.is_dir()), None)
-    if tok_dir is None:
-      raise CirjaxError(f"{ck.workdir}: no tokenizer (looked in {', '.join(map(str, tok_dirs))})")
-    params = {k: llava.unstack_layers(v, cfg) for k, v in params.items()}  # as above
-    adapter = lora_lib.Adapter(params["lora"], lora_lib.config_from(config.lora))
-    merged = jax.tree.map(np.asarray, lora_lib.merge(params["base"], adapter))
-    return Model("llava", cfg, merged, load_tokenizer(os.path.expanduser(tok_dir), "llava"), source)
-  raise CirjaxError(f"{ck.workdir / 'config.json'}: task {task!r}: cirjax rebuilds models of "
-                    "'qure' and 'instructcir' runs only; export the model from the run")
-
-
-def load_model(path) -> tuple[Model, Path]:
-  """--checkpoint: `encoders.load_encoder`, or a training workdir's latest checkpoint when
-  the run exported no model; returns (model, where it came from)."""
-  ck = encoders.workdir_checkpoint(path)
-  if ck is not None:
-    return model_from_checkpoint(ck), ck.step_dir
-  return encoders.load_encoder(path)
-
-
-def tokenizer_source(args, model: Model, model_dir) -> str:
-  """--tokenizer, else a checkpoint's run's vocab, else the model's, else the dataset's."""
-  if args.tokenizer:
-    return str(hub.resolve(args.tokenizer, weights=False))
-  if isinstance(model.tokenizer, str):
-    return model.tokenizer
-  return encoders.find_tokenizer_source(Path(model_dir), args.root)
-
-
 def _splits(args) -> list[tuple[str, object, object]]:
   """[(label, CIRSplit, image source or None)]; FashionIQ's `val` = its three categories."""
   if (args.root is None) == (args.tfds_dir is None):
@@ -191,35 +122,17 @@ def run(args: argparse.Namespace) -> int:
   desc = ", ".join(f"{s.name} ({len(s.queries)} queries, {len(s.corpus)} images)"
                    for _, s, _ in splits)
   print(f"[eval] {desc}; {mesh.devices.size} device(s)", flush=True)
-  model = tokenize_fn = transform = None
-  llava = False
+  model = None
   source = f"baseline:{args.baseline}" if args.baseline else None
+  options = encoders.EncodeOptions.from_args(args)
   if args.checkpoint:
-    model, model_dir = load_model(args.checkpoint)
-    llava = model.family == "llava"
-    source = str(model_dir)
-    if llava:
-      tok_src = f"{model_dir} (InstructCIR zero-shot prompts)"
-    else:
-      tok_src = tokenizer_source(args, model, model_dir)
-      tokenizer = load_tokenizer(tok_src, "blip2")
-      tokenize_fn = loader.bert_tokenize_fn(tokenizer, args.max_length)
-      for _, s, _ in splits:  # a vocabulary built on other data turns words into [UNK]
-        text.check_tokenizer_coverage(tokenizer, [loader.default_text(q) for q in s.queries],
-                                      str(tok_src), f"the {s.name} queries")
-    dim = args.image_size or encoders.model_image_size(model)
-    transform = images.make_transform(args.transform or ("clip" if llava else "targetpad"), dim)
-    print(f"[eval] model {model_dir}, tokenizer {tok_src}, images {transform.name} {dim}px",
-          flush=True)
+    model = workdir.load_model(args.checkpoint)
+    source = model.source
   results, report = {}, {"dataset": args.dataset, "source": source, "splits": {}}
   for label, split, image_source in splits:
     if model is not None:
-      enc, tk, text_fn = encoders.retrieval_fns(model, split)
-      scorer, timings = evaluate.encode_split(enc, split, transform, tk or tokenize_fn,
-                                              args.batch_size,
-                                              text_fn=text_fn, mesh=mesh,
-                                              num_threads=args.num_workers,
-                                              image_source=image_source)
+      scorer, timings = encoders.encode(model, split, options, root=args.root, mesh=mesh,
+                                        image_source=image_source)
     else:
       scorer, timings = evaluate.baseline_scorer(args.baseline, split, args.seed), {}
     res = evaluate.evaluate_split(split, scorer, mesh)

@@ -14,14 +14,14 @@ from cirjax import mining
 from cirjax.commands.data import positive_int, read_split
 from cirjax.commands.eval import add_encoder_args
 from cirjax.data.records import DataError
-from cirjax.eval import retrieval
-from cirjax.eval.encoders import encode_with_checkpoint
+from cirjax.eval import encoders, retrieval
+from cirjax.train import workdir
 from cirjax.mining import audit as mining_audit
 from cirjax.mining import plots as mining_plots
 
 HELP = "mine hard negatives of a split with a checkpoint: statistics, false negatives, figures"
 DESCRIPTION = """\
-Encodes a split with a checkpoint (the evaluator's encode path), mines every query's QuRe
+Encodes a split with a checkpoint (`cirjax eval`'s encoding, any --checkpoint it takes), mines every query's QuRe
 hard-negative set over the split's corpus (target = the annotated one, as training mines CIRR
 and the synthetic set), and, where every query's full relevant set is known (synthetic,
 CIRCO), audits each strategy's negative pool: QuRe's set, top-k, after-target top-k and the
@@ -40,8 +40,9 @@ DATASETS = ("synthetic", "circo", "cirr")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--checkpoint", required=True, help="model directory, training workdir "
-                      "or Hugging Face hub id ORG/NAME[@REVISION]")
+  parser.add_argument("--checkpoint", required=True,
+                      help="model directory, LAVIS .pth, training workdir (its export, else "
+                      "its latest checkpoint) or Hugging Face hub id ORG/NAME[@REVISION]")
   parser.add_argument("--dataset", required=True, choices=DATASETS)
   parser.add_argument("--root", required=True, help="dataset root directory")
   parser.add_argument("--split", default="train",
@@ -74,9 +75,8 @@ def _run(args) -> int:
   split = read_split(args.dataset, args.root, args.split)
   print(f"[mine] {split.name}: {len(split.queries)} queries, {len(split.corpus)} images",
         flush=True)
-  scorer = encode_with_checkpoint(args.checkpoint, split, args.root, tokenizer=args.tokenizer,
-                                  image_size=args.image_size, max_length=args.max_length,
-                                  batch_size=args.batch_size, num_workers=args.num_workers)
+  scorer, _ = encoders.encode(workdir.load_model(args.checkpoint), split,
+                              encoders.EncodeOptions.from_args(args), root=args.root)
   full = args.dataset in mining_audit.FULL_RELEVANT_DATASETS
   res = mining_audit.audit_split(
       scorer, split, k=min(args.k, len(split.corpus) - 1),

@@ -7,19 +7,20 @@ from pathlib import Path
 
 from cirjax import search as search_lib
 from cirjax.commands.data import check_output, positive_int, read_split
-from cirjax.commands.eval import load_model, tokenizer_source
-from cirjax.data import images, loader
+from cirjax.data import loader
 from cirjax.data.records import DataError
-from cirjax.data.tokenizer import load_tokenizer
 from cirjax.errors import UsageError
 from cirjax.eval import encoders, retrieval
+from cirjax.train import workdir
 
 HELP = "search a corpus with a reference image + text; print the top k and write an HTML page"
 # Errors cirjax has always reported as a user's (see cirjax/cli.py).
 EXPECTED_ERRORS = (ValueError,)
 
 DESCRIPTION = """\
-Composed image search with a BLIP-2 (QuRe) checkpoint.
+Composed image search with a BLIP-2 (QuRe) or LLaVA-Phi (InstructCIR: the zero-shot prompts
+of the split's dataset, CIRR's for a plain --corpus) checkpoint: any --checkpoint `cirjax
+eval` takes.
 
   cirjax search --checkpoint MODEL --corpus IMAGES_DIR --reference ref.png --text "make it red"
   cirjax search --checkpoint MODEL --dataset synthetic --root DATA --split val --query-id 5040
@@ -52,7 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--html", default="search.html", help="HTML page to write")
   parser.add_argument("--features-cache", default=None, help=".npz file for corpus features")
   parser.add_argument("--tokenizer", default=None, help="vocab.txt or tokenizer dir")
-  parser.add_argument("--transform", default="targetpad", choices=("targetpad", "squarepad", "clip"))
+  parser.add_argument("--transform", default=None, choices=("targetpad", "squarepad", "clip"),
+                      help="image preprocessing (default: the model family's: targetpad for "
+                      "BLIP-2, clip for LLaVA-Phi)")
   parser.add_argument("--image-size", type=positive_int, default=None)
   parser.add_argument("--max-length", type=positive_int, default=32)
   parser.add_argument("--batch-size", type=positive_int, default=64)
@@ -95,25 +98,19 @@ def run(args: argparse.Namespace) -> int:
   else:
     corpus = search_lib.corpus_from_dir(args.corpus)
   reference, query_text, relevant, target = _query(args, split)
-  model, model_dir = load_model(args.checkpoint)
-  if model.family != "blip2":
-    raise UsageError(f"{model_dir}: cirjax search scores BLIP-2 (QuRe) models; evaluate "
-                     "LLaVA-Phi checkpoints with `cirjax eval`")
-  encoder, _, _ = encoders.retrieval_fns(model)
-  tok_src = tokenizer_source(args, model, model_dir)
-  tokenize_fn = loader.bert_tokenize_fn(load_tokenizer(tok_src, "blip2"), args.max_length)
-  transform = images.make_transform(args.transform,
-                                    args.image_size or encoders.model_image_size(model))
+  model = workdir.load_model(args.checkpoint)
+  enc = encoders.encoder(model, split, encoders.EncodeOptions.from_args(args), args.root)
   mesh = retrieval.make_mesh()
-  print(f"[search] {len(corpus.names)} corpus images, model {model_dir}", flush=True)
-  feats = search_lib.encode_corpus(encoder, corpus, transform, args.batch_size, mesh,
-                                   args.features_cache, str(Path(model_dir).resolve()))
-  hits = search_lib.search(encoder, corpus, feats, reference, query_text, transform,
-                           tokenize_fn, args.k, relevant=relevant, target=target, mesh=mesh)
+  print(f"[search] {len(corpus.names)} corpus images, model {model.source}", flush=True)
+  feats = search_lib.encode_corpus(enc.fns, corpus, enc.transform, args.batch_size, mesh,
+                                   args.features_cache, str(Path(model.source).resolve()))
+  hits = search_lib.search(enc.fns, corpus, feats, reference, query_text, enc.transform,
+                           enc.tokenize, args.k, relevant=relevant, target=target, mesh=mesh)
   print(f"query: {reference} + \"{query_text}\"")
   print(search_lib.format_hits(hits))
   known = len(set(relevant) | ({target} if target else set())) if (relevant or target) else None
   page = search_lib.write_html(args.html, reference, query_text, hits,
-                               title=f"cirjax search: {Path(model_dir).name}", num_relevant=known)
+                               title=f"cirjax search: {Path(model.source).name}",
+                               num_relevant=known)
   print(f"[search] wrote {page}")
   return 0

@@ -22,6 +22,7 @@ from cirjax import lora as lora_lib
 from cirjax import prompts
 from cirjax.convert import hub, registry
 from cirjax.data.tokenizer import build_word_tokenizer, has_hf_tokenizer, load_tokenizer
+from cirjax.errors import CirjaxError
 from cirjax.models import llava, llava_init
 
 LLAVA_CONFIG_FILE = "llava_config.json"  # a run's model config, beside its checkpoints
@@ -189,6 +190,30 @@ def export(workdir: Path, params: dict, cfg: llava.LlavaConfig, lora_cfg: lora_l
                        tokenizer_dir=tokenizer_dir)
     written.append("model_hf")
   log(f"exported {', '.join(str(workdir / w) for w in written)}")
+
+
+def run_model(run_dir: str | os.PathLike, params: dict, lora_cfg: lora_lib.LoraConfig, *,
+              tokenizer: str | None, init: str) -> tuple[llava.LlavaConfig, dict, Any]:
+  """(config, merged host params, tokenizer) of a training run's `{"base", "lora"}` params
+  (either layer layout), as `export` would write them: the run's `llava_config.json`, and
+  the first tokenizer found in the run's own `tokenizer/`, its `data.tokenizer`
+  (`tokenizer`) or its `model.init` (`init`); paths or hub ids (of `tokenizer` only the
+  tokenizer files are fetched)."""
+  run_dir = Path(run_dir)
+  cfg_file = run_dir / LLAVA_CONFIG_FILE
+  if not cfg_file.is_file():
+    raise CirjaxError(f"{run_dir}: an InstructCIR workdir without {LLAVA_CONFIG_FILE}; "
+                      "export the model from the run")
+  cfg = llava.LlavaConfig.from_dict(json.loads(cfg_file.read_text())).replace(dtype="float32")
+  dirs = [(str(run_dir / TOKENIZER_DIR), False), (tokenizer, False), (init, True)]
+  found = [hub.resolve(d, weights=w) for d, w in dirs if d]
+  tok_dir = next((os.path.expanduser(str(d)) for d in found if Path(d).is_dir()), None)
+  if tok_dir is None:
+    raise CirjaxError(f"{run_dir}: no tokenizer (looked in {', '.join(d for d, _ in dirs if d)})")
+  host = {k: llava.unstack_layers(jax.tree.map(np.asarray, v), cfg) for k, v in params.items()}
+  merged = jax.tree.map(np.asarray, lora_lib.merge(host["base"],
+                                                   lora_lib.Adapter(host["lora"], lora_cfg)))
+  return cfg, merged, load_tokenizer(tok_dir, "llava")
 
 
 # Pure encoders of a run's params `{"base", "lora"}` (module level, so that a task's

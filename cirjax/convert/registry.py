@@ -8,8 +8,10 @@ for BLIP-2, the LAVIS state-dict reader. On top of them:
     load(path, **kw) -> Loaded(family, config, params, source, kind)
     save(path, family, config, params)          cirjax model directory (atomic)
     export_hf(path, family, config, params)     HF directory (atomic)
-    load_blip2(path) / load_llava(path)         `cirjax.load_*`: a `cirjax.models.Model` / the
-                                                LLaVA embedder
+
+A loaded model with its verbs (`cirjax.load`, `cirjax.eval.model.Model`) is built one layer
+down from these records; nothing outside this module asks which family a model is: it reads
+the family's fields (`Family.image_transform`, `Family.prompted`, the model functions, ...).
 
 Sources: an HF directory (config.json `model_type` 'blip-2' or 'llava'), a LAVIS BLIP-2
 state-dict file (.pth/.pt/.bin/.ckpt/.safetensors), or a cirjax model directory
@@ -33,7 +35,7 @@ import jax.numpy as jnp
 from cirjax.convert import hub, io
 from cirjax.convert import blip2_convert, llava_convert
 from cirjax.data.tokenizer import load_tokenizer
-from cirjax.models import Model, blip2, llava
+from cirjax.models import blip2, llava
 
 LAVIS_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
@@ -57,6 +59,20 @@ class Family(NamedTuple):
   finish_hf: (HF dir being written, config, tokenizer dir or None) -> None: what an HF
     directory needs beside weights and copied tokenizer files for transformers' Auto
     classes (BLIP-2: the BERT tokenizer and image-processor config; LLaVA: token ids).
+  unstack_layers: (params, config) -> the per-layer tree the HF tables and LoRA read.
+  device_params: (params, config) -> the arrays a loaded model computes with (LLaVA: the LM
+    head left on the host, the rest cast to `param_dtype`).
+  read_lm_head: (HF dir) -> the LM-head kernel or None, for families that carry one.
+  image_transform: the preprocessing of `cirjax.data.images.make_transform` the family's
+    published checkpoints were trained with ('targetpad': QuRe's; 'clip': LLaVA's CLIP).
+  prompted: text reaches the model inside InstructCIR's prompt templates, tokenised by the
+    model's own (left-padding) tokenizer, which is then required (LLaVA); otherwise the
+    text is tokenised as it is, by a BERT tokenizer (BLIP-2).
+  image / query / text: the model functions behind the verbs of a loaded model, as pure
+    functions of explicit params: `image(params, config, pixels, ids, mask)` -> target
+    features [B, Q, D] or [B, D] (`ids`/`mask`: the image prompt of a prompted family, else
+    None), `query(params, config, pixels, ids, mask)` -> composed queries [B, D],
+    `text(params, config, ids, mask)` -> text features [B, D]; all L2-normalised.
   """
   name: str
   config_class: type
@@ -67,6 +83,14 @@ class Family(NamedTuple):
   check_export: Callable[[Any], Any] = lambda config: None
   from_file: Optional[Callable[..., tuple]] = None
   finish_hf: Callable[[Path, Any, Optional[Path]], Any] = lambda dst, config, tok: None
+  unstack_layers: Callable[[Any, Any], Any] = lambda params, config: params
+  device_params: Callable[[Any, Any], Any] = lambda params, config: params
+  read_lm_head: Optional[Callable[[Path], Any]] = None
+  image_transform: str = "clip"
+  prompted: bool = False
+  image: Optional[Callable[..., Any]] = None
+  query: Optional[Callable[..., Any]] = None
+  text: Optional[Callable[..., Any]] = None
 
 
 class Loaded(NamedTuple):
@@ -97,13 +121,29 @@ def _llava_finish_hf(dst: Path, config: llava.LlavaConfig, tokenizer_dir: Option
   f.write_text(json.dumps(hf, indent=2) + "\n")
 
 
+def _llava_device_params(params, config: llava.LlavaConfig):
+  # Encoding never reads the LM head (hidden x vocab, 0.4 GB for Phi-3): not on device.
+  return llava.cast_params({k: v for k, v in params.items() if k != "lm_head"}, config)
+
+
 FAMILIES = {
-    "blip2": Family("blip2", blip2.Blip2Config, _blip2_init, ("blip-2", "blip_2"),
-                    blip2_convert.from_hf, blip2_convert.to_hf, blip2_convert.config_to_hf,
-                    blip2_convert.from_lavis, blip2_convert.write_hf_preprocessing),
-    "llava": Family("llava", llava.LlavaConfig, llava.init_params,
-                    ("llava", "llava_phi", "llava-phi"), llava_convert.from_hf,
-                    llava_convert.to_hf, finish_hf=_llava_finish_hf),
+    "blip2": Family(
+        "blip2", blip2.Blip2Config, _blip2_init, ("blip-2", "blip_2"), blip2_convert.from_hf,
+        blip2_convert.to_hf, check_export=blip2_convert.config_to_hf,
+        from_file=blip2_convert.from_lavis, finish_hf=blip2_convert.write_hf_preprocessing,
+        unstack_layers=blip2.unstack_layers,
+        device_params=lambda params, config: jax.tree.map(jnp.asarray, params),
+        image_transform="targetpad", prompted=False,
+        image=lambda p, cfg, px, ids, mask: blip2.encode_image(p, cfg, px),
+        query=blip2.compose, text=blip2.encode_text),
+    "llava": Family(
+        "llava", llava.LlavaConfig, llava.init_params, ("llava", "llava_phi", "llava-phi"),
+        llava_convert.from_hf, llava_convert.to_hf, finish_hf=_llava_finish_hf,
+        unstack_layers=llava.unstack_layers, device_params=_llava_device_params,
+        read_lm_head=llava_convert.read_lm_head, image_transform="clip", prompted=True,
+        image=lambda p, cfg, px, ids, mask: llava.embed(p, cfg, ids, mask, px),
+        query=lambda p, cfg, px, ids, mask: llava.embed(p, cfg, ids, mask, px),
+        text=lambda p, cfg, ids, mask: llava.embed(p, cfg, ids, mask)),
 }
 
 
@@ -231,7 +271,7 @@ def export_hf(path: str | os.PathLike, family: str, config: Any, params: Any, *,
   fam = _family(family)
   fam.check_export(config)  # refuse before writing anything
   # HF tables name every layer: a `scan_layers` (stacked) tree is unstacked first.
-  params = {"blip2": blip2.unstack_layers, "llava": llava.unstack_layers}[fam.name](params, config)
+  params = fam.unstack_layers(params, config)
   with io.atomic_directory(path, overwrite=overwrite) as tmp:
     fam.to_hf(params, config, tmp, **kw)
     for name, f in (tokenizer_files(tokenizer_dir) if tokenizer_dir is not None else {}).items():
@@ -241,46 +281,15 @@ def export_hf(path: str | os.PathLike, family: str, config: Any, params: Any, *,
 
 
 def lm_head(path: str | os.PathLike) -> Any:
-  """The [hidden, vocab] LM-head kernel of a LLaVA model directory (HF: only that tensor is
-  read; cirjax: the whole directory), or None when it has none or is no LLaVA directory."""
+  """The [hidden, vocab] LM-head kernel of a model directory whose family carries one (LLaVA;
+  HF: only that tensor is read; cirjax: the whole directory), or None when it has none."""
   try:
     path = hub.resolve(path)
     found, kind = sniff(path)
   except (OSError, ValueError):
     return None
-  if found != "llava" or kind not in ("hf", "cirjax"):
+  if FAMILIES[found].read_lm_head is None or kind not in ("hf", "cirjax"):
     return None
   if kind == "hf":
-    return llava_convert.read_lm_head(path)
+    return FAMILIES[found].read_lm_head(path)
   return load(path).params.get("lm_head", {}).get("kernel")
-
-
-# ----------------------------------------------------------------------------- convenience
-
-
-def load_blip2(path: str | os.PathLike, *, vision_dtype=None, dtype=None) -> Model:
-  """A BLIP-2 CIR model from an HF `Blip2ForImageTextRetrieval` directory, a cirjax
-  directory or a LAVIS checkpoint file (`model.pth`, QuRe/SPRC layout). `vision_dtype` /
-  `dtype` override the config's compute dtypes; call `cirjax.models.blip2`'s functions with
-  `(model.params, model.config, ...)`."""
-  loaded = load(path, family="blip2")
-  params = jax.tree.map(jnp.asarray, loaded.params)
-  overrides = {k: jnp.dtype(v).name for k, v in (("vision_dtype", vision_dtype),
-                                                 ("dtype", dtype)) if v is not None}
-  return Model("blip2", loaded.config.replace(**overrides), params, source=os.fspath(path))
-
-
-def load_llava(path: str | os.PathLike, *, dtype: str | None = None,
-               param_dtype: str | None = None) -> llava.LlavaEmbedder:
-  """A LLaVA embedder from an HF LLaVA directory or a cirjax 'llava' directory.
-
-  `dtype`: compute dtype override ('float32' | 'bfloat16' | 'float16'); `param_dtype`: stored
-  dtype of the language model / projector params.
-  """
-  loaded = load(path, family="llava")
-  overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v}
-  config = loaded.config.replace(**overrides) if overrides else loaded.config
-  # The embedder never reads the LM head (hidden x vocab, 0.4 GB for Phi-3): not on device.
-  params = llava.cast_params({k: v for k, v in loaded.params.items() if k != "lm_head"}, config)
-  tokenizer = load_tokenizer(loaded.source, "llava", required=False)
-  return llava.LlavaEmbedder(params, config, tokenizer, source=str(path))

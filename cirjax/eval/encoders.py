@@ -1,256 +1,102 @@
-"""Loading a model for evaluation/search: a checkpoint directory or a training workdir.
+"""Model + split -> features: the one assembly `cirjax eval`, `mine`, `search` and the study
+encode through.
 
-A loaded model is a `cirjax.models.Model` (family, config, params, tokenizer). What the
-evaluator and search run is its `RetrievalFns` (`retrieval_fns(model, split)`): the model
-family's functional API as pure functions of explicit params,
+`encode(model, split, options)` gives a split's corpus and query features under a loaded
+`cirjax.eval.model.Model` (any family, from any `--checkpoint`: `cirjax.load`); `encoder(...)`
+gives what that takes (the model's retrieval functions, tokenizer, image preprocessing) for a
+caller that encodes something other than a split (`cirjax search`'s corpus and query). One
+set of options (`EncodeOptions`, the commands' `--tokenizer`, `--transform`, `--image-size`,
+`--max-length`, `--batch-size`, `--num-workers`) decides:
 
-* `image(params, pixels [B, H, W, 3] float32) -> [B, Q, D]` (or `[B, D]`), L2-normalised;
-* `compose(params, pixels, input_ids [B, L] int32, attention_mask [B, L]) -> [B, D]`.
-
-Accepted paths (`--checkpoint` of `cirjax eval` / `search` / `mine`):
-* a Hugging Face hub id `ORG/NAME[@REVISION]` when no such local path exists
-  (`cirjax.convert.hub.resolve`: its snapshot in the HF cache, then as below);
-* a cirjax model directory (`cirjax_config.json`, written by `cirjax convert` or by the
-  trainer's export), an HF BLIP-2 / LLaVA directory, or a LAVIS BLIP-2 `.pth`/`.pt`/`.bin`
-  file: the family is told by `cirjax.convert.registry.sniff`;
-* a training workdir (`config.json` of the run + `checkpoints/`): its exported model, looked
-  up as `<workdir>/model`, `export`, `best`, `final`, then any direct subdirectory that is a
-  cirjax model directory (newest first); with no export, its latest checkpoint
-  (`workdir_checkpoint`), which the CLI (`cirjax.commands.eval.load_model`) turns into a
-  model with the run's config, as only the training layer knows how. The trainer owns what it writes there; this module only
-  reads it.
+* the tokenizer: `--tokenizer` (a path or hub id), else the model's own (found beside it, or
+  the run's for a training checkpoint), else the dataset's `vocab.txt` (the synthetic set);
+  a vocabulary that leaves over 1 % of a split's query tokens unknown is warned about;
+* the images: `--transform`, else the family's (`Family.image_transform`), at
+  `--image-size`, else the model's resolution.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
-import jax.numpy as jnp
-
-from cirjax import prompts
-from cirjax.convert import hub, io, registry
-from cirjax.data import images, loader
-from cirjax.data.records import CIRSplit
-from cirjax.data.tokenizer import find_vocab, load_tokenizer
-from cirjax.errors import CirjaxError
+from cirjax.convert import hub, registry
+from cirjax.data import images, loader, text
 from cirjax.eval import evaluate, retrieval
-from cirjax.models import Model, blip2, llava
-
-_WORKDIR_CANDIDATES = ("model", "export", "best", "final")
-_LOOKED_FOR = ("a cirjax model directory (cirjax_config.json), an HF directory (config.json of "
-               f"a BLIP-2 or LLaVA model), a LAVIS BLIP-2 state-dict file "
-               f"({'/'.join(registry.LAVIS_SUFFIXES)}), or a training "
-               f"workdir (config.json + checkpoints/) holding an exported model "
-               f"({', '.join(_WORKDIR_CANDIDATES)}, or any subdirectory with cirjax_config.json) "
-               "or a checkpoint, or a Hugging Face hub id ORG/NAME[@REVISION]")
+from cirjax.data.tokenizer import load_tokenizer
+from cirjax.eval.model import Model, RetrievalFns, retrieval_fns
 
 
-class WorkdirCheckpoint(NamedTuple):
-  """A training workdir without an exported model: the run's config and its latest step."""
-  workdir: Path
-  config: dict        # the run's config.json
-  step_dir: Path      # <workdir>/checkpoints/<step>
+@dataclasses.dataclass(frozen=True)
+class EncodeOptions:
+  """How a split is encoded (the commands' encoding flags; defaults = theirs)."""
+  tokenizer: str | None = None      # a vocab.txt / tokenizer dir / hub id
+  transform: str | None = None      # 'targetpad' | 'squarepad' | 'clip'; None: the family's
+  image_size: int | None = None     # None: the model's
+  max_length: int = text.BLIP2_MAX_LENGTH
+  batch_size: int = 64
+  num_workers: int = 4
+
+  @classmethod
+  def from_args(cls, args: Any) -> "EncodeOptions":
+    """From a command's parsed arguments (the fields it lacks keep their defaults)."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+                  if getattr(args, f.name, None) is not None})
 
 
-def is_training_workdir(p: Path) -> bool:
-  return (p / "config.json").is_file() and (p / "checkpoints").is_dir()
+class Encoder(NamedTuple):
+  """What encoding with a model takes, for one split."""
+  fns: RetrievalFns
+  tokenize: Callable                 # texts -> (input_ids, attention_mask)
+  text_fn: Callable | None           # query -> its text (None: `loader.default_text`)
+  transform: images.Transform
+  tokenizer_source: str              # where the tokenizer came from (for messages)
 
 
-def latest_checkpoint(workdir: Path) -> Path | None:
-  """`<workdir>/checkpoints/<step>` of the highest step holding a `state` item, or None."""
-  steps = [d for d in (workdir / "checkpoints").iterdir()
-           if d.name.isdigit() and (d / "state").is_dir()]
-  return max(steps, key=lambda d: int(d.name)) if steps else None
+def with_tokenizer(model: Model, options: EncodeOptions, root: str | os.PathLike | None
+                   ) -> tuple[Model, str]:
+  """(the model holding the tokenizer to encode with, where it came from); see the module
+  docstring for the order."""
+  if options.tokenizer:
+    src = hub.resolve(options.tokenizer, weights=False)
+    tok = load_tokenizer(src, model.family)
+    return dataclasses.replace(model, tokenizer=tok), str(src)
+  if model.tokenizer is not None:
+    return model, model.source
+  vocab = Path(root) / "vocab.txt" if root is not None else None
+  if vocab is not None and vocab.is_file() and not registry.family(model.family).prompted:
+    return dataclasses.replace(model, tokenizer=load_tokenizer(vocab, "blip2")), str(vocab)
+  return model, ""   # retrieval_fns names what is missing
 
 
-def resolve_model_dir(path: str | os.PathLike) -> Path:
-  """The model for `path` (itself, or the newest model dir of a workdir); see the module
-  docstring."""
-  p = hub.resolve(path)
-  if not p.exists():
-    raise FileNotFoundError(f"checkpoint path does not exist: {p}; expected {_LOOKED_FOR}")
-  if p.is_file():
-    if p.suffix in registry.LAVIS_SUFFIXES:
-      return p
-    raise NotADirectoryError(f"checkpoint {p} is a file but not a LAVIS state dict; "
-                             f"expected {_LOOKED_FOR}")
-  if io.is_cirjax_dir(p):
-    return p
-  # A training workdir's config.json is the run's config, not an HF model config: look for
-  # its exported model before taking the directory for an HF one.
-  for name in _WORKDIR_CANDIDATES:
-    if io.is_cirjax_dir(p / name):
-      return p / name
-  if is_training_workdir(p):
-    raise FileNotFoundError(
-        f"{p} is a training workdir without an exported model (looked for "
-        f"{', '.join(_WORKDIR_CANDIDATES)}) or a checkpoint; let the run finish, or export it")
-  if (p / "config.json").is_file():
-    return p
-  subs = sorted((d for d in p.iterdir() if d.is_dir() and io.is_cirjax_dir(d)),
-                key=lambda d: d.stat().st_mtime, reverse=True)
-  if subs:
-    return subs[0]
-  raise FileNotFoundError(f"{p} is none of the checkpoints cirjax reads; looked for "
-                          f"{_LOOKED_FOR}; export the trained model first")
+def encoder(model: Model, split: Any, options: EncodeOptions = EncodeOptions(),
+            root: str | os.PathLike | None = None) -> Encoder:
+  """The retrieval functions, tokenizer and preprocessing that encode `split` (None: a
+  dataset-less corpus, `cirjax search --corpus`) with `model`."""
+  model, tok_src = with_tokenizer(model, options, root)
+  fns, tokenize, text_fn = retrieval_fns(model, split, max_length=options.max_length)
+  if split is not None and not registry.family(model.family).prompted:
+    # a vocabulary built on other data turns words into [UNK]
+    text.check_tokenizer_coverage(model.tokenizer,
+                                  [(text_fn or loader.default_text)(q) for q in split.queries],
+                                  tok_src, f"the {split.name} queries")
+  return Encoder(fns, tokenize, text_fn, model.transform(options.transform, options.image_size),
+                 tok_src)
 
 
-def workdir_checkpoint(path: str | os.PathLike) -> WorkdirCheckpoint | None:
-  """The latest checkpoint of a training workdir that has no exported model, else None."""
-  p = Path(path)
-  if not (p.is_dir() and is_training_workdir(p)) or io.is_cirjax_dir(p) or any(
-      io.is_cirjax_dir(p / n) for n in _WORKDIR_CANDIDATES):
-    return None
-  step_dir = latest_checkpoint(p)
-  if step_dir is None:
-    return None
-  try:
-    config = json.loads((p / "config.json").read_text())
-  except ValueError as e:
-    raise CirjaxError(f"{p / 'config.json'}: not valid JSON ({e}); the workdir's config is "
-                      "damaged") from None
-  if not isinstance(config, dict):
-    raise CirjaxError(f"{p / 'config.json'}: holds a JSON {type(config).__name__}, expected "
-                      "the run's config (an object)")
-  return WorkdirCheckpoint(p, config, step_dir)
-
-
-def load_encoder(path: str | os.PathLike) -> tuple[Model, Path]:
-  """Loads a model (see module docstring); returns (`Model`, model dir). Score it through
-  `retrieval_fns(model, split)`. A training workdir with only checkpoints is an error here:
-  its model is built by the training layer (`workdir_checkpoint` finds the checkpoint)."""
-  d = resolve_model_dir(path)
-  if registry.detect(d) == "llava":
-    model = registry.load_llava(d)
-    if model.tokenizer is None:
-      raise FileNotFoundError(f"{d}: no tokenizer (tokenizer.json / tokenizer_config.json) next "
-                              "to the LLaVA weights; the InstructCIR prompts need it")
-    return Model("llava", model.config, model.params, model.tokenizer, str(d)), d
-  return registry.load_blip2(d), d
-
-
-def model_image_size(model: Any, default: int = 224) -> int:
-  """The model's input resolution from its config, if it states one."""
-  cfg = getattr(model, "config", None)
-  for path in (("vision", "image_size"), ("vision_config", "image_size"), ("image_size",)):
-    obj = cfg
-    for key in path:
-      if obj is None:
-        break
-      obj = obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
-    if isinstance(obj, int) and obj > 0:
-      return obj
-  return default
-
-
-def find_tokenizer_source(model_dir: Path, dataset_root: str | os.PathLike | None) -> Path:
-  """Where the BERT vocab comes from: the model dir (or the directory of a LAVIS file), else
-  the dataset's vocab.txt (synthetic)."""
-  model_dir = model_dir if model_dir.is_dir() else model_dir.parent
-  try:
-    find_vocab(model_dir)
-    return model_dir
-  except FileNotFoundError:
-    pass
-  if (model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer_config.json").is_file():
-    return model_dir
-  if dataset_root is not None and (Path(dataset_root) / "vocab.txt").is_file():
-    return Path(dataset_root) / "vocab.txt"
-  raise FileNotFoundError(f"no tokenizer (vocab.txt / tokenizer.json) in {model_dir}; pass "
-                          "--tokenizer PATH (a vocab.txt or a tokenizer directory)")
-
-
-class RetrievalFns(NamedTuple):
-  """What evaluation and search run: pure functions of explicit params, which the encode
-  loop jits once (params replicated and passed as an argument, never baked in)."""
-  params: Any
-  image: Callable    # (params, pixels) -> [B, Q, D] or [B, D], L2-normalised
-  compose: Callable  # (params, pixels, input_ids, attention_mask) -> [B, D], L2-normalised
-
-
-_LLAVA_DATASET = {"synthetic": "cirr", "cirr": "cirr", "circo": "circo",
-                  "fashioniq": "fashioniq", "genecis": "genecis"}
-
-
-def retrieval_fns(model: Model, split: Any = None, pad_to_multiple_of: int = 16
-                  ) -> tuple[RetrievalFns, Callable | None, Callable | None]:
-  """(RetrievalFns, tokenize_fn, text_fn) scoring `split` with `model`.
-
-  BLIP-2: `blip2.encode_image` / `blip2.compose`; tokenize_fn and text_fn are None (the
-  caller's BERT tokenizer and the default query text). LLaVA-Phi: `llava.embed` with
-  InstructCIR's zero-shot prompts for the split's dataset (`split` is required).
-  """
-  cfg = model.config
-  if model.family == "blip2":
-    return RetrievalFns(model.params, lambda p, px: blip2.encode_image(p, cfg, px),
-                        lambda p, px, ids, mask: blip2.compose(p, cfg, px, ids, mask)), None, None
-  if model.family != "llava":
-    raise ValueError(f"no retrieval functions for a {model.family!r} model")
-  return _llava_fns(model, split, pad_to_multiple_of)
-
-
-def _llava_fns(model: Model, split: Any, pad_to_multiple_of: int):
-  """InstructCIR appendix D.2: target images are embedded with the dataset's "image" prompt
-  (FashionIQ's names the category), queries with the "query" prompt filled with the
-  modification text (GeneCIS: the task's prompt filled with the condition). The embedding is
-  the final hidden state of the left-padded prompt's last (EOS) token, L2-normalised.
-  Prompts are padded to a multiple of `pad_to_multiple_of` tokens (few compiled shapes)."""
-  ds = _LLAVA_DATASET.get(getattr(split, "dataset", None))
-  if ds is None:
-    raise ValueError(f"no InstructCIR prompts for {getattr(split, 'dataset', None)!r} (have "
-                     f"{sorted(_LLAVA_DATASET)})")
-  tok, cfg = model.tokenizer, model.config
-  n_img = prompts.num_image_tokens(cfg.vision.image_size, cfg.vision.patch_size,
-                                   cfg.vision_feature_select_strategy)
-  fields: dict[str, str] = {}
-  query_kind, text_field = "query", "modifier"
-  if ds == "fashioniq":
-    fields["category"] = prompts.FASHIONIQ_CATEGORY_WORDS[split.split.split(".")[0]]
-  if ds == "genecis":
-    query_kind = split.split
-    text_field = "attribute" if split.split.endswith("attribute") else "object"
-  image_t = prompts.inference_template(ds, "image")
-  query_t = prompts.inference_template(ds, query_kind)
-  img = prompts.encode(tok, image_t, [fields], num_image_tokens=n_img, image=True)
-  ids0, mask0 = img["input_ids"], img["attention_mask"]
-
-  def image_fn(params, pixels):
-    b = pixels.shape[0]
-    return llava.embed(params, cfg, jnp.broadcast_to(ids0, (b, ids0.shape[1])),
-                       jnp.broadcast_to(mask0, (b, mask0.shape[1])), pixels)
-
-  def compose_fn(params, pixels, ids, mask):
-    return llava.embed(params, cfg, ids, mask, pixels)
-
-  def tokenize_fn(texts):
-    enc = prompts.encode(tok, query_t, [{**fields, text_field: t} for t in texts],
-                         num_image_tokens=n_img, image=True,
-                         pad_to_multiple_of=pad_to_multiple_of)
-    return enc["input_ids"], enc["attention_mask"]
-
-  return RetrievalFns(model.params, image_fn, compose_fn), tokenize_fn, lambda q: q.text
-
-
-def encode_with_checkpoint(checkpoint: str, split: CIRSplit, root: str | None, *,
-                           tokenizer: str | None = None, image_size: int | None = None,
-                           max_length: int = 32, batch_size: int = 64, num_workers: int = 4,
-                           log=print) -> retrieval.FeatureScorer:
-  """The features of `split` (corpus and queries) under a checkpoint, as `cirjax eval`
-  encodes them (`load_encoder`, `evaluate.encode_split`); `cirjax mine` and the study
-  call it."""
-  model, model_dir = load_encoder(checkpoint)
-  is_llava = model.family == "llava"
-  tokenize_fn = None
-  if not is_llava:
-    tok = load_tokenizer(hub.resolve(tokenizer, weights=False) if tokenizer else
-                         find_tokenizer_source(model_dir, root), "blip2")
-    tokenize_fn = loader.bert_tokenize_fn(tok, max_length)
-  dim = image_size or model_image_size(model)
-  transform = images.make_transform("clip" if is_llava else "targetpad", dim)
-  enc, tk, text_fn = retrieval_fns(model, split)
-  scorer, _ = evaluate.encode_split(enc, split, transform, tk or tokenize_fn, batch_size,
-                                    text_fn=text_fn, num_threads=num_workers, log=log)
-  return scorer
+def encode(model: Model, split: Any, options: EncodeOptions = EncodeOptions(), *,
+           root: str | os.PathLike | None = None, mesh=None, image_source: Callable | None = None,
+           log: Callable[[str], None] | None = print
+           ) -> tuple[retrieval.FeatureScorer, dict[str, float]]:
+  """`split`'s corpus and query features under `model` (a scorer whose features stay on
+  `mesh`) and the encoding timings. `root`: the dataset root (its vocab.txt is the last
+  tokenizer tried); `image_source` replaces reading the split's image files (TFDS builds)."""
+  enc = encoder(model, split, options, root)
+  if log:
+    log(f"[encode] {split.name}: model {model.source}, tokenizer {enc.tokenizer_source}, "
+        f"images {enc.transform.name} {enc.transform.dim}px")
+  return evaluate.encode_split(enc.fns, split, enc.transform, enc.tokenize, options.batch_size,
+                               text_fn=enc.text_fn, mesh=mesh, num_threads=options.num_workers,
+                               log=log, image_source=image_source)

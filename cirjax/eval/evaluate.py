@@ -67,7 +67,7 @@ def encode_split(encoder: Any, split: CIRSplit, transform: Callable, tokenize_fn
                  ) -> tuple[retrieval.FeatureScorer, dict[str, float]]:
   """Encodes the corpus (`encoder.image`) and the queries (`encoder.compose`).
 
-  `encoder` is a `cirjax.eval.encoders.RetrievalFns` (`encoders.retrieval_fns(model, split)`):
+  `encoder` is a `cirjax.eval.model.RetrievalFns` (`model.retrieval_fns(model, split)`):
   `image(params, pixels NHWC)` -> [B, Q, D] (or [B, D]) and `compose(params, pixels,
   input_ids, attention_mask)` -> [B, D], both L2-normalised and jittable. Returns the scorer
   (its features stay on `mesh`, rows split over the devices) and timings (images/s,

@@ -16,22 +16,23 @@ Public API:
   * pure functions `forward`, `hidden_states`, `embed`, `image_features`,
     `vision_features`, all `(params, config, ...)` (jit-able with `config` static:
     `jax.jit(embed, static_argnames="config")`) and the host-side `check_inputs` they run
-    first on concrete inputs; the compute dtype, param dtype and remat are the config's;
-  * `LlavaEmbedder` with jitted `.embed`, `.hidden_states`, `.params`, `.config`,
-    `.tokenizer`, returned by `cirjax.load_llava(path)` (`cirjax.convert.registry`).
+    first on concrete inputs; the compute dtype, param dtype and remat are the config's.
+A loaded LLaVA (`cirjax.load_llava(path)`) is a `cirjax.eval.model.Model`, the type every
+family loads into, with its prompt-level verbs (`image`, `text`, `query`, `score`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, NamedTuple, Sequence
+import os
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from cirjax import prompts as prompts_lib
 from cirjax.models.phi3 import Linear, Phi3Config, Phi3Decoder, check_positions
 from cirjax.models import layer_stack
 from cirjax.models.remat import DEFAULT_POLICY, check_remat_policy
@@ -425,46 +426,13 @@ def cast_params(params: Any, config: LlavaConfig) -> Any:
 # ----------------------------------------------------------------------------- loading
 
 
-class LlavaEmbedder:
-  """A loaded model: jitted `embed` / `hidden_states` bound to its params and config."""
-
-  def __init__(self, params: Any, config: LlavaConfig, tokenizer: Any = None,
-               source: str | None = None):
-    self.params = params
-    self.config = config
-    self.tokenizer = tokenizer
-    self.source = source
-    self._embed = jax.jit(embed, static_argnames=("config", "deterministic"))
-    self._hidden = jax.jit(hidden_states, static_argnames=("config",))
-
-  def embed(self, input_ids, attention_mask, pixels=None, *, lora=None) -> Array:
-    """[B, H] L2-normalised last-token embeddings of left-padded prompts."""
-    check_inputs(input_ids, attention_mask, pixels, self.config, require_left_padding=True)
-    return self._embed(self.params, self.config, jnp.asarray(input_ids),
-                       jnp.asarray(attention_mask),
-                       None if pixels is None else jnp.asarray(pixels), lora=lora)
-
-  def hidden_states(self, input_ids, attention_mask, pixels=None, *, lora=None):
-    """Per-layer hidden states (HF convention, see `hidden_states`)."""
-    check_inputs(input_ids, attention_mask, pixels, self.config)
-    return self._hidden(self.params, self.config, jnp.asarray(input_ids),
-                        jnp.asarray(attention_mask),
-                        None if pixels is None else jnp.asarray(pixels), lora=lora)
-
-  def embed_prompts(self, prompts: Sequence[str], pixels=None, *, lora=None,
-                    pad_to_multiple_of: int | None = 16) -> Array:
-    """Embeds rendered prompt strings (`cirjax.prompts.render`): tokenises with this model's
-    tokenizer, expands `<image>` to `config.num_image_tokens`, left-pads (to a multiple of
-    `pad_to_multiple_of`, so few shapes compile) and runs `embed`."""
-    if self.tokenizer is None:
-      raise ValueError(f"{self.source}: no tokenizer was found with this model (tokenizer.json "
-                       "/ tokenizer_config.json); tokenise with cirjax.prompts.batch_encode")
-    batch = prompts_lib.batch_encode(self.tokenizer, prompts,
-                                     num_image_tokens=self.config.num_image_tokens,
-                                     pad_to_multiple_of=pad_to_multiple_of)
-    return self.embed(batch["input_ids"], batch["attention_mask"], pixels, lora=lora)
-
-  def __repr__(self):
-    return (f"LlavaEmbedder(source={self.source!r}, text={self.config.text.model_type}/"
-            f"{self.config.text.layout}, layers={self.config.text.num_layers}, "
-            f"image={self.config.vision.image_size}px, dtype={self.config.dtype})")
+def load_tokenizer(path: str | os.PathLike):
+  """The HF tokenizer saved in `path` (tokenizer.json / tokenizer_config.json), or None."""
+  p = Path(path)
+  if not ((p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists()):
+    return None
+  # transformers is heavy and optional: only models saved with a tokenizer need it
+  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+  tok = AutoTokenizer.from_pretrained(str(p))
+  tok.padding_side = "left"
+  return tok

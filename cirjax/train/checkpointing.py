@@ -69,7 +69,9 @@ class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` with the three items above."""
 
   def __init__(self, directory: str, *, keep: int = 2, best_metric: str | None = None,
-               best_mode: str = "max", async_save: bool = True):
+               best_mode: str = "max", async_save: bool = True, read_only: bool = False):
+    """`read_only`: a reader of another run's checkpoints (`cirjax.train.workdir.Run`),
+    which must not clean up the temporary directory of a save that run has in flight."""
     self.directory = os.path.abspath(directory)
     self.best_metric = best_metric
     self.best_mode = best_mode
@@ -85,8 +87,8 @@ class Checkpointer:
         best_fn=best_fn, best_mode=best_mode,
         preservation_policy=ocm.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True,
-        create=True)
+        cleanup_tmp_directories=not read_only,
+        create=not read_only, read_only=read_only)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "host", "arrays"))
     self.saved_step: int | None = None  # the last step `save` started (a save-now hook checks)

@@ -3,8 +3,8 @@
 Both stages train LoRA adapters of the language model only (tower and projector frozen,
 `config.train_only = ("lora/.*",)`); the parameters are one tree `{"base": LLaVA params,
 "lora": adapter params}`, so the generic trainer's regex freezing, sharding, checkpoints and
-resume apply unchanged. Embeddings are `cirjax.models.llava.embed` (the final-norm state of
-the last token of a left-padded prompt ending in EOS, L2-normalised).
+resume apply unchanged. Embeddings: `cirjax.models.llava.embed` (a left-padded prompt's
+last, EOS, token's final-norm state, L2-normalised).
 
   * Stage 1 (`config.stage = 1`), image-caption pairs: the image under "Summarize the image in
     one word:" vs its caption under "Summarize the caption in one word:"; InfoNCE over the
@@ -14,24 +14,17 @@ the last token of a left-padded prompt ending in EOS, L2-normalised).
     caption template drawn from the second set, with the ORIGINAL caption (same caption
     template) as a hard negative: extra InfoNCE columns (`loss.hard_negative_scope`:
     `batch` = every hard negative of the global batch, `own` = the row's own).
-    Templates are drawn by a generator seeded with (seed, epoch, step), one draw per row of the
-    global batch, so every process and a resumed run draws the same ones.
-    `init_from` names where stage 2 starts: a stage-1 workdir (its latest checkpoint: base and
-    adapter exactly as stage 1 ended, tokenizer and model widths too), a PEFT adapter
-    directory (on the `model.init` base) or a merged LLaVA directory (a fresh adapter).
+    Templates: one draw per row of the global batch, seeded with (seed, epoch, step), so
+    every process and a resumed run draw the same. Stage 2 starts from `init_from`: a
+    stage-1 workdir (base and adapter as stage 1 ended), a PEFT adapter (on `model.init`)
+    or a merged LLaVA directory (a fresh adapter).
 
-The records (`config.data.source`: `jsonl` or `synthetic`) come from
-`cirjax.data.instructcir_examples`; where the model starts (`model.init`, `init_from`, or
-random widths with a built word-level tokenizer) and the exports `finish` writes (the PEFT
-adapter, the merged model, with `export_hf` an HF directory) from `cirjax.convert.llava_run`
-(docs/train.md#instructcir).
-
-Evaluation (held-out data, every epoch or `eval_every_steps`): stage 1, image -> caption
-Recall@K over the held-out captions (`i2t/R@K`); stage 2, composed query -> modified caption
-Recall@K over the held-out modified and original captions (`q2t/R@K`) and how often the
-modified caption outscores the original (`q2t/beats_original`); on synthetic data also the
-composed image retrieval protocol of `cirjax eval` with InstructCIR's zero-shot prompts
-(`cir/R@K`, `cir/mAP@K` against full relevant sets).
+Records (`config.data.source`: `jsonl` | `synthetic`): `cirjax.data.instructcir_examples`;
+where the model starts and what `finish` exports: `cirjax.convert.llava_run`
+(docs/train.md#instructcir). Evaluation (held-out data): stage 1 `i2t/R@K` (image ->
+caption); stage 2 `q2t/R@K` over the modified and original captions and
+`q2t/beats_original`; on synthetic data also `cirjax eval`'s CIR protocol with InstructCIR's
+zero-shot prompts (`cir/R@K`, `cir/mAP@K` against full relevant sets).
 """
 
 from __future__ import annotations
@@ -62,12 +55,13 @@ from cirjax.data.loader import Pixels
 from cirjax.data.records import DataError
 from cirjax.eval import encode as encode_lib
 from cirjax.eval import evaluate as ev
+from cirjax.eval import model as model_lib
 from cirjax.eval import metrics
 from cirjax.losses import info_nce_loss, info_nce_logits
 from cirjax.models import layer_stack, llava, llava_init
 from cirjax.train import config_utils
 from cirjax.train import sharding as shd
-from cirjax.train.checkpointing import Checkpointer
+from cirjax.train import workdir as workdir_lib
 from cirjax.train.task import Task, run_options
 
 HARD_NEGATIVE_SCOPES = ("batch", "own")
@@ -81,16 +75,14 @@ def _log(msg: str) -> None:
 
 
 def stage1_params(ckpt_dir: str, abstract_params, init_from: str, cfg: llava.LlavaConfig):
-  """The latest checkpoint of a stage-1 workdir (base and adapter), on the host."""
-  ck = Checkpointer(ckpt_dir, keep=1000, async_save=False)
-  step = ck.latest_step()
-  if step is None:
+  """The latest restorable checkpoint of a stage-1 workdir (base and adapter), on the host."""
+  found = workdir_lib.Run(Path(ckpt_dir).parent).latest_params()
+  if found is None:
     raise FileNotFoundError(f"config.init_from: no checkpoint in {ckpt_dir}")
-  params = jax.tree.map(np.asarray, jax.device_get(ck.restore_params(step)))
-  ck.close()
+  step_dir, params = found
   params = llava_run.per_layer_params(params, abstract_params, cfg,
-                                      f"config.init_from={init_from}: checkpoint {ckpt_dir}/{step}")
-  _log(f"stage 2 starts from {ckpt_dir}/{step} (base and adapter)")
+                                      f"config.init_from={init_from}: checkpoint {step_dir}")
+  _log(f"stage 2 starts from {step_dir} (base and adapter)")
   return params  # host: the trainer shards it
 
 
@@ -101,6 +93,15 @@ class InstructCIRTask(Task):
 
   name = "instructcir"
   stateful_batches = False  # batch(epoch, i): seeded by (seed, epoch, i); workers build ahead
+
+  @staticmethod
+  def model_from_params(run, params, source: str):
+    """`cirjax.load` of a run's checkpoint: its merged LLaVA as the export would write it."""
+    cfg, merged, tokenizer = llava_run.run_model(
+        run.path, params, lora_lib.config_from(run.config.lora),
+        tokenizer=run.config.data.get("tokenizer"),
+        init=config_utils.model_init(run.config, check=False))
+    return model_lib.make_model("llava", cfg, merged, tokenizer, source)
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdir: str):
     super().__init__(config, mesh, workdir)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import sys
 import time
 from pathlib import Path
@@ -42,19 +41,20 @@ import ml_collections
 import numpy as np
 
 from cirjax import losses
-from cirjax.convert import hub, registry
+from cirjax.convert import registry
 from cirjax.data import text, training_splits
 from cirjax.data.loader import default_text
 from cirjax.data.records import DataError
-from cirjax.data.tokenizer import find_vocab, load_tokenizer
+from cirjax.data.tokenizer import load_tokenizer
 from cirjax.data.training_queries import TrainingQueries
 from cirjax.eval import encode as encode_lib
 from cirjax.eval import evaluate as ev
+from cirjax.eval import model as model_lib
 from cirjax.mining import audit as mining_audit
 from cirjax.mining import groups as groups_lib
 from cirjax.mining import rounds, sampling
 from cirjax.models import blip2
-from cirjax.train import config_utils, feature_store
+from cirjax.train import blip2_run, config_utils, feature_store
 from cirjax.train import sharding as shd
 from cirjax.train import state as st
 from cirjax.train.image_inputs import ImageInputs
@@ -77,6 +77,18 @@ class QuReTask(Task):
   # batch(epoch, i) reads the sampler state set at the epoch's start: workers build ahead.
   stateful_batches = False
 
+  @staticmethod
+  def model_from_params(run, params, source: str):
+    """`cirjax.load` of a run's checkpoint: BLIP-2 with `model.init`'s config (random init:
+    `model_config`, the vocabulary read off the embeddings) and the run's tokenizer (None
+    when gone since: the encoder's --tokenizer or the dataset's vocab then)."""
+    init = config_utils.model_init(run.config, check=False)
+    cfg = registry.load(init, family="blip2").config if init else blip2.model_config(
+        run.config.model, params["embeddings"]["word_embeddings"].shape[0])
+    params = blip2.unstack_layers(params, cfg)  # a scan_layers run's state is stacked
+    tok = load_tokenizer(blip2_run.tokenizer_source(run.config), "blip2", required=False)
+    return model_lib.make_model("blip2", cfg, params, tok, source)
+
   def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdir: str):
     super().__init__(config, mesh, workdir)
     qc = config.qure
@@ -90,7 +102,7 @@ class QuReTask(Task):
     self.stateful_batches = self.pipeline == "grain"  # grain's iterator: taken in step order
     self.train_splits, self.eval_splits, image_source = training_splits.read_training_data(
         config.data)
-    tok_src = tokenizer_source(config)
+    tok_src = blip2_run.tokenizer_source(config)
     self.tokenizer = load_tokenizer(tok_src, "blip2")
     self.max_len = int(config.data.get("max_text_length", 32))
     self._init_model(config)
@@ -342,10 +354,10 @@ class QuReTask(Task):
     return dict(getattr(self, "_chance", {}))
 
   def finish(self, params):
-    """Exports the final model as a cirjax BLIP-2 directory `<workdir>/model` (loadable by
-    `cirjax.load_blip2`, `cirjax eval`; `cirjax convert` turns it into HF format)."""
+    """Exports the final model as a cirjax BLIP-2 directory `<workdir>/model` (`cirjax.load`)."""
     if self.config.get("export", True):
-      export_model(Path(self.workdir) / "model", self.config, self.cfg, params, self.mesh)
+      blip2_run.export_model(Path(self.workdir) / "model", self.config, self.cfg, params,
+                             self.mesh)
 
 
 def _loss_and_scores(loss_kind: str, q, t, temp):
@@ -360,36 +372,6 @@ def _loss_and_scores(loss_kind: str, q, t, temp):
   logits = losses.qure_logits(q, t if loss_kind == "infonce" else t[:b], temp)
   return (losses.info_nce_from_logits(logits), jnp.diagonal(logits[:, :b]),
           losses.qure_scores(q, t[b:], temp))
-
-
-def tokenizer_source(config: ml_collections.ConfigDict) -> str:
-  """The run's BERT tokenizer: `data.tokenizer` (a path or hub id); else the one beside
-  `model.init` (its directory, or a LAVIS file's, when it holds vocab.txt / tokenizer.json /
-  tokenizer_config.json); else `data.root` (the synthetic set's vocab.txt)."""
-  named = config.data.get("tokenizer") or ""
-  if named:
-    return str(hub.resolve(named, weights=False))
-  init = config_utils.model_init(config, check=False)
-  beside = registry.tokenizer_dir(init) if init else None
-  if beside is not None:
-    return str(beside)
-  return os.path.expanduser(config.data.get("root") or "")
-
-
-def export_model(path: Path, config: ml_collections.ConfigDict, cfg: blip2.Blip2Config, params,
-                 mesh: jax.sharding.Mesh) -> None:
-  """Writes the trained model as a cirjax BLIP-2 directory at `path`, with the run's vocab."""
-  host = jax.device_get(jax.jit(lambda p: p, out_shardings=shd.replicated(mesh))(params))
-  if jax.process_index() != 0:
-    return
-  host = blip2.unstack_layers(jax.tree.map(np.asarray, host), cfg)  # the converters' layout
-  registry.save(path, "blip2", cfg.replace(scan_layers=False), host, overwrite=True,
-                extra={"trained_by": "cirjax train", "train_config": config.get("config_spec", "")})
-  try:
-    (path / "vocab.txt").write_text(find_vocab(tokenizer_source(config)).read_text())
-  except FileNotFoundError:
-    pass
-  _log(f"exported the trained model to {path}")
 
 
 def _with_init_temp(params: dict, config) -> dict:

@@ -9,6 +9,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from cirjax.errors import CirjaxError
 from cirjax.models.remat import DEFAULT_POLICY, REMAT_POLICIES
 from cirjax.train.config_utils import ConfigError, load_module
 
@@ -103,18 +104,33 @@ class Task:
   def close(self) -> None:
     """Every exit of the trainer (stops input workers the task started)."""
 
+  # --- the trained model, read back
+  @classmethod
+  def model_from_params(cls, run: Any, params: Any, source: str) -> Any:
+    """The `cirjax.eval.model.Model` that `params` (a checkpoint's, host arrays in the train
+    state's layout) make under the run's config (`run`: a `cirjax.train.workdir.Run`), as
+    the task's export would have written it: how `cirjax.load` reads a workdir the run
+    exported nothing to. `source`: where the params came from."""
+    raise CirjaxError(f"{run.path / 'config.json'}: task {cls.name!r} does not rebuild its "
+                      "model from a checkpoint; export the model from the run")
 
-def build_task(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdir: str) -> Task:
-  """Instantiates `config.task` (a registered name, `module:attr` or `file.py:attr`)."""
-  name = config.get("task")
+
+def task_class(name: Any, where: Any = "config.task") -> type:
+  """The Task class of `name` (a registered name, `module:attr` or `file.py:attr`); errors
+  name `where` the name was read."""
   if not name:
-    raise ValueError("config.task is not set (one of " + ", ".join(TASKS) + ")")
+    raise ValueError(f"{where} is not set (one of " + ", ".join(TASKS) + ")")
   target = TASKS.get(name, name)
   if ":" not in target:
-    raise ValueError(f"config.task={name!r}: unknown task; use one of {sorted(TASKS)} "
+    raise ValueError(f"{where}={name!r}: unknown task; use one of {sorted(TASKS)} "
                      "or 'module:Class' / 'file.py:Class'")
   mod_name, attr = target.rsplit(":", 1)
   module = load_module(mod_name) if mod_name.endswith(".py") else importlib.import_module(mod_name)
   if not hasattr(module, attr):
-    raise ValueError(f"config.task={name!r}: {mod_name} has no {attr!r}")
-  return getattr(module, attr)(config, mesh, workdir)
+    raise ValueError(f"{where}={name!r}: {mod_name} has no {attr!r}")
+  return getattr(module, attr)
+
+
+def build_task(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdir: str) -> Task:
+  """Instantiates `config.task` (see `task_class`)."""
+  return task_class(config.get("task"))(config, mesh, workdir)
