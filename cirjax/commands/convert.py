@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
+from cirjax import console
 from cirjax.commands.data import positive_float, positive_int
 from cirjax.errors import UsageError
 
@@ -71,7 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _log(msg: str) -> None:
-  print(f"[convert] {msg}", file=sys.stderr, flush=True)
+  console.log(msg, tag="convert")
 
 
 def to_cirjax(src: Path, dst: Path, *, overwrite: bool = False, vision_heads=None,

@@ -5,21 +5,19 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 
 import jax
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from cirjax import console
 from cirjax.data import cirr, fashioniq, synth
 from cirjax.data.records import CIRSplit, DataError
 from cirjax.errors import MissingDependencyError, UsageError
 
 
-def _log(msg: str) -> None:
-  if jax.process_index() == 0:
-    print(f"[cirjax] {msg}", file=sys.stderr, flush=True)
+_log = console.log
 
 
 def ensure_synthetic(root: str, synth_cfg: ml_collections.ConfigDict | None) -> None:

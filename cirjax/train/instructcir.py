@@ -49,7 +49,6 @@ import functools
 import json
 import os
 import random
-import sys
 import threading
 import time
 from pathlib import Path
@@ -61,6 +60,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from cirjax import console
 from cirjax import lora as lora_lib
 from cirjax import prompts
 from cirjax.convert import hub, registry
@@ -90,9 +90,7 @@ _RECALL_KS = (1, 5, 10)
 _CIR_METRICS = ("R@1", "R@10", "R@50", "mAP@10", "Rrel@10")
 
 
-def _log(msg: str) -> None:
-  if jax.process_index() == 0:
-    print(f"[cirjax] {msg}", file=sys.stderr, flush=True)
+_log = console.log
 
 
 # ------------------------------------------------------------------------------ model config

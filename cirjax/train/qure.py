@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -42,6 +41,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from cirjax import console
 from cirjax import losses
 from cirjax import mining
 from cirjax import mining_audit
@@ -59,6 +59,7 @@ from cirjax.eval import encode as encode_lib
 from cirjax.eval import evaluate as ev
 from cirjax.eval import retrieval
 from cirjax.models import blip2
+from cirjax.models.scoring import max_over_tokens
 from cirjax.train import config_utils, feature_store
 from cirjax.train import sharding as shd
 from cirjax.train import state as st
@@ -70,9 +71,7 @@ LOSSES = ("pairwise", "infonce", "infonce_inbatch")
 ORACLE_STRATEGY = "topk_oracle"
 
 
-def _log(msg: str) -> None:
-  if jax.process_index() == 0:
-    print(f"[cirjax] {msg}", file=sys.stderr, flush=True)
+_log = console.log
 
 
 # ------------------------------------------------------------------------------ model config
@@ -843,7 +842,7 @@ def _expand_corpus(t, inv):
 def _block_scores(q, t, start, *, size):
   """[size, N] max-over-tokens scores of queries start:start+size against the corpus."""
   qb = jax.lax.dynamic_slice_in_dim(q, start, size)
-  return jnp.einsum("bd,nkd->bnk", qb, t).max(-1)
+  return max_over_tokens(qb, t)
 
 
 # Pure encoders (module level so jit caches by identity).
