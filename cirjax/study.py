@@ -36,7 +36,7 @@ import numpy as np
 from cirjax import mining_audit
 from cirjax.commands.mine import encode_with_checkpoint
 from cirjax.data import synth
-from cirjax.errors import UsageError
+from cirjax.errors import CirjaxError, UsageError
 from cirjax.eval import evaluate, metrics
 from cirjax.train import config_utils
 
@@ -205,7 +205,9 @@ def run_cell(config, workdir: Path, what: str, log: Callable[[str], None],
       write_json_atomic(result, out)
       return out
     if status != "done":
-      raise RuntimeError(f"{workdir}: training ended with status {status}; rerun to resume")
+      # preempted (SIGTERM / SIGUSR1): saved; the same command resumes it
+      raise CirjaxError(f"{workdir}: training ended with status {status}; rerun the same "
+                        "command to resume")
   train_s = time.perf_counter() - t0
   final = json.loads((workdir / "final_metrics.json").read_text())
   t1 = time.perf_counter()

@@ -7,8 +7,8 @@ import json
 import time
 from pathlib import Path
 
-from cirjax import console
 from cirjax.commands.data import positive_float, positive_int
+from cirjax import console
 from cirjax.errors import UsageError
 
 HELP = "convert HF / LAVIS checkpoints to cirjax model directories, and cirjax back to HF"
@@ -46,10 +46,6 @@ Examples:
   cirjax convert ckpt/qure-trained out/qure-hf            # back to HF
   cirjax convert hf/llava-phi-3-mini-hf ckpt/llava-phi3
 """
-
-# Errors cirjax has always reported as a user's (e.g. a registry's unreadable config.json);
-# the CLI prints them as one line (cirjax/cli.py).
-EXPECTED_ERRORS = (OSError, ValueError, RuntimeError)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
