@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from cirjax import prompts
 from cirjax.convert import hub, io, registry
 from cirjax.data import text
-from cirjax.errors import CirjaxError
+from cirjax.errors import CirjaxError, UsageError
 from cirjax.models import Model, blip2, llava
 
 _WORKDIR_CANDIDATES = ("model", "export", "best", "final")
@@ -197,8 +197,8 @@ def _llava_fns(model: Model, split: Any, pad_to_multiple_of: int):
   Prompts are padded to a multiple of `pad_to_multiple_of` tokens (few compiled shapes)."""
   ds = _LLAVA_DATASET.get(getattr(split, "dataset", None))
   if ds is None:
-    raise ValueError(f"no InstructCIR prompts for {getattr(split, 'dataset', None)!r} (have "
-                     f"{sorted(_LLAVA_DATASET)})")
+    raise UsageError(f"no InstructCIR prompts for {getattr(split, 'dataset', None)!r}: a "
+                     f"LLaVA-Phi model is evaluated on {', '.join(sorted(_LLAVA_DATASET))}")
   tok, cfg = model.tokenizer, model.config
   n_img = prompts.num_image_tokens(cfg.vision.image_size, cfg.vision.patch_size,
                                    cfg.vision_feature_select_strategy)

@@ -33,6 +33,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from cirjax.data.records import DataError
 from cirjax.eval.encode import row_sharding
 from cirjax.eval.mesh import build_mesh
 from cirjax.models.scoring import max_over_tokens
@@ -184,7 +185,7 @@ class FeatureScorer(Scorer):
     self.mesh = _mesh_of(corpus_feats) or _mesh_of(query_feats) or mesh or make_mesh()
     self._given = (query_feats, corpus_feats)
     if not _finite(query_feats, self.num_queries) or not _finite(corpus_feats, self.num_corpus):
-      raise ValueError("non-finite (NaN/inf) features: refusing to rank")
+      raise DataError("non-finite (NaN/inf) features: refusing to rank")
     self.query_rows = _rows_on_mesh(query_feats, self.num_queries, self.mesh)
     self.corpus_rows = _rows_on_mesh(corpus_feats, self.num_corpus, self.mesh)
 
@@ -371,7 +372,7 @@ def top_k(scorer: Scorer, k: int, exclude: np.ndarray | None = None,
     raise ValueError(f"exclude must have shape ({nq},), got {exclude.shape}")
   n_cand = nc - (1 if (exclude >= 0).any() else 0)
   if k > n_cand:
-    raise ValueError(f"asked for the top {k} of a corpus with only {n_cand} candidates per query")
+    raise DataError(f"asked for the top {k} of a corpus with only {n_cand} candidates per query")
   if isinstance(scorer, FeatureScorer):
     out_s, out_i = _top_k_features(scorer, k, exclude, query_block, corpus_block, progress)
   else:
