@@ -214,13 +214,13 @@ def run_train(workdir: Path, overrides: list[str], processes: int = 1,
   env.pop("XLA_FLAGS", None)
   base = [sys.executable, "-m", "cirjax", "train", "--config",
           str(REPO / "configs" / "qure_blip2_cirr.py:tiny"), "--workdir", str(workdir),
-          "--cpu_devices", "1", "--platform", "cpu", *overrides]
+          "--cpu-devices", "1", "--platform", "cpu", *overrides]
   port = _free_port()
   procs, samplers, logs = [], [], []
   t0 = time.perf_counter()
   for i in range(processes):
-    cmd = base + (["--coordinator", f"127.0.0.1:{port}", "--num_processes", str(processes),
-                   "--process_id", str(i)] if processes > 1 else [])
+    cmd = base + (["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes),
+                   "--process-id", str(i)] if processes > 1 else [])
     log = open(workdir.parent / f"{workdir.name}.p{i}.log", "w")  # pylint: disable=consider-using-with
     logs.append(log)
     p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -1,66 +1,82 @@
 """`cirjax` command line: a thin dispatcher over `cirjax.commands.<name>` modules.
 
-Errors: `main` is the one place a command's error becomes output. An expected error (a
-`cirjax.errors.CirjaxError`, an OS error naming a file, or one of the command module's
-`EXPECTED_ERRORS`) is one `cirjax <command>: error: ...` message and exit status 1 (2 for a
+Errors: `main` is the one place a command's error becomes output. An error cirjax raises on
+purpose (a `cirjax.errors.CirjaxError`) or the operating system's error about a named file
+(`errors.describe`) is one `cirjax <command>: error: ...` message and exit status 1 (2 for a
 usage error, or the module's `ERROR_EXIT`); anything else is a bug and keeps its traceback.
 `--debug` (anywhere on the line) or CIRJAX_DEBUG=1 adds the traceback to expected errors.
+
+`cirjax --help` and `cirjax --version` import no command module (so neither jax nor flax):
+the list of commands shows each module's `HELP` line read from its source.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import importlib.util
 import sys
 import traceback
 
-from cirjax import errors
+from cirjax import __version__, errors
 from cirjax.commands import COMMANDS
 
 DEBUG_FLAG = "--debug"
 
 
+def _spec(modname: str):
+  try:
+    return importlib.util.find_spec(modname)
+  except ModuleNotFoundError:
+    return None
+
+
 def _available():
-  """Yields (name, module) for every command whose module is present."""
+  """Yields (name, module spec) for every command whose module is present."""
   for name, modname in COMMANDS.items():
-    try:
-      spec = importlib.util.find_spec(modname)
-    except ModuleNotFoundError:
-      spec = None
+    spec = _spec(modname)
     if spec is not None:
-      yield name, modname
+      yield name, spec
+
+
+def command_help(spec) -> str:
+  """A command module's `HELP = "..."` line, read from its source without importing it."""
+  try:
+    with open(spec.origin, encoding="utf-8") as f:
+      tree = ast.parse(f.read(), spec.origin)
+  except (OSError, SyntaxError, TypeError) as e:
+    return f"(unavailable: {type(e).__name__}: {e})"
+  for node in tree.body:
+    if (isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "HELP" for t in node.targets)
+        and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
+      return node.value.value
+  return ""
 
 
 def build_parser(only: str | None = None):
-  """The parser; with `only`, imports just that command's module, so one command's heavy or
-  broken dependencies never stand in the way of another."""
+  """The parser. With `only`, imports just that command's module, so one command's heavy or
+  broken dependencies never stand in the way of another; without, imports none (`--help`)."""
   parser = argparse.ArgumentParser(
       prog="cirjax",
       description="Composed Image Retrieval in JAX: convert weights, check parity, "
       "make data, train, evaluate, search and benchmark.",
-      epilog="Exit status: 0 success, 1 an error (one 'error:' line naming the file, key or "
-      "value), 2 a usage error; a command may add its own (see its --help). --debug or "
-      "CIRJAX_DEBUG=1 prints the traceback of an error too.")
+      epilog="Exit status: 0 success, 1 an error (one 'cirjax COMMAND: error:' line naming "
+      "the file, key or value), 2 a usage error; a command may add its own (see its --help). "
+      "--debug or CIRJAX_DEBUG=1 prints the traceback of an error too.")
+  parser.add_argument("--version", action="version", version=f"cirjax {__version__}")
   parser.add_argument(DEBUG_FLAG, action="store_true",
                       help="print the traceback of an error (also: CIRJAX_DEBUG=1)")
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-  for name, modname in _available():
-    if only is not None and name != only:
-      sub.add_parser(name, help=argparse.SUPPRESS)
+  for name, spec in _available():
+    if name != only:
+      sub.add_parser(name, help=command_help(spec) if only is None else argparse.SUPPRESS)
       continue
-    try:
-      mod = importlib.import_module(modname)
-    except Exception as e:  # pylint: disable=broad-except
-      if only is not None:
-        raise
-      sub.add_parser(name, help=f"(unavailable: {type(e).__name__}: {e})")
-      continue
+    mod = importlib.import_module(spec.name)
     p = sub.add_parser(name, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     mod.add_arguments(p)
-    p.set_defaults(_run=mod.run, _expected=tuple(getattr(mod, "EXPECTED_ERRORS", ())),
-                   _error_exit=getattr(mod, "ERROR_EXIT", None))
+    p.set_defaults(_run=mod.run, _error_exit=getattr(mod, "ERROR_EXIT", None))
   return parser
 
 
@@ -71,13 +87,11 @@ def _pop_debug(argv: list[str]) -> tuple[bool, list[str]]:
   return len(head) < end, head + argv[end:]
 
 
-def report_error(exc: BaseException, command: str | None, expected: tuple = (),
-                 exit_status: int | None = None, debug: bool = False) -> int | None:
+def report_error(exc: BaseException, command: str | None, exit_status: int | None = None,
+                 debug: bool = False) -> int | None:
   """Prints an expected error as `cirjax <command>: error: ...` and returns its exit
   status; None for an unexpected one (a bug: the caller re-raises it)."""
   found = errors.describe(exc)
-  if found is None and expected and isinstance(exc, expected):
-    found = str(exc), 1
   if found is None:
     return None
   msg, status = found
@@ -93,15 +107,24 @@ def main(argv=None):
   debug, argv = _pop_debug(argv)
   debug = errors.debug_enabled(debug)
   only = argv[0] if argv and argv[0] in COMMANDS else None
-  parser = build_parser(only)
+  try:
+    parser = build_parser(only)
+  except Exception as e:  # pylint: disable=broad-except  (an import of the command's module)
+    status = report_error(e, only, debug=debug)
+    if status is None:
+      raise
+    return status
   args = parser.parse_args(argv)
   if getattr(args, "_run", None) is None:
     parser.print_help()
     return 2
+  # `cirjax data check: error: ...`: a command's action (`data_command`) is part of its name.
+  command = " ".join([args.command] + [v for k, v in sorted(vars(args).items())
+                                       if k.endswith("_command") and isinstance(v, str)])
   try:
     return int(args._run(args) or 0)
   except Exception as e:  # pylint: disable=broad-except  (bugs are re-raised below)
-    status = report_error(e, args.command, args._expected, args._error_exit, debug)
+    status = report_error(e, command, args._error_exit, debug)
     if status is None:
       raise
     return status

@@ -45,6 +45,7 @@ import numpy as np
 import optax
 from flax import struct
 
+from cirjax.convert import engine
 from cirjax.convert import io as weight_io
 from cirjax.errors import CirjaxError
 from cirjax.convert.llava_convert import KEY_FORMATS, hf_module_name, module_path_from_hf
@@ -199,16 +200,8 @@ def target_paths(params: Mapping, target_modules: str | Sequence[str]) -> list[t
 # ----------------------------------------------------------------------------- init / merge
 
 
-def _get(tree, path):
-  for k in path:
-    tree = tree[k]
-  return tree
-
-
-def _set(tree: dict, path, value):
-  for k in path[:-1]:
-    tree = tree.setdefault(k, {})
-  tree[path[-1]] = value
+# The conversion engine's nested-dict path helpers (one implementation).
+_get, _set = engine.get_path, engine.set_path
 
 
 def init_lora(params: Mapping, config: LoraConfig, rng: jax.Array | None = None, *,

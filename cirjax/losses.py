@@ -29,6 +29,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from cirjax.models.scoring import max_over_tokens
+
 REDUCTIONS = ("mean", "sum", "none")
 HARD_NEGATIVE_SCOPES = ("batch", "own")
 
@@ -60,8 +62,7 @@ def qure_scores(query: jax.Array, target_tokens: jax.Array,
                      f"and {target_tokens.shape}")
   if query.shape[0] != target_tokens.shape[0] or query.shape[1] != target_tokens.shape[2]:
     raise ValueError(f"query {query.shape} and target_tokens {target_tokens.shape} disagree")
-  s = jnp.einsum("bd,bkd->bk", query.astype(jnp.float32), target_tokens.astype(jnp.float32))
-  s = jnp.max(s, axis=-1)
+  s = max_over_tokens(query.astype(jnp.float32), target_tokens.astype(jnp.float32), paired=True)
   if temperature is not None:
     s = s / jnp.asarray(temperature, jnp.float32)
   return s
@@ -79,7 +80,7 @@ def qure_logits(query: jax.Array, target_tokens: jax.Array,
   if q.ndim != 2 or t.ndim != 3 or q.shape[1] != t.shape[2]:
     raise ValueError(f"query must be [B, D] and target_tokens [N, K, D], got {q.shape} and "
                      f"{t.shape}")
-  s = jnp.einsum("bd,nkd->bnk", q, t, precision=jax.lax.Precision.HIGHEST).max(-1)
+  s = max_over_tokens(q, t, precision=jax.lax.Precision.HIGHEST)
   if temperature is not None:
     s = s / jnp.asarray(temperature, jnp.float32)
   return s

@@ -34,7 +34,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from cirjax.data import synth
-from cirjax.errors import UsageError
+from cirjax.errors import CirjaxError, UsageError
 from cirjax.eval import encoders, evaluate, metrics
 from cirjax.mining import audit as mining_audit
 from cirjax.train import config_utils
@@ -207,7 +207,9 @@ def run_cell(config, workdir: Path, what: str, log: Callable[[str], None],
       write_json_atomic(result, out)
       return out
     if status != "done":
-      raise RuntimeError(f"{workdir}: training ended with status {status}; rerun to resume")
+      # preempted (SIGTERM / SIGUSR1): saved; the same command resumes it
+      raise CirjaxError(f"{workdir}: training ended with status {status}; rerun the same "
+                        "command to resume")
   train_s = time.perf_counter() - t0
   final = json.loads((workdir / "final_metrics.json").read_text())
   t1 = time.perf_counter()

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Runs `cirjax train` as N processes on this machine (CPU, gloo collectives).
 
-Each process gets `--devices_per_process` fake CPU devices and joins a coordinator on
+Each process gets `--devices-per-process` fake CPU devices and joins a coordinator on
 127.0.0.1, exactly like the hosts of a cluster would; used by the tests to check that a
 multi-process run equals a single-process one.
 
-  python launch/multiprocess.py --num_processes 2 --devices_per_process 2 -- \
+  python launch/multiprocess.py --num-processes 2 --devices-per-process 2 -- \
       --config configs/synthetic.py:tiny --workdir /tmp/mp
 
 Everything after `--` goes to `cirjax train`. Each worker's output is streamed as it comes,
@@ -119,11 +119,11 @@ def _start(train_args: list[str], num_processes: int, devices_per_process: int,
   procs = []
   for i in range(num_processes):
     cmd = [sys.executable, "-m", "cirjax", "train", *train_args,
-           "--cpu_devices", str(devices_per_process), "--platform", "cpu"]
+           "--cpu-devices", str(devices_per_process), "--platform", "cpu"]
     worker_env = dict(base_env)
     if style == "flags":
-      cmd += ["--coordinator", f"127.0.0.1:{port}", "--num_processes", str(num_processes),
-              "--process_id", str(i)]
+      cmd += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(num_processes),
+              "--process-id", str(i)]
     else:
       worker_env.update(rank_env(style, i, num_processes, port))
     procs.append(subprocess.Popen(cmd, env=worker_env, stdout=subprocess.PIPE,
@@ -189,13 +189,15 @@ def main(argv=None) -> int:
   else:
     own, train_args = argv, []
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--num_processes", type=int, default=2)
-  ap.add_argument("--devices_per_process", type=int, default=2)
+  # The underscore spellings are the launcher's old ones (still taken).
+  ap.add_argument("--num-processes", "--num_processes", dest="num_processes", type=int, default=2)
+  ap.add_argument("--devices-per-process", "--devices_per_process", dest="devices_per_process",
+                  type=int, default=2)
   ap.add_argument("--timeout", type=float, default=None, help="seconds before all are killed")
   ap.add_argument("--env", dest="style", choices=ENVS, default="flags",
                   help="how workers learn their place: coordinator flags (default), or the "
                   "variables of Open MPI's mpirun / a Kubernetes indexed Job")
-  ap.add_argument("--no_watchdog", dest="watchdog", action="store_false",
+  ap.add_argument("--no-watchdog", "--no_watchdog", dest="watchdog", action="store_false",
                   help="leave the other workers running when one fails (they notice through "
                   "JAX's coordination service)")
   args = ap.parse_args(own)

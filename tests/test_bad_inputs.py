@@ -1,9 +1,10 @@
 """The bad-input matrix: every command answers bad input with one clean error.
 
 Each case runs `cirjax` in-process (`cli.main(argv)`) and checks the exit status (1 an
-error, 2 a usage error), that stderr names the culprit (file, key or value), that nothing
-printed a traceback, and that the destination / workdir / source tree is byte-for-byte what
-it was before. Two cases run the real entry point (`python -m cirjax`) to check the same
+error, 2 a usage error), that the error is one line starting with the exact
+`cirjax <command>: error:` prefix (`cirjax data check: error:` for an action), that stderr
+names the culprit (file, key or value), that nothing printed a traceback, and that the
+destination / workdir / source tree is byte-for-byte what it was before. Two cases run the real entry point (`python -m cirjax`) to check the same
 with and without CIRJAX_DEBUG=1.
 """
 
@@ -44,14 +45,18 @@ def tree_hash(path: Path) -> str:
 def check(argv, status, culprits, watch, capsys):
   """Runs `cirjax argv` and asserts the clean-error contract."""
   before = {str(w): tree_hash(w) for w in watch}
+  argv = [str(a) for a in argv]
   try:
-    got = cli.main([str(a) for a in argv])
+    got = cli.main(argv)
   except SystemExit as e:  # argparse's usage errors
     got = e.code
   out, err = capsys.readouterr()
   assert got == status, f"exit {got}, expected {status}\nstderr: {err[-2000:]}"
   assert "Traceback" not in out + err, err
-  assert "error:" in err, err
+  command = " ".join(argv[:2] if argv[0] == "data" else argv[:1])
+  error_lines = [line for line in err.splitlines() if line.startswith("cirjax")
+                 and "error:" in line]
+  assert len(error_lines) == 1 and error_lines[0].startswith(f"cirjax {command}: error: "), err
   for c in culprits:
     assert str(c) in err, f"{c!r} not named in:\n{err}"
   for w in watch:
@@ -135,6 +140,13 @@ def files(tmp_path_factory, synth_root):
   # a LAVIS training-runner checkpoint: the trained tensors only, no frozen ViT
   save_runner_checkpoint(d / "checkpoint_best.pth", lavis_model("clip")[0])
   f["runner"] = d / "checkpoint_best.pth"
+  # InstructCIR caption pairs whose second record names a missing image
+  ic = d / "instructcir"
+  (ic / "img").mkdir(parents=True)
+  shutil.copy(f["ref"], ic / "img" / "a.png")
+  (ic / "pairs.jsonl").write_text(json.dumps({"image": "img/a.png", "caption": "a cube"}) + "\n"
+                                  + json.dumps({"image": "img/gone.png", "caption": "x"}) + "\n")
+  f["ic_pairs"] = ic / "pairs.jsonl"
   return f
 
 
@@ -165,9 +177,18 @@ TRAIN_CASES = {
                                lambda f: [f"{f['badpy']}:1", "not valid Python"]),
     "bad profile_steps": (SYNTH, lambda f: [f"data.root={f['root']}", "profile_steps=5,2"],
                           "workdir", 2, lambda f: ["config.profile_steps='5,2'"]),
-    "process id without a coordinator": (SYNTH, lambda f: ["--num_processes", "2",
-                                                            "--process_id", "0"], "workdir", 2,
+    "process id without a coordinator": (SYNTH, lambda f: ["--num-processes", "2",
+                                                            "--process-id", "0"], "workdir", 2,
                                          lambda f: ["--coordinator HOST:PORT"]),
+    "old flag spellings, no coordinator": (SYNTH, lambda f: ["--num_processes", "2",
+                                                              "--process_id", "0"], "workdir",
+                                           2, lambda f: ["--coordinator HOST:PORT",
+                                                         "--num_processes is deprecated"]),
+    "synthetic set larger than its attribute combinations": (
+        SYNTH, lambda f: [f"data.root={f['tmp'] / 'bigsynth'}",
+                          "data.synth.num_images=(9999,60,20)"], None, 2,
+        lambda f: ["config.data.synth.num_images[0]=9999", "attribute combinations",
+                   "config.data.synth.max_duplicates"]),
     "unknown --cluster": (SYNTH, lambda f: ["--cluster", "pbs"], "workdir", 2,
                           lambda f: ["--cluster", "pbs"]),
     "workdir in use by another run": (SYNTH, lambda f: [f"data.root={f['root']}"], "locked", 1,
@@ -195,7 +216,7 @@ def test_train(case, files, capsys):
   wd = files[wd_key] if wd_key else files["tmp"] / f"new-{case.replace(' ', '_')}"
   config = REPO / config if config else files["badpy"]
   check(["train", "--config", config, "--workdir", wd] + overrides(files), status,
-        culprits(files), [wd, files["root"]], capsys)
+        culprits(files), [wd, files["root"], files["tmp"] / "bigsynth"], capsys)
 
 
 CONVERT_CASES = {
@@ -250,7 +271,7 @@ def test_unknown_hub_id_offline(files, offline_hub, capsys):
          f"--config.model.init={UNKNOWN_HUB_ID}"], 1, HUB_CULPRITS, [wd, offline_hub], capsys)
   out = files["tmp"] / "eval.json"
   check(["eval", "--dataset", "synthetic", "--root", files["root"], "--checkpoint",
-         UNKNOWN_HUB_ID, "--out", out], 1, HUB_CULPRITS, [out, offline_hub], capsys)
+         UNKNOWN_HUB_ID, "--json", out], 1, HUB_CULPRITS, [out, offline_hub], capsys)
 
 
 def test_convert_existing_destination_is_untouched(files, capsys):
@@ -273,8 +294,11 @@ EVAL_CASES = {
                              1, lambda f: [f["tmp"] / "nodata"]),
     "no root and no tfds-dir": (lambda f: ["--baseline", "random"], 1,
                                 lambda f: ["--root", "--tfds-dir"]),
-    "--out under a file": (lambda f: ["--baseline", "random", "--out", f["afile"] / "m.json"], 2,
-                           lambda f: ["--out", f["afile"]]),
+    "--json under a file": (lambda f: ["--baseline", "random", "--json", f["afile"] / "m.json"],
+                            2, lambda f: ["--json", f["afile"]]),
+    "old --out spelling, under a file": (lambda f: ["--baseline", "random", "--out",
+                                                    f["afile"] / "m.json"], 2,
+                                         lambda f: ["--json", f["afile"], "--out is deprecated"]),
     "run config.json damaged": (lambda f: ["--checkpoint", f["damaged_run"]], 1,
                                 lambda f: [f["damaged_run"] / "config.json"]),
 }
@@ -287,8 +311,8 @@ def test_eval(case, files, capsys):
   if "--root" not in args and case != "no root and no tfds-dir":
     args += ["--root", files["root"]]
   out = files["tmp"] / "eval.json"
-  if "--out" not in args:
-    args += ["--out", out]
+  if "--out" not in args and "--json" not in args:
+    args += ["--json", out]
   check(["eval", "--dataset", "synthetic"] + args, status, culprits(files),
         [out, files["cirjax"], files["garbled"], files["run"]], capsys)
 
@@ -328,7 +352,30 @@ DATA_CASES = {
                                              f["trunc"], "--split", "train"], 1,
                                   lambda f: [f["trunc_file"]]),
     "check: workers 0": (lambda f: ["check", "--dataset", "synthetic", "--root", f["root"],
-                                    "--workers", "0"], 2, lambda f: ["--workers"]),
+                                    "--num-workers", "0"], 2, lambda f: ["--num-workers"]),
+    "check: old --workers spelling, 0": (lambda f: ["check", "--dataset", "synthetic", "--root",
+                                                    f["root"], "--workers", "0"], 2,
+                                         lambda f: ["--workers"]),
+    "check: InstructCIR image missing": (lambda f: ["check", "--dataset", "instructcir",
+                                                    "--root", f["ic_pairs"]], 1,
+                                         lambda f: [f["ic_pairs"], "record 2",
+                                                    f["ic_pairs"].parent / "img" / "gone.png"]),
+    "check: InstructCIR with --split": (lambda f: ["check", "--dataset", "instructcir",
+                                                   "--root", f["ic_pairs"], "--split", "val"], 2,
+                                        lambda f: ["--split"]),
+    "synth: more images than attribute combinations": (
+        lambda f: ["synth", "--out", f["tmp"] / "s", "--num-images", "99999"], 2,
+        lambda f: ["--num-images=99999", "attribute combinations", "--max-duplicates"]),
+    "tfds: --split": (lambda f: ["tfds", "--dataset", "synthetic", "--root", f["root"],
+                                 "--data-dir", f["tmp"] / "tfds", "--split", "val"], 2,
+                      lambda f: ["--split", "every split"]),
+    "tfds: --layout and --skip-missing": (
+        lambda f: ["tfds", "--dataset", "cirr", "--root", f["root"], "--data-dir",
+                   f["tmp"] / "tfds", "--layout", "flat", "--skip-missing"], 2,
+        lambda f: ["--layout", "--skip-missing"]),
+    "tfds: missing root": (lambda f: ["tfds", "--dataset", "cirr", "--root", f["tmp"] / "nodata",
+                                      "--data-dir", f["tmp"] / "tfds"], 1,
+                           lambda f: [f["tmp"] / "nodata"]),
     "synth: non-empty out": (lambda f: ["synth", "--out", f["workdir"]], 1,
                              lambda f: [f["workdir"], "--force"]),
     "synth: out is a file": (lambda f: ["synth", "--out", f["afile"]], 1,
@@ -342,7 +389,8 @@ DATA_CASES = {
 def test_data(case, files, capsys):
   argv, status, culprits = DATA_CASES[case]
   check(["data"] + argv(files), status, culprits(files),
-        [files["workdir"], files["trunc"], files["afile"], files["tmp"] / "s"], capsys)
+        [files["workdir"], files["trunc"], files["afile"], files["tmp"] / "s",
+         files["tmp"] / "tfds", files["ic_pairs"].parent], capsys)
 
 
 PARITY_CASES = {
@@ -350,7 +398,8 @@ PARITY_CASES = {
     "missing checkpoint": (lambda f: [f["tmp"] / "nockpt"], 2, lambda f: [f["tmp"] / "nockpt"]),
     "config.json holds a list": (lambda f: [f["listcfg"]], 2,
                                  lambda f: [f["listcfg"] / "config.json"]),
-    "batch 0": (lambda f: [f["hf"], "--batch", "0"], 2, lambda f: ["--batch"]),
+    "batch 0": (lambda f: [f["hf"], "--batch-size", "0"], 2, lambda f: ["--batch-size"]),
+    "old --batch spelling, 0": (lambda f: [f["hf"], "--batch", "0"], 2, lambda f: ["--batch"]),
 }
 
 
@@ -375,11 +424,65 @@ def test_bench(case, files, capsys):
   check(["bench", "--out", out] + argv, status, culprits, [out], capsys)
 
 
+MINE_CASES = {
+    "missing checkpoint": (lambda f: ["--checkpoint", f["tmp"] / "nockpt"], 1,
+                           lambda f: [f["tmp"] / "nockpt", "training workdir"]),
+    "garbled params": (lambda f: ["--checkpoint", f["garbled"]], 1,
+                       lambda f: [f["garbled"] / "params" / "_METADATA"]),
+    "missing dataset root": (lambda f: ["--root", f["tmp"] / "nodata"], 1,
+                             lambda f: [f["tmp"] / "nodata"]),
+    "negative consecutive threshold": (lambda f: ["--consecutive-threshold", "-1"], 2,
+                                       lambda f: ["--consecutive-threshold", "'-1'"]),
+    "k 0": (lambda f: ["--k", "0"], 2, lambda f: ["--k", "'0'"]),
+    "--out is a file": (lambda f: ["--out", f["afile"]], 2, lambda f: ["--out", f["afile"]]),
+}
+
+
+@pytest.mark.parametrize("case", list(MINE_CASES))
+def test_mine(case, files, capsys):
+  extra, status, culprits = MINE_CASES[case]
+  base = {"--checkpoint": files["cirjax"], "--dataset": "synthetic", "--root": files["root"],
+          "--split": "val", "--out": files["tmp"] / "mine-out"}
+  args = extra(files)
+  for k, v in base.items():
+    if k not in args:
+      args += [k, v]
+  check(["mine"] + args, status, culprits(files),
+        [files["tmp"] / "mine-out", files["cirjax"], files["garbled"], files["afile"]], capsys)
+
+
+STUDY = "configs/study_qure_synthetic.py:quick"
+STUDY_CASES = {
+    "missing config": (lambda f: ["--config", f["tmp"] / "nostudy.py"], 2,
+                       lambda f: [f["tmp"] / "nostudy.py"]),
+    "config file not Python": (lambda f: ["--config", f["badpy"]], 2,
+                               lambda f: [f"{f['badpy']}:1", "not valid Python"]),
+    "unknown arm": (lambda f: ["--arms", "nope"], 2, lambda f: ["--arms nope"]),
+    "unknown density": (lambda f: ["--densities", "nope"], 2, lambda f: ["--densities nope"]),
+    "non-empty --out without --overwrite": (lambda f: ["--out", f["workdir"]], 2,
+                                            lambda f: [f["workdir"], "--overwrite"]),
+    "--out is a file": (lambda f: ["--out", f["afile"]], 2, lambda f: ["--out", f["afile"]]),
+}
+
+
+@pytest.mark.parametrize("case", list(STUDY_CASES))
+def test_study(case, files, capsys):
+  extra, status, culprits = STUDY_CASES[case]
+  wd = files["tmp"] / "study-wd"
+  args = extra(files)
+  if "--config" not in args:
+    args += ["--config", REPO / STUDY]
+  check(["study", "--workdir", wd] + args, status, culprits(files),
+        [wd, files["workdir"], files["afile"]], capsys)
+  assert not wd.exists()
+
+
 # ----------------------------------------------------------------------------- entry point
 
 
 def _run_cli(args, env_extra=None):
-  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", **(env_extra or {}))
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+  env.update(env_extra or {})
   env.pop("CIRJAX_DEBUG", None) if not env_extra else None
   return subprocess.run([sys.executable, "-m", "cirjax"] + [str(a) for a in args], cwd=REPO,
                         env=env, capture_output=True, text=True, timeout=300)
@@ -414,6 +517,58 @@ def test_a_bug_keeps_its_traceback(files, monkeypatch):
   monkeypatch.setattr(data_cmd, "run", broken)
   with pytest.raises(ZeroDivisionError, match="a bug"):
     cli.main(["data", "check", "--dataset", "synthetic", "--root", str(files["root"])])
+
+
+# A command whose own code raises a plain ValueError (a bug, not an error cirjax raises on
+# purpose): module, the function it calls early, and its argv.
+BUG_SITES = {
+    "mine": ("cirjax.commands.mine", "read_split",
+             lambda f: ["--checkpoint", f["cirjax"], "--dataset", "synthetic", "--root", f["root"],
+                        "--out", f["tmp"] / "bug-out"]),
+    "study": ("cirjax.study", "run_study",
+              lambda f: ["--config", REPO / STUDY, "--workdir", f["tmp"] / "bug-wd"]),
+    "eval": ("cirjax.commands.eval", "_splits",
+             lambda f: ["--dataset", "synthetic", "--root", f["root"], "--baseline", "random"]),
+    "search": ("cirjax.commands.search", "read_split",
+               lambda f: ["--checkpoint", f["cirjax"], "--dataset", "synthetic", "--root",
+                          f["root"], "--reference", f["ref"], "--text", "red"]),
+    "convert": ("cirjax.commands.convert", "to_cirjax",
+                lambda f: [f["hf"], f["tmp"] / "bug-convert"]),
+}
+
+
+@pytest.mark.parametrize("command", list(BUG_SITES))
+def test_a_plain_value_error_is_a_bug_with_its_traceback(command, files, monkeypatch, capsys):
+  """No command turns a ValueError into a one-line message: only CirjaxError (and the
+  system's errors about a named file) are; a bug keeps its traceback, --debug or not."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  modname, attr, argv = BUG_SITES[command]
+  mod = importlib.import_module(modname)
+
+  def broken(*args, **kwargs):
+    raise ValueError("a bug, not bad input")
+
+  monkeypatch.setattr(mod, attr, broken)
+  for debug in ([], ["--debug"]):
+    with pytest.raises(ValueError, match="a bug, not bad input"):
+      cli.main(debug + [command] + [str(a) for a in argv(files)])
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_platform_without_its_backend_is_one_line(files):
+  """`--platform gpu` on a CPU-only JAX: a usage error naming the flag, no traceback (a
+  subprocess: the forced platform is process-wide)."""
+  r = _run_cli(["train", "--config", REPO / SYNTH, "--workdir", files["tmp"] / "gpu-run",
+                "--platform", "gpu", f"--config.data.root={files['root']}"],
+               {"JAX_PLATFORMS": ""})
+  if r.returncode == 0:
+    pytest.skip("this JAX has a GPU backend")
+  assert r.returncode == 2, r.stderr
+  assert "Traceback" not in r.stderr
+  lines = [line for line in r.stderr.splitlines() if "error:" in line]
+  assert len(lines) == 1 and lines[0].startswith("cirjax train: error: --platform gpu"), r.stderr
+  assert "pip install -e '.[cuda]'" in lines[0]
+  assert not (files["tmp"] / "gpu-run").exists()
 
 
 def test_describe_names_the_path_of_os_errors():

@@ -8,6 +8,7 @@ import pytest
 from cirjax import bench_load
 from cirjax import cli
 from cirjax.commands import bench
+from cirjax.errors import UsageError
 
 FAKE_SUITE = textwrap.dedent("""
     import jax, jax.numpy as jnp
@@ -46,7 +47,7 @@ def test_parse_suites():
   assert bench.parse_suites("all") == [s for s in bench.SUITES if s not in bench.OPT_IN]
   assert "scale" in bench.OPT_IN and bench.parse_suites("scale") == ["scale"]
   assert bench.parse_suites("mining, eval") == ["mining", "eval"]
-  with pytest.raises(ValueError, match="unknown --suite nope"):
+  with pytest.raises(UsageError, match="unknown --suite nope"):
     bench.parse_suites("mining,nope")
 
 

@@ -39,7 +39,7 @@ def test_check_decodes_every_image(tmp_path, capsys):
          imgs[3]: noisy.getvalue()[:60]}                           # a PNG cut after 60 bytes
   for p, data in bad.items():
     p.write_bytes(data)
-  code, out, err = _check(capsys, "--dataset", "cirr", "--root", str(root), "--workers", "2")
+  code, out, err = _check(capsys, "--dataset", "cirr", "--root", str(root), "--num-workers", "2")
   assert code == 1 and "4 image file(s) cannot be decoded" in err and out == ""
   for p in bad:
     assert str(p) in err
@@ -64,8 +64,8 @@ def test_check_decodes_every_image(tmp_path, capsys):
 def test_check_rejects_bad_worker_counts(tmp_path, capsys, workers):
   root = _cirr_release(tmp_path, "flat")
   with pytest.raises(SystemExit) as e:
-    cli.main(["data", "check", "--dataset", "cirr", "--root", str(root), "--workers", workers])
-  assert e.value.code == 2 and "--workers" in capsys.readouterr().err
+    cli.main(["data", "check", "--dataset", "cirr", "--root", str(root), "--num-workers", workers])
+  assert e.value.code == 2 and "--num-workers" in capsys.readouterr().err
 
 
 FIQ_EXCERPT = Path(__file__).parent / "data" / "fashioniq"  # the release's files, cut short

@@ -264,7 +264,7 @@ def test_cli_eval_baselines_and_submission(root, tmp_path, capsys):
   from cirjax import cli
   out = tmp_path / "m.json"
   assert cli.main(["eval", "--dataset", "synthetic", "--root", str(root), "--baseline", "oracle",
-                   "--out", str(out)]) == 0
+                   "--json", str(out)]) == 0
   printed = capsys.readouterr().out
   assert "R@10" in printed and "chance" in printed
   rep = json.loads(out.read_text())
@@ -363,7 +363,7 @@ def test_cli_eval_and_search_with_a_blip2_checkpoint(root, tmp_path, capsys):
   out = tmp_path / "m.json"
   assert cli.main(["eval", "--dataset", "synthetic", "--root", str(root), "--checkpoint",
                    str(tmp_path / "workdir"), "--transform", "clip", "--batch-size", "16",
-                   "--out", str(out)]) == 0
+                   "--json", str(out)]) == 0
   assert "images clip 28px" in capsys.readouterr().out
   got = json.loads(out.read_text())["splits"]["synthetic/val"]["metrics"]
   # The same numbers from eager (input-checked) calls of the functional API.
@@ -419,7 +419,7 @@ def test_cli_eval_with_a_llava_checkpoint(root, tmp_path, capsys):
   fx.make_tokenizer(d)
   out = tmp_path / "m.json"
   assert cli.main(["eval", "--dataset", "synthetic", "--root", str(root), "--checkpoint", str(d),
-                   "--batch-size", "32", "--out", str(out)]) == 0
+                   "--batch-size", "32", "--json", str(out)]) == 0
   assert "images clip 28px" in capsys.readouterr().out
   got = json.loads(out.read_text())["splits"]["synthetic/val"]["metrics"]
   model = workdir.load_model(d)
@@ -470,7 +470,7 @@ def test_cli_circo_and_fashioniq_from_published_layouts(tmp_path, capsys):
       for q in range(5)]))
   out = tmp_path / "circo.json"
   assert cli.main(["eval", "--dataset", "circo", "--root", str(root), "--baseline", "oracle",
-                   "--out", str(out)]) == 0
+                   "--json", str(out)]) == 0
   m = json.loads(out.read_text())["splits"]["circo/val"]["metrics"]
   assert m["mAP@5"] == pytest.approx(100.0) and m["mAP@50"] == pytest.approx(100.0)
   assert cli.main(["eval", "--dataset", "circo", "--root", str(root), "--split", "test",

@@ -29,7 +29,7 @@ ARCHITECTURE = ROOT.parent / "docs" / "architecture.md"
 # `cirjax.eval` below it). The package itself (`cirjax`, whose `load_blip2` / `load_llava`
 # call the registry) stands alone, with the entry points.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("errors", ("cirjax.errors",)),
+    ("errors", ("cirjax.errors", "cirjax.console")),
     ("models", ("cirjax.models", "cirjax.prompts", "cirjax.losses")),
     ("data", ("cirjax.data",)),
     ("convert", ("cirjax.convert", "cirjax.lora")),

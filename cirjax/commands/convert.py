@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 from cirjax.commands.data import positive_float, positive_int
+from cirjax import console
 from cirjax.errors import UsageError
 
 HELP = "convert HF / LAVIS checkpoints to cirjax model directories, and cirjax back to HF"
@@ -47,10 +47,6 @@ Examples:
   cirjax convert hf/llava-phi-3-mini-hf ckpt/llava-phi3
 """
 
-# Errors cirjax has always reported as a user's (e.g. a registry's unreadable config.json);
-# the CLI prints them as one line (cirjax/cli.py).
-EXPECTED_ERRORS = (OSError, ValueError, RuntimeError)
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("src", help="HF directory, LAVIS .pth/.pt/.bin file, cirjax directory, or "
@@ -71,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _log(msg: str) -> None:
-  print(f"[convert] {msg}", file=sys.stderr, flush=True)
+  console.log(msg, tag="convert")
 
 
 def to_cirjax(src: Path, dst: Path, *, overwrite: bool = False, vision_heads=None,

@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from cirjax.commands.flags import add_renamed
 from cirjax.errors import CirjaxError, UsageError
 
 HELP = "make the synthetic CIR benchmark, check a dataset on disk, build TFDS datasets"
@@ -19,6 +20,9 @@ Datasets for composed image retrieval.
       Reads a dataset with cirjax's validating reader, decodes every image it uses and
       prints its statistics (undecodable files are named; --skip-missing drops and counts
       missing and undecodable images).
+  cirjax data check --dataset instructcir --root pairs.jsonl [--image-root DIR]
+      Reads an InstructCIR JSON-lines file (stage-1 caption pairs or stage-2 triplets) with
+      the training reader and decodes every image it names.
   cirjax data tfds --dataset synthetic --root DIR --data-dir OUT
       Builds the TFDS (array_record) version of a dataset for tfds.data_source / grain.
 """
@@ -48,15 +52,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
   c = sub.add_parser("check", help="read and validate a dataset, decode every image, print "
                      "statistics")
-  _dataset_args(c)
+  _dataset_args(c, DATASETS + ("instructcir",))
+  c.add_argument("--image-root", default=None,
+                 help="InstructCIR: the directory the records' images are relative to "
+                 "(default: the directory of the --root file)")
   c.add_argument("--no-decode", action="store_true",
                  help="only check that image files exist (skip decoding them)")
-  c.add_argument("--workers", type=positive_int, default=None,
-                 help="threads decoding images (default: 2 x cores, at most 16)")
+  add_renamed(c, "--num-workers", "--workers", type=positive_int, default=None,
+              help="threads decoding images (default: 2 x cores, at most 16)")
 
-  t = sub.add_parser("tfds", help="build a TFDS (array_record) dataset")
-  _dataset_args(t)
+  t = sub.add_parser("tfds", help="build a TFDS (array_record) dataset of every split found")
+  t.add_argument("--dataset", required=True, choices=DATASETS)
+  t.add_argument("--root", required=True, help="dataset root (TFDS's manual_dir)")
   t.add_argument("--data-dir", required=True, help="TFDS data_dir to write into")
+  t.add_argument("--fashioniq-root", default=None,
+                 help="HP-FashionIQ: the FashionIQ root, when --root is the hpfiq.json file")
+  for dest, (flag, _) in _TFDS_REFUSED.items():  # refused by name, never ignored
+    t.add_argument(flag, dest=dest, nargs="?", const=True, default=None, help=argparse.SUPPRESS)
 
 
 def positive_int(text: str) -> int:
@@ -67,6 +79,17 @@ def positive_int(text: str) -> int:
     n = 0
   if n < 1:
     raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+  return n
+
+
+def non_negative_int(text: str) -> int:
+  """argparse type: an integer >= 0."""
+  try:
+    n = int(text)
+  except ValueError:
+    n = -1
+  if n < 0:
+    raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
   return n
 
 
@@ -98,9 +121,10 @@ def positive_float(text: str) -> float:
   return x
 
 
-def _dataset_args(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--dataset", required=True, choices=DATASETS)
-  p.add_argument("--root", required=True, help="dataset root (manual_dir for TFDS)")
+def _dataset_args(p: argparse.ArgumentParser, datasets=DATASETS) -> None:
+  p.add_argument("--dataset", required=True, choices=datasets)
+  p.add_argument("--root", required=True, help="dataset root (InstructCIR: the JSON-lines "
+                 "file of caption pairs or triplets)")
   p.add_argument("--split", default=None, help="split (default: val; GeneCIS: the task, required; "
                  "FashionIQ: CATEGORY.SPLIT, e.g. dress.val)")
   add_source_args(p)
@@ -177,6 +201,39 @@ def fashioniq_splits(split: str | None) -> list[str]:
   return [f"{c}.{split}" for c in fashioniq.CATEGORIES]
 
 
+def check_instructcir(args) -> dict:
+  """`data check --dataset instructcir`: an InstructCIR JSON-lines file (stage-1 caption pairs,
+  or stage-2 triplets when its first record has an "instruction"), read with the training
+  reader, every image decoded; its statistics."""
+  # `cirjax --help` imports every command module: the readers (numpy, PIL) load on use.
+  from cirjax.data import images, instructcir, records  # pylint: disable=g-import-not-at-top
+  for flag, dest in (("--split", "split"), ("--layout", "layout"), ("--hp-file", "hp_file")):
+    if getattr(args, dest, None) is not None:
+      raise UsageError(f"{flag}: an InstructCIR file has no {dest.replace('_', ' ')}; give the "
+                       "file as --root (and --image-root)")
+  path = Path(args.root)
+  first = next(iter(records.load_jsonl(path, "InstructCIR records")), {})
+  triplets = isinstance(first, dict) and "instruction" in first
+  read = instructcir.read_instruct_triplets if triplets else instructcir.read_caption_pairs
+  image_root = Path(args.image_root) if args.image_root else path.parent
+  items, skipped = read(path, image_root, "skip" if args.skip_missing else "error")
+  paths = sorted({str(x.image) for x in items})
+  undecodable = 0
+  if not args.no_decode:
+    errs = images.decode_errors(paths, args.num_workers, f"decoding {path.name}")
+    bad = {p: e for p, e in zip(paths, errs) if e is not None}
+    if bad and not args.skip_missing:
+      listed = "\n".join(f"  {p}: {e}" for p, e in sorted(bad.items())[:10])
+      raise records.DataError(f"{path}: {len(bad)} image file(s) cannot be decoded:\n{listed}\n"
+                              "(pass --skip-missing to drop them and count them)")
+    undecodable = len(bad)
+    items = [x for x in items if str(x.image) not in bad]
+  return {"dataset": "instructcir", "file": str(path), "image_root": str(image_root),
+          "kind": "triplets (stage 2)" if triplets else "caption pairs (stage 1)",
+          "records": len(items), "images": len({str(x.image) for x in items}),
+          "skipped": {"missing_images": skipped, "undecodable_images": undecodable}}
+
+
 def _stats(s) -> dict:
   rel = [len(q.relevant) for q in s.queries if q.relevant]
   return {"split": s.name, "queries": len(s.queries), "corpus_images": len(s.corpus),
@@ -193,6 +250,9 @@ def run(args: argparse.Namespace) -> int:
     return 2
   if args.data_command == "synth":
     return _synth(args)
+  if args.data_command == "check" and args.dataset == "instructcir":
+    print(json.dumps(check_instructcir(args), indent=2))
+    return 0
   if args.data_command == "check":
     names = (fashioniq_splits(args.split) if args.dataset == "fashioniq" else [args.split])
     stats = []
@@ -200,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
       s = read_split_from_args(args, name)
       if not args.no_decode:
         s = images.check_images_decode(s, "skip" if args.skip_missing else "error",
-                                       workers=args.workers, progress=True)
+                                       workers=args.num_workers, progress=True)
       stats.append(_stats(s))
     if len(stats) == 1:
       print(json.dumps(stats[0], indent=2))
@@ -209,6 +269,7 @@ def run(args: argparse.Namespace) -> int:
       print(json.dumps({"splits": stats, "total": total}, indent=2))
     return 0
   if args.data_command == "tfds":
+    _refuse_tfds_options(args)
     # The `tfds` extra is optional: only `data tfds` (and `eval --tfds-dir`) import it.
     from cirjax.data import tfds_builders  # pylint: disable=g-import-not-at-top
     tfds_builders.require()
@@ -221,6 +282,39 @@ def run(args: argparse.Namespace) -> int:
           f"(data_dir, {args.dataset!r}, SPLIT) or tfds.data_source")
     return 0
   return 2
+
+
+# The `data synth` flag of each SynthConfig field (per split for the sizes), for its errors.
+_SYNTH_FLAGS = {"num_images": ("--num-images", "--num-val-images", "--num-test-images"),
+                "num_queries": ("--num-triplets", "--num-val-queries", "--num-test-queries")}
+
+
+def _synth_flag(field: str, split: int | None = None) -> str:
+  if field in _SYNTH_FLAGS:
+    return _SYNTH_FLAGS[field][split]
+  return "--" + field.replace("_", "-")
+
+
+# Options `data tfds` shares with `data check` but cannot honour, and why.
+_TFDS_REFUSED = {
+    "split": ("--split", "a build holds every split found under --root; choose one when "
+              "reading it (cirjax eval --tfds-dir DIR --split S)"),
+    "layout": ("--layout", "the build reads CIRR in its detected layout"),
+    "skip_missing": ("--skip-missing", "a build needs every image (list the missing ones "
+                     "with cirjax data check --skip-missing)"),
+    "hp_file": ("--hp-file", "the build reads HP-FashionIQ from --root (the hpfiq.json file or "
+                "its directory) with --fashioniq-root"),
+    "vg_root": ("--vg-root", "the build reads GeneCIS images from ROOT/VG_100K"),
+    "coco_root": ("--coco-root", "the build reads GeneCIS images from ROOT/val2017"),
+}
+
+
+def _refuse_tfds_options(args) -> None:
+  """A usage error naming every given option `data tfds` does not take (none is ignored)."""
+  given = [f"{flag}: {why}" for dest, (flag, why) in _TFDS_REFUSED.items()
+           if getattr(args, dest, None) not in (None, False)]
+  if given:
+    raise UsageError("data tfds does not take " + "; ".join(given))
 
 
 def _synth(args) -> int:
@@ -237,7 +331,7 @@ def _synth(args) -> int:
       num_queries=(args.num_triplets, args.num_val_queries, args.num_test_queries),
       max_duplicates=args.max_duplicates, min_duplicates=args.min_duplicates)
   t0 = time.time()
-  summary = synth.generate(out, cfg, progress=lambda s: print(s, flush=True))
+  summary = synth.generate(out, cfg, progress=lambda s: print(s, flush=True), key=_synth_flag)
   print(f"[synth] done in {time.time() - t0:.1f}s: {out}")
   for split, st in summary["splits"].items():
     print(f"  {split:6s} {st['images']:6d} images  {st['queries']:6d} queries  "

@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from cirjax.commands.flags import add_renamed
 from cirjax.commands.data import (add_source_args, check_output, fashioniq_splits,
                                   positive_int, read_split_from_args)
 from cirjax.data import genecis
@@ -37,10 +38,6 @@ The corpus is encoded in jitted batches sharded over all devices and its feature
 the host. Splits without ground truth (CIRR test1, CIRCO test) produce
 submission files only. Counts of skipped images/queries (--skip-missing) are always shown.
 """
-
-# Errors cirjax has always reported as a user's (e.g. a registry's unreadable config.json);
-# the CLI prints them as one line (cirjax/cli.py).
-EXPECTED_ERRORS = (ValueError,)
 
 DATASETS = ("synthetic", "cirr", "fashioniq", "circo", "genecis", "hpfashioniq")
 
@@ -80,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   add_encoder_args(parser)
   parser.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
   add_source_args(parser)
-  parser.add_argument("--out", default=None, help="write metrics (and timings) as JSON here")
+  add_renamed(parser, "--json", "--out", dest="out", default=None,
+              help="write metrics (and timings) as JSON to this file")
   parser.add_argument("--submission-dir", default=None,
                       help="write CIRR/CIRCO test-server submission files here")
   parser.add_argument("--name", default="cirjax", help="submission file name suffix")
@@ -114,7 +112,7 @@ def _splits(args) -> list[tuple[str, object, object]]:
 
 
 def run(args: argparse.Namespace) -> int:
-  check_output(args.out, "--out")
+  check_output(args.out, "--json")
   check_output(args.submission_dir, "--submission-dir", directory=True)
   t0 = time.time()
   splits = _splits(args)

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from cirjax import mining
-from cirjax.commands.data import positive_int, read_split
+from cirjax.commands.data import check_output, non_negative_int, positive_int, read_split
 from cirjax.commands.eval import add_encoder_args
-from cirjax.data.records import DataError
 from cirjax.eval import encoders, retrieval
-from cirjax.train import workdir
 from cirjax.mining import audit as mining_audit
 from cirjax.mining import plots as mining_plots
+from cirjax.train import workdir
 
 HELP = "mine hard negatives of a split with a checkpoint: statistics, false negatives, figures"
 DESCRIPTION = """\
@@ -50,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--out", required=True, help="directory for mining.json and the PNGs")
   parser.add_argument("--k", type=positive_int, default=100,
                       help="pool size of the top-k strategies (QuRe's ablation: 100)")
-  parser.add_argument("--consecutive-threshold", type=int, default=1,
+  parser.add_argument("--consecutive-threshold", type=non_negative_int, default=1,
                       help="QuRe's minimum distance between the two drops minus one "
                       "(reference 1; 0 = the paper's plain top-2)")
   parser.add_argument("--strict-below", action="store_true",
@@ -61,17 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  try:
-    return _run(args)
-  except (DataError, FileNotFoundError, NotADirectoryError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-
-
-def _run(args) -> int:
   t0 = time.time()
-  if args.consecutive_threshold < 0:
-    raise ValueError(f"--consecutive-threshold must be >= 0, got {args.consecutive_threshold}")
+  check_output(args.out, "--out", directory=True)
   split = read_split(args.dataset, args.root, args.split)
   print(f"[mine] {split.name}: {len(split.queries)} queries, {len(split.corpus)} images",
         flush=True)

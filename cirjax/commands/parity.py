@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from cirjax.commands.data import positive_int
+from cirjax.commands.flags import add_renamed
 from cirjax.errors import UsageError
 
 HELP = "check a converted model against its PyTorch checkpoint, stage by stage"
@@ -33,8 +34,6 @@ Examples:
 """
 
 ERROR_EXIT = 2  # the check could not run (1 means a stage above tolerance)
-# Errors cirjax has always reported as a user's (see cirjax/cli.py).
-EXPECTED_ERRORS = (OSError, ValueError, RuntimeError)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,9 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  "Hugging Face hub id ORG/NAME[@REVISION]")
   p.add_argument("--converted", default=None,
                  help="cirjax directory converted from PATH (default: convert in memory)")
-  p.add_argument("--batch", type=positive_int, default=2, help="random inputs per run (default 2)")
-  p.add_argument("--text-len", type=positive_int, default=12,
-                 help="token ids per text; rows after the first are padded (default 12)")
+  add_renamed(p, "--batch-size", "--batch", type=positive_int, default=2,
+              help="random inputs per run (default 2)")
+  add_renamed(p, "--max-length", "--text-len", type=positive_int, default=12,
+              help="token ids per text; rows after the first are padded (default 12)")
   p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
   p.add_argument("--vision-heads", type=positive_int, default=None,
                  help="LAVIS only: ViT heads (default: from --converted, else as convert)")
@@ -64,13 +64,13 @@ def run(args: argparse.Namespace) -> int:
     raise UsageError(f"{path} is a cirjax directory: pass the PyTorch checkpoint as PATH and "
                      f"this directory as --converted")
   print(f"[parity] {model_type}: {path} vs {args.converted or 'in-memory conversion'} "
-        f"(batch {args.batch}, fp32, matmul precision highest)", file=sys.stderr, flush=True)
+        f"(batch {args.batch_size}, fp32, matmul precision highest)", file=sys.stderr, flush=True)
   if model_type == "llava":
-    rows = llava_parity.run_parity(path, converted=args.converted, batch=args.batch,
+    rows = llava_parity.run_parity(path, converted=args.converted, batch=args.batch_size,
                                    seed=args.seed)
   else:
-    rows = blip2_parity.run_parity(path, converted=args.converted, batch=args.batch,
-                                   text_len=args.text_len, seed=args.seed,
+    rows = blip2_parity.run_parity(path, converted=args.converted, batch=args.batch_size,
+                                   text_len=args.max_length, seed=args.seed,
                                    vision_heads=args.vision_heads,
                                    qformer_heads=args.qformer_heads)
   rows = [r if isinstance(r, parity.ParityRow) else parity.ParityRow(*r) for r in rows]

@@ -14,8 +14,6 @@ from cirjax.eval import encoders, retrieval
 from cirjax.train import workdir
 
 HELP = "search a corpus with a reference image + text; print the top k and write an HTML page"
-# Errors cirjax has always reported as a user's (see cirjax/cli.py).
-EXPECTED_ERRORS = (ValueError,)
 
 DESCRIPTION = """\
 Composed image search with a BLIP-2 (QuRe) or LLaVA-Phi (InstructCIR: the zero-shot prompts

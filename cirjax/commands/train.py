@@ -10,8 +10,11 @@ from pathlib import Path
 import jax
 
 # Importing these touches no JAX backend, so `distributed.initialize` in `run` still comes first.
+from cirjax import console
 from cirjax.errors import CirjaxError, UsageError
+from cirjax.commands.flags import add_renamed
 from cirjax.convert import hub
+from cirjax.data import synth, training_splits
 from cirjax.train import config_utils, distributed, warm_start
 from cirjax.train.config_utils import load_config, split_config_overrides
 from cirjax.train.preemption import PREEMPTED_EXIT
@@ -31,7 +34,7 @@ in WORKDIR/warm_start, then trains from that run's exported model (docs/train.md
 Overrides: --config.key=value (or key=value after the flags); the key must exist.
 Several processes: started by srun (SLURM), mpirun (Open MPI), a Kubernetes indexed Job or on
 a TPU pod, JAX's cluster detection joins them (--cluster NAME picks a detector); anywhere else
---coordinator HOST:PORT --num_processes N --process_id I (or JAX_COORDINATOR_ADDRESS,
+--coordinator HOST:PORT --num-processes N --process-id I (or JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES, JAX_PROCESS_ID); see launch/ and docs/train.md. A second run on a workdir
 in use is refused (WORKDIR/cirjax.lock).
 SIGTERM or SIGUSR1 (SLURM's --signal warning) saves a checkpoint at the next step boundary all
@@ -48,6 +51,10 @@ Exit status: 0 done, 1 an error (e.g. a dataset file that cannot be read, a work
 kept), 75 preempted (saved on SIGTERM / SIGUSR1; run the same command to resume).
 """
 
+class NonFiniteLossStop(CirjaxError):
+  """The run stopped on a non-finite loss (exit status 3); the last good checkpoint is kept."""
+  exit_code = 3
+
 # Config keys naming a file or directory that must exist when set (an empty value: unused).
 PATH_KEYS = ("model.init", "init_from", "data.tokenizer", "data.train_file", "data.image_root",
              "data.eval_file", "data.eval_image_root")
@@ -62,11 +69,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--config", required=True, help="config file, e.g. configs/synthetic.py:tiny")
   parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, tb/, plots")
   parser.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (multi-process)")
-  parser.add_argument("--num_processes", type=int, default=None)
-  parser.add_argument("--process_id", type=int, default=None)
-  parser.add_argument("--cpu_devices", type=int, default=None,
-                      help="fake CPU devices per process (testing sharded code on CPU)")
-  parser.add_argument("--platform", default=None, help="force a JAX platform (cpu, gpu)")
+  add_renamed(parser, "--num-processes", "--num_processes", type=int, default=None,
+              help="processes in the run (multi-process, with --coordinator)")
+  add_renamed(parser, "--process-id", "--process_id", type=int, default=None,
+              help="this process's index, 0 .. N-1 (multi-process, with --coordinator)")
+  add_renamed(parser, "--cpu-devices", "--cpu_devices", type=int, default=None,
+              help="fake CPU devices per process (testing sharded code on CPU)")
+  parser.add_argument("--platform", default=None,
+                      help="force a JAX platform (cpu, gpu); one this JAX lacks is an error")
   parser.add_argument("--cluster", default=None, choices=distributed.CLUSTERS,
                       help="multi-process start-up: auto (default: detect SLURM, Open MPI, "
                       "a Kubernetes indexed Job, a TPU pod), none (one process), or one of "
@@ -124,6 +134,8 @@ def check_run(config, workdir: str) -> None:
           " (nor a Hugging Face hub id ORG/NAME[@REVISION])" if key in MODEL_KEYS else ""))
   data = config.get("data") or {}
   synthetic = "synthetic" in (data.get("dataset"), data.get("source"))
+  if synthetic and not synth.is_synthetic(os.path.expanduser(data.get("root") or "")):
+    training_splits.synth_config(data.get("synth"))  # the set to generate: its sizes can be met
   if data.get("dataset") and not synthetic:
     root = data.get("root")
     if not root:
@@ -134,9 +146,7 @@ def check_run(config, workdir: str) -> None:
                         f"{data.get('dataset')} dataset root)")
 
 
-def _say(msg: str) -> None:
-  if jax.process_index() == 0:
-    print(f"[cirjax] {msg}", file=sys.stderr, flush=True)
+_say = console.log
 
 
 def run(args: argparse.Namespace) -> int:
@@ -144,18 +154,13 @@ def run(args: argparse.Namespace) -> int:
   distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                          args.cpu_devices, args.platform, args.cluster)
   overrides = list(getattr(args, "config_overrides", [])) + list(args.overrides or [])
-  try:
-    config = load_config(args.config, overrides)  # a ConfigError is a usage error (exit 2)
-  except SyntaxError as e:  # the config file is Python: name the file and line
-    raise UsageError(f"{e.filename}:{e.lineno}: the config file is not valid Python "
-                     f"({e.msg})") from e
+  config = load_config(args.config, overrides)  # a ConfigError is a usage error (exit 2)
   check_run(config, args.workdir)
   # A warm start made in this command (config.warm_start) trains first, in WORKDIR/warm_start.
   config, stopped = warm_start.run(config, args.workdir, train, _say)
   result = stopped or train(config, args.workdir)
   if result["status"] == "nonfinite":
-    print(f"cirjax train: {result['error']}", file=sys.stderr)
-    return 3
+    raise NonFiniteLossStop(result["error"])  # printed by the CLI's one error path
   if result["status"] == "preempted":
     if jax.process_index() == 0:
       print(f"cirjax train: preempted at step {result['step']}: checkpoint saved in "

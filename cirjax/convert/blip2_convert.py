@@ -99,7 +99,7 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> Blip2C
         hidden_dropout_prob=float(qc.get("hidden_dropout_prob", 0.1)),
         attention_probs_dropout_prob=float(qc.get("attention_probs_dropout_prob", 0.1)))
     if qformer.hidden_act not in vit_lib.ACTIVATIONS:
-      raise ValueError(f"qformer hidden_act {qformer.hidden_act!r} is not supported")
+      raise io.WeightFileError(f"qformer hidden_act {qformer.hidden_act!r} is not supported")
     return Blip2Config(vision=vision, qformer=qformer,
                        num_query_tokens=int(hf.get("num_query_tokens", 32)),
                        embed_dim=int(hf.get("image_text_hidden_size", 256)),
@@ -291,8 +291,9 @@ def write_hf_preprocessing(dst: str | os.PathLike, cfg: Blip2Config,
   try:
     tok = tokenizer_lib.load_tokenizer(tokenizer_dir, "blip2")
     if len(tok) > cfg.qformer.vocab_size:
-      raise ValueError(f"{tokenizer_dir}: the tokenizer has {len(tok)} tokens, the Q-Former's "
-                       f"vocabulary only {cfg.qformer.vocab_size}: not this model's tokenizer")
+      raise io.WeightFileError(f"{tokenizer_dir}: the tokenizer has {len(tok)} tokens, the "
+                               f"Q-Former's vocabulary only {cfg.qformer.vocab_size}: not this "
+                               "model's tokenizer")
   except ValueError as e:  # the weights are still worth exporting; the tokenizer is not
     warn(f"warning: {e}; the BLIP-2 export at {dst} gets no tokenizer.json / "
          "tokenizer_config.json (AutoTokenizer and AutoProcessor will not give cirjax's ids)")

@@ -268,8 +268,8 @@ def run_parity(path: str | os.PathLike, *, converted: Optional[str | os.PathLike
   jax.config.update("jax_default_matmul_precision", "highest")
   family, kind = registry.sniff(path)
   if kind == "cirjax" or family != "blip2":
-    raise ValueError(f"{path}: parity needs the PyTorch BLIP-2 checkpoint (HF directory or "
-                     "LAVIS file); pass the cirjax directory as `converted`")
+    raise io.WeightFileError(f"{path}: parity needs the PyTorch BLIP-2 checkpoint (HF directory or "
+                             "LAVIS file); pass the cirjax directory as `converted`")
   conv = None
   if converted is not None:
     loaded = registry.load(converted, family="blip2")

@@ -140,9 +140,9 @@ def detect_prefixes(keys: Iterable[str], source: str = "checkpoint") -> dict[str
       if p + probe in keys:
         return p
     sample = sorted(keys)[:6]
-    raise ValueError(f"{source}: cannot find the {what} (looked for "
-                     f"{[p + probe for p in cands]}); is this an HF LLaVA checkpoint? "
-                     f"first keys: {sample}")
+    raise io.WeightFileError(f"{source}: cannot find the {what} (looked for "
+                             f"{[p + probe for p in cands]}); is this an HF LLaVA checkpoint? "
+                             f"first keys: {sample}")
   return dict(lm=find(_LM_PREFIXES, "embed_tokens.weight", "language model"),
               vision=find(_VISION_PREFIXES, "embeddings.patch_embedding.weight", "vision tower"),
               proj=find(_PROJ_PREFIXES, "linear_1.weight", "multi-modal projector"),
@@ -211,13 +211,13 @@ def llava_config_from_hf(hf: Any, *, dtype: str = "float32",
     hf = json.loads(f.read_text())
   if isinstance(hf, Mapping):
     if hf.get("model_type") != "llava":
-      raise ValueError(f"expected an HF config with model_type 'llava', got "
-                       f"{hf.get('model_type')!r}")
+      raise io.WeightFileError(f"expected an HF config with model_type 'llava', got "
+                               f"{hf.get('model_type')!r}")
     hf = transformers.LlavaConfig.from_dict(dict(hf))
   vc, tc = hf.vision_config, hf.text_config
   if vc.model_type != "clip_vision_model":
-    raise ValueError(f"unsupported LLaVA vision tower {vc.model_type!r}: cirjax implements "
-                     "CLIP ('clip_vision_model')")
+    raise io.WeightFileError(f"unsupported LLaVA vision tower {vc.model_type!r}: cirjax implements "
+                             "CLIP ('clip_vision_model')")
   vision = vit_lib.vit_config_from_hf(vc.to_dict(), "clip")
   text = Phi3Config.from_hf(tc.to_dict())
   vfl = hf.vision_feature_layer

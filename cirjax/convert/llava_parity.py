@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cirjax.convert import registry
+from cirjax.convert import io
 from cirjax.convert.parity import TOLERANCE, ParityRow, compare, format_table
 from cirjax.convert import llava_convert
 from cirjax.models import llava
@@ -166,19 +167,19 @@ def run_parity(path: str | os.PathLike, *, converted: Optional[str | os.PathLike
   """
   jax.config.update("jax_default_matmul_precision", "highest")
   if registry.sniff(path)[1] == "cirjax":
-    raise ValueError(f"{path}: parity needs the HF (PyTorch) checkpoint; pass the cirjax "
-                     f"directory as `converted`")
+    raise io.WeightFileError(f"{path}: parity needs the HF (PyTorch) checkpoint; pass the cirjax "
+                             f"directory as `converted`")
   if converted is None:
     config, params = llava_convert.from_hf(path)
   else:
     loaded = registry.load(converted, family="llava")
     if loaded.kind != "cirjax":
-      raise ValueError(f"{converted}: not a cirjax model directory (no cirjax_config.json)")
+      raise io.WeightFileError(f"{converted}: not a cirjax model directory (no cirjax_config.json)")
     config, params = loaded.config, loaded.params
   ref_config = llava_convert.llava_config_from_hf(path)
   if ref_config.replace(dtype=config.dtype, param_dtype=config.param_dtype) != config:
-    raise ValueError(f"{converted}: its config differs from {path}/config.json; was it "
-                     f"converted from this checkpoint?")
+    raise io.WeightFileError(f"{converted}: its config differs from {path}/config.json; was it "
+                             f"converted from this checkpoint?")
   config = config.replace(dtype="float32", param_dtype="float32")
   ids, mask, pixels = random_inputs(config, batch, text_len, seed, images)
   want = torch_stages(load_reference(path), config, ids, mask, pixels)

@@ -189,6 +189,20 @@ def decode_error(path: str | Path) -> str | None:
     return f"{type(e).__name__}: {e}"
 
 
+def decode_errors(paths, workers: int | None = None, progress: str | None = None
+                  ) -> list[str | None]:
+  """`decode_error` of every path, in `workers` threads (PIL releases the GIL while
+  decoding; default 2 x cores, at most 16), with a progress bar titled `progress` if given."""
+  workers = workers or min(16, (os.cpu_count() or 1) * 2)
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    errors = pool.map(decode_error, paths)
+    if progress:
+      errors = tqdm.tqdm(errors, total=len(paths), desc=progress, unit="img", mininterval=1.0)
+    # Drawn to the end here: pairing the bar with the paths in a zip would stop on the paths
+    # and leave the bar one short of its total (39/40), never closed.
+    return list(errors)
+
+
 def check_images_decode(split: CIRSplit, on_bad: str = "error", workers: int | None = None,
                         progress: bool = False) -> CIRSplit:
   """Decodes every image the split uses, in `workers` threads (PIL releases the GIL while
@@ -198,13 +212,9 @@ def check_images_decode(split: CIRSplit, on_bad: str = "error", workers: int | N
   if on_bad not in ("error", "skip"):
     raise ValueError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
   names = list(split.images)
-  workers = workers or min(16, (os.cpu_count() or 1) * 2)
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    errors = pool.map(lambda n: decode_error(split.images[n].path), names)
-    if progress:
-      errors = tqdm.tqdm(errors, total=len(names), desc=f"decoding {split.name}", unit="img",
-                         mininterval=1.0)
-    bad = {n: e for n, e in zip(names, errors) if e is not None}
+  errs = decode_errors([split.images[n].path for n in names], workers,
+                       f"decoding {split.name}" if progress else None)
+  bad = {n: e for n, e in zip(names, errs) if e is not None}
   if not bad:
     return split
   if on_bad == "error":

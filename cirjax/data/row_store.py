@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -39,6 +38,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from cirjax import console
 from cirjax.data import build_lock
 from cirjax.errors import CirjaxError
 
@@ -171,10 +171,7 @@ def check(directory: str | os.PathLike, kind: str, key: str, shape: tuple, dtype
   return meta
 
 
-def log_line(msg: str) -> None:
-  """The stores' log lines: stderr, process 0 only."""
-  if jax.process_index() == 0:
-    print(f"[cirjax] {msg}", file=sys.stderr, flush=True)
+log_line = console.log  # the stores' log lines
 
 
 class BuildProgress:

@@ -39,6 +39,7 @@ from cirjax.data import cirr, records
 from cirjax.data.circo import parse_annotations
 from cirjax.data.records import CIRSplit, DataError
 from cirjax.data.text import SPECIAL_TOKENS
+from cirjax.errors import UsageError
 
 VERSION = 1
 SPLITS = ("train", "val", "test1")
@@ -93,6 +94,15 @@ class SynthConfig:
   min_duplicates: int = 1
   two_change_prob: float = 0.4
   set_size: int = 6         # CIRR img_set members (reference + target + 4 others)
+
+
+class SynthConfigError(UsageError, ValueError):
+  """Sizes the generator cannot meet (a bad argument or config value: exit status 2)."""
+
+
+def config_key(field: str, split: int | None = None) -> str:
+  """How `SynthConfig`'s field is named in errors by default (the dataclass's own names)."""
+  return field if split is None else f"{field}[{split}]"
 
 
 def all_combos() -> list[tuple[int, ...]]:
@@ -207,9 +217,10 @@ class _Split:
 
 
 def _make_corpus(rng: np.random.Generator, split: str, n_images: int, max_dup: int,
-                 min_dup: int = 1):
+                 min_dup: int = 1, key: Callable[..., str] = config_key, si: int = 0):
   if not 1 <= min_dup <= max_dup:
-    raise ValueError(f"min_duplicates={min_dup} must lie in 1..max_duplicates={max_dup}")
+    raise SynthConfigError(f"{key('min_duplicates')}={min_dup} must lie in 1.."
+                           f"{key('max_duplicates')}={max_dup}")
   combos = all_combos()
   order = rng.permutation(len(combos))
   img_combos: list[tuple[int, ...]] = []
@@ -219,8 +230,11 @@ def _make_corpus(rng: np.random.Generator, split: str, n_images: int, max_dup: i
     m = int(rng.integers(min_dup, max_dup + 1))
     img_combos.extend([combos[ci]] * m)
   if len(img_combos) < n_images:
-    raise ValueError(f"{n_images} images need more than the {len(combos)} attribute combinations "
-                     f"x {max_dup} duplicates; raise --max-duplicates")
+    raise SynthConfigError(
+        f"{key('num_images', si)}={n_images}: more {split} images than the {len(combos)} "
+        f"attribute combinations give at {key('min_duplicates')}={min_dup}.."
+        f"{key('max_duplicates')}={max_dup} images each ({len(img_combos)} drawn); raise "
+        f"{key('max_duplicates')} or lower {key('num_images', si)}")
   img_combos = img_combos[:n_images]
   perm = rng.permutation(n_images)  # interleave so duplicates are not adjacent in the corpus
   img_combos = [img_combos[i] for i in perm]
@@ -230,7 +244,8 @@ def _make_corpus(rng: np.random.Generator, split: str, n_images: int, max_dup: i
 
 
 def _make_queries(rng: np.random.Generator, cfg: SynthConfig, names, img_combos, n_queries: int,
-                  pairid_start: int) -> list[dict]:
+                  pairid_start: int, key: Callable[..., str] = config_key,
+                  si: int = 0) -> list[dict]:
   by_combo: dict[tuple[int, ...], list[int]] = {}
   for i, c in enumerate(img_combos):
     by_combo.setdefault(c, []).append(i)
@@ -243,7 +258,10 @@ def _make_queries(rng: np.random.Generator, cfg: SynthConfig, names, img_combos,
   while len(queries) < n_queries:
     attempts += 1
     if attempts > 50 * n_queries:
-      raise ValueError("cannot find enough modifiable references; use a larger corpus")
+      raise SynthConfigError(
+          f"{key('num_queries', si)}={n_queries}: cannot find that many modifiable references "
+          f"in the {SPLITS[si]} corpus of {len(names)} images; lower it or raise "
+          f"{key('num_images', si)}")
     ref = int(rng.integers(len(names)))
     rc = np.array(img_combos[ref])
     n_change = 2 if rng.random() < cfg.two_change_prob else 1
@@ -275,20 +293,18 @@ def _make_queries(rng: np.random.Generator, cfg: SynthConfig, names, img_combos,
 
 
 def generate(out: str | os.PathLike, cfg: SynthConfig = SynthConfig(),
-             progress: Callable[[str], None] | None = print) -> dict:
-  """Writes the benchmark under `out`; returns a summary (sizes, mean relevant-set size)."""
+             progress: Callable[[str], None] | None = print,
+             key: Callable[..., str] = config_key) -> dict:
+  """Writes the benchmark under `out`; returns a summary (sizes, mean relevant-set size).
+  `key(field[, split index])` names a setting in a `SynthConfigError` (see `plan`)."""
   out = Path(out)
   log = progress or (lambda s: None)
   vocab = vocabulary()
   vocab_set = set(vocab)
   summary = {"root": str(out), "seed": cfg.seed, "resolution": cfg.resolution, "splits": {}}
-  pairid = 0
-  for si, split in enumerate(SPLITS):
-    rng = np.random.default_rng([cfg.seed, si])
-    names, img_combos, jitters = _make_corpus(rng, split, cfg.num_images[si], cfg.max_duplicates,
-                                              cfg.min_duplicates)
-    queries = _make_queries(rng, cfg, names, img_combos, cfg.num_queries[si], pairid)
-    pairid += len(queries)
+  # Every split is drawn before anything is written: sizes the generator cannot meet are an
+  # error that leaves `out` as it was.
+  for split, (names, img_combos, jitters, queries) in zip(SPLITS, plan(cfg, key)):
     img_dir = out / "images" / split
     img_dir.mkdir(parents=True, exist_ok=True)
     n = len(names)
@@ -336,6 +352,21 @@ def generate(out: str | os.PathLike, cfg: SynthConfig = SynthConfig(),
           "summary": summary["splits"]}
   _write(out / "meta.json", meta)
   return summary
+
+
+def plan(cfg: SynthConfig, key: Callable[..., str] = config_key) -> list[tuple]:
+  """Each split's draw, `(names, combos, jitters, queries)`, without rendering or writing:
+  a `SynthConfigError` naming the setting (`key(field[, split index])`) when the sizes cannot
+  be met. `generate` draws through it; callers check a config with it before generating."""
+  out, pairid = [], 0
+  for si, split in enumerate(SPLITS):
+    rng = np.random.default_rng([cfg.seed, si])
+    names, img_combos, jitters = _make_corpus(rng, split, cfg.num_images[si], cfg.max_duplicates,
+                                              cfg.min_duplicates, key, si)
+    queries = _make_queries(rng, cfg, names, img_combos, cfg.num_queries[si], pairid, key, si)
+    pairid += len(queries)
+    out.append((names, img_combos, jitters, queries))
+  return out
 
 
 def _write(path: Path, obj) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 from typing import Any
 
 import jax
@@ -14,13 +13,26 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from cirjax.data import cirr, fashioniq, synth
+from cirjax import console
 from cirjax.data.records import CIRSplit, DataError
 from cirjax.errors import MissingDependencyError, UsageError
 
 
-def _log(msg: str) -> None:
-  if jax.process_index() == 0:
-    print(f"[cirjax] {msg}", file=sys.stderr, flush=True)
+_log = console.log
+
+
+def _synth_key(field: str, split: int | None = None) -> str:
+  return f"config.data.synth.{field}" + ("" if split is None else f"[{split}]")
+
+
+def synth_config(synth_cfg: ml_collections.ConfigDict | None) -> synth.SynthConfig:
+  """`config.data.synth` as a `SynthConfig`, checked: sizes the generator cannot meet are a
+  `synth.SynthConfigError` naming the key (`config.data.synth.num_images[0]`, ...)."""
+  kw = dict(synth_cfg or {})
+  cfg = synth.SynthConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
+                             for k, v in kw.items()})
+  synth.plan(cfg, _synth_key)
+  return cfg
 
 
 def ensure_synthetic(root: str, synth_cfg: ml_collections.ConfigDict | None) -> None:
@@ -30,13 +42,13 @@ def ensure_synthetic(root: str, synth_cfg: ml_collections.ConfigDict | None) -> 
   if os.path.exists(root) and os.listdir(root):
     raise DataError(f"config.data.root={root} exists but is not a cirjax synthetic dataset "
                     "(no meta.json from cirjax.data.synth); point it elsewhere")
+  # Sizes the generator cannot meet fail on every process, before process 0 writes anything
+  # (the others would otherwise wait for it at the barrier below).
+  cfg = synth_config(synth_cfg)
   if jax.process_index() == 0:
-    kw = dict(synth_cfg or {})
-    cfg = synth.SynthConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
-                               for k, v in kw.items()})
     _log(f"synthetic data missing: generating it in {root}")
     tmp = root.rstrip("/") + ".tmp"
-    synth.generate(tmp, cfg, progress=_log)
+    synth.generate(tmp, cfg, progress=_log, key=_synth_key)
     os.replace(tmp, root)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("cirjax_synthetic_data")

@@ -158,11 +158,9 @@ def fashioniq_headline(results: dict[str, EvalResult]
   out = {}
   for c, r in results.items():
     out.update({f"{c}/{k}": float(v) for k, v in r.metrics.items() if k.startswith("R@")})
-  for k in metrics.FASHIONIQ_KS:
-    out[f"avg/R@{k}"] = float(np.mean([r.metrics[f"R@{k}"] for r in results.values()]))
-  out["avg"] = (out["avg/R@10"] + out["avg/R@50"]) / 2
-  chance = {f"avg/R@{k}": float(np.mean([r.chance[f"R@{k}"] for r in results.values()]))
-            for k in metrics.FASHIONIQ_KS}
+  out.update(metrics.fashioniq_average({c: r.metrics for c, r in results.items()}))
+  chance = metrics.fashioniq_average({c: r.chance for c, r in results.items()})
+  del chance["avg"]  # the chance of the two R@K averages only, as before
   return out, chance
 
 

@@ -34,6 +34,7 @@ from cirjax import prompts
 from cirjax.convert import registry
 from cirjax.data import images, text as text_lib
 from cirjax.data.tokenizer import load_tokenizer
+from cirjax.errors import UsageError
 from cirjax.models import blip2
 
 DEFAULT_IMAGE_SIZE = 224
@@ -190,7 +191,8 @@ def _prompt_set(split: Any) -> tuple[str, dict, str, str]:
   name = getattr(split, "dataset", None) or "cirr"
   ds = _PROMPT_DATASET.get(name)
   if ds is None:
-    raise ValueError(f"no InstructCIR prompts for {name!r} (have {sorted(_PROMPT_DATASET)})")
+    raise UsageError(f"no InstructCIR prompts for {name!r}: a LLaVA-Phi model is evaluated on "
+                     f"{', '.join(sorted(_PROMPT_DATASET))}")
   fields: dict[str, str] = {}
   if ds == "fashioniq":
     fields["category"] = prompts.FASHIONIQ_CATEGORY_WORDS[split.split.split(".")[0]]

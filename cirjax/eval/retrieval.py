@@ -33,17 +33,18 @@ import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from cirjax.data.records import DataError
 from cirjax.eval.encode import row_sharding
+from cirjax.eval.mesh import build_mesh
+from cirjax.models.scoring import max_over_tokens
 
 NEG = -np.inf  # masked entries; no gradients flow through retrieval
 _FEATURE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(jnp.bfloat16))
 
 
 def make_mesh(devices=None) -> jax.sharding.Mesh:
-  """A 1-D `data` mesh over all (or the given) devices."""
-  devices = list(devices) if devices is not None else jax.devices()
-  return jax.make_mesh((len(devices),), ("data",), devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  """A 1-D `data` mesh over all (or the given) devices (`mesh.build_mesh`)."""
+  return build_mesh((("data", -1),), devices)
 
 
 def as_tokens(feats: np.ndarray | jax.Array) -> np.ndarray | jax.Array:
@@ -184,7 +185,7 @@ class FeatureScorer(Scorer):
     self.mesh = _mesh_of(corpus_feats) or _mesh_of(query_feats) or mesh or make_mesh()
     self._given = (query_feats, corpus_feats)
     if not _finite(query_feats, self.num_queries) or not _finite(corpus_feats, self.num_corpus):
-      raise ValueError("non-finite (NaN/inf) features: refusing to rank")
+      raise DataError("non-finite (NaN/inf) features: refusing to rank")
     self.query_rows = _rows_on_mesh(query_feats, self.num_queries, self.mesh)
     self.corpus_rows = _rows_on_mesh(corpus_feats, self.num_corpus, self.mesh)
 
@@ -217,14 +218,6 @@ class FeatureScorer(Scorer):
 
 
 # ----------------------------------------------------------------------------- device kernels
-
-def max_token_scores(q: jax.Array, c: jax.Array) -> jax.Array:
-  """[Bq, D] x [Bc, Q, D] -> [Bq, Bc]: max over the Q target tokens of the dot products."""
-  # One plain [Bq, D] x [D, Bc*Q] matmul: XLA's CPU backend runs the 3-D einsum form about
-  # half as fast (measured by benchmarks/bench_eval.py).
-  bc, t, d = c.shape
-  return (q @ c.reshape(bc * t, d).T).reshape(q.shape[0], bc, t).max(axis=-1)
-
 
 def _merge(top_s, top_i, s, idx, keep, k):
   """The k best of a running top-k and a block of scores `s` [B, C] of items `idx` [C]."""
@@ -263,7 +256,7 @@ def _rank_local(q, c, rows, exclude, *, k, block, num_corpus, devices, axes):
     idx = first + local
     keep = ((local >= b * block) & (idx < num_corpus))[None, :] & (idx[None, :] != exclude[:, None])
     cb = (c if block == n else lax.dynamic_slice_in_dim(c, start, block)).astype(jnp.float32)
-    return _merge(*carry, max_token_scores(qb, cb), idx, keep, k), None
+    return _merge(*carry, max_over_tokens(qb, cb), idx, keep, k), None
 
   blocks = -(-n // block)
   if blocks == 1:  # no loop to compile
@@ -295,7 +288,7 @@ def _pairs_local(q, c, qi, ci, *, axes):
   n = c.shape[0]
   local = ci - lax.axis_index(axes) * n
   cs = jnp.take(c, jnp.clip(local, 0, n - 1), axis=0).astype(jnp.float32)
-  s = jnp.einsum("md,mstd->mst", qs, cs).max(-1)
+  s = max_over_tokens(qs, cs, paired=True)
   return lax.pmax(jnp.where((local >= 0) & (local < n), s, NEG), axes)
 
 
@@ -379,7 +372,7 @@ def top_k(scorer: Scorer, k: int, exclude: np.ndarray | None = None,
     raise ValueError(f"exclude must have shape ({nq},), got {exclude.shape}")
   n_cand = nc - (1 if (exclude >= 0).any() else 0)
   if k > n_cand:
-    raise ValueError(f"asked for the top {k} of a corpus with only {n_cand} candidates per query")
+    raise DataError(f"asked for the top {k} of a corpus with only {n_cand} candidates per query")
   if isinstance(scorer, FeatureScorer):
     out_s, out_i = _top_k_features(scorer, k, exclude, query_block, corpus_block, progress)
   else:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cirjax.data.records import DataError
 from cirjax.eval.evaluate import EvalResult
 
 
@@ -25,7 +26,8 @@ def write_cirr_submission(result: EvalResult, out_dir: str | os.PathLike, name: 
   if split.dataset not in ("cirr", "synthetic"):
     raise ValueError(f"CIRR submissions need a CIRR-layout split, got {split.name}")
   if result.ranking is None or result.ranking.shape[1] < 50:
-    raise ValueError("a CIRR submission needs the top 50 per query")
+    raise DataError(f"{split.name}: a CIRR submission needs the top 50 per query; the corpus "
+                    f"has {len(split.corpus)} images")
   if result.subset_ranking is None or result.subset_ranking.shape[1] < 3:
     raise ValueError("a CIRR submission needs the img_set ranking (top 3 per query)")
   corpus = np.asarray(split.corpus)
@@ -48,7 +50,8 @@ def write_circo_submission(result: EvalResult, path: str | os.PathLike) -> Path:
   if split.dataset != "circo":
     raise ValueError(f"CIRCO submissions need a CIRCO split, got {split.name}")
   if result.ranking is None or result.ranking.shape[1] < 50:
-    raise ValueError("a CIRCO submission needs the top 50 per query")
+    raise DataError(f"{split.name}: a CIRCO submission needs the top 50 per query; the corpus "
+                    f"has {len(split.corpus)} images")
   corpus = split.corpus
   sub = {str(q.query_id): [int(corpus[j]) for j in result.ranking[i, :50]]
          for i, q in enumerate(split.queries)}

@@ -32,6 +32,7 @@ import numpy as np
 
 from cirjax import mining
 from cirjax.eval import retrieval
+from cirjax.models.scoring import max_over_tokens
 
 STRATEGIES = ("qure", "topk", "after_target_topk", "corpus")
 METRICS = ("fn_share", "fn_share_pooled", "pool_size", "fn_queries", "empty")
@@ -205,7 +206,7 @@ class SplitAudit:
             "false_negatives": {s: a.summary() for s, a in self.audits.items()}}
 
 
-_scores = jax.jit(retrieval.max_token_scores)
+_scores = jax.jit(max_over_tokens)
 
 
 def score_rows(scorer: retrieval.FeatureScorer, rows) -> np.ndarray:

@@ -31,6 +31,7 @@ from cirjax.mining.blocks import DEFAULT_MEMORY_BUDGET, block_rows_for_budget
 from cirjax.mining.driver import METHODS, hard_negative_sets
 from cirjax.mining.groups import MiningGroup
 from cirjax.mining.sets import HardNegativeSets
+from cirjax.models.scoring import max_over_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +137,7 @@ def _expand_corpus(t, inv):
 def _block_scores(q, t, start, *, size):
   """[size, N] max-over-tokens scores of queries start:start+size against the corpus."""
   qb = jax.lax.dynamic_slice_in_dim(q, start, size)
-  return jnp.einsum("bd,nkd->bnk", qb, t).max(-1)
+  return max_over_tokens(qb, t)
 
 
 def _audit_group(block, g: MiningGroup, hs, rel, options: RoundOptions) -> dict:

@@ -49,6 +49,7 @@ import numpy as np
 from flax import linen as nn
 
 from cirjax.models import layer_stack
+from cirjax.models.scoring import max_over_tokens
 from cirjax.models.remat import DEFAULT_POLICY, check_remat_policy
 from cirjax.models import qformer as qf
 from cirjax.models import vit as vit_lib
@@ -502,7 +503,7 @@ def score(query: jax.Array, targets: jax.Array) -> jax.Array:
   if q.ndim != 2 or t.ndim != 3 or q.shape[-1] != t.shape[-1]:
     raise ValueError(f"score expects query [Bq, D] and targets [Bt, Q, D], got "
                      f"{tuple(jnp.shape(query))} and {tuple(jnp.shape(targets))}")
-  s = jnp.einsum("bd,tkd->btk", q, t, precision=jax.lax.Precision.HIGHEST).max(-1)
+  s = max_over_tokens(q, t, precision=jax.lax.Precision.HIGHEST)
   if squeeze_t:
     s = s[:, 0]
   if squeeze_q:

@@ -5,13 +5,13 @@ finds its vocabulary through."""
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import jax
 import ml_collections
 import numpy as np
 
+from cirjax import console
 from cirjax.convert import hub, registry
 from cirjax.data.tokenizer import find_vocab
 from cirjax.models import blip2
@@ -19,9 +19,7 @@ from cirjax.train import config_utils
 from cirjax.train import sharding as shd
 
 
-def _log(msg: str) -> None:
-  if jax.process_index() == 0:
-    print(f"[cirjax] {msg}", file=sys.stderr, flush=True)
+_log = console.log
 
 
 def tokenizer_source(config: ml_collections.ConfigDict) -> str:

@@ -65,7 +65,11 @@ def load_module(path: str):
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
   sys.modules[name] = module
-  spec.loader.exec_module(module)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:  # the config file is Python: name the file and line
+    raise ConfigError(f"{e.filename}:{e.lineno}: the config file is not valid Python "
+                      f"({e.msg})") from e
   return module
 
 

@@ -4,9 +4,9 @@ use of a JAX backend.
 `initialize(...)` picks one of these, first match wins (`launcher_settings` decides, from the
 flags and the environment alone, so tests check each case without starting anything):
   * explicit: a coordinator address from `--coordinator`, `CIRJAX_COORDINATOR` or JAX's own
-    `JAX_COORDINATOR_ADDRESS`; the process count from `--num_processes`,
+    `JAX_COORDINATOR_ADDRESS`; the process count from `--num-processes`,
     `CIRJAX_NUM_PROCESSES`, `JAX_NUM_PROCESSES` or Open MPI's `OMPI_COMM_WORLD_SIZE`; the
-    process id from `--process_id`, `CIRJAX_PROCESS_ID`, `JAX_PROCESS_ID`, a Kubernetes
+    process id from `--process-id`, `CIRJAX_PROCESS_ID`, `JAX_PROCESS_ID`, a Kubernetes
     indexed Job's `JOB_COMPLETION_INDEX` or `OMPI_COMM_WORLD_RANK`. JAX's cluster detection
     is then switched off (each process sees all its local devices unless
     `JAX_LOCAL_DEVICE_IDS` says otherwise). launch/multiprocess.py and
@@ -130,8 +130,8 @@ def launcher_settings(coordinator: str | None = None, num_processes: int | None 
     if num_processes is None or process_id is None:
       raise UsageError(
           f"coordinator {coordinator} given but no process "
-          f"{'count' if num_processes is None else 'id'}: pass --num_processes N and "
-          "--process_id I, or set " + " / ".join(
+          f"{'count' if num_processes is None else 'id'}: pass --num-processes N and "
+          "--process-id I, or set " + " / ".join(
               _COUNT_VARS if num_processes is None else _ID_VARS))
     if not 0 <= process_id < num_processes or num_processes < 1:
       raise UsageError(f"process id {process_id} is not in 0..{num_processes - 1} "
@@ -142,8 +142,8 @@ def launcher_settings(coordinator: str | None = None, num_processes: int | None 
   if coordinator or num_processes is not None or process_id is not None:
     if cluster not in ("auto", "none"):
       raise UsageError(f"--cluster {cluster} detects the coordinator and process ids itself: "
-                       "drop --coordinator / --num_processes / --process_id")
-    raise UsageError("--num_processes / --process_id need --coordinator HOST:PORT (or "
+                       "drop --coordinator / --num-processes / --process-id")
+    raise UsageError("--num-processes / --process-id need --coordinator HOST:PORT (or "
                      "CIRJAX_COORDINATOR / JAX_COORDINATOR_ADDRESS)")
   if cluster == "none":
     return LaunchSettings("single")
@@ -222,6 +222,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     jax.distributed.initialize(cluster_detection_method=jax_detection_method(settings.cluster),
                                heartbeat_timeout_seconds=heartbeat_timeout())
     info.update(cluster=settings.cluster, source=settings.source)
+  if platform:
+    check_platform(platform)
   if info["mode"] != "single":
     info.update(process=jax.process_index(), processes=jax.process_count(),
                 local_devices=jax.local_device_count(), devices=jax.device_count())
@@ -229,6 +231,20 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
           f"{info['local_devices']} local of {info['devices']} devices ({info['mode']}: "
           f"{info['source']})", file=sys.stderr, flush=True)
   return info
+
+
+def check_platform(platform: str) -> None:
+  """Refuses a forced platform this JAX cannot run (CPU-only jaxlib asked for `gpu`): one
+  line naming it instead of the backend's traceback. Called after the distributed start-up,
+  which must come before any use of a backend."""
+  try:
+    jax.devices()
+  except RuntimeError as e:
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise UsageError(
+        f"--platform {platform}: this JAX ({jax.__version__}) cannot use it ({reason}); on a "
+        "GPU machine install CUDA JAX (pip install -e '.[cuda]', README 'Set-up'), or leave "
+        "--platform (and CIRJAX_PLATFORM) unset to use the backends JAX finds") from None
 
 
 def is_main() -> bool:

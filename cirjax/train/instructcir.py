@@ -33,7 +33,6 @@ import dataclasses
 import functools
 import json
 import os
-import sys
 import threading
 import time
 from pathlib import Path
@@ -44,6 +43,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from cirjax import console
 from cirjax import lora as lora_lib
 from cirjax import prompts
 from cirjax.convert import llava_run
@@ -69,9 +69,7 @@ _RECALL_KS = (1, 5, 10)
 _CIR_METRICS = ("R@1", "R@10", "R@50", "mAP@10", "Rrel@10")
 
 
-def _log(msg: str) -> None:
-  if jax.process_index() == 0:
-    print(f"[cirjax] {msg}", file=sys.stderr, flush=True)
+_log = console.log
 
 
 def stage1_params(ckpt_dir: str, abstract_params, init_from: str, cfg: llava.LlavaConfig):

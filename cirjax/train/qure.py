@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
 import time
 from pathlib import Path
 
@@ -40,6 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from cirjax import console
 from cirjax import losses
 from cirjax.convert import registry
 from cirjax.data import text, training_splits
@@ -63,9 +63,7 @@ from cirjax.train.task import Task, run_options
 LOSSES = ("pairwise", "infonce", "infonce_inbatch")
 
 
-def _log(msg: str) -> None:
-  if jax.process_index() == 0:
-    print(f"[cirjax] {msg}", file=sys.stderr, flush=True)
+_log = console.log
 
 
 # ------------------------------------------------------------------------------ the task

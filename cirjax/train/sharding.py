@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from cirjax.eval.mesh import MeshError, build_mesh
+
 BATCH_AXES = ("data", "fsdp")
 
 
@@ -26,27 +28,12 @@ def make_mesh(mesh_spec: Sequence[tuple[str, int]] = (("data", -1), ("fsdp", 1))
   Axes are Auto-typed: the step relies on the compiler to propagate shardings from the
   explicit in/out shardings.
   """
-  devices = list(devices if devices is not None else jax.devices())
   names = [n for n, _ in mesh_spec]
-  sizes = [int(s) for _, s in mesh_spec]
   if sorted(names) != sorted(BATCH_AXES):
-    raise ValueError(f"config.mesh must name exactly the axes {BATCH_AXES}, got {names}")
-  if sizes.count(-1) > 1:
-    raise ValueError(f"config.mesh: at most one axis may be -1, got {list(mesh_spec)}")
-  known = int(np.prod([s for s in sizes if s != -1]))
-  if -1 in sizes:
-    if len(devices) % known:
-      raise ValueError(f"config.mesh {list(mesh_spec)}: {len(devices)} devices are not "
-                       f"divisible by {known}")
-    sizes[sizes.index(-1)] = len(devices) // known
-  if int(np.prod(sizes)) != len(devices):
-    raise ValueError(f"config.mesh {list(mesh_spec)} needs {int(np.prod(sizes))} devices, "
-                     f"have {len(devices)}")
+    raise MeshError(f"config.mesh must name exactly the axes {BATCH_AXES}, got {names}")
   # Canonical order (data, fsdp): FSDP innermost so its all-gathers stay within a node.
-  order = [names.index(a) for a in BATCH_AXES]
-  shape = tuple(sizes[i] for i in order)
-  return jax.make_mesh(shape, BATCH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2,
-                       devices=devices)
+  spec = [tuple(mesh_spec[names.index(a)]) for a in BATCH_AXES]
+  return build_mesh(spec, devices, what="config.mesh")
 
 
 def path_str(path) -> str:

@@ -21,7 +21,6 @@ import dataclasses
 import json
 import os
 import statistics
-import sys
 import time
 from typing import Any, Callable
 
@@ -30,6 +29,7 @@ import ml_collections
 import numpy as np
 
 from cirjax.data.loader import Prefetcher, default_workers
+from cirjax import console
 from cirjax.models import layer_stack
 from cirjax.train import sharding as shd
 from cirjax.train import state as st
@@ -47,9 +47,7 @@ STOP_AFTER_ENV = "CIRJAX_STOP_AFTER_STEP"  # tests: stop (as if killed) after th
 LAYOUT_KEY, PER_LAYER, STACKED = "param_layout", "per_layer", "stacked"
 
 
-def _log(msg: str) -> None:
-  if jax.process_index() == 0:
-    print(f"[cirjax] {msg}", file=sys.stderr, flush=True)
+_log = console.log
 
 
 def format_table(metrics: dict[str, Any], title: str = "final metrics",
