@@ -38,7 +38,15 @@ from cirjax.errors import CirjaxError, UsageError
 from cirjax.eval import encoders, evaluate, metrics
 from cirjax.mining import audit as mining_audit
 from cirjax.train import config_utils
+from cirjax.train.preemption import PREEMPTED_EXIT
 from cirjax.train.workdir import load_model
+
+
+class StudyPreempted(CirjaxError):
+  """A run was preempted (its checkpoint saved): `cirjax study` exits with `cirjax train`'s
+  status for it (75), so a scheduler requeues the same command, which resumes."""
+  exit_code = PREEMPTED_EXIT
+
 
 RETRIEVAL = ("R@1", "R@5", "R@10", "R@50", "Rsubset@1", "mAP@5", "mAP@10", "mAP@25", "rel@5")
 SET_SIZE = 5
@@ -206,8 +214,10 @@ def run_cell(config, workdir: Path, what: str, log: Callable[[str], None],
              "val": {}, "test": {}, **read_log(workdir)}
       write_json_atomic(result, out)
       return out
+    if status == "preempted":   # SIGTERM / SIGUSR1: saved; the same command resumes it
+      raise StudyPreempted(f"{workdir}: preempted, its checkpoint saved; rerun the same "
+                           "command to resume")
     if status != "done":
-      # preempted (SIGTERM / SIGUSR1): saved; the same command resumes it
       raise CirjaxError(f"{workdir}: training ended with status {status}; rerun the same "
                         "command to resume")
   train_s = time.perf_counter() - t0

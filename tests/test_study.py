@@ -274,6 +274,21 @@ def test_quick_study_one_cell_and_resume(synth_root, tmp_path, monkeypatch, caps
   assert again["results"] == rep["results"]
 
 
+def test_a_preempted_run_stops_the_study_with_exit_75(synth_root, tmp_path, monkeypatch, capsys):
+  """A run preempted mid-study (checkpoint saved) ends `cirjax study` with `cirjax train`'s
+  status 75 and one error line, so a scheduler requeues the command, which resumes."""
+  from cirjax import cli
+  from cirjax.train import trainer
+  monkeypatch.setenv("CIRJAX_DATA", str(synth_root.parent))
+  monkeypatch.setattr(trainer.Trainer, "run", lambda self: {"status": "preempted"})
+  spec = CONFIG + ":quick,warmups=1,seeds=1,lrs=1e-4"
+  assert cli.main(["study", "--config", spec, "--workdir", str(tmp_path / "w"), "--arms",
+                   "pairwise_qure", "--densities", "low"]) == 75
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1].startswith("cirjax study: error: ") and "rerun the same command" in err[-1]
+  assert "Traceback" not in "\n".join(err)
+
+
 @pytest.mark.slow  # the whole quick study: 3 densities x every arm x 2 lrs x 2 warm-ups
 def test_quick_study_runs_end_to_end(synth_root, tmp_path, monkeypatch):
   from cirjax import cli
