@@ -43,6 +43,24 @@ def test_safetensors_round_trip_and_torch_compatible(tmp_path):
   np.testing.assert_array_equal(ref["b"].float().numpy(), state["b"].astype(np.float32))
 
 
+def test_scalar_and_transposed_tensors_keep_their_shapes(tmp_path):
+  """A 0-d tensor stays 0-d through the writer, the reader and the conversion engine both
+  ways (np.ascontiguousarray would make it (1,)); a transposed view is written C-ordered."""
+  from cirjax.convert import engine
+  state = {"temp": np.asarray(0.07, np.float32),
+           "w": np.arange(6, dtype=np.float32).reshape(2, 3).T}
+  io.write_safetensors(state, tmp_path / "model.safetensors")
+  back = io.read_state_dict(tmp_path)
+  assert back["temp"].shape == () and back["w"].shape == (3, 2)
+  np.testing.assert_array_equal(back["w"], state["w"])
+  from safetensors.numpy import load_file
+  assert load_file(tmp_path / "model.safetensors")["temp"].shape == ()
+  rows = [(("temp",), "temp", "id")]
+  params = engine.convert({"temp": back["temp"]}, rows, {"temp": np.zeros((), np.float32)})
+  assert np.shape(params["temp"]) == () and float(params["temp"]) == np.float32(0.07)
+  assert engine.export(params, rows)["temp"].shape == ()
+
+
 def test_reads_official_safetensors_bf16(tmp_path):
   from safetensors.torch import save_file
   t = {"x": torch.randn(3, 5).to(torch.bfloat16), "y": torch.randn(2)}

@@ -269,7 +269,8 @@ def convert(source: StateDictReader | Mapping[str, Any], rows, target, *,
     if any(is_abstract(v) for v in values):
       leaves = [jax.ShapeDtypeStruct(s, dtype) for s in want]
     else:
-      leaves = [np.ascontiguousarray(v, dtype) for v in tr.forward(*values)]
+      # order='C', not ascontiguousarray, which turns a 0-d tensor into shape (1,)
+      leaves = [np.asarray(v, dtype, order="C") for v in tr.forward(*values)]
     for d, leaf in zip(dsts, leaves):
       set_path(out, d, leaf)
   if own:
@@ -288,5 +289,5 @@ def export(params, rows) -> dict[str, np.ndarray]:
     leaves = [np.asarray(jax.device_get(get_path(params, d)), np.float32)
               for d in row_paths(row)]
     for k, v in zip(row_keys(row), tr.inverse(*leaves)):
-      out[k] = np.ascontiguousarray(v)
+      out[k] = np.asarray(v, order="C")
   return out

@@ -133,7 +133,7 @@ def write_safetensors(state: Mapping[str, np.ndarray], path: str | os.PathLike,
   arrays = []
   offset = 0
   for key in sorted(state):
-    a = np.ascontiguousarray(np.asarray(state[key]))
+    a = np.asarray(state[key], order="C")  # keeps a 0-d tensor 0-d (ascontiguousarray: (1,))
     if a.dtype not in _NAME_OF_DTYPE:
       raise ValueError(f"cannot write tensor {key!r}: dtype {a.dtype} has no safetensors name")
     header[key] = {"dtype": _NAME_OF_DTYPE[a.dtype], "shape": list(a.shape),
