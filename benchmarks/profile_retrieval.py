@@ -1,0 +1,126 @@
+"""Where retrieval's time goes on CPU: each stage of `cirjax.eval.retrieval.top_k` timed
+alone, JAX and PyTorch side by side, at the bench's CPU sizes (512 queries, 8,192 corpus
+items, 256-d, k = 50; single-vector and 32-token max-over-tokens).
+
+    python benchmarks/profile_retrieval.py --out benchmarks/results/profile_retrieval_cpu.json
+
+Stages (median of `--iters` runs after one warm-up call):
+  jax_full_as_bench       what `cirjax bench`'s eval rows time: a FeatureScorer per call
+                          (features placed on the mesh, finite check) + `top_k`
+  jax_scorer_build        the FeatureScorer alone
+  jax_topk_prebuilt       `top_k` on a scorer built beforehand (the blocked scan + merges)
+  jax_scores_einsum       the scores alone through `models.scoring.max_over_tokens` (einsum)
+  jax_scores_flat_matmul  the same scores as one [Nq, D] x [D, N*T] matmul, then the max
+  jax_matmul_only         that matmul without the max (the GEMM's share)
+  jax_lax_top_k_only      `lax.top_k` of the whole [Nq, N] score matrix
+  numpy_argpartition      NumPy's unsorted top-k of the same matrix (a CPU alternative)
+  torch_scores / torch_topk_only / torch_full_as_bench
+                          the PyTorch reference's stages and whole (bench_eval._torch_topk)
+Each row also gives GFLOP/s of the score stages (2 * Nq * N * T * D flops). The JSON records
+the 1-minute load average at start and end and the threads each framework used; a profile
+taken on a loaded machine measures the load (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def _median(fn, iters: int) -> float:
+  fn()
+  times = []
+  for _ in range(iters):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
+
+
+def profile(tokens: int, nq: int, n: int, dim: int, k: int, iters: int) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from jax import lax  # pylint: disable=g-import-not-at-top
+  from benchmarks import bench_eval  # pylint: disable=g-import-not-at-top
+  from cirjax.eval import retrieval  # pylint: disable=g-import-not-at-top
+  from cirjax.models.scoring import max_over_tokens  # pylint: disable=g-import-not-at-top
+
+  q, c, exclude = bench_eval._features(nq, n, tokens, dim)  # pylint: disable=protected-access
+  feats = c if tokens > 1 else c[:, 0]
+  mesh = retrieval.make_mesh()
+  t: dict[str, float] = {}
+  t["jax_full_as_bench"] = _median(lambda: retrieval.top_k(
+      retrieval.FeatureScorer(q, feats, mesh=mesh), k, exclude, mesh), iters)
+  t["jax_scorer_build"] = _median(lambda: retrieval.FeatureScorer(q, feats, mesh=mesh), iters)
+  scorer = retrieval.FeatureScorer(q, feats, mesh=mesh)
+  t["jax_topk_prebuilt"] = _median(lambda: retrieval.top_k(scorer, k, exclude, mesh), iters)
+  qd, cd = jnp.asarray(q), jnp.asarray(c)
+  einsum = jax.jit(max_over_tokens)
+  matmul = jax.jit(lambda a, b: a @ b.reshape(-1, b.shape[-1]).T)
+  flat = jax.jit(lambda a, b: (a @ b.reshape(-1, b.shape[-1]).T).reshape(
+      a.shape[0], b.shape[0], b.shape[1]).max(-1))
+  t["jax_scores_einsum"] = _median(lambda: einsum(qd, cd).block_until_ready(), iters)
+  t["jax_scores_flat_matmul"] = _median(lambda: flat(qd, cd).block_until_ready(), iters)
+  t["jax_matmul_only"] = _median(lambda: matmul(qd, cd).block_until_ready(), iters)
+  scores = einsum(qd, cd)
+  top = jax.jit(lambda s: lax.top_k(s, k))
+  t["jax_lax_top_k_only"] = _median(lambda: jax.block_until_ready(top(scores)), iters)
+  host = np.asarray(scores)
+  t["numpy_argpartition"] = _median(lambda: np.argpartition(-host, k, axis=1)[:, :k], iters)
+  tq, tc = torch.from_numpy(q), torch.from_numpy(c)
+
+  def torch_scores():
+    with torch.no_grad():
+      return (tq @ tc.reshape(-1, dim).T).reshape(nq, n, tokens).amax(-1)
+
+  t["torch_scores"] = _median(torch_scores, iters)
+  ts = torch_scores()
+  t["torch_topk_only"] = _median(lambda: torch.topk(ts, k, dim=1), iters)
+  t["torch_full_as_bench"] = _median(lambda: bench_eval._torch_topk(  # pylint: disable=protected-access
+      q, feats if tokens > 1 else feats[:, None], exclude, k, torch.device("cpu")), iters)
+  flops = 2.0 * nq * n * tokens * dim
+  gflops = {f"{name}_gflops": flops / t[name] / 1e9
+            for name in ("jax_scores_einsum", "jax_scores_flat_matmul", "jax_matmul_only",
+                         "torch_scores")}
+  return {"tokens": tokens, "queries": nq, "corpus": n, "dim": dim, "k": k,
+          "seconds": t, **gflops,
+          "full_speedup_vs_torch": t["torch_full_as_bench"] / t["jax_full_as_bench"]}
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--out", type=Path, default=None, help="write the JSON here (else stdout)")
+  p.add_argument("--iters", type=int, default=5, help="timed runs per stage (default 5)")
+  p.add_argument("--tokens", default="1,32", help="feature tokens per corpus item (default 1,32)")
+  args = p.parse_args(argv)
+  import jax  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  out = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_1min_start": os.getloadavg()[0],
+         "cpus": os.cpu_count(), "jax": jax.__version__, "torch": torch.__version__,
+         "torch_threads": torch.get_num_threads(), "rows": []}
+  for tokens in (int(x) for x in args.tokens.split(",")):
+    row = profile(tokens, 512, 8192, 256, 50, args.iters)
+    print(json.dumps(row), flush=True)
+    out["rows"].append(row)
+  out["load_1min_end"] = os.getloadavg()[0]
+  text = json.dumps(out, indent=1)
+  if args.out:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text + "\n")
+  else:
+    print(text)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
