@@ -32,6 +32,11 @@ class UsageError(CirjaxError):
   exit_code = 2
 
 
+class ConfigError(UsageError, ValueError):
+  """A config file, variant, override or config value that cannot be used; the message says
+  which (a ValueError too, for code that catches those)."""
+
+
 class MissingDependencyError(CirjaxError):
   """An optional package a command needs is not installed; the message names the extra."""
 

@@ -15,9 +15,10 @@ from cirjax.errors import CirjaxError, UsageError
 from cirjax.commands.flags import add_renamed
 from cirjax.convert import hub
 from cirjax.data import synth, training_splits
-from cirjax.train import config_utils, distributed, warm_start
+from cirjax.train import config_utils, distributed, state, warm_start
 from cirjax.train.config_utils import load_config, split_config_overrides
 from cirjax.train.preemption import PREEMPTED_EXIT
+from cirjax.train.task import task_class
 from cirjax.train.trainer import format_table, train
 
 HELP = "train QuRe / InstructCIR / the synthetic demo from a config file (resumable)"
@@ -132,6 +133,10 @@ def check_run(config, workdir: str) -> None:
     if v and not path.exists():
       raise CirjaxError(f"config.{key}={v}: no such file or directory" + (
           " (nor a Hugging Face hub id ORG/NAME[@REVISION])" if key in MODEL_KEYS else ""))
+  # the schedule's and the task's own checks, before a warm start writes anything
+  state.check_schedule(config.get("train") or {})
+  if config.get("task"):
+    task_class(config.task).check_config(config)
   data = config.get("data") or {}
   synthetic = "synthetic" in (data.get("dataset"), data.get("source"))
   if synthetic and not synth.is_synthetic(os.path.expanduser(data.get("root") or "")):

@@ -21,8 +21,9 @@ from jax.experimental import multihost_utils
 from cirjax import lora as lora_lib
 from cirjax import prompts
 from cirjax.convert import hub, registry
+from cirjax.data.records import DataError
 from cirjax.data.tokenizer import build_word_tokenizer, has_hf_tokenizer, load_tokenizer
-from cirjax.errors import CirjaxError
+from cirjax.errors import CirjaxError, ConfigError
 from cirjax.models import llava, llava_init
 
 LLAVA_CONFIG_FILE = "llava_config.json"  # a run's model config, beside its checkpoints
@@ -81,8 +82,8 @@ def model_source(config: Any, init: str, init_from: str, workdir: str, texts: Se
       log(f"config.model.init={init} is not read: the base comes from {src}'s checkpoint")
   elif src and (Path(src) / lora_lib.CONFIG_NAME).is_file():
     if not init:
-      raise ValueError(f"config.init_from={src} is a PEFT adapter: config.model.init must "
-                       "name the base LLaVA it was trained on")
+      raise ConfigError(f"config.init_from={src} is a PEFT adapter: config.model.init must "
+                        "name the base LLaVA it was trained on")
     cfg, base_params = load_base(init)
     adapter_dir = src
   elif src:
@@ -108,11 +109,11 @@ def model_source(config: Any, init: str, init_from: str, workdir: str, texts: Se
   else:
     cfg = cfg.replace(dtype=compute_dtype, param_dtype="float32")
     if cfg.image_token_id != image_id:
-      raise ValueError(f"the model's image_token_id {cfg.image_token_id} differs from the "
-                       f"tokenizer's <image> id {image_id} ({tok_dir})")
+      raise DataError(f"the model's image_token_id {cfg.image_token_id} differs from the "
+                      f"tokenizer's <image> id {image_id} ({tok_dir})")
     if len(tokenizer) > cfg.text.vocab_size:
-      raise ValueError(f"tokenizer {tok_dir} has {len(tokenizer)} tokens, the "
-                       f"model's vocabulary only {cfg.text.vocab_size}")
+      raise DataError(f"tokenizer {tok_dir} has {len(tokenizer)} tokens, the "
+                      f"model's vocabulary only {cfg.text.vocab_size}")
   if base_params is not None:
     base_params = jax.tree.map(lambda x: np.asarray(x, np.float32), base_params)
   return ModelSource(cfg, tokenizer, tok_dir, base_params, ckpt_dir, adapter_dir, init)
@@ -125,8 +126,8 @@ def per_layer_params(params: dict, abstract_params: dict, cfg: llava.LlavaConfig
   `where`) when the tree is not the model's."""
   params = {k: llava.unstack_layers(v, cfg) for k, v in params.items()}
   if jax.tree.structure(params) != jax.tree.structure(abstract_params):
-    raise ValueError(f"{where}: parameter tree differs from the model's; stage 2 needs the "
-                     "same model and LoRA settings (lora.rank, lora.target_modules) as stage 1")
+    raise ConfigError(f"{where}: parameter tree differs from the model's; stage 2 needs the "
+                      "same model and LoRA settings (lora.rank, lora.target_modules) as stage 1")
   return params
 
 
@@ -142,9 +143,9 @@ def initial_params(source: ModelSource, abstract_params: dict, lora_cfg: lora_li
     ad = lora_lib.load_peft(source.adapter_dir, source.base_params, dropout=lora_cfg.dropout)
     want = jax.tree.structure(abstract_params["lora"])
     if jax.tree.structure(ad.params) != want or ad.config.rank != lora_cfg.rank:
-      raise ValueError(f"config.init_from={source.adapter_dir}: adapter (r={ad.config.rank}, "
-                       f"{len(ad.modules)} modules) differs from config.lora (r="
-                       f"{lora_cfg.rank}); set config.lora to the adapter's settings")
+      raise ConfigError(f"config.init_from={source.adapter_dir}: adapter (r={ad.config.rank}, "
+                        f"{len(ad.modules)} modules) differs from config.lora (r="
+                        f"{lora_cfg.rank}); set config.lora to the adapter's settings")
     out["lora"] = jax.tree.map(lambda x: np.asarray(x, np.float32), ad.params)
     log(f"stage 2 continues the adapter {source.adapter_dir} on {source.init}")
   else:

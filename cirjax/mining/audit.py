@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cirjax.errors import ConfigError
 from cirjax import mining
 from cirjax.eval import retrieval
 from cirjax.models.scoring import max_over_tokens
@@ -293,8 +294,8 @@ def pair_stats(scores: mining.ScoresOrBlockFn, target_index, sets: mining.HardNe
 def check_strategy(strategy: str, dataset: str) -> str:
   """`config.qure.strategy`, checked: the oracle needs every relevant image of `dataset`."""
   if strategy == ORACLE_STRATEGY and dataset not in FULL_RELEVANT_DATASETS:
-    raise ValueError(f"config.qure.strategy={ORACLE_STRATEGY!r} needs every relevant image: "
-                     f"use one of {FULL_RELEVANT_DATASETS}, not {dataset!r}")
+    raise ConfigError(f"config.qure.strategy={ORACLE_STRATEGY!r} needs every relevant image: "
+                      f"use one of {FULL_RELEVANT_DATASETS}, not {dataset!r}")
   return strategy
 
 

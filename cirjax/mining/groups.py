@@ -12,6 +12,7 @@ import dataclasses
 
 import numpy as np
 
+from cirjax.errors import ConfigError
 from cirjax.data.records import CIRSplit, DataError
 from cirjax.mining.sets import first_positions
 
@@ -39,8 +40,8 @@ def mining_groups(train_splits: list[CIRSplit], names: dict[str, int], q_tgt: np
   copy of its target (docs/reference_semantics.md#mining).
   """
   if target_position not in TARGET_POSITIONS:
-    raise ValueError(f"config.qure.target_position={target_position!r}: use one of "
-                     f"{TARGET_POSITIONS}")
+    raise ConfigError(f"config.qure.target_position={target_position!r}: use one of "
+                      f"{TARGET_POSITIONS}")
   groups, start = [], 0
   for s in train_splits:
     nq = len(s.queries)

@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from cirjax.errors import ConfigError
 from cirjax.eval import encode as encode_lib
 from cirjax.eval import retrieval
 from cirjax.mining import audit
@@ -49,8 +50,8 @@ class RoundOptions:
     """Checked at set-up, so a bad key fails now and not at the first mining epoch."""
     strategy = audit.check_strategy(qc.get("strategy", "qure"), dataset)
     if qc.get("mining_method", "auto") not in METHODS:
-      raise ValueError(f"config.qure.mining_method={qc.get('mining_method')!r}; expected "
-                       f"one of {METHODS}")
+      raise ConfigError(f"config.qure.mining_method={qc.get('mining_method')!r}; expected "
+                        f"one of {METHODS}")
     return cls(strategy=strategy, k=int(qc.get("k", 100)),
                consecutive_threshold=int(qc.get("consecutive_threshold", 1)),
                strict_below=bool(qc.get("strict_below", False)),

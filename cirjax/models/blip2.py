@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from cirjax.errors import ConfigError
 from cirjax.models import layer_stack
 from cirjax.models.scoring import max_over_tokens
 from cirjax.models.remat import DEFAULT_POLICY, check_remat_policy
@@ -188,8 +189,8 @@ def model_config(mc, vocab_size: int) -> Blip2Config:
       hidden_act="quick_gelu" if clip else "gelu", variant=v.variant, post_layernorm=False)
   vs = int(q.get("vocab_size", 0) or 0) or vocab_size  # 0: the tokenizer's size
   if vocab_size > vs:
-    raise ValueError(f"config.model.qformer.vocab_size={vs} is smaller than the "
-                     f"tokenizer's {vocab_size} tokens")
+    raise ConfigError(f"config.model.qformer.vocab_size={vs} is smaller than the "
+                      f"tokenizer's {vocab_size} tokens")
   qformer = qf.QFormerConfig(
       hidden_size=int(q.hidden_size), num_layers=int(q.num_layers), num_heads=int(q.num_heads),
       intermediate_size=int(q.intermediate_size),

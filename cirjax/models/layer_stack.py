@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cirjax.errors import ConfigError
+
 
 class Stack(NamedTuple):
   """One run of repeated blocks.
@@ -88,10 +90,10 @@ def same_flag(flags: list, where: str) -> bool:
   """`combine` for a bool tree (which parameters train): one flag for a stacked parameter, so
   every layer of the run must agree."""
   if len(set(bool(f) for f in flags)) != 1:
-    raise ValueError(f"{where} is trained in some layers and frozen in others (config.freeze / "
-                     "config.train_only), but scan_layers=True holds each parameter of a run "
-                     "of layers as one stacked array: freeze whole runs or set "
-                     "scan_layers=False")
+    raise ConfigError(f"{where} is trained in some layers and frozen in others (config.freeze / "
+                      "config.train_only), but scan_layers=True holds each parameter of a run "
+                      "of layers as one stacked array: freeze whole runs or set "
+                      "scan_layers=False")
   return bool(flags[0])
 
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cirjax.errors import ConfigError
 from cirjax.models import llava
 from cirjax.models.phi3 import Phi3Config
 from cirjax.models.vit import ViTConfig
@@ -24,8 +25,8 @@ def config_from_widths(mc: Any, vocab_size: int, image_token_id: int,
   if vs == 0:  # the tokenizer's size, rounded up as checkpoints pad their embeddings
     vs = -(-vocab_size // 64) * 64
   if vocab_size > vs:
-    raise ValueError(f"config.model.text.vocab_size={vs} is smaller than the tokenizer's "
-                     f"{vocab_size} tokens")
+    raise ConfigError(f"config.model.text.vocab_size={vs} is smaller than the tokenizer's "
+                      f"{vocab_size} tokens")
   vision = ViTConfig(image_size=int(v.image_size), patch_size=int(v.patch_size),
                      hidden_size=int(v.hidden_size), intermediate_size=int(v.intermediate_size),
                      num_layers=int(v.num_layers), num_heads=int(v.num_heads),

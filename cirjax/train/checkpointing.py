@@ -31,6 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from cirjax.errors import ConfigError
 from cirjax.errors import CirjaxError
 from cirjax.train import distributed
 
@@ -78,7 +79,7 @@ class Checkpointer:
     policies = [ocm.LatestN(n=max(1, int(keep)))]
     if best_metric:
       if best_mode not in ("max", "min"):
-        raise ValueError(f"config.checkpoint.best_mode must be max or min, got {best_mode!r}")
+        raise ConfigError(f"config.checkpoint.best_mode must be max or min, got {best_mode!r}")
       policies.append(ocm.BestN(get_metric_fn=lambda m: float(m[best_metric]),
                                 reverse=(best_mode == "min"), n=1,
                                 keep_checkpoints_without_metrics=False))

@@ -17,11 +17,8 @@ from typing import Iterable, Sequence
 
 import ml_collections
 
-from cirjax.errors import UsageError
-
-
-class ConfigError(UsageError, ValueError):
-  """A config file, variant or override that cannot be used; the message says which."""
+# ConfigError lives in cirjax.errors (every layer raises it); its name here is public too.
+from cirjax.errors import ConfigError  # noqa: F401
 
 
 # `--config.model.init=random`: train from random weights where a config asks for a

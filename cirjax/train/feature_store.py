@@ -36,6 +36,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from cirjax.errors import ConfigError
 from cirjax.data import pixel_store, row_store
 from cirjax.data.loader import Prefetcher, default_workers
 from cirjax.eval import encode as encode_lib
@@ -51,7 +52,7 @@ FORMAT = row_store.FORMAT
 def storage_dtype(name: str) -> np.dtype:
   """The numpy dtype of a store precision name; a clear error for anything else."""
   if str(name) not in DTYPES:
-    raise ValueError(f"config.qure.feature_dtype={name!r}: use one of {tuple(DTYPES)}")
+    raise ConfigError(f"config.qure.feature_dtype={name!r}: use one of {tuple(DTYPES)}")
   return DTYPES[str(name)]
 
 

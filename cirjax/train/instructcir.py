@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from cirjax.errors import ConfigError
 from cirjax import console
 from cirjax import lora as lora_lib
 from cirjax import prompts
@@ -106,15 +107,15 @@ class InstructCIRTask(Task):
     t0 = time.perf_counter()
     self.stage = int(config.stage)
     if self.stage not in (1, 2):
-      raise ValueError(f"config.stage={self.stage}: InstructCIR has stages 1 and 2")
+      raise ConfigError(f"config.stage={self.stage}: InstructCIR has stages 1 and 2")
     self.seed = int(config.get("seed", 0))
     lc = config.loss
     self.temperature = float(lc.temperature)
     self.use_hard_negatives = self.stage == 2 and bool(lc.get("hard_negatives", True))
     self.hn_scope = lc.get("hard_negative_scope", "batch")
     if self.hn_scope not in HARD_NEGATIVE_SCOPES:
-      raise ValueError(f"config.loss.hard_negative_scope={self.hn_scope!r}: use one of "
-                       f"{HARD_NEGATIVE_SCOPES}")
+      raise ConfigError(f"config.loss.hard_negative_scope={self.hn_scope!r}: use one of "
+                        f"{HARD_NEGATIVE_SCOPES}")
     self.fixed_templates = bool(config.get("fixed_templates", False))
     self.remat = bool(config.get("remat", False))
     self.run_kw = run_options(config)
@@ -124,11 +125,11 @@ class InstructCIRTask(Task):
     self.train, self.eval_examples, self.eval_split, data_root = read_examples(dc, self.stage)
     self.init_from = os.path.expanduser(config.get("init_from", "") or "")
     if self.stage == 1 and self.init_from:
-      raise ValueError("config.init_from is for stage 2 (the stage-1 result to start from)")
+      raise ConfigError("config.init_from is for stage 2 (the stage-1 result to start from)")
     if self.stage == 2 and not self.init_from and not config.get("allow_scratch_stage2", False):
-      raise ValueError("config.init_from is empty: stage 2 starts from stage 1 (its workdir, "
-                       "a PEFT adapter directory or a merged model directory); set "
-                       "allow_scratch_stage2=True to run stage 2 alone (the paper's ablation)")
+      raise ConfigError("config.init_from is empty: stage 2 starts from stage 1 (its workdir, "
+                        "a PEFT adapter directory or a merged model directory); set "
+                        "allow_scratch_stage2=True to run stage 2 alone (the paper's ablation)")
     self.source = llava_run.model_source(
         config, config_utils.model_init(config), self.init_from, workdir, tokenizer_texts(
             self.train + self.eval_examples, self.eval_split, data_root is not None), _log)
@@ -298,9 +299,9 @@ class InstructCIRTask(Task):
   def load_host_state(self, host, arrays):
     if host.get("num_train", len(self.train)) != len(self.train) or \
         host.get("stage", self.stage) != self.stage:
-      raise ValueError(f"the checkpoint in {self.workdir} is of stage {host.get('stage')} with "
-                       f"{host.get('num_train')} training records; this config has stage "
-                       f"{self.stage} with {len(self.train)}: use another workdir")
+      raise ConfigError(f"the checkpoint in {self.workdir} is of stage {host.get('stage')} with "
+                        f"{host.get('num_train')} training records; this config has stage "
+                        f"{self.stage} with {len(self.train)}: use another workdir")
 
   # ---------------------------------------------------------------- evaluation
   def _prompt_batches(self, rendered: list[str], image_paths=None

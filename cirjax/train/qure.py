@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from cirjax.errors import ConfigError
 from cirjax import console
 from cirjax import losses
 from cirjax.convert import registry
@@ -87,12 +88,17 @@ class QuReTask(Task):
     tok = load_tokenizer(blip2_run.tokenizer_source(run.config), "blip2", required=False)
     return model_lib.make_model("blip2", cfg, params, tok, source)
 
+  @classmethod
+  def check_config(cls, config) -> None:
+    loss = (config.get("qure") or {}).get("loss", "pairwise")
+    if loss not in LOSSES:
+      raise ConfigError(f"config.qure.loss={loss!r}: use one of {LOSSES}")
+
   def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdir: str):
     super().__init__(config, mesh, workdir)
+    self.check_config(config)
     qc = config.qure
     self.loss_kind = qc.get("loss", "pairwise")
-    if self.loss_kind not in LOSSES:
-      raise ValueError(f"config.qure.loss={self.loss_kind!r}: use one of {LOSSES}")
     self.seed = int(config.get("seed", 0))
     self.compute_dtype = jnp.dtype(config.get("compute_dtype", "float32"))
     t0 = time.perf_counter()
@@ -170,8 +176,8 @@ class QuReTask(Task):
     if self.cache:
       feature_store.storage_dtype(config.qure.get("feature_dtype", "float16"))
     if self.cache and not frozen_vit:
-      raise ValueError("config.qure.cache_features=True needs a frozen vision tower "
-                       "(config.freeze must include 'vision/.*'); set it False to train the ViT")
+      raise ConfigError("config.qure.cache_features=True needs a frozen vision tower "
+                        "(config.freeze must include 'vision/.*'); set it False to train the ViT")
     nd = self.mesh.devices.size
     self.encode_batch = max(nd, int(config.qure.get("encode_batch_size", 256)) // nd * nd)
     self.images = ImageInputs(

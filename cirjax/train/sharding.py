@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from cirjax.errors import ConfigError
 from cirjax.eval.mesh import MeshError, build_mesh
 
 BATCH_AXES = ("data", "fsdp")
@@ -82,7 +83,7 @@ def param_specs(abstract: Any, mesh: jax.sharding.Mesh,
   compiled = [(re.compile(r"(?:^|.*/)(?:" + r + r")$"), rule) for r, rule in rules]
   for _, rule in rules:
     if rule not in ("fsdp", "replicate"):
-      raise ValueError(f"config.sharding_rules: unknown rule {rule!r} (use fsdp or replicate)")
+      raise ConfigError(f"config.sharding_rules: unknown rule {rule!r} (use fsdp or replicate)")
   fsdp = mesh.shape["fsdp"]
 
   def one(path, leaf):

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cirjax.errors import ConfigError
 from cirjax.models import layer_stack
 from cirjax.train.sharding import path_str
 
@@ -109,8 +110,19 @@ def make_schedule(cfg, steps_per_epoch: int, total_steps: int) -> Callable[[jax.
       return jnp.where(step < warm, lr * w,
                        floor + (lr - floor) * 0.5 * (1 + jnp.cos(jnp.pi * prog)))
     return sched
-  raise ValueError(f"config.train.schedule: unknown schedule {kind!r} "
-                   "(use constant, cosine_per_epoch or warmup_cosine)")
+  check_schedule(cfg)
+  raise AssertionError(kind)  # check_schedule refused it
+
+
+SCHEDULES = ("constant", "cosine_per_epoch", "warmup_cosine")
+
+
+def check_schedule(cfg) -> None:
+  """Refuses an unknown `config.train.schedule` (a ConfigError naming it)."""
+  kind = cfg.get("schedule", "constant")
+  if kind not in SCHEDULES:
+    raise ConfigError(f"config.train.schedule: unknown schedule {kind!r} (use "
+                      f"{', '.join(SCHEDULES[:-1])} or {SCHEDULES[-1]})")
 
 
 def make_optimizer(cfg, mask: Any, steps_per_epoch: int, total_steps: int

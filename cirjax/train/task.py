@@ -104,6 +104,11 @@ class Task:
   def close(self) -> None:
     """Every exit of the trainer (stops input workers the task started)."""
 
+  @classmethod
+  def check_config(cls, config: Any) -> None:
+    """Raises a `ConfigError` naming a config value the task cannot use, before anything is
+    written (`cirjax train` calls it before a warm start or the trainer; `__init__` too)."""
+
   # --- the trained model, read back
   @classmethod
   def model_from_params(cls, run: Any, params: Any, source: str) -> Any:
@@ -119,15 +124,15 @@ def task_class(name: Any, where: Any = "config.task") -> type:
   """The Task class of `name` (a registered name, `module:attr` or `file.py:attr`); errors
   name `where` the name was read."""
   if not name:
-    raise ValueError(f"{where} is not set (one of " + ", ".join(TASKS) + ")")
+    raise ConfigError(f"{where} is not set (one of " + ", ".join(TASKS) + ")")
   target = TASKS.get(name, name)
   if ":" not in target:
-    raise ValueError(f"{where}={name!r}: unknown task; use one of {sorted(TASKS)} "
-                     "or 'module:Class' / 'file.py:Class'")
+    raise ConfigError(f"{where}={name!r}: unknown task; use one of {sorted(TASKS)} "
+                      "or 'module:Class' / 'file.py:Class'")
   mod_name, attr = target.rsplit(":", 1)
   module = load_module(mod_name) if mod_name.endswith(".py") else importlib.import_module(mod_name)
   if not hasattr(module, attr):
-    raise ValueError(f"{where}={name!r}: {mod_name} has no {attr!r}")
+    raise ConfigError(f"{where}={name!r}: {mod_name} has no {attr!r}")
   return getattr(module, attr)
 
 

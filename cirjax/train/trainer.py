@@ -28,6 +28,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from cirjax.errors import ConfigError
 from cirjax.data.loader import Prefetcher, default_workers
 from cirjax import console
 from cirjax.models import layer_stack
@@ -161,8 +162,8 @@ class Trainer:
       self.total_steps = min(self.total_steps, int(self.tcfg.max_steps))
     self.global_batch = self.task.global_batch
     if self.global_batch % jax.device_count():
-      raise ValueError(f"config.train.batch_size={self.global_batch} is not divisible by the "
-                       f"{jax.device_count()} devices")
+      raise ConfigError(f"config.train.batch_size={self.global_batch} is not divisible by the "
+                        f"{jax.device_count()} devices")
 
   def _abstract_state(self) -> None:
     """Parameter shapes, trainable mask, optimizer and the state's shardings (no arrays), in
