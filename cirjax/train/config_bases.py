@@ -57,16 +57,7 @@ def instructcir(arg, *, stage: int, global_batch: int, synthetic_epochs: int
                  grad_clip_norm=0.0, accum_steps=1, max_steps=-1)
   c.compute_dtype = "bfloat16"   # the paper trains in fp16; bf16 needs no loss scaling
   c.remat = True
-  # What a rematerialised layer keeps: full | dots_saveable | dots_with_no_batch_dims_saveable
-  # (cirjax/models/remat.py; docs/train.md).
-  c.remat_policy = "full"
-  # cuDNN's fused attention on GPU in bf16/fp16, XLA's otherwise (docs/architecture.md).
-  c.attention_impl = "auto"
-  # One compiled layer body instead of an unrolled stack: shorter compiles at full depth.
-  c.scan_layers = False
-  c.mesh = (("data", -1), ("fsdp", 1))
-  c.sharding_rules = ((".*", "fsdp"),)
-  c.fsdp_min_size = 2 ** 20
+  _run_options(c)
   c.checkpoint = dict(keep=2, every_steps=500, best_metric="", best_mode="max", async_save=True)
   c.evaluate = True              # False: no evaluation at all (throughput runs)
   c.eval_every_epochs = 1
@@ -75,14 +66,7 @@ def instructcir(arg, *, stage: int, global_batch: int, synthetic_epochs: int
   c.eval_batch_size = 64
   c.eval_cir = True
   c.log_every_steps = 10
-  c.tensorboard = True
-  # Off a terminal (a SLURM log), one plain progress line every this many seconds.
-  c.progress_every_s = 30.0
-  # "FIRST,LAST": a jax.profiler trace of those steps in WORKDIR/profile ("" none).
-  c.profile_steps = ""
-  # Weights & Biases, on when project is set (pip install 'cirjax[wandb]'; docs/train.md).
-  c.wandb = dict(project="", entity="", name="", mode="offline")
-  c.export = True
+  _logging_and_export(c)
   c.export_hf = True
 
   _instructcir_variant(c, arg, stage, synthetic_epochs)
@@ -175,30 +159,14 @@ def qure_blip2(arg, *, dataset: str, epochs: int, lr: float) -> ml_collections.C
                  grad_clip_norm=0.0, accum_steps=1, max_steps=-1)
   c.compute_dtype = "bfloat16"  # reference: fp16 autocast; bf16 needs no loss scaling
   c.remat = False
-  # What a rematerialised layer keeps: full | dots_saveable | dots_with_no_batch_dims_saveable
-  # (cirjax/models/remat.py; docs/train.md).
-  c.remat_policy = "full"
-  # cuDNN's fused attention on GPU in bf16/fp16, XLA's otherwise (docs/architecture.md).
-  c.attention_impl = "auto"
-  # One compiled layer body instead of an unrolled stack: shorter compiles at full depth.
-  c.scan_layers = False
-  c.mesh = (("data", -1), ("fsdp", 1))
-  c.sharding_rules = ((".*", "fsdp"),)
-  c.fsdp_min_size = 2 ** 20
+  _run_options(c)
   c.checkpoint = dict(keep=2, every_steps=1000, best_metric="avg", best_mode="max",
                       async_save=True)
   c.eval_every_epochs = 1
   c.eval_max_queries = 0
   c.eval_metrics = None
   c.log_every_steps = 20
-  c.tensorboard = True
-  # Off a terminal (a SLURM log), one plain progress line every this many seconds.
-  c.progress_every_s = 30.0
-  # "FIRST,LAST": a jax.profiler trace of those steps in WORKDIR/profile ("" none).
-  c.profile_steps = ""
-  # Weights & Biases, on when project is set (pip install 'cirjax[wandb]'; docs/train.md).
-  c.wandb = dict(project="", entity="", name="", mode="offline")
-  c.export = True
+  _logging_and_export(c)
 
   if arg.tiny:
     c.model.init = ""
@@ -226,3 +194,29 @@ def qure_blip2(arg, *, dataset: str, epochs: int, lr: float) -> ml_collections.C
   c.train.batch_size = arg.batch_size or c.train.batch_size
   c.train.epochs = arg.epochs or c.train.epochs
   return c
+
+
+def _run_options(c) -> None:
+  """How a run executes, the same for both methods (a config file may override any)."""
+  # What a rematerialised layer keeps: full | dots_saveable | dots_with_no_batch_dims_saveable
+  # (cirjax/models/remat.py; docs/train.md).
+  c.remat_policy = "full"
+  # cuDNN's fused attention on GPU in bf16/fp16, XLA's otherwise (docs/architecture.md).
+  c.attention_impl = "auto"
+  # One compiled layer body instead of an unrolled stack: shorter compiles at full depth.
+  c.scan_layers = False
+  c.mesh = (("data", -1), ("fsdp", 1))
+  c.sharding_rules = ((".*", "fsdp"),)
+  c.fsdp_min_size = 2 ** 20
+
+
+def _logging_and_export(c) -> None:
+  """Progress, profiling, W&B and the end-of-run export, the same for both methods."""
+  c.tensorboard = True
+  # Off a terminal (a SLURM log), one plain progress line every this many seconds.
+  c.progress_every_s = 30.0
+  # "FIRST,LAST": a jax.profiler trace of those steps in WORKDIR/profile ("" none).
+  c.profile_steps = ""
+  # Weights & Biases, on when project is set (pip install 'cirjax[wandb]'; docs/train.md).
+  c.wandb = dict(project="", entity="", name="", mode="offline")
+  c.export = True
