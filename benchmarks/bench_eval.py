@@ -14,6 +14,10 @@ Rows (`run(device, quick) -> list[dict]`):
 * `retrieve_single` — the same with one feature per image ([N, 256], InstructCIR/LLaVA);
   torch: one GEMM (`q @ c.T`) + `topk` per query block; jax: one GEMM + `lax.top_k` per
   query block and cache-sized corpus slice (`retrieval.default_corpus_block`).
+* `retrieve_qure_cirr`, `retrieve_single_cirr`, `retrieve_qure_fiq_shirt`,
+  `retrieve_single_fiq_shirt` — the same two at the evaluation sizes of CIRR's validation
+  split (4,181 queries over 2,297 images) and FashionIQ's largest validation category
+  (shirt: 2,038 queries over 6,346 images); not in `--quick`.
 * `encode_pipeline` — `cirjax.eval.evaluate.encode_split` on a generated synthetic split with a
   trivial jitted encoder: images/s through loading, preprocessing (QuRe target pad, 224 px),
   host->device transfer and the sharded jitted call. The model's own cost is measured by
@@ -44,6 +48,10 @@ def _sizes(device: str, quick: bool) -> dict:
   if device == "gpu":  # CIRCO-sized corpus (123,403 COCO images), CIRR-test-sized query set
     return {"nq": 4096, "n": 123403, "tokens": 32, "dim": 256, "iters": 5, "enc_images": 4096}
   return {"nq": 512, "n": 8192, "tokens": 32, "dim": 256, "iters": 3, "enc_images": 1024}
+
+
+# (row suffix, queries, corpus images) of real evaluation splits (docs/data.md).
+DATASET_SIZES = (("cirr", 4181, 2297), ("fiq_shirt", 2038, 6346))
 
 
 def _features(nq: int, n: int, tokens: int, dim: int, seed: int = 0):
@@ -106,7 +114,8 @@ def _dry_compile_step(name: str, scorer, mesh, dry_run) -> None:
   n_local = scorer.corpus_rows.shape[0] // mesh.devices.size
   block = max(1, min(retrieval.default_corpus_block(scorer, qb), n_local))
   # pylint: disable-next=protected-access  # the program top_k runs per query block
-  rank = retrieval._ranker(mesh, K, block, scorer.num_corpus)
+  rank = retrieval._ranker(mesh, K, block, scorer.num_corpus,
+                           retrieval.default_path(scorer) == "buffered")
   rows = retrieval._replicated(np.arange(qb, dtype=np.int32), mesh)  # pylint: disable=protected-access
   benchmarking.compile_program(name, rank, scorer.query_rows, scorer.corpus_rows, rows, rows,
                                dry_run=dry_run)
@@ -207,6 +216,11 @@ def run(device: str = "cpu", quick: bool = False, dry_run=None) -> list[dict]:
   sz = _sizes(device, quick)
   rows = _retrieval_rows("retrieve_qure", sz, sz["tokens"], device, dry_run)
   rows += _retrieval_rows("retrieve_single", sz, 1, device, dry_run)
+  if not quick and dry_run is None:
+    for suffix, nq, n in DATASET_SIZES:
+      at = {**sz, "nq": nq, "n": n}
+      rows += _retrieval_rows(f"retrieve_qure_{suffix}", at, sz["tokens"], device)
+      rows += _retrieval_rows(f"retrieve_single_{suffix}", at, 1, device)
   rows += _encode_rows(sz, dry_run)
   return rows
 

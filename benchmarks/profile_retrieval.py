@@ -8,7 +8,10 @@ Stages (median of `--iters` runs after one warm-up call):
   jax_full_as_bench       what `cirjax bench`'s eval rows time: a FeatureScorer per call
                           (features placed on the mesh, finite check) + `top_k`
   jax_scorer_build        the FeatureScorer alone
-  jax_topk_prebuilt       `top_k` on a scorer built beforehand (the blocked scan + merges)
+  jax_topk_prebuilt       `top_k` on a scorer built beforehand: CPU's default, the buffered
+                          program (block scores into one row per query block, one top_k)
+  jax_topk_streamed       the same with the accelerators' program (a running top_k merged
+                          with every corpus block)
   jax_scores_einsum       the scores alone through `models.scoring.max_over_tokens` (einsum)
   jax_scores_flat_matmul  the same scores as one [Nq, D] x [D, N*T] matmul, then the max
   jax_matmul_only         that matmul without the max (the GEMM's share)
@@ -16,7 +19,11 @@ Stages (median of `--iters` runs after one warm-up call):
   numpy_argpartition      NumPy's unsorted top-k of the same matrix (a CPU alternative)
   torch_scores / torch_topk_only / torch_full_as_bench
                           the PyTorch reference's stages and whole (bench_eval._torch_topk)
-Each row also gives GFLOP/s of the score stages (2 * Nq * N * T * D flops). The JSON records
+Each row also gives GFLOP/s of the score stages (2 * Nq * N * T * D flops), and
+`top_k_us_per_row`: XLA's CPU `lax.top_k` and torch's `topk` per score row at k = 1 and 50
+for row lengths from 512 to 32,768 (XLA's is one thread, torch's splits rows over its
+threads). `--at bench,cirr,fiq_shirt` also profiles CIRR's and FashionIQ's evaluation sizes
+(benchmarks/bench_eval.py DATASET_SIZES). The JSON records
 the 1-minute load average at start and end and the threads each framework used; a profile
 taken on a loaded machine measures the load (docs/benchmarks.md).
 """
@@ -64,6 +71,8 @@ def profile(tokens: int, nq: int, n: int, dim: int, k: int, iters: int) -> dict:
   t["jax_scorer_build"] = _median(lambda: retrieval.FeatureScorer(q, feats, mesh=mesh), iters)
   scorer = retrieval.FeatureScorer(q, feats, mesh=mesh)
   t["jax_topk_prebuilt"] = _median(lambda: retrieval.top_k(scorer, k, exclude, mesh), iters)
+  t["jax_topk_streamed"] = _median(lambda: retrieval.top_k(scorer, k, exclude, mesh,
+                                                           path="streamed"), iters)
   qd, cd = jnp.asarray(q), jnp.asarray(c)
   einsum = jax.jit(max_over_tokens)
   matmul = jax.jit(lambda a, b: a @ b.reshape(-1, b.shape[-1]).T)
@@ -97,21 +106,47 @@ def profile(tokens: int, nq: int, n: int, dim: int, k: int, iters: int) -> dict:
           "full_speedup_vs_torch": t["torch_full_as_bench"] / t["jax_full_as_bench"]}
 
 
+def top_k_per_row(iters: int, rows: int = 256) -> list[dict]:
+  """Microseconds per score row of XLA's CPU `lax.top_k` and torch's `topk`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from jax import lax  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  out = []
+  for n in (512, 2297, 8192, 32768):
+    host = rng.standard_normal((rows, n)).astype(np.float32)
+    dev, tt = jax.device_put(host), torch.from_numpy(host)
+    for k in (1, 50):
+      top = jax.jit(lambda s, k=k: lax.top_k(s, k))
+      out.append({"n": n, "k": k,
+                  "jax_us": 1e6 / rows * _median(lambda: jax.block_until_ready(top(dev)), iters),
+                  "torch_us": 1e6 / rows * _median(lambda: torch.topk(tt, k, dim=1), iters)})
+  return out
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--out", type=Path, default=None, help="write the JSON here (else stdout)")
   p.add_argument("--iters", type=int, default=5, help="timed runs per stage (default 5)")
   p.add_argument("--tokens", default="1,32", help="feature tokens per corpus item (default 1,32)")
+  p.add_argument("--at", default="bench", help="sizes, comma-separated: bench (512 x 8,192), "
+                 "cirr (4,181 x 2,297), fiq_shirt (2,038 x 6,346); default bench")
   args = p.parse_args(argv)
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   out = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_1min_start": os.getloadavg()[0],
          "cpus": os.cpu_count(), "jax": jax.__version__, "torch": torch.__version__,
          "torch_threads": torch.get_num_threads(), "rows": []}
-  for tokens in (int(x) for x in args.tokens.split(",")):
-    row = profile(tokens, 512, 8192, 256, 50, args.iters)
-    print(json.dumps(row), flush=True)
-    out["rows"].append(row)
+  from benchmarks.bench_eval import DATASET_SIZES  # pylint: disable=g-import-not-at-top
+  sizes = {"bench": (512, 8192), **{name: (nq, n) for name, nq, n in DATASET_SIZES}}
+  for at in args.at.split(","):
+    if at not in sizes:
+      p.error(f"--at: unknown size {at!r} (choose from {', '.join(sizes)})")
+    for tokens in (int(x) for x in args.tokens.split(",")):
+      row = {"at": at, **profile(tokens, *sizes[at], 256, 50, args.iters)}
+      print(json.dumps(row), flush=True)
+      out["rows"].append(row)
+  out["top_k_us_per_row"] = top_k_per_row(args.iters)
   out["load_1min_end"] = os.getloadavg()[0]
   text = json.dumps(out, indent=1)
   if args.out:

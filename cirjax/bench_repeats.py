@@ -37,8 +37,8 @@ SPEED_GOALS = {
         Goal("train", "qure_step_pixels", "speedup_vs_torch", 1.3, _ISSUE28),
         Goal("blip2", "encode_image", "speedup_vs_torch", 1.3, _ISSUE28),
         Goal("blip2", "compose", "speedup_vs_torch", 1.3, _ISSUE28),
-        Goal("eval", "retrieve_single", "speedup_vs_torch", 1.2, _ISSUE28),
-        Goal("eval", "retrieve_qure", "speedup_vs_torch", 1.2, _ISSUE28),
+        *(Goal("eval", f"retrieve_{kind}{at}", "speedup_vs_torch", 1.2, _ISSUE28)
+          for at in ("", "_cirr", "_fiq_shirt") for kind in ("single", "qure")),
     ),
     "gpu": (
         Goal("train", "qure_step_cached", "vs_torch_eager", 1.5, _ISSUE18),

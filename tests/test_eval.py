@@ -11,7 +11,7 @@ import pytest
 
 from cirjax.data import synth
 from cirjax.data.records import CIRSplit, DataError, ImageRef, Query
-from cirjax.eval import encode, evaluate, metrics, retrieval, submission
+from cirjax.eval import baselines, encode, evaluate, metrics, retrieval, submission
 
 TINY = synth.SynthConfig(seed=5, resolution=16, num_images=(60, 150, 80),
                          num_queries=(20, 120, 30))
@@ -165,7 +165,7 @@ def test_encode_split_with_an_encoder(root, mesh):
 def test_scorer_size_mismatch_is_an_error(root, mesh):
   s = synth.read_synthetic(root, "val")
   with pytest.raises(ValueError, match="scorer covers"):
-    evaluate.evaluate_split(s, retrieval.RandomScorer(3, len(s.corpus)), mesh)
+    evaluate.evaluate_split(s, baselines.RandomScorer(3, len(s.corpus)), mesh)
   with pytest.raises(ValueError, match="unknown baseline"):
     evaluate.baseline_scorer("psychic", s)
 
@@ -397,7 +397,7 @@ def test_ragged_img_sets_and_too_small_corpus(mesh):
   small = _split("cirr", qs, corpus[:40])
   with pytest.raises(DataError, match="only 39 candidate images"):
     evaluate.evaluate_split(dataclass_replace_split(small, qs[:5]),
-                            retrieval.RandomScorer(5, 40), mesh)
+                            baselines.RandomScorer(5, 40), mesh)
 
 
 def dataclass_replace_split(s, queries):

@@ -29,7 +29,7 @@ import numpy as np
 
 from cirjax.data import loader
 from cirjax.data.records import CIRSplit, DataError, Query
-from cirjax.eval import encode, metrics, retrieval
+from cirjax.eval import baselines, encode, metrics, retrieval
 
 
 @dataclasses.dataclass
@@ -50,13 +50,13 @@ def baseline_scorer(kind: str, split: CIRSplit, seed: int = 0) -> retrieval.Scor
   idx = split.corpus_index()
   nq, nc = len(split.queries), len(split.corpus)
   if kind == "random":
-    return retrieval.RandomScorer(nq, nc, seed)
+    return baselines.RandomScorer(nq, nc, seed)
   if kind == "oracle":
     if not split.has_targets:
       raise DataError(f"{split.name}: the oracle needs ground truth, this split has none")
     targets = np.array([idx[q.target] for q in split.queries])
     relevant = [np.array([idx[n] for n in q.relevant if n in idx]) for q in split.queries]
-    return retrieval.OracleScorer(targets, relevant, nc, seed)
+    return baselines.OracleScorer(targets, relevant, nc, seed)
   raise ValueError(f"unknown baseline {kind!r}: use 'random' or 'oracle'")
 
 

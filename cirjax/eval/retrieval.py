@@ -23,8 +23,10 @@ device (= row) order.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import math
+import os
 from typing import Callable
 
 import jax
@@ -119,6 +121,57 @@ def _rows_on_mesh(x, n: int, mesh: jax.sharding.Mesh) -> jax.Array:
   return jax.make_array_from_callback((rows,) + x.shape[1:], sh, rows_of)
 
 
+_ALIGN = 64  # XLA's CPU client aliases host memory this aligned instead of copying it
+_CHUNK_BYTES = 8 << 20
+
+
+def _aligned_empty(shape, dtype) -> np.ndarray:
+  dtype = np.dtype(dtype)
+  nbytes = int(np.prod(shape)) * dtype.itemsize
+  raw = np.empty(nbytes + _ALIGN, np.uint8)
+  off = (-raw.ctypes.data) % _ALIGN
+  return raw[off:off + nbytes].view(dtype).reshape(shape)
+
+
+def _cpu_host_rows(x: np.ndarray, n: int, rows: int) -> tuple[np.ndarray, bool]:
+  """`x[:n]` and zero rows up to `rows`, in 64-byte aligned memory that the CPU devices use
+  in place, and whether those `n` rows are finite. `x` itself when it is already laid out so;
+  otherwise one copy, made with the finite check in cache-sized chunks on a few threads
+  (NumPy releases the GIL): a 268 MB corpus took 0.23 s to check and hand to `device_put`
+  (which copies unaligned memory on one thread), 0.05 s so."""
+  reuse = (rows == n == x.shape[0] and x.flags.c_contiguous and x.ctypes.data % _ALIGN == 0)
+  out = x if reuse else _aligned_empty((rows,) + x.shape[1:], x.dtype)
+  step = max(1, _CHUNK_BYTES // max(1, x[:1].nbytes))
+
+  def chunk(a):
+    b = min(a + step, n)
+    if not reuse:
+      np.copyto(out[a:b], x[a:b])
+    return bool(np.isfinite(out[a:b]).all())
+
+  with concurrent.futures.ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+    finite = all(pool.map(chunk, range(0, n, step)))
+  out[n:] = 0
+  return out, finite
+
+
+def _checked_rows_on_mesh(x, n: int, mesh: jax.sharding.Mesh) -> jax.Array:
+  """`_rows_on_mesh` once the first `n` rows are known finite (else a DataError, before
+  anything is placed). NumPy rows for this process's CPU devices are checked while they are
+  laid out for the devices to use in place (`_cpu_host_rows`)."""
+  devices = mesh.devices.flat
+  if not isinstance(x, jax.Array) and all(
+      d.platform == "cpu" and d.process_index == jax.process_index() for d in devices):
+    rows = _round_up(n, mesh.devices.size)
+    x, finite = _cpu_host_rows(x, n, rows)
+    n = rows
+  else:
+    finite = _finite(x, n)
+  if not finite:
+    raise DataError("non-finite (NaN/inf) features: refusing to rank")
+  return _rows_on_mesh(x, n, mesh)
+
+
 def _finite(x, n: int) -> bool:
   """Whether the first `n` rows are finite: NumPy on the host, device arrays where they are
   (one flag comes back)."""
@@ -184,10 +237,8 @@ class FeatureScorer(Scorer):
     self.tokens = int(tokens)
     self.mesh = _mesh_of(corpus_feats) or _mesh_of(query_feats) or mesh or make_mesh()
     self._given = (query_feats, corpus_feats)
-    if not _finite(query_feats, self.num_queries) or not _finite(corpus_feats, self.num_corpus):
-      raise DataError("non-finite (NaN/inf) features: refusing to rank")
-    self.query_rows = _rows_on_mesh(query_feats, self.num_queries, self.mesh)
-    self.corpus_rows = _rows_on_mesh(corpus_feats, self.num_corpus, self.mesh)
+    self.query_rows = _checked_rows_on_mesh(query_feats, self.num_queries, self.mesh)
+    self.corpus_rows = _checked_rows_on_mesh(corpus_feats, self.num_corpus, self.mesh)
 
   @property
   def query(self) -> np.ndarray | jax.Array:
@@ -239,33 +290,85 @@ def _gather_rows(x, rows, axes):
   return lax.psum(g, axes)
 
 
-def _rank_local(q, c, rows, exclude, *, k, block, num_corpus, devices, axes):
-  """shard_map body: the query block `rows` against this device's corpus rows, in blocks of
-  `block` rows (the last one shifted back to end at the last row, its repeats masked), then
-  the devices' top-k lists merged. Returns ([B, k] scores, [B, k] corpus indices)."""
+def _rank_local(q, c, rows, exclude, *, k, block, num_corpus, devices, buffered, axes):
+  """shard_map body: the query block `rows` against this device's corpus rows, scored
+  `block` rows at a time, then the devices' top-k lists merged. Returns ([B, k] scores,
+  [B, k] corpus indices).
+
+  Buffered (the CPU path): every block's scores go into one `[B, local rows]` row, ranked by
+  one `top_k` at the end (XLA's CPU `top_k` costs about 10 us per row and call whatever its
+  length: one call, not one per block). Streamed (accelerators): a running `top_k` merged
+  with each block, so no more than `[B, block]` scores exist at once. Both score a block with
+  the same flat matmul (`max_over_tokens(flat=True)`: same GEMM shapes, same bits) and keep
+  the lower corpus index first among equal scores, so they rank alike bit for bit
+  (tests/test_retrieval_paths.py).
+  """
   qb = _gather_rows(q, rows, axes).astype(jnp.float32)
   c = as_tokens(c)
   n = c.shape[0]
   first = lax.axis_index(axes) * n
-  init = lax.pcast((jnp.full((rows.shape[0], k), NEG, jnp.float32),
-                    jnp.full((rows.shape[0], k), -1, jnp.int32)), axes, to="varying")
+  if buffered:
+    top_s, top_i = _buffered_top_k(qb, c, exclude, first, k=k, block=block,
+                                   num_corpus=num_corpus, axes=axes)
+  else:
+    top_s, top_i = _streamed_top_k(qb, c, exclude, first, k=k, block=block,
+                                   num_corpus=num_corpus, axes=axes)
+  if devices == 1:  # already the merged list (a k-wide top_k costs ~10 us a row on CPU);
+    return lax.pmax(top_s, axes), lax.pmax(top_i, axes)  # pmax over one device: replicated
+  all_s, all_i = _gather_lists(top_s, top_i, devices, axes)
+  best, pos = lax.top_k(all_s, k)
+  return best, jnp.take_along_axis(all_i, pos, axis=1)
+
+
+def _block_starts(n, block):
+  """Start rows of the `block`-row steps over `n` rows: the last step shifted back to end at
+  the last row (its rows before `b * block` repeat the previous step's)."""
+  return -(-n // block), lambda b: jnp.minimum(b * block, n - block)
+
+
+def _streamed_top_k(qb, c, exclude, first, *, k, block, num_corpus, axes):
+  n = c.shape[0]
+  blocks, start_of = _block_starts(n, block)
+  init = lax.pcast((jnp.full((qb.shape[0], k), NEG, jnp.float32),
+                    jnp.full((qb.shape[0], k), -1, jnp.int32)), axes, to="varying")
 
   def step(carry, b):
-    start = jnp.minimum(b * block, n - block)
+    start = start_of(b)
     local = start + jnp.arange(block, dtype=jnp.int32)
     idx = first + local
     keep = ((local >= b * block) & (idx < num_corpus))[None, :] & (idx[None, :] != exclude[:, None])
     cb = (c if block == n else lax.dynamic_slice_in_dim(c, start, block)).astype(jnp.float32)
-    return _merge(*carry, max_over_tokens(qb, cb), idx, keep, k), None
+    return _merge(*carry, max_over_tokens(qb, cb, flat=True), idx, keep, k), None
 
-  blocks = -(-n // block)
   if blocks == 1:  # no loop to compile
-    top_s, top_i = step(init, jnp.int32(0))[0]
+    return step(init, jnp.int32(0))[0]
+  return lax.scan(step, init, jnp.arange(blocks, dtype=jnp.int32))[0]
+
+
+def _buffered_top_k(qb, c, exclude, first, *, k, block, num_corpus, axes):
+  n = c.shape[0]
+  blocks, start_of = _block_starts(n, block)
+  score = lambda cb: max_over_tokens(qb, cb.astype(jnp.float32), flat=True)
+  if blocks == 1:
+    s = score(c)
   else:
-    (top_s, top_i), _ = lax.scan(step, init, jnp.arange(blocks, dtype=jnp.int32))
-  all_s, all_i = _gather_lists(top_s, top_i, devices, axes)
-  best, pos = lax.top_k(all_s, k)
-  return best, jnp.take_along_axis(all_i, pos, axis=1)
+    def step(buf, b):
+      start = start_of(b)
+      new = (start + jnp.arange(block, dtype=jnp.int32)) >= b * block
+      old = lax.dynamic_slice_in_dim(buf, start, block, axis=1)
+      cb = lax.dynamic_slice_in_dim(c, start, block)
+      # The shifted last step leaves the repeated rows' scores as the step before wrote them.
+      return lax.dynamic_update_slice_in_dim(buf, jnp.where(new[None, :], score(cb), old),
+                                             start, axis=1), None
+
+    buf = lax.pcast(jnp.zeros((qb.shape[0], n), jnp.float32), axes, to="varying")
+    s = lax.scan(step, buf, jnp.arange(blocks, dtype=jnp.int32))[0]
+  idx = first + jnp.arange(n, dtype=jnp.int32)
+  s = jnp.where((idx[None, :] < num_corpus) & (idx[None, :] != exclude[:, None]), s, NEG)
+  if n < k:  # fewer local rows than k: -inf fillers, as the streamed path's initial list
+    s = jnp.concatenate([s, jnp.full((s.shape[0], k - n), NEG, s.dtype)], axis=1)
+  top_s, pos = lax.top_k(s, k)
+  return top_s, jnp.where(pos < n, first + pos, -1)
 
 
 def _gather_lists(top_s, top_i, devices, axes):
@@ -306,9 +409,9 @@ def _mapped(body, mesh, n_row_args: int, n_rep_args: int, n_out: int):
 
 
 @functools.lru_cache(maxsize=32)
-def _ranker(mesh, k: int, block: int, num_corpus: int):
+def _ranker(mesh, k: int, block: int, num_corpus: int, buffered: bool):
   body = functools.partial(_rank_local, k=k, block=block, num_corpus=num_corpus,
-                           devices=mesh.devices.size)
+                           devices=mesh.devices.size, buffered=buffered)
   return _mapped(body, mesh, 2, 2, 2)
 
 
@@ -338,6 +441,14 @@ _MULTI_TOKEN_MIN_BLOCK = 256  # smaller blocks pay more running-top_k merges tha
 _MULTI_TOKEN_BLOCK = 4096  # off CPU (no cache-sized tiles measured there)
 
 
+PATHS = ("buffered", "streamed")
+
+
+def default_path(scorer: FeatureScorer) -> str:
+  """How a `FeatureScorer` ranks (`_rank_local`): "buffered" on CPU, "streamed" elsewhere."""
+  return "buffered" if scorer.mesh.devices.flat[0].platform == "cpu" else "streamed"
+
+
 def default_corpus_block(scorer: Scorer, query_block: int) -> int:
   """Corpus rows per step: a cache-sized score tile for single-vector features, and on CPU
   for multi-token features (at least 256 rows); 4,096 rows for multi-token features on other
@@ -354,8 +465,8 @@ def default_corpus_block(scorer: Scorer, query_block: int) -> int:
 
 def top_k(scorer: Scorer, k: int, exclude: np.ndarray | None = None,
           mesh: jax.sharding.Mesh | None = None, query_block: int = 256,
-          corpus_block: int | None = None, progress: Callable[[int, int], None] | None = None
-          ) -> tuple[np.ndarray, np.ndarray]:
+          corpus_block: int | None = None, progress: Callable[[int, int], None] | None = None,
+          path: str | None = None) -> tuple[np.ndarray, np.ndarray]:
   """The k best corpus items per query: (scores [Nq, k], indices [Nq, k]), best first.
 
   Args:
@@ -365,6 +476,8 @@ def top_k(scorer: Scorer, k: int, exclude: np.ndarray | None = None,
     query_block: queries ranked per call.
     corpus_block: corpus rows scored per step on each device (default:
       `default_corpus_block`).
+    path: a `FeatureScorer`'s ranking program, "buffered" or "streamed" (default:
+      `default_path`); both give the same rankings.
   """
   nq, nc = scorer.num_queries, scorer.num_corpus
   exclude = np.full(nq, -1, np.int32) if exclude is None else np.asarray(exclude, np.int32)
@@ -373,8 +486,11 @@ def top_k(scorer: Scorer, k: int, exclude: np.ndarray | None = None,
   n_cand = nc - (1 if (exclude >= 0).any() else 0)
   if k > n_cand:
     raise DataError(f"asked for the top {k} of a corpus with only {n_cand} candidates per query")
+  if path is not None and path not in PATHS:
+    raise ValueError(f"path must be one of {PATHS}, got {path!r}")
   if isinstance(scorer, FeatureScorer):
-    out_s, out_i = _top_k_features(scorer, k, exclude, query_block, corpus_block, progress)
+    out_s, out_i = _top_k_features(scorer, k, exclude, query_block, corpus_block, progress,
+                                   path or default_path(scorer))
   else:
     out_s, out_i = _top_k_host_scores(scorer, k, exclude, mesh or make_mesh(), query_block,
                                       corpus_block, progress)
@@ -383,13 +499,14 @@ def top_k(scorer: Scorer, k: int, exclude: np.ndarray | None = None,
   return out_s, out_i
 
 
-def _top_k_features(scorer: FeatureScorer, k, exclude, query_block, corpus_block, progress):
+def _top_k_features(scorer: FeatureScorer, k, exclude, query_block, corpus_block, progress,
+                    path):
   mesh = scorer.mesh
   nq = scorer.num_queries
   n_local = scorer.corpus_rows.shape[0] // mesh.devices.size
   qb = max(1, min(query_block, nq))
   block = max(1, min(corpus_block or default_corpus_block(scorer, qb), n_local))
-  rank = _ranker(mesh, k, block, scorer.num_corpus)
+  rank = _ranker(mesh, k, block, scorer.num_corpus, path == "buffered")
   pending = []  # every block is dispatched before the first result is read
   for q0 in range(0, nq, qb):
     rows = np.arange(q0, q0 + qb, dtype=np.int32)
@@ -446,61 +563,3 @@ def rank_subsets(scorer: Scorer, query_idx: np.ndarray, members: np.ndarray) -> 
     raise ValueError("NaN scores")
   order = np.lexsort((members, -s), axis=-1)
   return np.take_along_axis(members, order, axis=1)
-
-
-# ----------------------------------------------------------------------------- baselines
-
-def _hash_uniform(seed: int, q: np.ndarray, c: np.ndarray) -> np.ndarray:
-  """Deterministic uniform [0, 1) per (seed, query, corpus item): splitmix64 of the triple."""
-  with np.errstate(over="ignore"):
-    x = (np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
-         + q.astype(np.uint64) * np.uint64(0xBF58476D1CE4E5B9)
-         + c.astype(np.uint64) * np.uint64(0x94D049BB133111EB))
-    x ^= x >> np.uint64(30)
-    x *= np.uint64(0xBF58476D1CE4E5B9)
-    x ^= x >> np.uint64(27)
-    x *= np.uint64(0x94D049BB133111EB)
-    x ^= x >> np.uint64(31)
-  return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-
-
-class RandomScorer(Scorer):
-  """A model that scores every (query, image) pair uniformly at random (chance level)."""
-
-  def __init__(self, num_queries: int, num_corpus: int, seed: int = 0):
-    self.num_queries, self.num_corpus, self.seed = num_queries, num_corpus, seed
-
-  def block(self, q0, q1, c0, c1):
-    q, c = np.meshgrid(np.arange(q0, q1), np.arange(c0, c1), indexing="ij")
-    return _hash_uniform(self.seed, q, c)
-
-  def pairs(self, query_idx, corpus_idx):
-    q = np.broadcast_to(np.asarray(query_idx)[:, None], np.shape(corpus_idx))
-    return _hash_uniform(self.seed, q, np.asarray(corpus_idx))
-
-
-class OracleScorer(RandomScorer):
-  """Knows the answers: target 3 + u, other relevant images 2 + u, the rest u (u in [0, 1))."""
-
-  def __init__(self, targets: np.ndarray, relevant: list[np.ndarray], num_corpus: int,
-               seed: int = 0):
-    super().__init__(len(targets), num_corpus, seed)
-    self.targets = np.asarray(targets)
-    self.relevant = [np.asarray(r) for r in relevant]
-
-  def _bonus(self, q: np.ndarray, c: np.ndarray) -> np.ndarray:
-    out = np.zeros(q.shape)
-    for i in np.unique(q):
-      m = q == i
-      out[m] = np.where(c[m] == self.targets[i], 3.0,
-                        np.where(np.isin(c[m], self.relevant[i]), 2.0, 0.0))
-    return out
-
-  def block(self, q0, q1, c0, c1):
-    q, c = np.meshgrid(np.arange(q0, q1), np.arange(c0, c1), indexing="ij")
-    return _hash_uniform(self.seed, q, c) + self._bonus(q, c)
-
-  def pairs(self, query_idx, corpus_idx):
-    q = np.broadcast_to(np.asarray(query_idx)[:, None], np.shape(corpus_idx))
-    c = np.asarray(corpus_idx)
-    return _hash_uniform(self.seed, q, c) + self._bonus(q, c)
