@@ -80,6 +80,7 @@ def test_numpy_features_are_used_in_place_when_aligned_and_copied_otherwise():
   c = retrieval._aligned_empty((300, 4, 8), np.float32)
   c[...] = np.random.default_rng(1).standard_normal(c.shape)
   q = np.ones((3, 8), np.float32)
+  c.flags.writeable = False  # as NumPy views of fetched jax.Arrays are
   scorer = retrieval.FeatureScorer(q, c, mesh=mesh)
   assert scorer.corpus_rows.addressable_data(0).unsafe_buffer_pointer() == c.ctypes.data
   unaligned = np.frombuffer(np.concatenate([np.zeros(4, np.uint8), c.view(np.uint8).ravel()])

@@ -151,7 +151,8 @@ def _cpu_host_rows(x: np.ndarray, n: int, rows: int) -> tuple[np.ndarray, bool]:
 
   with concurrent.futures.ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
     finite = all(pool.map(chunk, range(0, n, step)))
-  out[n:] = 0
+  if not reuse:  # `x` may be read-only (a fetched jax.Array): written only when copied
+    out[n:] = 0
   return out, finite
 
 
