@@ -312,7 +312,24 @@ def machine_info() -> dict:
     info["transformers"] = transformers.__version__
   except ImportError:
     pass
+  info["commit"] = source_commit()
   return info
+
+
+def source_commit() -> str | None:
+  """The git commit of the cirjax source measured ("+dirty" with uncommitted changes to
+  tracked files); None outside a git checkout (an installed wheel)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  root = Path(__file__).resolve().parents[1]
+  try:
+    rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                         text=True, timeout=10, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
+                            "--untracked-files=no"], capture_output=True, text=True,
+                           timeout=10, check=True).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return rev + ("+dirty" if dirty else "") if rev else None
 
 
 def write_results(name: str, rows: Sequence[dict], out_dir: str | os.PathLike = "benchmarks/results",

@@ -508,6 +508,7 @@ def render_markdown(payload: dict) -> str:
            f" ({m.get('cpu_count')} host cores)", "",
            f"Measured {_dates(payload, m)} with jax {m.get('jax')}, flax {m.get('flax')}, "
            f"torch {m.get('torch')}, transformers {m.get('transformers')}, python {m.get('python')}"
+           f"{', commit ' + str(m['commit'])[:12] if m.get('commit') else ''}"
            f"{' — quick sizes (smoke run)' if payload.get('quick') else ''}. "
            f"MFU against {payload.get('peak_source')}.", ""]
   suites = list(payload.get("suites") or dict.fromkeys(r.get("suite") for r in payload.get("rows", [])))
