@@ -5,7 +5,8 @@ MLP 4096, 224 px, patch 14) and a trained Q-Former (768/12, 32 queries, 256-d he
 query, the composed query (queries + 32 text tokens jointly, cross-attending to the reference
 image), the target features of the positive and of one negative image, QuRe's pairwise loss
 `-log sigmoid((s_pos - s_neg) / temp)`, backward through the trained parameters and an AdamW
-update (weight decay 0.05). Two cases:
+update (weight decay 0.05); the Q-Former drops out at its config's rates (0.1) on both sides,
+as training runs (before 2026-12-05 only the torch side did). Two cases:
 
 * `qure_step_cached` — the frozen ViT's features are inputs (cirjax's default when the ViT is
   frozen and there is no augmentation): only `ln_vision` + Q-Former + heads run;
@@ -139,7 +140,9 @@ def _jax_step(cfg, params, cached: bool, dtype: str = "float32"):
   from cirjax.train.step import make_train_step  # pylint: disable=g-import-not-at-top
 
   def loss_fn(p, batch, rng):
-    del rng
+    # The Q-Former drops out as cirjax trains (`QuReTask.loss_fn`) and as the torch side,
+    # a module in train mode, does: both sides do the same work.
+    rng_query, rng_target = jax.random.split(rng)
     if cached:
       ref, pos, neg = batch["ref"], batch["pos"], batch["neg"]
     else:
@@ -148,8 +151,10 @@ def _jax_step(cfg, params, cached: bool, dtype: str = "float32"):
                                                          batch["neg"]]))
       ref, pos, neg = f[:b], f[b:2 * b], f[2 * b:]
     b = ref.shape[0]
-    q = blip2.compose_from_features(p, cfg, ref, batch["ids"], batch["mask"])
-    t = blip2.encode_target_from_features(p, cfg, jnp.concatenate([pos, neg]))
+    q = blip2.compose_from_features(p, cfg, ref, batch["ids"], batch["mask"],
+                                    dropout_rng=rng_query)
+    t = blip2.encode_target_from_features(p, cfg, jnp.concatenate([pos, neg]),
+                                          dropout_rng=rng_target)
     temp = p["temp"]
     s_pos, s_neg = losses.qure_scores(q, t[:b], temp), losses.qure_scores(q, t[b:], temp)
     return losses.pairwise_sigmoid_loss(s_pos, s_neg), {}
