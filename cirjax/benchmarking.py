@@ -316,17 +316,23 @@ def machine_info() -> dict:
   return info
 
 
-def source_commit() -> str | None:
+# What `cirjax bench` itself writes while it runs: not a change to the code it measures.
+_BENCH_OUTPUTS = ("benchmarks/results", "README.md")
+
+
+def source_commit(root: str | os.PathLike | None = None) -> str | None:
   """The git commit of the cirjax source measured ("+dirty" with uncommitted changes to
-  tracked files); None outside a git checkout (an installed wheel)."""
+  tracked files other than the bench's own outputs, `_BENCH_OUTPUTS`); None outside a git
+  checkout (an installed wheel). `root`: the checkout (default: this package's)."""
   import subprocess  # pylint: disable=g-import-not-at-top
-  root = Path(__file__).resolve().parents[1]
+  root = Path(root) if root is not None else Path(__file__).resolve().parents[1]
+  git = ["git", "-C", str(root)]
   try:
-    rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                         text=True, timeout=10, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
-                            "--untracked-files=no"], capture_output=True, text=True,
-                           timeout=10, check=True).stdout.strip()
+    rev = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True,
+                         timeout=10, check=True).stdout.strip()
+    dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no", "--", "."]
+                           + [f":(exclude){p}" for p in _BENCH_OUTPUTS],
+                           capture_output=True, text=True, timeout=10, check=True).stdout.strip()
   except (OSError, subprocess.SubprocessError):
     return None
   return rev + ("+dirty" if dirty else "") if rev else None

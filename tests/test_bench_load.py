@@ -179,3 +179,26 @@ def test_merge_keeps_the_other_suites_conditions_and_goals():
   assert merged["suite_conditions"]["mining"] == old["suite_conditions"]["mining"]
   assert merged["suite_conditions"]["eval"]["loaded"] is False
   assert [g["name"] for g in merged["goals"]] == ["new"]
+
+
+def test_source_commit_ignores_the_benchs_own_outputs(tmp_path):
+  """A bench run rewrites benchmarks/results/ and README.md as it goes: the commit it
+  records stays clean; any other change to a tracked file marks it dirty."""
+  import subprocess
+  from cirjax import benchmarking
+  def git(*a):
+    subprocess.run(["git", "-C", str(tmp_path), *a], check=True, capture_output=True)
+  git("init", "-q")
+  (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+  for f in ("README.md", "benchmarks/results/eval_cpu.json", "code.py"):
+    (tmp_path / f).write_text("x\n")
+  git("add", "-A")
+  git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+  head = benchmarking.source_commit(tmp_path)
+  assert len(head) == 40
+  (tmp_path / "README.md").write_text("table\n")
+  (tmp_path / "benchmarks/results/eval_cpu.json").write_text("{}\n")
+  assert benchmarking.source_commit(tmp_path) == head
+  (tmp_path / "code.py").write_text("y\n")
+  assert benchmarking.source_commit(tmp_path) == head + "+dirty"
+  assert benchmarking.source_commit(tmp_path / "nowhere") is None
