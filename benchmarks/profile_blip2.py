@@ -26,10 +26,8 @@ taken on a loaded machine measures the load (docs/benchmarks.md).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,15 +35,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks import profiling  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-def _median(fn, iters: int) -> float:
-  fn()
-  times = []
-  for _ in range(iters):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
 
 
 def profile(iters: int) -> dict:
@@ -72,20 +63,20 @@ def profile(iters: int) -> dict:
   feats = vit(params, px_j)
   rest = jax.jit(lambda p, f: blip2.encode_target_from_features(p, cfg, f))
   t: dict[str, float] = {}
-  t["jax_encode_image"] = _median(lambda: enc(params, px_j).block_until_ready(), iters)
-  t["jax_vit"] = _median(lambda: vit(params, px_j).block_until_ready(), iters)
-  t["jax_qformer"] = _median(lambda: rest(params, feats).block_until_ready(), iters)
-  t["torch_encode_image"] = _median(lambda: t_enc(px_t), iters)
+  t["jax_encode_image"] = profiling.median(lambda: enc(params, px_j).block_until_ready(), iters)
+  t["jax_vit"] = profiling.median(lambda: vit(params, px_j).block_until_ready(), iters)
+  t["jax_qformer"] = profiling.median(lambda: rest(params, feats).block_until_ready(), iters)
+  t["torch_encode_image"] = profiling.median(lambda: t_enc(px_t), iters)
   with torch.no_grad():
     img_t = m.vision_model(px_t).last_hidden_state
-    t["torch_vit"] = _median(lambda: m.vision_model(px_t), iters)
+    t["torch_vit"] = profiling.median(lambda: m.vision_model(px_t), iters)
 
     def torch_rest():
       q = m.query_tokens.expand(b, -1, -1)
       h = m.qformer(query_embeds=q, encoder_hidden_states=img_t).last_hidden_state
       return torch.nn.functional.normalize(m.vision_projection(h), dim=-1)
 
-    t["torch_qformer"] = _median(torch_rest, iters)
+    t["torch_qformer"] = profiling.median(torch_rest, iters)
 
   # The ViT's dense layers at their shapes: [tokens, in] x [in, out], once per layer.
   tokens, width, mlp = b * 257, 1408, 6144
@@ -97,17 +88,17 @@ def profile(iters: int) -> dict:
   mm = jax.jit(lambda a, w: a @ w)
   layers = sz["vision_layers"]
   t["jax_vit_dense_gemms"] = layers * sum(
-      _median(lambda a=a, w=w: mm(a, w).block_until_ready(), iters) for a, w in jmats)
+      profiling.median(lambda a=a, w=w: mm(a, w).block_until_ready(), iters) for a, w in jmats)
   tmats = [(torch.from_numpy(a), torch.from_numpy(w)) for a, w in mats]
   with torch.no_grad():
     t["torch_vit_dense_gemms"] = layers * sum(
-        _median(lambda a=a, w=w: a @ w, iters) for a, w in tmats)
+        profiling.median(lambda a=a, w=w: a @ w, iters) for a, w in tmats)
   gemm_flops = layers * sum(2.0 * tokens * i * o for i, o in shapes)
   a, w = jmats[2]
-  rate = 2.0 * tokens * width * mlp / _median(lambda: mm(a, w).block_until_ready(), iters)
+  rate = 2.0 * tokens * width * mlp / profiling.median(lambda: mm(a, w).block_until_ready(), iters)
   ta, tw = tmats[2]
   with torch.no_grad():
-    trate = 2.0 * tokens * width * mlp / _median(lambda: ta @ tw, iters)
+    trate = 2.0 * tokens * width * mlp / profiling.median(lambda: ta @ tw, iters)
   heads, head_dim = 16, width // 16
   qkv = [rng.standard_normal((b, 257, heads, head_dim)).astype(np.float32) for _ in range(3)]
   jq, jk, jv = (jax.device_put(x) for x in qkv)
@@ -118,24 +109,24 @@ def profile(iters: int) -> dict:
     return jnp.einsum("bhqk,bkhd->bqhd", p, v)
 
   ein_att = jax.jit(einsum_att)
-  t["jax_vit_attention_xla"] = _median(lambda: xla_att(jq, jk, jv).block_until_ready(), iters)
-  t["jax_vit_attention_einsum"] = _median(lambda: ein_att(jq, jk, jv).block_until_ready(),
+  t["jax_vit_attention_xla"] = profiling.median(lambda: xla_att(jq, jk, jv).block_until_ready(), iters)
+  t["jax_vit_attention_einsum"] = profiling.median(lambda: ein_att(jq, jk, jv).block_until_ready(),
                                           iters)
   tq, tk, tv = (torch.from_numpy(x).permute(0, 2, 1, 3).contiguous() for x in qkv)
   with torch.no_grad():
-    t["torch_vit_attention"] = _median(
+    t["torch_vit_attention"] = profiling.median(
         lambda: ((tq @ tk.transpose(-1, -2)) / np.sqrt(head_dim)).softmax(-1) @ tv, iters)
   act = rng.standard_normal((tokens, mlp)).astype(np.float32)
   hid = rng.standard_normal((tokens, width)).astype(np.float32)
   gelu = jax.jit(lambda x: jax.nn.gelu(x, approximate=False))
   ja, jh = jax.device_put(act), jax.device_put(hid)
-  t["jax_vit_gelu"] = _median(lambda: gelu(ja).block_until_ready(), iters)
+  t["jax_vit_gelu"] = profiling.median(lambda: gelu(ja).block_until_ready(), iters)
   ta, th = torch.from_numpy(act), torch.from_numpy(hid)
-  t["torch_vit_gelu"] = _median(lambda: torch.nn.functional.gelu(ta), iters)
+  t["torch_vit_gelu"] = profiling.median(lambda: torch.nn.functional.gelu(ta), iters)
   ln = jax.jit(lambda x: (x - x.mean(-1, keepdims=True)) * jax.lax.rsqrt(
       x.var(-1, keepdims=True) + 1e-6))
-  t["jax_vit_layernorm"] = _median(lambda: ln(jh).block_until_ready(), iters)
-  t["torch_vit_layernorm"] = _median(
+  t["jax_vit_layernorm"] = profiling.median(lambda: ln(jh).block_until_ready(), iters)
+  t["torch_vit_layernorm"] = profiling.median(
       lambda: torch.nn.functional.layer_norm(th, (width,), eps=1e-6), iters)
   flops = enc.lower(params, px_j).compile().cost_analysis()
   flops = (flops[0] if isinstance(flops, list) else flops).get("flops")
@@ -156,16 +147,8 @@ def main(argv=None) -> int:
   os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_platforms", "cpu")
-  import torch  # pylint: disable=g-import-not-at-top
-  out = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_1min_start": os.getloadavg()[0],
-         "cpus": os.cpu_count(), "jax": jax.__version__, "torch": torch.__version__,
-         "torch_threads": torch.get_num_threads(), **profile(args.iters),
-         "load_1min_end": os.getloadavg()[0]}
-  text = json.dumps(out, indent=1)
-  if args.out:
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
-  print(text)
+  out = {**profiling.start_record(), **profile(args.iters)}
+  profiling.finish(out, args.out)
   return 0
 
 

@@ -31,7 +31,6 @@ import os
 import re
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -39,17 +38,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks import profiling  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 KINDS = ("gemm", "attention", "elementwise", "copy", "other")
 
-
-def _median(fn, iters: int = 3) -> float:
-  fn()
-  times = []
-  for _ in range(iters):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
 
 
 def hlo_kinds(hlo: str) -> dict[str, str]:
@@ -95,7 +87,7 @@ def jax_profile(fn, args, iters: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   compiled = fn.lower(*args).compile()
   kinds = hlo_kinds(compiled.as_text())
-  wall = _median(lambda: jax.block_until_ready(compiled(*args)), iters)
+  wall = profiling.median(lambda: jax.block_until_ready(compiled(*args)), iters)
   with tempfile.TemporaryDirectory() as tmp:
     jax.profiler.start_trace(tmp)
     jax.block_until_ready(compiled(*args))
@@ -130,7 +122,7 @@ def _torch_kind(name: str) -> str:
 
 def torch_profile(fn, iters: int) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
-  wall = _median(fn, iters)
+  wall = profiling.median(fn, iters)
   with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
     fn()
   per_kind = collections.Counter()
@@ -203,21 +195,14 @@ def main(argv=None) -> int:
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_default_matmul_precision", "highest")
-  import torch  # pylint: disable=g-import-not-at-top
-  out = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_1min_start": os.getloadavg()[0],
-         "cpus": os.cpu_count(), "jax": jax.__version__, "torch": torch.__version__,
-         "torch_threads": torch.get_num_threads(), "programs": {}}
+  out = {**profiling.start_record(), "programs": {}}
   for name, fn, fargs, tfn in programs():
     row = {"jax": jax_profile(fn, fargs, args.iters), "torch": torch_profile(tfn, args.iters)}
     row["speedup_vs_torch"] = row["torch"]["wall_s"] / row["jax"]["wall_s"]
     out["programs"][name] = row
     print(name, json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "top_ops_s"}
                             if isinstance(v, dict) else v for k, v in row.items()}), flush=True)
-  out["load_1min_end"] = os.getloadavg()[0]
-  text = json.dumps(out, indent=1)
-  if args.out:
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
+  profiling.finish(out, args.out)
   return 0
 
 

@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -42,15 +40,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks import profiling  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-def _median(fn, iters: int) -> float:
-  fn()
-  times = []
-  for _ in range(iters):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
 
 
 def profile(tokens: int, nq: int, n: int, dim: int, k: int, iters: int) -> dict:
@@ -66,36 +57,36 @@ def profile(tokens: int, nq: int, n: int, dim: int, k: int, iters: int) -> dict:
   feats = c if tokens > 1 else c[:, 0]
   mesh = retrieval.make_mesh()
   t: dict[str, float] = {}
-  t["jax_full_as_bench"] = _median(lambda: retrieval.top_k(
+  t["jax_full_as_bench"] = profiling.median(lambda: retrieval.top_k(
       retrieval.FeatureScorer(q, feats, mesh=mesh), k, exclude, mesh), iters)
-  t["jax_scorer_build"] = _median(lambda: retrieval.FeatureScorer(q, feats, mesh=mesh), iters)
+  t["jax_scorer_build"] = profiling.median(lambda: retrieval.FeatureScorer(q, feats, mesh=mesh), iters)
   scorer = retrieval.FeatureScorer(q, feats, mesh=mesh)
-  t["jax_topk_prebuilt"] = _median(lambda: retrieval.top_k(scorer, k, exclude, mesh), iters)
-  t["jax_topk_streamed"] = _median(lambda: retrieval.top_k(scorer, k, exclude, mesh,
+  t["jax_topk_prebuilt"] = profiling.median(lambda: retrieval.top_k(scorer, k, exclude, mesh), iters)
+  t["jax_topk_streamed"] = profiling.median(lambda: retrieval.top_k(scorer, k, exclude, mesh,
                                                            path="streamed"), iters)
   qd, cd = jnp.asarray(q), jnp.asarray(c)
   einsum = jax.jit(max_over_tokens)
   matmul = jax.jit(lambda a, b: a @ b.reshape(-1, b.shape[-1]).T)
   flat = jax.jit(lambda a, b: (a @ b.reshape(-1, b.shape[-1]).T).reshape(
       a.shape[0], b.shape[0], b.shape[1]).max(-1))
-  t["jax_scores_einsum"] = _median(lambda: einsum(qd, cd).block_until_ready(), iters)
-  t["jax_scores_flat_matmul"] = _median(lambda: flat(qd, cd).block_until_ready(), iters)
-  t["jax_matmul_only"] = _median(lambda: matmul(qd, cd).block_until_ready(), iters)
+  t["jax_scores_einsum"] = profiling.median(lambda: einsum(qd, cd).block_until_ready(), iters)
+  t["jax_scores_flat_matmul"] = profiling.median(lambda: flat(qd, cd).block_until_ready(), iters)
+  t["jax_matmul_only"] = profiling.median(lambda: matmul(qd, cd).block_until_ready(), iters)
   scores = einsum(qd, cd)
   top = jax.jit(lambda s: lax.top_k(s, k))
-  t["jax_lax_top_k_only"] = _median(lambda: jax.block_until_ready(top(scores)), iters)
+  t["jax_lax_top_k_only"] = profiling.median(lambda: jax.block_until_ready(top(scores)), iters)
   host = np.asarray(scores)
-  t["numpy_argpartition"] = _median(lambda: np.argpartition(-host, k, axis=1)[:, :k], iters)
+  t["numpy_argpartition"] = profiling.median(lambda: np.argpartition(-host, k, axis=1)[:, :k], iters)
   tq, tc = torch.from_numpy(q), torch.from_numpy(c)
 
   def torch_scores():
     with torch.no_grad():
       return (tq @ tc.reshape(-1, dim).T).reshape(nq, n, tokens).amax(-1)
 
-  t["torch_scores"] = _median(torch_scores, iters)
+  t["torch_scores"] = profiling.median(torch_scores, iters)
   ts = torch_scores()
-  t["torch_topk_only"] = _median(lambda: torch.topk(ts, k, dim=1), iters)
-  t["torch_full_as_bench"] = _median(lambda: bench_eval._torch_topk(  # pylint: disable=protected-access
+  t["torch_topk_only"] = profiling.median(lambda: torch.topk(ts, k, dim=1), iters)
+  t["torch_full_as_bench"] = profiling.median(lambda: bench_eval._torch_topk(  # pylint: disable=protected-access
       q, feats if tokens > 1 else feats[:, None], exclude, k, torch.device("cpu")), iters)
   flops = 2.0 * nq * n * tokens * dim
   gflops = {f"{name}_gflops": flops / t[name] / 1e9
@@ -119,8 +110,8 @@ def top_k_per_row(iters: int, rows: int = 256) -> list[dict]:
     for k in (1, 50):
       top = jax.jit(lambda s, k=k: lax.top_k(s, k))
       out.append({"n": n, "k": k,
-                  "jax_us": 1e6 / rows * _median(lambda: jax.block_until_ready(top(dev)), iters),
-                  "torch_us": 1e6 / rows * _median(lambda: torch.topk(tt, k, dim=1), iters)})
+                  "jax_us": 1e6 / rows * profiling.median(lambda: jax.block_until_ready(top(dev)), iters),
+                  "torch_us": 1e6 / rows * profiling.median(lambda: torch.topk(tt, k, dim=1), iters)})
   return out
 
 
@@ -132,11 +123,7 @@ def main(argv=None) -> int:
   p.add_argument("--at", default="bench", help="sizes, comma-separated: bench (512 x 8,192), "
                  "cirr (4,181 x 2,297), fiq_shirt (2,038 x 6,346); default bench")
   args = p.parse_args(argv)
-  import jax  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
-  out = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_1min_start": os.getloadavg()[0],
-         "cpus": os.cpu_count(), "jax": jax.__version__, "torch": torch.__version__,
-         "torch_threads": torch.get_num_threads(), "rows": []}
+  out = {**profiling.start_record(), "rows": []}
   from benchmarks.bench_eval import DATASET_SIZES  # pylint: disable=g-import-not-at-top
   sizes = {"bench": (512, 8192), **{name: (nq, n) for name, nq, n in DATASET_SIZES}}
   for at in args.at.split(","):
@@ -147,13 +134,7 @@ def main(argv=None) -> int:
       print(json.dumps(row), flush=True)
       out["rows"].append(row)
   out["top_k_us_per_row"] = top_k_per_row(args.iters)
-  out["load_1min_end"] = os.getloadavg()[0]
-  text = json.dumps(out, indent=1)
-  if args.out:
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
-  else:
-    print(text)
+  profiling.finish(out, args.out)
   return 0
 
 
