@@ -247,6 +247,7 @@ def test_a_non_empty_out_needs_overwrite(tmp_path):
 
 # ----------------------------------------------------------------------------- end to end
 
+@pytest.mark.slow  # 100 s of the default suite's 10 minutes on a fresh 2-core clone
 def test_quick_study_one_cell_and_resume(synth_root, tmp_path, monkeypatch, capsys):
   """Plumbing, not the outcome: one warm-up to its plateau, one arm at one lr, scored and
   reported; a rerun trains nothing and rewrites the report from the results."""
