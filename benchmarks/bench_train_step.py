@@ -125,7 +125,19 @@ def _torch_step(m, cached: bool, compile_: bool, dtype: str = "float32"):
     opt.step()
     return loss.detach()
 
+  step.optimizer = opt  # profile_step_floor.py times its update alone
   return step
+
+
+def jax_optimizer(params):
+  """(optax AdamW over the trained parameters, the trainable mask): the frozen ViT and ITM
+  head as QuReTask freezes them, lr 1e-5 and weight decay 0.05 as the torch side's AdamW."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from cirjax.train import state as st  # pylint: disable=g-import-not-at-top
+  mask = st.trainable_mask(params, freeze=("vision/.*", "itm_head/.*"))
+  tcfg = ml_collections.ConfigDict(dict(lr=1e-5, schedule="constant", weight_decay=0.05))
+  tx, _ = st.make_optimizer(tcfg, mask, 1, 1)
+  return tx, mask
 
 
 def _jax_step(cfg, params, cached: bool, dtype: str = "float32"):
@@ -133,7 +145,6 @@ def _jax_step(cfg, params, cached: bool, dtype: str = "float32"):
   the run config (compute dtype, attention kernel), as `QuReTask._run_cfg` makes it."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
   from cirjax.models import blip2  # pylint: disable=g-import-not-at-top
   from cirjax import losses  # pylint: disable=g-import-not-at-top
   from cirjax.train import state as st  # pylint: disable=g-import-not-at-top
@@ -159,9 +170,7 @@ def _jax_step(cfg, params, cached: bool, dtype: str = "float32"):
     s_pos, s_neg = losses.qure_scores(q, t[:b], temp), losses.qure_scores(q, t[b:], temp)
     return losses.pairwise_sigmoid_loss(s_pos, s_neg), {}
 
-  mask = st.trainable_mask(params, freeze=("vision/.*", "itm_head/.*"))
-  tcfg = ml_collections.ConfigDict(dict(lr=1e-5, schedule="constant", weight_decay=0.05))
-  tx, _ = st.make_optimizer(tcfg, mask, 1, 1)
+  tx, mask = jax_optimizer(params)
   state = st.init_state(params, tx)
   step = make_train_step(loss_fn, tx, mask, compute_dtype=dtype)
   return jax.jit(step, donate_argnums=(0,)), state
