@@ -110,7 +110,6 @@ def run(device: str = "cpu", quick: bool = False, dry_run=None) -> list[dict]:
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   from cirjax import benchmarking  # pylint: disable=g-import-not-at-top
-  from cirjax.convert import blip2_convert  # pylint: disable=g-import-not-at-top
   from cirjax.models import blip2  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_default_matmul_precision", "highest")
   tdev = benchmarking.torch_device(device, dry_run)
@@ -121,15 +120,12 @@ def run(device: str = "cpu", quick: bool = False, dry_run=None) -> list[dict]:
   print(f"[bench_blip2] building HF model (EVA 1408 x {sz['vision_layers']}, Q-Former 768 x "
         f"{sz['qformer_layers']}) and converting", file=sys.stderr, flush=True)
   m = _hf_model(sz, tdev)
-  state = {k: v.detach().float().cpu().numpy() for k, v in m.state_dict().items()}
-  cfg = blip2_convert.config_from_hf(m.config.to_dict())
-  params = jax.device_put(blip2_convert.params_from_hf_state(state, cfg))
+  cfg, params = benchmarking.blip2_from_torch(m)
+  params = jax.device_put(params)
   b, text_len = sz["batch"], 32
   rng = np.random.default_rng(0)
   pixels = rng.standard_normal((b, 224, 224, 3)).astype(np.float32)
-  ids = rng.integers(1, 30523, (b, text_len)).astype(np.int32)
-  mask = np.ones((b, text_len), np.int32)
-  mask[1::2, text_len // 2:] = 0  # half the rows padded
+  ids, mask = benchmarking.qure_text(rng, b, text_len)  # half the rows padded
   px_j, ids_j, mask_j = jax.device_put((pixels, ids, mask))
   px_t = torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy()).to(tdev)
   ids_t = torch.from_numpy(ids).long().to(tdev)

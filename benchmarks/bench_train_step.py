@@ -187,7 +187,6 @@ def run(device: str = "cpu", quick: bool = False, torch_compile: bool | None = N
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   from cirjax import benchmarking  # pylint: disable=g-import-not-at-top
-  from cirjax.convert import blip2_convert  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_default_matmul_precision", "highest")
   tdev = benchmarking.torch_device(device, dry_run)
   if tdev == "cuda":
@@ -198,18 +197,14 @@ def run(device: str = "cpu", quick: bool = False, torch_compile: bool | None = N
         f"{sz['qformer_layers']}), batch {sz['batch']}, {sz['dtype']}", file=sys.stderr,
         flush=True)
   m = _hf_model(sz, tdev)
-  state_dict = {k: v.detach().float().cpu().numpy() for k, v in m.state_dict().items()}
-  cfg = blip2_convert.config_from_hf(m.config.to_dict())
-  params = blip2_convert.params_from_hf_state(state_dict, cfg)
+  cfg, params = benchmarking.blip2_from_torch(m)
   bf16 = sz["dtype"] == "bfloat16"
   run_cfg = cfg.replace(dtype=sz["dtype"], vision_dtype=None,
                         attention_impl="auto" if bf16 else "xla")
   b, text_len = sz["batch"], 32
   seq = (224 // 14) ** 2 + 1
   rng = np.random.default_rng(0)
-  ids = rng.integers(1, 30523, (b, text_len)).astype(np.int32)
-  mask = np.ones((b, text_len), np.int32)
-  mask[1::2, text_len // 2:] = 0
+  ids, mask = benchmarking.qure_text(rng, b, text_len)
   ids_t, mask_t = torch.from_numpy(ids).long().to(tdev), torch.from_numpy(mask).long().to(tdev)
   precision = "bf16" if bf16 else "fp32"
   peak = None if dry_run else benchmarking.device_peak_flops(precision)[0]

@@ -44,14 +44,13 @@ def profile(iters: int) -> dict:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   from benchmarks import bench_blip2_encode as bench  # pylint: disable=g-import-not-at-top
-  from cirjax.convert import blip2_convert  # pylint: disable=g-import-not-at-top
+  from cirjax import benchmarking  # pylint: disable=g-import-not-at-top
   from cirjax.models import blip2  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_default_matmul_precision", "highest")
   sz = bench._sizes("cpu", False)  # pylint: disable=protected-access
   m = bench._hf_model(sz, "cpu")  # pylint: disable=protected-access
-  state = {k: v.detach().float().cpu().numpy() for k, v in m.state_dict().items()}
-  cfg = blip2_convert.config_from_hf(m.config.to_dict())
-  params = jax.device_put(blip2_convert.params_from_hf_state(state, cfg))
+  cfg, params = benchmarking.blip2_from_torch(m)
+  params = jax.device_put(params)
   b = sz["batch"]
   pixels = np.random.default_rng(0).standard_normal((b, 224, 224, 3)).astype(np.float32)
   px_j = jax.device_put(pixels)

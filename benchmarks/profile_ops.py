@@ -142,20 +142,17 @@ def programs():
   import torch  # pylint: disable=g-import-not-at-top
   from benchmarks import bench_blip2_encode as enc_bench  # pylint: disable=g-import-not-at-top
   from benchmarks import bench_train_step as step_bench  # pylint: disable=g-import-not-at-top
-  from cirjax.convert import blip2_convert  # pylint: disable=g-import-not-at-top
+  from cirjax import benchmarking  # pylint: disable=g-import-not-at-top
   from cirjax.models import blip2  # pylint: disable=g-import-not-at-top
   # pylint: disable=protected-access
   sz = enc_bench._sizes("cpu", False)
   m = enc_bench._hf_model(sz, "cpu")
-  state = {k: v.detach().float().numpy() for k, v in m.state_dict().items()}
-  cfg = blip2_convert.config_from_hf(m.config.to_dict())
-  params = jax.device_put(blip2_convert.params_from_hf_state(state, cfg))
+  cfg, params = benchmarking.blip2_from_torch(m)
+  params = jax.device_put(params)
   rng = np.random.default_rng(0)
   b, text_len = sz["batch"], 32
   px = rng.standard_normal((b, 224, 224, 3)).astype(np.float32)
-  ids = rng.integers(1, 30523, (b, text_len)).astype(np.int32)
-  mask = np.ones((b, text_len), np.int32)
-  mask[1::2, text_len // 2:] = 0
+  ids, mask = benchmarking.qure_text(rng, b, text_len)
   px_t = torch.from_numpy(px.transpose(0, 3, 1, 2).copy())
   t_enc, t_comp = enc_bench._torch_fns(m)
   yield ("encode_image", jax.jit(lambda p, x: blip2.encode_image(p, cfg, x)), (params, px),
@@ -165,9 +162,7 @@ def programs():
          lambda: t_comp(px_t, torch.from_numpy(ids).long(), torch.from_numpy(mask).long()))
   ssz = step_bench._sizes("cpu", False)
   sm = step_bench._hf_model(ssz, "cpu")
-  sstate = {k: v.detach().float().numpy() for k, v in sm.state_dict().items()}
-  scfg = blip2_convert.config_from_hf(sm.config.to_dict())
-  sparams = blip2_convert.params_from_hf_state(sstate, scfg)
+  scfg, sparams = benchmarking.blip2_from_torch(sm)
   run_cfg = scfg.replace(dtype="float32", vision_dtype=None, attention_impl="xla")
   for cached in (True, False):
     shape = (b, 257, 1024) if cached else (b, 224, 224, 3)

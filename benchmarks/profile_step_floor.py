@@ -212,20 +212,16 @@ def profile(rounds: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   from benchmarks import bench_train_step as step_bench  # pylint: disable=g-import-not-at-top
-  from cirjax.convert import blip2_convert  # pylint: disable=g-import-not-at-top
+  from cirjax import benchmarking  # pylint: disable=g-import-not-at-top
   # pylint: disable=protected-access
   jax.config.update("jax_default_matmul_precision", "highest")
   sz = step_bench._sizes("cpu", False)
   m = step_bench._hf_model(sz, "cpu")
-  state_dict = {k: v.detach().float().numpy() for k, v in m.state_dict().items()}
-  cfg = blip2_convert.config_from_hf(m.config.to_dict())
-  params = blip2_convert.params_from_hf_state(state_dict, cfg)
+  cfg, params = benchmarking.blip2_from_torch(m)
   run_cfg = cfg.replace(dtype="float32", vision_dtype=None, attention_impl="xla")
   b, text_len = sz["batch"], 32
   rng = np.random.default_rng(0)
-  ids = rng.integers(1, 30523, (b, text_len)).astype(np.int32)
-  mask = np.ones((b, text_len), np.int32)
-  mask[1::2, text_len // 2:] = 0
+  ids, mask = benchmarking.qure_text(rng, b, text_len)
   ids_t, mask_t = torch.from_numpy(ids).long(), torch.from_numpy(mask).long()
   out = {"sizes": sz, "rounds": rounds, "steps": {}}
   for cached in (True, False):

@@ -281,6 +281,25 @@ def gpu_peak_flops(device_kind: str, precision: str = "bf16") -> tuple[float | N
   return None, f"unknown GPU {device_kind!r}: no datasheet peak, MFU left empty"
 
 
+def blip2_from_torch(model) -> tuple[Any, Any]:
+  """(cirjax `Blip2Config`, host parameters) of an HF BLIP-2 torch module: each BLIP-2 bench
+  and profile builds both sides from one randomly initialised model."""
+  from cirjax.convert import blip2_convert  # pylint: disable=g-import-not-at-top
+  state = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+  cfg = blip2_convert.config_from_hf(model.config.to_dict())
+  return cfg, blip2_convert.params_from_hf_state(state, cfg)
+
+
+def qure_text(rng: np.random.Generator, batch: int, length: int = 32
+              ) -> tuple[np.ndarray, np.ndarray]:
+  """(token ids, attention mask) [batch, length] int32 as the BLIP-2 benches feed them: ids
+  drawn over BERT's vocabulary, every other row padded after half its length."""
+  ids = rng.integers(1, 30523, (batch, length)).astype(np.int32)
+  mask = np.ones((batch, length), np.int32)
+  mask[1::2, length // 2:] = 0
+  return ids, mask
+
+
 def machine_info() -> dict:
   """Facts that make a benchmark result comparable: machine, versions, date."""
   info = {
