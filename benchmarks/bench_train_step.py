@@ -129,6 +129,18 @@ def _torch_step(m, cached: bool, compile_: bool, dtype: str = "float32"):
   return step
 
 
+def step_inputs(rng, b: int, cached: bool, ids, mask, tdev: str = "cpu"):
+  """(the jax step's host batch, the torch step's three image tensors) of one step: ref, pos
+  and neg ViT features [b, 257, 1024] (`cached`) or pixels [b, 224, 224, 3] (NCHW for
+  torch), drawn from `rng` in that order, with the text `ids` and `mask`."""
+  import torch  # pylint: disable=g-import-not-at-top
+  shape = (b, (224 // 14) ** 2 + 1, 1024) if cached else (b, 224, 224, 3)
+  imgs = [rng.standard_normal(shape).astype(np.float32) for _ in range(3)]
+  imgs_t = [torch.from_numpy(x if cached else x.transpose(0, 3, 1, 2).copy()).to(tdev)
+            for x in imgs]
+  return {"ref": imgs[0], "pos": imgs[1], "neg": imgs[2], "ids": ids, "mask": mask}, imgs_t
+
+
 def jax_optimizer(params):
   """(optax AdamW over the trained parameters, the trainable mask): the frozen ViT and ITM
   head as QuReTask freezes them, lr 1e-5 and weight decay 0.05 as the torch side's AdamW."""
@@ -202,7 +214,6 @@ def run(device: str = "cpu", quick: bool = False, torch_compile: bool | None = N
   run_cfg = cfg.replace(dtype=sz["dtype"], vision_dtype=None,
                         attention_impl="auto" if bf16 else "xla")
   b, text_len = sz["batch"], 32
-  seq = (224 // 14) ** 2 + 1
   rng = np.random.default_rng(0)
   ids, mask = benchmarking.qure_text(rng, b, text_len)
   ids_t, mask_t = torch.from_numpy(ids).long().to(tdev), torch.from_numpy(mask).long().to(tdev)
@@ -211,12 +222,7 @@ def run(device: str = "cpu", quick: bool = False, torch_compile: bool | None = N
   rows = []
   for cached in (True, False):
     name = "qure_step_cached" if cached else "qure_step_pixels"
-    if cached:
-      imgs = [rng.standard_normal((b, seq, 1024)).astype(np.float32) for _ in range(3)]
-      imgs_t = [torch.from_numpy(x).to(tdev) for x in imgs]
-    else:
-      imgs = [rng.standard_normal((b, 224, 224, 3)).astype(np.float32) for _ in range(3)]
-      imgs_t = [torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(tdev) for x in imgs]
+    batch, imgs_t = step_inputs(rng, b, cached, ids, mask, tdev)
     shapes = {"batch": b, "text_len": text_len, "image_size": 224, "vision": "1024/16 (CLIP-L)",
               "vision_layers": sz["vision_layers"], "qformer": "768/12",
               "qformer_layers": sz["qformer_layers"], "queries": 32, "embed_dim": 256,
@@ -224,8 +230,7 @@ def run(device: str = "cpu", quick: bool = False, torch_compile: bool | None = N
               "attention_impl": run_cfg.attention_impl}
     print(f"[bench_train_step] {name}: jax compile + time", file=sys.stderr, flush=True)
     step, state = _jax_step(run_cfg, jax.device_put(params), cached, sz["dtype"])
-    batch = jax.device_put({"ref": imgs[0], "pos": imgs[1], "neg": imgs[2], "ids": ids,
-                            "mask": mask})
+    batch = jax.device_put(batch)
     compiled = benchmarking.compile_program(name, step, state, batch, dry_run=dry_run,
                                             attention=True)
     cost = benchmarking.compiled_cost(compiled)

@@ -25,8 +25,6 @@ taken on a loaded machine measures the load (docs/benchmarks.md).
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -139,16 +137,7 @@ def profile(iters: int) -> dict:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--out", type=Path, default=None, help="write the JSON here (else stdout)")
-  p.add_argument("--iters", type=int, default=5, help="timed runs per stage (default 5)")
-  args = p.parse_args(argv)
-  os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-  import jax  # pylint: disable=g-import-not-at-top
-  jax.config.update("jax_platforms", "cpu")
-  out = {**profiling.start_record(), **profile(args.iters)}
-  profiling.finish(out, args.out)
-  return 0
+  return profiling.cli(argv, __doc__, profile, "--iters", 5, "timed runs per stage")
 
 
 if __name__ == "__main__":

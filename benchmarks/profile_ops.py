@@ -165,12 +165,9 @@ def programs():
   scfg, sparams = benchmarking.blip2_from_torch(sm)
   run_cfg = scfg.replace(dtype="float32", vision_dtype=None, attention_impl="xla")
   for cached in (True, False):
-    shape = (b, 257, 1024) if cached else (b, 224, 224, 3)
-    imgs = [rng.standard_normal(shape).astype(np.float32) for _ in range(3)]
-    imgs_t = [torch.from_numpy(x if cached else x.transpose(0, 3, 1, 2).copy()) for x in imgs]
+    batch, imgs_t = step_bench.step_inputs(rng, b, cached, ids, mask)
     step, st = step_bench._jax_step(run_cfg, jax.device_put(sparams), cached, "float32")
-    batch = jax.device_put({"ref": imgs[0], "pos": imgs[1], "neg": imgs[2], "ids": ids,
-                            "mask": mask})
+    batch = jax.device_put(batch)
     # Not donated here: the profile calls the same state several times.
     plain = jax.jit(step.__wrapped__ if hasattr(step, "__wrapped__") else step)
     tstep = step_bench._torch_step(step_bench._hf_model(ssz, "cpu"), cached, False)

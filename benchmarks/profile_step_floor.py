@@ -36,10 +36,8 @@ profile taken on a loaded machine measures the load (docs/benchmarks.md).
 
 from __future__ import annotations
 
-import argparse
 import collections
 import math
-import os
 import statistics
 import sys
 import time
@@ -227,12 +225,9 @@ def profile(rounds: int) -> dict:
   for cached in (True, False):
     name = "qure_step_cached" if cached else "qure_step_pixels"
     print(f"[profile_step_floor] {name}", file=sys.stderr, flush=True)
-    shape = (b, 257, 1024) if cached else (b, 224, 224, 3)
-    imgs = [rng.standard_normal(shape).astype(np.float32) for _ in range(3)]
-    imgs_t = [torch.from_numpy(x if cached else x.transpose(0, 3, 1, 2).copy()) for x in imgs]
+    batch, imgs_t = step_bench.step_inputs(rng, b, cached, ids, mask)
     step, state = step_bench._jax_step(run_cfg, jax.device_put(params), cached, "float32")
-    batch = jax.device_put({"ref": imgs[0], "pos": imgs[1], "neg": imgs[2], "ids": ids,
-                            "mask": mask})
+    batch = jax.device_put(batch)
     counted, conv_flops = matmuls(jax.make_jaxpr(step)(state, batch).jaxpr)
     keys = sorted(counted, key=lambda k: -dot_flops(k) * counted[k])
     dots = [(*dot_fns(k), (counted[k], dot_flops(k))) for k in keys]
@@ -281,17 +276,8 @@ def profile(rounds: int) -> dict:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--out", type=Path, default=None, help="write the JSON here (else stdout)")
-  p.add_argument("--rounds", type=int, default=7,
-                 help="rounds of measurements after a warm-up round (default 7)")
-  args = p.parse_args(argv)
-  os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-  import jax  # pylint: disable=g-import-not-at-top
-  jax.config.update("jax_platforms", "cpu")
-  out = {**profiling.start_record(), **profile(args.rounds)}
-  profiling.finish(out, args.out)
-  return 0
+  return profiling.cli(argv, __doc__, profile, "--rounds", 7,
+                       "rounds of measurements after a warm-up round")
 
 
 if __name__ == "__main__":

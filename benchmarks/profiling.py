@@ -5,6 +5,7 @@ profile taken on a loaded machine measures the load (docs/benchmarks.md)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
@@ -44,3 +45,20 @@ def finish(record: dict, out: Path | None) -> None:
     out.write_text(text + "\n")
   else:
     print(text)
+
+
+def cli(argv, doc: str, profile: Callable[[int], dict], flag: str, default: int,
+        what: str) -> int:
+  """A profile script's command line: `--out` (the JSON; else stdout) and one count `flag`
+  (`what` it counts, `default`) passed to `profile`, on the CPU; the record carries the
+  conditions (`start_record`, `finish`)."""
+  p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+  p.add_argument("--out", type=Path, default=None, help="write the JSON here (else stdout)")
+  p.add_argument(flag, type=int, default=default, help=f"{what} (default {default})")
+  args = p.parse_args(argv)
+  os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_platforms", "cpu")
+  out = {**start_record(), **profile(getattr(args, flag.lstrip("-").replace("-", "_")))}
+  finish(out, args.out)
+  return 0
