@@ -8,21 +8,25 @@ Stages (median of `--iters` runs after one warm-up call):
   jax_full_as_bench       what `cirjax bench`'s eval rows time: a FeatureScorer per call
                           (features placed on the mesh, finite check) + `top_k`
   jax_scorer_build        the FeatureScorer alone
-  jax_topk_prebuilt       `top_k` on a scorer built beforehand: CPU's default, the buffered
-                          program (block scores into one row per query block, one top_k)
+  jax_topk_prebuilt       `top_k` on a scorer built beforehand: CPU's default, the host path
+                          (block scores into one row per query block, ranked by
+                          `host_top_k` in NumPy)
+  jax_topk_buffered       the same with one `lax.top_k` per query block (the multi-process
+                          CPU program)
   jax_topk_streamed       the same with the accelerators' program (a running top_k merged
                           with every corpus block)
   jax_scores_einsum       the scores alone through `models.scoring.max_over_tokens` (einsum)
   jax_scores_flat_matmul  the same scores as one [Nq, D] x [D, N*T] matmul, then the max
   jax_matmul_only         that matmul without the max (the GEMM's share)
   jax_lax_top_k_only      `lax.top_k` of the whole [Nq, N] score matrix
-  numpy_argpartition      NumPy's unsorted top-k of the same matrix (a CPU alternative)
+  host_top_k_only         `host_top_k.top_k` of the same matrix (the host path's ranking)
+  numpy_argpartition      NumPy's unsorted top-k of the same matrix (one call, one thread)
   torch_scores / torch_topk_only / torch_full_as_bench
                           the PyTorch reference's stages and whole (bench_eval._torch_topk)
 Each row also gives GFLOP/s of the score stages (2 * Nq * N * T * D flops), and
-`top_k_us_per_row`: XLA's CPU `lax.top_k` and torch's `topk` per score row at k = 1 and 50
-for row lengths from 512 to 32,768 (XLA's is one thread, torch's splits rows over its
-threads). `--at bench,cirr,fiq_shirt` also profiles CIRR's and FashionIQ's evaluation sizes
+`top_k_us_per_row`: XLA's CPU `lax.top_k`, torch's `topk` and `host_top_k` per score row
+at k = 1 and 50 for row lengths from 512 to 32,768 (XLA's is one thread; torch's and
+`host_top_k` split rows over the cores). `--at bench,cirr,fiq_shirt` also profiles CIRR's and FashionIQ's evaluation sizes
 (benchmarks/bench_eval.py DATASET_SIZES). The JSON records
 the 1-minute load average at start and end and the threads each framework used; a profile
 taken on a loaded machine measures the load (docs/benchmarks.md).
@@ -50,7 +54,7 @@ def profile(tokens: int, nq: int, n: int, dim: int, k: int, iters: int) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
   from jax import lax  # pylint: disable=g-import-not-at-top
   from benchmarks import bench_eval  # pylint: disable=g-import-not-at-top
-  from cirjax.eval import retrieval  # pylint: disable=g-import-not-at-top
+  from cirjax.eval import host_top_k, retrieval  # pylint: disable=g-import-not-at-top
   from cirjax.models.scoring import max_over_tokens  # pylint: disable=g-import-not-at-top
 
   q, c, exclude = bench_eval._features(nq, n, tokens, dim)  # pylint: disable=protected-access
@@ -62,8 +66,9 @@ def profile(tokens: int, nq: int, n: int, dim: int, k: int, iters: int) -> dict:
   t["jax_scorer_build"] = profiling.median(lambda: retrieval.FeatureScorer(q, feats, mesh=mesh), iters)
   scorer = retrieval.FeatureScorer(q, feats, mesh=mesh)
   t["jax_topk_prebuilt"] = profiling.median(lambda: retrieval.top_k(scorer, k, exclude, mesh), iters)
-  t["jax_topk_streamed"] = profiling.median(lambda: retrieval.top_k(scorer, k, exclude, mesh,
-                                                           path="streamed"), iters)
+  for path in ("buffered", "streamed"):
+    t[f"jax_topk_{path}"] = profiling.median(lambda path=path: retrieval.top_k(
+        scorer, k, exclude, mesh, path=path), iters)
   qd, cd = jnp.asarray(q), jnp.asarray(c)
   einsum = jax.jit(max_over_tokens)
   matmul = jax.jit(lambda a, b: a @ b.reshape(-1, b.shape[-1]).T)
@@ -76,6 +81,7 @@ def profile(tokens: int, nq: int, n: int, dim: int, k: int, iters: int) -> dict:
   top = jax.jit(lambda s: lax.top_k(s, k))
   t["jax_lax_top_k_only"] = profiling.median(lambda: jax.block_until_ready(top(scores)), iters)
   host = np.asarray(scores)
+  t["host_top_k_only"] = profiling.median(lambda: host_top_k.top_k(host, k), iters)
   t["numpy_argpartition"] = profiling.median(lambda: np.argpartition(-host, k, axis=1)[:, :k], iters)
   tq, tc = torch.from_numpy(q), torch.from_numpy(c)
 
@@ -98,10 +104,11 @@ def profile(tokens: int, nq: int, n: int, dim: int, k: int, iters: int) -> dict:
 
 
 def top_k_per_row(iters: int, rows: int = 256) -> list[dict]:
-  """Microseconds per score row of XLA's CPU `lax.top_k` and torch's `topk`."""
+  """Microseconds per score row of XLA's CPU `lax.top_k`, torch's `topk` and `host_top_k`."""
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   from jax import lax  # pylint: disable=g-import-not-at-top
+  from cirjax.eval import host_top_k  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   out = []
   for n in (512, 2297, 8192, 32768):
@@ -111,7 +118,8 @@ def top_k_per_row(iters: int, rows: int = 256) -> list[dict]:
       top = jax.jit(lambda s, k=k: lax.top_k(s, k))
       out.append({"n": n, "k": k,
                   "jax_us": 1e6 / rows * profiling.median(lambda: jax.block_until_ready(top(dev)), iters),
-                  "torch_us": 1e6 / rows * profiling.median(lambda: torch.topk(tt, k, dim=1), iters)})
+                  "torch_us": 1e6 / rows * profiling.median(lambda: torch.topk(tt, k, dim=1), iters),
+                  "host_us": 1e6 / rows * profiling.median(lambda: host_top_k.top_k(host, k), iters)})
   return out
 
 

@@ -26,8 +26,21 @@ def test_default_corpus_block_ranks_as_small_blocks(tokens):
 def test_default_corpus_block_sizes():
   one = retrieval.FeatureScorer(np.zeros((2, 4), np.float32), np.zeros((5, 4), np.float32))
   many = retrieval.FeatureScorer(np.zeros((2, 4), np.float32), np.zeros((5, 2, 4), np.float32))
-  assert retrieval.default_corpus_block(one, 256) == 8192    # 8 MiB fp32 score tile
-  assert retrieval.default_corpus_block(one, 4096) == 4096
+  for path in ("buffered", "streamed"):
+    assert retrieval.default_corpus_block(one, 256, path) == 8192    # 8 MiB fp32 score tile
+    assert retrieval.default_corpus_block(one, 4096, path) == 4096
+    assert retrieval.default_query_block(one, path) == 256
+  # The host path keeps every score of a query block: one GEMM over the device's rows, and
+  # query blocks of 16 MiB of scores (at least 256 rows).
+  local = one.corpus_rows.shape[0] // one.mesh.devices.size
+  assert retrieval.default_path(one) == "host"
+  assert retrieval.default_corpus_block(one, 256) == local
+  assert retrieval.default_query_block(one) == 2  # all queries: one block
+  feats = lambda nq, n: retrieval.FeatureScorer(np.zeros((nq, 4), np.float32),
+                                                np.zeros((n, 4), np.float32))
+  assert retrieval.default_query_block(feats(2038, 6346)) == 510  # 661 at most: 4 even blocks
+  assert retrieval.default_query_block(feats(5000, 40000)) == 250  # 256 at most: 20 blocks
+  assert retrieval.default_query_block(many) == 256
   assert retrieval.default_corpus_block(many, 256) == 4096
   qure = retrieval.FeatureScorer(np.zeros((2, 4), np.float32), np.zeros((5, 32, 4), np.float32))
   assert retrieval.default_corpus_block(qure, 256) == 256     # 8 MiB of CPU token scores

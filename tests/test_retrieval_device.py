@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from cirjax.data.records import CIRSplit, ImageRef, Query
-from cirjax.eval import encode, evaluate, retrieval
+from cirjax.eval import encode, evaluate, placement, retrieval
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,16 +101,19 @@ def _cirr_split(rng, n, nq):
   return CIRSplit("cirr", "val", qs, corpus, {x: ImageRef(Path(f"/x/{x}.png")) for x in corpus})
 
 
-def test_evaluation_brings_only_top_k_sized_results_to_the_host(monkeypatch):
+@pytest.mark.parametrize("path", retrieval.PATHS)
+def test_evaluation_brings_only_top_k_sized_results_to_the_host(monkeypatch, path):
   """From encoded features to CIRR metrics: no implicit device-to-host transfer, and what is
-  fetched is [query block, k] (ranking), [queries, set size] (Recall_subset) or a flag."""
+  fetched is [query block, k] (ranking), [queries, set size] (Recall_subset) or a flag; the
+  CPU's host path reads its [query block, corpus rows] score keys where they already are."""
+  monkeypatch.setattr(retrieval, "default_path", lambda scorer: path)
   rng = np.random.default_rng(2)
   mesh = retrieval.make_mesh()
   split = _cirr_split(rng, 70, 30)
   q, c, _ = _problem(3, 30, 70, 2)
   fetched = []
-  real = retrieval._to_host
-  monkeypatch.setattr(retrieval, "_to_host", lambda x: fetched.append(x.shape) or real(x))
+  real = placement.to_host
+  monkeypatch.setattr(placement, "to_host", lambda x: fetched.append(x.shape) or real(x))
   with jax.transfer_guard_device_to_host("disallow"):
     res = evaluate.evaluate_encoded(split, {}, lambda p, x: x, lambda p, x: x, c, q, mesh=mesh,
                                     batch_size=16)
@@ -119,7 +122,8 @@ def test_evaluation_brings_only_top_k_sized_results_to_the_host(monkeypatch):
   np.testing.assert_array_equal(res.ranking, want.ranking)
   np.testing.assert_array_equal(res.subset_ranking, want.subset_ranking)
   k = res.ranking.shape[1]
-  assert set(fetched) == {(), (30, k), (30, 4)}, fetched
+  ranked = (30, 72) if path == "host" else (30, k)  # 70 images: 72 rows on 4 devices
+  assert set(fetched) == {(), ranked, (30, 4)}, fetched
 
 
 MP_SCRIPT = textwrap.dedent("""

@@ -1,5 +1,6 @@
-"""Retrieval's two ranking programs rank alike: the CPU path ("buffered": one score row per
-query block, one `top_k`) and the accelerator path ("streamed": a running `top_k` per corpus
+"""Retrieval's three ranking paths rank alike: the CPU path ("host": one score row per query
+block, ranked by `host_top_k` in NumPy), the multi-process CPU path ("buffered": the same
+row, one `lax.top_k`) and the accelerator path ("streamed": a running `top_k` per corpus
 block) give bit-identical scores and indices, exact ties and exclusions included, on one
 device and on the 4-device mesh. Their flat-matmul scores are the einsum's (what retrieval
 used before) at retrieval's default CPU tiles. NumPy features are laid out
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from cirjax.data.records import DataError
-from cirjax.eval import retrieval
+from cirjax.eval import placement, retrieval
 from cirjax.models.scoring import max_over_tokens
 
 
@@ -25,15 +26,19 @@ def _features(seed, nq, nc, tokens, d=16):
 
 
 def _both(scorer, k, exclude, **kw):
+  """The buffered and streamed rankings, once the host path's is checked equal to the
+  buffered one."""
   b = retrieval.top_k(scorer, k, exclude, path="buffered", **kw)
-  s = retrieval.top_k(scorer, k, exclude, path="streamed", **kw)
-  return b, s
+  h = retrieval.top_k(scorer, k, exclude, path="host", **kw)
+  np.testing.assert_array_equal(h[1], b[1])
+  np.testing.assert_array_equal(h[0], b[0])
+  return b, retrieval.top_k(scorer, k, exclude, path="streamed", **kw)
 
 
 @pytest.mark.parametrize("devices", [1, 4])
 @pytest.mark.parametrize("tokens,query_block,corpus_block", [
     (1, 256, None), (1, 7, 13), (4, 256, None), (4, 9, 1), (4, 32, 50), (32, 16, None)])
-def test_buffered_and_streamed_rank_bit_for_bit(devices, tokens, query_block, corpus_block):
+def test_host_buffered_and_streamed_rank_bit_for_bit(devices, tokens, query_block, corpus_block):
   mesh = retrieval.make_mesh(jax.devices()[:devices])
   q, c, exclude = _features(tokens, 37, 203, tokens)  # 203: padded on 4 devices
   scorer = retrieval.FeatureScorer(q, c, mesh=mesh)
@@ -77,7 +82,7 @@ def test_flat_scores_are_the_einsum_scores_at_retrievals_blocks():
 
 def test_numpy_features_are_used_in_place_when_aligned_and_copied_otherwise():
   mesh = retrieval.make_mesh(jax.devices()[:1])
-  c = retrieval._aligned_empty((300, 4, 8), np.float32)
+  c = placement.aligned_empty((300, 4, 8), np.float32)
   c[...] = np.random.default_rng(1).standard_normal(c.shape)
   q = np.ones((3, 8), np.float32)
   c.flags.writeable = False  # as NumPy views of fetched jax.Arrays are

@@ -8,11 +8,14 @@ there (`encode(..., sharded=True, pad_rows=True)` leaves them so); NumPy feature
 the same way, so both run the one engine below.
 
 Ranking (`top_k`) never moves the corpus: each device scores a query block (gathered from the
-query rows' owners) against its own corpus rows, streamed through in blocks, and keeps a
-running `lax.top_k` of them; the devices' top-k lists are then all-gathered and merged with
-one more `top_k`, so only `[query_block, k]` scores and indices leave a device and reach the
-host. Several processes each hold their devices' rows; the merged lists are replicated, so
-every process reads the same ranking. The `Nq x N` score matrix never exists anywhere.
+query rows' owners) against its own corpus rows, streamed through in blocks. On accelerators
+it keeps a running `lax.top_k` of them; the devices' top-k lists are then all-gathered and
+merged with one more `top_k`, so only `[query_block, k]` scores and indices leave a device
+and reach the host, and the `Nq x N` score matrix never exists anywhere. Several processes
+each hold their devices' rows; the merged lists are replicated, so every process reads the
+same ranking. On this process's CPU devices (the "host" path) each query block's scores are
+ranked where they were written, by `host_top_k` in NumPy: XLA's CPU `top_k` is a one-thread
+custom call, about three times slower (docs/eval.md).
 
 Score = max over the target's Q feature tokens of the dot product with the query feature
 (QuRe/BLIP-2). Features of shape [N, D] are treated as Q = 1 (LLaVA/InstructCIR embeddings).
@@ -23,10 +26,8 @@ device (= row) order.
 
 from __future__ import annotations
 
-import concurrent.futures
+import collections
 import functools
-import math
-import os
 from typing import Callable
 
 import jax
@@ -36,12 +37,12 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cirjax.data.records import DataError
+from cirjax.eval import host_top_k, placement
 from cirjax.eval.encode import row_sharding
 from cirjax.eval.mesh import build_mesh
 from cirjax.models.scoring import max_over_tokens
 
 NEG = -np.inf  # masked entries; no gradients flow through retrieval
-_FEATURE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(jnp.bfloat16))
 
 
 def make_mesh(devices=None) -> jax.sharding.Mesh:
@@ -56,135 +57,6 @@ def as_tokens(feats: np.ndarray | jax.Array) -> np.ndarray | jax.Array:
   if feats.ndim != 3:
     raise ValueError(f"target features must be [N, D] or [N, Q, D], got shape {feats.shape}")
   return feats
-
-
-def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
-  if x.shape[0] == n:
-    return x
-  pad = np.zeros((n - x.shape[0],) + x.shape[1:], x.dtype)
-  return np.concatenate([x, pad], axis=0)
-
-
-def _round_up(n: int, m: int) -> int:
-  return int(math.ceil(n / m) * m)
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-  """The one way results leave the devices here (tests count what passes): a replicated
-  array, read from this process's first copy."""
-  if not x.sharding.is_fully_replicated:
-    raise AssertionError(f"retrieval fetches replicated results only, got {x.sharding}")
-  return np.asarray(jax.device_get(x.addressable_data(0)))
-
-
-def _replicated(x: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
-  """A small host array on every device of `mesh` (every process passes the same value)."""
-  return jax.make_array_from_callback(x.shape, NamedSharding(mesh, P()), lambda idx: x[idx])
-
-
-# ----------------------------------------------------------------------------- placement
-
-def _mesh_of(x) -> jax.sharding.Mesh | None:
-  sh = getattr(x, "sharding", None)
-  return sh.mesh if isinstance(sh, NamedSharding) else None
-
-
-def _feature_array(x):
-  """NumPy features in a dtype the devices take (fp64 and integers become fp32)."""
-  if isinstance(x, jax.Array):
-    return x
-  x = np.asarray(x)
-  return x if x.dtype in _FEATURE_DTYPES else x.astype(np.float32)
-
-
-def _rows_on_mesh(x, n: int, mesh: jax.sharding.Mesh) -> jax.Array:
-  """`x[:n]` with zero rows appended up to a multiple of the device count, rows split over
-  every axis of `mesh`. An array already laid out so (what `encode(..., pad_rows=True)`
-  returns) is used as it is; NumPy rows go straight to their devices."""
-  rows = _round_up(n, mesh.devices.size)
-  sh = row_sharding(mesh, x.ndim)
-  if isinstance(x, jax.Array):
-    if x.shape[0] == rows and x.sharding.is_equivalent_to(sh, x.ndim):
-      return x
-
-    def fit(a):
-      a = a[:n]
-      return jnp.pad(a, [(0, rows - n)] + [(0, 0)] * (a.ndim - 1))
-
-    return jax.jit(fit, out_shardings=sh)(x)
-
-  def rows_of(idx):
-    start, stop, _ = idx[0].indices(rows)
-    part = np.asarray(x[min(start, n):min(stop, n)])
-    return _pad_rows(part, stop - start)[(slice(None),) + tuple(idx[1:])]
-
-  return jax.make_array_from_callback((rows,) + x.shape[1:], sh, rows_of)
-
-
-_ALIGN = 64  # XLA's CPU client aliases host memory this aligned instead of copying it
-_CHUNK_BYTES = 8 << 20
-
-
-def _aligned_empty(shape, dtype) -> np.ndarray:
-  dtype = np.dtype(dtype)
-  nbytes = int(np.prod(shape)) * dtype.itemsize
-  raw = np.empty(nbytes + _ALIGN, np.uint8)
-  off = (-raw.ctypes.data) % _ALIGN
-  return raw[off:off + nbytes].view(dtype).reshape(shape)
-
-
-def _cpu_host_rows(x: np.ndarray, n: int, rows: int) -> tuple[np.ndarray, bool]:
-  """`x[:n]` and zero rows up to `rows`, in 64-byte aligned memory that the CPU devices use
-  in place, and whether those `n` rows are finite. `x` itself when it is already laid out so;
-  otherwise one copy, made with the finite check in cache-sized chunks on a few threads
-  (NumPy releases the GIL): a 268 MB corpus took 0.23 s to check and hand to `device_put`
-  (which copies unaligned memory on one thread), 0.05 s so."""
-  reuse = (rows == n == x.shape[0] and x.flags.c_contiguous and x.ctypes.data % _ALIGN == 0)
-  out = x if reuse else _aligned_empty((rows,) + x.shape[1:], x.dtype)
-  step = max(1, _CHUNK_BYTES // max(1, x[:1].nbytes))
-
-  def chunk(a):
-    b = min(a + step, n)
-    if not reuse:
-      np.copyto(out[a:b], x[a:b])
-    return bool(np.isfinite(out[a:b]).all())
-
-  with concurrent.futures.ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
-    finite = all(pool.map(chunk, range(0, n, step)))
-  if not reuse:  # `x` may be read-only (a fetched jax.Array): written only when copied
-    out[n:] = 0
-  return out, finite
-
-
-def _checked_rows_on_mesh(x, n: int, mesh: jax.sharding.Mesh) -> jax.Array:
-  """`_rows_on_mesh` once the first `n` rows are known finite (else a DataError, before
-  anything is placed). NumPy rows for this process's CPU devices are checked while they are
-  laid out for the devices to use in place (`_cpu_host_rows`)."""
-  devices = mesh.devices.flat
-  if not isinstance(x, jax.Array) and all(
-      d.platform == "cpu" and d.process_index == jax.process_index() for d in devices):
-    rows = _round_up(n, mesh.devices.size)
-    x, finite = _cpu_host_rows(x, n, rows)
-    n = rows
-  else:
-    finite = _finite(x, n)
-  if not finite:
-    raise DataError("non-finite (NaN/inf) features: refusing to rank")
-  return _rows_on_mesh(x, n, mesh)
-
-
-def _finite(x, n: int) -> bool:
-  """Whether the first `n` rows are finite: NumPy on the host, device arrays where they are
-  (one flag comes back)."""
-  if not isinstance(x, jax.Array):
-    return bool(np.isfinite(x[:n]).all())
-  return bool(_to_host(_rows_finite(x, n=n)))
-
-
-@functools.partial(jax.jit, static_argnames=("n",))
-def _rows_finite(x, *, n):
-  ok = jnp.isfinite(x).reshape(x.shape[0], -1).all(1) | (jnp.arange(x.shape[0]) >= n)
-  return ok.all()
 
 
 # ----------------------------------------------------------------------------- scorers
@@ -219,9 +91,9 @@ class FeatureScorer(Scorer):
 
   def __init__(self, query_feats, corpus_feats, *, mesh: jax.sharding.Mesh | None = None,
                num_queries: int | None = None, num_corpus: int | None = None):
-    query_feats = _feature_array(query_feats)
+    query_feats = placement.feature_array(query_feats)
     # [N, D] stays 2-D on device (the kernels add the token axis for free): no copy.
-    corpus_feats = _feature_array(corpus_feats)
+    corpus_feats = placement.feature_array(corpus_feats)
     if corpus_feats.ndim not in (2, 3):
       raise ValueError(f"target features must be [N, D] or [N, Q, D], got shape "
                        f"{corpus_feats.shape}")
@@ -236,10 +108,11 @@ class FeatureScorer(Scorer):
       if not 0 < n <= x.shape[0]:
         raise ValueError(f"{what} features have {x.shape[0]} rows; cannot score {n} of them")
     self.tokens = int(tokens)
-    self.mesh = _mesh_of(corpus_feats) or _mesh_of(query_feats) or mesh or make_mesh()
+    self.mesh = (placement.mesh_of(corpus_feats) or placement.mesh_of(query_feats) or mesh
+                 or make_mesh())
     self._given = (query_feats, corpus_feats)
-    self.query_rows = _checked_rows_on_mesh(query_feats, self.num_queries, self.mesh)
-    self.corpus_rows = _checked_rows_on_mesh(corpus_feats, self.num_corpus, self.mesh)
+    self.query_rows = placement.checked_rows_on_mesh(query_feats, self.num_queries, self.mesh)
+    self.corpus_rows = placement.checked_rows_on_mesh(corpus_feats, self.num_corpus, self.mesh)
 
   @property
   def query(self) -> np.ndarray | jax.Array:
@@ -263,9 +136,9 @@ class FeatureScorer(Scorer):
     fn = _pair_scorer(self.mesh)
     out = []
     for i in range(0, len(query_idx), chunk):  # bounded memory: [chunk, S, Q, D] at a time
-      qi = _replicated(query_idx[i:i + chunk].astype(np.int32), self.mesh)
-      ci = _replicated(corpus_idx[i:i + chunk].astype(np.int32), self.mesh)
-      out.append(_to_host(fn(self.query_rows, self.corpus_rows, qi, ci)))
+      qi = placement.replicated(query_idx[i:i + chunk].astype(np.int32), self.mesh)
+      ci = placement.replicated(corpus_idx[i:i + chunk].astype(np.int32), self.mesh)
+      out.append(placement.to_host(fn(self.query_rows, self.corpus_rows, qi, ci)))
     return np.concatenate(out) if out else np.zeros(corpus_idx.shape, np.float32)
 
 
@@ -296,8 +169,9 @@ def _rank_local(q, c, rows, exclude, *, k, block, num_corpus, devices, buffered,
   `block` rows at a time, then the devices' top-k lists merged. Returns ([B, k] scores,
   [B, k] corpus indices).
 
-  Buffered (the CPU path): every block's scores go into one `[B, local rows]` row, ranked by
-  one `top_k` at the end (XLA's CPU `top_k` costs about 10 us per row and call whatever its
+  Buffered (CPU meshes over several processes): every block's scores go into one
+  `[B, local rows]` row (`_buffered_scores`, the host path's scores too), ranked by one
+  `top_k` at the end (XLA's CPU `top_k` costs about 10 us per row and call whatever its
   length: one call, not one per block). Streamed (accelerators): a running `top_k` merged
   with each block, so no more than `[B, block]` scores exist at once. Both score a block with
   the same flat matmul (`max_over_tokens(flat=True)`: same GEMM shapes, same bits) and keep
@@ -309,8 +183,11 @@ def _rank_local(q, c, rows, exclude, *, k, block, num_corpus, devices, buffered,
   n = c.shape[0]
   first = lax.axis_index(axes) * n
   if buffered:
-    top_s, top_i = _buffered_top_k(qb, c, exclude, first, k=k, block=block,
-                                   num_corpus=num_corpus, axes=axes)
+    s = _buffered_scores(qb, c, exclude, first, block=block, num_corpus=num_corpus, axes=axes)
+    if n < k:  # fewer local rows than k: -inf fillers, as the streamed path's initial list
+      s = jnp.concatenate([s, jnp.full((s.shape[0], k - n), NEG, s.dtype)], axis=1)
+    top_s, pos = lax.top_k(s, k)
+    top_i = jnp.where(pos < n, first + pos, -1)
   else:
     top_s, top_i = _streamed_top_k(qb, c, exclude, first, k=k, block=block,
                                    num_corpus=num_corpus, axes=axes)
@@ -346,7 +223,19 @@ def _streamed_top_k(qb, c, exclude, first, *, k, block, num_corpus, axes):
   return lax.scan(step, init, jnp.arange(blocks, dtype=jnp.int32))[0]
 
 
-def _buffered_top_k(qb, c, exclude, first, *, k, block, num_corpus, axes):
+def _scores_local(q, c, rows, exclude, *, block, num_corpus, axes):
+  """shard_map body of the host path: this device's masked scores of the query block `rows`
+  against its corpus rows, `[B, local rows]` (its columns side by side over the devices, in
+  row order, are the global corpus indices)."""
+  qb = _gather_rows(q, rows, axes).astype(jnp.float32)
+  first = lax.axis_index(axes) * c.shape[0]
+  return _buffered_scores(qb, as_tokens(c), exclude, first, block=block, num_corpus=num_corpus,
+                          axes=axes)
+
+
+def _buffered_scores(qb, c, exclude, first, *, block, num_corpus, axes):
+  """Every `block`-row step's scores written into one `[B, local rows]` row, rows past
+  `num_corpus` and each query's excluded item masked to -inf."""
   n = c.shape[0]
   blocks, start_of = _block_starts(n, block)
   score = lambda cb: max_over_tokens(qb, cb.astype(jnp.float32), flat=True)
@@ -364,12 +253,15 @@ def _buffered_top_k(qb, c, exclude, first, *, k, block, num_corpus, axes):
 
     buf = lax.pcast(jnp.zeros((qb.shape[0], n), jnp.float32), axes, to="varying")
     s = lax.scan(step, buf, jnp.arange(blocks, dtype=jnp.int32))[0]
-  idx = first + jnp.arange(n, dtype=jnp.int32)
-  s = jnp.where((idx[None, :] < num_corpus) & (idx[None, :] != exclude[:, None]), s, NEG)
-  if n < k:  # fewer local rows than k: -inf fillers, as the streamed path's initial list
-    s = jnp.concatenate([s, jnp.full((s.shape[0], k - n), NEG, s.dtype)], axis=1)
-  top_s, pos = lax.top_k(s, k)
-  return top_s, jnp.where(pos < n, first + pos, -1)
+  # In place, one scattered entry per query: a `where` over the whole row was one more pass
+  # over it, about 15 % of a single-vector block on CPU (kept only for padding rows).
+  own = exclude - first
+  own = jnp.where((own >= 0) & (own < n), own, n)  # out of range: dropped
+  s = s.at[jnp.arange(s.shape[0]), own].set(NEG, mode="drop")
+  if num_corpus < n * lax.axis_size(axes):  # padding rows, on the last devices only
+    valid = jnp.clip(num_corpus - first, 0, n)
+    s = jnp.where(jnp.arange(n)[None, :] < valid, s, NEG)
+  return s
 
 
 def _gather_lists(top_s, top_i, devices, axes):
@@ -396,12 +288,13 @@ def _pairs_local(q, c, qi, ci, *, axes):
   return lax.pmax(jnp.where((local >= 0) & (local < n), s, NEG), axes)
 
 
-def _mapped(body, mesh, n_row_args: int, n_rep_args: int, n_out: int):
+def _mapped(body, mesh, n_row_args: int, n_rep_args: int, n_out: int, column_split=False):
   """`body` as one jitted shard_map over `mesh`: row-split features, replicated small
-  arguments, replicated results."""
+  arguments, replicated results (`column_split`: one result, its columns split over the
+  devices)."""
   axes = tuple(mesh.axis_names)
   specs = (P(axes),) * n_row_args + (P(),) * n_rep_args
-  out = (P(),) * n_out if n_out > 1 else P()
+  out = (P(),) * n_out if n_out > 1 else (P(None, axes) if column_split else P())
   fn = jax.shard_map(functools.partial(body, axes=axes), mesh=mesh, in_specs=specs,
                      out_specs=out)
   named = lambda s: jax.tree.map(lambda p: NamedSharding(mesh, p), s,
@@ -414,6 +307,12 @@ def _ranker(mesh, k: int, block: int, num_corpus: int, buffered: bool):
   body = functools.partial(_rank_local, k=k, block=block, num_corpus=num_corpus,
                            devices=mesh.devices.size, buffered=buffered)
   return _mapped(body, mesh, 2, 2, 2)
+
+
+@functools.lru_cache(maxsize=32)
+def _block_scorer(mesh, block: int, num_corpus: int):
+  body = functools.partial(_scores_local, block=block, num_corpus=num_corpus)
+  return _mapped(body, mesh, 2, 2, 1, column_split=True)
 
 
 @functools.lru_cache(maxsize=8)
@@ -442,20 +341,49 @@ _MULTI_TOKEN_MIN_BLOCK = 256  # smaller blocks pay more running-top_k merges tha
 _MULTI_TOKEN_BLOCK = 4096  # off CPU (no cache-sized tiles measured there)
 
 
-PATHS = ("buffered", "streamed")
+_QUERY_BLOCK = 256
+# The host path's single-vector query blocks: as many rows as fill this many bytes of scores,
+# scored by one GEMM; a 256-row block paid about 0.5 ms of dispatch and NumPy calls, a fifth
+# of a block's time at CIRR's sizes.
+_HOST_SCORE_BYTES = 16 << 20
+
+PATHS = ("host", "buffered", "streamed")
 
 
 def default_path(scorer: FeatureScorer) -> str:
-  """How a `FeatureScorer` ranks (`_rank_local`): "buffered" on CPU, "streamed" elsewhere."""
-  return "buffered" if scorer.mesh.devices.flat[0].platform == "cpu" else "streamed"
+  """How a `FeatureScorer` ranks: "host" when all of its devices are this process's CPU
+  devices (their scores are host memory, ranked by `host_top_k`), "buffered" on other CPU
+  meshes (`_rank_local`), "streamed" elsewhere."""
+  devices = scorer.mesh.devices.flat
+  if all(d.platform == "cpu" for d in devices):
+    return "host" if all(d.process_index == jax.process_index() for d in devices) else "buffered"
+  return "streamed"
 
 
-def default_corpus_block(scorer: Scorer, query_block: int) -> int:
+def _host_single(scorer: Scorer, path: str | None) -> bool:
+  return (isinstance(scorer, FeatureScorer) and scorer.tokens == 1
+          and (path or default_path(scorer)) == "host")
+
+
+def default_query_block(scorer: Scorer, path: str | None = None) -> int:
+  """Queries per call: 256; single-vector features on the host path: up to as many as fill
+  16 MiB of scores (at least 256), the queries split evenly over the fewest such blocks (a
+  last block of a few rows costs a whole block's GEMM)."""
+  if _host_single(scorer, path):
+    most = max(_QUERY_BLOCK, _HOST_SCORE_BYTES // (4 * scorer.corpus_rows.shape[0]))
+    return -(-scorer.num_queries // -(-scorer.num_queries // most))
+  return _QUERY_BLOCK
+
+
+def default_corpus_block(scorer: Scorer, query_block: int, path: str | None = None) -> int:
   """Corpus rows per step: a cache-sized score tile for single-vector features, and on CPU
   for multi-token features (at least 256 rows); 4,096 rows for multi-token features on other
-  backends and for host scorers."""
+  backends and for host scorers; all rows for single-vector features on the host path (its
+  scores are all kept: one GEMM)."""
   if not isinstance(scorer, FeatureScorer):
     return _MULTI_TOKEN_BLOCK
+  if _host_single(scorer, path):
+    return scorer.corpus_rows.shape[0] // scorer.mesh.devices.size
   tile_rows = _TILE_BYTES // (4 * max(1, query_block) * scorer.tokens)
   if scorer.tokens == 1:
     return max(_SINGLE_MIN_BLOCK, tile_rows)
@@ -465,7 +393,7 @@ def default_corpus_block(scorer: Scorer, query_block: int) -> int:
 
 
 def top_k(scorer: Scorer, k: int, exclude: np.ndarray | None = None,
-          mesh: jax.sharding.Mesh | None = None, query_block: int = 256,
+          mesh: jax.sharding.Mesh | None = None, query_block: int | None = None,
           corpus_block: int | None = None, progress: Callable[[int, int], None] | None = None,
           path: str | None = None) -> tuple[np.ndarray, np.ndarray]:
   """The k best corpus items per query: (scores [Nq, k], indices [Nq, k]), best first.
@@ -474,11 +402,11 @@ def top_k(scorer: Scorer, k: int, exclude: np.ndarray | None = None,
     exclude: [Nq] corpus index to leave out per query (CIRR's reference image), -1 for none.
     mesh: the devices a host scorer (`block`) ranks on (default: all); a `FeatureScorer`
       ranks where its features are (`FeatureScorer.mesh`).
-    query_block: queries ranked per call.
+    query_block: queries ranked per call (default: `default_query_block`).
     corpus_block: corpus rows scored per step on each device (default:
       `default_corpus_block`).
-    path: a `FeatureScorer`'s ranking program, "buffered" or "streamed" (default:
-      `default_path`); both give the same rankings.
+    path: how a `FeatureScorer` ranks, "host", "buffered" or "streamed" (default:
+      `default_path`); all three give the same rankings, bit for bit.
   """
   nq, nc = scorer.num_queries, scorer.num_corpus
   exclude = np.full(nq, -1, np.int32) if exclude is None else np.asarray(exclude, np.int32)
@@ -493,36 +421,56 @@ def top_k(scorer: Scorer, k: int, exclude: np.ndarray | None = None,
     out_s, out_i = _top_k_features(scorer, k, exclude, query_block, corpus_block, progress,
                                    path or default_path(scorer))
   else:
-    out_s, out_i = _top_k_host_scores(scorer, k, exclude, mesh or make_mesh(), query_block,
-                                      corpus_block, progress)
+    out_s, out_i = _top_k_host_scores(scorer, k, exclude, mesh or make_mesh(),
+                                      query_block or _QUERY_BLOCK, corpus_block, progress)
   if (out_i < 0).any():
     raise AssertionError("top_k returned a padded entry; corpus too small for k")
   return out_s, out_i
+
+
+def ranking_program(scorer: FeatureScorer, k: int, path: str, query_block: int | None = None,
+                    corpus_block: int | None = None):
+  """(jitted program, query block) that `top_k` runs per query block on `path`: called with
+  (query rows, corpus rows, [query block] row ids, [query block] excluded ids), it returns
+  the block's (scores [qb, k], ids [qb, k]) on "buffered" and "streamed", its masked scores
+  [qb, corpus rows] on "host"."""
+  mesh = scorer.mesh
+  n_local = scorer.corpus_rows.shape[0] // mesh.devices.size
+  qb = max(1, min(query_block or default_query_block(scorer, path), scorer.num_queries))
+  block = max(1, min(corpus_block or default_corpus_block(scorer, qb, path), n_local))
+  if path == "host":
+    return _block_scorer(mesh, block, scorer.num_corpus), qb
+  return _ranker(mesh, k, block, scorer.num_corpus, path == "buffered"), qb
 
 
 def _top_k_features(scorer: FeatureScorer, k, exclude, query_block, corpus_block, progress,
                     path):
   mesh = scorer.mesh
   nq = scorer.num_queries
-  n_local = scorer.corpus_rows.shape[0] // mesh.devices.size
-  qb = max(1, min(query_block, nq))
-  block = max(1, min(corpus_block or default_corpus_block(scorer, qb), n_local))
-  rank = _ranker(mesh, k, block, scorer.num_corpus, path == "buffered")
-  pending = []  # every block is dispatched before the first result is read
-  for q0 in range(0, nq, qb):
+  rank, qb = ranking_program(scorer, k, path, query_block, corpus_block)
+  if path == "host":
+    # One block at a time: scoring the next block while ranking this one made both slower
+    # (each wants both cores), and one [query block, corpus rows] block is held at most.
+    ahead, read = 1, lambda scores, nb: host_top_k.top_k(placement.to_host(scores)[:nb], k)
+  else:
+    ahead = None  # every block dispatched before the first result is read: [qb, k] each
+    read = lambda out, nb: (placement.to_host(out[0])[:nb], placement.to_host(out[1])[:nb])
+  out_s = np.empty((nq, k), np.float32)
+  out_i = np.empty((nq, k), np.int32)
+  pending = collections.deque()
+  starts = list(range(0, nq, qb))
+  for j, q0 in enumerate(starts):
     rows = np.arange(q0, q0 + qb, dtype=np.int32)
     ex = np.full(qb, -1, np.int32)
     ex[:min(qb, nq - q0)] = exclude[q0:q0 + qb]
-    pending.append((q0, rank(scorer.query_rows, scorer.corpus_rows, _replicated(rows, mesh),
-                             _replicated(ex, mesh))))
-  out_s = np.empty((nq, k), np.float32)
-  out_i = np.empty((nq, k), np.int32)
-  for q0, (s, i) in pending:
-    q1 = min(q0 + qb, nq)
-    out_s[q0:q1] = _to_host(s)[:q1 - q0]
-    out_i[q0:q1] = _to_host(i)[:q1 - q0]
-    if progress is not None:
-      progress(q1, nq)
+    pending.append((q0, rank(scorer.query_rows, scorer.corpus_rows,
+                             placement.replicated(rows, mesh), placement.replicated(ex, mesh))))
+    while pending and (j == len(starts) - 1 or (ahead and len(pending) >= ahead)):
+      q0, out = pending.popleft()
+      q1 = min(q0 + qb, nq)
+      out_s[q0:q1], out_i[q0:q1] = read(out, q1 - q0)
+      if progress is not None:
+        progress(q1, nq)
   return out_s, out_i
 
 
@@ -531,7 +479,7 @@ def _top_k_host_scores(scorer: Scorer, k, exclude, mesh, query_block, corpus_blo
   over the mesh."""
   ndev = mesh.devices.size
   nq, nc = scorer.num_queries, scorer.num_corpus
-  qb = _round_up(min(query_block, _round_up(nq, ndev)), ndev)
+  qb = placement.round_up(min(query_block, placement.round_up(nq, ndev)), ndev)
   cb = min(corpus_block or default_corpus_block(scorer, qb), nc)
   qs = row_sharding(mesh, 2)
   qs1 = row_sharding(mesh, 1)
@@ -541,9 +489,9 @@ def _top_k_host_scores(scorer: Scorer, k, exclude, mesh, query_block, corpus_blo
     q1 = min(q0 + qb, nq)
     top_s = jax.device_put(np.full((qb, k), NEG, np.float32), qs)
     top_i = jax.device_put(np.full((qb, k), -1, np.int32), qs)
-    ex = jax.device_put(_pad_rows(exclude[q0:q1], qb), qs1)
+    ex = jax.device_put(placement.pad_rows(exclude[q0:q1], qb), qs1)
     for c0 in range(0, nc, cb):
-      s = _pad_rows(scorer.block(q0, q1, c0, min(c0 + cb, nc)).astype(np.float32), qb)
+      s = placement.pad_rows(scorer.block(q0, q1, c0, min(c0 + cb, nc)).astype(np.float32), qb)
       s = np.pad(s, ((0, 0), (0, cb - s.shape[1])))
       top_s, top_i = _step_scores(top_s, top_i, jax.device_put(s, qs), jnp.int32(c0),
                                   jnp.int32(nc), ex, k=k)
