@@ -5,15 +5,19 @@ Rows (`run(device, quick) -> list[dict]`):
 
 * `retrieve_qure`  — QuRe/BLIP-2 scoring: queries [Nq, 256] against corpus features
   [N, 32, 256], score = max over the 32 tokens, top 50 per query, the reference excluded.
-  jax: `cirjax.eval.retrieval.top_k` (corpus rows split over devices, streamed in blocks
-  whose token-score tile fits the cache on CPU, running `lax.top_k`). torch: the same scores with `einsum` + `amax` + `topk` per query
+  jax: `cirjax.eval.retrieval.top_k` (`retrieval.default_path`: on CPU the "host" path,
+  each query block's scores computed on the devices in blocks whose token-score tile fits
+  the cache, then ranked by `host_top_k` in NumPy; on GPU "streamed", a running `lax.top_k`
+  over corpus blocks). torch: the same scores with `einsum` + `amax` + `topk` per 256-query
   block over the whole corpus. The jax row's `speedup_vs_torch` = torch time / jax time.
   Both start from host (NumPy) features and end with host results, so transfers are
   counted on both sides; samples/s = queries ranked per second. jax and torch are timed in
-  alternation (medians), so a shared machine's drifting load hits both alike.
+  alternation (medians of at least `iters` rounds and 2 s timed, each timed call after an
+  untimed one of the same side: `_interleaved`), so a shared machine's drifting load hits
+  both alike.
 * `retrieve_single` — the same with one feature per image ([N, 256], InstructCIR/LLaVA);
-  torch: one GEMM (`q @ c.T`) + `topk` per query block; jax: one GEMM + `lax.top_k` per
-  query block and cache-sized corpus slice (`retrieval.default_corpus_block`).
+  torch: one GEMM (`q @ c.T`) + `topk` per 256-query block; jax on CPU: one GEMM per query
+  block of up to 16 MiB of scores (`retrieval.default_query_block`) + `host_top_k`.
 * `retrieve_qure_cirr`, `retrieve_single_cirr`, `retrieve_qure_fiq_shirt`,
   `retrieve_single_fiq_shirt` — the same two at the evaluation sizes of CIRR's validation
   split (4,181 queries over 2,297 images) and FashionIQ's largest validation category
@@ -44,10 +48,15 @@ K = 50
 
 def _sizes(device: str, quick: bool) -> dict:
   if quick:
-    return {"nq": 128, "n": 2048, "tokens": 32, "dim": 256, "iters": 2, "enc_images": 256}
+    return {"nq": 128, "n": 2048, "tokens": 32, "dim": 256, "iters": 2, "min_s": 0.0,
+            "enc_images": 256}
   if device == "gpu":  # CIRCO-sized corpus (123,403 COCO images), CIRR-test-sized query set
-    return {"nq": 4096, "n": 123403, "tokens": 32, "dim": 256, "iters": 5, "enc_images": 4096}
-  return {"nq": 512, "n": 8192, "tokens": 32, "dim": 256, "iters": 3, "enc_images": 1024}
+    return {"nq": 4096, "n": 123403, "tokens": 32, "dim": 256, "iters": 5, "min_s": 2.0,
+            "enc_images": 4096}
+  # min_s: rounds go on past `iters` until this many seconds are timed (at most 51): a row of
+  # a few milliseconds timed 3 times had medians 20-30 % apart from run to run.
+  return {"nq": 512, "n": 8192, "tokens": 32, "dim": 256, "iters": 3, "min_s": 2.0,
+          "enc_images": 1024}
 
 
 # (row suffix, queries, corpus images) of real evaluation splits (docs/data.md).
@@ -83,40 +92,49 @@ def _torch_topk(q_np, c_np, exclude, k, tdev, query_block=256):
   return torch.cat(out_s).cpu().numpy(), torch.cat(out_i).cpu().numpy()
 
 
-def _interleaved(fns: dict, iters: int, dry_run=None, program: str = "") -> dict:
-  """Median/min/mean seconds of each function, timed in alternation (`iters` rounds after
-  one warm-up call each): a shared machine's load drifts, and alternating exposes every
-  implementation to the same drift (timing them one after the other did not). In a dry run:
-  each called once."""
+_MAX_ROUNDS = 51
+
+
+def _interleaved(fns: dict, iters: int, dry_run=None, program: str = "",
+                 min_s: float = 0.0) -> dict:
+  """Median/min/mean seconds of each function, timed in alternation (at least `iters` rounds
+  after one warm-up call each, more until `min_s` seconds are timed, at most 51): a shared
+  machine's load drifts, and alternating exposes every implementation to the same drift
+  (timing them one after the other did not). Each timed call follows an untimed call of the
+  same function, as the other suites' warm-up calls do: torch's OpenMP workers spin for
+  milliseconds after each parallel region (libgomp's default), on the cores the next call
+  needs; a 10 ms jax retrieval timed straight after torch's took 13.5 ms, 10.1 ms with
+  torch's workers set to sleep instead (OMP_WAIT_POLICY=passive; torch's own time the same),
+  and XLA's pool does the same to torch. In a dry run: each called once."""
   from cirjax import benchmarking  # pylint: disable=g-import-not-at-top
   if dry_run is not None:
     return {name: dry_run.run_once(program, fn, name)[0] for name, fn in fns.items()}
   for fn in fns.values():
     benchmarking.block(fn())
   samples = {name: [] for name in fns}
-  for _ in range(iters):
+  rounds = 0
+  while rounds < iters or (sum(map(sum, samples.values())) < min_s and rounds < _MAX_ROUNDS):
     for name, fn in fns.items():
+      benchmarking.block(fn())  # the other implementation's idle threads settle meanwhile
       t0 = time.perf_counter()
       benchmarking.block(fn())
       samples[name].append(time.perf_counter() - t0)
+    rounds += 1
   return {name: {"median_s": statistics.median(s), "min_s": min(s),
-                 "mean_s": statistics.fmean(s), "iters": iters, "warmup": 1,
-                 "interleaved": True} for name, s in samples.items()}
+                 "mean_s": statistics.fmean(s), "iters": rounds, "warmup": 1,
+                 "settle_calls_per_round": 1, "interleaved": True}
+          for name, s in samples.items()}
 
 
 def _dry_compile_step(name: str, scorer, mesh, dry_run) -> None:
   """A dry run's build / compile / CUDA lowering of the jitted ranking program `top_k` runs
-  for each query block (at the block shapes it picks), recorded as `name`."""
+  on an accelerator for each query block (the "streamed" path, at the block shapes it
+  picks), recorded as `name`."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from cirjax import benchmarking  # pylint: disable=g-import-not-at-top
-  from cirjax.eval import retrieval  # pylint: disable=g-import-not-at-top
-  qb = min(256, scorer.num_queries)  # as top_k's default query block
-  n_local = scorer.corpus_rows.shape[0] // mesh.devices.size
-  block = max(1, min(retrieval.default_corpus_block(scorer, qb), n_local))
-  # pylint: disable-next=protected-access  # the program top_k runs per query block
-  rank = retrieval._ranker(mesh, K, block, scorer.num_corpus,
-                           retrieval.default_path(scorer) == "buffered")
-  rows = retrieval._replicated(np.arange(qb, dtype=np.int32), mesh)  # pylint: disable=protected-access
+  from cirjax.eval import placement, retrieval  # pylint: disable=g-import-not-at-top
+  rank, qb = retrieval.ranking_program(scorer, K, "streamed")
+  rows = placement.replicated(np.arange(qb, dtype=np.int32), mesh)
   benchmarking.compile_program(name, rank, scorer.query_rows, scorer.corpus_rows, rows, rows,
                                dry_run=dry_run)
 
@@ -145,7 +163,7 @@ def _retrieval_rows(name: str, sz: dict, tokens: int, device: str, dry_run=None)
                                        K, tdev)
   except ImportError:
     torch = None
-  timing = _interleaved(fns, sz["iters"], dry_run, name)
+  timing = _interleaved(fns, sz["iters"], dry_run, name, sz["min_s"])
   t = timing["jax"]
   js, ji = retrieval.top_k(scorer, K, exclude, mesh)
   rows.append({"name": name, "impl": "jax", "step_time_s": t["median_s"],

@@ -98,7 +98,7 @@ def _tiny(monkeypatch):
            "iters": 2}]
     if suite == "eval":
       mod._sizes = lambda device, quick: {  # pylint: disable=protected-access
-          "nq": 32, "n": 256, "tokens": 4, "dim": 16, "iters": 2}
+          "nq": 32, "n": 256, "tokens": 4, "dim": 16, "iters": 2, "min_s": 0.0}
       mod._encode_rows = lambda sz, dry_run=None: []  # pylint: disable=protected-access
     return mod
   monkeypatch.setattr(bench, "_load_suite", tiny_load)
