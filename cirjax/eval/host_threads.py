@@ -14,8 +14,8 @@ T = TypeVar("T")
 
 
 def count() -> int:
-  """Threads to split host work over: one per core, at most 4."""
-  return min(4, os.cpu_count() or 1)
+  """Threads to split host work over: one per core this process may run on, at most 4."""
+  return min(4, len(os.sched_getaffinity(0)))
 
 
 @functools.lru_cache(maxsize=4)

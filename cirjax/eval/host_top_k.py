@@ -70,7 +70,7 @@ def _rows_top_k(s: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
   b, n = s.shape
   g = max(1, min(_MAX_GROUP, n // (_GROUPS_PER_K * k)))
   m = n // g  # groups; columns past g * m are always candidates
-  flat = s.reshape(-1) if s.flags.c_contiguous else np.ascontiguousarray(s).reshape(-1)
+  flat = s.ravel()  # a view of C-contiguous rows, else one copy
   row0 = (np.arange(b, dtype=np.intp) * n)[:, None]
   if g > 1:
     gmax = s[:, :g * m].reshape(b, g, m).max(1)
@@ -89,11 +89,10 @@ def _rows_top_k(s: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
   c = cand.shape[1]
   order = np.argpartition(cand, c - k, axis=1)[:, c - k:]
   pos = order + (np.arange(b) * c)[:, None]
-  best = np.take(cand.reshape(-1) if cand.flags.c_contiguous else cand.ravel(), pos)
+  best = np.take(cand.ravel(), pos)
   low = best.min(1, keepdims=True)
   undecided |= ((cand >= low).sum(1) != k) | np.isnan(low[:, 0])
-  best_cols = order if cols is None else np.take(cols.reshape(-1) if cols.flags.c_contiguous
-                                                 else cols.ravel(), pos)
+  best_cols = order if cols is None else np.take(cols.ravel(), pos)
   out_k, out_i = _sorted(order_keys(best), best_cols)
   for r in np.flatnonzero(undecided):
     out_k[r], out_i[r] = _sorted(*_whole_row(s[r], k))

@@ -26,7 +26,6 @@ device (= row) order.
 
 from __future__ import annotations
 
-import collections
 import functools
 from typing import Callable
 
@@ -448,29 +447,28 @@ def _top_k_features(scorer: FeatureScorer, k, exclude, query_block, corpus_block
   mesh = scorer.mesh
   nq = scorer.num_queries
   rank, qb = ranking_program(scorer, k, path, query_block, corpus_block)
+
+  def dispatch(q0):
+    ex = np.full(qb, -1, np.int32)
+    ex[:min(qb, nq - q0)] = exclude[q0:q0 + qb]
+    rows = placement.replicated(np.arange(q0, q0 + qb, dtype=np.int32), mesh)
+    return q0, rank(scorer.query_rows, scorer.corpus_rows, rows, placement.replicated(ex, mesh))
+
   if path == "host":
     # One block at a time: scoring the next block while ranking this one made both slower
     # (each wants both cores), and one [query block, corpus rows] block is held at most.
-    ahead, read = 1, lambda scores, nb: host_top_k.top_k(placement.to_host(scores)[:nb], k)
-  else:
-    ahead = None  # every block dispatched before the first result is read: [qb, k] each
+    blocks = map(dispatch, range(0, nq, qb))
+    read = lambda scores, nb: host_top_k.top_k(placement.to_host(scores)[:nb], k)
+  else:  # every block dispatched before the first result is read: [qb, k] each
+    blocks = [dispatch(q0) for q0 in range(0, nq, qb)]
     read = lambda out, nb: (placement.to_host(out[0])[:nb], placement.to_host(out[1])[:nb])
   out_s = np.empty((nq, k), np.float32)
   out_i = np.empty((nq, k), np.int32)
-  pending = collections.deque()
-  starts = list(range(0, nq, qb))
-  for j, q0 in enumerate(starts):
-    rows = np.arange(q0, q0 + qb, dtype=np.int32)
-    ex = np.full(qb, -1, np.int32)
-    ex[:min(qb, nq - q0)] = exclude[q0:q0 + qb]
-    pending.append((q0, rank(scorer.query_rows, scorer.corpus_rows,
-                             placement.replicated(rows, mesh), placement.replicated(ex, mesh))))
-    while pending and (j == len(starts) - 1 or (ahead and len(pending) >= ahead)):
-      q0, out = pending.popleft()
-      q1 = min(q0 + qb, nq)
-      out_s[q0:q1], out_i[q0:q1] = read(out, q1 - q0)
-      if progress is not None:
-        progress(q1, nq)
+  for q0, out in blocks:
+    q1 = min(q0 + qb, nq)
+    out_s[q0:q1], out_i[q0:q1] = read(out, q1 - q0)
+    if progress is not None:
+      progress(q1, nq)
   return out_s, out_i
 
 
