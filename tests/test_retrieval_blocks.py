@@ -1,6 +1,7 @@
 """Retrieval's corpus blocking is a speed knob: the default (a cache-sized score tile: one
 feature per image, and multi-token features on CPU) ranks exactly as small blocks do."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -46,3 +47,19 @@ def test_default_corpus_block_sizes():
   assert retrieval.default_corpus_block(qure, 256) == 256     # 8 MiB of CPU token scores
   assert retrieval.default_corpus_block(qure, 128) == 512
   assert retrieval.default_corpus_block(qure, 4096) == 256    # the floor
+
+
+def test_default_path_by_where_the_devices_are():
+  """CPU devices of this process: host; CPU devices of several processes: buffered (the
+  host path cannot read the other processes' scores); accelerators: streamed."""
+  import types  # pylint: disable=import-outside-toplevel
+  me = jax.process_index()
+
+  def scorer(*devices):
+    mesh = types.SimpleNamespace(devices=np.array(
+        [types.SimpleNamespace(platform=p, process_index=i) for p, i in devices], object))
+    return types.SimpleNamespace(mesh=mesh)
+
+  assert retrieval.default_path(scorer(("cpu", me), ("cpu", me))) == "host"
+  assert retrieval.default_path(scorer(("cpu", me), ("cpu", me), ("cpu", me + 1))) == "buffered"
+  assert retrieval.default_path(scorer(("gpu", me), ("gpu", me + 1))) == "streamed"

@@ -353,7 +353,7 @@ def default_path(scorer: FeatureScorer) -> str:
   """How a `FeatureScorer` ranks: "host" when all of its devices are this process's CPU
   devices (their scores are host memory, ranked by `host_top_k`), "buffered" on other CPU
   meshes (`_rank_local`), "streamed" elsewhere."""
-  devices = scorer.mesh.devices.flat
+  devices = list(scorer.mesh.devices.flat)
   if all(d.platform == "cpu" for d in devices):
     return "host" if all(d.process_index == jax.process_index() for d in devices) else "buffered"
   return "streamed"
